@@ -1,0 +1,401 @@
+//! Hub configuration: defaults in code, then a TOML file, then `APEX_*` environment variables
+//! (`__` separates nested keys), then command-line flags; validated once at start.
+//!
+//! Every key is documented on [`Config`]; `apex-hub --help` lists the flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A configuration that cannot be used. Printed as one line; the hub exits 64.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file, environment or flags did not parse.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("invalid configuration: `{field}` {reason}")]
+    Invalid {
+        /// The offending key.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The hub's settings. TOML keys and `APEX_<KEY>` variables use these field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address for HTTP and the node channel. Port 0 picks a free port. Default `127.0.0.1:8088`.
+    pub listen: SocketAddr,
+    /// Directory for generated keys and (later) the embedded store. Default
+    /// `$XDG_DATA_HOME/apex-hub`, else `~/.local/share/apex-hub`, else `./.apex-data`.
+    pub data_dir: PathBuf,
+    /// API keys accepted as `Authorization: Bearer <key>` on HTTP routes. When empty, a key is
+    /// generated once, saved in `<data_dir>/api-key` and printed.
+    pub api_keys: Vec<String>,
+    /// Keys accepted from nodes (`VCP_Key=<key>` in the path or a bearer header). When empty,
+    /// one is generated, saved in `<data_dir>/node-key` and printed.
+    pub node_keys: Vec<String>,
+    /// How often the hub pings each node, in milliseconds. Default 1000.
+    pub heartbeat_interval_ms: u64,
+    /// Silence (no frame, no pong) after which a node is declared dead and its tasks migrate,
+    /// in milliseconds. Must exceed the interval. Default 3000.
+    pub heartbeat_timeout_ms: u64,
+    /// Largest WebSocket message accepted from a node, in bytes; larger ones close the
+    /// connection with 1009. Default 16 MiB.
+    pub max_frame_bytes: usize,
+    /// Largest HTTP request body, in bytes. Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Task timeout when a submission gives none, in seconds. Default 300.
+    pub default_task_timeout_seconds: f64,
+    /// Longest task timeout a submission may ask for, in seconds. Default 604800 (7 days).
+    pub max_task_timeout_seconds: f64,
+    /// Assignments a task may use when a submission gives none. Default 3.
+    pub default_max_attempts: u32,
+    /// Priority when a submission gives none (higher runs first). Default 5.
+    pub default_priority: i32,
+    /// Concurrency limit of native nodes that declare none. Default 16.
+    pub default_node_max_concurrent_tasks: u32,
+    /// Concurrency limit of VCP nodes, which cannot declare one. Default 8.
+    pub vcp_max_concurrent_tasks: u32,
+    /// Allow dispatching the VCP built-in `internal_request_file` (reads any file on the
+    /// node). Default false.
+    pub allow_internal_request_file: bool,
+    /// Most tasks in one `POST /api/v1/tasks/batch`. Default 1000.
+    pub max_batch_tasks: usize,
+    /// Capacity of each node's outbound frame queue. Default 4096.
+    pub outbound_queue_frames: usize,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter). Default `info`.
+    pub log_level: String,
+    /// Log format: `text` or `json`. Default `text`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
+            data_dir: default_data_dir(),
+            api_keys: Vec::new(),
+            node_keys: Vec::new(),
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_ms: 3000,
+            max_frame_bytes: 16 << 20,
+            max_body_bytes: 16 << 20,
+            default_task_timeout_seconds: 300.0,
+            max_task_timeout_seconds: 604_800.0,
+            default_max_attempts: 3,
+            default_priority: 5,
+            default_node_max_concurrent_tasks: 16,
+            vcp_max_concurrent_tasks: 8,
+            allow_internal_request_file: false,
+            max_batch_tasks: 1000,
+            outbound_queue_frames: 4096,
+            log_level: "info".to_owned(),
+            log_format: "text".to_owned(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("apex-hub");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(h).join(".local/share/apex-hub");
+    }
+    PathBuf::from(".apex-data")
+}
+
+/// Command-line flags of `apex-hub`. Each overrides the same-named config key.
+#[derive(Debug, Default, Parser, Serialize)]
+#[command(
+    name = "apex-hub",
+    version,
+    about = "The apex hub: HTTP/SSE APIs for tasks and nodes, and the node channel",
+    long_about = "The apex hub accepts background tasks over HTTP and dispatches them to worker \
+                  and companion nodes connected over the distributed-server WebSocket channel.\n\n\
+                  Settings come from defaults, then --config FILE (TOML), then APEX_* environment \
+                  variables (e.g. APEX_HEARTBEAT_TIMEOUT_MS=5000, APEX_API_KEYS='[\"k1\"]'), then \
+                  these flags. See the README for every key."
+)]
+pub struct Cli {
+    /// TOML config file.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port) [default: 127.0.0.1:8088].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP API key (repeatable). Without any, one is generated and saved in the data dir.
+    #[arg(long = "api-key", value_name = "KEY")]
+    #[serde(rename = "api_keys", skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<String>,
+    /// Node key (repeatable). Without any, one is generated and saved in the data dir.
+    #[arg(long = "node-key", value_name = "KEY")]
+    #[serde(rename = "node_keys", skip_serializing_if = "Vec::is_empty")]
+    pub node_keys: Vec<String>,
+    /// Data directory (generated keys; later the task store).
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Ping interval towards nodes, in milliseconds [default: 1000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Silence after which a node is declared dead, in milliseconds [default: 3000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Largest WebSocket message from a node, in bytes [default: 16777216].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<usize>,
+    /// Log filter, e.g. `info` or `apex_hub=debug` [default: info].
+    #[arg(long, value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then `APEX_*` variables, then `cli`, and validates.
+    ///
+    /// # Errors
+    /// [`Error`] naming the bad key.
+    pub fn load(cli: &Cli) -> Result<Config, Error> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = &cli.config {
+            if !file.exists() {
+                return Err(Error::Parse(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        // Only variables naming a config key: APEX_* variables of other tools are left alone.
+        let known: Vec<String> = match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        fig = fig
+            .merge(
+                Env::prefixed("APEX_")
+                    .split("__")
+                    .filter(move |k| known.iter().any(|x| k.as_str().starts_with(x.as_str()))),
+            )
+            .merge(Serialized::defaults(cli));
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| Error::Parse(one_line(&e.to_string())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and relations between keys.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for the first bad key.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field, reason: &str| {
+            Err(Error::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.heartbeat_interval_ms < 10 {
+            return bad("heartbeat_interval_ms", "must be at least 10");
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return bad(
+                "heartbeat_timeout_ms",
+                "must be greater than heartbeat_interval_ms",
+            );
+        }
+        if self.max_frame_bytes < 1024 {
+            return bad("max_frame_bytes", "must be at least 1024");
+        }
+        if self.max_body_bytes < 1024 {
+            return bad("max_body_bytes", "must be at least 1024");
+        }
+        if !(self.default_task_timeout_seconds > 0.0
+            && self.default_task_timeout_seconds <= self.max_task_timeout_seconds)
+        {
+            return bad(
+                "default_task_timeout_seconds",
+                "must be positive and at most max_task_timeout_seconds",
+            );
+        }
+        if self.default_max_attempts == 0 {
+            return bad("default_max_attempts", "must be at least 1");
+        }
+        if self.default_node_max_concurrent_tasks == 0 {
+            return bad("default_node_max_concurrent_tasks", "must be at least 1");
+        }
+        if self.vcp_max_concurrent_tasks == 0 {
+            return bad("vcp_max_concurrent_tasks", "must be at least 1");
+        }
+        if self.max_batch_tasks == 0 {
+            return bad("max_batch_tasks", "must be at least 1");
+        }
+        if self.outbound_queue_frames < 16 {
+            return bad("outbound_queue_frames", "must be at least 16");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format", "must be `text` or `json`");
+        }
+        for k in self.api_keys.iter().chain(&self.node_keys) {
+            if k.len() < 8 || k.chars().any(|c| c.is_whitespace() || c == '/') {
+                return bad(
+                    "api_keys/node_keys",
+                    "keys must be at least 8 characters, without spaces or '/'",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The ping interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// The silence timeout.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Which keys were generated (to print them once).
+#[derive(Debug, Default)]
+pub struct GeneratedKeys {
+    /// A generated or loaded API key, if none was configured.
+    pub api_key: Option<String>,
+    /// A generated or loaded node key, if none was configured.
+    pub node_key: Option<String>,
+}
+
+/// Fills empty key lists from `<data_dir>/api-key` and `<data_dir>/node-key`, generating and
+/// saving (mode 0600) any that is missing.
+///
+/// # Errors
+/// I/O errors on the data directory.
+pub fn ensure_keys(cfg: &mut Config) -> std::io::Result<GeneratedKeys> {
+    let mut out = GeneratedKeys::default();
+    if cfg.api_keys.is_empty() {
+        let k = load_or_create_key(&cfg.data_dir.join("api-key"), "apex-")?;
+        cfg.api_keys.push(k.clone());
+        out.api_key = Some(k);
+    }
+    if cfg.node_keys.is_empty() {
+        let k = load_or_create_key(&cfg.data_dir.join("node-key"), "node-")?;
+        cfg.node_keys.push(k.clone());
+        out.node_key = Some(k);
+    }
+    Ok(out)
+}
+
+fn load_or_create_key(path: &Path, prefix: &str) -> std::io::Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        let s = s.trim().to_owned();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let key = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(path)?, key.as_bytes())?;
+    Ok(key)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("apex-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hub.toml");
+        std::fs::write(
+            &f,
+            "heartbeat_interval_ms = 500\nheartbeat_timeout_ms = 2000\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(f),
+            heartbeat_timeout_ms: Some(4000),
+            ..Cli::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.heartbeat_interval_ms, 500);
+        assert_eq!(c.heartbeat_timeout_ms, 4000);
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_key() {
+        let c = Config {
+            heartbeat_timeout_ms: 500,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("heartbeat_timeout_ms"), "{e}");
+        let dir = std::env::temp_dir().join(format!("apex-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hub.toml");
+        std::fs::write(&f, "no_such_key = 1\n").unwrap();
+        let e = Config::load(&Cli {
+            config: Some(f),
+            ..Cli::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no_such_key"), "{e}");
+    }
+
+    #[test]
+    fn keys_are_generated_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("apex-keys-{}", uuid::Uuid::new_v4()));
+        let mut c = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        let g = ensure_keys(&mut c).unwrap();
+        let mut c2 = Config {
+            data_dir: dir,
+            ..Config::default()
+        };
+        let g2 = ensure_keys(&mut c2).unwrap();
+        assert_eq!(g.api_key, g2.api_key);
+        assert_eq!(g.node_key, g2.node_key);
+        assert_ne!(g.api_key, g.node_key);
+    }
+}

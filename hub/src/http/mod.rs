@@ -1,0 +1,127 @@
+//! The HTTP surface: router, API-key authentication, request ids, `/health`.
+//!
+//! Only this module tree and [`crate::ws`] import axum.
+
+pub mod error;
+mod nodes;
+mod tasks;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::model::TaskStatus;
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub cluster: Cluster,
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Flips to true when the hub shuts down (ends SSE streams).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Whether `presented` equals one of `keys`, compared in constant time.
+pub fn key_matches(keys: &[String], presented: &str) -> bool {
+    let mut ok = subtle::Choice::from(0u8);
+    for k in keys {
+        ok |= k.as_bytes().ct_eq(presented.as_bytes());
+    }
+    ok.into()
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+}
+
+async fn require_api_key(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    match bearer(req.headers()) {
+        Some(k) if key_matches(&state.config.api_keys, k) => Ok(next.run(req).await),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    let h = state.cluster.health();
+    let mut tasks = serde_json::Map::new();
+    for s in TaskStatus::ALL {
+        tasks.insert(s.as_str().to_owned(), json!(h.tasks[s.index()]));
+    }
+    tasks.insert("total".to_owned(), json!(h.tasks.iter().sum::<u64>()));
+    let stats = state.cluster.stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    axum::Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.cluster.uptime().as_secs_f64(),
+        "nodes": {"online": h.nodes_online, "total": h.nodes_total},
+        "tasks": tasks,
+        "queue_depth": h.queue_depth,
+        "node_channel": {
+            "frames_in": load(&stats.frames_in),
+            "frames_rejected": load(&stats.frames_rejected),
+            "results_ignored": load(&stats.results_ignored),
+            "migrations": load(&stats.migrations),
+            "frames_shed": load(&stats.frames_shed),
+        },
+    }))
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::no_route(uri.path())
+}
+
+/// The hub's whole HTTP router (API routes, `/health`, and the node channel upgrades).
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
+        .route("/api/v1/tasks/batch", post(tasks::create_batch))
+        .route("/api/v1/tasks/{id}", get(tasks::get))
+        .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/api/v1/tasks/{id}/events", get(tasks::events))
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes/{id}", get(nodes::get))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(crate::ws::routes())
+        .merge(api)
+        .fallback(no_route)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(TraceLayer::new_for_http())
+                .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,68 @@
+//! `/v1/nodes`: the node registry as operators see it.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+
+/// Query of `GET /v1/nodes`.
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    status: Option<String>,
+    tool: Option<String>,
+    page: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/nodes?status=&tool=&page=&limit=`: `{"data": [node, ...], "meta": {...}}`, by id.
+pub async fn list(
+    State(state): State<AppState>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let page = q.page.unwrap_or(1).max(1);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "`limit` must be 1 to 1000"));
+    }
+    let all: Vec<_> = state
+        .cluster
+        .nodes()
+        .into_iter()
+        .filter(|n| {
+            q.status.as_deref().is_none_or(|s| {
+                serde_json::to_value(n.status).ok().as_ref().and_then(|v| v.as_str()) == Some(s)
+            }) && q
+                .tool
+                .as_deref()
+                .is_none_or(|t| n.tools.iter().any(|x| x == t))
+        })
+        .collect();
+    let total = all.len();
+    let data: Vec<_> = all
+        .into_iter()
+        .skip((page - 1).saturating_mul(limit))
+        .take(limit)
+        .collect();
+    Ok(Json(json!({
+        "data": data,
+        "meta": {"total": total, "page": page, "limit": limit, "pages": total.div_ceil(limit)},
+    }))
+    .into_response())
+}
+
+/// `GET /v1/nodes/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state
+        .cluster
+        .node(&id)
+        .map(|n| Json(n).into_response())
+        .ok_or_else(|| ApiError::not_found("node", &id))
+}

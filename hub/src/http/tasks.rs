@@ -1,0 +1,318 @@
+//! `/api/v1/tasks`: submit (one or a batch), get (optionally waiting for the end), list with
+//! filters and pagination, cancel, and the per-task Server-Sent Events stream.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{ApiError, AppState};
+use crate::cluster::{CancelError, SubmitError};
+use crate::config::Config;
+use crate::model::{TaskEvent, TaskSpec, TaskStatus};
+use crate::store::TaskFilter;
+
+/// Body of `POST /api/v1/tasks` (and each element of a batch).
+#[derive(Debug, Deserialize)]
+pub struct TaskRequest {
+    tool: Option<String>,
+    /// Seed API synonym of `tool`.
+    task_type: Option<String>,
+    args: Option<Value>,
+    /// Seed API synonym of `args`.
+    parameters: Option<Value>,
+    description: Option<String>,
+    priority: Option<i32>,
+    timeout_seconds: Option<f64>,
+    max_attempts: Option<u32>,
+    idempotency_key: Option<String>,
+    node_id: Option<String>,
+    capability: Option<String>,
+}
+
+impl TaskRequest {
+    /// Validates and fills defaults. `at` prefixes parameter names in errors (batch index).
+    fn into_spec(self, cfg: &Config, at: &str) -> Result<TaskSpec, ApiError> {
+        let p = |name: &str| format!("{at}{name}");
+        let tool = match (self.tool, self.task_type) {
+            (Some(t), _) | (None, Some(t)) => t,
+            (None, None) => {
+                return Err(ApiError::invalid(p("tool"), "`tool` is required"));
+            }
+        };
+        if tool.is_empty() || tool.len() > 256 {
+            return Err(ApiError::invalid(
+                p("tool"),
+                "`tool` must be 1 to 256 characters",
+            ));
+        }
+        let args = match self.args.or(self.parameters) {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(v @ Value::Object(_)) => v,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    p("args"),
+                    "`args` must be a JSON object",
+                ));
+            }
+        };
+        let timeout_seconds = self
+            .timeout_seconds
+            .unwrap_or(cfg.default_task_timeout_seconds);
+        if !(timeout_seconds > 0.0 && timeout_seconds <= cfg.max_task_timeout_seconds) {
+            return Err(ApiError::invalid(
+                p("timeout_seconds"),
+                format!(
+                    "`timeout_seconds` must be greater than 0 and at most {}",
+                    cfg.max_task_timeout_seconds
+                ),
+            ));
+        }
+        let max_attempts = self.max_attempts.unwrap_or(cfg.default_max_attempts);
+        if !(1..=100).contains(&max_attempts) {
+            return Err(ApiError::invalid(
+                p("max_attempts"),
+                "`max_attempts` must be between 1 and 100",
+            ));
+        }
+        for (name, v) in [
+            ("idempotency_key", &self.idempotency_key),
+            ("node_id", &self.node_id),
+            ("capability", &self.capability),
+        ] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 256)
+            {
+                return Err(ApiError::invalid(
+                    p(name),
+                    format!("`{name}` must be 1 to 256 characters"),
+                ));
+            }
+        }
+        Ok(TaskSpec {
+            tool,
+            args,
+            description: self.description,
+            priority: self.priority.unwrap_or(cfg.default_priority),
+            timeout_seconds,
+            max_attempts,
+            idempotency_key: self.idempotency_key,
+            pinned_node: self.node_id,
+            capability: self.capability,
+        })
+    }
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::ForbiddenTool(_) => ApiError::forbidden(e.to_string()),
+        SubmitError::UnknownNode(_) => ApiError::invalid("node_id", e.to_string()),
+    }
+}
+
+/// `POST /api/v1/tasks`: 201 with the task, or 200 with the existing task of the same
+/// idempotency key.
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Json<TaskRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let spec = req.into_spec(&state.config, "")?;
+    let mut out = state.cluster.submit(vec![spec]).map_err(submit_error)?;
+    let Some((task, created)) = out.pop() else {
+        return Err(ApiError::internal("submit returned no task"));
+    };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(task.view())).into_response())
+}
+
+/// Body of `POST /api/v1/tasks/batch`.
+#[derive(Debug, Deserialize)]
+pub struct BatchRequest {
+    tasks: Vec<TaskRequest>,
+}
+
+/// `POST /api/v1/tasks/batch`: up to `max_batch_tasks` tasks, accepted all or none; 201 with
+/// `{"data": [task, ...]}` in request order.
+pub async fn create_batch(
+    State(state): State<AppState>,
+    body: Result<Json<BatchRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    if req.tasks.is_empty() || req.tasks.len() > state.config.max_batch_tasks {
+        return Err(ApiError::invalid(
+            "tasks",
+            format!(
+                "`tasks` must hold 1 to {} tasks",
+                state.config.max_batch_tasks
+            ),
+        ));
+    }
+    let specs = req
+        .tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.into_spec(&state.config, &format!("tasks[{i}].")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = state.cluster.submit(specs).map_err(submit_error)?;
+    let data: Vec<_> = out.iter().map(|(t, _)| t.view()).collect();
+    Ok((StatusCode::CREATED, Json(json!({ "data": data }))).into_response())
+}
+
+/// Query of `GET /api/v1/tasks/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct GetParams {
+    /// Wait up to this many milliseconds (at most 60000) for the task to end.
+    wait_ms: Option<u64>,
+}
+
+/// `GET /api/v1/tasks/{id}[?wait_ms=N]`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<GetParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    if let Some(ms) = q.wait_ms.filter(|ms| *ms > 0)
+        && let Some(rx) = state.cluster.wait(&id)
+    {
+        let _ = tokio::time::timeout(Duration::from_millis(ms.min(60_000)), rx).await;
+    }
+    let task = state
+        .cluster
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("task", &id))?;
+    Ok(Json(task.view()).into_response())
+}
+
+/// Query of `GET /api/v1/tasks`.
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    status: Option<String>,
+    tool: Option<String>,
+    node_id: Option<String>,
+    page: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=`: newest first,
+/// `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
+pub async fn list(
+    State(state): State<AppState>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                "`status` must be one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
+            )
+        })?),
+    };
+    let page = q.page.unwrap_or(1);
+    let limit = q.limit.unwrap_or(50);
+    if page == 0 {
+        return Err(ApiError::invalid("page", "`page` counts from 1"));
+    }
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "`limit` must be 1 to 1000"));
+    }
+    let filter = TaskFilter {
+        status,
+        tool: q.tool.filter(|s| !s.is_empty()),
+        node_id: q.node_id.filter(|s| !s.is_empty()),
+    };
+    let p = state.cluster.list(&filter, page, limit);
+    let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
+    Ok(Json(json!({
+        "data": data,
+        "meta": {
+            "total": p.total,
+            "page": page,
+            "limit": limit,
+            "pages": p.total.div_ceil(limit),
+        }
+    }))
+    .into_response())
+}
+
+/// `POST /api/v1/tasks/{id}/cancel`: 200 with the cancelled task; 409 if it already ended.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.cluster.cancel(&id) {
+        Ok(t) => Ok(Json(t.view()).into_response()),
+        Err(CancelError::NotFound) => Err(ApiError::not_found("task", &id)),
+        Err(e @ CancelError::Terminal(_)) => Err(ApiError::conflict(e.to_string())),
+    }
+}
+
+fn sse_event(e: &TaskEvent) -> Event {
+    Event::default()
+        .event(e.kind.as_str())
+        .id(e.seq.to_string())
+        .json_data(e)
+        .unwrap_or_else(|_| Event::default().comment("unencodable event"))
+}
+
+/// `GET /api/v1/tasks/{id}/events`: the task's past events, then live ones; the stream ends
+/// after the terminal event (or when the hub shuts down).
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Subscribe before reading the past, so no event falls between the two.
+    let mut live = state.cluster.subscribe();
+    if state.cluster.get(&id).is_none() {
+        return Err(ApiError::not_found("task", &id));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let cluster = state.cluster.clone();
+    let mut shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = 0u32;
+        let mut backlog = cluster.events_after(&id, 0);
+        loop {
+            for e in backlog.drain(..) {
+                if e.seq <= last {
+                    continue;
+                }
+                last = e.seq;
+                if tx.send(Ok(sse_event(&e))).await.is_err() || e.kind.is_terminal() {
+                    return;
+                }
+            }
+            tokio::select! {
+                r = live.recv() => match r {
+                    Ok(e) if e.task_id == id && e.seq > last => backlog.push((*e).clone()),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        backlog = cluster.events_after(&id, last);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    Ok(Sse::new(ReceiverStream::<Result<Event, Infallible>>::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

@@ -1,0 +1,403 @@
+//! The node channel: WebSocket upgrade with node-key check, and the per-connection session
+//! (decode, validate, hand typed messages to the engine, liveness by ping/pong).
+//!
+//! Paths: `/abp-distributed-server/<K>`, `/distributed-server/<K>`, `/vcp-distributed-server/<K>`
+//! with `<K>` = `VCP_Key=<key>` or `ABP_Key=<key>`, or the same paths without `<K>` and an
+//! `Authorization: Bearer <key>` header. A missing or wrong key is answered 401 before the
+//! upgrade; a last segment that is not a key is 404.
+//!
+//! The session is generic over the socket's `Stream` and `Sink`, so it runs on any transport.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use apex_protocol::codec::{self, DecodeError};
+use apex_protocol::{
+    Encoding, ErrorFrame, ErrorInfo, Frame, HubMessage, LlmResponse, NodeMessage, TaskResultAck,
+    now_ms,
+};
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{MissedTickBehavior, interval};
+
+use crate::cluster::{Cluster, ConnHandle, Dialect, Outbound};
+use crate::http::{ApiError, AppState, bearer, key_matches};
+
+const PREFIXES: [&str; 3] = [
+    "/abp-distributed-server",
+    "/distributed-server",
+    "/vcp-distributed-server",
+];
+
+/// Upgrade routes of the node channel.
+pub fn routes() -> Router<AppState> {
+    let mut r = Router::new();
+    for p in PREFIXES {
+        r = r
+            .route(p, get(upgrade_bearer))
+            .route(&format!("{p}/{{key}}"), get(upgrade_path_key));
+    }
+    r
+}
+
+async fn upgrade_path_key(
+    State(state): State<AppState>,
+    Path(segment): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let Some(key) = segment
+        .strip_prefix("VCP_Key=")
+        .or_else(|| segment.strip_prefix("ABP_Key="))
+    else {
+        return ApiError::no_route(&format!("/.../{segment}")).into_response();
+    };
+    upgrade(state, key, peer, ws)
+}
+
+async fn upgrade_bearer(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let key = bearer(&headers).unwrap_or("");
+    upgrade(state, key, peer, ws)
+}
+
+fn upgrade(
+    state: AppState,
+    key: &str,
+    peer: SocketAddr,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if key.is_empty() || !key_matches(&state.config.node_keys, key) {
+        tracing::warn!(%peer, "node connection refused: missing or wrong node key");
+        return ApiError::unauthorized().into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::invalid("upgrade", format!("not a WebSocket upgrade: {e}"))
+                .into_response();
+        }
+    };
+    let max = state.config.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket: WebSocket| async move {
+            let (sink, stream) = socket.split();
+            let (conn, rx) = state.cluster.open_connection(peer.to_string());
+            Session::new(state.cluster.clone(), conn)
+                .run(stream, sink, rx)
+                .await;
+        })
+}
+
+/// One node connection.
+pub struct Session {
+    cluster: Cluster,
+    conn: ConnHandle,
+    node: Option<(String, Dialect)>,
+    limits: apex_protocol::Limits,
+}
+
+impl Session {
+    /// A session for a connection the engine has opened.
+    pub fn new(cluster: Cluster, conn: ConnHandle) -> Self {
+        Self {
+            cluster,
+            conn,
+            node: None,
+            limits: apex_protocol::Limits::default(),
+        }
+    }
+
+    /// Runs the connection until it closes, goes silent past the heartbeat timeout, or the
+    /// engine replaces it. On exit the node (if this connection still holds it) goes offline
+    /// and its tasks migrate.
+    pub async fn run<S, K>(mut self, mut stream: S, sink: K, rx: mpsc::Receiver<Outbound>)
+    where
+        S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+        K: Sink<Message> + Unpin + Send + 'static,
+    {
+        let writer = tokio::spawn(write_loop(sink, rx));
+        let opts = self.cluster.options().clone();
+        let mut tick = interval(opts.heartbeat_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_seen = Instant::now();
+        let kill = self.conn.kill.clone();
+        let (code, reason): (u16, String) = loop {
+            tokio::select! {
+                _ = kill.notified() => break (1008, "replaced by a newer connection or overloaded".into()),
+                m = stream.next() => {
+                    let msg = match m {
+                        None => break (1000, "closed by the node".into()),
+                        Some(Err(e)) => {
+                            if is_too_long(e) {
+                                break (1009, format!("message larger than {} bytes", opts_max(&self.cluster)));
+                            }
+                            break (1002, "websocket error".into());
+                        }
+                        Some(Ok(m)) => m,
+                    };
+                    last_seen = Instant::now();
+                    self.conn.last_seen_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    match msg {
+                        Message::Text(t) => {
+                            self.on_frame(codec::decode_text::<NodeMessage>(t.as_str()));
+                        }
+                        Message::Binary(b) => {
+                            self.on_frame(codec::decode_binary::<NodeMessage>(&b));
+                        }
+                        Message::Close(_) => break (1000, "closed by the node".into()),
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_seen.elapsed() > opts.heartbeat_timeout {
+                        break (1001, "no frame or pong within the heartbeat timeout".into());
+                    }
+                    let _ = self.conn.tx.try_send(Outbound::Ping);
+                }
+            }
+        };
+        if let Some((node_id, _)) = self.node.take() {
+            self.cluster.lose_node(&node_id, self.conn.id, &reason);
+        }
+        let _ = self.conn.tx.try_send(Outbound::Close(code, reason));
+        drop(self.conn);
+        // The writer ends after the close frame; don't wait on a peer that stopped reading.
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), writer)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+
+    fn send(&self, msg: impl Into<HubMessage>) {
+        if self.conn.tx.try_send(Outbound::Msg(msg.into())).is_err() {
+            self.cluster
+                .stats()
+                .frames_shed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn reject(&self, code: &str, message: String) {
+        self.cluster
+            .stats()
+            .frames_rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(conn = self.conn.id, code, %message, "frame rejected");
+        self.send(ErrorFrame {
+            code: code.to_owned(),
+            message,
+        });
+    }
+
+    fn on_frame(&mut self, decoded: Result<NodeMessage, DecodeError>) {
+        self.cluster
+            .stats()
+            .frames_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let msg = match decoded {
+            Ok(m) => m,
+            Err(e) => return self.reject(e.code(), e.to_string()),
+        };
+        if let Err(e) = msg.validate(&self.limits) {
+            return self.reject("invalid_payload", e.to_string());
+        }
+        let node_id = self.node.as_ref().map(|(id, _)| id.clone());
+        match msg {
+            NodeMessage::NodeRegister(r) => {
+                let id = self.cluster.register_native(&self.conn, r);
+                self.rebind(id, Dialect::Native);
+            }
+            NodeMessage::RegisterTools(r) => {
+                let id = self.cluster.register_vcp(&self.conn, r);
+                self.rebind(id, Dialect::Vcp);
+            }
+            NodeMessage::Heartbeat(h) => {
+                let ack = self.cluster.heartbeat(node_id.as_deref(), h);
+                self.send(ack);
+            }
+            NodeMessage::TaskResult(r) => match node_id {
+                Some(id) => {
+                    let ack = self.cluster.task_result(&id, r);
+                    self.send(ack);
+                }
+                None => {
+                    self.reject(
+                        "not_registered",
+                        "send node_register before task_result".to_owned(),
+                    );
+                    self.send(TaskResultAck {
+                        task_id: r.task_id,
+                        node_id: r.node_id.unwrap_or_default(),
+                        success: false,
+                        message: Some("connection is not registered".to_owned()),
+                        timestamp: now_ms(),
+                    });
+                }
+            },
+            NodeMessage::ToolResult(r) => match node_id {
+                Some(id) => self.cluster.tool_result(&id, r),
+                None => self.reject(
+                    "not_registered",
+                    "send register_tools before tool_result".to_owned(),
+                ),
+            },
+            NodeMessage::TaskProgress(p) => match node_id {
+                Some(id) => {
+                    self.cluster.task_progress(&id, p);
+                }
+                None => self.reject(
+                    "not_registered",
+                    "send node_register before task_progress".to_owned(),
+                ),
+            },
+            NodeMessage::NodeDrain(_) => match node_id {
+                Some(id) => {
+                    self.cluster.set_draining(&id, true);
+                }
+                None => self.reject(
+                    "not_registered",
+                    "send node_register before node_drain".to_owned(),
+                ),
+            },
+            NodeMessage::NodeUnregister(u) => {
+                let id = node_id.unwrap_or(u.node_id);
+                let reason = u.reason.unwrap_or_else(|| "no reason given".to_owned());
+                let ack = self.cluster.unregister(&id, self.conn.id, &reason);
+                self.node = None;
+                self.send(ack);
+            }
+            NodeMessage::Log(l) => {
+                tracing::info!(
+                    target: "apex_hub::node_log",
+                    node_id = node_id.as_deref().unwrap_or(&l.node_id),
+                    level = %l.level,
+                    "{}",
+                    l.message
+                );
+            }
+            NodeMessage::LlmRequest(r) => {
+                self.send(LlmResponse {
+                    request_id: r.request_id,
+                    node_id: node_id.unwrap_or(r.node_id),
+                    success: false,
+                    content: None,
+                    usage: None,
+                    error: Some(ErrorInfo::new(
+                        "llm_unavailable",
+                        "this hub has no language model configured",
+                    )),
+                    stream: false,
+                    timestamp: now_ms(),
+                });
+            }
+            NodeMessage::ReportIp(ip) => {
+                if let Some(id) = node_id {
+                    self.cluster.report_ip(&id, ip);
+                }
+            }
+            NodeMessage::UpdateStaticPlaceholders(_) => {}
+            NodeMessage::PluginCallbackForward(_) => {
+                tracing::debug!(conn = self.conn.id, "plugin_callback_forward received; plugin callbacks are not handled yet");
+            }
+        }
+    }
+
+    /// Records the node this connection now holds; a different node id on the same connection
+    /// releases the previous one.
+    fn rebind(&mut self, id: String, dialect: Dialect) {
+        if let Some((old, _)) = &self.node
+            && *old != id
+        {
+            self.cluster
+                .lose_node(old, self.conn.id, "re-registered under another id");
+        }
+        self.node = Some((id, dialect));
+    }
+}
+
+fn opts_max(_c: &Cluster) -> &'static str {
+    "the configured maximum"
+}
+
+fn is_too_long(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    match e.into_inner().downcast::<WsError>() {
+        Ok(e) => matches!(
+            *e,
+            WsError::Capacity(CapacityError::MessageTooLong { .. })
+        ),
+        Err(_) => false,
+    }
+}
+
+fn to_message(f: Frame) -> Message {
+    match f {
+        Frame::Text(t) => Message::Text(t.into()),
+        Frame::Binary(b) => Message::Binary(b.into()),
+    }
+}
+
+/// Writes queued frames, batching whatever is ready before each flush.
+async fn write_loop<K>(mut sink: K, mut rx: mpsc::Receiver<Outbound>)
+where
+    K: Sink<Message> + Unpin,
+{
+    let mut encoding = Encoding::Json;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut batch = 0;
+        while let Some(item) = next.take() {
+            let msg = match item {
+                Outbound::Msg(m) => match codec::encode(&m, encoding) {
+                    Ok(f) => to_message(f),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode frame");
+                        continue;
+                    }
+                },
+                Outbound::SetEncoding(e) => {
+                    encoding = e;
+                    next = rx.try_recv().ok();
+                    continue;
+                }
+                Outbound::Ping => Message::Ping(bytes::Bytes::new()),
+                Outbound::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    return;
+                }
+            };
+            if sink.feed(msg).await.is_err() {
+                return;
+            }
+            batch += 1;
+            if batch < 256 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
