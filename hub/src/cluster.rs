@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use apex_protocol::{
-    CancelTool, ConnectionAck, Encoding, ErrorInfo, ExecuteTool, HeartbeatAck, HubInfo,
-    HubMessage, NodeRegister, NodeRegistered, NodeStats, NodeType, NodeUnregistered, RegisterTools,
-    ReportIp, TaskAssign, TaskCancel, TaskProgress, TaskResult, TaskResultAck, ToolResult,
-    ToolSpec, now_ms, parse_vcp_request_id, vcp_request_id,
+    CancelTool, ConnectionAck, Encoding, ErrorInfo, ExecuteTool, HeartbeatAck, HubInfo, HubMessage,
+    NodeRegister, NodeRegistered, NodeStats, NodeType, NodeUnregistered, RegisterTools, ReportIp,
+    TaskAssign, TaskCancel, TaskProgress, TaskResult, TaskResultAck, ToolResult, ToolSpec, now_ms,
+    parse_vcp_request_id, vcp_request_id,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -443,7 +443,12 @@ impl Cluster {
                 let same_conn = e.conn.as_ref().is_some_and(|c| c.id == conn.id);
                 if !same_conn {
                     if let Some(old) = e.conn.take() {
-                        tracing::info!(node_id, old_conn = old.id, new_conn = conn.id, "node re-registered on a new connection; closing the old one");
+                        tracing::info!(
+                            node_id,
+                            old_conn = old.id,
+                            new_conn = conn.id,
+                            "node re-registered on a new connection; closing the old one"
+                        );
                         old.kill.notify_one();
                     }
                     e.connected_at = now;
@@ -636,7 +641,10 @@ impl Cluster {
             return;
         }
         self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
-        let msg = format!("node {from} was lost ({reason}); requeued for attempt {}", attempt + 1);
+        let msg = format!(
+            "node {from} was lost ({reason}); requeued for attempt {}",
+            attempt + 1
+        );
         let mut key = None;
         let events = &self.shared.events;
         core.store.update(task_id, &mut |t| {
@@ -845,7 +853,12 @@ impl Cluster {
                 finished_at: None,
                 events: Vec::with_capacity(4),
             };
-            push_event(&mut task, EventKind::TaskCreated, &self.shared.events, |_| {});
+            push_event(
+                &mut task,
+                EventKind::TaskCreated,
+                &self.shared.events,
+                |_| {},
+            );
             core.sched.enqueue(
                 &id,
                 &task.spec.tool,
@@ -1127,7 +1140,12 @@ struct NodeInfo {
 }
 
 /// Checks that a result or progress report comes from the task's current node and attempt.
-fn fence(core: &Core, task_id: &str, node_id: &str, attempt: Option<u32>) -> Result<(), &'static str> {
+fn fence(
+    core: &Core,
+    task_id: &str,
+    node_id: &str,
+    attempt: Option<u32>,
+) -> Result<(), &'static str> {
     let Some(t) = core.store.get(task_id) else {
         return Err("unknown task");
     };
@@ -1201,7 +1219,11 @@ fn node_view(e: &NodeEntry) -> NodeView {
         failed_tasks: e.failed,
         version: e.version.clone(),
         stats: e.stats.clone(),
-        local_ips: e.ips.as_ref().map(|i| i.local_ips.clone()).unwrap_or_default(),
+        local_ips: e
+            .ips
+            .as_ref()
+            .map(|i| i.local_ips.clone())
+            .unwrap_or_default(),
         public_ip: e.ips.as_ref().and_then(|i| i.public_ip.clone()),
         remote_addr: e.conn.as_ref().map(|c| c.remote_addr.clone()),
         last_heartbeat_at: e.last_heartbeat_at.map(Rfc3339),

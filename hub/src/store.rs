@@ -127,13 +127,7 @@ impl TaskStore for MemoryStore {
     fn events_after(&self, id: &str, after: u32) -> Vec<TaskEvent> {
         self.tasks
             .get(id)
-            .map(|t| {
-                t.events
-                    .iter()
-                    .filter(|e| e.seq > after)
-                    .cloned()
-                    .collect()
-            })
+            .map(|t| t.events.iter().filter(|e| e.seq > after).cloned().collect())
             .unwrap_or_default()
     }
 

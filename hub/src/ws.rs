@@ -312,7 +312,10 @@ impl Session {
             }
             NodeMessage::UpdateStaticPlaceholders(_) => {}
             NodeMessage::PluginCallbackForward(_) => {
-                tracing::debug!(conn = self.conn.id, "plugin_callback_forward received; plugin callbacks are not handled yet");
+                tracing::debug!(
+                    conn = self.conn.id,
+                    "plugin_callback_forward received; plugin callbacks are not handled yet"
+                );
             }
         }
     }
@@ -338,10 +341,7 @@ fn is_too_long(e: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::tungstenite::error::CapacityError;
     match e.into_inner().downcast::<WsError>() {
-        Ok(e) => matches!(
-            *e,
-            WsError::Capacity(CapacityError::MessageTooLong { .. })
-        ),
+        Ok(e) => matches!(*e, WsError::Capacity(CapacityError::MessageTooLong { .. })),
         Err(_) => false,
     }
 }

@@ -126,6 +126,12 @@ pub fn encode<T: Serialize>(msg: &T, encoding: Encoding) -> Result<Frame, Encode
 /// [`DecodeError`] saying whether the text is not JSON, not an envelope, of an unknown type, or
 /// a known type with bad data.
 pub fn decode_text<T: Message>(text: &str) -> Result<T, DecodeError> {
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => DecodeError::NotAnEnvelope,
+            Err(e) => DecodeError::InvalidJson(e.to_string()),
+        });
+    }
     match serde_json::from_str::<T>(text) {
         Ok(m) => Ok(m),
         Err(e) => Err(classify::<T>(
@@ -141,6 +147,14 @@ pub fn decode_text<T: Message>(text: &str) -> Result<T, DecodeError> {
 /// # Errors
 /// As [`decode_text`], with [`DecodeError::InvalidMsgpack`] for bytes that are not MessagePack.
 pub fn decode_binary<T: Message>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if !matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(
+            match rmp_serde::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => DecodeError::NotAnEnvelope,
+                Err(e) => DecodeError::InvalidMsgpack(e.to_string()),
+            },
+        );
+    }
     match rmp_serde::from_slice::<T>(bytes) {
         Ok(m) => Ok(m),
         Err(e) => Err(classify::<T>(

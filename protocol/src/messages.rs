@@ -22,7 +22,7 @@ macro_rules! direction {
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "type", content = "data")]
         pub enum $name {
-            $( $(#[$vmeta])* #[serde(rename = $wire)] $variant($ty), )+
+            $( $(#[$vmeta])* #[serde(rename = $wire, deserialize_with = "map_only")] $variant($ty), )+
         }
 
         impl $name {
@@ -45,6 +45,26 @@ macro_rules! direction {
             }
         )+
     };
+}
+
+/// Deserializes `data` only from a map: serde's derive would also take a sequence of the
+/// fields in order, which no client sends and which hides mistakes.
+fn map_only<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(V(std::marker::PhantomData))
 }
 
 direction! {
@@ -770,11 +790,12 @@ pub fn vcp_request_id(task_id: &str, attempt: u32) -> String {
 ///
 /// A request id without a numeric suffix is returned whole with no attempt.
 pub fn parse_vcp_request_id(request_id: &str) -> (&str, Option<u32>) {
-    match request_id.rsplit_once('.') {
-        Some((task, attempt)) => match attempt.parse() {
-            Ok(a) => (task, Some(a)),
-            Err(_) => (request_id, None),
-        },
-        None => (request_id, None),
+    if let Some((task, attempt)) = request_id.rsplit_once('.')
+        && let Ok(a) = attempt.parse::<u32>()
+        && !task.is_empty()
+        && vcp_request_id(task, a) == request_id
+    {
+        return (task, Some(a));
     }
+    (request_id, None)
 }

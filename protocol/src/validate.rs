@@ -81,6 +81,7 @@ impl NodeMessage {
                 }
                 for t in &r.tools {
                     check_id(kind, "tools[].name", t.name(), limits)?;
+                    check_len(kind, "tools[].name", t.name(), limits.max_name_len)?;
                 }
                 if r.concurrency_limit() == Some(0) {
                     return Err(ValidationError {
@@ -111,6 +112,7 @@ impl NodeMessage {
                 }
                 for t in &r.tools {
                     check_id(kind, "tools[].name", &t.name, limits)?;
+                    check_len(kind, "tools[].name", &t.name, limits.max_name_len)?;
                 }
                 Ok(())
             }

@@ -205,14 +205,13 @@ fn data_not_an_object() {
 /// `is_ok()` below by the `invalid_payload` assertion in the comment and move the cases into
 /// `not_an_envelope` / `data_not_an_object`.
 #[test]
-fn known_bug_arrays_of_the_right_length_decode() {
+fn arrays_are_not_envelopes_or_payloads() {
     for text in [
         r#"["heartbeat",{"nodeId":"n1"}]"#,
         r#"{"type":"node_drain","data":["n1"]}"#,
         r#"{"type":"task_result","data":["t1",null,null,true]}"#,
     ] {
-        // Intended: assert_eq!(node_err(text).0, "invalid_payload");
-        assert!(decode_text::<NodeMessage>(text).is_ok(), "{text}");
+        assert_eq!(node_err(text).0, "invalid_payload", "{text}");
     }
 }
 

@@ -35,7 +35,11 @@ pub async fn list(
         .into_iter()
         .filter(|n| {
             q.status.as_deref().is_none_or(|s| {
-                serde_json::to_value(n.status).ok().as_ref().and_then(|v| v.as_str()) == Some(s)
+                serde_json::to_value(n.status)
+                    .ok()
+                    .as_ref()
+                    .and_then(|v| v.as_str())
+                    == Some(s)
             }) && q
                 .tool
                 .as_deref()

@@ -59,10 +59,7 @@ impl TaskRequest {
             None | Some(Value::Null) => Value::Object(Default::default()),
             Some(v @ Value::Object(_)) => v,
             Some(_) => {
-                return Err(ApiError::invalid(
-                    p("args"),
-                    "`args` must be a JSON object",
-                ));
+                return Err(ApiError::invalid(p("args"), "`args` must be a JSON object"));
             }
         };
         let timeout_seconds = self
@@ -312,7 +309,9 @@ pub async fn events(
             }
         }
     });
-    Ok(Sse::new(ReceiverStream::<Result<Event, Infallible>>::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(
+        Sse::new(ReceiverStream::<Result<Event, Infallible>>::new(rx))
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+    )
 }
