@@ -1232,3 +1232,7 @@ fn node_view(e: &NodeEntry) -> NodeView {
         disconnected_at: e.disconnected_at.map(Rfc3339),
     }
 }
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;

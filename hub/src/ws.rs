@@ -132,6 +132,9 @@ impl Session {
         let mut tick = interval(opts.heartbeat_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
+        // Fires at `last_seen + timeout`; re-armed lazily when it fires early.
+        let silence = tokio::time::sleep(opts.heartbeat_timeout);
+        tokio::pin!(silence);
         let kill = self.conn.kill.clone();
         let (code, reason): (u16, String) = loop {
             tokio::select! {
@@ -141,7 +144,7 @@ impl Session {
                         None => break (1000, "closed by the node".into()),
                         Some(Err(e)) => {
                             if is_too_long(e) {
-                                break (1009, format!("message larger than {} bytes", opts_max(&self.cluster)));
+                                break (1009, "message larger than max_frame_bytes".into());
                             }
                             break (1002, "websocket error".into());
                         }
@@ -160,10 +163,14 @@ impl Session {
                         Message::Ping(_) | Message::Pong(_) => {}
                     }
                 }
-                _ = tick.tick() => {
-                    if last_seen.elapsed() > opts.heartbeat_timeout {
+                _ = &mut silence => {
+                    let due = last_seen + opts.heartbeat_timeout;
+                    if Instant::now() >= due {
                         break (1001, "no frame or pong within the heartbeat timeout".into());
                     }
+                    silence.as_mut().reset(due.into());
+                }
+                _ = tick.tick() => {
                     let _ = self.conn.tx.try_send(Outbound::Ping);
                 }
             }
@@ -331,10 +338,6 @@ impl Session {
         }
         self.node = Some((id, dialect));
     }
-}
-
-fn opts_max(_c: &Cluster) -> &'static str {
-    "the configured maximum"
 }
 
 fn is_too_long(e: axum::Error) -> bool {
