@@ -905,7 +905,13 @@ impl Cluster {
                     let err = res.error.unwrap_or_else(|| {
                         ErrorInfo::new("task_execution_failed", "the node reported a failure")
                     });
-                    self.finish(&mut core, &res.task_id, TaskStatus::Failed, None, Some(err));
+                    // A node enforcing the budget it was given, or cancelling on its own.
+                    let status = match err.code.as_str() {
+                        "task_timeout" => TaskStatus::TimedOut,
+                        "task_cancelled" => TaskStatus::Cancelled,
+                        _ => TaskStatus::Failed,
+                    };
+                    self.finish(&mut core, &res.task_id, status, None, Some(err));
                 }
                 self.schedule(&mut core);
                 (true, None)

@@ -1,1 +1,1270 @@
-//! Engine tests (written next).
+#![allow(clippy::unwrap_used)]
+//! Engine tests: drive [`Cluster`] directly with fake connections (a `ConnHandle` and the
+//! receiving end of its outbound queue), no sockets and no clock.
+
+use std::time::{Duration, Instant};
+
+use apex_protocol::{
+    Heartbeat, HubMessage, NodeRegister, RegisterTools, TaskAssign, TaskProgress, TaskResult,
+    TaskResultAck, ToolResult, ToolSpec, VcpCapabilities, VcpToolManifest,
+};
+use futures::FutureExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::model::{EventKind, Task, TaskSpec, TaskStatus};
+use crate::store::{MemoryStore, TaskFilter};
+
+fn options(outbound_queue_frames: usize) -> ClusterOptions {
+    ClusterOptions {
+        version: "test".to_owned(),
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(3),
+        default_node_max_concurrent_tasks: 16,
+        vcp_max_concurrent_tasks: 8,
+        allow_internal_request_file: false,
+        outbound_queue_frames,
+    }
+}
+
+fn new_cluster() -> Cluster {
+    Cluster::new(options(1024), Box::new(MemoryStore::new()))
+}
+
+fn spec(tool: &str) -> TaskSpec {
+    TaskSpec {
+        tool: tool.to_owned(),
+        args: json!({"text": "hello"}),
+        description: None,
+        priority: 5,
+        timeout_seconds: 300.0,
+        max_attempts: 3,
+        idempotency_key: None,
+        pinned_node: None,
+        capability: None,
+    }
+}
+
+fn submit(c: &Cluster, s: TaskSpec) -> Task {
+    let (t, created) = c.submit(vec![s]).unwrap().remove(0);
+    assert!(created);
+    t
+}
+
+fn task(c: &Cluster, id: &str) -> Task {
+    c.get(id).unwrap()
+}
+
+fn all_tasks(c: &Cluster) -> Vec<Task> {
+    c.list(&TaskFilter::default(), 1, 10_000).tasks
+}
+
+fn registration(
+    id: &str,
+    tools: &[&str],
+    limit: u32,
+    inflight: Option<Vec<String>>,
+) -> NodeRegister {
+    NodeRegister {
+        node_id: Some(id.to_owned()),
+        name: format!("node {id}"),
+        tools: tools
+            .iter()
+            .map(|t| ToolSpec::Name((*t).to_owned()))
+            .collect(),
+        max_concurrent_tasks: Some(limit),
+        inflight,
+        ..NodeRegister::default()
+    }
+}
+
+/// Every message queued on a connection so far (pings and encoding switches skipped).
+fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<HubMessage> {
+    let mut out = Vec::new();
+    while let Ok(o) = rx.try_recv() {
+        if let Outbound::Msg(m) = o {
+            out.push(m);
+        }
+    }
+    out
+}
+
+fn next_msg(rx: &mut mpsc::Receiver<Outbound>) -> HubMessage {
+    loop {
+        match rx.try_recv() {
+            Ok(Outbound::Msg(m)) => return m,
+            Ok(_) => {}
+            Err(e) => panic!("expected a frame, got {e:?}"),
+        }
+    }
+}
+
+/// A fake node: its connection as the engine sees it, and the frames sent to it.
+struct FakeNode {
+    id: String,
+    conn: ConnHandle,
+    rx: mpsc::Receiver<Outbound>,
+}
+
+impl FakeNode {
+    fn frames(&mut self) -> Vec<HubMessage> {
+        drain(&mut self.rx)
+    }
+
+    fn assigns(&mut self) -> Vec<TaskAssign> {
+        self.frames()
+            .into_iter()
+            .filter_map(|m| match m {
+                HubMessage::TaskAssign(a) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn result(&self, c: &Cluster, task_id: &str, attempt: Option<u32>, v: Value) -> TaskResultAck {
+        c.task_result(
+            &self.id,
+            TaskResult {
+                task_id: task_id.to_owned(),
+                node_id: Some(self.id.clone()),
+                attempt,
+                success: true,
+                result: Some(v),
+                error: None,
+                execution_time: Some(1),
+            },
+        )
+    }
+
+    fn killed(&self) -> bool {
+        self.conn.kill.notified().now_or_never().is_some()
+    }
+}
+
+/// Opens a connection, checks the `connection_ack` greeting, registers and checks that
+/// `node_registered` comes next. Frames after it (task assignments) stay queued.
+fn connect_with(c: &Cluster, reg: NodeRegister) -> FakeNode {
+    let id = reg.node_id.clone().unwrap();
+    let (conn, mut rx) = c.open_connection("test".into());
+    match next_msg(&mut rx) {
+        HubMessage::ConnectionAck(a) => assert!(!a.server_id.is_empty()),
+        other => panic!("first frame must be connection_ack, got {other:?}"),
+    }
+    assert_eq!(c.register_native(&conn, reg), id);
+    match next_msg(&mut rx) {
+        HubMessage::NodeRegistered(r) => {
+            assert!(r.success);
+            assert_eq!(r.node_id, id);
+            let info = r.hub_info.unwrap();
+            assert_eq!(info.heartbeat_interval_ms, 1000);
+            assert_eq!(info.heartbeat_timeout_ms, 3000);
+        }
+        other => panic!("expected node_registered, got {other:?}"),
+    }
+    FakeNode { id, conn, rx }
+}
+
+fn connect(c: &Cluster, id: &str, tools: &[&str], limit: u32) -> FakeNode {
+    connect_with(c, registration(id, tools, limit, None))
+}
+
+fn kinds(t: &Task) -> Vec<EventKind> {
+    t.events.iter().map(|e| e.kind).collect()
+}
+
+/// The invariants of an event log: starts with `task_created`, numbered 1..n, and a terminal
+/// task has exactly one terminal event, the last one, matching its status.
+fn check_events(t: &Task) {
+    assert_eq!(t.events[0].kind, EventKind::TaskCreated, "{:?}", kinds(t));
+    for (i, e) in t.events.iter().enumerate() {
+        assert_eq!(e.seq as usize, i + 1);
+        assert_eq!(e.task_id, t.id);
+    }
+    let terminal = t.events.iter().filter(|e| e.kind.is_terminal()).count();
+    if t.status.is_terminal() {
+        assert_eq!(terminal, 1, "{:?}", kinds(t));
+        let last = t.events.last().unwrap();
+        assert!(last.kind.is_terminal(), "{:?}", kinds(t));
+        assert_eq!(last.status, t.status);
+        assert!(t.finished_at.is_some());
+    } else {
+        assert_eq!(terminal, 0, "{:?}", kinds(t));
+        assert!(t.finished_at.is_none());
+    }
+}
+
+#[test]
+fn registration_answers_node_registered_then_dispatches_queued_tasks() {
+    let c = new_cluster();
+    let t1 = submit(&c, spec("echo"));
+    let t2 = submit(&c, spec("echo"));
+    assert_eq!(t1.status, TaskStatus::Queued);
+    assert_eq!(t1.attempt, 0);
+    assert_eq!(t1.node_id, None);
+    assert_eq!(c.health().queue_depth, 2);
+
+    let mut n = connect(&c, "n1", &["echo"], 4);
+    let a = n.assigns();
+    assert_eq!(a.len(), 2);
+    // Older first at equal priority.
+    assert_eq!(a[0].task_id, t1.id);
+    assert_eq!(a[1].task_id, t2.id);
+    for x in &a {
+        assert_eq!(x.node_id, "n1");
+        assert_eq!(x.tool_name, "echo");
+        assert_eq!(x.tool_args, json!({"text": "hello"}));
+        assert_eq!(x.attempt, Some(1));
+        assert_eq!(x.priority, Some(5));
+        assert!(x.timeout.is_some_and(|ms| ms > 0 && ms <= 300_000));
+    }
+    let t = task(&c, &t1.id);
+    assert_eq!(t.status, TaskStatus::Assigned);
+    assert_eq!(t.attempt, 1);
+    assert_eq!(t.node_id.as_deref(), Some("n1"));
+    assert!(t.started_at.is_some());
+    assert_eq!(kinds(&t), [EventKind::TaskCreated, EventKind::TaskAssigned]);
+    let view = c.node("n1").unwrap();
+    assert_eq!(view.status, NodeState::Online);
+    assert_eq!(view.dialect, Dialect::Native);
+    assert_eq!(view.tools, ["echo"]);
+    assert_eq!(view.active_tasks, 2);
+    assert_eq!(view.max_concurrent_tasks, 4);
+    assert_eq!(c.health().queue_depth, 0);
+}
+
+#[test]
+fn a_new_task_goes_straight_to_an_idle_node_and_respects_its_limit() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n1", &["echo"], 2);
+    let ts: Vec<Task> = (0..3).map(|_| submit(&c, spec("echo"))).collect();
+    assert_eq!(
+        ts[0].status,
+        TaskStatus::Assigned,
+        "submit returns the dispatched state"
+    );
+    assert_eq!(n.assigns().len(), 2);
+    assert_eq!(task(&c, &ts[2].id).status, TaskStatus::Queued);
+    // A finished task frees a slot for the waiting one.
+    assert!(n.result(&c, &ts[0].id, Some(1), json!("ok")).success);
+    let a = n.assigns();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].task_id, ts[2].id);
+}
+
+#[test]
+fn work_spreads_over_nodes_offering_the_tool() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 10);
+    let mut b = connect(&c, "b", &["echo", "sha256"], 10);
+    for _ in 0..4 {
+        submit(&c, spec("echo"));
+    }
+    let sha = submit(&c, spec("sha256"));
+    assert_eq!(a.assigns().len(), 2);
+    let on_b = b.assigns();
+    assert_eq!(on_b.len(), 3);
+    assert!(on_b.iter().any(|x| x.task_id == sha.id));
+    let nobody = submit(&c, spec("no-such-tool"));
+    assert_eq!(task(&c, &nobody.id).status, TaskStatus::Queued);
+}
+
+#[test]
+fn a_result_is_committed_exactly_once() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n1", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    assert_eq!(n.assigns().len(), 1);
+
+    let ack = n.result(&c, &t.id, Some(1), json!({"echo": "first"}));
+    assert!(ack.success);
+    assert_eq!(ack.task_id, t.id);
+    assert_eq!(ack.node_id, "n1");
+    let done = task(&c, &t.id);
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(done.result, Some(json!({"echo": "first"})));
+    assert_eq!(done.progress, 100.0);
+
+    let dup = n.result(&c, &t.id, Some(1), json!({"echo": "second"}));
+    assert!(!dup.success);
+    assert!(dup.message.is_some());
+    let after = task(&c, &t.id);
+    assert_eq!(after.result, Some(json!({"echo": "first"})));
+    assert_eq!(after.events, done.events, "a duplicate adds no event");
+    assert_eq!(c.stats().results_ignored.load(Ordering::Relaxed), 1);
+    assert_eq!(c.node("n1").unwrap().completed_tasks, 1);
+    assert_eq!(c.node("n1").unwrap().active_tasks, 0);
+    check_events(&after);
+
+    let unknown = n.result(&c, "no-such-task", Some(1), json!(null));
+    assert!(!unknown.success);
+}
+
+#[test]
+fn a_failure_result_is_committed_with_the_node_error() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n1", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    n.assigns();
+    let ack = c.task_result(
+        "n1",
+        TaskResult {
+            task_id: t.id.clone(),
+            attempt: Some(1),
+            success: false,
+            error: Some(ErrorInfo::new("invalid_arguments", "`text` is required")),
+            ..TaskResult::default()
+        },
+    );
+    assert!(ack.success);
+    let t = task(&c, &t.id);
+    assert_eq!(t.status, TaskStatus::Failed);
+    let e = t.error.clone().unwrap();
+    assert_eq!(e.code, "invalid_arguments");
+    assert_eq!(e.message, "`text` is required");
+    assert_eq!(t.events.last().unwrap().kind, EventKind::TaskFailed);
+    assert_eq!(c.node("n1").unwrap().failed_tasks, 1);
+    check_events(&t);
+}
+
+#[test]
+fn a_result_without_attempt_from_the_right_node_is_accepted() {
+    // Third-party nodes do not echo `attempt`.
+    let c = new_cluster();
+    let mut n = connect(&c, "n1", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    n.assigns();
+    assert!(n.result(&c, &t.id, None, json!(1)).success);
+    assert_eq!(task(&c, &t.id).status, TaskStatus::Succeeded);
+}
+
+#[test]
+fn results_from_the_wrong_node_or_attempt_are_ignored() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    assert_eq!(a.assigns().len(), 1);
+    let b = connect(&c, "b", &["echo"], 4);
+
+    let from_b = b.result(&c, &t.id, Some(1), json!("from b"));
+    assert!(!from_b.success);
+    let wrong_attempt = a.result(&c, &t.id, Some(2), json!("attempt 2"));
+    assert!(!wrong_attempt.success);
+    let unknown_node = c.task_result(
+        "ghost",
+        TaskResult {
+            task_id: t.id.clone(),
+            attempt: Some(1),
+            success: true,
+            ..TaskResult::default()
+        },
+    );
+    assert!(!unknown_node.success);
+    let still = task(&c, &t.id);
+    assert_eq!(still.status, TaskStatus::Assigned);
+    assert_eq!(still.result, None);
+    assert_eq!(c.stats().results_ignored.load(Ordering::Relaxed), 3);
+
+    assert!(a.result(&c, &t.id, Some(1), json!("right")).success);
+    assert_eq!(task(&c, &t.id).result, Some(json!("right")));
+}
+
+#[test]
+fn node_loss_migrates_in_flight_tasks_to_another_node() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    assert_eq!(a.assigns()[0].attempt, Some(1));
+    let mut b = connect(&c, "b", &["echo"], 4);
+    assert!(b.assigns().is_empty());
+
+    assert!(c.lose_node("a", a.conn.id, "socket closed"));
+    let on_b = b.assigns();
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].task_id, t.id);
+    assert_eq!(on_b[0].attempt, Some(2));
+    assert_eq!(on_b[0].node_id, "b");
+
+    let moved = task(&c, &t.id);
+    assert_eq!(moved.status, TaskStatus::Assigned);
+    assert_eq!(moved.attempt, 2);
+    assert_eq!(moved.node_id.as_deref(), Some("b"));
+    assert_eq!(
+        kinds(&moved),
+        [
+            EventKind::TaskCreated,
+            EventKind::TaskAssigned,
+            EventKind::TaskMigrated,
+            EventKind::TaskAssigned
+        ]
+    );
+    let migrated = &moved.events[2];
+    assert_eq!(migrated.status, TaskStatus::Queued);
+    assert_eq!(migrated.node_id.as_deref(), Some("a"));
+    assert_eq!(migrated.attempt, 1);
+    assert_eq!(moved.events[3].attempt, 2);
+    assert_eq!(moved.events[3].node_id.as_deref(), Some("b"));
+    assert_eq!(c.stats().migrations.load(Ordering::Relaxed), 1);
+
+    let view = c.node("a").unwrap();
+    assert_eq!(view.status, NodeState::Offline);
+    assert_eq!(view.active_tasks, 0);
+    assert!(view.disconnected_at.is_some());
+    assert_eq!(c.health().nodes_online, 1);
+    assert_eq!(c.health().nodes_total, 2);
+
+    // The lost node's late result for attempt 1 does not count; b's does.
+    assert!(!a.result(&c, &t.id, Some(1), json!("late")).success);
+    assert!(!b.result(&c, &t.id, Some(1), json!("old attempt")).success);
+    assert!(b.result(&c, &t.id, Some(2), json!("done")).success);
+    let done = task(&c, &t.id);
+    assert_eq!(done.result, Some(json!("done")));
+    check_events(&done);
+    // Losing a node twice, or a node never seen, changes nothing.
+    assert!(!c.lose_node("a", a.conn.id, "again"));
+    assert!(!c.lose_node("ghost", 999, "never seen"));
+}
+
+#[test]
+fn a_migrated_task_waits_in_the_queue_until_a_node_can_take_it() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    a.assigns();
+    assert!(c.lose_node("a", a.conn.id, "socket closed"));
+    let waiting = task(&c, &t.id);
+    assert_eq!(waiting.status, TaskStatus::Queued);
+    assert_eq!(
+        waiting.attempt, 1,
+        "the attempt counts up at the next assignment"
+    );
+    assert_eq!(c.health().queue_depth, 1);
+
+    // The same node coming back on a new connection gets it again, as attempt 2.
+    let mut a2 = connect(&c, "a", &["echo"], 4);
+    let again = a2.assigns();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, Some(2));
+    assert_eq!(c.node("a").unwrap().status, NodeState::Online);
+}
+
+#[test]
+fn node_loss_on_the_last_attempt_fails_the_task_with_node_lost() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 4);
+    let t = submit(
+        &c,
+        TaskSpec {
+            max_attempts: 2,
+            ..spec("echo")
+        },
+    );
+    a.assigns();
+    let mut b = connect(&c, "b", &["echo"], 4);
+    assert!(c.lose_node("a", a.conn.id, "killed"));
+    assert_eq!(b.assigns()[0].attempt, Some(2));
+    assert!(c.lose_node("b", b.conn.id, "killed"));
+
+    let failed = task(&c, &t.id);
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert_eq!(failed.attempt, 2);
+    let err = failed.error.clone().unwrap();
+    assert_eq!(err.code, "node_lost");
+    assert_eq!(failed.events.last().unwrap().kind, EventKind::TaskFailed);
+    check_events(&failed);
+    // A node coming back does not revive it.
+    let mut a2 = connect(&c, "a", &["echo"], 4);
+    assert!(a2.assigns().is_empty());
+    assert_eq!(c.health().queue_depth, 0);
+}
+
+#[test]
+fn a_stale_connection_cannot_unbind_a_re_registered_node() {
+    let c = new_cluster();
+    let mut old = connect(&c, "n", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    old.assigns();
+    assert!(!old.killed());
+
+    let (conn2, mut rx2) = c.open_connection("second".into());
+    assert_eq!(
+        c.register_native(&conn2, registration("n", &["echo"], 4, None)),
+        "n"
+    );
+    assert!(old.killed(), "the replaced connection is told to close");
+    let frames = drain(&mut rx2);
+    assert!(matches!(frames[0], HubMessage::ConnectionAck(_)));
+    assert!(matches!(frames[1], HubMessage::NodeRegistered(_)));
+
+    // The old socket closing afterwards changes nothing.
+    assert!(!c.lose_node("n", old.conn.id, "old socket closed"));
+    let view = c.node("n").unwrap();
+    assert_eq!(view.status, NodeState::Online);
+    assert_eq!(view.remote_addr.as_deref(), Some("second"));
+    assert_eq!(view.active_tasks, 1);
+    let same = task(&c, &t.id);
+    assert_eq!(same.status, TaskStatus::Assigned);
+    assert_eq!(
+        same.attempt, 1,
+        "re-registering without `inflight` keeps the tasks"
+    );
+    assert_eq!(c.stats().migrations.load(Ordering::Relaxed), 0);
+    assert!(c.unregister("n", old.conn.id, "stale").success.eq(&false));
+
+    // The node delivers the result on its new connection.
+    let ack = c.task_result(
+        "n",
+        TaskResult {
+            task_id: t.id.clone(),
+            attempt: Some(1),
+            success: true,
+            result: Some(json!("ok")),
+            ..TaskResult::default()
+        },
+    );
+    assert!(ack.success);
+    // Only the new connection's loss takes the node down.
+    assert!(c.lose_node("n", conn2.id, "closed"));
+    assert_eq!(c.node("n").unwrap().status, NodeState::Offline);
+}
+
+#[test]
+fn re_registering_with_partial_inflight_migrates_the_tasks_not_listed() {
+    let c = new_cluster();
+    let mut old = connect(&c, "n", &["echo"], 10);
+    let ts: Vec<Task> = (0..3).map(|_| submit(&c, spec("echo"))).collect();
+    assert_eq!(old.assigns().len(), 3);
+
+    let mut new = connect_with(
+        &c,
+        registration("n", &["echo"], 10, Some(vec![ts[0].id.clone()])),
+    );
+    assert!(old.killed());
+    let kept = task(&c, &ts[0].id);
+    assert_eq!(kept.attempt, 1);
+    assert_eq!(kept.status, TaskStatus::Assigned);
+    assert!(!kinds(&kept).contains(&EventKind::TaskMigrated));
+
+    let again = new.assigns();
+    let mut ids: Vec<&str> = again.iter().map(|a| a.task_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut want = vec![ts[1].id.as_str(), ts[2].id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    assert!(again.iter().all(|a| a.attempt == Some(2)));
+    for t in &ts[1..] {
+        let t = task(&c, &t.id);
+        assert_eq!(t.attempt, 2);
+        assert!(kinds(&t).contains(&EventKind::TaskMigrated));
+    }
+    assert_eq!(c.node("n").unwrap().active_tasks, 3);
+    assert_eq!(c.stats().migrations.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn drain_stops_new_assignments_and_undrain_resumes() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n", &["echo"], 4);
+    let running = submit(&c, spec("echo"));
+    assert_eq!(n.assigns().len(), 1);
+
+    assert!(c.set_draining("n", true));
+    assert_eq!(c.node("n").unwrap().status, NodeState::Draining);
+    let hb = c.heartbeat(Some("n"), Heartbeat::default());
+    assert!(hb.success);
+    assert_eq!(hb.status, "draining");
+    let waiting = submit(&c, spec("echo"));
+    assert_eq!(waiting.status, TaskStatus::Queued);
+    assert!(n.assigns().is_empty());
+    // What it already runs still completes.
+    assert!(n.result(&c, &running.id, Some(1), json!("ok")).success);
+    assert!(
+        n.assigns().is_empty(),
+        "a freed slot on a draining node stays empty"
+    );
+    assert_eq!(task(&c, &waiting.id).status, TaskStatus::Queued);
+
+    assert!(c.set_draining("n", false));
+    assert_eq!(c.node("n").unwrap().status, NodeState::Online);
+    let a = n.assigns();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].task_id, waiting.id);
+    assert!(!c.set_draining("ghost", true));
+}
+
+#[test]
+fn heartbeats_are_answered_and_recorded() {
+    let c = new_cluster();
+    let _n = connect(&c, "n", &["echo"], 4);
+    assert!(c.node("n").unwrap().last_heartbeat_at.is_none());
+    let ack = c.heartbeat(
+        Some("n"),
+        Heartbeat {
+            node_id: "n".into(),
+            status: None,
+            stats: Some(apex_protocol::NodeStats {
+                active_tasks: 2,
+                cpu_usage: Some(12.5),
+                ..Default::default()
+            }),
+        },
+    );
+    assert!(ack.success);
+    assert_eq!(ack.status, "online");
+    let view = c.node("n").unwrap();
+    assert!(view.last_heartbeat_at.is_some());
+    assert_eq!(view.stats.unwrap().cpu_usage, Some(12.5));
+    // A heartbeat on a connection that never registered is not accepted.
+    let stranger = c.heartbeat(
+        None,
+        Heartbeat {
+            node_id: "n".into(),
+            ..Heartbeat::default()
+        },
+    );
+    assert!(!stranger.success);
+    assert_eq!(stranger.status, "unknown");
+}
+
+#[test]
+fn unregister_takes_the_node_offline_and_migrates_its_work() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    a.assigns();
+    let mut b = connect(&c, "b", &["echo"], 4);
+    let wrong = c.unregister("a", b.conn.id, "wrong connection");
+    assert!(!wrong.success);
+    assert_eq!(c.node("a").unwrap().status, NodeState::Online);
+    let ok = c.unregister("a", a.conn.id, "shutting down");
+    assert!(ok.success);
+    assert_eq!(ok.node_id, "a");
+    assert_eq!(c.node("a").unwrap().status, NodeState::Offline);
+    assert_eq!(b.assigns()[0].task_id, t.id);
+}
+
+#[test]
+fn cancel_of_a_running_task_tells_the_node_and_ignores_its_later_result() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    n.assigns();
+    let cancelled = c.cancel(&t.id).unwrap();
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+    assert_eq!(cancelled.error.as_ref().unwrap().code, "task_cancelled");
+    let frames = n.frames();
+    let cancels: Vec<&TaskCancel> = frames
+        .iter()
+        .filter_map(|m| match m {
+            HubMessage::TaskCancel(x) => Some(x),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].task_id, t.id);
+    assert_eq!(cancels[0].attempt, Some(1));
+    assert_eq!(cancels[0].reason, "cancelled");
+
+    let late = n.result(&c, &t.id, Some(1), json!("too late"));
+    assert!(!late.success);
+    let after = task(&c, &t.id);
+    assert_eq!(after.status, TaskStatus::Cancelled);
+    assert_eq!(after.result, None);
+    check_events(&after);
+    assert_eq!(c.node("n").unwrap().active_tasks, 0);
+    assert!(matches!(
+        c.cancel(&t.id),
+        Err(CancelError::Terminal("cancelled"))
+    ));
+    assert!(matches!(
+        c.cancel("no-such-task"),
+        Err(CancelError::NotFound)
+    ));
+}
+
+#[test]
+fn a_cancelled_queued_task_is_never_dispatched() {
+    let c = new_cluster();
+    let t = submit(&c, spec("echo"));
+    assert_eq!(c.cancel(&t.id).unwrap().status, TaskStatus::Cancelled);
+    assert_eq!(c.health().queue_depth, 0);
+    let mut n = connect(&c, "n", &["echo"], 4);
+    assert!(n.assigns().is_empty());
+    check_events(&task(&c, &t.id));
+}
+
+#[test]
+fn expire_times_out_due_tasks_and_tells_their_node() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n", &["echo"], 4);
+    let running = submit(&c, spec("echo"));
+    let queued = submit(&c, spec("nobody-offers-this"));
+    n.assigns();
+    assert!(c.next_deadline().is_some());
+    assert_eq!(c.expire(Instant::now()), 0, "nothing is due yet");
+    assert_eq!(task(&c, &running.id).status, TaskStatus::Assigned);
+
+    assert_eq!(c.expire(Instant::now() + Duration::from_secs(100_000)), 2);
+    for id in [&running.id, &queued.id] {
+        let t = task(&c, id);
+        assert_eq!(t.status, TaskStatus::TimedOut);
+        assert_eq!(t.error.as_ref().unwrap().code, "task_timeout");
+        assert_eq!(t.events.last().unwrap().kind, EventKind::TaskTimedOut);
+        check_events(&t);
+    }
+    let cancel = n
+        .frames()
+        .into_iter()
+        .find_map(|m| match m {
+            HubMessage::TaskCancel(x) => Some(x),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(cancel.task_id, running.id);
+    assert_eq!(cancel.reason, "timeout");
+    assert_eq!(c.next_deadline(), None);
+    assert_eq!(c.expire(Instant::now() + Duration::from_secs(100_000)), 0);
+    assert!(!n.result(&c, &running.id, Some(1), json!("late")).success);
+    assert_eq!(c.health().queue_depth, 0);
+}
+
+#[test]
+fn a_short_timeout_expires_before_a_long_one() {
+    let c = new_cluster();
+    let short = submit(
+        &c,
+        TaskSpec {
+            timeout_seconds: 1.0,
+            ..spec("echo")
+        },
+    );
+    let long = submit(&c, spec("echo"));
+    assert_eq!(c.expire(Instant::now() + Duration::from_secs(10)), 1);
+    assert_eq!(task(&c, &short.id).status, TaskStatus::TimedOut);
+    assert_eq!(task(&c, &long.id).status, TaskStatus::Queued);
+}
+
+fn vcp_tool(name: &str) -> VcpToolManifest {
+    VcpToolManifest {
+        name: name.to_owned(),
+        description: Some(format!("the {name} plugin")),
+        ..VcpToolManifest::default()
+    }
+}
+
+#[test]
+fn vcp_nodes_get_execute_tool_and_string_errors_fail_the_task() {
+    let c = new_cluster();
+    let (conn, mut rx) = c.open_connection("vcp".into());
+    assert!(matches!(next_msg(&mut rx), HubMessage::ConnectionAck(_)));
+    let id = c.register_vcp(
+        &conn,
+        RegisterTools {
+            server_name: "desk".into(),
+            tools: vec![vcp_tool("Calc"), vcp_tool(INTERNAL_REQUEST_FILE)],
+            capabilities: None,
+        },
+    );
+    assert_eq!(id, "vcp-desk");
+    let view = c.node(&id).unwrap();
+    assert_eq!(view.dialect, Dialect::Vcp);
+    assert_eq!(
+        view.tools,
+        ["Calc"],
+        "internal_request_file is never offered"
+    );
+    assert_eq!(view.max_concurrent_tasks, 8);
+
+    let t = submit(&c, spec("Calc"));
+    let exec = match next_msg(&mut rx) {
+        HubMessage::ExecuteTool(e) => e,
+        other => panic!("expected execute_tool, got {other:?}"),
+    };
+    assert_eq!(exec.request_id, format!("{}.1", t.id));
+    assert_eq!(exec.tool_name, "Calc");
+    assert_eq!(exec.tool_args, json!({"text": "hello"}));
+
+    // A result for another attempt is ignored.
+    c.tool_result(
+        &id,
+        ToolResult {
+            request_id: format!("{}.2", t.id),
+            status: "success".into(),
+            result: Some(json!("stale")),
+            error: None,
+        },
+    );
+    assert_eq!(task(&c, &t.id).status, TaskStatus::Assigned);
+
+    c.tool_result(
+        &id,
+        ToolResult {
+            request_id: exec.request_id.clone(),
+            status: "error".into(),
+            result: None,
+            error: Some(json!("division by zero")),
+        },
+    );
+    let failed = task(&c, &t.id);
+    assert_eq!(failed.status, TaskStatus::Failed);
+    let err = failed.error.clone().unwrap();
+    assert_eq!(err.message, "division by zero");
+    assert_eq!(err.code, "task_execution_failed");
+    check_events(&failed);
+
+    let ok = submit(&c, spec("Calc"));
+    let exec = match next_msg(&mut rx) {
+        HubMessage::ExecuteTool(e) => e,
+        other => panic!("expected execute_tool, got {other:?}"),
+    };
+    c.tool_result(
+        &id,
+        ToolResult {
+            request_id: exec.request_id,
+            status: "success".into(),
+            result: Some(json!({"value": 42})),
+            error: None,
+        },
+    );
+    let ok = task(&c, &ok.id);
+    assert_eq!(ok.status, TaskStatus::Succeeded);
+    assert_eq!(ok.result, Some(json!({"value": 42})));
+}
+
+#[test]
+fn vcp_cancel_tool_goes_only_to_nodes_that_declare_it() {
+    let c = new_cluster();
+    let (conn, rx) = c.open_connection("plain".into());
+    let id = c.register_vcp(
+        &conn,
+        RegisterTools {
+            server_name: "plain".into(),
+            tools: vec![vcp_tool("A")],
+            capabilities: None,
+        },
+    );
+    let mut plain = FakeNode { id, conn, rx };
+    let (conn, mut rx) = c.open_connection("able".into());
+    let able = c.register_vcp(
+        &conn,
+        RegisterTools {
+            server_name: "able".into(),
+            tools: vec![vcp_tool("B")],
+            capabilities: Some(VcpCapabilities { cancel_tool: true }),
+        },
+    );
+    let ta = submit(&c, spec("A"));
+    let tb = submit(&c, spec("B"));
+    assert_eq!(task(&c, &ta.id).node_id.as_deref(), Some(plain.id.as_str()));
+    assert_eq!(task(&c, &tb.id).node_id.as_deref(), Some(able.as_str()));
+    plain.frames();
+    drain(&mut rx);
+    c.cancel(&ta.id).unwrap();
+    c.cancel(&tb.id).unwrap();
+    assert!(
+        !plain
+            .frames()
+            .iter()
+            .any(|m| matches!(m, HubMessage::CancelTool(_)))
+    );
+    let sent = drain(&mut rx);
+    assert!(
+        sent.iter().any(
+            |m| matches!(m, HubMessage::CancelTool(x) if x.request_id == format!("{}.1", tb.id))
+        ),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn internal_request_file_is_refused_at_submit_and_not_offered() {
+    let c = new_cluster();
+    let err = c.submit(vec![spec(INTERNAL_REQUEST_FILE)]).unwrap_err();
+    assert!(matches!(err, SubmitError::ForbiddenTool(ref t) if t == INTERNAL_REQUEST_FILE));
+    // All or none: a good task in the same batch is not accepted either.
+    assert!(
+        c.submit(vec![spec("echo"), spec(INTERNAL_REQUEST_FILE)])
+            .is_err()
+    );
+    assert!(all_tasks(&c).is_empty());
+    let _n = connect(&c, "n", &["echo", INTERNAL_REQUEST_FILE], 4);
+    assert_eq!(c.node("n").unwrap().tools, ["echo"]);
+}
+
+#[test]
+fn internal_request_file_is_dispatched_when_allowed() {
+    let c = Cluster::new(
+        ClusterOptions {
+            allow_internal_request_file: true,
+            ..options(64)
+        },
+        Box::new(MemoryStore::new()),
+    );
+    let mut n = connect(&c, "n", &[INTERNAL_REQUEST_FILE], 4);
+    assert_eq!(c.node("n").unwrap().tools, [INTERNAL_REQUEST_FILE]);
+    submit(&c, spec(INTERNAL_REQUEST_FILE));
+    assert_eq!(n.assigns().len(), 1);
+}
+
+#[test]
+fn pinned_tasks_need_a_known_node_and_run_only_there() {
+    let c = new_cluster();
+    let err = c
+        .submit(vec![TaskSpec {
+            pinned_node: Some("ghost".into()),
+            ..spec("echo")
+        }])
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::UnknownNode(ref n) if n == "ghost"));
+    assert!(
+        c.submit(vec![
+            spec("echo"),
+            TaskSpec {
+                pinned_node: Some("ghost".into()),
+                ..spec("echo")
+            }
+        ])
+        .is_err()
+    );
+    assert!(all_tasks(&c).is_empty(), "a refused batch stores nothing");
+
+    let mut a = connect(&c, "a", &["echo"], 10);
+    let mut b = connect(&c, "b", &["echo"], 10);
+    submit(&c, spec("echo"));
+    submit(&c, spec("echo"));
+    a.assigns();
+    b.assigns();
+    // b is now as loaded as a; pinned tasks still all go to b.
+    let mut pinned_ids = Vec::new();
+    for _ in 0..3 {
+        let t = submit(
+            &c,
+            TaskSpec {
+                pinned_node: Some("b".into()),
+                ..spec("echo")
+            },
+        );
+        assert_eq!(t.node_id.as_deref(), Some("b"));
+        pinned_ids.push(t.id);
+    }
+    assert!(a.assigns().is_empty());
+    assert_eq!(b.assigns().len(), 3);
+
+    // Pinned to a node that is offline: it waits for that node, not for any other. (b's
+    // unpinned task moves to a.)
+    assert!(c.lose_node("b", b.conn.id, "gone"));
+    let on_a = a.assigns();
+    assert_eq!(on_a.len(), 1);
+    assert!(
+        !pinned_ids.contains(&on_a[0].task_id),
+        "pinned tasks must not move to a"
+    );
+    let pinned = submit(
+        &c,
+        TaskSpec {
+            pinned_node: Some("b".into()),
+            ..spec("echo")
+        },
+    );
+    assert_eq!(pinned.status, TaskStatus::Queued);
+    pinned_ids.push(pinned.id);
+    let mut b2 = connect(&c, "b", &["echo"], 10);
+    let mut back: Vec<String> = b2.assigns().into_iter().map(|x| x.task_id).collect();
+    back.sort_unstable();
+    pinned_ids.sort_unstable();
+    assert_eq!(
+        back, pinned_ids,
+        "the 3 migrated pinned tasks and the new one"
+    );
+}
+
+#[test]
+fn an_idempotency_key_returns_the_same_task() {
+    let c = new_cluster();
+    let keyed = TaskSpec {
+        idempotency_key: Some("order-42".into()),
+        ..spec("echo")
+    };
+    let (first, created) = c.submit(vec![keyed.clone()]).unwrap().remove(0);
+    assert!(created);
+    let (second, created) = c
+        .submit(vec![TaskSpec {
+            args: json!({"different": true}),
+            ..keyed.clone()
+        }])
+        .unwrap()
+        .remove(0);
+    assert!(!created);
+    assert_eq!(second.id, first.id);
+    assert_eq!(second.spec.args, json!({"text": "hello"}));
+    // Also within one batch.
+    let batch = c
+        .submit(vec![
+            TaskSpec {
+                idempotency_key: Some("k2".into()),
+                ..spec("echo")
+            },
+            TaskSpec {
+                idempotency_key: Some("k2".into()),
+                ..spec("echo")
+            },
+        ])
+        .unwrap();
+    assert!(batch[0].1);
+    assert!(!batch[1].1);
+    assert_eq!(batch[0].0.id, batch[1].0.id);
+    assert_eq!(all_tasks(&c).len(), 2);
+}
+
+#[test]
+fn a_node_whose_outbound_queue_is_full_is_dropped_and_its_tasks_move() {
+    // Four frames per connection: `connection_ack` and `node_registered` leave room for two.
+    let c = Cluster::new(options(4), Box::new(MemoryStore::new()));
+    let (stuck_conn, _stuck_rx) = c.open_connection("stuck".into());
+    c.register_native(&stuck_conn, registration("stuck", &["echo"], 100, None));
+    let mut b = connect(&c, "b", &["echo"], 100);
+    let mut on_b = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(submit(&c, spec("echo")).id);
+        on_b.extend(b.assigns());
+    }
+    assert!(
+        stuck_conn.kill.notified().now_or_never().is_some(),
+        "the stuck connection is told to close"
+    );
+    assert_eq!(c.node("stuck").unwrap().status, NodeState::Offline);
+    assert_eq!(c.node("b").unwrap().active_tasks, 8);
+    assert_eq!(on_b.len(), 8);
+    let mut moved = 0;
+    for id in &ids {
+        let t = task(&c, id);
+        assert_eq!(t.status, TaskStatus::Assigned);
+        assert_eq!(t.node_id.as_deref(), Some("b"));
+        if kinds(&t).contains(&EventKind::TaskMigrated) {
+            assert_eq!(t.attempt, 2);
+            moved += 1;
+        } else {
+            assert_eq!(t.attempt, 1);
+        }
+        check_events(&t);
+    }
+    assert!(
+        moved >= 2,
+        "the tasks queued to the stuck node moved: {moved}"
+    );
+}
+
+#[test]
+fn task_progress_sets_running_and_is_fenced() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    n.assigns();
+    let progress = |node: &str, attempt, pct: f64| {
+        c.task_progress(
+            node,
+            TaskProgress {
+                task_id: t.id.clone(),
+                node_id: Some(node.to_owned()),
+                attempt,
+                progress: pct,
+                message: Some(format!("{pct}% done")),
+            },
+        )
+    };
+    assert!(progress("n", Some(1), 40.0));
+    let running = task(&c, &t.id);
+    assert_eq!(running.status, TaskStatus::Running);
+    assert_eq!(running.progress, 40.0);
+    assert_eq!(running.message.as_deref(), Some("40% done"));
+    let e = running.events.last().unwrap();
+    assert_eq!(e.kind, EventKind::TaskProgress);
+    assert_eq!(e.progress, Some(40.0));
+    assert_eq!(e.status, TaskStatus::Running);
+
+    assert!(!progress("other", Some(1), 50.0));
+    assert!(!progress("n", Some(2), 60.0));
+    assert_eq!(task(&c, &t.id).progress, 40.0);
+    // A running task still takes its result.
+    assert!(n.result(&c, &t.id, Some(1), json!("ok")).success);
+    assert!(!progress("n", Some(1), 90.0), "no progress after the end");
+    check_events(&task(&c, &t.id));
+}
+
+#[test]
+fn subscribers_see_events_as_they_happen() {
+    let c = new_cluster();
+    let mut events = c.subscribe();
+    let mut n = connect(&c, "n", &["echo"], 4);
+    let t = submit(&c, spec("echo"));
+    n.assigns();
+    n.result(&c, &t.id, Some(1), json!("ok"));
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        assert_eq!(e.task_id, t.id);
+        seen.push(e.kind);
+    }
+    assert_eq!(
+        seen,
+        [
+            EventKind::TaskCreated,
+            EventKind::TaskAssigned,
+            EventKind::TaskCompleted
+        ]
+    );
+}
+
+#[test]
+fn every_task_ends_with_exactly_one_terminal_event() {
+    let c = new_cluster();
+    let mut a = connect(&c, "a", &["echo"], 2);
+    let mut b = connect(&c, "b", &["echo"], 2);
+    let ts: Vec<Task> = (0..8)
+        .map(|i| {
+            submit(
+                &c,
+                TaskSpec {
+                    max_attempts: if i == 0 { 1 } else { 3 },
+                    ..spec("echo")
+                },
+            )
+        })
+        .collect();
+    let mut rounds = 0;
+    let mut k = 0u64;
+    // Succeed, fail, cancel, lose nodes, time out: keep going until every task has ended.
+    while all_tasks(&c).iter().any(|t| !t.status.is_terminal()) {
+        rounds += 1;
+        assert!(rounds < 50, "tasks never finished");
+        for node in [&mut a, &mut b] {
+            for x in node.assigns() {
+                k += 1;
+                let n = k;
+                match n % 5 {
+                    0 => {
+                        // Report twice: the second must be ignored.
+                        assert!(node.result(&c, &x.task_id, x.attempt, json!(n)).success);
+                        assert!(!node.result(&c, &x.task_id, x.attempt, json!(0)).success);
+                    }
+                    1 => {
+                        c.task_result(
+                            &node.id,
+                            TaskResult {
+                                task_id: x.task_id.clone(),
+                                attempt: x.attempt,
+                                success: false,
+                                error: Some(ErrorInfo::new("boom", "tool failed")),
+                                ..TaskResult::default()
+                            },
+                        );
+                    }
+                    2 => {
+                        let _ = c.cancel(&x.task_id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if rounds == 2 {
+            // Lose a, then bring it back on a new connection.
+            c.lose_node("a", a.conn.id, "killed");
+            a = connect(&c, "a", &["echo"], 2);
+        }
+        if rounds == 4 {
+            c.expire(Instant::now() + Duration::from_secs(100_000));
+        }
+    }
+    let all = all_tasks(&c);
+    assert_eq!(all.len(), ts.len());
+    let counts = c.health().tasks;
+    let terminal: u64 = TaskStatus::ALL
+        .iter()
+        .filter(|s| s.is_terminal())
+        .map(|s| counts[s.index()])
+        .sum();
+    assert_eq!(terminal, 8);
+    let mut endings = Vec::new();
+    for t in &all {
+        check_events(t);
+        let last = t.events.last().unwrap().kind;
+        if !endings.contains(&last) {
+            endings.push(last);
+        }
+    }
+    // The scenario reaches every way of ending.
+    assert_eq!(endings.len(), 4, "{endings:?}");
+    assert!(
+        all.iter()
+            .any(|t| kinds(t).contains(&EventKind::TaskMigrated))
+    );
+    assert_eq!(c.node("a").unwrap().active_tasks, 0);
+    assert_eq!(c.node("b").unwrap().active_tasks, 0);
+    assert_eq!(c.health().queue_depth, 0);
+}
+
+/// A node must never hold more tasks than its limit, also after a task of its failed with
+/// `node_lost` on its last attempt while the node stayed connected.
+#[test]
+fn a_node_lost_failure_on_re_registration_frees_exactly_one_slot() {
+    let c = new_cluster();
+    let mut old = connect(&c, "n", &["echo"], 2);
+    let once = || TaskSpec {
+        max_attempts: 1,
+        ..spec("echo")
+    };
+    let t1 = submit(&c, once());
+    let t2 = submit(&c, once());
+    assert_eq!(old.assigns().len(), 2);
+    // The node comes back holding only t2: t1 has used its only attempt and fails.
+    let mut new = connect_with(
+        &c,
+        registration("n", &["echo"], 2, Some(vec![t2.id.clone()])),
+    );
+    assert_eq!(task(&c, &t1.id).error.unwrap().code, "node_lost");
+    submit(&c, spec("echo"));
+    submit(&c, spec("echo"));
+    let view = c.node("n").unwrap();
+    assert!(
+        view.active_tasks <= view.max_concurrent_tasks as usize,
+        "node runs {} tasks with a limit of {} (assigned now: {})",
+        view.active_tasks,
+        view.max_concurrent_tasks,
+        new.assigns().len()
+    );
+}
+
+/// The same through a `node_draining` return on the last attempt.
+#[test]
+fn a_task_returned_on_its_last_attempt_frees_exactly_one_slot() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n", &["echo"], 2);
+    let once = || TaskSpec {
+        max_attempts: 1,
+        ..spec("echo")
+    };
+    let t1 = submit(&c, once());
+    submit(&c, once());
+    assert_eq!(n.assigns().len(), 2);
+    let ack = c.task_result(
+        "n",
+        TaskResult {
+            task_id: t1.id.clone(),
+            attempt: Some(1),
+            success: false,
+            error: Some(ErrorInfo::new("node_draining", "the node is shutting down")),
+            ..TaskResult::default()
+        },
+    );
+    assert!(ack.success);
+    assert!(task(&c, &t1.id).status.is_terminal());
+    submit(&c, spec("echo"));
+    submit(&c, spec("echo"));
+    let view = c.node("n").unwrap();
+    assert!(
+        view.active_tasks <= view.max_concurrent_tasks as usize,
+        "node runs {} tasks with a limit of {}",
+        view.active_tasks,
+        view.max_concurrent_tasks
+    );
+}

@@ -217,7 +217,7 @@ impl Scheduler {
                     Lane::Pinned { node } => self
                         .nodes
                         .get(node)
-                        .filter(|n| n.has_room() && n.tools.iter().any(|t| *t == head.tool))
+                        .filter(|n| n.has_room() && n.tools.contains(&head.tool))
                         .map(|_| node.clone()),
                 };
                 if let Some(node) = node {
