@@ -619,10 +619,12 @@ impl Cluster {
     /// Sends a task assigned to `from` back to the queue, or fails it with `node_lost` when it
     /// has used all its attempts.
     fn migrate(&self, core: &mut Core, task_id: &str, from: &str, reason: &str) {
-        if let Some(e) = core.nodes.get_mut(from) {
-            e.inflight.remove(task_id);
+        // Free the slot only if the task was still on the node (exactly once per task).
+        if let Some(e) = core.nodes.get_mut(from)
+            && e.inflight.remove(task_id)
+        {
+            core.sched.release(from);
         }
-        core.sched.release(from);
         let Some(t) = core.store.get(task_id) else {
             return;
         };
@@ -688,9 +690,10 @@ impl Cluster {
             }
             _ => {
                 if let Some(node) = t.node_id.clone() {
-                    core.sched.release(&node);
-                    if let Some(e) = core.nodes.get_mut(&node) {
-                        e.inflight.remove(task_id);
+                    if let Some(e) = core.nodes.get_mut(&node)
+                        && e.inflight.remove(task_id)
+                    {
+                        core.sched.release(&node);
                         match status {
                             TaskStatus::Succeeded => e.completed += 1,
                             TaskStatus::Failed => e.failed += 1,
@@ -835,7 +838,11 @@ impl Cluster {
             core.next_seq += 1;
             let now = SystemTime::now();
             let id = uuid::Uuid::new_v4().to_string();
-            let deadline = now_i + Duration::from_secs_f64(spec.timeout_seconds);
+            // Validated against max_task_timeout_seconds; saturate rather than panic.
+            let deadline = Duration::try_from_secs_f64(spec.timeout_seconds)
+                .ok()
+                .and_then(|d| now_i.checked_add(d))
+                .unwrap_or(now_i + Duration::from_secs(10 * 365 * 86_400));
             let mut task = Task {
                 id: id.clone(),
                 seq,
@@ -1080,7 +1087,9 @@ impl Cluster {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        core.waiters.entry(id.to_owned()).or_default().push(tx);
+        let ws = core.waiters.entry(id.to_owned()).or_default();
+        ws.retain(|w| !w.is_closed());
+        ws.push(tx);
         Some(rx)
     }
 

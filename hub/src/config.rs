@@ -238,6 +238,12 @@ impl Config {
                 "must be positive and at most max_task_timeout_seconds",
             );
         }
+        if !(self.max_task_timeout_seconds > 0.0 && self.max_task_timeout_seconds <= 31_536_000.0) {
+            return bad(
+                "max_task_timeout_seconds",
+                "must be positive and at most 31536000 (one year)",
+            );
+        }
         if self.default_max_attempts == 0 {
             return bad("default_max_attempts", "must be at least 1");
         }

@@ -27,7 +27,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 struct TestHub {
     addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 async fn start_hub(f: impl FnOnce(&mut Config)) -> TestHub {
@@ -43,10 +44,14 @@ async fn start_hub(f: impl FnOnce(&mut Config)) -> TestHub {
     f(&mut config);
     config.validate().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(apex_hub::run(config, listener, async move {
+    let served = tokio::spawn(apex_hub::run(config, listener, async move {
         let _ = rx.await;
     }));
-    TestHub { addr, _stop: tx }
+    TestHub {
+        addr,
+        stop: Some(tx),
+        served: Some(served),
+    }
 }
 
 impl TestHub {
@@ -590,4 +595,86 @@ async fn a_vcp_node_runs_tools_and_its_secrets_are_not_exposed() {
     };
     assert_eq!(task["status"], "failed");
     assert_eq!(task["error"]["message"], "division by zero");
+}
+
+#[tokio::test]
+async fn shutdown_closes_node_connections_and_event_streams_and_returns() {
+    let mut hub = start_hub(|_| {}).await;
+    let mut node = Client::connect(&hub).await;
+    node.register("n", &["work"]).await;
+    let id = hub.submit(json!({"tool": "never-offered"})).await;
+    // An event stream of a task that will not end by itself.
+    let mut sse = TcpStream::connect(hub.addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/tasks/{id}/events HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Connection: close\r\n\r\n",
+        hub.addr
+    );
+    sse.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    sse.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let reader = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        let _ = sse.read_to_end(&mut rest).await;
+        String::from_utf8_lossy(&rest).into_owned()
+    });
+
+    hub.stop.take().unwrap().send(()).unwrap();
+    let code = loop {
+        match node.recv().await {
+            In::Closed(Some(f)) => break u16::from(f.code),
+            In::Closed(None) => panic!("closed without a close frame"),
+            _ => {}
+        }
+    };
+    assert_eq!(code, 1001, "going away");
+    let events = timeout(PATIENCE, reader)
+        .await
+        .expect("the event stream ends at shutdown")
+        .unwrap();
+    assert!(events.contains("task_created"), "{events}");
+    let served = timeout(PATIENCE, hub.served.take().unwrap())
+        .await
+        .expect("run returns after shutdown")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+}
+
+#[tokio::test]
+async fn drain_and_unregister_over_the_channel() {
+    let hub = start_hub(|_| {}).await;
+    let mut a = Client::connect(&hub).await;
+    a.register("a", &["work"]).await;
+    let running = hub.submit(json!({"tool": "work"})).await;
+    a.recv_type("task_assign").await;
+    a.send_json(json!({"type": "node_drain", "data": {"nodeId": "a"}}))
+        .await;
+    a.send_json(json!({"type": "heartbeat", "data": {"nodeId": "a"}}))
+        .await;
+    assert_eq!(
+        a.recv_type("heartbeat_ack").await["data"]["status"],
+        "draining"
+    );
+    let (_, node) = hub.node("a").await;
+    assert_eq!(node["status"], "draining");
+    let waiting = hub.submit(json!({"tool": "work"})).await;
+    assert_eq!(hub.task(&waiting).await["status"], "queued");
+    // What it runs still finishes.
+    assert_eq!(
+        a.result(&running, 1, json!("ok")).await["data"]["success"],
+        true
+    );
+    assert_eq!(hub.task(&waiting).await["status"], "queued");
+
+    a.send_json(json!({"type": "node_unregister", "data": {"nodeId": "a", "reason": "bye"}}))
+        .await;
+    let u = a.recv_type("node_unregistered").await;
+    assert_eq!(u["data"]["success"], true);
+    let (_, node) = hub.node("a").await;
+    assert_eq!(node["status"], "offline");
+    let mut b = Client::connect(&hub).await;
+    b.register("b", &["work"]).await;
+    let got = b.recv_type("task_assign").await;
+    assert_eq!(got["data"]["taskId"], waiting.as_str());
 }
