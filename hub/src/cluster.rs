@@ -114,18 +114,11 @@ pub enum NodeState {
 
 struct NodeEntry {
     id: String,
-    name: String,
-    node_type: NodeType,
-    dialect: Dialect,
-    version: Option<String>,
-    tools: Vec<String>,
-    tool_specs: Vec<ToolSpec>,
-    limit: u32,
+    /// What the node declared at its last registration.
+    info: NodeInfo,
     state: NodeState,
     conn: Option<ConnHandle>,
     inflight: HashSet<String>,
-    stats: Option<NodeStats>,
-    cancel_tool: bool,
     ips: Option<ReportIp>,
     connected_at: SystemTime,
     last_heartbeat_at: Option<SystemTime>,
@@ -462,17 +455,9 @@ impl Cluster {
                             .collect();
                     }
                 }
-                e.name = info.name;
-                e.node_type = info.node_type;
-                e.dialect = info.dialect;
-                e.version = info.version;
-                e.tools = info.tools;
-                e.tool_specs = info.tool_specs;
-                e.limit = info.limit.max(1);
-                e.cancel_tool = info.cancel_tool;
-                if info.stats.is_some() {
-                    e.stats = info.stats;
-                }
+                let stats = info.stats.clone().or_else(|| e.info.stats.take());
+                e.info = info;
+                e.info.stats = stats;
                 if e.state == NodeState::Offline {
                     e.state = NodeState::Online;
                 }
@@ -484,18 +469,10 @@ impl Cluster {
                     node_id.to_owned(),
                     NodeEntry {
                         id: node_id.to_owned(),
-                        name: info.name,
-                        node_type: info.node_type,
-                        dialect: info.dialect,
-                        version: info.version,
-                        tools: info.tools,
-                        tool_specs: info.tool_specs,
-                        limit: info.limit.max(1),
+                        info,
                         state: NodeState::Online,
                         conn: Some(conn.clone()),
                         inflight: HashSet::new(),
-                        stats: info.stats,
-                        cancel_tool: info.cancel_tool,
                         ips: None,
                         connected_at: now,
                         last_heartbeat_at: None,
@@ -509,7 +486,7 @@ impl Cluster {
         }
         let (tools, limit, state) = {
             let e = &core.nodes[node_id];
-            (e.tools.clone(), e.limit, e.state)
+            (e.info.tools.clone(), e.info.limit, e.state)
         };
         core.sched.upsert_node(node_id, &tools, limit, active);
         core.sched
@@ -528,7 +505,7 @@ impl Cluster {
             (Some(_), Some(e)) => {
                 e.last_heartbeat_at = Some(SystemTime::now());
                 if hb.stats.is_some() {
-                    e.stats = hb.stats;
+                    e.info.stats = hb.stats;
                 }
                 (true, state_name(e.state))
             }
@@ -689,16 +666,15 @@ impl Cluster {
                 core.sched.dequeue(task_id);
             }
             _ => {
-                if let Some(node) = t.node_id.clone() {
-                    if let Some(e) = core.nodes.get_mut(&node)
-                        && e.inflight.remove(task_id)
-                    {
-                        core.sched.release(&node);
-                        match status {
-                            TaskStatus::Succeeded => e.completed += 1,
-                            TaskStatus::Failed => e.failed += 1,
-                            _ => {}
-                        }
+                if let Some(node) = t.node_id.clone()
+                    && let Some(e) = core.nodes.get_mut(&node)
+                    && e.inflight.remove(task_id)
+                {
+                    core.sched.release(&node);
+                    match status {
+                        TaskStatus::Succeeded => e.completed += 1,
+                        TaskStatus::Failed => e.failed += 1,
+                        _ => {}
                     }
                 }
             }
@@ -751,7 +727,7 @@ impl Cluster {
             let events = &self.shared.events;
             let mut frame = None;
             let node_id = a.node_id.clone();
-            let dialect = core.nodes.get(&node_id).map(|e| e.dialect);
+            let dialect = core.nodes.get(&node_id).map(|e| e.info.dialect);
             core.store.update(&a.task_id, &mut |t| {
                 let now = SystemTime::now();
                 t.status = TaskStatus::Assigned;
@@ -1014,7 +990,7 @@ impl Cluster {
             && let Some(e) = core.nodes.get(node)
             && let Some(c) = &e.conn
         {
-            let frame: HubMessage = match e.dialect {
+            let frame: HubMessage = match e.info.dialect {
                 Dialect::Native => TaskCancel {
                     task_id: task_id.to_owned(),
                     attempt: Some(attempt),
@@ -1026,7 +1002,7 @@ impl Cluster {
                 }
                 .into(),
             };
-            if e.dialect == Dialect::Native || e.cancel_tool {
+            if e.info.dialect == Dialect::Native || e.info.cancel_tool {
                 c.send(frame);
             }
         }
@@ -1142,6 +1118,7 @@ impl Cluster {
     }
 }
 
+/// What a node declares when it registers.
 struct NodeInfo {
     name: String,
     node_type: NodeType,
@@ -1221,19 +1198,19 @@ fn node_view(e: &NodeEntry) -> NodeView {
     });
     NodeView {
         id: e.id.clone(),
-        name: e.name.clone(),
-        node_type: e.node_type,
-        dialect: e.dialect,
+        name: e.info.name.clone(),
+        node_type: e.info.node_type,
+        dialect: e.info.dialect,
         status: e.state,
-        tools: e.tools.clone(),
-        tool_specs: e.tool_specs.clone(),
-        max_concurrent_tasks: e.limit,
+        tools: e.info.tools.clone(),
+        tool_specs: e.info.tool_specs.clone(),
+        max_concurrent_tasks: e.info.limit,
         active_tasks: active,
-        load: active as f64 / e.limit.max(1) as f64,
+        load: active as f64 / e.info.limit.max(1) as f64,
         completed_tasks: e.completed,
         failed_tasks: e.failed,
-        version: e.version.clone(),
-        stats: e.stats.clone(),
+        version: e.info.version.clone(),
+        stats: e.info.stats.clone(),
         local_ips: e
             .ips
             .as_ref()
