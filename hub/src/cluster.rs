@@ -197,6 +197,14 @@ pub enum SubmitError {
     /// A pinned node the hub has never seen.
     #[error("node `{0}` is not known to this hub")]
     UnknownNode(String),
+    /// A pinned node that does not offer the tool.
+    #[error("node `{node}` does not offer tool `{tool}`")]
+    NodeLacksTool {
+        /// The pinned node.
+        node: String,
+        /// The tool asked for.
+        tool: String,
+    },
 }
 
 /// Why a cancel was refused.
@@ -317,6 +325,12 @@ impl Cluster {
         (conn, rx)
     }
 
+    /// The largest concurrency limit a node gets: half its outbound queue, so task frames
+    /// always fit next to acknowledgements.
+    fn max_node_limit(&self) -> u32 {
+        u32::try_from(self.shared.opts.outbound_queue_frames / 2).unwrap_or(u32::MAX)
+    }
+
     fn hub_info(&self, encoding: Encoding) -> HubInfo {
         HubInfo {
             version: self.shared.opts.version.clone(),
@@ -338,9 +352,11 @@ impl Cluster {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| format!("node-{}", uuid::Uuid::new_v4()));
         let encoding = reg.encoding.unwrap_or_default();
+        // Capped so that one dispatch burst always fits the node's outbound queue.
         let limit = reg
             .concurrency_limit()
-            .unwrap_or(self.shared.opts.default_node_max_concurrent_tasks);
+            .unwrap_or(self.shared.opts.default_node_max_concurrent_tasks)
+            .min(self.max_node_limit());
         let name = if reg.name.is_empty() {
             node_id.clone()
         } else {
@@ -362,15 +378,19 @@ impl Cluster {
             stats: reg.stats.clone(),
             cancel_tool: true,
         };
-        self.bind(&mut core, &node_id, conn, info, reg.inflight.as_deref());
+        let resend = self.bind(&mut core, &node_id, conn, info, reg.inflight.as_deref());
         conn.send(NodeRegistered {
             node_id: node_id.clone(),
             success: true,
             message: "node registered".to_owned(),
             hub_info: Some(self.hub_info(encoding)),
         });
-        if encoding != Encoding::Json {
-            let _ = conn.tx.try_send(Outbound::SetEncoding(encoding));
+        let _ = conn.tx.try_send(Outbound::SetEncoding(encoding));
+        for id in resend {
+            if let Some(t) = core.store.get(&id) {
+                let frame = self.assign_frame(&core, t, &node_id, Dialect::Native);
+                conn.send(frame);
+            }
         }
         self.schedule(&mut core);
         node_id
@@ -408,12 +428,16 @@ impl Cluster {
             version: None,
             tools,
             tool_specs,
-            limit: self.shared.opts.vcp_max_concurrent_tasks,
+            limit: self
+                .shared
+                .opts
+                .vcp_max_concurrent_tasks
+                .min(self.max_node_limit()),
             stats: None,
             cancel_tool: reg.capabilities.as_ref().is_some_and(|c| c.cancel_tool),
         };
         // A VCP node cannot deliver results across connections: a new connection holds nothing.
-        self.bind(&mut core, &node_id, conn, info, Some(&[]));
+        let _ = self.bind(&mut core, &node_id, conn, info, Some(&[]));
         self.schedule(&mut core);
         node_id
     }
@@ -427,9 +451,10 @@ impl Cluster {
         conn: &ConnHandle,
         info: NodeInfo,
         holds: Option<&[String]>,
-    ) {
+    ) -> Vec<String> {
         let now = SystemTime::now();
         let mut to_migrate = Vec::new();
+        let mut resend = Vec::new();
         let active;
         match core.nodes.get_mut(node_id) {
             Some(e) => {
@@ -446,13 +471,23 @@ impl Cluster {
                     }
                     e.connected_at = now;
                     e.conn = Some(conn.clone());
-                    if let Some(holds) = holds {
-                        to_migrate = e
-                            .inflight
-                            .iter()
-                            .filter(|t| !holds.contains(t))
-                            .cloned()
-                            .collect();
+                    match holds {
+                        Some(holds) => {
+                            to_migrate = e
+                                .inflight
+                                .iter()
+                                .filter(|t| !holds.contains(t))
+                                .cloned()
+                                .collect();
+                        }
+                        // The node did not say what it holds: an assignment may have been lost
+                        // with the old connection, so send it again (same attempt; duplicate
+                        // results are fenced).
+                        None => resend = e.inflight.iter().cloned().collect(),
+                    }
+                    // A new connection is a fresh start; a node still draining says so again.
+                    if e.state == NodeState::Draining {
+                        e.state = NodeState::Online;
                     }
                 }
                 let stats = info.stats.clone().or_else(|| e.info.stats.take());
@@ -492,9 +527,39 @@ impl Cluster {
         core.sched
             .set_schedulable(node_id, state == NodeState::Online);
         for t in to_migrate {
-            self.migrate(core, &t, node_id, "the node re-registered without it");
+            self.migrate(core, &t, node_id, "the node re-registered without it", true);
         }
         tracing::info!(node_id, tools = tools.len(), limit, "node registered");
+        resend
+    }
+
+    /// The frame that assigns task `t` to a node of `dialect`.
+    fn assign_frame(&self, core: &Core, t: &Task, node_id: &str, dialect: Dialect) -> HubMessage {
+        match dialect {
+            Dialect::Vcp => HubMessage::ExecuteTool(ExecuteTool {
+                request_id: vcp_request_id(&t.id, t.attempt),
+                tool_name: t.spec.tool.clone(),
+                tool_args: t.spec.args.clone(),
+            }),
+            Dialect::Native => {
+                let now = Instant::now();
+                let remaining_ms = core
+                    .deadline_of
+                    .get(&t.id)
+                    .map(|(d, _)| d.saturating_duration_since(now).as_millis() as u64);
+                HubMessage::TaskAssign(TaskAssign {
+                    task_id: t.id.clone(),
+                    node_id: node_id.to_owned(),
+                    tool_name: t.spec.tool.clone(),
+                    capability: t.spec.capability.clone(),
+                    tool_args: t.spec.args.clone(),
+                    timeout: remaining_ms,
+                    priority: Some(t.spec.priority),
+                    attempt: Some(t.attempt),
+                    metadata: None,
+                })
+            }
+        }
     }
 
     /// Handles `heartbeat` from the node bound to this session (`None`: not registered).
@@ -589,13 +654,16 @@ impl Cluster {
         core.sched.remove_node(node_id);
         tracing::warn!(node_id, reason, inflight = inflight.len(), "node lost");
         for t in inflight {
-            self.migrate(core, &t, node_id, reason);
+            self.migrate(core, &t, node_id, reason, true);
         }
     }
 
     /// Sends a task assigned to `from` back to the queue, or fails it with `node_lost` when it
     /// has used all its attempts.
-    fn migrate(&self, core: &mut Core, task_id: &str, from: &str, reason: &str) {
+    ///
+    /// `counts` is false when the node handed the task back unrun (draining): that does not use
+    /// up an attempt.
+    fn migrate(&self, core: &mut Core, task_id: &str, from: &str, reason: &str, counts: bool) {
         // Free the slot only if the task was still on the node (exactly once per task).
         if let Some(e) = core.nodes.get_mut(from)
             && e.inflight.remove(task_id)
@@ -611,7 +679,7 @@ impl Cluster {
             return;
         }
         let (attempt, max) = (t.attempt, t.spec.max_attempts);
-        if attempt >= max {
+        if counts && attempt >= max {
             let err = ErrorInfo::new(
                 "node_lost",
                 format!("node {from} was lost on attempt {attempt} of {max}: {reason}"),
@@ -620,10 +688,14 @@ impl Cluster {
             return;
         }
         self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
-        let msg = format!(
-            "node {from} was lost ({reason}); requeued for attempt {}",
-            attempt + 1
-        );
+        let msg = if counts {
+            format!(
+                "node {from} was lost ({reason}); requeued for attempt {}",
+                attempt + 1
+            )
+        } else {
+            format!("node {from} handed the task back ({reason}); requeued")
+        };
         let mut key = None;
         let events = &self.shared.events;
         core.store.update(task_id, &mut |t| {
@@ -717,17 +789,14 @@ impl Cluster {
         if core.sched.queued() == 0 {
             return;
         }
-        let now = Instant::now();
         let mut lost = Vec::new();
         for a in core.sched.assign(usize::MAX) {
-            let remaining_ms = core
-                .deadline_of
-                .get(&a.task_id)
-                .map(|(d, _)| d.saturating_duration_since(now).as_millis() as u64);
             let events = &self.shared.events;
-            let mut frame = None;
             let node_id = a.node_id.clone();
-            let dialect = core.nodes.get(&node_id).map(|e| e.info.dialect);
+            let dialect = core
+                .nodes
+                .get(&node_id)
+                .map_or(Dialect::Native, |e| e.info.dialect);
             core.store.update(&a.task_id, &mut |t| {
                 let now = SystemTime::now();
                 t.status = TaskStatus::Assigned;
@@ -739,25 +808,11 @@ impl Cluster {
                 push_event(t, EventKind::TaskAssigned, events, |e| {
                     e.node_id = Some(node_id.clone());
                 });
-                frame = Some(match dialect {
-                    Some(Dialect::Vcp) => HubMessage::ExecuteTool(ExecuteTool {
-                        request_id: vcp_request_id(&t.id, t.attempt),
-                        tool_name: t.spec.tool.clone(),
-                        tool_args: t.spec.args.clone(),
-                    }),
-                    _ => HubMessage::TaskAssign(TaskAssign {
-                        task_id: t.id.clone(),
-                        node_id: node_id.clone(),
-                        tool_name: t.spec.tool.clone(),
-                        capability: t.spec.capability.clone(),
-                        tool_args: t.spec.args.clone(),
-                        timeout: remaining_ms,
-                        priority: Some(t.spec.priority),
-                        attempt: Some(t.attempt),
-                        metadata: None,
-                    }),
-                });
             });
+            let frame = core
+                .store
+                .get(&a.task_id)
+                .map(|t| self.assign_frame(core, t, &node_id, dialect));
             let Some(e) = core.nodes.get_mut(&node_id) else {
                 continue;
             };
@@ -794,10 +849,16 @@ impl Cluster {
         }
         let mut core = self.shared.core.lock();
         for s in &specs {
-            if let Some(n) = &s.pinned_node
-                && !core.nodes.contains_key(n)
-            {
-                return Err(SubmitError::UnknownNode(n.clone()));
+            if let Some(n) = &s.pinned_node {
+                let Some(e) = core.nodes.get(n) else {
+                    return Err(SubmitError::UnknownNode(n.clone()));
+                };
+                if !e.info.tools.contains(&s.tool) {
+                    return Err(SubmitError::NodeLacksTool {
+                        node: n.clone(),
+                        tool: s.tool.clone(),
+                    });
+                }
             }
         }
         let mut out = Vec::with_capacity(specs.len());
@@ -875,7 +936,13 @@ impl Cluster {
                     .as_ref()
                     .is_some_and(|e| e.code == "node_draining" && !res.success);
                 if returned {
-                    self.migrate(&mut core, &res.task_id, node_id, "the node is draining");
+                    self.migrate(
+                        &mut core,
+                        &res.task_id,
+                        node_id,
+                        "the node is draining",
+                        false,
+                    );
                 } else if res.success {
                     self.finish(
                         &mut core,

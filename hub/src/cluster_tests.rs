@@ -495,6 +495,14 @@ fn a_stale_connection_cannot_unbind_a_re_registered_node() {
     let frames = drain(&mut rx2);
     assert!(matches!(frames[0], HubMessage::ConnectionAck(_)));
     assert!(matches!(frames[1], HubMessage::NodeRegistered(_)));
+    // The assignment may have died with the old connection: it is sent again, same attempt.
+    match &frames[2] {
+        HubMessage::TaskAssign(a) => {
+            assert_eq!(a.task_id, t.id);
+            assert_eq!(a.attempt, Some(1));
+        }
+        other => panic!("expected the task to be re-sent, got {other:?}"),
+    }
 
     // The old socket closing afterwards changes nothing.
     assert!(!c.lose_node("n", old.conn.id, "old socket closed"));
@@ -1018,10 +1026,11 @@ fn an_idempotency_key_returns_the_same_task() {
 
 #[test]
 fn a_node_whose_outbound_queue_is_full_is_dropped_and_its_tasks_move() {
-    // Four frames per connection: `connection_ack` and `node_registered` leave room for two.
-    let c = Cluster::new(options(4), Box::new(MemoryStore::new()));
+    // A node that stops reading: its queue is full by the time work arrives.
+    let c = Cluster::new(options(32), Box::new(MemoryStore::new()));
     let (stuck_conn, _stuck_rx) = c.open_connection("stuck".into());
     c.register_native(&stuck_conn, registration("stuck", &["echo"], 100, None));
+    while stuck_conn.tx.try_send(Outbound::Ping).is_ok() {}
     let mut b = connect(&c, "b", &["echo"], 100);
     let mut on_b = Vec::new();
     let mut ids = Vec::new();
@@ -1049,10 +1058,7 @@ fn a_node_whose_outbound_queue_is_full_is_dropped_and_its_tasks_move() {
         }
         check_events(&t);
     }
-    assert!(
-        moved >= 2,
-        "the tasks queued to the stuck node moved: {moved}"
-    );
+    assert!(moved >= 1, "the task sent to the stuck node moved: {moved}");
 }
 
 #[test]
@@ -1257,7 +1263,11 @@ fn a_task_returned_on_its_last_attempt_frees_exactly_one_slot() {
         },
     );
     assert!(ack.success);
-    assert!(task(&c, &t1.id).status.is_terminal());
+    // Handed back unrun: it does not use up the only attempt, it runs again.
+    let t = task(&c, &t1.id);
+    assert_eq!(t.status, TaskStatus::Assigned);
+    assert_eq!(t.attempt, 2);
+    assert!(kinds(&t).contains(&EventKind::TaskMigrated));
     submit(&c, spec("echo"));
     submit(&c, spec("echo"));
     let view = c.node("n").unwrap();
@@ -1267,4 +1277,42 @@ fn a_task_returned_on_its_last_attempt_frees_exactly_one_slot() {
         view.active_tasks,
         view.max_concurrent_tasks
     );
+}
+
+#[test]
+fn a_drained_node_taking_a_new_connection_gets_work_again() {
+    let c = new_cluster();
+    let _old = connect(&c, "n", &["echo"], 4);
+    assert!(c.set_draining("n", true));
+    let t = submit(&c, spec("echo"));
+    assert_eq!(task(&c, &t.id).status, TaskStatus::Queued);
+    // A restarted process registers before the hub noticed the old socket close.
+    let mut new = connect(&c, "n", &["echo"], 4);
+    assert_eq!(c.node("n").unwrap().status, NodeState::Online);
+    assert_eq!(new.assigns().len(), 1);
+}
+
+#[test]
+fn a_pin_to_a_node_without_the_tool_is_refused() {
+    let c = new_cluster();
+    let _n = connect(&c, "n", &["echo"], 4);
+    let err = c
+        .submit(vec![TaskSpec {
+            pinned_node: Some("n".into()),
+            ..spec("sha256")
+        }])
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::NodeLacksTool { .. }), "{err}");
+    assert!(err.to_string().contains("sha256"));
+}
+
+#[test]
+fn a_node_limit_is_capped_to_fit_its_outbound_queue() {
+    let c = Cluster::new(options(64), Box::new(MemoryStore::new()));
+    let mut n = connect(&c, "n", &["echo"], 1000);
+    assert_eq!(c.node("n").unwrap().max_concurrent_tasks, 32);
+    let batch: Vec<TaskSpec> = (0..100).map(|_| spec("echo")).collect();
+    c.submit(batch).unwrap();
+    assert_eq!(n.assigns().len(), 32);
+    assert_eq!(c.node("n").unwrap().status, NodeState::Online);
 }

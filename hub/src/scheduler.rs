@@ -30,13 +30,12 @@ impl QueueKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Lane {
     Tool(String),
-    Pinned { node: String },
-}
-
-#[derive(Debug, Clone)]
-struct Queued {
-    task_id: String,
-    tool: String,
+    /// Tasks pinned to one node, per tool, so a task for a tool the node lacks never blocks
+    /// the node's other pinned tasks.
+    Pinned {
+        node: String,
+        tool: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -65,7 +64,8 @@ pub struct Assignment {
 /// The queue of waiting tasks and the capacity of every node.
 #[derive(Debug, Default)]
 pub struct Scheduler {
-    lanes: HashMap<Lane, BTreeMap<QueueKey, Queued>>,
+    /// Queued task ids per lane, best first.
+    lanes: HashMap<Lane, BTreeMap<QueueKey, String>>,
     /// task id -> where it waits, to remove it on cancel/timeout.
     index: HashMap<String, (Lane, QueueKey)>,
     nodes: HashMap<String, SchedNode>,
@@ -93,16 +93,14 @@ impl Scheduler {
         let lane = match pinned {
             Some(node) => Lane::Pinned {
                 node: node.to_owned(),
+                tool: tool.to_owned(),
             },
             None => Lane::Tool(tool.to_owned()),
         };
-        self.lanes.entry(lane.clone()).or_default().insert(
-            key,
-            Queued {
-                task_id: task_id.to_owned(),
-                tool: tool.to_owned(),
-            },
-        );
+        self.lanes
+            .entry(lane.clone())
+            .or_default()
+            .insert(key, task_id.to_owned());
         self.index.insert(task_id.to_owned(), (lane, key));
     }
 
@@ -206,7 +204,7 @@ impl Scheduler {
             // Find the best head among lanes that can be placed now.
             let mut best: Option<(QueueKey, Lane, String)> = None;
             for (lane, q) in &self.lanes {
-                let Some((key, head)) = q.first_key_value() else {
+                let Some(key) = q.first_key_value().map(|(k, _)| k) else {
                     continue;
                 };
                 if best.as_ref().is_some_and(|(bk, _, _)| key >= bk) {
@@ -214,10 +212,10 @@ impl Scheduler {
                 }
                 let node = match lane {
                     Lane::Tool(tool) => self.pick_node(tool).map(str::to_owned),
-                    Lane::Pinned { node } => self
+                    Lane::Pinned { node, tool } => self
                         .nodes
                         .get(node)
-                        .filter(|n| n.has_room() && n.tools.contains(&head.tool))
+                        .filter(|n| n.has_room() && n.tools.contains(tool))
                         .map(|_| node.clone()),
                 };
                 if let Some(node) = node {
@@ -230,21 +228,18 @@ impl Scheduler {
             let Some(q) = self.lanes.get_mut(&lane) else {
                 break;
             };
-            let Some(queued) = q.remove(&key) else {
+            let Some(task_id) = q.remove(&key) else {
                 break;
             };
             if q.is_empty() {
                 self.lanes.remove(&lane);
             }
-            self.index.remove(&queued.task_id);
+            self.index.remove(&task_id);
             if let Some(n) = self.nodes.get_mut(&node_id) {
                 n.active += 1;
             }
             self.rr = self.rr.wrapping_add(1);
-            out.push(Assignment {
-                task_id: queued.task_id,
-                node_id,
-            });
+            out.push(Assignment { task_id, node_id });
         }
         out
     }
@@ -334,6 +329,18 @@ mod tests {
         assert!(s.assign(10).is_empty());
         s.upsert_node("b", &tools(&["t"]), 10, 0);
         assert_eq!(s.assign(10)[0].node_id, "b");
+    }
+
+    #[test]
+    fn a_pinned_task_for_a_missing_tool_does_not_block_others() {
+        let mut s = Scheduler::new();
+        s.upsert_node("n", &tools(&["echo"]), 10, 0);
+        s.enqueue("blocker", "missing", QueueKey::new(9, 1), Some("n"));
+        s.enqueue("echo", "echo", QueueKey::new(1, 2), Some("n"));
+        let got = s.assign(10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].task_id, "echo");
+        assert_eq!(s.queued(), 1);
     }
 
     #[test]

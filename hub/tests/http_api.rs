@@ -715,6 +715,21 @@ async fn events_of_a_cancelled_task_replay_and_end_with_task_cancelled() {
         assert_rfc3339(&data["timestamp"]);
     }
     assert_eq!(events[1].1["status"], "cancelled");
+
+    // A reconnecting EventSource resumes after the last id it saw...
+    let mut req = request(Method::GET, &format!("/api/v1/tasks/{id}/events"), None);
+    req.headers_mut()
+        .insert("last-event-id", header::HeaderValue::from_static("1"));
+    let resp = h.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = String::from_utf8(body_bytes(resp).await).unwrap();
+    let names: Vec<String> = sse_events(&body).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["task_cancelled"], "{body}");
+    // ...and is told with 204 that nothing more will come.
+    let mut req = request(Method::GET, &format!("/api/v1/tasks/{id}/events"), None);
+    req.headers_mut()
+        .insert("last-event-id", header::HeaderValue::from_static("2"));
+    assert_eq!(h.send(req).await.status(), StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]

@@ -392,8 +392,8 @@ impl Node {
         }
     }
 
-    fn register_message(&mut self) -> NodeMessage {
-        let mut inflight = self.executor.running_ids();
+    fn register_message(&mut self, running: Vec<String>) -> NodeMessage {
+        let mut inflight = running;
         for id in self.outbox.task_ids() {
             if !inflight.iter().any(|x| x == id) {
                 inflight.push(id.to_owned());
@@ -455,13 +455,16 @@ impl Node {
             unregister_deadline: None,
             unregistered: false,
         };
+        // Snapshot running tasks before draining finished results: the executor reports a
+        // result before a task leaves `running`, so every task is in one of the two.
+        let running = self.executor.running_ids();
         while let Ok(ev) = events.try_recv() {
             if let Event::Result(r) = ev {
                 self.outbox.push(r);
             }
         }
         self.outbox.mark_all_unsent();
-        let register = self.register_message();
+        let register = self.register_message(running);
         if let Err(e) = s.send(register).await {
             warn!(error = %e, "cannot send node_register");
             return s.lost();
@@ -726,7 +729,7 @@ impl Node {
                     s.heartbeat = None;
                     s.register_deadline = Instant::now() + REGISTER_TIMEOUT;
                     self.outbox.mark_all_unsent();
-                    let register = self.register_message();
+                    let register = self.register_message(self.executor.running_ids());
                     s.send(register).await?;
                 }
             }

@@ -282,12 +282,6 @@ impl Executor {
         outcome: Result<Value, ErrorInfo>,
         exec_ms: Option<u64>,
     ) {
-        {
-            let mut running = self.inner.running.lock();
-            if running.get(task_id).is_some_and(|r| r.run_id == run_id) {
-                running.remove(task_id);
-            }
-        }
         self.inner.counters.finished(outcome.is_ok(), exec_ms);
         match &outcome {
             Ok(_) => tracing::debug!(task_id, ?attempt, exec_ms, "task succeeded"),
@@ -295,7 +289,15 @@ impl Executor {
                 tracing::debug!(task_id, ?attempt, code = %e.code, message = %e.message, "task failed")
             }
         }
+        // Result first, then leave `running`: a task is always in one of the two, so the
+        // `inflight` list sent at re-registration never misses it.
         self.emit_result(task_id, attempt, outcome, exec_ms);
+        {
+            let mut running = self.inner.running.lock();
+            if running.get(task_id).is_some_and(|r| r.run_id == run_id) {
+                running.remove(task_id);
+            }
+        }
         self.inner.unreported.fetch_sub(1, Ordering::SeqCst);
     }
 

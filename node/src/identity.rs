@@ -18,6 +18,14 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {path} is in use by another apex-node process: give each node its own --data-dir"
+    )]
+    InUse {
+        /// The data directory.
+        path: PathBuf,
+    },
     /// The id file could not be read or written.
     #[error("cannot access {path}: {source}")]
     Io {
@@ -26,6 +34,35 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+/// Takes an exclusive lock on `<data-dir>/lock` for as long as the returned file lives, so two
+/// node processes never share one node id (they would keep replacing each other at the hub).
+///
+/// # Errors
+/// [`Error::InUse`] if another process holds it; I/O errors otherwise.
+pub fn lock(data_dir: &Path) -> Result<std::fs::File, Error> {
+    std::fs::create_dir_all(data_dir).map_err(|source| Error::CreateDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let path = data_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse {
+            path: data_dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::Io { path, source }),
+    }
 }
 
 /// Generates a fresh id, `node-<uuid v4>`.
@@ -86,6 +123,15 @@ pub fn store(data_dir: &Path, id: &str) -> Result<(), Error> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_dir_is_locked_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        assert!(matches!(lock(dir.path()), Err(Error::InUse { .. })));
+        drop(held);
+        lock(dir.path()).unwrap();
+    }
 
     #[test]
     fn id_is_generated_once_and_reused() {

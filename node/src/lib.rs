@@ -50,6 +50,8 @@ pub async fn run(
     // wss:// needs a process-wide TLS provider; another part of the process may have installed
     // one already, which is as good.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // Held until the node stops: one process per data directory (and so per node id).
+    let _lock = identity::lock(&config.data_dir)?;
     let node_id = identity::load_or_create(&config.data_dir)?;
     let registry = Arc::new(tools::Registry::builtin(&config)?);
     tracing::info!(

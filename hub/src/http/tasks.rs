@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -112,7 +112,9 @@ impl TaskRequest {
 fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::ForbiddenTool(_) => ApiError::forbidden(e.to_string()),
-        SubmitError::UnknownNode(_) => ApiError::invalid("node_id", e.to_string()),
+        SubmitError::UnknownNode(_) | SubmitError::NodeLacksTool { .. } => {
+            ApiError::invalid("node_id", e.to_string())
+        }
     }
 }
 
@@ -269,22 +271,34 @@ fn sse_event(e: &TaskEvent) -> Event {
 }
 
 /// `GET /api/v1/tasks/{id}/events`: the task's past events, then live ones; the stream ends
-/// after the terminal event (or when the hub shuts down).
+/// after the terminal event (or when the hub shuts down). Each event's SSE `id` is its `seq`:
+/// a reconnecting client sending `Last-Event-ID` gets only newer events, and 204 No Content
+/// (which stops browser `EventSource` retries) once the task has ended and nothing is newer.
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let resume_after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(0);
     // Subscribe before reading the past, so no event falls between the two.
     let mut live = state.cluster.subscribe();
-    if state.cluster.get(&id).is_none() {
+    let Some(task) = state.cluster.get(&id) else {
         return Err(ApiError::not_found("task", &id));
+    };
+    let backlog = state.cluster.events_after(&id, resume_after);
+    if task.status.is_terminal() && backlog.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let (tx, rx) = mpsc::channel(64);
     let cluster = state.cluster.clone();
     let mut shutdown = state.shutdown.clone();
     tokio::spawn(async move {
-        let mut last = 0u32;
-        let mut backlog = cluster.events_after(&id, 0);
+        let mut last = resume_after;
+        let mut backlog = backlog;
         loop {
             for e in backlog.drain(..) {
                 if e.seq <= last {
