@@ -61,6 +61,12 @@ pub async fn run(
     let deadlines = tokio::spawn(deadline_loop(cluster.clone(), stop_rx.clone()));
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let closing = cluster.clone();
+    // Small frames and responses must leave at once: no Nagle delay on any connection.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Benchmarks the cluster on this machine (release build): no-op throughput, latency at half
+# load, SIGKILL/SIGSTOP detection and re-dispatch times. Prints a table.
+# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default)
+#   scripts/bench.sh core --tasks 50000 --nodes 3
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+suite="core"
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+    suite="$1"
+    shift
+fi
+
+cargo build --release --workspace
+APEX_BIN_DIR="$PWD/target/release" exec target/release/apex-bench "$suite" "$@"

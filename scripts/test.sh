@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs the whole apex test suite: formatting, lints, build, every test (unit, protocol,
+# end-to-end with the real binaries), then the demo driver as a smoke test.
+# Installs what is missing first. Usage: scripts/test.sh
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+APT_UPDATED=0
+# need CMD PKG: apt-get install PKG when CMD is missing (runs `apt-get update` once).
+need() {
+    local cmd="$1" pkg="$2"
+    if command -v "$cmd" >/dev/null 2>&1; then
+        return 0
+    fi
+    log "installing $pkg (for $cmd)"
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        $sudo apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$pkg"
+}
+
+# need_pip CMD PKG: pip install PKG when CMD is missing.
+need_pip() {
+    local cmd="$1" pkg="$2"
+    if command -v "$cmd" >/dev/null 2>&1; then
+        return 0
+    fi
+    need pip3 python3-pip
+    log "installing $pkg with pip (for $cmd)"
+    pip3 install --quiet "$pkg" || pip3 install --quiet --break-system-packages "$pkg"
+}
+
+# The Rust toolchain is the only requirement so far.
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install the Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt 2>/dev/null || true
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
+# System tools the tests will need go here, e.g.: need redis-server redis-server
+
+log "cargo fmt --check"
+cargo fmt --all --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo build"
+cargo build --workspace --all-targets
+
+log "cargo test"
+cargo test --workspace
+
+log "demo smoke run (debug build, 300 tasks)"
+APEX_BIN_DIR="$PWD/target/debug" target/debug/apex-demo --no-wait --tasks 300 --file-root "$PWD"
+
+log "all checks passed"

@@ -1,0 +1,481 @@
+//! `apex-bench`: measures the cluster core on one machine: end-to-end no-op throughput,
+//! submit→result latency at half of the measured peak, SIGKILL and SIGSTOP detection times,
+//! and the time from detection to re-dispatch. Prints a table. Not a test: nothing here fails
+//! on a slow number.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use apex_tests::stats::{ms, parse_rfc3339_ms, percentile};
+use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, Task};
+use clap::{Parser, ValueEnum};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+/// Which measurements to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// Cluster core: throughput, latency, failure detection, re-dispatch.
+    Core,
+}
+
+/// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
+///
+/// Binaries are taken from $APEX_BIN_DIR, else from the directory of this executable; use a
+/// release build (scripts/bench.sh does).
+#[derive(Debug, Parser)]
+#[command(name = "apex-bench", version)]
+struct Args {
+    /// Suite to run.
+    #[arg(value_enum, default_value_t = Suite::Core)]
+    suite: Suite,
+    /// No-op tasks for the throughput run.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    tasks: usize,
+    /// Node processes running the no-op tool.
+    #[arg(long, short = 'k', default_value_t = 2)]
+    nodes: usize,
+    /// Tasks each node runs at once.
+    #[arg(long, default_value_t = 1024)]
+    node_concurrency: u32,
+    /// Batch submits (of up to 1,000 tasks) in flight at once during the throughput run.
+    #[arg(long, short = 'c', default_value_t = 4)]
+    concurrency: usize,
+    /// Tasks per batch submit.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Closed-loop clients measuring the single-submit peak.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Single-task submits measured for latency.
+    #[arg(long, default_value_t = 5000)]
+    latency_samples: usize,
+    /// Open-loop rate of the latency run, tasks/s [default: half the measured single-submit
+    /// peak].
+    #[arg(long)]
+    latency_rate: Option<f64>,
+    /// Skip the SIGKILL/SIGSTOP measurements.
+    #[arg(long)]
+    skip_failover: bool,
+}
+
+/// One row of the result table.
+struct Row {
+    metric: String,
+    value: String,
+    target: &'static str,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(rows) => {
+            print_table(&rows);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apex-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<Vec<Row>> {
+    let Suite::Core = args.suite;
+    if args.nodes == 0 || args.batch == 0 || args.batch > 1000 {
+        bail!("need --nodes >= 1 and 1 <= --batch <= 1000");
+    }
+    let mut rows = Vec::new();
+    // Default liveness settings (ping 1000 ms, dead after 3000 ms): the SIGSTOP figure is
+    // measured against them.
+    let hub = Hub::start(HubOptions::default()).await?;
+    let api = hub.api().clone();
+    eprintln!("hub {} (pid {})", hub.url(), hub.pid());
+    let mut nodes = Vec::new();
+    for i in 1..=args.nodes {
+        let n = Node::start(
+            &hub,
+            NodeOptions::named(&format!("bench-{i}")).concurrency(args.node_concurrency),
+        )
+        .await?;
+        nodes.push(n);
+    }
+
+    eprintln!("warming up");
+    let warm = args.tasks.clamp(1, 2000);
+    throughput(&api, warm, args.batch, args.concurrency).await?;
+
+    eprintln!("throughput: {} noop tasks", args.tasks);
+    let (peak, submit_rate) = throughput(&api, args.tasks, args.batch, args.concurrency).await?;
+    rows.push(Row {
+        metric: format!(
+            "end-to-end throughput ({} noop tasks, {} nodes)",
+            args.tasks, args.nodes
+        ),
+        value: format!("{peak:.0} tasks/s"),
+        target: ">= 20000 tasks/s",
+    });
+    rows.push(Row {
+        metric: "  of which submit (batch accept) rate".into(),
+        value: format!("{submit_rate:.0} tasks/s"),
+        target: "",
+    });
+
+    // Half load is measured against the peak of the path the latency run uses: one task per
+    // request plus a long-poll for its result (batches are far cheaper per task).
+    eprintln!(
+        "single-submit peak: {} closed-loop clients for 2 s",
+        args.clients
+    );
+    let single_peak = single_peak(&api, args.clients, Duration::from_secs(2)).await?;
+    rows.push(Row {
+        metric: format!(
+            "single-submit peak ({} clients, submit + long-poll each)",
+            args.clients
+        ),
+        value: format!("{single_peak:.0} tasks/s"),
+        target: "",
+    });
+    let rate = args
+        .latency_rate
+        .unwrap_or(single_peak.min(peak) / 2.0)
+        .max(1.0);
+    eprintln!(
+        "latency: {} single submits at {rate:.0}/s",
+        args.latency_samples
+    );
+    let (lat, achieved) = latency(&api, args.latency_samples, rate).await?;
+    let pick = |p: f64| percentile(&lat, p).map(ms).unwrap_or_else(|| "n/a".into());
+    rows.push(Row {
+        metric: format!("submit->result p50 @ {achieved:.0} tasks/s (open loop)"),
+        value: pick(50.0),
+        target: "",
+    });
+    rows.push(Row {
+        metric: "submit->result p99".into(),
+        value: pick(99.0),
+        target: "<= 5 ms",
+    });
+    rows.push(Row {
+        metric: "submit->result p99.9".into(),
+        value: pick(99.9),
+        target: "",
+    });
+
+    if !args.skip_failover {
+        eprintln!("failover: SIGKILL");
+        let f = failover(&hub, Fault::Kill, args.node_concurrency).await?;
+        rows.push(Row {
+            metric: "SIGKILL detection (kill -> node offline)".into(),
+            value: ms(f.detection),
+            target: "<= 100 ms",
+        });
+        rows.extend(f.redispatch_rows("SIGKILL"));
+        eprintln!("failover: SIGSTOP (liveness 1000/3000 ms)");
+        let f = failover(&hub, Fault::Stop, args.node_concurrency).await?;
+        rows.push(Row {
+            metric: "SIGSTOP detection (stop -> node offline), 1000/3000 ms".into(),
+            value: ms(f.detection),
+            target: "<= 3 s",
+        });
+        rows.extend(f.redispatch_rows("SIGSTOP"));
+    }
+    drop(nodes);
+    Ok(rows)
+}
+
+/// Finished (terminal) tasks according to `/health`.
+async fn finished(api: &Api) -> Result<u64> {
+    let h = api.health().await?;
+    let t = &h["tasks"];
+    Ok(["succeeded", "failed", "cancelled", "timed_out"]
+        .iter()
+        .map(|k| t[*k].as_u64().unwrap_or(0))
+        .sum())
+}
+
+/// Submits `n` noop tasks in batches, `in_flight` batches at a time, and waits until all are
+/// finished. Returns (end-to-end tasks/s, submit tasks/s).
+async fn throughput(api: &Api, n: usize, batch: usize, in_flight: usize) -> Result<(f64, f64)> {
+    let base = finished(api).await?;
+    let bodies: Vec<Value> = (0..n).map(|_| json!({"tool": "noop"})).collect();
+    let start = Instant::now();
+    let submit = async {
+        futures::stream::iter(bodies.chunks(batch).map(|c| api.submit_batch(c)))
+            .buffer_unordered(in_flight.max(1))
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+        Ok::<_, anyhow::Error>(start.elapsed())
+    };
+    let wait_done = async {
+        let deadline = start + Duration::from_secs(600);
+        loop {
+            if finished(api).await? >= base + n as u64 {
+                return Ok::<_, anyhow::Error>(start.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{n} tasks not finished after 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (submitted, done) = tokio::try_join!(submit, wait_done)?;
+    let failed = api
+        .list(&[("status", "failed"), ("limit", "1")])
+        .await?
+        .meta
+        .total;
+    if failed > 0 {
+        bail!("{failed} noop tasks failed");
+    }
+    Ok((
+        n as f64 / done.as_secs_f64(),
+        n as f64 / submitted.as_secs_f64(),
+    ))
+}
+
+/// Closed loop: `clients` workers each submit one task and long-poll its result, again and
+/// again, for `dur`. Returns finished tasks/s.
+async fn single_peak(api: &Api, clients: usize, dur: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let deadline = start + dur;
+    let workers = (0..clients.max(1)).map(|_| {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let mut t = api.submit(&json!({"tool": "noop"})).await?;
+                while !t.is_terminal() {
+                    t = api.get_wait(&t.task_id, 5000).await?;
+                }
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(n)
+        })
+    });
+    let mut total = 0;
+    for w in futures::future::join_all(workers).await {
+        total += w??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Open-loop latency: one single-task submit every 1/rate s, each followed by a `?wait_ms`
+/// long-poll; latency runs from the scheduled send time to the terminal answer. Returns the
+/// sorted latencies and the achieved rate.
+async fn latency(api: &Api, samples: usize, rate: f64) -> Result<(Vec<Duration>, f64)> {
+    let out = Arc::new(Mutex::new(Vec::with_capacity(samples)));
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(at.into()).await;
+        let api = api.clone();
+        let out = out.clone();
+        handles.push(tokio::spawn(async move {
+            let task = api.submit(&json!({"tool": "noop"})).await?;
+            let mut t = task;
+            while !t.is_terminal() {
+                t = api.get_wait(&t.task_id, 5000).await?;
+            }
+            if t.status != "succeeded" {
+                bail!("noop task {} ended {}", t.task_id, t.status);
+            }
+            out.lock().await.push(at.elapsed());
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let sent = start.elapsed();
+    for h in handles {
+        h.await??;
+    }
+    let mut v = std::mem::take(&mut *out.lock().await);
+    v.sort_unstable();
+    Ok((v, samples as f64 / sent.as_secs_f64().max(1e-9)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Stop,
+}
+
+/// Failover measurements.
+struct Failover {
+    detection: Duration,
+    /// Detection seen by the client → last victim task seen re-assigned (client clock).
+    redispatch_client: Option<Duration>,
+    /// `task_migrated` → attempt-2 `task_assigned`, worst over the victim's tasks (hub clock,
+    /// millisecond timestamps).
+    redispatch_hub_ms: Option<i64>,
+    moved: usize,
+}
+
+impl Failover {
+    fn redispatch_rows(&self, what: &str) -> Vec<Row> {
+        vec![
+            Row {
+                metric: format!(
+                    "{what}: detection -> re-dispatch, hub events (worst of {} tasks)",
+                    self.moved
+                ),
+                value: self
+                    .redispatch_hub_ms
+                    .map(|v| format!("{v} ms"))
+                    .unwrap_or_else(|| "n/a".into()),
+                target: "<= 50 ms",
+            },
+            Row {
+                metric: format!(
+                    "{what}: offline seen -> all re-assigned seen (client, 5 ms polls)"
+                ),
+                value: self
+                    .redispatch_client
+                    .map(ms)
+                    .unwrap_or_else(|| "n/a".into()),
+                target: "",
+            },
+        ]
+    }
+}
+
+/// Starts a victim node (as wide as the others, so it gets its share), gives the cluster sleep tasks so the victim has work in flight,
+/// applies the fault and measures detection and re-dispatch.
+async fn failover(hub: &Hub, fault: Fault, concurrency: u32) -> Result<Failover> {
+    let api = hub.api();
+    let name = format!(
+        "victim-{}",
+        if fault == Fault::Kill { "kill" } else { "stop" }
+    );
+    let mut victim = Node::start(hub, NodeOptions::named(&name).concurrency(concurrency)).await?;
+    let vid = victim.id().to_owned();
+
+    let bodies: Vec<Value> = (0..48)
+        .map(|_| json!({"tool": "sleep", "args": {"ms": 1500}}))
+        .collect();
+    let ids: Vec<String> = api
+        .submit_batch(&bodies)
+        .await?
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    let on_victim = apex_tests::wait_until(
+        "the victim to have tasks in flight",
+        Duration::from_secs(20),
+        || async {
+            // Snapshot once every task is dispatched, so the victim holds its full share.
+            if api
+                .list(&[("status", "queued"), ("limit", "1")])
+                .await?
+                .meta
+                .total
+                > 0
+            {
+                return Ok(None);
+            }
+            let mut v = Vec::new();
+            for status in ["assigned", "running"] {
+                v.extend(
+                    api.list_all(&[("node_id", vid.as_str()), ("status", status)])
+                        .await?,
+                );
+            }
+            Ok((!v.is_empty()).then_some(v))
+        },
+    )
+    .await?;
+
+    let t0 = Instant::now();
+    match fault {
+        Fault::Kill => victim.kill()?,
+        Fault::Stop => victim.freeze()?,
+    }
+    let detection = loop {
+        match api.node(&vid).await? {
+            Some(n) if n.status == "online" || n.status == "draining" => {}
+            _ => break t0.elapsed(),
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("{name} still online 60 s after the fault");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let detected_at = Instant::now();
+
+    // Client view: when does every victim task show a later attempt on another node?
+    let victim_ids: Vec<String> = on_victim.iter().map(|t| t.task_id.clone()).collect();
+    let mut pending: Vec<String> = victim_ids.clone();
+    let mut redispatch_client = None;
+    while !pending.is_empty() && detected_at.elapsed() < Duration::from_secs(30) {
+        let now: Vec<Task> =
+            futures::future::try_join_all(pending.iter().map(|id| api.get(id))).await?;
+        pending = now
+            .into_iter()
+            .filter(|t| {
+                !(t.is_terminal() || (t.attempt >= 2 && t.node_id.as_deref() != Some(vid.as_str())))
+            })
+            .map(|t| t.task_id)
+            .collect();
+        if pending.is_empty() {
+            redispatch_client = Some(detected_at.elapsed());
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // Hub view, from the event streams once the tasks are done.
+    api.wait_all_terminal(&ids, Duration::from_secs(60), 16)
+        .await?;
+    let mut worst: Option<i64> = None;
+    let mut moved = 0;
+    for id in &victim_ids {
+        let events = api.events(id, Duration::from_secs(20)).await?;
+        let ts = |e: &Value| e["timestamp"].as_str().and_then(parse_rfc3339_ms);
+        let migrated = events
+            .iter()
+            .find(|e| e["type"] == "task_migrated")
+            .and_then(ts);
+        let reassigned = events
+            .iter()
+            .find(|e| e["type"] == "task_assigned" && e["attempt"].as_u64().unwrap_or(0) >= 2)
+            .and_then(ts);
+        if let (Some(m), Some(a)) = (migrated, reassigned) {
+            moved += 1;
+            worst = Some(worst.map_or(a - m, |w: i64| w.max(a - m)));
+        }
+    }
+    if fault == Fault::Stop {
+        victim.thaw().context("thawing the victim")?;
+    }
+    drop(victim);
+    Ok(Failover {
+        detection,
+        redispatch_client,
+        redispatch_hub_ms: worst,
+        moved,
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    let w0 = rows
+        .iter()
+        .map(|r| r.metric.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let w1 = rows.iter().map(|r| r.value.len()).max().unwrap_or(5).max(5);
+    println!();
+    println!("| {:w0$} | {:>w1$} | target |", "metric", "value");
+    println!(
+        "|{}|{}|{}|",
+        "-".repeat(w0 + 2),
+        "-".repeat(w1 + 2),
+        "-".repeat(18)
+    );
+    for r in rows {
+        println!("| {:w0$} | {:>w1$} | {} |", r.metric, r.value, r.target);
+    }
+}

@@ -1,0 +1,693 @@
+//! Child processes: the hub and nodes as real binaries, their output drained to log files so a
+//! pipe never blocks, signals (SIGKILL, SIGSTOP/SIGCONT, SIGTERM), and kill on drop.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+
+use crate::api::{Api, NodeInfo};
+use crate::wait::{DEFAULT_TIMEOUT, wait_until};
+
+/// How long a hub may take to print its `listening on` line.
+const HUB_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Lines of a log shown in error messages and on test failure.
+const LOG_TAIL_LINES: usize = 40;
+
+/// The directory holding `apex-hub` and `apex-node`: `$APEX_BIN_DIR` if set, else the
+/// `target/<profile>` directory of the running executable (test and example executables live
+/// in its `deps/` and `examples/` subdirectories).
+///
+/// # Errors
+/// If the current executable's path cannot be determined.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("APEX_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("cannot locate the current executable")?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("executable {} has no parent", exe.display()))?
+        .to_path_buf();
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "deps" || n == "examples")
+    {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Full path of a binary in [`bin_dir`], checked to exist.
+///
+/// # Errors
+/// If the binary has not been built.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it first with `cargo build --workspace` (or set APEX_BIN_DIR)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running child process whose stdout and stderr are copied to a log file.
+///
+/// Killed (SIGKILL) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    name: String,
+    log_path: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns `cmd`, copying both output streams to `log_path`. Every stdout line is also sent
+    /// to `lines` when given (the hub's readiness line is read that way).
+    ///
+    /// # Errors
+    /// If the log file cannot be created or the program cannot be started.
+    pub fn spawn(
+        name: &str,
+        mut cmd: Command,
+        log_path: &Path,
+        lines: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<Self> {
+        let log =
+            Arc::new(Mutex::new(File::create(log_path).with_context(|| {
+                format!("creating log file {}", log_path.display())
+            })?));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        if let Some(out) = child.stdout.take() {
+            drain(out, log.clone(), lines);
+        }
+        if let Some(err) = child.stderr.take() {
+            drain(err, log, None);
+        }
+        Ok(Self {
+            child,
+            name: name.to_owned(),
+            log_path: log_path.to_path_buf(),
+            status: None,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the process.
+    ///
+    /// # Errors
+    /// If the process is gone or the signal cannot be delivered.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid()), sig)
+            .with_context(|| format!("sending {sig} to {} (pid {})", self.name, self.pid()))
+    }
+
+    /// The exit status if the process has ended (reaps it).
+    ///
+    /// # Errors
+    /// If waiting on the child fails.
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        Ok(self.status)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    ///
+    /// # Errors
+    /// If it is still running after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_status()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                bail!("{} still running after {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The log file of the process.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for error messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_text(), LOG_TAIL_LINES)
+    }
+
+    /// Kills (SIGKILL) and reaps the process if it still runs.
+    pub fn kill_now(&mut self) {
+        if self.status.is_none() {
+            // SIGCONT first: a stopped process cannot be reaped promptly otherwise on some
+            // kernels, and a SIGKILL to a stopped process is fine either way.
+            let _ = kill(Pid::from_raw(self.pid()), Signal::SIGCONT);
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// Prints the log tail to stderr if the current thread is panicking (a failing test).
+    fn report_if_panicking(&self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log ({}), last {LOG_TAIL_LINES} lines ----\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+/// Copies `src` line by line into `log` on a thread of its own, forwarding lines to `lines`.
+fn drain<R: Read + Send + 'static>(
+    src: R,
+    log: Arc<Mutex<File>>,
+    lines: Option<mpsc::UnboundedSender<String>>,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(src);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if let Ok(mut f) = log.lock() {
+                        let _ = f.write_all(&buf);
+                    }
+                    if let Some(tx) = &lines {
+                        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                        let _ = tx.send(line);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A random key for tests.
+fn random_key(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// How to start a hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// HTTP API key (`--api-key`).
+    pub api_key: String,
+    /// Node channel key (`--node-key`).
+    pub node_key: String,
+    /// `--heartbeat-interval-ms`, when set.
+    pub heartbeat_interval_ms: Option<u64>,
+    /// `--heartbeat-timeout-ms`, when set.
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// `--listen` address (default `127.0.0.1:0`, a free port).
+    pub listen: String,
+    /// More arguments, appended last.
+    pub extra_args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            api_key: random_key("test-api"),
+            node_key: random_key("test-node"),
+            heartbeat_interval_ms: None,
+            heartbeat_timeout_ms: None,
+            listen: "127.0.0.1:0".to_owned(),
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+impl HubOptions {
+    /// Short liveness settings (ping every 200 ms, dead after 600 ms of silence) for tests of
+    /// failure detection.
+    pub fn fast_liveness() -> Self {
+        Self {
+            heartbeat_interval_ms: Some(200),
+            heartbeat_timeout_ms: Some(600),
+            ..Self::default()
+        }
+    }
+}
+
+/// A running `apex-hub` with its own data directory. Killed on drop.
+#[derive(Debug)]
+pub struct Hub {
+    proc: Proc,
+    addr: SocketAddr,
+    opts: HubOptions,
+    dir: Option<TempDir>,
+    api: Api,
+}
+
+impl Hub {
+    /// Starts `apex-hub` on `opts.listen` with a fresh data directory and waits for its
+    /// `listening on http://ADDR` line.
+    ///
+    /// # Errors
+    /// If the binary is missing, exits, or does not print the line within 30 s; the error holds
+    /// the tail of its output.
+    pub async fn start(opts: HubOptions) -> Result<Self> {
+        let bin = bin_path("apex-hub")?;
+        let dir = tempfile::Builder::new().prefix("apex-hub-").tempdir()?;
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--listen")
+            .arg(&opts.listen)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--api-key")
+            .arg(&opts.api_key)
+            .arg("--node-key")
+            .arg(&opts.node_key);
+        if let Some(ms) = opts.heartbeat_interval_ms {
+            cmd.arg("--heartbeat-interval-ms").arg(ms.to_string());
+        }
+        if let Some(ms) = opts.heartbeat_timeout_ms {
+            cmd.arg("--heartbeat-timeout-ms").arg(ms.to_string());
+        }
+        cmd.args(&opts.extra_args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut proc = Proc::spawn("apex-hub", cmd, &dir.path().join("hub.log"), Some(tx))?;
+
+        let deadline = tokio::time::Instant::now() + HUB_START_TIMEOUT;
+        let addr = loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(line)) => {
+                    if let Some(rest) = line.trim().strip_prefix("listening on http://") {
+                        break rest.parse::<SocketAddr>().with_context(|| {
+                            format!("hub printed an unparsable address: {line:?}")
+                        })?;
+                    }
+                }
+                Ok(None) => {
+                    // stdout closed: the hub exited (or closed stdout) without the line.
+                    let status = proc.wait_exit(Duration::from_secs(5)).await.ok();
+                    bail!(
+                        "apex-hub exited ({status:?}) before printing `listening on`; output:\n{}",
+                        proc.log_tail()
+                    );
+                }
+                Err(_) => bail!(
+                    "apex-hub did not print `listening on http://ADDR` within {HUB_START_TIMEOUT:?}; output:\n{}",
+                    proc.log_tail()
+                ),
+            }
+        };
+        let api = Api::new(&format!("http://{addr}"), &opts.api_key)?;
+        Ok(Self {
+            proc,
+            addr,
+            opts,
+            dir: Some(dir),
+            api,
+        })
+    }
+
+    /// Starts a hub with default options.
+    ///
+    /// # Errors
+    /// See [`Hub::start`].
+    pub async fn start_default() -> Result<Self> {
+        Self::start(HubOptions::default()).await
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `ws://ADDR` (what `apex-node --hub` takes).
+    pub fn ws_base(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// A node channel URL with the key in the path: `ws://ADDR/<prefix>/VCP_Key=<node key>`.
+    pub fn node_url(&self, prefix: &str) -> String {
+        format!("ws://{}/{prefix}/VCP_Key={}", self.addr, self.opts.node_key)
+    }
+
+    /// The HTTP API key.
+    pub fn api_key(&self) -> &str {
+        &self.opts.api_key
+    }
+
+    /// The node channel key.
+    pub fn node_key(&self) -> &str {
+        &self.opts.node_key
+    }
+
+    /// The options the hub was started with.
+    pub fn options(&self) -> &HubOptions {
+        &self.opts
+    }
+
+    /// An API client authenticated with the hub's API key.
+    pub fn api(&self) -> &Api {
+        &self.api
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// The hub's data and log directory.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(TempDir::path)
+    }
+
+    /// The hub's combined stdout/stderr so far.
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// The hub's log file.
+    pub fn log_path(&self) -> &Path {
+        self.proc.log_path()
+    }
+
+    /// Sends a signal to the hub.
+    ///
+    /// # Errors
+    /// If the signal cannot be delivered.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        self.proc.signal(sig)
+    }
+
+    /// Whether the hub has exited.
+    ///
+    /// # Errors
+    /// If waiting on the child fails.
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+        self.proc.try_status()
+    }
+
+    /// Waits until `GET /v1/nodes` lists a node named `name` as `online`, and returns it.
+    ///
+    /// # Errors
+    /// If that does not happen within [`DEFAULT_TIMEOUT`].
+    pub async fn wait_node_online(&self, name: &str) -> Result<NodeInfo> {
+        let api = self.api.clone();
+        wait_until(
+            &format!("node {name:?} to be listed online"),
+            DEFAULT_TIMEOUT,
+            || {
+                let api = api.clone();
+                async move {
+                    Ok(api
+                        .nodes()
+                        .await?
+                        .into_iter()
+                        .find(|n| n.name == name && n.status == "online"))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until `GET /v1/nodes/{id}` reports `status`, or the node is no longer listed
+    /// when `status` is `offline`.
+    ///
+    /// # Errors
+    /// If that does not happen within `timeout`.
+    pub async fn wait_node_status(&self, id: &str, status: &str, timeout: Duration) -> Result<()> {
+        let api = self.api.clone();
+        wait_until(&format!("node {id} to become {status}"), timeout, || {
+            let api = api.clone();
+            async move {
+                Ok(match api.node(id).await? {
+                    Some(n) => (n.status == status).then_some(()),
+                    None => (status == "offline").then_some(()),
+                })
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.proc.report_if_panicking();
+        self.proc.kill_now();
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!("hub data and log kept in {}", kept.display());
+        }
+    }
+}
+
+/// How to start a node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// `--name`; must be unique per hub so [`Hub::wait_node_online`] finds it.
+    pub name: String,
+    /// `--max-concurrent-tasks`, when set.
+    pub max_concurrent_tasks: Option<u32>,
+    /// More arguments, appended last (e.g. `--msgpack`, `--file-root DIR`).
+    pub extra_args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl NodeOptions {
+    /// Options with just a name.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets `--max-concurrent-tasks`.
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.max_concurrent_tasks = Some(n);
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A running `apex-node` with its own data directory. Killed on drop.
+#[derive(Debug)]
+pub struct Node {
+    proc: Proc,
+    name: String,
+    id: String,
+    dir: Option<TempDir>,
+}
+
+impl Node {
+    /// Starts `apex-node` against `hub` and does not wait for it to register ([`Node::id`] is
+    /// empty until [`Node::wait_online`]).
+    ///
+    /// # Errors
+    /// If the binary is missing or cannot be started.
+    pub fn spawn(hub: &Hub, opts: &NodeOptions) -> Result<Self> {
+        Self::spawn_at(&hub.ws_base(), hub.node_key(), opts)
+    }
+
+    /// Starts `apex-node` against a hub at `hub_ws` (`ws://HOST:PORT`) with `key`.
+    ///
+    /// # Errors
+    /// If the binary is missing or cannot be started.
+    pub fn spawn_at(hub_ws: &str, key: &str, opts: &NodeOptions) -> Result<Self> {
+        let bin = bin_path("apex-node")?;
+        let dir = tempfile::Builder::new().prefix("apex-node-").tempdir()?;
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--hub")
+            .arg(hub_ws)
+            .arg("--key")
+            .arg(key)
+            .arg("--name")
+            .arg(&opts.name)
+            .arg("--data-dir")
+            .arg(&data_dir);
+        if let Some(n) = opts.max_concurrent_tasks {
+            cmd.arg("--max-concurrent-tasks").arg(n.to_string());
+        }
+        cmd.args(&opts.extra_args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        let label = format!("apex-node {}", opts.name);
+        let proc = Proc::spawn(&label, cmd, &dir.path().join("node.log"), None)?;
+        Ok(Self {
+            proc,
+            name: opts.name.clone(),
+            id: String::new(),
+            dir: Some(dir),
+        })
+    }
+
+    /// Starts `apex-node` against `hub` and waits until the hub lists it online.
+    ///
+    /// # Errors
+    /// If it does not come online within [`DEFAULT_TIMEOUT`]; the error holds its log tail.
+    pub async fn start(hub: &Hub, opts: NodeOptions) -> Result<Self> {
+        let mut node = Self::spawn(hub, &opts)?;
+        node.wait_online(hub).await?;
+        Ok(node)
+    }
+
+    /// Waits until the hub lists this node online and records its id.
+    ///
+    /// # Errors
+    /// On timeout, or if the node process exited; the error holds its log tail.
+    pub async fn wait_online(&mut self, hub: &Hub) -> Result<NodeInfo> {
+        match hub.wait_node_online(&self.name).await {
+            Ok(info) => {
+                self.id = info.id.clone();
+                Ok(info)
+            }
+            Err(e) => {
+                let status = self.proc.try_status().ok().flatten();
+                Err(e.context(format!(
+                    "apex-node {} (exit status {status:?}); its output:\n{}",
+                    self.name,
+                    self.proc.log_tail()
+                )))
+            }
+        }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node id the hub lists it under (empty until it came online).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// SIGKILL: the node dies at once without a word to the hub.
+    ///
+    /// # Errors
+    /// If the signal cannot be delivered.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.signal(Signal::SIGKILL)
+    }
+
+    /// SIGSTOP: the node freezes; its socket stays open but silent.
+    ///
+    /// # Errors
+    /// If the signal cannot be delivered.
+    pub fn freeze(&self) -> Result<()> {
+        self.proc.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT: a frozen node resumes.
+    ///
+    /// # Errors
+    /// If the signal cannot be delivered.
+    pub fn thaw(&self) -> Result<()> {
+        self.proc.signal(Signal::SIGCONT)
+    }
+
+    /// SIGTERM: the node drains and leaves.
+    ///
+    /// # Errors
+    /// If the signal cannot be delivered.
+    pub fn terminate(&self) -> Result<()> {
+        self.proc.signal(Signal::SIGTERM)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    ///
+    /// # Errors
+    /// If it still runs after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.proc.wait_exit(timeout).await
+    }
+
+    /// The node's combined stdout/stderr so far.
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.proc.report_if_panicking();
+        self.proc.kill_now();
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!("node data and log kept in {}", kept.display());
+        }
+    }
+}
