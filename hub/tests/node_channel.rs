@@ -620,7 +620,27 @@ async fn shutdown_closes_node_connections_and_event_streams_and_returns() {
         String::from_utf8_lossy(&rest).into_owned()
     });
 
+    // A long poll that would wait a minute.
+    let mut poll = TcpStream::connect(hub.addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/tasks/{id}?wait_ms=60000 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Connection: close\r\n\r\n",
+        hub.addr
+    );
+    poll.write_all(req.as_bytes()).await.unwrap();
+    let poller = tokio::spawn(async move {
+        let mut all = Vec::new();
+        let _ = poll.read_to_end(&mut all).await;
+        String::from_utf8_lossy(&all).into_owned()
+    });
+
     hub.stop.take().unwrap().send(()).unwrap();
+    let answer = timeout(PATIENCE, poller)
+        .await
+        .expect("a long poll is answered at shutdown, not after its wait")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"status\":\"queued\""), "{answer}");
     let code = loop {
         match node.recv().await {
             In::Closed(Some(f)) => break u16::from(f.code),

@@ -188,7 +188,12 @@ pub async fn get(
     if let Some(ms) = q.wait_ms.filter(|ms| *ms > 0)
         && let Some(rx) = state.cluster.wait(&id)
     {
-        let _ = tokio::time::timeout(Duration::from_millis(ms.min(60_000)), rx).await;
+        let mut shutdown = state.shutdown.clone();
+        // Answer early on shutdown, so a long poll never holds the hub's exit.
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_millis(ms.min(60_000)), rx) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
     }
     let task = state
         .cluster
