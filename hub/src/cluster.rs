@@ -112,6 +112,17 @@ pub enum NodeState {
     Offline,
 }
 
+impl NodeState {
+    /// The snake_case name used on the wire and in HTTP bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::Draining => "draining",
+            NodeState::Offline => "offline",
+        }
+    }
+}
+
 struct NodeEntry {
     id: String,
     /// What the node declared at its last registration.
@@ -572,7 +583,7 @@ impl Cluster {
                 if hb.stats.is_some() {
                     e.info.stats = hb.stats;
                 }
-                (true, state_name(e.state))
+                (true, e.state.as_str())
             }
             _ => (false, "unknown"),
         };
@@ -1247,14 +1258,6 @@ fn push_event(
         let _ = events.send(Arc::new(e.clone()));
     }
     t.events.push(e);
-}
-
-fn state_name(s: NodeState) -> &'static str {
-    match s {
-        NodeState::Online => "online",
-        NodeState::Draining => "draining",
-        NodeState::Offline => "offline",
-    }
 }
 
 fn node_view(e: &NodeEntry) -> NodeView {

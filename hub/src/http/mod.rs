@@ -90,6 +90,59 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     }))
 }
 
+/// `page` and `limit` of a list route, validated: pages count from 1, `limit` is 1 to 1000.
+#[derive(Debug, Clone, Copy)]
+pub struct Pagination {
+    /// Page number, from 1.
+    pub page: usize,
+    /// Items per page.
+    pub limit: usize,
+}
+
+impl Pagination {
+    /// Validates query values, with `default_limit` when none is given.
+    ///
+    /// # Errors
+    /// 400 naming `page` or `limit`.
+    pub fn new(
+        page: Option<usize>,
+        limit: Option<usize>,
+        default_limit: usize,
+    ) -> Result<Self, ApiError> {
+        let page = page.unwrap_or(1);
+        let limit = limit.unwrap_or(default_limit);
+        if page == 0 {
+            return Err(ApiError::invalid("page", "`page` counts from 1"));
+        }
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid("limit", "`limit` must be 1 to 1000"));
+        }
+        Ok(Self { page, limit })
+    }
+
+    /// Items to skip before this page.
+    pub fn offset(&self) -> usize {
+        (self.page - 1).saturating_mul(self.limit)
+    }
+
+    /// The list body `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
+    pub fn body<T: serde::Serialize>(
+        &self,
+        data: &[T],
+        total: usize,
+    ) -> axum::Json<serde_json::Value> {
+        axum::Json(json!({
+            "data": data,
+            "meta": {
+                "total": total,
+                "page": self.page,
+                "limit": self.limit,
+                "pages": total.div_ceil(self.limit),
+            }
+        }))
+    }
+}
+
 async fn no_route(uri: Uri) -> ApiError {
     ApiError::no_route(uri.path())
 }

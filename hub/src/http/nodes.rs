@@ -5,9 +5,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Pagination};
 
 /// Query of `GET /v1/nodes`.
 #[derive(Debug, Deserialize)]
@@ -24,11 +23,7 @@ pub async fn list(
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
-    let page = q.page.unwrap_or(1).max(1);
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "`limit` must be 1 to 1000"));
-    }
+    let pages = Pagination::new(q.page, q.limit, 100)?;
     let all: Vec<_> = state
         .cluster
         .nodes()
@@ -49,14 +44,10 @@ pub async fn list(
     let total = all.len();
     let data: Vec<_> = all
         .into_iter()
-        .skip((page - 1).saturating_mul(limit))
-        .take(limit)
+        .skip(pages.offset())
+        .take(pages.limit)
         .collect();
-    Ok(Json(json!({
-        "data": data,
-        "meta": {"total": total, "page": page, "limit": limit, "pages": total.div_ceil(limit)},
-    }))
-    .into_response())
+    Ok(pages.body(&data, total).into_response())
 }
 
 /// `GET /v1/nodes/{id}`.

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Pagination};
 use crate::cluster::{CancelError, SubmitError};
 use crate::config::Config;
 use crate::model::{TaskEvent, TaskSpec, TaskStatus};
@@ -228,31 +228,15 @@ pub async fn list(
             )
         })?),
     };
-    let page = q.page.unwrap_or(1);
-    let limit = q.limit.unwrap_or(50);
-    if page == 0 {
-        return Err(ApiError::invalid("page", "`page` counts from 1"));
-    }
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "`limit` must be 1 to 1000"));
-    }
+    let pages = Pagination::new(q.page, q.limit, 50)?;
     let filter = TaskFilter {
         status,
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
     };
-    let p = state.cluster.list(&filter, page, limit);
+    let p = state.cluster.list(&filter, pages.page, pages.limit);
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
-    Ok(Json(json!({
-        "data": data,
-        "meta": {
-            "total": p.total,
-            "page": page,
-            "limit": limit,
-            "pages": p.total.div_ceil(limit),
-        }
-    }))
-    .into_response())
+    Ok(pages.body(&data, p.total).into_response())
 }
 
 /// `POST /api/v1/tasks/{id}/cancel`: 200 with the cancelled task; 409 if it already ended.
