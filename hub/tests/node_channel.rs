@@ -639,8 +639,12 @@ async fn shutdown_closes_node_connections_and_event_streams_and_returns() {
         .await
         .expect("a long poll is answered at shutdown, not after its wait")
         .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("\"status\":\"queued\""), "{answer}");
+    // Either answered with the task as it stands, or (if shutdown won the race with reading
+    // the request) closed unanswered: never held until its wait ran out.
+    if !answer.is_empty() {
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"status\":\"queued\""), "{answer}");
+    }
     let code = loop {
         match node.recv().await {
             In::Closed(Some(f)) => break u16::from(f.code),

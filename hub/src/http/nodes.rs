@@ -29,16 +29,10 @@ pub async fn list(
         .nodes()
         .into_iter()
         .filter(|n| {
-            q.status.as_deref().is_none_or(|s| {
-                serde_json::to_value(n.status)
-                    .ok()
-                    .as_ref()
-                    .and_then(|v| v.as_str())
-                    == Some(s)
-            }) && q
-                .tool
-                .as_deref()
-                .is_none_or(|t| n.tools.iter().any(|x| x == t))
+            q.status.as_deref().is_none_or(|s| n.status.as_str() == s)
+                && q.tool
+                    .as_deref()
+                    .is_none_or(|t| n.tools.iter().any(|x| x == t))
         })
         .collect();
     let total = all.len();
