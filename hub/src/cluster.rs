@@ -872,14 +872,13 @@ impl Cluster {
                 }
             }
         }
-        let mut out = Vec::with_capacity(specs.len());
+        let mut accepted: Vec<(String, bool)> = Vec::with_capacity(specs.len());
         let now_i = Instant::now();
         for spec in specs {
             if let Some(key) = &spec.idempotency_key
                 && let Some(id) = core.store.find_by_idempotency_key(key)
-                && let Some(t) = core.store.get(&id)
             {
-                out.push((t.clone(), false));
+                accepted.push((id, false));
                 continue;
             }
             let seq = core.next_seq;
@@ -922,17 +921,15 @@ impl Cluster {
             );
             core.deadlines.insert((deadline, seq), id.clone());
             core.deadline_of.insert(id.clone(), (deadline, seq));
-            out.push((task.clone(), true));
+            accepted.push((id, true));
             core.store.insert(task);
         }
         self.schedule(&mut core);
-        // Return the state after dispatch (a task may already be assigned).
-        for (t, _) in &mut out {
-            if let Some(cur) = core.store.get(&t.id) {
-                t.clone_from(cur);
-            }
-        }
-        Ok(out)
+        // The state after dispatch (a task may already be assigned).
+        Ok(accepted
+            .into_iter()
+            .filter_map(|(id, created)| core.store.get(&id).map(|t| (t.clone(), created)))
+            .collect())
     }
 
     /// Handles `task_result` from the node bound to this session. Commits it if it belongs to
