@@ -88,11 +88,12 @@ impl Conn {
         self.next_frame().await.expect("unexpected close").0
     }
 
-    /// The next message that is not a heartbeat.
+    /// The next message that is not a heartbeat or a progress report (a task that runs past
+    /// 50 ms reports that it started).
     async fn next_non_heartbeat(&mut self) -> NodeMessage {
         loop {
             match self.next().await {
-                NodeMessage::Heartbeat(_) => continue,
+                NodeMessage::Heartbeat(_) | NodeMessage::TaskProgress(_) => continue,
                 m => return m,
             }
         }
