@@ -223,6 +223,19 @@ impl Api {
         Ok(page.data)
     }
 
+    /// Submits a batch (as [`Api::submit_batch`]) and returns just the task ids, in order.
+    ///
+    /// # Errors
+    /// See [`Api::submit_batch`].
+    pub async fn submit_ids(&self, tasks: &[Value]) -> Result<Vec<String>> {
+        Ok(self
+            .submit_batch(tasks)
+            .await?
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect())
+    }
+
     /// Submits any number of task bodies in batches of 1,000.
     ///
     /// # Errors

@@ -197,6 +197,19 @@ impl Drop for Proc {
     }
 }
 
+/// End of a hub's or node's life in a test: kills the process and, if the test is failing,
+/// prints its log tail and keeps its temporary directory for a look afterwards.
+fn retire(proc: &mut Proc, dir: &mut Option<tempfile::TempDir>, what: &str) {
+    proc.report_if_panicking();
+    proc.kill_now();
+    if std::thread::panicking()
+        && let Some(dir) = dir.take()
+    {
+        let kept = dir.keep();
+        eprintln!("{what} data and log kept in {}", kept.display());
+    }
+}
+
 /// Copies `src` line by line into `log` on a thread of its own, forwarding lines to `lines`.
 fn drain<R: Read + Send + 'static>(
     src: R,
@@ -485,14 +498,7 @@ impl Hub {
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        self.proc.report_if_panicking();
-        self.proc.kill_now();
-        if std::thread::panicking()
-            && let Some(dir) = self.dir.take()
-        {
-            let kept = dir.keep();
-            eprintln!("hub data and log kept in {}", kept.display());
-        }
+        retire(&mut self.proc, &mut self.dir, "hub");
     }
 }
 
@@ -681,13 +687,6 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.proc.report_if_panicking();
-        self.proc.kill_now();
-        if std::thread::panicking()
-            && let Some(dir) = self.dir.take()
-        {
-            let kept = dir.keep();
-            eprintln!("node data and log kept in {}", kept.display());
-        }
+        retire(&mut self.proc, &mut self.dir, "node");
     }
 }

@@ -138,6 +138,27 @@ impl RawNode {
         })
     }
 
+    /// Connects on the native path and registers as node `id` (also its name) offering `tools`
+    /// with concurrency `limit`.
+    ///
+    /// # Errors
+    /// If the connection fails or the hub answers `node_registered` with `success: false`.
+    pub async fn connect_registered(
+        hub: &Hub,
+        id: &str,
+        tools: &[&str],
+        limit: u32,
+    ) -> Result<Self> {
+        let mut node = Self::connect_native(hub).await?;
+        let ack = node
+            .register(register_msg(Some(id), id, tools, limit))
+            .await?;
+        if !ack.success {
+            bail!("the hub refused node {id}: {}", ack.message);
+        }
+        Ok(node)
+    }
+
     /// Connects to `hub` on `/abp-distributed-server/VCP_Key=<node key>` (the native path the
     /// apex agent uses).
     ///

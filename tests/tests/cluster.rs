@@ -132,13 +132,7 @@ async fn pinned_tasks_run_only_on_their_node() -> Result<()> {
     let bodies: Vec<Value> = (0..30)
         .map(|i| json!({"tool": "sleep", "args": {"ms": 20}, "node_id": b.id(), "description": format!("p{i}")}))
         .collect();
-    let ids: Vec<String> = hub
-        .api()
-        .submit_batch(&bodies)
-        .await?
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids: Vec<String> = hub.api().submit_ids(&bodies).await?;
     let done = hub.api().wait_all_terminal(&ids, WAIT, 16).await?;
     for t in &done {
         assert_eq!(t.status, "succeeded");
@@ -163,13 +157,7 @@ async fn msgpack_node_runs_tasks() -> Result<()> {
     let bodies: Vec<Value> = (0..50)
         .map(|i| json!({"tool": "echo", "args": {"n": i, "text": "päivää 🌍"}}))
         .collect();
-    let ids: Vec<String> = hub
-        .api()
-        .submit_batch(&bodies)
-        .await?
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids: Vec<String> = hub.api().submit_ids(&bodies).await?;
     let done = hub.api().wait_all_terminal(&ids, WAIT, 16).await?;
     for (i, t) in done.iter().enumerate() {
         assert_eq!(t.status, "succeeded", "{:?}", t.error);
@@ -191,12 +179,7 @@ async fn sigkill_mid_run_loses_nothing_and_commits_once() -> Result<()> {
     for i in 0..3 {
         nodes.push(Node::start(&hub, NodeOptions::named(&format!("k{i}")).concurrency(8)).await?);
     }
-    let ids: Vec<String> = api
-        .submit_batch(&sleep_tasks(300, 100))
-        .await?
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids: Vec<String> = api.submit_ids(&sleep_tasks(300, 100)).await?;
 
     // Kill one node while it is busy (the queue is still long, so it is full).
     let victim_id = nodes[1].id().to_owned();
@@ -232,12 +215,7 @@ async fn frozen_node_is_declared_dead_and_its_tasks_move() -> Result<()> {
     let api = hub.api();
     let a = Node::start(&hub, NodeOptions::named("frozen").concurrency(4)).await?;
     let b = Node::start(&hub, NodeOptions::named("alive").concurrency(4)).await?;
-    let ids: Vec<String> = api
-        .submit_batch(&sleep_tasks(40, 300))
-        .await?
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids: Vec<String> = api.submit_ids(&sleep_tasks(40, 300)).await?;
 
     // Freeze it while busy: its socket stays open, but it no longer answers pings.
     wait_busy(api, a.id(), 2).await?;
@@ -282,12 +260,7 @@ async fn sigterm_drains_a_node_without_losing_work() -> Result<()> {
     let api = hub.api();
     let mut a = Node::start(&hub, NodeOptions::named("drain-a").concurrency(4)).await?;
     let _b = Node::start(&hub, NodeOptions::named("drain-b").concurrency(4)).await?;
-    let ids: Vec<String> = api
-        .submit_batch(&sleep_tasks(40, 150))
-        .await?
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids: Vec<String> = api.submit_ids(&sleep_tasks(40, 150)).await?;
     wait_busy(api, a.id(), 2).await?;
     a.terminate()?;
     let status = a.wait_exit(Duration::from_secs(40)).await?;

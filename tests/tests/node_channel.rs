@@ -532,12 +532,7 @@ async fn stale_and_duplicate_results_are_ignored() -> Result<()> {
     let hub = Hub::start_default().await?;
     let api = hub.api();
 
-    let mut a = RawNode::connect_native(&hub).await?;
-    assert!(
-        a.register(register_msg(Some("raw-a"), "raw-a", &["echo"], 4))
-            .await?
-            .success
-    );
+    let mut a = RawNode::connect_registered(&hub, "raw-a", &["echo"], 4).await?;
     let task = api
         .submit(&json!({"tool": "echo", "args": {"x": 1}}))
         .await?;
@@ -545,12 +540,7 @@ async fn stale_and_duplicate_results_are_ignored() -> Result<()> {
     assert_eq!(first.task_id, task.task_id);
     assert_eq!(first.attempt, Some(1));
 
-    let mut b = RawNode::connect_native(&hub).await?;
-    assert!(
-        b.register(register_msg(Some("raw-b"), "raw-b", &["echo"], 4))
-            .await?
-            .success
-    );
+    let mut b = RawNode::connect_registered(&hub, "raw-b", &["echo"], 4).await?;
 
     // A dies without a word: the task moves to B as attempt 2.
     a.abort();
@@ -559,12 +549,7 @@ async fn stale_and_duplicate_results_are_ignored() -> Result<()> {
     assert_eq!(second.attempt, Some(2));
 
     // A comes back and delivers its old result: acknowledged, not committed.
-    let mut a = RawNode::connect_native(&hub).await?;
-    assert!(
-        a.register(register_msg(Some("raw-a"), "raw-a", &["echo"], 4))
-            .await?
-            .success
-    );
+    let mut a = RawNode::connect_registered(&hub, "raw-a", &["echo"], 4).await?;
     a.send(result_for(&first, "raw-a", Some(1), json!({"from": "a"})))?;
     assert!(
         !expect_result_ack(&mut a).await?.success,
@@ -630,12 +615,7 @@ async fn stale_and_duplicate_results_are_ignored() -> Result<()> {
 #[tokio::test]
 async fn timed_out_task_is_cancelled_on_the_node() -> Result<()> {
     let hub = Hub::start_default().await?;
-    let mut node = RawNode::connect_native(&hub).await?;
-    assert!(
-        node.register(register_msg(Some("raw-slow"), "raw-slow", &["sleep"], 2))
-            .await?
-            .success
-    );
+    let mut node = RawNode::connect_registered(&hub, "raw-slow", &["sleep"], 2).await?;
     let task = hub
         .api()
         .submit(&json!({"tool": "sleep", "args": {"ms": 10_000}, "timeout_seconds": 1}))
@@ -673,12 +653,7 @@ async fn timed_out_task_is_cancelled_on_the_node() -> Result<()> {
 async fn cancel_reaches_the_node() -> Result<()> {
     let hub = Hub::start_default().await?;
     let api = hub.api();
-    let mut node = RawNode::connect_native(&hub).await?;
-    assert!(
-        node.register(register_msg(Some("raw-c"), "raw-c", &["sleep"], 2))
-            .await?
-            .success
-    );
+    let mut node = RawNode::connect_registered(&hub, "raw-c", &["sleep"], 2).await?;
     let task = api
         .submit(&json!({"tool": "sleep", "args": {"ms": 10_000}}))
         .await?;

@@ -377,12 +377,7 @@ async fn failover(hub: &Hub, fault: Fault, concurrency: u32) -> Result<Failover>
     let bodies: Vec<Value> = (0..48)
         .map(|_| json!({"tool": "sleep", "args": {"ms": 1500}}))
         .collect();
-    let ids: Vec<String> = api
-        .submit_batch(&bodies)
-        .await?
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids: Vec<String> = api.submit_ids(&bodies).await?;
     let on_victim = apex_tests::wait_until(
         "the victim to have tasks in flight",
         Duration::from_secs(20),

@@ -137,12 +137,7 @@ async fn run(args: Args) -> Result<bool> {
     let started = Instant::now();
     let mut ids = Vec::with_capacity(bodies.len());
     for chunk in bodies.chunks(500) {
-        ids.extend(
-            api.submit_batch(chunk)
-                .await?
-                .into_iter()
-                .map(|t| t.task_id),
-        );
+        ids.extend(api.submit_ids(chunk).await?);
         bar.set_message(format!("submitted {}", ids.len()));
     }
 
