@@ -253,6 +253,9 @@ struct Core {
     deadline_of: HashMap<String, (Instant, u64)>,
     waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     next_seq: u64,
+    /// Tasks loaded assigned or running at start, by node, until the node reclaims them or the
+    /// recovery grace period ends (`cluster_recovery.rs`).
+    recovering: HashMap<String, Vec<String>>,
 }
 
 struct Shared {
@@ -263,6 +266,7 @@ struct Shared {
     next_conn: AtomicU64,
     started: Instant,
     stats: ChannelStats,
+    durability: Arc<crate::durable::Durability>,
 }
 
 /// Handle on the engine; clone freely.
@@ -274,6 +278,15 @@ pub struct Cluster {
 impl Cluster {
     /// A new engine over `store`.
     pub fn new(opts: ClusterOptions, store: Box<dyn TaskStore>) -> Self {
+        Self::new_durable(opts, store, crate::durable::Durability::none())
+    }
+
+    /// A new engine over a durable `store` whose writes `durability` tracks.
+    pub fn new_durable(
+        opts: ClusterOptions,
+        store: Box<dyn TaskStore>,
+        durability: Arc<crate::durable::Durability>,
+    ) -> Self {
         let (events, _) = broadcast::channel(8192);
         Self {
             shared: Arc::new(Shared {
@@ -285,6 +298,7 @@ impl Cluster {
                     deadline_of: HashMap::new(),
                     waiters: HashMap::new(),
                     next_seq: 1,
+                    recovering: HashMap::new(),
                 }),
                 events,
                 opts,
@@ -292,6 +306,7 @@ impl Cluster {
                 next_conn: AtomicU64::new(1),
                 started: Instant::now(),
                 stats: ChannelStats::default(),
+                durability,
             }),
         }
     }
@@ -530,6 +545,8 @@ impl Cluster {
                 active = 0;
             }
         }
+        // Tasks loaded from the store after a restart that this node still holds.
+        let active = self.reclaim(core, node_id, holds, &mut resend, &mut to_migrate, active);
         let (tools, limit, state) = {
             let e = &core.nodes[node_id];
             (e.info.tools.clone(), e.info.limit, e.state)
@@ -1291,6 +1308,10 @@ fn node_view(e: &NodeEntry) -> NodeView {
         disconnected_at: e.disconnected_at.map(Rfc3339),
     }
 }
+
+#[path = "cluster_recovery.rs"]
+mod recovery;
+pub use recovery::Restored;
 
 #[cfg(test)]
 #[path = "cluster_tests.rs"]

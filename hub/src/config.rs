@@ -34,7 +34,8 @@ pub enum Error {
 pub struct Config {
     /// Address for HTTP and the node channel. Port 0 picks a free port. Default `127.0.0.1:8088`.
     pub listen: SocketAddr,
-    /// Directory for generated keys and (later) the embedded store. Default
+    /// Directory for generated keys and the embedded task store (`tasks.redb`, locked by
+    /// `hub.lock` while the hub runs). Default
     /// `$XDG_DATA_HOME/apex-hub`, else `~/.local/share/apex-hub`, else `./.apex-data`.
     pub data_dir: PathBuf,
     /// API keys accepted as `Authorization: Bearer <key>` on HTTP routes. When empty, a key is
@@ -76,6 +77,15 @@ pub struct Config {
     pub log_level: String,
     /// Log format: `text` or `json`. Default `text`.
     pub log_format: String,
+    /// Task store: `embedded` (default: `<data_dir>/tasks.redb`), `memory` (lost at exit), or a
+    /// Redis URL `redis://[:password@]host:port/db` (`rediss://` for TLS).
+    pub store: String,
+    /// Hours a finished task and its events are kept before they are collected. Default 168.
+    pub task_retention_hours: u64,
+    /// After a restart, how long tasks that were assigned or running wait for their node to
+    /// reconnect and reclaim them before they are dispatched again, in milliseconds.
+    /// Default 10000.
+    pub recovery_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -100,6 +110,9 @@ impl Default for Config {
             outbound_queue_frames: 4096,
             log_level: "info".to_owned(),
             log_format: "text".to_owned(),
+            store: "embedded".to_owned(),
+            task_retention_hours: 168,
+            recovery_grace_ms: 10_000,
         }
     }
 }
@@ -167,6 +180,18 @@ pub struct Cli {
     #[arg(long, value_name = "FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    /// Task store: embedded, memory, or redis://host:port/db [default: embedded].
+    #[arg(long, value_name = "STORE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Hours finished tasks are kept [default: 168].
+    #[arg(long, value_name = "HOURS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_retention_hours: Option<u64>,
+    /// Grace period for nodes to reclaim their tasks after a restart, in ms [default: 10000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_grace_ms: Option<u64>,
 }
 
 impl Config {
@@ -259,6 +284,18 @@ impl Config {
         if self.outbound_queue_frames < 16 {
             return bad("outbound_queue_frames", "must be at least 16");
         }
+        if let Err(reason) = crate::durable::StoreKind::parse(&self.store) {
+            return bad("store", &reason);
+        }
+        if !(1..=87_600).contains(&self.task_retention_hours) {
+            return bad(
+                "task_retention_hours",
+                "must be between 1 and 87600 (ten years)",
+            );
+        }
+        if self.recovery_grace_ms > 3_600_000 {
+            return bad("recovery_grace_ms", "must be at most 3600000 (one hour)");
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format", "must be `text` or `json`");
         }
@@ -281,6 +318,11 @@ impl Config {
     /// The silence timeout.
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    /// The validated `store` value.
+    pub fn store_kind(&self) -> crate::durable::StoreKind {
+        crate::durable::StoreKind::parse(&self.store).unwrap_or(crate::durable::StoreKind::Embedded)
     }
 }
 

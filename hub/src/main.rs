@@ -8,6 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 /// Exit code for a configuration error (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when the task store cannot be opened: locked, unreadable or unreachable.
+const EXIT_STORE: u8 = 74;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -60,6 +62,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let opened = match apex_hub::open_store(&config).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("apex-hub: {e}");
+            return ExitCode::from(EXIT_STORE);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -82,7 +91,7 @@ async fn main() -> ExitCode {
     }
     println!("listening on http://{addr}");
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "apex-hub started");
-    match apex_hub::run(config, listener, shutdown_signal()).await {
+    match apex_hub::run_with_store(config, listener, opened, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apex-hub: {e}");

@@ -3,9 +3,11 @@
 //! The cluster engine calls the store while it holds its state lock, so every method is
 //! synchronous and must not block on I/O for long: durable backends (embedded, Redis) are to
 //! buffer writes and group-commit them, handing the HTTP layer a durability ticket to await.
-//! [`MemoryStore`] is the in-process implementation.
+//! [`MemoryStore`] is the in-process index every store keeps; the durable stores
+//! ([`crate::durable`]) wrap it and mirror every change to disk or Redis.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
 
 use crate::model::{Task, TaskEvent, TaskId, TaskStatus};
 
@@ -56,6 +58,13 @@ pub trait TaskStore: Send + 'static {
     fn events_after(&self, id: &str, after: u32) -> Vec<TaskEvent>;
     /// How many tasks are in each state, indexed by [`TaskStatus::index`].
     fn counts(&self) -> [u64; 7];
+    /// Puts back a task loaded from durable storage at start (not written again).
+    fn restore(&mut self, task: Task) {
+        self.insert(task);
+    }
+    /// Removes terminal tasks (and their events) that finished before `cutoff`, from memory and
+    /// from durable storage. Returns how many.
+    fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize;
 }
 
 /// Tasks in process memory: lost when the hub stops.
@@ -65,12 +74,41 @@ pub struct MemoryStore {
     by_seq: BTreeMap<u64, TaskId>,
     idempotency: HashMap<String, TaskId>,
     counts: [u64; 7],
+    /// Terminal tasks by finish time, for retention.
+    finished: BTreeMap<(SystemTime, u64), TaskId>,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Removes terminal tasks that finished before `cutoff`; returns their ids.
+    pub fn remove_finished_before(&mut self, cutoff: SystemTime) -> Vec<TaskId> {
+        let keep = self.finished.split_off(&(cutoff, 0));
+        let gone = std::mem::replace(&mut self.finished, keep);
+        let mut ids = Vec::with_capacity(gone.len());
+        for ((_, seq), id) in gone {
+            self.by_seq.remove(&seq);
+            if let Some(t) = self.tasks.remove(&id) {
+                self.counts[t.status.index()] -= 1;
+                if let Some(k) = &t.spec.idempotency_key
+                    && self.idempotency.get(k) == Some(&id)
+                {
+                    self.idempotency.remove(k);
+                }
+            }
+            ids.push(id);
+        }
+        ids
+    }
+
+    fn index_finished(&mut self, t: &Task) {
+        if t.status.is_terminal() {
+            let at = t.finished_at.unwrap_or(t.updated_at);
+            self.finished.insert((at, t.seq), t.id.clone());
+        }
     }
 }
 
@@ -81,6 +119,7 @@ impl TaskStore for MemoryStore {
         }
         self.counts[task.status.index()] += 1;
         self.by_seq.insert(task.seq, task.id.clone());
+        self.index_finished(&task);
         self.tasks.insert(task.id.clone(), task);
     }
 
@@ -97,6 +136,10 @@ impl TaskStore for MemoryStore {
         if t.status != before {
             self.counts[before.index()] -= 1;
             self.counts[t.status.index()] += 1;
+            if t.status.is_terminal() && !before.is_terminal() {
+                let at = t.finished_at.unwrap_or(t.updated_at);
+                self.finished.insert((at, t.seq), t.id.clone());
+            }
         }
         true
     }
@@ -133,5 +176,9 @@ impl TaskStore for MemoryStore {
 
     fn counts(&self) -> [u64; 7] {
         self.counts
+    }
+
+    fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
+        self.remove_finished_before(cutoff).len()
     }
 }

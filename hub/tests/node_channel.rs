@@ -39,6 +39,8 @@ async fn start_hub(f: impl FnOnce(&mut Config)) -> TestHub {
         api_keys: vec![API_KEY.to_owned()],
         node_keys: vec![NODE_KEY.to_owned()],
         data_dir: std::env::temp_dir().join("apex-hub-node-channel-tests"),
+        // Many hubs run at once in this process: the embedded store would lock the dir.
+        store: "memory".to_owned(),
         ..Config::default()
     };
     f(&mut config);

@@ -114,6 +114,20 @@ impl ApiError {
         }
     }
 
+    /// 503 `store_unavailable`: the task store cannot confirm writes; nothing was accepted.
+    pub fn store_unavailable(cause: impl std::fmt::Display) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: "store_unavailable",
+            message: format!(
+                "the task store is unavailable, the task was not accepted; retry later \
+                 (with an idempotency_key to retry safely): {cause}"
+            ),
+            param: None,
+        }
+    }
+
     /// 500: the cause is logged here, the client sees a generic message.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");

@@ -118,6 +118,23 @@ fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
+/// Submits and waits until the store has the tasks: a 201 means the tasks survive a crash.
+/// While the store is failing nothing is submitted (503).
+async fn submit_durably(
+    state: &AppState,
+    specs: Vec<TaskSpec>,
+) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
+    let durability = state.cluster.durability();
+    durability.check().map_err(ApiError::store_unavailable)?;
+    let out = state.cluster.submit(specs).map_err(submit_error)?;
+    let ticket = durability.ticket();
+    durability
+        .wait(ticket, crate::durable::DURABLE_WAIT)
+        .await
+        .map_err(ApiError::store_unavailable)?;
+    Ok(out)
+}
+
 /// `POST /api/v1/tasks`: 201 with the task, or 200 with the existing task of the same
 /// idempotency key.
 pub async fn create(
@@ -126,7 +143,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let spec = req.into_spec(&state.config, "")?;
-    let mut out = state.cluster.submit(vec![spec]).map_err(submit_error)?;
+    let mut out = submit_durably(&state, vec![spec]).await?;
     let Some((task, created)) = out.pop() else {
         return Err(ApiError::internal("submit returned no task"));
     };
@@ -166,7 +183,7 @@ pub async fn create_batch(
         .enumerate()
         .map(|(i, r)| r.into_spec(&state.config, &format!("tasks[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
-    let out = state.cluster.submit(specs).map_err(submit_error)?;
+    let out = submit_durably(&state, specs).await?;
     let data: Vec<_> = out.iter().map(|(t, _)| t.view()).collect();
     Ok((StatusCode::CREATED, Json(json!({ "data": data }))).into_response())
 }

@@ -1,0 +1,174 @@
+//! Recovery after a restart, and retention. A child module of `cluster`, so it works on the
+//! engine's state directly while keeping `cluster.rs` focused on the live task lifecycle.
+//!
+//! At start the hub loads every task from its store ([`Cluster::restore`]): queued tasks go
+//! back in the queue, terminal tasks stay readable, and tasks that were assigned or running
+//! wait in `Core::recovering` for their node. A node that registers listing a task in
+//! `inflight` reclaims it (same attempt: its result is accepted by `fence`); one that registers
+//! without `inflight` gets the assignment sent again (same attempt); one that lists `inflight`
+//! without it has it requeued. When the grace period ends
+//! ([`Cluster::end_recovery_grace`]) whatever is left is requeued for `attempt + 1` (or fails
+//! with `node_lost` after `max_attempts`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Cluster, Core};
+use crate::durable::Durability;
+use crate::model::{Task, TaskStatus};
+use crate::scheduler::QueueKey;
+
+/// What [`Cluster::restore`] put back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Tasks back in the queue.
+    pub queued: usize,
+    /// Tasks waiting for their node to reclaim them.
+    pub awaiting_node: usize,
+    /// Finished tasks kept for reading.
+    pub finished: usize,
+}
+
+impl Cluster {
+    /// The durability tickets of the engine's store.
+    pub fn durability(&self) -> &Arc<Durability> {
+        &self.shared.durability
+    }
+
+    /// Puts back tasks loaded from the store at start (before any node connects). Event
+    /// sequence numbers continue from the stored events.
+    pub fn restore(&self, mut tasks: Vec<Task>) -> Restored {
+        tasks.sort_by_key(|t| t.seq);
+        let mut out = Restored::default();
+        let mut core = self.shared.core.lock();
+        let now_i = Instant::now();
+        let now = SystemTime::now();
+        let mut recovering: HashMap<String, Vec<String>> = HashMap::new();
+        for t in tasks {
+            core.next_seq = core.next_seq.max(t.seq + 1);
+            if !t.status.is_terminal() {
+                let due = Duration::try_from_secs_f64(t.spec.timeout_seconds)
+                    .ok()
+                    .and_then(|d| t.created_at.checked_add(d))
+                    .unwrap_or(now + Duration::from_secs(10 * 365 * 86_400));
+                let left = due.duration_since(now).unwrap_or(Duration::ZERO);
+                let deadline = now_i + left;
+                core.deadlines.insert((deadline, t.seq), t.id.clone());
+                core.deadline_of.insert(t.id.clone(), (deadline, t.seq));
+            }
+            match (t.status, &t.node_id) {
+                (TaskStatus::Assigned | TaskStatus::Running, Some(node)) => {
+                    recovering
+                        .entry(node.clone())
+                        .or_default()
+                        .push(t.id.clone());
+                    out.awaiting_node += 1;
+                }
+                (s, _) if s.is_terminal() => out.finished += 1,
+                _ => {
+                    core.sched.enqueue(
+                        &t.id,
+                        &t.spec.tool,
+                        QueueKey::new(t.spec.priority, t.seq),
+                        t.spec.pinned_node.as_deref(),
+                    );
+                    out.queued += 1;
+                }
+            }
+            let mut t = t;
+            if !t.status.is_terminal() && t.node_id.is_none() {
+                t.status = TaskStatus::Queued;
+            }
+            core.store.restore(t);
+        }
+        core.recovering = recovering;
+        out
+    }
+
+    /// Called from `bind`: moves the tasks recovered for `node_id` onto the node when it holds
+    /// them (`holds` lists them, or is `None`: then they are sent again), and queues the others
+    /// for migration. Returns the node's in-flight count.
+    pub(super) fn reclaim(
+        &self,
+        core: &mut Core,
+        node_id: &str,
+        holds: Option<&[String]>,
+        resend: &mut Vec<String>,
+        to_migrate: &mut Vec<String>,
+        active: u32,
+    ) -> u32 {
+        let Some(ids) = core.recovering.remove(node_id) else {
+            return active;
+        };
+        let mut reclaimed = 0usize;
+        let Core { store, nodes, .. } = core;
+        let Some(e) = nodes.get_mut(node_id) else {
+            return active;
+        };
+        for id in ids {
+            let live = store.get(&id).is_some_and(|t| {
+                matches!(t.status, TaskStatus::Assigned | TaskStatus::Running)
+                    && t.node_id.as_deref() == Some(node_id)
+            });
+            if !live {
+                continue;
+            }
+            match holds {
+                None => {
+                    e.inflight.insert(id.clone());
+                    resend.push(id);
+                    reclaimed += 1;
+                }
+                Some(h) if h.contains(&id) => {
+                    e.inflight.insert(id);
+                    reclaimed += 1;
+                }
+                Some(_) => to_migrate.push(id),
+            }
+        }
+        if reclaimed > 0 {
+            tracing::info!(
+                node_id,
+                reclaimed,
+                "node reclaimed tasks after a hub restart"
+            );
+        }
+        e.inflight.len() as u32
+    }
+
+    /// Ends the recovery grace period: every recovered task no node reclaimed goes back to the
+    /// queue for `attempt + 1` (or fails with `node_lost`). Returns how many.
+    pub fn end_recovery_grace(&self) -> usize {
+        let mut core = self.shared.core.lock();
+        let left: Vec<(String, Vec<String>)> = core.recovering.drain().collect();
+        let mut n = 0;
+        for (node, ids) in left {
+            for id in ids {
+                n += 1;
+                self.migrate(
+                    &mut core,
+                    &id,
+                    &node,
+                    "not reclaimed within the recovery grace period after a hub restart",
+                    true,
+                );
+            }
+        }
+        self.schedule(&mut core);
+        n
+    }
+
+    /// Removes finished tasks older than `retention` from memory and from the store. Returns
+    /// how many.
+    pub fn collect_finished(&self, retention: Duration) -> usize {
+        let cutoff = SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.shared
+            .core
+            .lock()
+            .store
+            .collect_finished_before(cutoff)
+    }
+}

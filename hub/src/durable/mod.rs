@@ -1,0 +1,474 @@
+//! Durable task stores: the engine keeps its in-memory index ([`MemoryStore`]) as the authority
+//! of a running hub, and [`MirroredStore`] mirrors every change (task upsert with its events,
+//! retention delete) to a backend: the embedded database in the data directory
+//! ([`embedded`]) or Redis ([`redis`]).
+//!
+//! Writes never block under the engine lock: each change is queued to a writer thread that
+//! group-commits everything queued since its last commit (one redb write transaction or one
+//! Redis `MULTI` pipeline per batch). Every queued change takes the next number of a
+//! [`Durability`] counter; the HTTP layer reads the counter after submitting and awaits
+//! [`Durability::wait`] before answering 201, so an answered task is on disk (or in Redis).
+//! A failed batch is kept and retried with backoff; meanwhile [`Durability::check`] reports the
+//! store unavailable and submissions answer 503.
+//!
+//! Records are the JSON of [`Task`] (spec, state, result, events), keyed by task id.
+
+pub mod embedded;
+pub mod redis;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::model::{Task, TaskEvent, TaskId};
+use crate::store::{MemoryStore, Page, TaskFilter, TaskStore};
+
+/// Which store a hub uses: config key `store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `memory`: nothing survives a restart.
+    Memory,
+    /// `embedded` (the default): `<data_dir>/tasks.redb`.
+    Embedded,
+    /// `redis://host:port/db` or `rediss://...`.
+    Redis(String),
+}
+
+impl StoreKind {
+    /// Parses the `store` config value.
+    ///
+    /// # Errors
+    /// A one-line reason for anything other than `memory`, `embedded` or a valid
+    /// `redis://`/`rediss://` URL.
+    pub fn parse(s: &str) -> Result<StoreKind, String> {
+        match s {
+            "memory" => Ok(StoreKind::Memory),
+            "embedded" => Ok(StoreKind::Embedded),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                ::redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+                Ok(StoreKind::Redis(url.to_owned()))
+            }
+            _ => Err("must be `memory`, `embedded`, or a redis:// or rediss:// URL".to_owned()),
+        }
+    }
+}
+
+/// Why the store cannot be opened or written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Another hub holds the data directory.
+    #[error(
+        "data directory {dir} is in use by another apex-hub (lock file {lock} is held): give each hub its own --data-dir"
+    )]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// The store exists but cannot be read (corrupt, wrong format, permissions).
+    #[error("task store {what} is unreadable: {reason}")]
+    Unreadable {
+        /// File or URL.
+        what: String,
+        /// The cause, one line.
+        reason: String,
+    },
+    /// The store cannot be reached or written.
+    #[error("task store {what} is unavailable: {reason}")]
+    Unavailable {
+        /// File or URL.
+        what: String,
+        /// The cause, one line.
+        reason: String,
+    },
+}
+
+/// A backend of [`MirroredStore`]: where records go. Runs on the writer thread only.
+pub trait Backend: Send + 'static {
+    /// Every stored task, in any order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unreadable`] for a record that does not decode; other errors as they come.
+    fn load(&mut self) -> Result<Vec<Task>, StoreError>;
+    /// Writes `puts` (task id, record JSON) and removes `deletes`, atomically.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]; nothing of the batch is written then.
+    fn write(&mut self, puts: &[(&str, Vec<u8>)], deletes: &[&str]) -> Result<(), StoreError>;
+}
+
+/// Writer progress: how many queued changes are durable, and the last failure if the store is
+/// failing now.
+#[derive(Debug, Clone, Default)]
+pub struct WriterState {
+    /// Changes committed so far (the counter of [`Durability::ticket`]).
+    pub durable: u64,
+    /// Set while the last commit failed; cleared by the next success.
+    pub error: Option<String>,
+}
+
+/// Durability tickets: a counter of queued changes and the writer's progress.
+#[derive(Debug)]
+pub struct Durability {
+    enqueued: AtomicU64,
+    state: watch::Sender<WriterState>,
+    what: String,
+    /// The data-directory lock, held for the life of the hub.
+    _lock: Option<std::fs::File>,
+}
+
+/// How long a submission waits for its ticket before answering 503.
+pub const DURABLE_WAIT: Duration = Duration::from_secs(10);
+
+impl Durability {
+    /// A store with nothing to wait for (memory).
+    pub fn none() -> Arc<Self> {
+        Arc::new(Self {
+            enqueued: AtomicU64::new(0),
+            state: watch::channel(WriterState::default()).0,
+            what: "memory".to_owned(),
+            _lock: None,
+        })
+    }
+
+    /// What the store is (`memory`, a file path, a Redis URL without password).
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+
+    /// The ticket covering every change queued so far.
+    pub fn ticket(&self) -> u64 {
+        self.enqueued.load(Ordering::Acquire)
+    }
+
+    /// Err while the store is failing (submissions answer 503).
+    ///
+    /// # Errors
+    /// The last failure.
+    pub fn check(&self) -> Result<(), String> {
+        match &self.state.borrow().error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every change up to `ticket` is durable.
+    ///
+    /// # Errors
+    /// The store's failure if it fails first, or a timeout after `limit`.
+    pub async fn wait(&self, ticket: u64, limit: Duration) -> Result<(), String> {
+        let mut rx = self.state.subscribe();
+        let waited = tokio::time::timeout(
+            limit,
+            rx.wait_for(|s| s.durable >= ticket || s.error.is_some()),
+        )
+        .await;
+        match waited {
+            Ok(Ok(s)) if s.durable >= ticket => Ok(()),
+            Ok(Ok(s)) => Err(s.error.clone().unwrap_or_default()),
+            Ok(Err(_)) => Err("the store writer stopped".to_owned()),
+            Err(_) => Err(format!(
+                "the task store did not confirm the write within {} s",
+                limit.as_secs()
+            )),
+        }
+    }
+
+    /// Waits until every change queued so far is durable (shutdown).
+    pub async fn flush(&self, limit: Duration) -> Result<(), String> {
+        self.wait(self.ticket(), limit).await
+    }
+}
+
+enum Op {
+    Put(Box<Task>),
+    Delete(TaskId),
+}
+
+/// A [`MemoryStore`] whose every change is mirrored to a durable backend.
+pub struct MirroredStore {
+    inner: MemoryStore,
+    tx: std_mpsc::Sender<Op>,
+    durability: Arc<Durability>,
+}
+
+impl MirroredStore {
+    fn send(&self, op: Op) {
+        self.durability.enqueued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(op).is_err() {
+            // The writer is gone (it only stops when this store is dropped): report it.
+            self.durability.state.send_modify(|s| {
+                s.error = Some("the store writer stopped".to_owned());
+            });
+        }
+    }
+}
+
+impl TaskStore for MirroredStore {
+    fn insert(&mut self, task: Task) {
+        self.send(Op::Put(Box::new(task.clone())));
+        self.inner.insert(task);
+    }
+
+    fn get(&self, id: &str) -> Option<&Task> {
+        self.inner.get(id)
+    }
+
+    fn update(&mut self, id: &str, f: &mut dyn FnMut(&mut Task)) -> bool {
+        if !self.inner.update(id, f) {
+            return false;
+        }
+        if let Some(t) = self.inner.get(id) {
+            let t = Box::new(t.clone());
+            self.send(Op::Put(t));
+        }
+        true
+    }
+
+    fn find_by_idempotency_key(&self, key: &str) -> Option<TaskId> {
+        self.inner.find_by_idempotency_key(key)
+    }
+
+    fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page {
+        self.inner.list(filter, page, limit)
+    }
+
+    fn events_after(&self, id: &str, after: u32) -> Vec<TaskEvent> {
+        self.inner.events_after(id, after)
+    }
+
+    fn counts(&self) -> [u64; 7] {
+        self.inner.counts()
+    }
+
+    fn restore(&mut self, task: Task) {
+        self.inner.insert(task);
+    }
+
+    fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
+        let ids = self.inner.remove_finished_before(cutoff);
+        let n = ids.len();
+        for id in ids {
+            self.send(Op::Delete(id));
+        }
+        n
+    }
+}
+
+/// An opened store: the engine's store, its durability handle, and the tasks loaded from it.
+pub struct Opened {
+    /// The store to give the engine.
+    pub store: Box<dyn TaskStore>,
+    /// Tickets for the HTTP layer.
+    pub durability: Arc<Durability>,
+    /// Every task found in the store at start (empty for `memory`).
+    pub recovered: Vec<Task>,
+}
+
+/// Takes an exclusive lock on `<data_dir>/hub.lock` for as long as the file lives.
+///
+/// # Errors
+/// [`StoreError::Locked`] if another process holds it; [`StoreError::Unavailable`] on I/O errors.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
+    let io = |e: std::io::Error| StoreError::Unavailable {
+        what: data_dir.display().to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let path = data_dir.join("hub.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            dir: data_dir.to_owned(),
+            lock: path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+/// Opens the store `kind` (embedded: in `data_dir`, which it locks), loads every task in it, and
+/// starts its writer thread.
+///
+/// # Errors
+/// [`StoreError`]: locked data directory, unreadable store, unreachable Redis.
+pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreError> {
+    let (lock, what, make): (Option<std::fs::File>, String, BackendFactory) = match kind {
+        StoreKind::Memory => {
+            return Ok(Opened {
+                store: Box::new(MemoryStore::new()),
+                durability: Durability::none(),
+                recovered: Vec::new(),
+            });
+        }
+        StoreKind::Embedded => {
+            let lock = lock_data_dir(data_dir)?;
+            let path = data_dir.join(embedded::FILE_NAME);
+            let what = path.display().to_string();
+            (
+                Some(lock),
+                what,
+                Box::new(
+                    move || Ok(Box::new(embedded::Embedded::open(&path)?) as Box<dyn Backend>),
+                ),
+            )
+        }
+        StoreKind::Redis(url) => {
+            let what = redis::redacted(url);
+            let url = url.clone();
+            (
+                None,
+                what,
+                Box::new(
+                    move || Ok(Box::new(redis::RedisBackend::open(&url)?) as Box<dyn Backend>),
+                ),
+            )
+        }
+    };
+    let durability = Arc::new(Durability {
+        enqueued: AtomicU64::new(0),
+        state: watch::channel(WriterState::default()).0,
+        what,
+        _lock: lock,
+    });
+    let (tx, rx) = std_mpsc::channel();
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let d = durability.clone();
+    std::thread::Builder::new()
+        .name("apex-store".to_owned())
+        .spawn(move || {
+            let mut backend = match make().and_then(|mut b| {
+                let tasks = b.load()?;
+                Ok((b, tasks))
+            }) {
+                Ok((b, tasks)) => {
+                    let _ = loaded_tx.send(Ok(tasks));
+                    b
+                }
+                Err(e) => {
+                    let _ = loaded_tx.send(Err(e));
+                    return;
+                }
+            };
+            writer_loop(backend.as_mut(), &rx, &d);
+        })
+        .map_err(|e| StoreError::Unavailable {
+            what: durability.describe().to_owned(),
+            reason: format!("cannot start the writer thread: {e}"),
+        })?;
+    let recovered = loaded_rx.await.map_err(|_| StoreError::Unavailable {
+        what: durability.describe().to_owned(),
+        reason: "the store thread stopped while loading".to_owned(),
+    })??;
+    Ok(Opened {
+        store: Box::new(MirroredStore {
+            inner: MemoryStore::new(),
+            tx,
+            durability: durability.clone(),
+        }),
+        durability,
+        recovered,
+    })
+}
+
+type BackendFactory = Box<dyn FnOnce() -> Result<Box<dyn Backend>, StoreError> + Send>;
+
+/// Group commit: waits for a change, takes everything queued, commits it in one batch, and
+/// publishes progress. A failed batch is retried (with later changes merged in) until it
+/// commits. Returns when the store is dropped and everything is written.
+fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durability) {
+    let mut pending: HashMap<TaskId, Option<Box<Task>>> = HashMap::new();
+    let mut count: u64 = 0;
+    let mut durable: u64 = 0;
+    let mut backoff = Duration::from_millis(20);
+    let mut closed = false;
+    let mut failing_since: Option<std::time::Instant> = None;
+    let take = |op: Op, pending: &mut HashMap<TaskId, Option<Box<Task>>>| match op {
+        Op::Put(t) => {
+            pending.insert(t.id.clone(), Some(t));
+        }
+        Op::Delete(id) => {
+            pending.insert(id, None);
+        }
+    };
+    loop {
+        if pending.is_empty() {
+            if closed {
+                return;
+            }
+            match rx.recv() {
+                Ok(op) => {
+                    take(op, &mut pending);
+                    count += 1;
+                }
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(op) => {
+                    take(op, &mut pending);
+                    count += 1;
+                }
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut puts = Vec::with_capacity(pending.len());
+        let mut deletes = Vec::new();
+        for (id, t) in &pending {
+            match t {
+                Some(t) => match serde_json::to_vec(t.as_ref()) {
+                    Ok(v) => puts.push((id.as_str(), v)),
+                    Err(e) => tracing::error!(task_id = %id, error = %e, "task not encodable"),
+                },
+                None => deletes.push(id.as_str()),
+            }
+        }
+        match backend.write(&puts, &deletes) {
+            Ok(()) => {
+                drop(puts);
+                drop(deletes);
+                pending.clear();
+                durable += count;
+                count = 0;
+                if failing_since.take().is_some() {
+                    tracing::info!(store = d.describe(), "task store is writable again");
+                }
+                d.state.send_replace(WriterState {
+                    durable,
+                    error: None,
+                });
+                backoff = Duration::from_millis(20);
+            }
+            Err(e) => {
+                drop(puts);
+                drop(deletes);
+                if failing_since.is_none() {
+                    failing_since = Some(std::time::Instant::now());
+                    tracing::error!(error = %e, "task store write failed; retrying");
+                }
+                d.state.send_replace(WriterState {
+                    durable,
+                    error: Some(e.to_string()),
+                });
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
