@@ -43,7 +43,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt 2>/dev/null || true
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
-# System tools the tests will need go here, e.g.: need redis-server redis-server
+# System tools the tests need.
+need redis-server redis-server
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -12,11 +12,13 @@
 pub mod api;
 pub mod fixtures;
 pub mod process;
+pub mod redis;
 pub mod stats;
 pub mod wait;
 pub mod ws;
 
 pub use api::{Api, NodeInfo, Page, PageMeta, Task, TaskError};
 pub use process::{Hub, HubOptions, Node, NodeOptions, bin_dir};
+pub use redis::RedisServer;
 pub use wait::{DEFAULT_TIMEOUT, wait_until};
 pub use ws::{RawNode, Received, register_msg};
