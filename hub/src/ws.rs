@@ -199,6 +199,32 @@ impl Session {
         }
     }
 
+    /// Sends `msg` once every store write queued so far is durable: a `task_result_ack` tells
+    /// the node it may forget the result, so the commit must survive a hub crash first.
+    fn send_when_durable(&self, msg: impl Into<HubMessage>) {
+        let durability = self.cluster.durability().clone();
+        let ticket = durability.ticket();
+        if durability.is_durable(ticket) {
+            return self.send(msg);
+        }
+        let msg = msg.into();
+        let tx = self.conn.tx.clone();
+        tokio::spawn(async move {
+            // While the store fails, keep waiting: the node keeps the result until acknowledged.
+            while durability
+                .wait(ticket, crate::durable::DURABLE_WAIT)
+                .await
+                .is_err()
+            {
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            let _ = tx.try_send(Outbound::Msg(msg));
+        });
+    }
+
     fn reject(&self, code: &str, message: String) {
         self.cluster
             .stats()
@@ -240,7 +266,7 @@ impl Session {
             NodeMessage::TaskResult(r) => match node_id {
                 Some(id) => {
                     let ack = self.cluster.task_result(&id, r);
-                    self.send(ack);
+                    self.send_when_durable(ack);
                 }
                 None => {
                     self.reject(

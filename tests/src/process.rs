@@ -265,6 +265,8 @@ pub struct HubOptions {
     pub extra_args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// `--data-dir` (default: a fresh directory of the hub's own).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for HubOptions {
@@ -277,6 +279,7 @@ impl Default for HubOptions {
             listen: "127.0.0.1:0".to_owned(),
             extra_args: Vec::new(),
             env: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -301,6 +304,7 @@ pub struct Hub {
     opts: HubOptions,
     dir: Option<TempDir>,
     api: Api,
+    restarts: u32,
 }
 
 impl Hub {
@@ -311,13 +315,72 @@ impl Hub {
     /// If the binary is missing, exits, or does not print the line within 30 s; the error holds
     /// the tail of its output.
     pub async fn start(opts: HubOptions) -> Result<Self> {
-        let bin = bin_path("apex-hub")?;
         let dir = tempfile::Builder::new().prefix("apex-hub-").tempdir()?;
-        let data_dir = dir.path().join("data");
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         std::fs::create_dir_all(&data_dir)?;
+        let (proc, addr) =
+            Self::launch(&opts, &opts.listen, &data_dir, &dir.path().join("hub.log")).await?;
+        let api = Api::new(&format!("http://{addr}"), &opts.api_key)?;
+        Ok(Self {
+            proc,
+            addr,
+            opts,
+            dir: Some(dir),
+            api,
+            restarts: 0,
+        })
+    }
+
+    /// SIGKILLs the hub and starts it again on the same address and data directory (its log
+    /// goes to `hub-N.log`). Waits for the `listening on` line.
+    ///
+    /// # Errors
+    /// As [`Hub::start`].
+    pub async fn kill_and_restart(&mut self) -> Result<()> {
+        self.proc.kill_now();
+        self.start_again().await
+    }
+
+    /// Starts the hub again after it exited (see [`Hub::kill_and_restart`]).
+    ///
+    /// # Errors
+    /// As [`Hub::start`].
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.proc.kill_now();
+        let dir = self
+            .dir
+            .as_ref()
+            .context("the hub's directory is gone")?
+            .path()
+            .to_owned();
+        self.restarts += 1;
+        let log = dir.join(format!("hub-{}.log", self.restarts + 1));
+        let listen = self.addr.to_string();
+        let data_dir = self
+            .opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("data"));
+        let (proc, addr) = Self::launch(&self.opts, &listen, &data_dir, &log).await?;
+        // The old process's log stays next to the new one.
+        self.proc = proc;
+        self.addr = addr;
+        Ok(())
+    }
+
+    async fn launch(
+        opts: &HubOptions,
+        listen: &str,
+        data_dir: &Path,
+        log: &Path,
+    ) -> Result<(Proc, SocketAddr)> {
+        let bin = bin_path("apex-hub")?;
         let mut cmd = Command::new(&bin);
         cmd.arg("--listen")
-            .arg(&opts.listen)
+            .arg(listen)
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--api-key")
@@ -333,7 +396,7 @@ impl Hub {
         cmd.args(&opts.extra_args);
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut proc = Proc::spawn("apex-hub", cmd, &dir.path().join("hub.log"), Some(tx))?;
+        let mut proc = Proc::spawn("apex-hub", cmd, log, Some(tx))?;
 
         let deadline = tokio::time::Instant::now() + HUB_START_TIMEOUT;
         let addr = loop {
@@ -359,14 +422,7 @@ impl Hub {
                 ),
             }
         };
-        let api = Api::new(&format!("http://{addr}"), &opts.api_key)?;
-        Ok(Self {
-            proc,
-            addr,
-            opts,
-            dir: Some(dir),
-            api,
-        })
+        Ok((proc, addr))
     }
 
     /// Starts a hub with default options.

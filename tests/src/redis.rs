@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -22,11 +23,28 @@ impl RedisServer {
     /// # Errors
     /// The binary is missing (run `scripts/test.sh`), or the server does not answer in 10 s.
     pub fn start() -> Result<Self, String> {
+        Self::start_in(None)
+    }
+
+    /// Starts `redis-server` with an append-only file in `dir`, fsynced on every write, so a
+    /// [`RedisServer::restart`] keeps the data.
+    ///
+    /// # Errors
+    /// As [`RedisServer::start`].
+    pub fn start_persistent(dir: &std::path::Path) -> Result<Self, String> {
+        Self::start_in(Some(dir.to_owned()))
+    }
+
+    fn start_in(dir: Option<std::path::PathBuf>) -> Result<Self, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port: {e}"))?
             .port();
-        let mut s = Self { child: None, port };
+        let mut s = Self {
+            child: None,
+            port,
+            dir,
+        };
         s.spawn()?;
         Ok(s)
     }
@@ -61,9 +79,20 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let child = Command::new("redis-server")
-                .args(["--port", &self.port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &self.port.to_string()]).args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ]);
+            match &self.dir {
+                None => cmd.args(["--appendonly", "no"]),
+                Some(d) => cmd
+                    .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                    .arg(d),
+            };
+            let child = cmd
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

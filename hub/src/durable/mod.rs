@@ -147,6 +147,11 @@ impl Durability {
         self.enqueued.load(Ordering::Acquire)
     }
 
+    /// Whether every change up to `ticket` is durable now.
+    pub fn is_durable(&self, ticket: u64) -> bool {
+        self.state.borrow().durable >= ticket
+    }
+
     /// Err while the store is failing (submissions answer 503).
     ///
     /// # Errors
