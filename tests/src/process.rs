@@ -382,7 +382,7 @@ impl Hub {
         cmd.arg("--listen")
             .arg(listen)
             .arg("--data-dir")
-            .arg(&data_dir)
+            .arg(data_dir)
             .arg("--api-key")
             .arg(&opts.api_key)
             .arg("--node-key")
