@@ -44,6 +44,13 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt 2>/dev/null || true
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
 # System tools the tests will need go here, e.g.: need redis-server redis-server
+# The dashboard test (tests/tests/dashboard.rs) drives Debian's chromium with playwright-core,
+# pinned in tests/dashboard/package-lock.json (never `npx playwright install`).
+need chromium chromium
+if [ ! -d tests/dashboard/node_modules ]; then
+    log "npm ci in tests/dashboard (playwright-core)"
+    (cd tests/dashboard && npm ci --no-audit --no-fund)
+fi
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -2,6 +2,7 @@
 //!
 //! Only this module tree and [`crate::ws`] import axum.
 
+pub mod dashboard;
 pub mod error;
 mod nodes;
 mod tasks;
@@ -164,6 +165,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(crate::ws::routes())
+        .merge(dashboard::routes())
         .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
