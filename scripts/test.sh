@@ -51,6 +51,7 @@ if [ ! -d tests/dashboard/node_modules ]; then
     log "npm ci in tests/dashboard (playwright-core)"
     (cd tests/dashboard && npm ci --no-audit --no-fund)
 fi
+need promtool prometheus   # `promtool check metrics` and `check rules` (hub/tests/operator.rs, deploy.rs)
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -4,8 +4,11 @@
 
 pub mod cluster;
 pub mod config;
+pub mod events;
 pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod scheduler;
 pub mod store;
 pub mod ws;
@@ -19,8 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::config::Config;
+use crate::config::{Cli, Config};
 use crate::http::AppState;
+use crate::ops::Ops;
+use crate::ops::live::ApplyHook;
 use crate::store::MemoryStore;
 
 /// Builds the engine for a validated config.
@@ -51,13 +56,66 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with(config, listener, shutdown, RunOptions::default()).await
+}
+
+/// What `main.rs` adds to [`run`]: the flags (for `POST /v1/config/reload`) and hooks that
+/// apply config changes outside the hub (the log filter).
+#[derive(Default)]
+pub struct RunOptions {
+    /// The flags the hub was started with; reload re-reads their `--config` file.
+    pub cli: Option<Cli>,
+    /// Run on every config change before it is applied (e.g. swap the log filter).
+    pub on_config_change: Vec<ApplyHook>,
+    /// An already-bound listener for `metrics_listen` (else `run_with` binds it when set).
+    pub metrics_listener: Option<TcpListener>,
+}
+
+/// [`run`] with [`RunOptions`]. Also serves `GET /metrics` on `config.metrics_listen` when set.
+///
+/// # Errors
+/// I/O errors of the listeners.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: RunOptions,
+) -> std::io::Result<()> {
     let cluster = cluster_for(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_listen = config.metrics_listen;
+    let config = Arc::new(config);
+    let ops = Ops::new(config.clone(), options.cli);
+    for hook in options.on_config_change {
+        ops.live.on_change(hook);
+    }
     let state = AppState {
         cluster: cluster.clone(),
-        config: Arc::new(config),
+        config,
         shutdown: stop_rx.clone(),
+        ops: ops.clone(),
     };
+    let mut background = ops.start(&cluster, &stop_rx);
+    let metrics_listener = match (options.metrics_listener, metrics_listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
+        (None, None) => None,
+    };
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = %l.local_addr()?, "metrics listener started");
+        let app = http::metrics_router(state.clone());
+        let mut stop = stop_rx.clone();
+        background.push(tokio::spawn(async move {
+            let served = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        }));
+    }
     let deadlines = tokio::spawn(deadline_loop(cluster.clone(), stop_rx.clone()));
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let closing = cluster.clone();
@@ -76,6 +134,9 @@ pub async fn run(
         })
         .await;
     deadlines.abort();
+    for b in background {
+        b.abort();
+    }
     result
 }
 
