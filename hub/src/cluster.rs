@@ -1264,6 +1264,23 @@ impl Cluster {
         v
     }
 
+    /// Queued tasks per tool.
+    pub fn queued_by_tool(&self) -> HashMap<String, usize> {
+        self.shared.core.lock().sched.queued_by_tool()
+    }
+
+    /// Online (not draining) nodes per tool they offer.
+    pub fn tool_nodes(&self) -> HashMap<String, usize> {
+        let core = self.shared.core.lock();
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for e in core.nodes.values().filter(|e| e.state == NodeState::Online) {
+            for t in &e.info.tools {
+                *out.entry(t.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// The status of every known node (cheaper than [`Cluster::nodes`]).
     pub fn node_states(&self) -> Vec<NodeState> {
         let core = self.shared.core.lock();

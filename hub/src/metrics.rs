@@ -38,6 +38,7 @@ const DURATION_BUCKETS: &[f64] = &[
 /// Every metric of the hub.
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// `apex_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
     /// `apex_uptime_seconds`.
@@ -48,6 +49,10 @@ pub struct Metrics {
     pub tasks: IntGaugeVec,
     /// `apex_queue_depth`: tasks waiting for a node.
     pub queue_depth: IntGauge,
+    /// `apex_queued_tasks{tool}`: tasks waiting for a node, by tool.
+    pub queued_tasks: IntGaugeVec,
+    /// `apex_tool_nodes{tool}`: online (not draining) nodes offering each tool.
+    pub tool_nodes: IntGaugeVec,
     /// `apex_tasks_submitted_total`.
     pub tasks_submitted: IntCounter,
     /// `apex_tasks_dispatched_total`: assignments sent to nodes (a migrated task counts again).
@@ -96,9 +101,13 @@ pub struct Metrics {
 
 fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new();
+    let mut names = Vec::new();
     macro_rules! reg {
         ($m:expr) => {{
             let m = $m;
+            for d in prometheus::core::Collector::desc(&m) {
+                names.push(d.fq_name.clone());
+            }
             registry.register(Box::new(m.clone()))?;
             m
         }};
@@ -126,6 +135,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
         queue_depth: reg!(IntGauge::new(
             "apex_queue_depth",
             "Tasks waiting for a node."
+        )?),
+        queued_tasks: reg!(IntGaugeVec::new(
+            Opts::new("apex_queued_tasks", "Tasks waiting for a node, by tool."),
+            &["tool"]
+        )?),
+        tool_nodes: reg!(IntGaugeVec::new(
+            Opts::new(
+                "apex_tool_nodes",
+                "Online (not draining) nodes offering each tool."
+            ),
+            &["tool"]
         )?),
         tasks_submitted: reg!(IntCounter::new(
             "apex_tasks_submitted_total",
@@ -249,6 +269,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["provider", "model"]
         )?),
         registry,
+        names,
     })
 }
 
@@ -266,6 +287,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| match build() {
 /// The process-wide metrics.
 pub fn get() -> &'static Metrics {
     &METRICS
+}
+
+/// Every metric family name the hub declares (histograms without the `_bucket`, `_sum`,
+/// `_count` suffixes), for checking dashboards and alert rules against.
+pub fn names() -> Vec<String> {
+    get().names.clone()
 }
 
 /// Seconds between two times (0 if `to` is earlier).
@@ -345,6 +372,19 @@ pub fn render(cluster: &Cluster) -> Result<String, prometheus::Error> {
     }
     m.queue_depth
         .set(i64::try_from(h.queue_depth).unwrap_or(i64::MAX));
+    // Rebuilt each time, so tools nobody queues for or offers any more disappear.
+    m.queued_tasks.reset();
+    for (tool, n) in cluster.queued_by_tool() {
+        m.queued_tasks
+            .with_label_values(&[tool.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    m.tool_nodes.reset();
+    for (tool, n) in cluster.tool_nodes() {
+        m.tool_nodes
+            .with_label_values(&[tool.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
     // Make the channel gauges and drop counters appear before their first use.
     for c in ["node", "log"] {
         m.ws_connections.with_label_values(&[c]);

@@ -838,6 +838,7 @@ async fn metrics_pass_promtool_and_carry_no_ids() {
         "apex_nodes{status=\"online\"}",
         "apex_tasks{state=\"succeeded\"}",
         "apex_queue_depth",
+        "apex_tool_nodes{tool=\"echo\"} 1",
         "apex_tasks_finished_total{outcome=\"succeeded\",tool=\"echo\"}",
         "apex_task_dispatch_latency_seconds_bucket",
         "apex_task_duration_seconds_bucket",
