@@ -45,6 +45,14 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
 # System tools the tests need.
 need redis-server redis-server
+# The dashboard test (tests/tests/dashboard.rs) drives Debian's chromium with playwright-core,
+# pinned in tests/dashboard/package-lock.json (never `npx playwright install`).
+need chromium chromium
+if [ ! -d tests/dashboard/node_modules ]; then
+    log "npm ci in tests/dashboard (playwright-core)"
+    (cd tests/dashboard && npm ci --no-audit --no-fund)
+fi
+need promtool prometheus   # `promtool check metrics` and `check rules` (hub/tests/operator.rs, deploy.rs)
 
 log "cargo fmt --check"
 cargo fmt --all --check

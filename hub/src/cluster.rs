@@ -28,6 +28,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
+use crate::events::{NodeEvent, NodeEventKind};
+use crate::metrics;
 use crate::model::{EventKind, Rfc3339, Task, TaskEvent, TaskSpec, TaskStatus};
 use crate::scheduler::{QueueKey, Scheduler};
 use crate::store::{Page, TaskFilter, TaskStore};
@@ -261,6 +263,7 @@ struct Core {
 struct Shared {
     core: Mutex<Core>,
     events: broadcast::Sender<Arc<TaskEvent>>,
+    node_events: broadcast::Sender<Arc<NodeEvent>>,
     opts: ClusterOptions,
     server_id: String,
     next_conn: AtomicU64,
@@ -288,6 +291,7 @@ impl Cluster {
         durability: Arc<crate::durable::Durability>,
     ) -> Self {
         let (events, _) = broadcast::channel(8192);
+        let (node_events, _) = broadcast::channel(1024);
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
@@ -301,6 +305,7 @@ impl Cluster {
                     recovering: HashMap::new(),
                 }),
                 events,
+                node_events,
                 opts,
                 server_id: format!("apex-hub-{}", uuid::Uuid::new_v4().simple()),
                 next_conn: AtomicU64::new(1),
@@ -329,6 +334,27 @@ impl Cluster {
     /// Subscribes to every task event from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
         self.shared.events.subscribe()
+    }
+
+    /// Subscribes to every node event from now on (bounded: a slow receiver gets `Lagged`).
+    pub fn subscribe_nodes(&self) -> broadcast::Receiver<Arc<NodeEvent>> {
+        self.shared.node_events.subscribe()
+    }
+
+    /// Publishes a node event (with the node's current view, if it is still known).
+    fn node_event(&self, core: &Core, node_id: &str, kind: NodeEventKind, reason: Option<&str>) {
+        if self.shared.node_events.receiver_count() == 0 {
+            return;
+        }
+        let node = core.nodes.get(node_id).map(node_view);
+        let _ = self.shared.node_events.send(Arc::new(NodeEvent {
+            kind,
+            node_id: node_id.to_owned(),
+            status: node.as_ref().map_or(NodeState::Offline, |n| n.status),
+            reason: reason.map(str::to_owned),
+            node,
+            timestamp: SystemTime::now(),
+        }));
     }
 
     /// A new connection: its handle and the receiving end of its outbound queue. The
@@ -558,6 +584,7 @@ impl Cluster {
             self.migrate(core, &t, node_id, "the node re-registered without it", true);
         }
         tracing::info!(node_id, tools = tools.len(), limit, "node registered");
+        self.node_event(core, node_id, NodeEventKind::NodeRegistered, None);
         resend
     }
 
@@ -637,7 +664,76 @@ impl Cluster {
             self.schedule(&mut core);
         }
         tracing::info!(node_id, draining, "node drain state changed");
+        let kind = if draining {
+            NodeEventKind::NodeDrained
+        } else {
+            NodeEventKind::NodeUndrained
+        };
+        self.node_event(&core, node_id, kind, None);
         true
+    }
+
+    /// Forgets a node at an operator's request: closes its connection (close code 1000,
+    /// `removed by operator`), migrates its in-flight tasks, fails the queued tasks pinned to it
+    /// (`node_removed`), and drops it from the registry. False for an unknown node. A node that
+    /// reconnects afterwards registers again as new.
+    pub fn remove_node(&self, node_id: &str, reason: &str) -> bool {
+        let mut core = self.shared.core.lock();
+        if !core.nodes.contains_key(node_id) {
+            return false;
+        }
+        self.forget_locked(&mut core, node_id, reason);
+        self.schedule(&mut core);
+        true
+    }
+
+    /// Forgets every node that has been offline for longer than `retention`. Returns their ids.
+    pub fn forget_offline(&self, retention: Duration) -> Vec<String> {
+        let mut core = self.shared.core.lock();
+        let now = SystemTime::now();
+        let stale: Vec<String> = core
+            .nodes
+            .values()
+            .filter(|e| {
+                e.state == NodeState::Offline
+                    && e.disconnected_at.is_some_and(|t| {
+                        now.duration_since(t).unwrap_or(Duration::ZERO) >= retention
+                    })
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        for id in &stale {
+            self.forget_locked(
+                &mut core,
+                id,
+                "offline for longer than offline_node_retention_ms",
+            );
+        }
+        if !stale.is_empty() {
+            self.schedule(&mut core);
+        }
+        stale
+    }
+
+    fn forget_locked(&self, core: &mut Core, node_id: &str, reason: &str) {
+        if let Some(c) = core.nodes.get(node_id).and_then(|e| e.conn.clone()) {
+            let _ =
+                c.tx.try_send(Outbound::Close(1000, "removed by operator".to_owned()));
+            c.kill.notify_one();
+            // Migrates its in-flight tasks.
+            self.lose_node_locked(core, node_id, reason);
+        }
+        for t in core.sched.pinned_to(node_id) {
+            let err = ErrorInfo::new(
+                "node_removed",
+                format!("the task is pinned to node {node_id}, which was removed: {reason}"),
+            );
+            self.finish(core, &t, TaskStatus::Failed, None, Some(err));
+        }
+        core.sched.remove_node(node_id);
+        core.nodes.remove(node_id);
+        tracing::info!(node_id, reason, "node removed");
+        self.node_event(core, node_id, NodeEventKind::NodeRemoved, Some(reason));
     }
 
     /// Handles `node_unregister` on connection `conn_id`: the node leaves, its tasks migrate.
@@ -684,6 +780,7 @@ impl Cluster {
         for t in inflight {
             self.migrate(core, &t, node_id, reason, true);
         }
+        self.node_event(core, node_id, NodeEventKind::NodeLost, Some(reason));
     }
 
     /// Sends a task assigned to `from` back to the queue, or fails it with `node_lost` when it
@@ -716,6 +813,7 @@ impl Cluster {
             return;
         }
         self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
+        metrics::get().migrations.inc();
         let msg = if counts {
             format!(
                 "node {from} was lost ({reason}); requeued for attempt {}",
@@ -793,6 +891,7 @@ impl Cluster {
         let mut error = error;
         core.store.update(task_id, &mut |t| {
             let now = SystemTime::now();
+            metrics::task_finished(&t.spec.tool, status.as_str(), t.started_at, now);
             t.status = status;
             t.updated_at = now;
             t.finished_at = Some(now);
@@ -827,6 +926,8 @@ impl Cluster {
                 .map_or(Dialect::Native, |e| e.info.dialect);
             core.store.update(&a.task_id, &mut |t| {
                 let now = SystemTime::now();
+                // Queued since submission or the last migration.
+                metrics::task_dispatched(t.updated_at, now);
                 t.status = TaskStatus::Assigned;
                 t.attempt += 1;
                 t.node_id = Some(node_id.clone());
@@ -940,6 +1041,7 @@ impl Cluster {
             core.deadline_of.insert(id.clone(), (deadline, seq));
             accepted.push((id, true));
             core.store.insert(task);
+            metrics::get().tasks_submitted.inc();
         }
         self.schedule(&mut core);
         // The state after dispatch (a task may already be assigned).
@@ -1177,6 +1279,29 @@ impl Cluster {
         let mut v: Vec<NodeView> = core.nodes.values().map(node_view).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+
+    /// Queued tasks per tool.
+    pub fn queued_by_tool(&self) -> HashMap<String, usize> {
+        self.shared.core.lock().sched.queued_by_tool()
+    }
+
+    /// Online (not draining) nodes per tool they offer.
+    pub fn tool_nodes(&self) -> HashMap<String, usize> {
+        let core = self.shared.core.lock();
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for e in core.nodes.values().filter(|e| e.state == NodeState::Online) {
+            for t in &e.info.tools {
+                *out.entry(t.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// The status of every known node (cheaper than [`Cluster::nodes`]).
+    pub fn node_states(&self) -> Vec<NodeState> {
+        let core = self.shared.core.lock();
+        core.nodes.values().map(|e| e.state).collect()
     }
 
     /// One node.

@@ -86,6 +86,18 @@ pub struct Config {
     /// reconnect and reclaim them before they are dispatched again, in milliseconds.
     /// Default 10000.
     pub recovery_grace_ms: u64,
+    /// How long an offline node stays listed before the hub forgets it, in milliseconds; 0
+    /// keeps offline nodes until they are deleted. Hot-reloadable. Default 3600000 (1 hour).
+    pub offline_node_retention_ms: u64,
+    /// Entries of the log channel's ring buffer, replayed to each new log client. Default 1000.
+    pub log_buffer_entries: usize,
+    /// Entries a log-channel client may fall behind before it skips (and counts) the oldest
+    /// ones. Default 1024. (`/v1/events` clients read the engine's own buffers: 8192 task
+    /// events, 1024 node events.)
+    pub stream_buffer_events: usize,
+    /// Optional second listener serving only `GET /metrics`, without an API key (for a
+    /// Prometheus scraper on an internal network), e.g. `127.0.0.1:9090`. Default none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -113,6 +125,10 @@ impl Default for Config {
             store: "embedded".to_owned(),
             task_retention_hours: 168,
             recovery_grace_ms: 10_000,
+            offline_node_retention_ms: 3_600_000,
+            log_buffer_entries: 1000,
+            stream_buffer_events: 1024,
+            metrics_listen: None,
         }
     }
 }
@@ -128,7 +144,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// Command-line flags of `apex-hub`. Each overrides the same-named config key.
-#[derive(Debug, Default, Parser, Serialize)]
+#[derive(Debug, Clone, Default, Parser, Serialize)]
 #[command(
     name = "apex-hub",
     version,
@@ -192,6 +208,10 @@ pub struct Cli {
     #[arg(long, value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_grace_ms: Option<u64>,
+    /// Second listener serving only GET /metrics without an API key, e.g. 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -298,6 +318,24 @@ impl Config {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format", "must be `text` or `json`");
+        }
+        if !(1..=1_000_000).contains(&self.log_buffer_entries) {
+            return bad("log_buffer_entries", "must be 1 to 1000000");
+        }
+        if !(16..=1_000_000).contains(&self.stream_buffer_events) {
+            return bad("stream_buffer_events", "must be 16 to 1000000");
+        }
+        if self
+            .metrics_listen
+            .is_some_and(|m| m == self.listen && m.port() != 0)
+        {
+            return bad("metrics_listen", "must differ from listen");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(Error::Invalid {
+                field: "log_level",
+                reason: e.to_string(),
+            });
         }
         for k in self.api_keys.iter().chain(&self.node_keys) {
             if k.len() < 8 || k.chars().any(|c| c.is_whitespace() || c == '/') {

@@ -5,8 +5,11 @@
 pub mod cluster;
 pub mod config;
 pub mod durable;
+pub mod events;
 pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod scheduler;
 pub mod store;
 pub mod ws;
@@ -20,9 +23,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::config::Config;
+use crate::config::{Cli, Config};
 use crate::durable::{Opened, StoreError};
 use crate::http::AppState;
+use crate::ops::Ops;
+use crate::ops::live::ApplyHook;
 use crate::store::MemoryStore;
 
 /// Builds an engine over a memory store for a validated config (tests).
@@ -57,28 +62,46 @@ fn cluster_options(config: &Config) -> ClusterOptions {
 /// `config` must be validated and have at least one API key and one node key.
 ///
 /// # Errors
-/// I/O errors of the listener; store errors (see [`open_store`]) as `io::Error`.
+/// I/O errors of the listener.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let opened = open_store(&config)
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    run_with_store(config, listener, opened, shutdown).await
+    run_with(config, listener, shutdown, RunOptions::default()).await
 }
 
-/// [`run`] over an already opened store: restores its tasks first (recovery), then serves.
+/// What `main.rs` adds to [`run`]: the flags (for `POST /v1/config/reload`) and hooks that
+/// apply config changes outside the hub (the log filter).
+#[derive(Default)]
+pub struct RunOptions {
+    /// The flags the hub was started with; reload re-reads their `--config` file.
+    pub cli: Option<Cli>,
+    /// Run on every config change before it is applied (e.g. swap the log filter).
+    pub on_config_change: Vec<ApplyHook>,
+    /// An already-bound listener for `metrics_listen` (else `run_with` binds it when set).
+    pub metrics_listener: Option<TcpListener>,
+    /// An already opened store (`main.rs` opens it first to report store errors before
+    /// listening); else `run_with` opens the one the config names.
+    pub store: Option<Opened>,
+}
+
+/// [`run`] with [`RunOptions`]. Also serves `GET /metrics` on `config.metrics_listen` when set.
 ///
 /// # Errors
-/// I/O errors of the listener.
-pub async fn run_with_store(
+/// I/O errors of the listeners; store errors (see [`open_store`]) as `io::Error`.
+pub async fn run_with(
     config: Config,
     listener: TcpListener,
-    opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    options: RunOptions,
 ) -> std::io::Result<()> {
+    let opened = match options.store {
+        Some(o) => o,
+        None => open_store(&config)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?,
+    };
     let durability = opened.durability.clone();
     let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
     let restored = cluster.restore(opened.recovered);
@@ -91,14 +114,42 @@ pub async fn run_with_store(
             "tasks recovered from the store"
         );
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_millis(config.recovery_grace_ms);
     let retention = Duration::from_secs(config.task_retention_hours.saturating_mul(3600));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_listen = config.metrics_listen;
+    let config = Arc::new(config);
+    let ops = Ops::new(config.clone(), options.cli);
+    for hook in options.on_config_change {
+        ops.live.on_change(hook);
+    }
     let state = AppState {
         cluster: cluster.clone(),
-        config: Arc::new(config),
+        config,
         shutdown: stop_rx.clone(),
+        ops: ops.clone(),
     };
+    let mut background = ops.start(&cluster, &stop_rx);
+    let metrics_listener = match (options.metrics_listener, metrics_listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
+        (None, None) => None,
+    };
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = %l.local_addr()?, "metrics listener started");
+        let app = http::metrics_router(state.clone());
+        let mut stop = stop_rx.clone();
+        background.push(tokio::spawn(async move {
+            let served = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        }));
+    }
     let deadlines = tokio::spawn(deadline_loop(cluster.clone(), stop_rx.clone()));
     let upkeep = tokio::spawn(upkeep_loop(
         cluster.clone(),
@@ -123,6 +174,9 @@ pub async fn run_with_store(
         .await;
     deadlines.abort();
     upkeep.abort();
+    for b in background {
+        b.abort();
+    }
     if let Err(e) = durability.flush(Duration::from_secs(5)).await {
         tracing::error!(error = %e, "task store not flushed at shutdown");
     }

@@ -2,9 +2,13 @@
 
 use std::process::ExitCode;
 
+use apex_hub::RunOptions;
 use apex_hub::config::{Cli, Config, ensure_keys};
+use apex_hub::ops::live::ApplyHook;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
 
 /// Exit code for a configuration error (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -44,14 +48,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // The filter sits behind a reload handle so `PUT /v1/config {"log_level"}` applies live.
+    let (filter, filter_handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if config.log_format == "json" {
-        fmt.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        fmt.init();
+        registry.with(fmt).init();
     }
+    let log_hook: ApplyHook = Box::new(move |c: &Config| {
+        let f = EnvFilter::try_new(&c.log_level)
+            .map_err(|e| ("log_level".to_owned(), e.to_string()))?;
+        filter_handle
+            .reload(f)
+            .map_err(|e| ("log_level".to_owned(), e.to_string()))
+    });
     let generated = match ensure_keys(&mut config) {
         Ok(g) => g,
         Err(e) => {
@@ -83,6 +95,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let metrics_listener = match config.metrics_listen {
+        None => None,
+        Some(m) => match tokio::net::TcpListener::bind(m).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("apex-hub: cannot listen on {m} (metrics_listen): {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
     if let Some(k) = &generated.api_key {
         println!("api key: {k}");
     }
@@ -90,8 +112,17 @@ async fn main() -> ExitCode {
         println!("node key: {k}");
     }
     println!("listening on http://{addr}");
+    if let Some(m) = metrics_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        println!("metrics on http://{m}/metrics");
+    }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "apex-hub started");
-    match apex_hub::run_with_store(config, listener, opened, shutdown_signal()).await {
+    let options = RunOptions {
+        cli: Some(cli),
+        on_config_change: vec![log_hook],
+        metrics_listener,
+        store: Some(opened),
+    };
+    match apex_hub::run_with(config, listener, shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apex-hub: {e}");

@@ -152,6 +152,29 @@ impl Scheduler {
         }
     }
 
+    /// Queued tasks per tool (pinned ones included).
+    pub fn queued_by_tool(&self) -> HashMap<String, usize> {
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for (lane, q) in &self.lanes {
+            let tool = match lane {
+                Lane::Tool(t) | Lane::Pinned { tool: t, .. } => t,
+            };
+            *out.entry(tool.clone()).or_default() += q.len();
+        }
+        out
+    }
+
+    /// Ids of the queued tasks pinned to `node_id`, best first.
+    pub fn pinned_to(&self, node_id: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (lane, q) in &self.lanes {
+            if matches!(lane, Lane::Pinned { node, .. } if node == node_id) {
+                out.extend(q.values().cloned());
+            }
+        }
+        out
+    }
+
     /// Marks a node as taking new work or not (drain).
     pub fn set_schedulable(&mut self, node_id: &str, schedulable: bool) {
         if let Some(n) = self.nodes.get_mut(node_id) {

@@ -28,6 +28,7 @@ use tokio::time::{MissedTickBehavior, interval};
 
 use crate::cluster::{Cluster, ConnHandle, Dialect, Outbound};
 use crate::http::{ApiError, AppState, bearer, key_matches};
+use crate::ops::Ops;
 
 const PREFIXES: [&str; 3] = [
     "/abp-distributed-server",
@@ -93,8 +94,10 @@ fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket: WebSocket| async move {
             let (sink, stream) = socket.split();
+            let _gauge = crate::metrics::ConnectionGauge::open("node");
             let (conn, rx) = state.cluster.open_connection(peer.to_string());
             Session::new(state.cluster.clone(), conn)
+                .with_ops(state.ops.clone())
                 .run(stream, sink, rx)
                 .await;
         })
@@ -106,6 +109,7 @@ pub struct Session {
     conn: ConnHandle,
     node: Option<(String, Dialect)>,
     limits: apex_protocol::Limits,
+    ops: Option<Ops>,
 }
 
 impl Session {
@@ -116,7 +120,15 @@ impl Session {
             conn,
             node: None,
             limits: apex_protocol::Limits::default(),
+            ops: None,
         }
+    }
+
+    /// Takes liveness timings from the live config (changes apply to open sessions) and feeds
+    /// node `log` frames to the log channel.
+    pub fn with_ops(mut self, ops: Ops) -> Self {
+        self.ops = Some(ops);
+        self
     }
 
     /// Runs the connection until it closes, goes silent past the heartbeat timeout, or the
@@ -128,7 +140,13 @@ impl Session {
         K: Sink<Message> + Unpin + Send + 'static,
     {
         let writer = tokio::spawn(write_loop(sink, rx));
-        let opts = self.cluster.options().clone();
+        let mut opts = self.cluster.options().clone();
+        let mut live = self.ops.as_ref().map(|o| o.live.subscribe());
+        if let Some(l) = &mut live {
+            let c = l.borrow_and_update();
+            opts.heartbeat_interval = c.heartbeat_interval();
+            opts.heartbeat_timeout = c.heartbeat_timeout();
+        }
         let mut tick = interval(opts.heartbeat_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
@@ -173,6 +191,19 @@ impl Session {
                 _ = tick.tick() => {
                     let _ = self.conn.tx.try_send(Outbound::Ping);
                 }
+                Ok(()) = async { match &mut live { Some(l) => l.changed().await, None => std::future::pending().await } } => {
+                    if let Some(l) = &mut live {
+                        let c = l.borrow_and_update().clone();
+                        if c.heartbeat_interval() != opts.heartbeat_interval {
+                            opts.heartbeat_interval = c.heartbeat_interval();
+                            tick = interval(opts.heartbeat_interval);
+                            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                        }
+                        opts.heartbeat_timeout = c.heartbeat_timeout();
+                        // Re-armed from the last frame: a shorter timeout may fire at once.
+                        silence.as_mut().reset((last_seen + opts.heartbeat_timeout).into());
+                    }
+                }
             }
         };
         if let Some((node_id, _)) = self.node.take() {
@@ -196,6 +227,7 @@ impl Session {
                 .stats()
                 .frames_shed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::get().frames_shed.inc();
         }
     }
 
@@ -230,6 +262,7 @@ impl Session {
             .stats()
             .frames_rejected
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::frame_rejected(code);
         tracing::debug!(conn = self.conn.id, code, %message, "frame rejected");
         self.send(ErrorFrame {
             code: code.to_owned(),
@@ -242,6 +275,7 @@ impl Session {
             .stats()
             .frames_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::get().frames_in.inc();
         let msg = match decoded {
             Ok(m) => m,
             Err(e) => return self.reject(e.code(), e.to_string()),
@@ -315,6 +349,10 @@ impl Session {
                 self.send(ack);
             }
             NodeMessage::Log(l) => {
+                if let Some(ops) = &self.ops {
+                    let id = node_id.as_deref().unwrap_or(&l.node_id);
+                    ops.logs.node_log(id, &l.level, &l.message, l.timestamp);
+                }
                 tracing::info!(
                     target: "apex_hub::node_log",
                     node_id = node_id.as_deref().unwrap_or(&l.node_id),
@@ -419,6 +457,7 @@ where
             if sink.feed(msg).await.is_err() {
                 return;
             }
+            crate::metrics::get().frames_out.inc();
             batch += 1;
             if batch < 256 {
                 next = rx.try_recv().ok();

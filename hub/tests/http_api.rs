@@ -1,7 +1,6 @@
 #![allow(clippy::unwrap_used)]
 //! Handler tests: the hub's router driven with `oneshot` requests, no sockets.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use apex_hub::cluster::{Cluster, ConnHandle, Outbound};
@@ -36,11 +35,7 @@ fn hub_with(f: impl FnOnce(&mut Config)) -> Hub {
     config.validate().unwrap();
     let cluster = apex_hub::cluster_for(&config);
     let (tx, rx) = watch::channel(false);
-    let state = AppState {
-        cluster: cluster.clone(),
-        config: Arc::new(config),
-        shutdown: rx,
-    };
+    let state = AppState::new(cluster.clone(), config, rx);
     Hub {
         app: router(state),
         cluster,

@@ -2,14 +2,20 @@
 //!
 //! Only this module tree and [`crate::ws`] import axum.
 
+mod config;
+pub mod dashboard;
 pub mod error;
+pub mod events;
+pub mod log_channel;
 mod nodes;
+mod system;
 mod tasks;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +30,7 @@ use tower_http::trace::TraceLayer;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::model::TaskStatus;
+use crate::ops::Ops;
 pub use error::ApiError;
 
 /// What every handler can reach.
@@ -35,6 +42,22 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Flips to true when the hub shuts down (ends SSE streams).
     pub shutdown: watch::Receiver<bool>,
+    /// Live config, log channel buffer, machine sampler (the operator surface).
+    pub ops: Ops,
+}
+
+impl AppState {
+    /// State for a validated `config`, with operator handles whose config reload is refused
+    /// (tests; `crate::run` builds its own with the startup flags).
+    pub fn new(cluster: Cluster, config: Config, shutdown: watch::Receiver<bool>) -> Self {
+        let config = Arc::new(config);
+        Self {
+            ops: Ops::new(config.clone(), None),
+            cluster,
+            config,
+            shutdown,
+        }
+    }
 }
 
 /// Whether `presented` equals one of `keys`, compared in constant time.
@@ -143,6 +166,42 @@ impl Pagination {
     }
 }
 
+/// Counts every request in `apex_http_requests_total` by method, matched route pattern (never
+/// the raw path, so no ids) and status.
+async fn track_http(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let m = crate::metrics::get();
+    m.http_requests
+        .with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[method.as_str(), route.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match crate::metrics::render(&state.cluster) {
+        Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+/// The router of the optional `metrics_listen` listener: only `GET /metrics`, no API key.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .with_state(state)
+}
+
 async fn no_route(uri: Uri) -> ApiError {
     ApiError::no_route(uri.path())
 }
@@ -155,15 +214,38 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}", get(tasks::get))
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/v1/tasks/{id}/events", get(tasks::events))
-        .route("/v1/nodes", get(nodes::list))
-        .route("/v1/nodes/{id}", get(nodes::get))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
+        .route("/api/v1/system/status", get(system::status))
+        .route("/v1/events", get(events::stream))
+        .route("/metrics", get(metrics));
+    let mut api = api;
+    for base in ["/v1/nodes", "/api/admin/nodes"] {
+        api = api
+            .route(base, get(nodes::list))
+            .route(
+                &format!("{base}/{{id}}"),
+                get(nodes::get).delete(nodes::remove),
+            )
+            .route(
+                &format!("{base}/{{id}}/tasks"),
+                get(nodes::tasks).post(nodes::dispatch),
+            )
+            .route(&format!("{base}/{{id}}/drain"), post(nodes::drain))
+            .route(&format!("{base}/{{id}}/undrain"), post(nodes::undrain));
+    }
+    for base in ["/v1/config", "/api/admin/config"] {
+        api = api
+            .route(base, get(config::get).put(config::put))
+            .route(&format!("{base}/reload"), post(config::reload));
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_api_key,
+    ));
     Router::new()
         .route("/health", get(health))
         .merge(crate::ws::routes())
+        .merge(log_channel::routes())
+        .merge(dashboard::routes())
         .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -172,6 +254,7 @@ pub fn router(state: AppState) -> Router {
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(TraceLayer::new_for_http())
+                .layer(middleware::from_fn(track_http))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )
         .with_state(state)

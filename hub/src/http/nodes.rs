@@ -1,38 +1,74 @@
-//! `/v1/nodes`: the node registry as operators see it.
+//! `/v1/nodes` (and the same routes under `/api/admin/nodes`): the node registry as operators
+//! see it and act on it: list with filters and pagination, one node, its tasks, drain and
+//! undrain, delete (disconnect and forget), and dispatch of a task to one node.
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::tasks::{TaskRequest, submit_error, wait_for_end};
 use super::{ApiError, AppState, Pagination};
+use crate::cluster::NodeState;
+use crate::model::TaskStatus;
+use crate::store::TaskFilter;
 
 /// Query of `GET /v1/nodes`.
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
     status: Option<String>,
+    #[serde(rename = "type")]
+    node_type: Option<String>,
     tool: Option<String>,
     page: Option<usize>,
     limit: Option<usize>,
 }
 
-/// `GET /v1/nodes?status=&tool=&page=&limit=`: `{"data": [node, ...], "meta": {...}}`, by id.
+/// `GET /v1/nodes?status=&type=&tool=&page=&limit=`: `{"data": [node, ...], "meta": {total,
+/// page, limit, pages}}`, by id. `status` is `online`, `draining` or `offline`; `type` is
+/// `worker`, `companion` or `custom`; `tool` keeps nodes offering that tool. `limit` defaults to
+/// 100 (at most 1000).
 pub async fn list(
     State(state): State<AppState>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    if let Some(s) = status
+        && !["online", "draining", "offline"].contains(&s)
+    {
+        return Err(ApiError::invalid(
+            "status",
+            "`status` must be one of online, draining, offline",
+        ));
+    }
+    let node_type = q.node_type.as_deref().filter(|s| !s.is_empty());
+    if let Some(t) = node_type
+        && !["worker", "companion", "custom"].contains(&t)
+    {
+        return Err(ApiError::invalid(
+            "type",
+            "`type` must be one of worker, companion, custom",
+        ));
+    }
+    let tool = q.tool.as_deref().filter(|s| !s.is_empty());
     let pages = Pagination::new(q.page, q.limit, 100)?;
     let all: Vec<_> = state
         .cluster
         .nodes()
         .into_iter()
         .filter(|n| {
-            q.status.as_deref().is_none_or(|s| n.status.as_str() == s)
-                && q.tool
-                    .as_deref()
-                    .is_none_or(|t| n.tools.iter().any(|x| x == t))
+            status.is_none_or(|s| n.status.as_str() == s)
+                && node_type.is_none_or(|t| {
+                    serde_json::to_value(n.node_type)
+                        .ok()
+                        .as_ref()
+                        .and_then(|v| v.as_str())
+                        == Some(t)
+                })
+                && tool.is_none_or(|t| n.tools.iter().any(|x| x == t))
         })
         .collect();
     let total = all.len();
@@ -44,7 +80,7 @@ pub async fn list(
     Ok(pages.body(&data, total).into_response())
 }
 
-/// `GET /v1/nodes/{id}`.
+/// `GET /v1/nodes/{id}`: the node, or 404.
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -54,4 +90,138 @@ pub async fn get(
         .node(&id)
         .map(|n| Json(n).into_response())
         .ok_or_else(|| ApiError::not_found("node", &id))
+}
+
+/// Query of `GET /v1/nodes/{id}/tasks`.
+#[derive(Debug, Deserialize)]
+pub struct TasksParams {
+    status: Option<String>,
+    tool: Option<String>,
+    page: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/nodes/{id}/tasks?status=&tool=&page=&limit=`: tasks whose current or last attempt
+/// is on the node, newest first, in the paged list shape of `GET /api/v1/tasks`. 404 for a node
+/// the hub does not know (forgotten nodes' tasks stay listed under `GET /api/v1/tasks?node_id=`).
+pub async fn tasks(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<TasksParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    if state.cluster.node(&id).is_none() {
+        return Err(ApiError::not_found("node", &id));
+    }
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                "`status` must be one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
+            )
+        })?),
+    };
+    let pages = Pagination::new(q.page, q.limit, 50)?;
+    let filter = TaskFilter {
+        status,
+        tool: q.tool.filter(|s| !s.is_empty()),
+        node_id: Some(id),
+    };
+    let p = state.cluster.list(&filter, pages.page, pages.limit);
+    let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
+    Ok(pages.body(&data, p.total).into_response())
+}
+
+/// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with
+/// the node. Draining an offline node keeps it out of scheduling until it reconnects.
+pub async fn drain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    set_draining(&state, &id, true)
+}
+
+/// `POST /v1/nodes/{id}/undrain`: the node takes work again; 200 with the node.
+pub async fn undrain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    set_draining(&state, &id, false)
+}
+
+fn set_draining(state: &AppState, id: &str, draining: bool) -> Result<Response, ApiError> {
+    if !state.cluster.set_draining(id, draining) {
+        return Err(ApiError::not_found("node", id));
+    }
+    state
+        .cluster
+        .node(id)
+        .map(|n| Json(n).into_response())
+        .ok_or_else(|| ApiError::not_found("node", id))
+}
+
+/// `DELETE /v1/nodes/{id}`: closes the node's connection, migrates its in-flight tasks, fails
+/// the queued tasks pinned to it (`node_removed`) and forgets it. 200
+/// `{"id", "removed": true}`; 404 for an unknown node. A node process that reconnects registers
+/// again.
+pub async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !state.cluster.remove_node(&id, "removed by operator") {
+        return Err(ApiError::not_found("node", &id));
+    }
+    Ok(Json(serde_json::json!({ "id": id, "removed": true })).into_response())
+}
+
+/// Body of `POST /v1/nodes/{id}/tasks`: a task as for `POST /api/v1/tasks` (without
+/// `node_id`), plus `waitForResult` (alias `wait_for_result`, default false) and `wait_ms`
+/// (how long to wait, default and at most 60000).
+#[derive(Debug, Deserialize)]
+pub struct DispatchRequest {
+    #[serde(flatten)]
+    task: TaskRequest,
+    #[serde(rename = "waitForResult", alias = "wait_for_result", default)]
+    wait_for_result: bool,
+    wait_ms: Option<u64>,
+}
+
+/// `POST /v1/nodes/{id}/tasks`: submits a task pinned to this node. 201 with the task; with
+/// `waitForResult: true`, the answer comes when the task ends (or after `wait_ms`, with the task
+/// as it is then). 404 for an unknown node; 409 if the node is offline or draining; 400 if it
+/// lacks the tool.
+pub async fn dispatch(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<DispatchRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let Some(node) = state.cluster.node(&id) else {
+        return Err(ApiError::not_found("node", &id));
+    };
+    if node.status != NodeState::Online {
+        return Err(ApiError::conflict(format!(
+            "node `{id}` is {} and takes no new work",
+            node.status.as_str()
+        )));
+    }
+    let mut spec = req.task.into_spec(&state.config, "")?;
+    spec.pinned_node = Some(id);
+    let mut out = state.cluster.submit(vec![spec]).map_err(submit_error)?;
+    let Some((task, created)) = out.pop() else {
+        return Err(ApiError::internal("submit returned no task"));
+    };
+    let task = if req.wait_for_result {
+        let ms = req.wait_ms.unwrap_or(60_000);
+        wait_for_end(&state, &task.id, ms).await.unwrap_or(task)
+    } else {
+        task
+    };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(task.view())).into_response())
 }

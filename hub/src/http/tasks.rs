@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{ApiError, AppState, Pagination};
 use crate::cluster::{CancelError, SubmitError};
 use crate::config::Config;
-use crate::model::{TaskEvent, TaskSpec, TaskStatus};
+use crate::model::{Task, TaskEvent, TaskSpec, TaskStatus};
 use crate::store::TaskFilter;
 
 /// Body of `POST /api/v1/tasks` (and each element of a batch).
@@ -41,7 +41,7 @@ pub struct TaskRequest {
 
 impl TaskRequest {
     /// Validates and fills defaults. `at` prefixes parameter names in errors (batch index).
-    fn into_spec(self, cfg: &Config, at: &str) -> Result<TaskSpec, ApiError> {
+    pub(super) fn into_spec(self, cfg: &Config, at: &str) -> Result<TaskSpec, ApiError> {
         let p = |name: &str| format!("{at}{name}");
         let tool = match (self.tool, self.task_type) {
             (Some(t), _) | (None, Some(t)) => t,
@@ -109,7 +109,7 @@ impl TaskRequest {
     }
 }
 
-fn submit_error(e: SubmitError) -> ApiError {
+pub(super) fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::ForbiddenTool(_) => ApiError::forbidden(e.to_string()),
         SubmitError::UnknownNode(_) | SubmitError::NodeLacksTool { .. } => {
@@ -202,8 +202,17 @@ pub async fn get(
     q: Result<Query<GetParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
-    if let Some(ms) = q.wait_ms.filter(|ms| *ms > 0)
-        && let Some(rx) = state.cluster.wait(&id)
+    let task = wait_for_end(&state, &id, q.wait_ms.unwrap_or(0))
+        .await
+        .ok_or_else(|| ApiError::not_found("task", &id))?;
+    Ok(Json(task.view()).into_response())
+}
+
+/// Waits up to `ms` milliseconds (at most 60000; 0 = not at all) for a task to end, or for the
+/// hub to shut down, then returns the task as it is. `None` for an unknown task.
+pub(super) async fn wait_for_end(state: &AppState, id: &str, ms: u64) -> Option<Task> {
+    if ms > 0
+        && let Some(rx) = state.cluster.wait(id)
     {
         let mut shutdown = state.shutdown.clone();
         // Answer early on shutdown, so a long poll never holds the hub's exit.
@@ -212,11 +221,7 @@ pub async fn get(
             _ = shutdown.wait_for(|s| *s) => {}
         }
     }
-    let task = state
-        .cluster
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found("task", &id))?;
-    Ok(Json(task.view()).into_response())
+    state.cluster.get(id)
 }
 
 /// Query of `GET /api/v1/tasks`.
