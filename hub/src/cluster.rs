@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 use apex_protocol::{
     CancelTool, ConnectionAck, Encoding, ErrorInfo, ExecuteTool, HeartbeatAck, HubInfo, HubMessage,
     NodeRegister, NodeRegistered, NodeStats, NodeType, NodeUnregistered, RegisterTools, ReportIp,
-    TaskAssign, TaskCancel, TaskProgress, TaskResult, TaskResultAck, ToolResult, ToolSpec, now_ms,
-    parse_vcp_request_id, vcp_request_id,
+    TaskAssign, TaskCancel, TaskProgress, TaskResult, TaskResultAck, TaskStream, ToolResult,
+    ToolSpec, now_ms, parse_vcp_request_id, vcp_request_id,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -35,6 +35,39 @@ use crate::store::{Page, TaskFilter, TaskStore};
 /// Name of the VCP built-in tool that returns any file of the node; never dispatched unless the
 /// operator allows it.
 pub const INTERNAL_REQUEST_FILE: &str = "internal_request_file";
+
+/// The tool node-hosted models are served by.
+pub const LLM_CHAT_TOOL: &str = "llm.chat";
+
+/// The scheduling lane of `llm.chat` tasks for `model`: `llm.chat@<model>`. A native node that
+/// offers `llm.chat` and lists `model` in `node_register.models` offers this lane; a task
+/// submitted with this tool name is sent to the node as tool `llm.chat`.
+pub fn llm_lane(model: &str) -> String {
+    format!("{LLM_CHAT_TOOL}@{model}")
+}
+
+/// The tool name a node receives for a task's tool: lanes of [`llm_lane`] become `llm.chat`.
+fn wire_tool(tool: &str) -> &str {
+    match tool.strip_prefix(LLM_CHAT_TOOL) {
+        Some(rest) if rest.starts_with('@') => LLM_CHAT_TOOL,
+        _ => tool,
+    }
+}
+
+/// One `task_stream` chunk handed to a stream subscriber ([`Cluster::submit_streaming`]).
+#[derive(Debug, Clone)]
+pub struct StreamChunk {
+    /// The attempt the chunk belongs to (a higher one means the task moved to another node).
+    pub attempt: u32,
+    /// Position within the attempt, from 0, as the node numbered it.
+    pub seq: u64,
+    /// The chunk object.
+    pub chunk: Value,
+}
+
+/// Computes `toolArgs.resume` of a task's re-assignment (attempt > 1); see
+/// [`Cluster::set_resume`].
+pub type ResumeFn = Arc<dyn Fn() -> Option<Value> + Send + Sync>;
 
 /// Settings the engine needs (a subset of the hub config).
 #[derive(Debug, Clone)]
@@ -253,6 +286,8 @@ struct Core {
     deadline_of: HashMap<String, (Instant, u64)>,
     waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     next_seq: u64,
+    /// `toolArgs.resume` makers of streamed tasks, by task id.
+    resume: HashMap<String, ResumeFn>,
 }
 
 struct Shared {
@@ -263,6 +298,10 @@ struct Shared {
     next_conn: AtomicU64,
     started: Instant,
     stats: ChannelStats,
+    /// Subscribers of `task_stream` chunks, by task id. Its own lock, never taken while
+    /// holding `core` (and `core` is never taken while holding it, except in
+    /// `submit_streaming`, which takes them in the order streams → core).
+    streams: Mutex<HashMap<String, mpsc::UnboundedSender<StreamChunk>>>,
 }
 
 /// Handle on the engine; clone freely.
@@ -285,6 +324,7 @@ impl Cluster {
                     deadline_of: HashMap::new(),
                     waiters: HashMap::new(),
                     next_seq: 1,
+                    resume: HashMap::new(),
                 }),
                 events,
                 opts,
@@ -292,6 +332,7 @@ impl Cluster {
                 next_conn: AtomicU64::new(1),
                 started: Instant::now(),
                 stats: ChannelStats::default(),
+                streams: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -377,8 +418,21 @@ impl Cluster {
         if !self.shared.opts.allow_internal_request_file {
             tools.retain(|t| t != INTERNAL_REQUEST_FILE);
         }
+        let models: Vec<String> = if tools.iter().any(|t| t == LLM_CHAT_TOOL) {
+            let mut m: Vec<String> = Vec::with_capacity(reg.models.len());
+            for id in reg.models.iter().map(|m| m.id()) {
+                if !m.iter().any(|x| x == id) {
+                    m.push(id.to_owned());
+                }
+            }
+            m
+        } else {
+            Vec::new()
+        };
+        tools.extend(models.iter().map(|m| llm_lane(m)));
         let mut core = self.shared.core.lock();
         let info = NodeInfo {
+            models,
             name,
             node_type: reg.node_type,
             dialect: Dialect::Native,
@@ -433,6 +487,7 @@ impl Cluster {
             .collect();
         let mut core = self.shared.core.lock();
         let info = NodeInfo {
+            models: Vec::new(),
             name: reg.server_name.clone(),
             node_type: NodeType::Custom,
             dialect: Dialect::Vcp,
@@ -549,7 +604,7 @@ impl Cluster {
         match dialect {
             Dialect::Vcp => HubMessage::ExecuteTool(ExecuteTool {
                 request_id: vcp_request_id(&t.id, t.attempt),
-                tool_name: t.spec.tool.clone(),
+                tool_name: wire_tool(&t.spec.tool).to_owned(),
                 tool_args: t.spec.args.clone(),
             }),
             Dialect::Native => {
@@ -558,12 +613,20 @@ impl Cluster {
                     .deadline_of
                     .get(&t.id)
                     .map(|(d, _)| d.saturating_duration_since(now).as_millis() as u64);
+                let mut tool_args = t.spec.args.clone();
+                if t.attempt > 1
+                    && let Some(f) = core.resume.get(&t.id)
+                    && let Some(resume) = f()
+                    && let Value::Object(m) = &mut tool_args
+                {
+                    m.insert("resume".to_owned(), resume);
+                }
                 HubMessage::TaskAssign(TaskAssign {
                     task_id: t.id.clone(),
                     node_id: node_id.to_owned(),
-                    tool_name: t.spec.tool.clone(),
+                    tool_name: wire_tool(&t.spec.tool).to_owned(),
                     capability: t.spec.capability.clone(),
-                    tool_args: t.spec.args.clone(),
+                    tool_args,
                     timeout: remaining_ms,
                     priority: Some(t.spec.priority),
                     attempt: Some(t.attempt),
@@ -1182,6 +1245,92 @@ impl Cluster {
         }
     }
 
+    /// Handles `task_stream`: hands the chunk to the task's stream subscriber if it belongs to
+    /// the task's current node and attempt (fenced like a result). Returns whether it was
+    /// delivered.
+    pub fn task_stream(&self, node_id: &str, s: TaskStream) -> bool {
+        let attempt = {
+            let core = self.shared.core.lock();
+            if fence(&core, &s.task_id, node_id, s.attempt).is_err() {
+                return false;
+            }
+            match core.store.get(&s.task_id) {
+                Some(t) => t.attempt,
+                None => return false,
+            }
+        };
+        let streams = self.shared.streams.lock();
+        match streams.get(&s.task_id) {
+            Some(tx) => tx
+                .send(StreamChunk {
+                    attempt,
+                    seq: s.seq,
+                    chunk: s.chunk,
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Submits one task and subscribes to its `task_stream` chunks, in order and with their
+    /// attempt, before any can arrive. The channel is unbounded (chunks are never dropped
+    /// for a slow reader); [`Cluster::close_stream`] ends the subscription.
+    ///
+    /// # Errors
+    /// As [`Cluster::submit`].
+    pub fn submit_streaming(
+        &self,
+        spec: TaskSpec,
+    ) -> Result<(Task, mpsc::UnboundedReceiver<StreamChunk>), SubmitError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Held across the submit so that no chunk of the new task finds no subscriber.
+        let mut streams = self.shared.streams.lock();
+        let mut accepted = self.submit(vec![spec])?;
+        let Some((task, _)) = accepted.pop() else {
+            return Err(SubmitError::UnknownNode("no task was accepted".to_owned()));
+        };
+        streams.insert(task.id.clone(), tx);
+        Ok((task, rx))
+    }
+
+    /// Sets how `toolArgs.resume` is computed when task `task_id` is assigned again after a
+    /// migration (attempt > 1): the value `f` returns, if any, is added to the arguments.
+    pub fn set_resume(&self, task_id: &str, f: ResumeFn) {
+        self.shared.core.lock().resume.insert(task_id.to_owned(), f);
+    }
+
+    /// Ends a stream subscription and forgets the task's resume maker; cancels the task if it
+    /// has not ended (the subscriber went away).
+    pub fn close_stream(&self, task_id: &str) {
+        self.shared.streams.lock().remove(task_id);
+        self.shared.core.lock().resume.remove(task_id);
+        let _ = self.cancel(task_id);
+    }
+
+    /// Every model hosted by an online (undrained) node, with the nodes hosting it, sorted by
+    /// model id.
+    pub fn hosted_models(&self) -> Vec<(String, Vec<String>)> {
+        let core = self.shared.core.lock();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for e in core.nodes.values() {
+            if e.state != NodeState::Online {
+                continue;
+            }
+            for m in &e.info.models {
+                out.entry(m.clone()).or_default().push(e.id.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether an online node hosts `model`.
+    pub fn hosts_model(&self, model: &str) -> bool {
+        let core = self.shared.core.lock();
+        core.nodes
+            .values()
+            .any(|e| e.state == NodeState::Online && e.info.models.iter().any(|m| m == model))
+    }
+
     /// Closes every node connection (hub shutdown). Nodes reconnect elsewhere or later.
     pub fn close_all(&self, reason: &str) {
         let core = self.shared.core.lock();
@@ -1195,6 +1344,8 @@ impl Cluster {
 
 /// What a node declares when it registers.
 struct NodeInfo {
+    /// Models the node hosts (only for nodes offering `llm.chat`).
+    models: Vec<String>,
     name: String,
     node_type: NodeType,
     dialect: Dialect,

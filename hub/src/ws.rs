@@ -263,6 +263,15 @@ impl Session {
                     "send register_tools before tool_result".to_owned(),
                 ),
             },
+            NodeMessage::TaskStream(c) => match node_id {
+                Some(id) => {
+                    self.cluster.task_stream(&id, c);
+                }
+                None => self.reject(
+                    "not_registered",
+                    "send node_register before task_stream".to_owned(),
+                ),
+            },
             NodeMessage::TaskProgress(p) => match node_id {
                 Some(id) => {
                     self.cluster.task_progress(&id, p);
