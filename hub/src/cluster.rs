@@ -302,7 +302,13 @@ struct Shared {
     /// holding `core` (and `core` is never taken while holding it, except in
     /// `submit_streaming`, which takes them in the order streams → core).
     streams: Mutex<HashMap<String, mpsc::UnboundedSender<StreamChunk>>>,
+    /// Tells whether the LLM gateway has any model (`hubInfo.llmAvailable`); called without
+    /// the core lock held.
+    llm_probe: Mutex<Option<LlmProbe>>,
 }
+
+/// Answers whether the LLM gateway has any model; see [`Cluster::set_llm_probe`].
+pub type LlmProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Handle on the engine; clone freely.
 #[derive(Clone)]
@@ -333,6 +339,7 @@ impl Cluster {
                 started: Instant::now(),
                 stats: ChannelStats::default(),
                 streams: Mutex::new(HashMap::new()),
+                llm_probe: Mutex::new(None),
             }),
         }
     }
@@ -430,6 +437,7 @@ impl Cluster {
             Vec::new()
         };
         tools.extend(models.iter().map(|m| llm_lane(m)));
+        let llm_available = self.llm_available();
         let mut core = self.shared.core.lock();
         let info = NodeInfo {
             models,
@@ -444,11 +452,14 @@ impl Cluster {
             cancel_tool: true,
         };
         let resend = self.bind(&mut core, &node_id, conn, info, reg.inflight.as_deref());
+        let mut hub_info = self.hub_info(encoding);
+        // This node's own models count once it is bound.
+        hub_info.llm_available = llm_available || !core.nodes[&node_id].info.models.is_empty();
         conn.send(NodeRegistered {
             node_id: node_id.clone(),
             success: true,
             message: "node registered".to_owned(),
-            hub_info: Some(self.hub_info(encoding)),
+            hub_info: Some(hub_info),
         });
         let _ = conn.tx.try_send(Outbound::SetEncoding(encoding));
         for id in resend {
@@ -1321,6 +1332,18 @@ impl Cluster {
             }
         }
         out.into_iter().collect()
+    }
+
+    /// Sets how `node_registered.hubInfo.llmAvailable` is decided (default: false). The probe
+    /// is called without the engine lock held, so it may call back into the engine.
+    pub fn set_llm_probe(&self, probe: LlmProbe) {
+        *self.shared.llm_probe.lock() = Some(probe);
+    }
+
+    /// Whether the LLM gateway has any model, by the probe of [`Cluster::set_llm_probe`].
+    pub fn llm_available(&self) -> bool {
+        let probe = self.shared.llm_probe.lock().clone();
+        probe.is_some_and(|p| p())
     }
 
     /// Whether an online node hosts `model`.
