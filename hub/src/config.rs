@@ -76,6 +76,13 @@ pub struct Config {
     pub log_level: String,
     /// Log format: `text` or `json`. Default `text`.
     pub log_format: String,
+    /// LLM gateway (`[llm]`: `providers`, `aliases`, `fallbacks`); see
+    /// [`LlmConfig`](crate::llm::LlmConfig). Off (no models) by default.
+    pub llm: crate::llm::LlmConfig,
+    /// Per-node limits on nodes' `llm_request` (`[node_llm]`: `requests_per_minute`,
+    /// `tokens_per_day`, `max_concurrent_streams`; 0 is unlimited); see
+    /// [`NodeLlmQuotas`](crate::llm::node_proxy::NodeLlmQuotas).
+    pub node_llm: crate::llm::node_proxy::NodeLlmQuotas,
 }
 
 impl Default for Config {
@@ -100,6 +107,8 @@ impl Default for Config {
             outbound_queue_frames: 4096,
             log_level: "info".to_owned(),
             log_format: "text".to_owned(),
+            llm: crate::llm::LlmConfig::default(),
+            node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
         }
     }
 }
@@ -269,6 +278,12 @@ impl Config {
                     "keys must be at least 8 characters, without spaces or '/'",
                 );
             }
+        }
+        if let Err((field, reason)) = self.llm.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.node_llm.validate() {
+            return Err(Error::Invalid { field, reason });
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod llm;
 pub mod model;
 pub mod scheduler;
 pub mod store;
@@ -53,8 +54,20 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let cluster = cluster_for(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let gateway = llm::Gateway::from_config(&config.llm)
+        .map_err(std::io::Error::other)?
+        .with_backend(Arc::new(llm::node_models::NodeModels::new(cluster.clone())));
+    let gateway = Arc::new(llm::GatewayHandle::new(gateway));
+    let node_llm = Arc::new(llm::node_proxy::NodeProxy::new(
+        config.node_llm.clone(),
+        gateway.clone(),
+    ));
+    let probe = node_llm.clone();
+    cluster.set_llm_probe(Arc::new(move || probe.available()));
     let state = AppState {
         cluster: cluster.clone(),
+        llm: gateway,
+        node_llm,
         config: Arc::new(config),
         shutdown: stop_rx.clone(),
     };

@@ -36,8 +36,17 @@ fn hub_with(f: impl FnOnce(&mut Config)) -> Hub {
     config.validate().unwrap();
     let cluster = apex_hub::cluster_for(&config);
     let (tx, rx) = watch::channel(false);
+    let llm = Arc::new(apex_hub::llm::GatewayHandle::new(
+        apex_hub::llm::Gateway::from_config(&config.llm).unwrap(),
+    ));
+    let node_llm = Arc::new(apex_hub::llm::node_proxy::NodeProxy::new(
+        config.node_llm.clone(),
+        llm.clone(),
+    ));
     let state = AppState {
         cluster: cluster.clone(),
+        llm,
+        node_llm,
         config: Arc::new(config),
         shutdown: rx,
     };

@@ -3,6 +3,7 @@
 //! Only this module tree and [`crate::ws`] import axum.
 
 pub mod error;
+mod llm;
 mod nodes;
 mod tasks;
 
@@ -33,6 +34,10 @@ pub struct AppState {
     pub cluster: Cluster,
     /// Validated configuration.
     pub config: Arc<Config>,
+    /// The LLM gateway (chat completions, models, interrupts; nodes' `llm_request`).
+    pub llm: Arc<crate::llm::GatewayHandle>,
+    /// Nodes' `llm_request`s through the gateway, with per-node quotas.
+    pub node_llm: Arc<crate::llm::node_proxy::NodeProxy>,
     /// Flips to true when the hub shuts down (ends SSE streams).
     pub shutdown: watch::Receiver<bool>,
 }
@@ -157,6 +162,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/events", get(tasks::events))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes/{id}", get(nodes::get))
+        .route("/v1/chat/completions", post(llm::chat_completions))
+        .route("/v1/models", get(llm::models))
+        .route("/v1/models/{*id}", get(llm::model))
+        .route("/v1/interrupt", post(llm::interrupt))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
