@@ -9,6 +9,7 @@
 //! The session is generic over the socket's `Stream` and `Sink`, so it runs on any transport.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use apex_protocol::codec::{self, DecodeError};
@@ -28,6 +29,7 @@ use tokio::time::{MissedTickBehavior, interval};
 
 use crate::cluster::{Cluster, ConnHandle, Dialect, Outbound};
 use crate::http::{ApiError, AppState, bearer, key_matches};
+use crate::llm::node_proxy::NodeProxy;
 
 const PREFIXES: [&str; 3] = [
     "/abp-distributed-server",
@@ -95,6 +97,7 @@ fn upgrade(
             let (sink, stream) = socket.split();
             let (conn, rx) = state.cluster.open_connection(peer.to_string());
             Session::new(state.cluster.clone(), conn)
+                .with_llm(state.node_llm.clone())
                 .run(stream, sink, rx)
                 .await;
         })
@@ -106,6 +109,7 @@ pub struct Session {
     conn: ConnHandle,
     node: Option<(String, Dialect)>,
     limits: apex_protocol::Limits,
+    llm: Option<Arc<NodeProxy>>,
 }
 
 impl Session {
@@ -116,7 +120,14 @@ impl Session {
             conn,
             node: None,
             limits: apex_protocol::Limits::default(),
+            llm: None,
         }
+    }
+
+    /// Answers the node's `llm_request`s through `proxy` (without it: `llm_unavailable`).
+    pub fn with_llm(mut self, proxy: Arc<NodeProxy>) -> Self {
+        self.llm = Some(proxy);
+        self
     }
 
     /// Runs the connection until it closes, goes silent past the heartbeat timeout, or the
@@ -175,6 +186,9 @@ impl Session {
                 }
             }
         };
+        if let Some(llm) = &self.llm {
+            llm.connection_closed(self.conn.id);
+        }
         if let Some((node_id, _)) = self.node.take() {
             self.cluster.lose_node(&node_id, self.conn.id, &reason);
         }
@@ -307,16 +321,27 @@ impl Session {
                 );
             }
             NodeMessage::LlmRequest(r) => {
+                if let (Some(llm), Some(id)) = (&self.llm, &node_id) {
+                    return llm.handle(id, self.conn.id, r, self.conn.tx.clone());
+                }
+                let registered = node_id.is_some();
                 self.send(LlmResponse {
                     request_id: r.request_id,
                     node_id: node_id.unwrap_or(r.node_id),
                     success: false,
                     content: None,
                     usage: None,
-                    error: Some(ErrorInfo::new(
-                        "llm_unavailable",
-                        "this hub has no language model configured",
-                    )),
+                    error: Some(if registered {
+                        ErrorInfo::new(
+                            "llm_unavailable",
+                            "this hub has no language model configured",
+                        )
+                    } else {
+                        ErrorInfo::new(
+                            "llm_request_failed",
+                            "send node_register before llm_request",
+                        )
+                    }),
                     stream: false,
                     timestamp: now_ms(),
                 });
