@@ -44,6 +44,13 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt 2>/dev/null || true
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
 # System tools the tests will need go here, e.g.: need redis-server redis-server
+# The LLM gateway tests drive the hub with the official `openai` Python package.
+need python3 python3
+if ! python3 -c 'import openai' >/dev/null 2>&1; then
+    need pip3 python3-pip
+    log "installing the openai Python package"
+    pip3 install --quiet openai || pip3 install --quiet --break-system-packages openai
+fi
 
 log "cargo fmt --check"
 cargo fmt --all --check
