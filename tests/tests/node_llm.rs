@@ -49,7 +49,8 @@ async fn hub_with(toml: &str, fast: bool) -> Hub {
     .unwrap()
 }
 
-/// A hub with the mock provider: `mock` (5 tokens) and `mock-slow` (2000 tokens at 20/s).
+/// A hub with the mock provider: `mock` (5 tokens), `mock-slow` (2000 tokens at 20/s) and
+/// `mock-stuck` (first token after 1000 s).
 async fn mock_hub(quotas: &str) -> Hub {
     hub_with(
         &format!(
@@ -66,6 +67,14 @@ kind = "mock"
 models = ["mock-slow"]
 mock_tokens = 2000
 mock_tokens_per_second = 20.0
+
+[[llm.providers]]
+name = "mockstuck"
+kind = "mock"
+models = ["mock-stuck"]
+mock_first_token_delay_ms = 1000000
+first_token_timeout_ms = 2000000
+total_timeout_ms = 3000000
 
 {quotas}
 "#
@@ -267,15 +276,10 @@ async fn concurrent_stream_limit_and_abort_on_disconnect() {
     let mut node = RawNode::connect_registered(&hub, "llm-streams", &["echo"], 2)
         .await
         .unwrap();
-    // A long stream (100 s at the mock's pace) is open...
-    node.send(NodeMessage::from(request("long", "mock-slow", true)))
+    // A stream whose first token would take 1000 s is open (no frame is ever sent for it, so
+    // only the hub's cancel on disconnect can end it)...
+    node.send(NodeMessage::from(request("long", "mock-stuck", true)))
         .unwrap();
-    node.expect("the first chunk", |m| match m {
-        HubMessage::LlmResponseStream(s) if s.request_id == "long" => Some(()),
-        _ => None,
-    })
-    .await
-    .unwrap();
     // ...so a second one is refused, while a non-streamed call is fine.
     node.send(NodeMessage::from(request("second", "mock-slow", true)))
         .unwrap();
@@ -286,8 +290,7 @@ async fn concurrent_stream_limit_and_abort_on_disconnect() {
         .unwrap();
     assert!(llm_response(&mut node, "plain").await.success);
 
-    // The node drops its connection: its stream is aborted, which frees the slot long before
-    // the stream would have ended by itself.
+    // The node drops its connection: its stream is aborted, which frees the slot.
     node.abort();
     let mut again = RawNode::connect_registered(&hub, "llm-streams", &["echo"], 2)
         .await
