@@ -876,3 +876,6 @@ impl GatewayHandle {
         *cur = Arc::new(gateway);
     }
 }
+
+#[cfg(test)]
+mod tests;
