@@ -316,8 +316,20 @@ async fn concurrent_stream_limit_and_abort_on_disconnect() {
     }
 }
 
-/// Reads an SSE chat completion: the content deltas joined, and whether `[DONE]` came.
-async fn read_sse(resp: reqwest::Response, mut on_text: impl FnMut(&str)) -> (String, bool) {
+/// Reads an SSE chat completion: the content deltas joined, and whether `[DONE]` came. Panics
+/// on an error frame.
+async fn read_sse(resp: reqwest::Response, on_text: impl FnMut(&str)) -> (String, bool) {
+    let (text, done, error) = read_sse_full(resp, on_text).await;
+    assert!(error.is_none(), "error frame: {error:?}");
+    (text, done)
+}
+
+/// [`read_sse`], also returning the error frame if one came.
+async fn read_sse_full(
+    resp: reqwest::Response,
+    mut on_text: impl FnMut(&str),
+) -> (String, bool, Option<Value>) {
+    let mut error = None;
     let mut text = String::new();
     let mut buf = String::new();
     let mut body = resp.bytes_stream();
@@ -331,10 +343,13 @@ async fn read_sse(resp: reqwest::Response, mut on_text: impl FnMut(&str)) -> (St
             };
             let data = data.trim();
             if data == "[DONE]" {
-                return (text, true);
+                return (text, true, error);
             }
             let v: Value = serde_json::from_str(data).unwrap();
-            assert!(v.get("error").is_none(), "error frame: {v}");
+            if let Some(e) = v.get("error") {
+                error = Some(e.clone());
+                continue;
+            }
             if let Some(t) = v
                 .pointer("/choices/0/delta/content")
                 .and_then(Value::as_str)
@@ -344,7 +359,7 @@ async fn read_sse(resp: reqwest::Response, mut on_text: impl FnMut(&str)) -> (St
             }
         }
     }
-    (text, false)
+    (text, false, error)
 }
 
 fn node_with_upstream(name: &str, fake: &FakeLlm) -> NodeOptions {
@@ -581,4 +596,163 @@ async fn llm_summarize_runs_as_a_task_through_the_gateway() {
     assert_eq!(bad.status, "failed");
     assert_eq!(bad.error.unwrap().code, "invalid_arguments");
     assert_eq!(fake.requests().len(), bodies.len());
+}
+
+/// A streamed chat request for `model` at `hub` with the fake's knobs.
+async fn start_stream(hub: &Hub, model: &str, fake: Value) -> reqwest::Response {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"model": model, "stream": true,
+            "messages": [{"role": "user", "content": "count"}], "fake": fake}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+/// The `llm.chat` tasks for `model` that are running on a node, once there are `n`.
+async fn running_llm_tasks(hub: &Hub, model: &str, n: usize) -> Vec<apex_tests::Task> {
+    let tool = format!("llm.chat@{model}");
+    wait_until("llm.chat tasks on nodes", DEFAULT_TIMEOUT, || async {
+        let tasks = hub.api().list_all(&[("tool", tool.as_str())]).await?;
+        let on_nodes: Vec<apex_tests::Task> = tasks
+            .into_iter()
+            .filter(|t| matches!(t.status.as_str(), "assigned" | "running"))
+            .collect();
+        Ok((on_nodes.len() == n).then_some(on_nodes))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_node_lost_before_the_first_token_means_a_plain_retry_elsewhere() {
+    let fake = FakeLlm::start(FakeOptions {
+        models: vec!["shared-model".to_owned()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let hub = hub_with("", true).await;
+    let mut a = Node::start(&hub, node_with_upstream("first-a", &fake))
+        .await
+        .unwrap();
+    let mut b = Node::start(&hub, node_with_upstream("first-b", &fake))
+        .await
+        .unwrap();
+    // The response headers only come with the first token: read in the background.
+    let req = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"model": "shared-model", "stream": true,
+            "messages": [{"role": "user", "content": "count"}],
+            "fake": {"tokens": 10, "first_token_delay_ms": 1500}}));
+    let reader = tokio::spawn(async move {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        read_sse(resp, |_| {}).await
+    });
+    let task = running_llm_tasks(&hub, "shared-model", 1).await.remove(0);
+    let serving = task.node_id.clone().unwrap();
+    if serving == a.id() {
+        a.kill().unwrap();
+    } else {
+        b.kill().unwrap();
+    }
+    let (text, done) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(done);
+    assert_eq!(text, fake_text(10));
+    let t = hub.api().get(&task.task_id).await.unwrap();
+    assert_eq!((t.status.as_str(), t.attempt), ("succeeded", 2));
+    assert_ne!(t.node_id.as_deref(), Some(serving.as_str()));
+    // Nothing had been sent, so the retry is the original request: no assistant prefix.
+    let bodies = fake.requests();
+    let last = bodies.last().unwrap()["body"]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(last["role"], "user", "{last}");
+}
+
+#[tokio::test]
+async fn calls_are_balanced_over_the_nodes_hosting_a_model() {
+    let fake = FakeLlm::start(FakeOptions {
+        models: vec!["shared-model".to_owned()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let hub = Hub::start_default().await.unwrap();
+    let a = Node::start(&hub, node_with_upstream("bal-a", &fake))
+        .await
+        .unwrap();
+    let b = Node::start(&hub, node_with_upstream("bal-b", &fake))
+        .await
+        .unwrap();
+    let knobs = json!({"tokens": 20, "token_delay_ms": 50});
+    let r1 = start_stream(&hub, "shared-model", knobs.clone()).await;
+    let r2 = start_stream(&hub, "shared-model", knobs).await;
+    let tasks = running_llm_tasks(&hub, "shared-model", 2).await;
+    let mut nodes: Vec<String> = tasks.iter().filter_map(|t| t.node_id.clone()).collect();
+    nodes.sort();
+    let mut expected = vec![a.id().to_owned(), b.id().to_owned()];
+    expected.sort();
+    assert_eq!(nodes, expected, "one call per node");
+    for r in [r1, r2] {
+        let (text, done) = read_sse(r, |_| {}).await;
+        assert!(done);
+        assert_eq!(text, fake_text(20));
+    }
+}
+
+#[tokio::test]
+async fn a_stream_whose_only_node_dies_ends_with_an_error_frame() {
+    let fake = FakeLlm::start(FakeOptions {
+        models: vec!["lonely-model".to_owned()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let hub = hub_with("", true).await;
+    let mut node = Node::start(&hub, node_with_upstream("lonely", &fake))
+        .await
+        .unwrap();
+    let resp = start_stream(
+        &hub,
+        "lonely-model",
+        json!({"tokens": 100, "token_delay_ms": 100}),
+    )
+    .await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let reader = tokio::spawn(read_sse_full(resp, move |t| {
+        let _ = seen_tx.send(t.len());
+    }));
+    // Some text has arrived...
+    tokio::time::timeout(DEFAULT_TIMEOUT, seen_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    node.kill().unwrap();
+    // ...and then the client learns the answer is incomplete: never a silent truncation.
+    let (text, done, error) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(done);
+    let error = error.unwrap_or_else(|| panic!("no error frame after {text:?}"));
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lonely-model"),
+        "{error}"
+    );
+    assert!(fake_text(100).starts_with(&text) && text.len() < fake_text(100).len());
 }

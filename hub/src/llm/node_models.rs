@@ -42,6 +42,8 @@ pub const FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(60);
 pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Priority of `llm.chat` tasks: a caller is waiting.
 pub const PRIORITY: i32 = 10;
+/// How often a call waiting for a node checks that some online node still hosts its model.
+pub const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 
 /// The backend of node-hosted models (name `nodes`).
 #[derive(Clone)]
@@ -128,6 +130,7 @@ impl Backend for NodeModels {
             let done = self.cluster.wait(&task.id);
             let reader = Reader {
                 cluster: self.cluster.clone(),
+                model: model.to_owned(),
                 task_id: task.id,
                 rx,
                 done,
@@ -135,6 +138,7 @@ impl Backend for NodeModels {
                 attempt: 0,
                 dedupe: None,
                 stream: req.stream,
+                include_usage: req.include_usage,
                 whole: Whole::default(),
                 ended: false,
             };
@@ -162,6 +166,7 @@ struct Whole {
 /// and cancels the task if it still runs.
 struct Reader {
     cluster: Cluster,
+    model: String,
     task_id: String,
     rx: mpsc::UnboundedReceiver<StreamChunk>,
     done: Option<oneshot::Receiver<()>>,
@@ -170,6 +175,8 @@ struct Reader {
     attempt: u32,
     dedupe: Option<Dedupe>,
     stream: bool,
+    /// Whether the caller asked for usage (the node always does).
+    include_usage: bool,
     whole: Whole,
     ended: bool,
 }
@@ -234,6 +241,13 @@ impl Reader {
                         self.done = None;
                         continue;
                     }
+                    _ = tokio::time::sleep(ORPHAN_CHECK) => {
+                        if let Some(e) = self.orphaned() {
+                            self.ended = true;
+                            return Some(Err(e));
+                        }
+                        continue;
+                    }
                 },
                 // The task has ended: every chunk it sent is already queued.
                 None => self.rx.try_recv().ok(),
@@ -247,6 +261,32 @@ impl Reader {
                 None => return self.finish(),
             }
         }
+    }
+
+    /// The error to end with when the task waits in the queue and no online node hosts the
+    /// model any more (its node was lost and no other can continue).
+    fn orphaned(&self) -> Option<LlmError> {
+        let queued = self
+            .cluster
+            .get(&self.task_id)
+            .is_some_and(|t| t.status == TaskStatus::Queued);
+        if !queued || self.cluster.hosts_model(&self.model) {
+            return None;
+        }
+        Some(if self.emitted.lock().is_empty() {
+            LlmError::Unavailable(format!(
+                "no online node hosts the model `{}` any more",
+                self.model
+            ))
+        } else {
+            LlmError::Upstream {
+                status: None,
+                message: format!(
+                    "the node serving `{}` was lost and no other online node hosts it",
+                    self.model
+                ),
+            }
+        })
     }
 
     /// Takes a chunk; returns what the caller gets now, if anything.
@@ -310,6 +350,7 @@ impl Reader {
             }
             return None;
         }
+        let usage = usage.filter(|_| self.include_usage);
         if text.is_empty() && finish_reason.is_none() && usage.is_none() && tool_calls.is_none() {
             return None;
         }
@@ -413,6 +454,7 @@ mod tests {
         );
         let r = Reader {
             cluster,
+            model: "m".into(),
             task_id: "t".into(),
             rx,
             done: None,
@@ -420,6 +462,7 @@ mod tests {
             attempt: 0,
             dedupe: None,
             stream,
+            include_usage: false,
             whole: Whole::default(),
             ended: false,
         };
