@@ -1319,7 +1319,7 @@ impl Cluster {
     }
 
     /// Every model hosted by an online (undrained) node, with the nodes hosting it, sorted by
-    /// model id.
+    /// model id, then node id.
     pub fn hosted_models(&self) -> Vec<(String, Vec<String>)> {
         let core = self.shared.core.lock();
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -1330,6 +1330,9 @@ impl Cluster {
             for m in &e.info.models {
                 out.entry(m.clone()).or_default().push(e.id.clone());
             }
+        }
+        for nodes in out.values_mut() {
+            nodes.sort();
         }
         out.into_iter().collect()
     }

@@ -586,6 +586,45 @@ mod tests {
     }
 
     #[test]
+    fn llm_keys_are_checked() {
+        let c = minimal().validate().unwrap();
+        assert_eq!((c.llm_upstream, c.llm_model), (None, None));
+        let c = RawConfig {
+            llm_upstream: Some("http://127.0.0.1:11434/v1/".into()),
+            llm_model: Some(" llama3 ".into()),
+            ..minimal()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.llm_upstream.as_deref(), Some("http://127.0.0.1:11434/v1"));
+        assert_eq!(c.llm_model.as_deref(), Some("llama3"));
+        for bad in [
+            "ws://h/v1",
+            "127.0.0.1:11434",
+            "http://u:p@h/v1",
+            "http://h/v1?x=1",
+            "http:///v1",
+        ] {
+            let e = RawConfig {
+                llm_upstream: Some(bad.into()),
+                ..minimal()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("llm_upstream"), "{bad}: {e}");
+        }
+        let e = RawConfig {
+            llm_model: Some("  ".into()),
+            ..minimal()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("llm_model"), "{e}");
+    }
+
+    #[test]
     fn defaults_apply() {
         let c = minimal().validate().unwrap();
         assert_eq!(c.hubs, vec!["ws://127.0.0.1:9000/distributed-server"]);

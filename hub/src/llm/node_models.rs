@@ -438,9 +438,8 @@ mod tests {
         }
     }
 
-    fn reader(stream: bool) -> (Reader, mpsc::UnboundedSender<StreamChunk>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let cluster = Cluster::new(
+    fn test_cluster() -> Cluster {
+        Cluster::new(
             crate::cluster::ClusterOptions {
                 version: "t".into(),
                 heartbeat_interval: Duration::from_secs(1),
@@ -451,7 +450,129 @@ mod tests {
                 outbound_queue_frames: 64,
             },
             Box::new(crate::store::MemoryStore::default()),
+        )
+    }
+
+    fn host(
+        cluster: &Cluster,
+        id: &str,
+        models: &[&str],
+    ) -> (
+        crate::cluster::ConnHandle,
+        mpsc::Receiver<crate::cluster::Outbound>,
+    ) {
+        let (conn, rx) = cluster.open_connection(id.into());
+        cluster.register_native(
+            &conn,
+            apex_protocol::NodeRegister {
+                node_id: Some(id.into()),
+                name: id.into(),
+                tools: vec![apex_protocol::ToolSpec::Name("llm.chat".into())],
+                models: models
+                    .iter()
+                    .map(|m| apex_protocol::ModelSpec::Id((*m).into()))
+                    .collect(),
+                max_concurrent_tasks: Some(2),
+                ..Default::default()
+            },
         );
+        (conn, rx)
+    }
+
+    fn assigns(
+        rx: &mut mpsc::Receiver<crate::cluster::Outbound>,
+    ) -> Vec<apex_protocol::TaskAssign> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            if let crate::cluster::Outbound::Msg(apex_protocol::HubMessage::TaskAssign(a)) = o {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    fn stream_frame(task: &str, attempt: u32, seq: u64) -> apex_protocol::TaskStream {
+        apex_protocol::TaskStream {
+            task_id: task.into(),
+            node_id: None,
+            attempt: Some(attempt),
+            seq,
+            chunk: json!({"choices":[{"delta":{"content":"x"}}]}),
+        }
+    }
+
+    #[test]
+    fn lanes_route_by_model_chunks_are_fenced_and_resume_rides_on_migration() {
+        let cluster = test_cluster();
+        let (_c1, mut rx1) = host(&cluster, "n1", &["m1"]);
+        let (_c2, mut rx2) = host(&cluster, "n2", &["m2"]);
+        let (_c3, mut rx3) = host(&cluster, "n3", &["m2"]);
+        assert_eq!(
+            cluster.hosted_models(),
+            vec![
+                ("m1".to_owned(), vec!["n1".to_owned()]),
+                ("m2".to_owned(), vec!["n2".to_owned(), "n3".to_owned()]),
+            ]
+        );
+        let backend = NodeModels::new(cluster.clone());
+        assert!(backend.serves("m2") && !backend.serves("m3"));
+
+        let spec = TaskSpec {
+            tool: llm_lane("m2"),
+            args: json!({"model": "m2", "messages": []}),
+            description: None,
+            priority: PRIORITY,
+            timeout_seconds: 60.0,
+            max_attempts: 3,
+            idempotency_key: None,
+            pinned_node: None,
+            capability: None,
+        };
+        let (task, mut chunks) = cluster.submit_streaming(spec).unwrap();
+        let first = task.node_id.clone().unwrap();
+        assert_ne!(first, "n1", "n1 does not host m2");
+        assert!(assigns(&mut rx1).is_empty());
+        let (first_rx, other_rx, other) = if first == "n2" {
+            (&mut rx2, &mut rx3, "n3")
+        } else {
+            (&mut rx3, &mut rx2, "n2")
+        };
+        let a = assigns(first_rx);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].tool_name, "llm.chat", "the node sees the plain tool");
+        assert_eq!(a[0].attempt, Some(1));
+        assert!(a[0].tool_args.get("resume").is_none());
+
+        // Only the assigned node's chunks of the current attempt get through.
+        assert!(!cluster.task_stream("n1", stream_frame(&task.id, 1, 0)));
+        assert!(!cluster.task_stream(&first, stream_frame(&task.id, 7, 0)));
+        assert!(cluster.task_stream(&first, stream_frame(&task.id, 1, 0)));
+        let c = chunks.try_recv().unwrap();
+        assert_eq!((c.attempt, c.seq), (1, 0));
+        assert!(chunks.try_recv().is_err());
+
+        // The node is lost: the task moves to the other host with the resume value.
+        cluster.set_resume(&task.id, Arc::new(|| Some(json!({"assistantPrefix": "x"}))));
+        // The engine only drops a node through its bound connection.
+        let conn_id = if first == "n2" { _c2.id } else { _c3.id };
+        assert!(cluster.lose_node(&first, conn_id, "test"));
+        let a = assigns(other_rx);
+        assert_eq!(a.len(), 1, "migrated to {other}");
+        assert_eq!(a[0].attempt, Some(2));
+        assert_eq!(a[0].tool_args["resume"]["assistantPrefix"], "x");
+        assert!(!cluster.task_stream(&first, stream_frame(&task.id, 1, 1)));
+        assert!(cluster.task_stream(other, stream_frame(&task.id, 2, 0)));
+        assert_eq!(chunks.try_recv().unwrap().attempt, 2);
+
+        // Closing the subscription cancels the task.
+        cluster.close_stream(&task.id);
+        assert_eq!(cluster.get(&task.id).unwrap().status, TaskStatus::Cancelled);
+        assert!(!cluster.task_stream(other, stream_frame(&task.id, 2, 1)));
+    }
+
+    fn reader(stream: bool) -> (Reader, mpsc::UnboundedSender<StreamChunk>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cluster = test_cluster();
         let r = Reader {
             cluster,
             model: "m".into(),

@@ -545,6 +545,40 @@ mod tests {
         assert!(b.take(3, t0 + Duration::from_secs(40)));
     }
 
+    fn from_toml(text: &str) -> Result<crate::config::Config, figment::Error> {
+        use figment::providers::{Format, Serialized, Toml};
+        figment::Figment::new()
+            .merge(Serialized::defaults(crate::config::Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+    }
+
+    #[test]
+    fn quotas_are_config_keys_with_defaults_and_bounds() {
+        let c = from_toml("").unwrap();
+        assert_eq!(c.node_llm, NodeLlmQuotas::default());
+        assert_eq!(c.node_llm.requests_per_minute, 60);
+        let c = from_toml(
+            "[node_llm]\nrequests_per_minute = 5\ntokens_per_day = 1000\nmax_concurrent_streams = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.node_llm,
+            NodeLlmQuotas {
+                requests_per_minute: 5,
+                tokens_per_day: 1000,
+                max_concurrent_streams: 0,
+            }
+        );
+        c.validate().unwrap();
+        assert!(from_toml("[node_llm]\nrequests_per_mintue = 5\n").is_err());
+        assert!(from_toml("[node_llm]\nmax_concurrent_streams = -1\n").is_err());
+        let mut c = from_toml("").unwrap();
+        c.node_llm.max_concurrent_streams = 200_000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("node_llm.max_concurrent_streams"), "{e}");
+    }
+
     #[test]
     fn tokens_are_estimated_from_characters() {
         assert_eq!(estimate_tokens(""), 0);
