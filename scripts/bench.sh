@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks the cluster on this machine (release build): no-op throughput, latency at half
 # load, SIGKILL/SIGSTOP detection and re-dispatch times. Prints a table.
-# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default)
+# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, or llm)
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 
@@ -13,5 +13,7 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
     shift
 fi
 
+# Honours CARGO_TARGET_DIR (e.g. a separate release target dir beside a debug one).
+target="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release --workspace
-APEX_BIN_DIR="$PWD/target/release" exec target/release/apex-bench "$suite" "$@"
+APEX_BIN_DIR="$target/release" exec "$target/release/apex-bench" "$suite" "$@"

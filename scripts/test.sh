@@ -53,6 +53,14 @@ if [ ! -d tests/dashboard/node_modules ]; then
     (cd tests/dashboard && npm ci --no-audit --no-fund)
 fi
 need promtool prometheus   # `promtool check metrics` and `check rules` (hub/tests/operator.rs, deploy.rs)
+# System tools the tests will need go here, e.g.: need redis-server redis-server
+# The LLM gateway tests drive the hub with the official `openai` Python package.
+need python3 python3
+if ! python3 -c 'import openai' >/dev/null 2>&1; then
+    need pip3 python3-pip
+    log "installing the openai Python package"
+    pip3 install --quiet openai || pip3 install --quiet --break-system-packages openai
+fi
 
 log "cargo fmt --check"
 cargo fmt --all --check

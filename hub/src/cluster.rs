@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 use apex_protocol::{
     CancelTool, ConnectionAck, Encoding, ErrorInfo, ExecuteTool, HeartbeatAck, HubInfo, HubMessage,
     NodeRegister, NodeRegistered, NodeStats, NodeType, NodeUnregistered, RegisterTools, ReportIp,
-    TaskAssign, TaskCancel, TaskProgress, TaskResult, TaskResultAck, ToolResult, ToolSpec, now_ms,
-    parse_vcp_request_id, vcp_request_id,
+    TaskAssign, TaskCancel, TaskProgress, TaskResult, TaskResultAck, TaskStream, ToolResult,
+    ToolSpec, now_ms, parse_vcp_request_id, vcp_request_id,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -37,6 +37,39 @@ use crate::store::{Page, TaskFilter, TaskStore};
 /// Name of the VCP built-in tool that returns any file of the node; never dispatched unless the
 /// operator allows it.
 pub const INTERNAL_REQUEST_FILE: &str = "internal_request_file";
+
+/// The tool node-hosted models are served by.
+pub const LLM_CHAT_TOOL: &str = "llm.chat";
+
+/// The scheduling lane of `llm.chat` tasks for `model`: `llm.chat@<model>`. A native node that
+/// offers `llm.chat` and lists `model` in `node_register.models` offers this lane; a task
+/// submitted with this tool name is sent to the node as tool `llm.chat`.
+pub fn llm_lane(model: &str) -> String {
+    format!("{LLM_CHAT_TOOL}@{model}")
+}
+
+/// The tool name a node receives for a task's tool: lanes of [`llm_lane`] become `llm.chat`.
+fn wire_tool(tool: &str) -> &str {
+    match tool.strip_prefix(LLM_CHAT_TOOL) {
+        Some(rest) if rest.starts_with('@') => LLM_CHAT_TOOL,
+        _ => tool,
+    }
+}
+
+/// One `task_stream` chunk handed to a stream subscriber ([`Cluster::submit_streaming`]).
+#[derive(Debug, Clone)]
+pub struct StreamChunk {
+    /// The attempt the chunk belongs to (a higher one means the task moved to another node).
+    pub attempt: u32,
+    /// Position within the attempt, from 0, as the node numbered it.
+    pub seq: u64,
+    /// The chunk object.
+    pub chunk: Value,
+}
+
+/// Computes `toolArgs.resume` of a task's re-assignment (attempt > 1); see
+/// [`Cluster::set_resume`].
+pub type ResumeFn = Arc<dyn Fn() -> Option<Value> + Send + Sync>;
 
 /// Settings the engine needs (a subset of the hub config).
 #[derive(Debug, Clone)]
@@ -258,6 +291,8 @@ struct Core {
     /// Tasks loaded assigned or running at start, by node, until the node reclaims them or the
     /// recovery grace period ends (`cluster_recovery.rs`).
     recovering: HashMap<String, Vec<String>>,
+    /// `toolArgs.resume` makers of streamed tasks, by task id.
+    resume: HashMap<String, ResumeFn>,
 }
 
 struct Shared {
@@ -270,7 +305,17 @@ struct Shared {
     started: Instant,
     stats: ChannelStats,
     durability: Arc<crate::durable::Durability>,
+    /// Subscribers of `task_stream` chunks, by task id. Its own lock, never taken while
+    /// holding `core` (and `core` is never taken while holding it, except in
+    /// `submit_streaming`, which takes them in the order streams → core).
+    streams: Mutex<HashMap<String, mpsc::UnboundedSender<StreamChunk>>>,
+    /// Tells whether the LLM gateway has any model (`hubInfo.llmAvailable`); called without
+    /// the core lock held.
+    llm_probe: Mutex<Option<LlmProbe>>,
 }
+
+/// Answers whether the LLM gateway has any model; see [`Cluster::set_llm_probe`].
+pub type LlmProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Handle on the engine; clone freely.
 #[derive(Clone)]
@@ -303,6 +348,7 @@ impl Cluster {
                     waiters: HashMap::new(),
                     next_seq: 1,
                     recovering: HashMap::new(),
+                    resume: HashMap::new(),
                 }),
                 events,
                 node_events,
@@ -312,6 +358,8 @@ impl Cluster {
                 started: Instant::now(),
                 stats: ChannelStats::default(),
                 durability,
+                streams: Mutex::new(HashMap::new()),
+                llm_probe: Mutex::new(None),
             }),
         }
     }
@@ -418,8 +466,22 @@ impl Cluster {
         if !self.shared.opts.allow_internal_request_file {
             tools.retain(|t| t != INTERNAL_REQUEST_FILE);
         }
+        let models: Vec<String> = if tools.iter().any(|t| t == LLM_CHAT_TOOL) {
+            let mut m: Vec<String> = Vec::with_capacity(reg.models.len());
+            for id in reg.models.iter().map(|m| m.id()) {
+                if !m.iter().any(|x| x == id) {
+                    m.push(id.to_owned());
+                }
+            }
+            m
+        } else {
+            Vec::new()
+        };
+        tools.extend(models.iter().map(|m| llm_lane(m)));
+        let llm_available = self.llm_available();
         let mut core = self.shared.core.lock();
         let info = NodeInfo {
+            models,
             name,
             node_type: reg.node_type,
             dialect: Dialect::Native,
@@ -431,11 +493,14 @@ impl Cluster {
             cancel_tool: true,
         };
         let resend = self.bind(&mut core, &node_id, conn, info, reg.inflight.as_deref());
+        let mut hub_info = self.hub_info(encoding);
+        // This node's own models count once it is bound.
+        hub_info.llm_available = llm_available || !core.nodes[&node_id].info.models.is_empty();
         conn.send(NodeRegistered {
             node_id: node_id.clone(),
             success: true,
             message: "node registered".to_owned(),
-            hub_info: Some(self.hub_info(encoding)),
+            hub_info: Some(hub_info),
         });
         let _ = conn.tx.try_send(Outbound::SetEncoding(encoding));
         for id in resend {
@@ -474,6 +539,7 @@ impl Cluster {
             .collect();
         let mut core = self.shared.core.lock();
         let info = NodeInfo {
+            models: Vec::new(),
             name: reg.server_name.clone(),
             node_type: NodeType::Custom,
             dialect: Dialect::Vcp,
@@ -593,7 +659,7 @@ impl Cluster {
         match dialect {
             Dialect::Vcp => HubMessage::ExecuteTool(ExecuteTool {
                 request_id: vcp_request_id(&t.id, t.attempt),
-                tool_name: t.spec.tool.clone(),
+                tool_name: wire_tool(&t.spec.tool).to_owned(),
                 tool_args: t.spec.args.clone(),
             }),
             Dialect::Native => {
@@ -602,12 +668,20 @@ impl Cluster {
                     .deadline_of
                     .get(&t.id)
                     .map(|(d, _)| d.saturating_duration_since(now).as_millis() as u64);
+                let mut tool_args = t.spec.args.clone();
+                if t.attempt > 1
+                    && let Some(f) = core.resume.get(&t.id)
+                    && let Some(resume) = f()
+                    && let Value::Object(m) = &mut tool_args
+                {
+                    m.insert("resume".to_owned(), resume);
+                }
                 HubMessage::TaskAssign(TaskAssign {
                     task_id: t.id.clone(),
                     node_id: node_id.to_owned(),
-                    tool_name: t.spec.tool.clone(),
+                    tool_name: wire_tool(&t.spec.tool).to_owned(),
                     capability: t.spec.capability.clone(),
-                    tool_args: t.spec.args.clone(),
+                    tool_args,
                     timeout: remaining_ms,
                     priority: Some(t.spec.priority),
                     attempt: Some(t.attempt),
@@ -1324,6 +1398,107 @@ impl Cluster {
         }
     }
 
+    /// Handles `task_stream`: hands the chunk to the task's stream subscriber if it belongs to
+    /// the task's current node and attempt (fenced like a result). Returns whether it was
+    /// delivered.
+    pub fn task_stream(&self, node_id: &str, s: TaskStream) -> bool {
+        let attempt = {
+            let core = self.shared.core.lock();
+            if fence(&core, &s.task_id, node_id, s.attempt).is_err() {
+                return false;
+            }
+            match core.store.get(&s.task_id) {
+                Some(t) => t.attempt,
+                None => return false,
+            }
+        };
+        let streams = self.shared.streams.lock();
+        match streams.get(&s.task_id) {
+            Some(tx) => tx
+                .send(StreamChunk {
+                    attempt,
+                    seq: s.seq,
+                    chunk: s.chunk,
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Submits one task and subscribes to its `task_stream` chunks, in order and with their
+    /// attempt, before any can arrive. The channel is unbounded (chunks are never dropped
+    /// for a slow reader); [`Cluster::close_stream`] ends the subscription.
+    ///
+    /// # Errors
+    /// As [`Cluster::submit`].
+    pub fn submit_streaming(
+        &self,
+        spec: TaskSpec,
+    ) -> Result<(Task, mpsc::UnboundedReceiver<StreamChunk>), SubmitError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Held across the submit so that no chunk of the new task finds no subscriber.
+        let mut streams = self.shared.streams.lock();
+        let mut accepted = self.submit(vec![spec])?;
+        let Some((task, _)) = accepted.pop() else {
+            return Err(SubmitError::UnknownNode("no task was accepted".to_owned()));
+        };
+        streams.insert(task.id.clone(), tx);
+        Ok((task, rx))
+    }
+
+    /// Sets how `toolArgs.resume` is computed when task `task_id` is assigned again after a
+    /// migration (attempt > 1): the value `f` returns, if any, is added to the arguments.
+    pub fn set_resume(&self, task_id: &str, f: ResumeFn) {
+        self.shared.core.lock().resume.insert(task_id.to_owned(), f);
+    }
+
+    /// Ends a stream subscription and forgets the task's resume maker; cancels the task if it
+    /// has not ended (the subscriber went away).
+    pub fn close_stream(&self, task_id: &str) {
+        self.shared.streams.lock().remove(task_id);
+        self.shared.core.lock().resume.remove(task_id);
+        let _ = self.cancel(task_id);
+    }
+
+    /// Every model hosted by an online (undrained) node, with the nodes hosting it, sorted by
+    /// model id, then node id.
+    pub fn hosted_models(&self) -> Vec<(String, Vec<String>)> {
+        let core = self.shared.core.lock();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for e in core.nodes.values() {
+            if e.state != NodeState::Online {
+                continue;
+            }
+            for m in &e.info.models {
+                out.entry(m.clone()).or_default().push(e.id.clone());
+            }
+        }
+        for nodes in out.values_mut() {
+            nodes.sort();
+        }
+        out.into_iter().collect()
+    }
+
+    /// Sets how `node_registered.hubInfo.llmAvailable` is decided (default: false). The probe
+    /// is called without the engine lock held, so it may call back into the engine.
+    pub fn set_llm_probe(&self, probe: LlmProbe) {
+        *self.shared.llm_probe.lock() = Some(probe);
+    }
+
+    /// Whether the LLM gateway has any model, by the probe of [`Cluster::set_llm_probe`].
+    pub fn llm_available(&self) -> bool {
+        let probe = self.shared.llm_probe.lock().clone();
+        probe.is_some_and(|p| p())
+    }
+
+    /// Whether an online node hosts `model`.
+    pub fn hosts_model(&self, model: &str) -> bool {
+        let core = self.shared.core.lock();
+        core.nodes
+            .values()
+            .any(|e| e.state == NodeState::Online && e.info.models.iter().any(|m| m == model))
+    }
+
     /// Closes every node connection (hub shutdown). Nodes reconnect elsewhere or later.
     pub fn close_all(&self, reason: &str) {
         let core = self.shared.core.lock();
@@ -1337,6 +1512,8 @@ impl Cluster {
 
 /// What a node declares when it registers.
 struct NodeInfo {
+    /// Models the node hosts (only for nodes offering `llm.chat`).
+    models: Vec<String>,
     name: String,
     node_type: NodeType,
     dialect: Dialect,

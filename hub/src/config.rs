@@ -98,6 +98,13 @@ pub struct Config {
     /// Optional second listener serving only `GET /metrics`, without an API key (for a
     /// Prometheus scraper on an internal network), e.g. `127.0.0.1:9090`. Default none.
     pub metrics_listen: Option<SocketAddr>,
+    /// LLM gateway (`[llm]`: `providers`, `aliases`, `fallbacks`); see
+    /// [`LlmConfig`](crate::llm::LlmConfig). Off (no models) by default.
+    pub llm: crate::llm::LlmConfig,
+    /// Per-node limits on nodes' `llm_request` (`[node_llm]`: `requests_per_minute`,
+    /// `tokens_per_day`, `max_concurrent_streams`; 0 is unlimited); see
+    /// [`NodeLlmQuotas`](crate::llm::node_proxy::NodeLlmQuotas).
+    pub node_llm: crate::llm::node_proxy::NodeLlmQuotas,
 }
 
 impl Default for Config {
@@ -129,6 +136,8 @@ impl Default for Config {
             log_buffer_entries: 1000,
             stream_buffer_events: 1024,
             metrics_listen: None,
+            llm: crate::llm::LlmConfig::default(),
+            node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
         }
     }
 }
@@ -344,6 +353,12 @@ impl Config {
                     "keys must be at least 8 characters, without spaces or '/'",
                 );
             }
+        }
+        if let Err((field, reason)) = self.llm.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.node_llm.validate() {
+            return Err(Error::Invalid { field, reason });
         }
         Ok(())
     }

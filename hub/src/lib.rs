@@ -7,6 +7,7 @@ pub mod config;
 pub mod durable;
 pub mod events;
 pub mod http;
+pub mod llm;
 pub mod metrics;
 pub mod model;
 pub mod ops;
@@ -123,8 +124,20 @@ pub async fn run_with(
     for hook in options.on_config_change {
         ops.live.on_change(hook);
     }
+    let gateway = llm::Gateway::from_config(&config.llm)
+        .map_err(std::io::Error::other)?
+        .with_backend(Arc::new(llm::node_models::NodeModels::new(cluster.clone())));
+    let gateway = Arc::new(llm::GatewayHandle::new(gateway));
+    let node_llm = Arc::new(llm::node_proxy::NodeProxy::new(
+        config.node_llm.clone(),
+        gateway.clone(),
+    ));
+    let probe = node_llm.clone();
+    cluster.set_llm_probe(Arc::new(move || probe.available()));
     let state = AppState {
         cluster: cluster.clone(),
+        llm: gateway,
+        node_llm,
         config,
         shutdown: stop_rx.clone(),
         ops: ops.clone(),

@@ -9,6 +9,7 @@
 //! The session is generic over the socket's `Stream` and `Sink`, so it runs on any transport.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use apex_protocol::codec::{self, DecodeError};
@@ -28,6 +29,7 @@ use tokio::time::{MissedTickBehavior, interval};
 
 use crate::cluster::{Cluster, ConnHandle, Dialect, Outbound};
 use crate::http::{ApiError, AppState, bearer, key_matches};
+use crate::llm::node_proxy::NodeProxy;
 use crate::ops::Ops;
 
 const PREFIXES: [&str; 3] = [
@@ -98,6 +100,7 @@ fn upgrade(
             let (conn, rx) = state.cluster.open_connection(peer.to_string());
             Session::new(state.cluster.clone(), conn)
                 .with_ops(state.ops.clone())
+                .with_llm(state.node_llm.clone())
                 .run(stream, sink, rx)
                 .await;
         })
@@ -110,6 +113,7 @@ pub struct Session {
     node: Option<(String, Dialect)>,
     limits: apex_protocol::Limits,
     ops: Option<Ops>,
+    llm: Option<Arc<NodeProxy>>,
 }
 
 impl Session {
@@ -121,6 +125,7 @@ impl Session {
             node: None,
             limits: apex_protocol::Limits::default(),
             ops: None,
+            llm: None,
         }
     }
 
@@ -128,6 +133,12 @@ impl Session {
     /// node `log` frames to the log channel.
     pub fn with_ops(mut self, ops: Ops) -> Self {
         self.ops = Some(ops);
+        self
+    }
+
+    /// Answers the node's `llm_request`s through `proxy` (without it: `llm_unavailable`).
+    pub fn with_llm(mut self, proxy: Arc<NodeProxy>) -> Self {
+        self.llm = Some(proxy);
         self
     }
 
@@ -206,6 +217,9 @@ impl Session {
                 }
             }
         };
+        if let Some(llm) = &self.llm {
+            llm.connection_closed(self.conn.id);
+        }
         if let Some((node_id, _)) = self.node.take() {
             self.cluster.lose_node(&node_id, self.conn.id, &reason);
         }
@@ -323,6 +337,15 @@ impl Session {
                     "send register_tools before tool_result".to_owned(),
                 ),
             },
+            NodeMessage::TaskStream(c) => match node_id {
+                Some(id) => {
+                    self.cluster.task_stream(&id, c);
+                }
+                None => self.reject(
+                    "not_registered",
+                    "send node_register before task_stream".to_owned(),
+                ),
+            },
             NodeMessage::TaskProgress(p) => match node_id {
                 Some(id) => {
                     self.cluster.task_progress(&id, p);
@@ -362,16 +385,27 @@ impl Session {
                 );
             }
             NodeMessage::LlmRequest(r) => {
+                if let (Some(llm), Some(id)) = (&self.llm, &node_id) {
+                    return llm.handle(id, self.conn.id, r, self.conn.tx.clone());
+                }
+                let registered = node_id.is_some();
                 self.send(LlmResponse {
                     request_id: r.request_id,
                     node_id: node_id.unwrap_or(r.node_id),
                     success: false,
                     content: None,
                     usage: None,
-                    error: Some(ErrorInfo::new(
-                        "llm_unavailable",
-                        "this hub has no language model configured",
-                    )),
+                    error: Some(if registered {
+                        ErrorInfo::new(
+                            "llm_unavailable",
+                            "this hub has no language model configured",
+                        )
+                    } else {
+                        ErrorInfo::new(
+                            "llm_request_failed",
+                            "send node_register before llm_request",
+                        )
+                    }),
                     stream: false,
                     timestamp: now_ms(),
                 });

@@ -118,6 +118,21 @@ pub struct RawConfig {
     /// (default 300000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_task_timeout_ms: Option<u64>,
+    /// Base URL of a local OpenAI-compatible server (`http(s)://HOST:PORT/v1`, e.g. Ollama's
+    /// `http://127.0.0.1:11434/v1`). Its models (`GET <url>/models`) are advertised to the hub
+    /// and served by the `llm.chat` tool. Unset: the node hosts no models.
+    #[serde(
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub llm_upstream: Option<String>,
+    /// Model that tools (`llm.summarize`) ask the hub for when their arguments name none.
+    /// Unset: the hub picks (its first listed model).
+    #[serde(
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub llm_model: Option<String>,
 }
 
 /// The validated configuration the node runs with.
@@ -147,6 +162,10 @@ pub struct Config {
     pub http_fetch_max_body_bytes: u64,
     /// Budget of tasks assigned without a timeout, in milliseconds.
     pub default_task_timeout_ms: u64,
+    /// Base URL of the local OpenAI-compatible server, without a trailing `/`.
+    pub llm_upstream: Option<String>,
+    /// Model tools ask the hub for by default.
+    pub llm_model: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -164,6 +183,8 @@ impl fmt::Debug for Config {
             .field("drain_timeout_ms", &self.drain_timeout_ms)
             .field("http_fetch_max_body_bytes", &self.http_fetch_max_body_bytes)
             .field("default_task_timeout_ms", &self.default_task_timeout_ms)
+            .field("llm_upstream", &self.llm_upstream)
+            .field("llm_model", &self.llm_model)
             .finish()
     }
 }
@@ -386,6 +407,15 @@ impl RawConfig {
             return Err(invalid("default_task_timeout_ms", "must be positive"));
         }
 
+        let llm_upstream = match self.llm_upstream {
+            None => None,
+            Some(u) => Some(normalize_llm_upstream(&u)?),
+        };
+        let llm_model = match self.llm_model.map(|m| m.trim().to_owned()) {
+            Some(m) if m.is_empty() => return Err(invalid("llm_model", "must not be empty")),
+            other => other,
+        };
+
         Ok(Config {
             hubs,
             key,
@@ -399,8 +429,34 @@ impl RawConfig {
             drain_timeout_ms,
             http_fetch_max_body_bytes,
             default_task_timeout_ms,
+            llm_upstream,
+            llm_model,
         })
     }
+}
+
+/// Checks an `llm_upstream` URL: absolute `http://` or `https://` with a host, no credentials;
+/// a trailing `/` is removed.
+///
+/// # Errors
+/// [`Error::Invalid`] on `llm_upstream` otherwise.
+pub fn normalize_llm_upstream(url: &str) -> Result<String, Error> {
+    let url = url.trim();
+    let bad = |reason: &str| invalid("llm_upstream", format!("`{url}` {reason}"));
+    let uri: Uri = url.parse().map_err(|_| bad("is not a url"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(bad("must start with http:// or https://")),
+    }
+    match uri.authority() {
+        Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => {}
+        Some(a) if a.as_str().contains('@') => return Err(bad("must not carry credentials")),
+        _ => return Err(bad("has no host")),
+    }
+    if uri.query().is_some() {
+        return Err(bad("must not have a query"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 /// Checks a hub URL and gives it the default path when it has none.
@@ -527,6 +583,45 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn llm_keys_are_checked() {
+        let c = minimal().validate().unwrap();
+        assert_eq!((c.llm_upstream, c.llm_model), (None, None));
+        let c = RawConfig {
+            llm_upstream: Some("http://127.0.0.1:11434/v1/".into()),
+            llm_model: Some(" llama3 ".into()),
+            ..minimal()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.llm_upstream.as_deref(), Some("http://127.0.0.1:11434/v1"));
+        assert_eq!(c.llm_model.as_deref(), Some("llama3"));
+        for bad in [
+            "ws://h/v1",
+            "127.0.0.1:11434",
+            "http://u:p@h/v1",
+            "http://h/v1?x=1",
+            "http:///v1",
+        ] {
+            let e = RawConfig {
+                llm_upstream: Some(bad.into()),
+                ..minimal()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("llm_upstream"), "{bad}: {e}");
+        }
+        let e = RawConfig {
+            llm_model: Some("  ".into()),
+            ..minimal()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("llm_model"), "{e}");
     }
 
     #[test]

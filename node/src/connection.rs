@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use apex_protocol::codec::{self, Encoding, Frame};
 use apex_protocol::{
-    Heartbeat, HeartbeatStatus, HubMessage, NodeDrain, NodeMessage, NodeRegister, NodeType,
-    NodeUnregister,
+    Heartbeat, HeartbeatStatus, HubMessage, LlmRequest, ModelSpec, NodeDrain, NodeMessage,
+    NodeRegister, NodeType, NodeUnregister,
 };
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
@@ -31,6 +31,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::executor::{Event, Executor};
 use crate::identity;
+use crate::llm::LlmClient;
 use crate::outbox::Outbox;
 use crate::stats::{LoadSampler, TaskCounters};
 use crate::tools::Registry;
@@ -149,6 +150,39 @@ enum Wake {
     Heartbeat,
     Shutdown,
     Timer,
+    Llm(LlmRequest),
+    ModelsChanged,
+}
+
+/// The node's LLM side: the gateway client's request queue and the hosted-model list.
+#[derive(Default)]
+struct LlmSide {
+    client: Option<LlmClient>,
+    requests: Option<mpsc::UnboundedReceiver<LlmRequest>>,
+    models: Option<watch::Receiver<Vec<String>>>,
+}
+
+/// The next request of the gateway client (never, without one).
+async fn next_llm(rx: &mut Option<mpsc::UnboundedReceiver<LlmRequest>>) -> LlmRequest {
+    match rx {
+        Some(rx) => match rx.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Fires when the hosted-model list changes (never, without one).
+async fn models_changed(rx: &mut Option<watch::Receiver<Vec<String>>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Outcome of something awaited while not connected.
@@ -219,6 +253,7 @@ pub struct Node {
     load: LoadSampler,
     outbox: Outbox,
     drain: Option<Drain>,
+    llm: LlmSide,
 }
 
 impl Node {
@@ -241,7 +276,28 @@ impl Node {
             load: LoadSampler::new(),
             outbox: Outbox::new(),
             drain: None,
+            llm: LlmSide::default(),
         }
+    }
+
+    /// Serves `client`'s calls of the hub's LLM gateway: sends its queued `llm_request`s
+    /// while registered and routes the answer frames back; calls in flight fail when a
+    /// connection drops.
+    pub fn with_llm_client(
+        mut self,
+        client: LlmClient,
+        requests: mpsc::UnboundedReceiver<LlmRequest>,
+    ) -> Self {
+        self.llm.client = Some(client);
+        self.llm.requests = Some(requests);
+        self
+    }
+
+    /// Advertises the models in `models` (`node_register.models`), registering again when
+    /// the list changes.
+    pub fn with_models(mut self, models: watch::Receiver<Vec<String>>) -> Self {
+        self.llm.models = Some(models);
+        self
     }
 
     /// Connects, serves and reconnects until `shutdown` fires and the drain completes.
@@ -264,7 +320,11 @@ impl Node {
             let failure = match connected {
                 Ok(ws) => {
                     info!(hub = %url, "connected to hub");
-                    match self.session(ws, &mut events, &mut shutdown).await {
+                    let end = self.session(ws, &mut events, &mut shutdown).await;
+                    if let Some(c) = &self.llm.client {
+                        c.fail_all("the connection to the hub was lost");
+                    }
+                    match end {
                         SessionEnd::Finished => return,
                         SessionEnd::Lost { registered } => {
                             if registered {
@@ -414,6 +474,15 @@ impl Node {
             encoding: self.config.msgpack.then_some(Encoding::Msgpack),
             inflight: Some(inflight),
             protocol_version: Some(apex_protocol::PROTOCOL_VERSION.to_owned()),
+            models: self
+                .llm
+                .models
+                .as_mut()
+                .map(|m| m.borrow_and_update().clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(ModelSpec::Id)
+                .collect(),
         }
         .into()
     }
@@ -479,12 +548,15 @@ impl Node {
                 }
             }
             let timer = self.session_timer(&s);
+            let registered = s.registered;
             let wake = tokio::select! {
                 frame = s.ws.next() => Wake::Frame(frame),
                 Some(ev) = events.recv() => Wake::Event(ev),
                 _ = tick(&mut s.heartbeat) => Wake::Heartbeat,
                 _ = shutdown.fired() => Wake::Shutdown,
                 _ = tokio::time::sleep_until(timer) => Wake::Timer,
+                req = next_llm(&mut self.llm.requests), if registered => Wake::Llm(req),
+                _ = models_changed(&mut self.llm.models), if registered => Wake::ModelsChanged,
             };
             let step = match wake {
                 Wake::Frame(None) => {
@@ -511,6 +583,24 @@ impl Node {
                     } else {
                         Ok(None)
                     }
+                }
+                Wake::Llm(mut req) => {
+                    let pending = self
+                        .llm
+                        .client
+                        .as_ref()
+                        .is_some_and(|c| c.is_pending(&req.request_id));
+                    if pending {
+                        req.node_id = self.node_id.clone();
+                        s.send(req.into()).await.map(|()| None)
+                    } else {
+                        Ok(None)
+                    }
+                }
+                Wake::ModelsChanged => {
+                    info!("hosted models changed; registering again");
+                    let register = self.register_message(self.executor.running_ids());
+                    s.send(register).await.map(|()| None)
                 }
                 Wake::Timer => {
                     if !s.registered && Instant::now() >= s.register_deadline {
@@ -620,6 +710,12 @@ impl Node {
                 if s.registered {
                     p.node_id = Some(self.node_id.clone());
                     s.send(p.into()).await?;
+                }
+            }
+            Event::Stream(mut c) => {
+                if s.registered {
+                    c.node_id = Some(self.node_id.clone());
+                    s.send(c.into()).await?;
                 }
             }
         }
@@ -756,6 +852,14 @@ impl Node {
             HubMessage::Error(e) => {
                 warn!(code = %e.code, message = %e.message, "hub reported an error");
             }
+            HubMessage::LlmResponseStream(f) => match &self.llm.client {
+                Some(c) => c.on_stream(f),
+                None => debug!("llm_response_stream without an llm client"),
+            },
+            HubMessage::LlmResponse(f) => match &self.llm.client {
+                Some(c) => c.on_response(f),
+                None => debug!("llm_response without an llm client"),
+            },
             other => {
                 debug!(
                     kind = other.type_name(),

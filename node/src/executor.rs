@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use apex_protocol::{ErrorInfo, TaskAssign, TaskProgress, TaskResult};
+use apex_protocol::{ErrorInfo, TaskAssign, TaskProgress, TaskResult, TaskStream};
 use futures::FutureExt;
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -39,6 +39,8 @@ pub enum Event {
     Result(TaskResult),
     /// A running task reported progress.
     Progress(TaskProgress),
+    /// A running task streamed a chunk of its output (`task_stream`).
+    Stream(TaskStream),
 }
 
 /// Why a running task is stopped.
@@ -164,6 +166,7 @@ impl Executor {
                     task_id: task.task_id.clone(),
                     attempt: task.attempt,
                     events: this.inner.events.clone(),
+                    next_seq: AtomicU64::new(0),
                 }),
             };
             let start = Instant::now();
@@ -334,6 +337,8 @@ struct Progress {
     task_id: String,
     attempt: Option<u32>,
     events: mpsc::UnboundedSender<Event>,
+    /// `seq` of the next `task_stream` chunk of this attempt.
+    next_seq: AtomicU64,
 }
 
 impl ProgressSink for Progress {
@@ -349,6 +354,18 @@ impl ProgressSink for Progress {
             attempt: self.attempt,
             progress: percent,
             message,
+        }));
+    }
+
+    fn chunk(&self, chunk: Value) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        // The same FIFO channel as the result: every chunk reaches the hub before it.
+        let _ = self.events.send(Event::Stream(TaskStream {
+            task_id: self.task_id.clone(),
+            node_id: None,
+            attempt: self.attempt,
+            seq,
+            chunk,
         }));
     }
 }
@@ -390,7 +407,7 @@ mod tests {
         loop {
             match rx.recv().await.unwrap() {
                 Event::Result(r) => return r,
-                Event::Progress(_) => continue,
+                Event::Progress(_) | Event::Stream(_) => continue,
             }
         }
     }

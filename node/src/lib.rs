@@ -9,6 +9,7 @@
 //! - [`executor`]: task running, concurrency, timeouts, cancellation, draining;
 //! - [`outbox`]: results held until the hub acknowledges them;
 //! - [`tools`]: the built-in tools and their registry;
+//! - [`llm`]: the client of the hub's LLM gateway and the local model server (`--llm-upstream`);
 //! - [`stats`]: task counters and machine load for heartbeats;
 //! - [`backoff`]: reconnect delays.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod identity;
+pub mod llm;
 pub mod outbox;
 pub mod stats;
 pub mod tools;
@@ -53,7 +55,16 @@ pub async fn run(
     // Held until the node stops: one process per data directory (and so per node id).
     let _lock = identity::lock(&config.data_dir)?;
     let node_id = identity::load_or_create(&config.data_dir)?;
-    let registry = Arc::new(tools::Registry::builtin(&config)?);
+    let mut registry = tools::Registry::builtin(&config)?;
+    let (llm_client, llm_requests) = llm::LlmClient::new(config.llm_model.clone());
+    registry.add(tools::llm::Summarize::new(llm_client.clone()));
+    let mut models = None;
+    if let Some(base) = &config.llm_upstream {
+        let upstream = llm::Upstream::new(base).map_err(tools::Error::Setup)?;
+        registry.add(tools::llm::Chat::new(upstream.clone()));
+        models = Some(watch_models(upstream).await);
+    }
+    let registry = Arc::new(registry);
     tracing::info!(
         node_id = %node_id,
         hub = %config.hubs.join(", "),
@@ -62,8 +73,53 @@ pub async fn run(
         max_concurrent_tasks = config.max_concurrent_tasks,
         "apex-node starting"
     );
-    connection::Node::new(config, node_id, registry)
-        .run(shutdown)
-        .await;
+    let mut node =
+        connection::Node::new(config, node_id, registry).with_llm_client(llm_client, llm_requests);
+    if let Some(models) = models {
+        node = node.with_models(models);
+    }
+    node.run(shutdown).await;
     Ok(())
+}
+
+/// How often the local model server's model list is read again.
+pub const MODELS_REFRESH: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Lists the local server's models once now (so the first registration carries them), then
+/// every [`MODELS_REFRESH`] in the background; the receiver sees each change. A server that
+/// cannot be read keeps the last list (empty at first) and is logged.
+async fn watch_models(upstream: llm::Upstream) -> tokio::sync::watch::Receiver<Vec<String>> {
+    let first = match upstream.models().await {
+        Ok(m) => {
+            tracing::info!(upstream = %upstream.base(), models = %m.join(","), "hosting models");
+            m
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the local model server's models; retrying");
+            Vec::new()
+        }
+    };
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(MODELS_REFRESH).await;
+            match upstream.models().await {
+                Ok(m) => {
+                    tx.send_if_modified(|cur| {
+                        if *cur == m {
+                            return false;
+                        }
+                        tracing::info!(models = %m.join(","), "hosted models changed");
+                        *cur = m;
+                        true
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list the local model server's models"),
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
 }

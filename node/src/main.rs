@@ -78,6 +78,15 @@ struct Cli {
     /// Time budget of a task assigned without a timeout, in ms [default: 300000].
     #[arg(long, value_name = "MS")]
     default_task_timeout_ms: Option<u64>,
+
+    /// A local OpenAI-compatible server (e.g. http://127.0.0.1:11434/v1) whose models this
+    /// node hosts for the hub (tool llm.chat).
+    #[arg(long, value_name = "URL")]
+    llm_upstream: Option<String>,
+
+    /// Model tools ask the hub for (llm.summarize) when they name none [default: the hub's].
+    #[arg(long, value_name = "MODEL")]
+    llm_model: Option<String>,
 }
 
 impl Cli {
@@ -96,6 +105,8 @@ impl Cli {
             drain_timeout_ms: self.drain_timeout_ms,
             http_fetch_max_body_bytes: self.http_fetch_max_body_bytes,
             default_task_timeout_ms: self.default_task_timeout_ms,
+            llm_upstream: self.llm_upstream,
+            llm_model: self.llm_model,
         };
         (self.config, layer)
     }

@@ -82,6 +82,8 @@ direction! {
         "task_progress" => TaskProgress(TaskProgress),
         /// Native: the outcome of an assigned task.
         "task_result" => TaskResult(TaskResult),
+        /// Native (apex extension): one chunk of a streamed task result, before `task_result`.
+        "task_stream" => TaskStream(TaskStream),
         /// Native: a log line for the hub's log channel.
         "log" => Log(Log),
         /// Native: the node asks the hub to call a language model for it.
@@ -258,6 +260,40 @@ pub struct NodeRegister {
     /// apex extension: native dialect version the node speaks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
+    /// apex extension: language models the node hosts (served through its `llm.chat` tool).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelSpec>,
+}
+
+/// A model as declared in `node_register.models`: a bare id, or an object with `id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelSpec {
+    /// Just the model id.
+    Id(String),
+    /// `{id, ownedBy?}` (more fields are ignored).
+    Described(ModelDescription),
+}
+
+impl ModelSpec {
+    /// The model id, whichever form it came in.
+    pub fn id(&self) -> &str {
+        match self {
+            ModelSpec::Id(id) => id,
+            ModelSpec::Described(d) => &d.id,
+        }
+    }
+}
+
+/// A described model: `{id, ownedBy?}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDescription {
+    /// Model id, as clients name it in `model`.
+    pub id: String,
+    /// Who publishes the model (OpenAI `owned_by`), if the node knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_by: Option<String>,
 }
 
 impl NodeRegister {
@@ -502,6 +538,26 @@ pub struct TaskResult {
     /// How long the tool ran, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution_time: Option<u64>,
+}
+
+/// `task_stream.data` (apex extension): one chunk of a task's streamed output, sent in order
+/// before the task's `task_result`. Fenced like a result: chunks of an attempt the task is no
+/// longer on are dropped.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStream {
+    /// Task id from the `task_assign`.
+    pub task_id: String,
+    /// Sender's current node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The attempt the chunk belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Position of the chunk within its attempt, from 0.
+    pub seq: u64,
+    /// The chunk: a JSON object (for `llm.chat`, an OpenAI `chat.completion.chunk`).
+    pub chunk: Value,
 }
 
 /// `task_result_ack.data`.

@@ -83,6 +83,15 @@ impl NodeMessage {
                     check_id(kind, "tools[].name", t.name(), limits)?;
                     check_len(kind, "tools[].name", t.name(), limits.max_name_len)?;
                 }
+                if r.models.len() > limits.max_tools {
+                    return Err(ValidationError {
+                        kind,
+                        reason: format!("more than {} models", limits.max_tools),
+                    });
+                }
+                for m in &r.models {
+                    check_id(kind, "models[].id", m.id(), limits)?;
+                }
                 if r.concurrency_limit() == Some(0) {
                     return Err(ValidationError {
                         kind,
@@ -92,6 +101,16 @@ impl NodeMessage {
                 Ok(())
             }
             NodeMessage::TaskResult(r) => check_id(kind, "taskId", &r.task_id, limits),
+            NodeMessage::TaskStream(s) => {
+                check_id(kind, "taskId", &s.task_id, limits)?;
+                if !s.chunk.is_object() {
+                    return Err(ValidationError {
+                        kind,
+                        reason: "`chunk` must be a JSON object".to_owned(),
+                    });
+                }
+                Ok(())
+            }
             NodeMessage::TaskProgress(p) => {
                 check_id(kind, "taskId", &p.task_id, limits)?;
                 if !(0.0..=100.0).contains(&p.progress) {

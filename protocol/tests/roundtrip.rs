@@ -190,6 +190,39 @@ fn node_register_has_both_forms() {
         apex.protocol_version.as_deref(),
         Some(apex_protocol::PROTOCOL_VERSION)
     );
+    // Hosted models, as bare ids or objects with `id`.
+    let models: Vec<&str> = apex.models.iter().map(|m| m.id()).collect();
+    assert_eq!(models, ["llama3.2:1b", "qwen2.5:7b"]);
+    assert!(third.models.is_empty());
+}
+
+#[test]
+fn task_stream_is_fenced_data_and_needs_an_object_chunk() {
+    let ok: NodeMessage = codec::decode_text(
+        r#"{"type":"task_stream","data":{"taskId":"t1","attempt":3,"seq":7,
+            "chunk":{"choices":[{"delta":{"content":"hi"}}]}}}"#,
+    )
+    .expect("decodes");
+    let NodeMessage::TaskStream(s) = &ok else {
+        panic!("not a task_stream");
+    };
+    assert_eq!((s.attempt, s.seq), (Some(3), 7));
+    assert_eq!(s.chunk["choices"][0]["delta"]["content"], "hi");
+    ok.validate(&Limits::default()).expect("valid");
+
+    let not_object: NodeMessage =
+        codec::decode_text(r#"{"type":"task_stream","data":{"taskId":"t1","seq":0,"chunk":"hi"}}"#)
+            .expect("decodes");
+    let err = not_object
+        .validate(&Limits::default())
+        .expect_err("a string chunk is refused");
+    assert!(err.reason.contains("chunk"), "{err}");
+
+    let missing_seq = codec::decode_text::<NodeMessage>(
+        r#"{"type":"task_stream","data":{"taskId":"t1","chunk":{}}}"#,
+    )
+    .expect_err("seq is required");
+    assert_eq!(missing_seq.code(), "invalid_payload");
 }
 
 #[test]

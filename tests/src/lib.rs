@@ -10,6 +10,7 @@
 //! Build them first: `cargo build --workspace`.
 
 pub mod api;
+pub mod fake_llm;
 pub mod fixtures;
 pub mod process;
 pub mod redis;

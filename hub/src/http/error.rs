@@ -128,6 +128,24 @@ impl ApiError {
         }
     }
 
+    /// Any status with the given OpenAI `type` and `code` (the LLM routes map upstream
+    /// failures this way).
+    pub fn custom(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+        param: Option<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param,
+        }
+    }
+
     /// 500: the cause is logged here, the client sees a generic message.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");

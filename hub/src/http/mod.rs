@@ -6,6 +6,7 @@ mod config;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+mod llm;
 pub mod log_channel;
 mod nodes;
 mod system;
@@ -40,6 +41,10 @@ pub struct AppState {
     pub cluster: Cluster,
     /// Validated configuration.
     pub config: Arc<Config>,
+    /// The LLM gateway (chat completions, models, interrupts; nodes' `llm_request`).
+    pub llm: Arc<crate::llm::GatewayHandle>,
+    /// Nodes' `llm_request`s through the gateway, with per-node quotas.
+    pub node_llm: Arc<crate::llm::node_proxy::NodeProxy>,
     /// Flips to true when the hub shuts down (ends SSE streams).
     pub shutdown: watch::Receiver<bool>,
     /// Live config, log channel buffer, machine sampler (the operator surface).
@@ -49,10 +54,27 @@ pub struct AppState {
 impl AppState {
     /// State for a validated `config`, with operator handles whose config reload is refused
     /// (tests; `crate::run` builds its own with the startup flags).
+    ///
+    /// `config` must be validated; an LLM section that still fails to build (logged) leaves the
+    /// gateway without providers.
     pub fn new(cluster: Cluster, config: Config, shutdown: watch::Receiver<bool>) -> Self {
         let config = Arc::new(config);
+        let gateway = crate::llm::Gateway::from_config(&config.llm).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "LLM gateway not configured");
+            crate::llm::Gateway::empty()
+        });
+        let gateway = gateway.with_backend(Arc::new(crate::llm::node_models::NodeModels::new(
+            cluster.clone(),
+        )));
+        let llm = Arc::new(crate::llm::GatewayHandle::new(gateway));
+        let node_llm = Arc::new(crate::llm::node_proxy::NodeProxy::new(
+            config.node_llm.clone(),
+            llm.clone(),
+        ));
         Self {
             ops: Ops::new(config.clone(), None),
+            llm,
+            node_llm,
             cluster,
             config,
             shutdown,
@@ -216,7 +238,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/events", get(tasks::events))
         .route("/api/v1/system/status", get(system::status))
         .route("/v1/events", get(events::stream))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/v1/chat/completions", post(llm::chat_completions))
+        .route("/v1/models", get(llm::models))
+        .route("/v1/models/{*id}", get(llm::model))
+        .route("/v1/interrupt", post(llm::interrupt));
     let mut api = api;
     for base in ["/v1/nodes", "/api/admin/nodes"] {
         api = api

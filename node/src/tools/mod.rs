@@ -17,6 +17,7 @@ use crate::config::Config;
 pub mod basic;
 pub mod files;
 pub mod http;
+pub mod llm;
 pub mod shell;
 pub mod system;
 
@@ -52,10 +53,16 @@ impl Error {
 /// The future a tool call returns.
 pub type ToolFuture = Pin<Box<dyn Future<Output = Result<Value, Error>> + Send>>;
 
-/// Reports a running task's progress to the hub (`task_progress`).
+/// Reports a running task's progress to the hub (`task_progress`) and streams its output
+/// (`task_stream`).
 pub trait ProgressSink: Send + Sync {
     /// `percent` is clamped to 0-100.
     fn report(&self, percent: f64, message: Option<String>);
+
+    /// Sends one chunk of the task's streamed output (a JSON object) as `task_stream`, in
+    /// order, numbered from 0; every chunk reaches the hub before the task's result. Chunks
+    /// sent while the node is disconnected are dropped. Default: dropped.
+    fn chunk(&self, _chunk: Value) {}
 }
 
 /// What a tool call gets besides its arguments.

@@ -14,11 +14,16 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+#[path = "apex-bench/llm.rs"]
+mod llm;
+
 /// Which measurements to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Suite {
     /// Cluster core: throughput, latency, failure detection, re-dispatch.
     Core,
+    /// LLM gateway: latency the hub adds over the upstream, saturation, RSS with open streams.
+    Llm,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -59,6 +64,15 @@ struct Args {
     /// Skip the SIGKILL/SIGSTOP measurements.
     #[arg(long)]
     skip_failover: bool,
+    /// llm suite: requests per latency measurement (each concurrency level and path).
+    #[arg(long, default_value_t = 4000)]
+    llm_samples: usize,
+    /// llm suite: seconds of each saturation run.
+    #[arg(long, default_value_t = 5)]
+    llm_saturation_secs: u64,
+    /// llm suite: concurrent open streams for the RSS figure.
+    #[arg(long, default_value_t = 1000)]
+    llm_streams: usize,
 }
 
 /// One row of the result table.
@@ -84,7 +98,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<Vec<Row>> {
-    let Suite::Core = args.suite;
+    if args.suite == Suite::Llm {
+        return llm::run(&llm::LlmArgs {
+            samples: args.llm_samples.max(2),
+            saturation_secs: args.llm_saturation_secs.max(1),
+            streams: args.llm_streams,
+        })
+        .await;
+    }
     if args.nodes == 0 || args.batch == 0 || args.batch > 1000 {
         bail!("need --nodes >= 1 and 1 <= --batch <= 1000");
     }

@@ -1,0 +1,302 @@
+//! The OpenAI-compatible LLM routes: `POST /v1/chat/completions`, `GET /v1/models`,
+//! `GET /v1/models/{id}`, `POST /v1/interrupt`. The work is done by
+//! [`Gateway`](crate::llm::Gateway); this module only maps HTTP to it.
+//!
+//! Streams are written as `data: <chunk JSON>\n\n` frames and a final `data: [DONE]\n\n`;
+//! chunks an upstream sent are forwarded as received (see [`ChatChunk::raw`]). An error after
+//! the first chunk becomes a `data: {"error": {...}}` frame before `[DONE]`.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::llm::{CallContext, Caller, ChatChunk, ChatRequest, ChatStream, LlmError, Usage};
+
+const X_REQUEST_ID: &str = "x-request-id";
+
+/// The OpenAI error response for a gateway error.
+fn api_error(e: &LlmError) -> ApiError {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    ApiError::custom(
+        status,
+        e.kind(),
+        e.code(),
+        e.to_string(),
+        e.param().map(str::to_owned),
+    )
+}
+
+fn with_request_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    resp
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header_id = headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let fallback_id = || header_id.clone().unwrap_or_else(new_id);
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = ApiError::invalid("body", format!("the body is not valid JSON: {e}"));
+            return with_request_id(err.into_response(), &fallback_id());
+        }
+    };
+    let (req, body_id) = match ChatRequest::from_json(value) {
+        Ok(x) => x,
+        Err(e) => return with_request_id(api_error(&e).into_response(), &fallback_id()),
+    };
+    let id = body_id.unwrap_or_else(fallback_id);
+    let stream = req.stream;
+    let include_usage = req.include_usage;
+    let gateway = state.llm.get();
+    let ctx = CallContext::new(id.clone(), Caller::Http);
+    let chat = match gateway.chat(req, ctx).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(request_id = %id, error = %e, "chat completion failed");
+            return with_request_id(api_error(&e).into_response(), &id);
+        }
+    };
+    let resp = if stream {
+        sse_response(chat, &id, include_usage)
+    } else {
+        match whole_response(chat, &id).await {
+            Ok(r) => r,
+            Err(e) => api_error(&e).into_response(),
+        }
+    };
+    with_request_id(resp, &id)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Serialises a chunk the gateway or a backend made (no `raw`) as a `chat.completion.chunk`.
+fn chunk_json(c: &ChatChunk, id: &str, model: &str, created: u64, first: bool) -> Value {
+    let mut delta = serde_json::Map::new();
+    if first {
+        delta.insert("role".into(), json!("assistant"));
+    }
+    if !c.text.is_empty() {
+        delta.insert("content".into(), json!(c.text));
+    }
+    if let Some(tc) = &c.tool_calls {
+        delta.insert("tool_calls".into(), tc.clone());
+    }
+    let choices = if c.usage.is_some() && c.text.is_empty() && c.finish_reason.is_none() {
+        // A usage-only chunk, as OpenAI sends it with include_usage.
+        json!([])
+    } else {
+        json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": c.finish_reason}])
+    };
+    let mut v = json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    });
+    if let Some(u) = &c.usage {
+        v["usage"] = json!(u);
+    }
+    v
+}
+
+fn frame(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(payload.len() + 8);
+    b.put_slice(b"data: ");
+    b.put_slice(payload);
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+fn error_frame(e: &LlmError) -> Bytes {
+    let v = json!({"error": {
+        "message": e.to_string(),
+        "type": e.kind(),
+        "code": e.code(),
+        "param": e.param(),
+    }});
+    frame(v.to_string().as_bytes())
+}
+
+fn sse_response(chat: ChatStream, id: &str, include_usage: bool) -> Response {
+    let chunk_id = format!("chatcmpl-{id}");
+    let model = chat.model().to_owned();
+    let created = crate::llm::unix_now();
+    struct St {
+        chat: Option<ChatStream>,
+        first: bool,
+    }
+    let body = futures::stream::unfold(
+        St {
+            chat: Some(chat),
+            first: true,
+        },
+        move |mut st| {
+            let (chunk_id, model) = (chunk_id.clone(), model.clone());
+            async move {
+                let chat = st.chat.as_mut()?;
+                match chat.next().await {
+                    Some(Ok(c)) => {
+                        let b = match &c.raw {
+                            Some(raw) => frame(raw),
+                            None => {
+                                let mut c = c;
+                                if !include_usage && c.text.is_empty() && c.finish_reason.is_none()
+                                {
+                                    c.usage = None;
+                                }
+                                let v = chunk_json(&c, &chunk_id, &model, created, st.first);
+                                frame(v.to_string().as_bytes())
+                            }
+                        };
+                        st.first = false;
+                        Some((Ok::<Bytes, std::convert::Infallible>(b), st))
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(request_id = %chat.request_id(), error = %e,
+                            "llm stream failed after its first chunk");
+                        st.chat = None;
+                        let mut b = BytesMut::new();
+                        b.put(error_frame(&e));
+                        b.put_slice(b"data: [DONE]\n\n");
+                        Some((Ok(b.freeze()), st))
+                    }
+                    None => {
+                        st.chat = None;
+                        Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), st))
+                    }
+                }
+            }
+        },
+    );
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmError> {
+    let mut chunks = Vec::with_capacity(1);
+    while let Some(c) = chat.next().await {
+        chunks.push(c?);
+    }
+    if let [c] = chunks.as_slice()
+        && let Some(raw) = &c.raw
+        && !c.interrupted
+    {
+        let mut resp = Response::new(Body::from(raw.clone()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
+    }
+    let mut text = String::new();
+    let mut tool_calls: Option<Value> = None;
+    let mut finish = None;
+    let mut usage: Option<Usage> = None;
+    for c in chunks {
+        text.push_str(&c.text);
+        if let Some(tc) = c.tool_calls {
+            tool_calls = Some(tc);
+        }
+        if c.finish_reason.is_some() {
+            finish = c.finish_reason;
+        }
+        if c.usage.is_some() {
+            usage = c.usage;
+        }
+    }
+    let mut message = json!({"role": "assistant", "content": text});
+    if let Some(tc) = tool_calls {
+        message["tool_calls"] = tc;
+    }
+    let body = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": crate::llm::unix_now(),
+        "model": chat.model(),
+        "choices": [{"index": 0, "message": message, "logprobs": null,
+                     "finish_reason": finish.unwrap_or_else(|| "stop".to_owned())}],
+        "usage": usage.unwrap_or_default(),
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+/// `GET /v1/models`.
+pub(super) async fn models(State(state): State<AppState>) -> Response {
+    let data: Vec<Value> = state
+        .llm
+        .get()
+        .models()
+        .into_iter()
+        .map(|m| json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}` (model ids may contain `/`).
+pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.llm.get().models().into_iter().find(|m| m.id == id) {
+        Some(m) => axum::Json(
+            json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}),
+        )
+        .into_response(),
+        None => api_error(&LlmError::ModelNotFound(id)).into_response(),
+    }
+}
+
+/// `POST /v1/interrupt {"requestId"}` (or `messageId`).
+pub(super) async fn interrupt(State(state): State<AppState>, body: Bytes) -> Response {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let id = ["requestId", "messageId", "request_id"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_str))
+        .filter(|s| !s.is_empty());
+    let Some(id) = id else {
+        return ApiError::invalid(
+            "requestId",
+            "send `{\"requestId\": \"<id>\"}` (or `messageId`) naming the call to interrupt",
+        )
+        .into_response();
+    };
+    if state.llm.get().interrupt(id) {
+        tracing::info!(request_id = %id, "llm call interrupted");
+        axum::Json(json!({
+            "success": true,
+            "message": "the request was interrupted",
+            "requestId": id,
+            "interrupted": true,
+        }))
+        .into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"success": false, "requestId": id, "reason": "not_found"})),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,461 @@
+//! A fake OpenAI-compatible upstream (an LLM provider is outside the machine, so tests use
+//! this): `POST /v1/chat/completions` (streaming and not), `GET /v1/models`, and test hooks.
+//!
+//! # Answers
+//! The answer to a request is [`fake_text`]`(n)`: `n` tokens `"t0 "`, `"t1 "`, … (default
+//! [`DEFAULT_TOKENS`]). When the request has `tools`, the answer is instead one call of the
+//! first tool, `arguments` `{"city":"Paris"}`, `finish_reason: "tool_calls"`.
+//! Chunks and completions report `model` as the request sent it.
+//!
+//! # Behaviour by model name
+//! - `status-<code>-…` (e.g. `status-429-a`, `status-500-x`): answers that HTTP status with an
+//!   OpenAI error body, counted in `errors_sent`.
+//! - `slow-<ms>-…` (e.g. `slow-5000-a`): waits `<ms>` milliseconds before answering.
+//! - any other name: a normal answer.
+//!
+//! # Knobs in the request body: `"fake": {...}` (an unknown field to the hub, passed through)
+//! - `tokens`: answer length (default 8);
+//! - `first_token_delay_ms`: wait before the response headers and first chunk;
+//! - `token_delay_ms`: wait between stream chunks;
+//! - `fail_after`: streaming only, after that many content chunks the connection is cut
+//!   without ending the HTTP body;
+//! - `error_after`: streaming only, after that many content chunks a
+//!   `data: {"error": {...}}` frame is sent, then `[DONE]`.
+//!
+//! # Hooks
+//! - `GET /fake/stats`: [`FakeStats`] as JSON (`requests`, `streams_started`,
+//!   `streams_completed`, `streams_dropped`, `errors_sent`, `unauthorized`);
+//! - `GET /fake/requests`: the last 100 request bodies, oldest first, with the
+//!   `authorization` header each came with (`{"authorization": ..., "body": ...}`).
+//!
+//! With an API key set, requests without `Authorization: Bearer <key>` get 401.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// Tokens in an answer when the request sets none.
+pub const DEFAULT_TOKENS: u64 = 8;
+
+/// The text of an answer of `n` tokens: `"t0 t1 … t(n-1) "`.
+pub fn fake_text(n: u64) -> String {
+    (0..n).map(|i| format!("t{i} ")).collect()
+}
+
+/// Counters of the fake, as `GET /fake/stats` returns them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeStats {
+    /// Chat requests received (any outcome).
+    pub requests: u64,
+    /// Streamed answers started.
+    pub streams_started: u64,
+    /// Streamed answers that sent `[DONE]` (or their error frame and `[DONE]`).
+    pub streams_completed: u64,
+    /// Streamed answers whose client went away before the end (the body was dropped).
+    pub streams_dropped: u64,
+    /// Error statuses sent because of a `status-<code>-` model.
+    pub errors_sent: u64,
+    /// Requests refused for a missing or wrong API key.
+    pub unauthorized: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    streams_started: AtomicU64,
+    streams_completed: AtomicU64,
+    streams_dropped: AtomicU64,
+    errors_sent: AtomicU64,
+    unauthorized: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> FakeStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FakeStats {
+            requests: l(&self.requests),
+            streams_started: l(&self.streams_started),
+            streams_completed: l(&self.streams_completed),
+            streams_dropped: l(&self.streams_dropped),
+            errors_sent: l(&self.errors_sent),
+            unauthorized: l(&self.unauthorized),
+        }
+    }
+}
+
+/// How to start the fake.
+#[derive(Debug, Clone)]
+pub struct FakeOptions {
+    /// Address to listen on (default `127.0.0.1:0`).
+    pub listen: SocketAddr,
+    /// Models listed by `GET /v1/models`.
+    pub models: Vec<String>,
+    /// API key required from callers, if any.
+    pub api_key: Option<String>,
+    /// Keep the last request bodies for `GET /fake/requests` (off for benchmarks).
+    pub record: bool,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            models: vec!["fake-model".to_owned()],
+            api_key: None,
+            record: true,
+        }
+    }
+}
+
+struct Shared {
+    opts: FakeOptions,
+    counters: Counters,
+    requests: parking_lot::Mutex<VecDeque<Value>>,
+}
+
+/// A running fake upstream (in this process). Stops when dropped.
+pub struct FakeLlm {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeLlm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeLlm {
+    /// Binds and serves on the current Tokio runtime.
+    ///
+    /// # Errors
+    /// If the address cannot be bound.
+    pub async fn start(opts: FakeOptions) -> Result<Self> {
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("binding the fake upstream on {}", opts.listen))?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            opts,
+            counters: Counters::default(),
+            requests: parking_lot::Mutex::new(VecDeque::new()),
+        });
+        let app = router(shared.clone());
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR/v1`, what a provider's `base_url` takes.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> FakeStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The recorded requests (`{"authorization", "body"}`), oldest first.
+    pub fn requests(&self) -> Vec<Value> {
+        self.shared.requests.lock().iter().cloned().collect()
+    }
+}
+
+/// The fake's router (also served by the `apex-fake-llm` binary).
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/fake/stats", get(stats))
+        .route("/fake/requests", get(requests))
+        .with_state(shared)
+}
+
+/// Serves the fake on `listener` until the process ends (for the `apex-fake-llm` binary).
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve(listener: TcpListener, opts: FakeOptions) -> Result<()> {
+    let shared = Arc::new(Shared {
+        opts,
+        counters: Counters::default(),
+        requests: parking_lot::Mutex::new(VecDeque::new()),
+    });
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(shared)).await?;
+    Ok(())
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(s.counters.snapshot()).into_response()
+}
+
+async fn requests(State(s): State<Arc<Shared>>) -> Response {
+    let v: Vec<Value> = s.requests.lock().iter().cloned().collect();
+    axum::Json(v).into_response()
+}
+
+async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(r) = check_key(&s, &headers) {
+        return r;
+    }
+    let data: Vec<Value> = s
+        .opts
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 1_700_000_000u64, "owned_by": "fake"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn error_response(status: StatusCode, message: &str, kind: &str) -> Response {
+    (
+        status,
+        axum::Json(
+            json!({"error": {"message": message, "type": kind, "code": null, "param": null}}),
+        ),
+    )
+        .into_response()
+}
+
+fn check_key(s: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let want = s.opts.api_key.as_ref()?;
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if got == Some(want.as_str()) {
+        return None;
+    }
+    s.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+    Some(error_response(
+        StatusCode::UNAUTHORIZED,
+        "invalid api key",
+        "invalid_request_error",
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Knobs {
+    tokens: Option<u64>,
+    first_token_delay_ms: u64,
+    token_delay_ms: u64,
+    fail_after: Option<u64>,
+    error_after: Option<u64>,
+}
+
+async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = check_key(&s, &headers) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "body is not JSON",
+            "invalid_request_error",
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let knobs: Knobs = req
+        .get("fake")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    let tool = req
+        .pointer("/tools/0/function/name")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if s.opts.record {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut q = s.requests.lock();
+        if q.len() >= 100 {
+            q.pop_front();
+        }
+        q.push_back(json!({"authorization": auth, "body": req}));
+    }
+    if let Some(code) = model
+        .strip_prefix("status-")
+        .and_then(|r| r.split('-').next())
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        s.counters.errors_sent.fetch_add(1, Ordering::Relaxed);
+        let kind = if code.as_u16() == 429 {
+            "rate_limit_error"
+        } else {
+            "server_error"
+        };
+        return error_response(code, &format!("fake failure {}", code.as_u16()), kind);
+    }
+    if let Some(ms) = model
+        .strip_prefix("slow-")
+        .and_then(|r| r.split('-').next())
+        .and_then(|c| c.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if knobs.first_token_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(knobs.first_token_delay_ms)).await;
+    }
+    let n = knobs.tokens.unwrap_or(DEFAULT_TOKENS);
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n});
+    let id = "chatcmpl-fake";
+    let created = 1_700_000_000u64;
+    if !stream {
+        let message = match &tool {
+            Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": name, "arguments": "{\"city\":\"Paris\"}"}}]}),
+            None => json!({"role": "assistant", "content": fake_text(n)}),
+        };
+        let finish = if tool.is_some() { "tool_calls" } else { "stop" };
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        });
+        return axum::Json(body).into_response();
+    }
+    s.counters.streams_started.fetch_add(1, Ordering::Relaxed);
+    let chunk = |delta: Value, finish: Option<&str>| -> Bytes {
+        let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": null,
+            "finish_reason": finish}]});
+        Bytes::from(format!("data: {v}\n\n"))
+    };
+    // The frames, each with a flag telling whether the connection is cut before it.
+    let mut frames: Vec<Result<Bytes, ()>> = Vec::new();
+    match &tool {
+        Some(name) => {
+            frames.push(Ok(chunk(
+                json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0,
+                    "id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}),
+                None,
+            )));
+            for part in ["{\"city\":", "\"Paris\"}"] {
+                frames.push(Ok(chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+                    None,
+                )));
+            }
+            frames.push(Ok(chunk(json!({}), Some("tool_calls"))));
+        }
+        None => {
+            frames.push(Ok(chunk(json!({"role": "assistant", "content": ""}), None)));
+            for i in 0..n {
+                if knobs.fail_after == Some(i) {
+                    frames.push(Err(()));
+                    break;
+                }
+                if knobs.error_after == Some(i) {
+                    let e = json!({"error": {"message": "fake failure mid-stream",
+                        "type": "server_error", "code": null, "param": null}});
+                    frames.push(Ok(Bytes::from(format!("data: {e}\n\n"))));
+                    break;
+                }
+                frames.push(Ok(chunk(json!({"content": format!("t{i} ")}), None)));
+            }
+            if !frames.iter().any(Result::is_err) && knobs.error_after.is_none_or(|e| e >= n) {
+                frames.push(Ok(chunk(json!({}), Some("stop"))));
+            }
+        }
+    }
+    if include_usage && frames.iter().all(Result::is_ok) {
+        let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [], "usage": usage});
+        frames.push(Ok(Bytes::from(format!("data: {v}\n\n"))));
+    }
+    if frames.iter().all(Result::is_ok) {
+        frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    }
+    let guard = StreamGuard {
+        shared: s.clone(),
+        done: false,
+    };
+    let delay = Duration::from_millis(knobs.token_delay_ms);
+    let body = futures::stream::unfold(
+        (frames.into_iter().enumerate(), guard),
+        move |(mut it, mut guard)| async move {
+            let (i, f) = it.next()?;
+            if i > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            match f {
+                Ok(b) => {
+                    if it.len() == 0 {
+                        guard.done = true;
+                    }
+                    Some((Ok(b), (it, guard)))
+                }
+                Err(()) => {
+                    // Counted as completed: the fake ended it on purpose.
+                    guard.done = true;
+                    Some((Err(std::io::Error::other("fake cut")), (it, guard)))
+                }
+            }
+        },
+    );
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp
+}
+
+/// Counts a stream as completed or dropped when its body goes away.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let c = &self.shared.counters;
+        if self.done {
+            c.streams_completed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.streams_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
