@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks the cluster on this machine (release build): no-op throughput, latency at half
 # load, SIGKILL/SIGSTOP detection and re-dispatch times. Prints a table.
-# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, or llm)
+# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, store or llm)
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use apex_tests::stats::{ms, parse_rfc3339_ms, percentile};
-use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, Task};
+use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, RedisServer, Task};
 use clap::{Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
@@ -24,6 +24,9 @@ enum Suite {
     Core,
     /// LLM gateway: latency the hub adds over the upstream, saturation, RSS with open streams.
     Llm,
+    /// Task stores: throughput and latency with memory, embedded and Redis stores; recovery
+    /// time after SIGKILL with `--recovery-tasks` queued tasks.
+    Store,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -73,6 +76,9 @@ struct Args {
     /// llm suite: concurrent open streams for the RSS figure.
     #[arg(long, default_value_t = 1000)]
     llm_streams: usize,
+    /// Store suite: queued tasks in the hub killed for the recovery measurement.
+    #[arg(long, default_value_t = 100_000)]
+    recovery_tasks: usize,
 }
 
 /// One row of the result table.
@@ -108,6 +114,9 @@ async fn run(args: Args) -> Result<Vec<Row>> {
     }
     if args.nodes == 0 || args.batch == 0 || args.batch > 1000 {
         bail!("need --nodes >= 1 and 1 <= --batch <= 1000");
+    }
+    if args.suite == Suite::Store {
+        return store_suite(&args).await;
     }
     let mut rows = Vec::new();
     // Default liveness settings (ping 1000 ms, dead after 3000 ms): the SIGSTOP figure is
@@ -216,6 +225,120 @@ async fn run(args: Args) -> Result<Vec<Row>> {
         rows.extend(f.redispatch_rows("SIGSTOP"));
     }
     drop(nodes);
+    Ok(rows)
+}
+
+/// The store suite: for each store, no-op throughput and open-loop latency; then recovery time
+/// of an embedded-store hub SIGKILLed with `recovery_tasks` queued tasks.
+async fn store_suite(args: &Args) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for store in ["memory", "embedded", "redis"] {
+        let redis = match store {
+            "redis" => Some(RedisServer::start().map_err(anyhow::Error::msg)?),
+            _ => None,
+        };
+        let flag = redis.as_ref().map_or(store.to_owned(), RedisServer::url);
+        let hub = Hub::start(HubOptions {
+            extra_args: vec!["--store".into(), flag],
+            ..HubOptions::default()
+        })
+        .await?;
+        let api = hub.api().clone();
+        let mut nodes = Vec::new();
+        for i in 1..=args.nodes {
+            nodes.push(
+                Node::start(
+                    &hub,
+                    NodeOptions::named(&format!("bench-{i}")).concurrency(args.node_concurrency),
+                )
+                .await?,
+            );
+        }
+        eprintln!("{store}: warming up");
+        throughput(
+            &api,
+            args.tasks.clamp(1, 2000),
+            args.batch,
+            args.concurrency,
+        )
+        .await?;
+        eprintln!("{store}: throughput, {} noop tasks", args.tasks);
+        let (peak, submit_rate) =
+            throughput(&api, args.tasks, args.batch, args.concurrency).await?;
+        let target = match store {
+            "embedded" => ">= 10000 tasks/s",
+            "redis" => ">= 5000 tasks/s",
+            _ => "",
+        };
+        rows.push(Row {
+            metric: format!("{store}: end-to-end throughput ({} noop tasks)", args.tasks),
+            value: format!("{peak:.0} tasks/s"),
+            target,
+        });
+        rows.push(Row {
+            metric: format!("{store}:   of which submit (batch accept) rate"),
+            value: format!("{submit_rate:.0} tasks/s"),
+            target: "",
+        });
+        let rate = args.latency_rate.unwrap_or(1000.0);
+        eprintln!(
+            "{store}: latency, {} single submits at {rate:.0}/s",
+            args.latency_samples
+        );
+        let (lat, achieved) = latency(&api, args.latency_samples, rate).await?;
+        let pick = |p: f64| percentile(&lat, p).map(ms).unwrap_or_else(|| "n/a".into());
+        rows.push(Row {
+            metric: format!("{store}: submit->result p50 @ {achieved:.0} tasks/s (open loop)"),
+            value: pick(50.0),
+            target: "",
+        });
+        rows.push(Row {
+            metric: format!("{store}: submit->result p99"),
+            value: pick(99.0),
+            target: "",
+        });
+        drop(nodes);
+        drop(hub);
+    }
+
+    let n = args.recovery_tasks;
+    eprintln!("recovery: {n} queued tasks in an embedded-store hub, SIGKILL, restart");
+    let mut hub = Hub::start(HubOptions {
+        extra_args: vec!["--store".into(), "embedded".into()],
+        ..HubOptions::default()
+    })
+    .await?;
+    let bodies: Vec<Value> = (0..n).map(|_| json!({"tool": "noop"})).collect();
+    futures::stream::iter(bodies.chunks(1000).map(|c| hub.api().submit_batch(c)))
+        .buffer_unordered(4)
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+    let start = Instant::now();
+    hub.kill_and_restart().await?;
+    let listening = start.elapsed();
+    let api = hub.api().clone();
+    loop {
+        if let Ok(h) = api.health().await
+            && h["tasks"]["queued"].as_u64() == Some(n as u64)
+        {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("{n} queued tasks not back within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let recovered = start.elapsed();
+    rows.push(Row {
+        metric: format!("recovery after SIGKILL, {n} queued tasks (restart -> /health shows all)"),
+        value: ms(recovered),
+        target: "<= 2 s",
+    });
+    rows.push(Row {
+        metric: "  of which restart -> `listening on` printed".into(),
+        value: ms(listening),
+        target: "",
+    });
     Ok(rows)
 }
 
