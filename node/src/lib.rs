@@ -10,7 +10,8 @@
 //! - [`outbox`]: results held until the hub acknowledges them;
 //! - [`tools`]: the built-in tools and their registry;
 //! - [`stats`]: task counters and machine load for heartbeats;
-//! - [`backoff`]: reconnect delays.
+//! - [`backoff`]: reconnect delays;
+//! - [`telemetry`]: OpenTelemetry export and the per-task span.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub mod executor;
 pub mod identity;
 pub mod outbox;
 pub mod stats;
+pub mod telemetry;
 pub mod tools;
 
 pub use config::Config;
