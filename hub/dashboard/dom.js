@@ -30,10 +30,11 @@ function append(el, children) {
   }
 }
 
-/** Replaces every child of `el`. */
+/** Replaces every child of `el` in one DOM operation (one mutation, one layout). */
 export function replace(el, ...children) {
-  el.replaceChildren();
-  append(el, children);
+  const frag = document.createDocumentFragment();
+  append(frag, children);
+  el.replaceChildren(frag);
 }
 
 /**
@@ -155,10 +156,10 @@ export function jsonBlock(v) {
   return h('pre', { class: 'json' }, text.length > 100_000 ? `${text.slice(0, 100_000)}\n… (truncated)` : text);
 }
 
-/** A horizontal load bar, `frac` 0-1. */
-export function loadBar(frac, label) {
+/** A horizontal bar, `frac` 0-1; amber from 60 %, red from 90 % unless `neutral`. */
+export function loadBar(frac, label, { neutral = false } = {}) {
   const f = Math.max(0, Math.min(1, Number(frac) || 0));
-  const cls = f >= 0.9 ? 'hot' : f >= 0.6 ? 'warm' : '';
+  const cls = neutral ? '' : f >= 0.9 ? 'hot' : f >= 0.6 ? 'warm' : '';
   return h('div', { class: 'loadbar', title: label },
     h('div', { class: `loadbar-fill ${cls}`, style: { width: `${(f * 100).toFixed(1)}%` } }),
     h('span', { class: 'loadbar-text' }, label));

@@ -174,6 +174,7 @@ async fn dashboard_in_headless_chromium() -> Result<()> {
         .env("APEX_NODE_NAME", node_name)
         .env("APEX_SCREENSHOT", &shot)
         .env("APEX_WAIT_EMPTY", "1")
+        .env("APEX_EXPECT_NODES", "2")
         .env("CHROMIUM", &chromium)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -191,13 +192,18 @@ async fn dashboard_in_headless_chromium() -> Result<()> {
 
     // The script signs in, sees the nodes table empty, and says so: only then does the node
     // start, so its row has to appear while the page is open.
+    // A second node joins once the first is seen, so the overview counts two.
     let mut node: Option<Node> = None;
+    let mut second: Option<Node> = None;
     let mut seen = Vec::new();
     let run = async {
         while let Some(line) = stdout.next_line().await? {
             eprintln!("[dashboard.mjs] {line}");
             if line == "STEP nodes-empty" && node.is_none() {
                 node = Some(Node::spawn(&hub, &NodeOptions::named(node_name))?);
+            }
+            if line.starts_with("STEP node-online") && second.is_none() {
+                second = Some(Node::spawn(&hub, &NodeOptions::named("dashboard-node-2"))?);
             }
             seen.push(line);
         }
