@@ -243,6 +243,7 @@ export class OverviewView {
         h('td', { class: 'err-cell' }, t.error ? h('span', {}, h('code', {}, t.error.code || 'error'), ' ', t.error.message || '') : (t.message || '')),
         h('td', { class: 'nowrap', title: t.finished_at || t.updated_at }, fmtAgo(t.finished_at || t.updated_at)))));
     }
+    return Boolean(st);
   }
 
   destroy() {
@@ -549,10 +550,12 @@ export class TaskView {
       this.task = await this.ctx.api.get(`/api/v1/tasks/${encodeURIComponent(this.id)}`, { signal: this.ctrl.signal });
       this.error = null;
     } catch (e) {
-      if (e.name === 'AbortError') return;
+      if (e.name === 'AbortError') return false;
       this.error = errorText(e);
     }
     this.draw();
+    // Until the event backlog is in, this was not the full first paint.
+    return this.events.length > 0 || !['connecting', 'live'].includes(this.streamState) || Boolean(this.error);
   }
 
   async cancel() {
