@@ -2,7 +2,7 @@
 // read as Server-Sent Events) and the status sampler behind the overview's charts.
 
 import { Api, ApiError, Subscription } from './api.js';
-import { OverviewView, NodesView, TasksView, TaskView, LogsView } from './views.js';
+import { OverviewView, NodesView, TasksView, TaskView, LogsView, NodeNames } from './views.js';
 
 const KEY_STORAGE = 'apex.dashboard.apiKey';
 const SAMPLE_MS = 2000;
@@ -142,6 +142,7 @@ class App {
     this.view = null;
     this.api = new Api(key, (err) => this.unauthorized(err));
     this.sampler = new Sampler(this.api);
+    this.names = new NodeNames(this.api);
     this.pollTimer = null;
     this.busy = false;
     this.busyTimer = null;
@@ -154,6 +155,7 @@ class App {
       key,
       prefs: this.prefs,
       sampler: this.sampler,
+      names: this.names,
       navigate: (hash) => { if (location.hash !== hash) location.hash = hash; else this.route(); },
       banner: (msg) => this.banner(msg),
       on: (type, fn) => this.bus.on(type, fn),
@@ -181,6 +183,8 @@ class App {
     const d = e.data && typeof e.data === 'object' ? e.data : {};
     const name = String(d.event || e.event || '');
     if (name === 'events_dropped') { this.bus.emit('tick'); return; }
+    const node = d.payload && d.payload.node;
+    if (node && node.id) this.names.learn(node.id, node.name);
     if (name.startsWith('task_') && !this.busy) {
       const now = Date.now();
       if (now - this.window.start > 1000) this.window = { start: now, count: 0 };

@@ -17,15 +17,17 @@ function niceStep(range, ticks) {
 function fmtTick(v) {
   if (v >= 1e6) return `${(v / 1e6).toFixed(v % 1e6 ? 1 : 0)}M`;
   if (v >= 1e3) return `${(v / 1e3).toFixed(v % 1e3 ? 1 : 0)}k`;
-  return Number.isInteger(v) ? String(v) : v.toFixed(1);
+  return String(Number(v.toFixed(2)));
 }
 
 export class TimeChart {
   /**
    * @param {HTMLCanvasElement} canvas
-   * @param {{color: string, windowMs: number, unit?: string}} opts
+   * @param {{color: string, windowMs: number, unit?: string, integer?: boolean}} opts
+   *   `integer`: the series holds counts, so the y axis steps by whole numbers
    */
-  constructor(canvas, { color, windowMs, unit = '' }) {
+  constructor(canvas, { color, windowMs, unit = '', integer = false }) {
+    this.integer = integer;
     this.canvas = canvas;
     this.color = color;
     this.windowMs = windowMs;
@@ -62,12 +64,17 @@ export class TimeChart {
     const pw = w - pad.l - pad.r;
     const ph = hgt - pad.t - pad.b;
     const now = Date.now();
-    const t0 = now - this.windowMs;
+    // The window grows with the history, from one minute up to windowMs, so a freshly opened
+    // page shows detail instead of a line squeezed against the right edge.
+    const first = this.points.length ? this.points[0][0] : now;
+    const win = Math.min(this.windowMs, Math.max(60_000, Math.ceil((now - first) / 60_000) * 60_000));
+    const t0 = now - win;
     const pts = this.points.filter(([t]) => t >= t0 - 5000);
 
     let max = 0;
     for (const [, v] of pts) if (v > max) max = v;
-    const step = niceStep(max > 0 ? max : 1, 4);
+    let step = niceStep(max > 0 ? max : (this.integer ? 4 : 1), 4);
+    if (this.integer) step = step < 1 ? 1 : step === 2.5 ? 2 : step;
     const top = Math.max(step, Math.ceil((max * 1.1) / step) * step);
 
     // grid and y labels
@@ -81,13 +88,14 @@ export class TimeChart {
       g.beginPath(); g.moveTo(pad.l, y); g.lineTo(pad.l + pw, y); g.stroke();
       g.fillText(fmtTick(v), pad.l - 6, y);
     }
-    // x labels: one per minute
+    // x labels: every 15 s on a one-minute window, else every minute
     g.textAlign = 'center';
     g.textBaseline = 'top';
-    const minutes = Math.round(this.windowMs / 60000);
-    for (let m = minutes; m >= 0; m -= 1) {
-      const x = pad.l + pw - (m * 60000 / this.windowMs) * pw;
-      g.fillText(m === 0 ? 'now' : `-${m}m`, x, pad.t + ph + 6);
+    const every = win <= 60_000 ? 15_000 : 60_000;
+    for (let a = win; a >= 0; a -= every) {
+      const x = pad.l + pw - (a / win) * pw;
+      const label = a === 0 ? 'now' : every < 60_000 ? `-${a / 1000}s` : `-${a / 60_000}m`;
+      g.fillText(label, x, pad.t + ph + 6);
     }
 
     if (pts.length === 0) {
@@ -96,7 +104,7 @@ export class TimeChart {
       g.fillText('waiting for data…', pad.l + pw / 2, pad.t + ph / 2);
       return;
     }
-    const X = (t) => pad.l + ((t - t0) / this.windowMs) * pw;
+    const X = (t) => pad.l + ((t - t0) / win) * pw;
     const Y = (v) => pad.t + ph - (v / top) * ph;
 
     g.save();

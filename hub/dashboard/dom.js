@@ -30,21 +30,25 @@ function append(el, children) {
   }
 }
 
-/** Replaces every child of `el`. */
+/** Replaces every child of `el` in one DOM operation (one mutation, one layout). */
 export function replace(el, ...children) {
-  el.replaceChildren();
-  append(el, children);
+  const frag = document.createDocumentFragment();
+  append(frag, children);
+  el.replaceChildren(frag);
 }
 
 /**
- * Runs `fn` at most once per `intervalMs`: the first request after a quiet period runs at once,
- * later ones are merged into a single run when the interval has passed. A run that is still in
- * progress (async) delays the next one until it ends.
+ * Runs `fn` at most once per `intervalMs`. A request after a quiet period runs after `settleMs`
+ * (so a burst, such as an event backlog, lands in one render); later ones are merged into a
+ * single run when the interval has passed. A run still in progress (async) delays the next one
+ * until it ends. A run whose `fn` returns `false` (it had nothing to show yet, e.g. before the
+ * first answer) does not count, so the first real render is not held back.
  */
 export class Coalescer {
-  constructor(fn, intervalMs = 1000) {
+  constructor(fn, intervalMs = 1000, settleMs = 50) {
     this.fn = fn;
     this.interval = intervalMs;
+    this.settle = settleMs;
     this.last = 0;
     this.timer = null;
     this.running = false;
@@ -56,7 +60,7 @@ export class Coalescer {
     if (this.stopped) return;
     if (this.running) { this.pending = true; return; }
     if (this.timer) return;
-    const wait = Math.max(0, this.last + this.interval - Date.now());
+    const wait = Math.max(this.settle, this.last + this.interval - Date.now());
     this.timer = setTimeout(() => this.run(), wait);
   }
 
@@ -64,8 +68,10 @@ export class Coalescer {
     this.timer = null;
     if (this.stopped) return;
     this.running = true;
-    this.last = Date.now();
-    try { await this.fn(); } catch (e) { console.error(e); }
+    const started = Date.now();
+    let shown = true;
+    try { shown = (await this.fn()) !== false; } catch (e) { console.error(e); }
+    this.last = shown ? started : 0;
     this.running = false;
     if (this.pending) { this.pending = false; this.request(); }
   }
@@ -155,10 +161,10 @@ export function jsonBlock(v) {
   return h('pre', { class: 'json' }, text.length > 100_000 ? `${text.slice(0, 100_000)}\n… (truncated)` : text);
 }
 
-/** A horizontal load bar, `frac` 0-1. */
-export function loadBar(frac, label) {
+/** A horizontal bar, `frac` 0-1; amber from 60 %, red from 90 % unless `neutral`. */
+export function loadBar(frac, label, { neutral = false } = {}) {
   const f = Math.max(0, Math.min(1, Number(frac) || 0));
-  const cls = f >= 0.9 ? 'hot' : f >= 0.6 ? 'warm' : '';
+  const cls = neutral ? '' : f >= 0.9 ? 'hot' : f >= 0.6 ? 'warm' : '';
   return h('div', { class: 'loadbar', title: label },
     h('div', { class: `loadbar-fill ${cls}`, style: { width: `${(f * 100).toFixed(1)}%` } }),
     h('span', { class: 'loadbar-text' }, label));

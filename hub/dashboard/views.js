@@ -18,6 +18,51 @@ const RENDER_MS = 1000;
 // ---------------------------------------------------------------------------------------------
 // shared pieces
 
+/**
+ * Node id → display name, learned from node pages and node events, and fetched one node at a
+ * time (`GET /v1/nodes/{id}`) for ids a page shows that are not known yet. Bounded.
+ */
+export class NodeNames {
+  constructor(api) {
+    this.api = api;
+    this.names = new Map();
+    this.pending = new Set();
+    this.listeners = new Set();
+  }
+
+  learn(id, name) {
+    if (!id) return;
+    if (this.names.size > 20_000) this.names.clear();
+    this.names.set(id, name || null);
+  }
+
+  listen(fn) { this.listeners.add(fn); return () => this.listeners.delete(fn); }
+
+  /** The name of `id` if known; else null, and a look-up starts (listeners hear when done). */
+  get(id) {
+    if (!id) return null;
+    if (this.names.has(id)) return this.names.get(id);
+    if (!this.pending.has(id) && this.pending.size < 64) {
+      this.pending.add(id);
+      this.api.get(`/v1/nodes/${encodeURIComponent(id)}`)
+        .then((n) => this.learn(id, n?.name))
+        .catch(() => this.learn(id, null))
+        .finally(() => {
+          this.pending.delete(id);
+          for (const fn of this.listeners) fn();
+        });
+    }
+    return null;
+  }
+
+  /** A node cell: its name (id in the title), or the shortened id. */
+  label(id) {
+    if (!id) return h('span', { class: 'muted' }, '–');
+    const name = this.get(id);
+    return name ? h('span', { class: 'node-name', title: id }, name) : shortId(id, 13);
+  }
+}
+
 function select(name, label, options, value, onChange) {
   return h('label', { class: 'field' }, h('span', {}, label),
     h('select', { name, onchange: (e) => onChange(e.target.value) },
@@ -114,13 +159,14 @@ export class OverviewView {
           h('thead', {}, h('tr', {}, ['Task', 'Tool', 'Status', 'Node', 'Error', 'When'].map((c) => h('th', {}, c)))),
           this.failBody)));
     this.thr = new TimeChart(thr, { color: '#38bdf8', windowMs: 5 * 60_000 });
-    this.qd = new TimeChart(qd, { color: '#f59e0b', windowMs: 5 * 60_000 });
+    this.qd = new TimeChart(qd, { color: '#f59e0b', windowMs: 5 * 60_000, integer: true });
     this.offSample = this.ctx.sampler.listen(() => this.render.request());
     this.offEvent = this.ctx.on('event', (e) => {
       if (String(e.event).startsWith('task_')) this.loadFailures.request();
       this.render.request();
     });
     this.offTick = this.ctx.on('tick', () => this.loadFailures.request());
+    this.offNames = this.ctx.names.listen(() => this.render.request());
     this.loadFailures.request();
     this.render.request();
   }
@@ -164,8 +210,8 @@ export class OverviewView {
       kpi('failures', 'Failed', st ? fmtInt((tasks.failed || 0) + (tasks.timed_out || 0)) : '–',
         failRate === null ? 'no finished tasks yet' : `${fmtPct(failRate)} of ${fmtInt(finished)} finished`,
         failRate !== null && failRate >= 5 ? 'kpi-bad' : ''),
-      kpi('hub', 'Hub', st ? fmtDuration(st.uptime) : '–',
-        st ? [st.version ? `v${st.version}` : null, st.cpu !== null && st.cpu !== undefined ? `CPU ${fmtPct(st.cpu)}` : null,
+      kpi('hub', 'Hub uptime', st ? fmtDuration(st.uptime) : '–',
+        st ? [st.cpu !== null && st.cpu !== undefined ? `CPU ${fmtPct(st.cpu)}` : null,
           st.mem !== null && st.mem !== undefined ? `mem ${fmtPct(st.mem)}` : null].filter(Boolean).join(' · ') : ''));
 
     // nodes by status
@@ -193,10 +239,11 @@ export class OverviewView {
       replace(this.failBody, emptyRow(6, 'No failed or timed-out tasks.'));
     } else {
       replace(this.failBody, this.failures.map((t) => h('tr', { class: 'clickable', onclick: () => this.ctx.navigate(`#/tasks/${encodeURIComponent(t.task_id)}`) },
-        h('td', {}, shortId(t.task_id)), h('td', {}, t.tool), h('td', {}, badge(t.status)), h('td', {}, shortId(t.node_id)),
+        h('td', {}, shortId(t.task_id)), h('td', {}, t.tool), h('td', {}, badge(t.status)), h('td', {}, this.ctx.names.label(t.node_id)),
         h('td', { class: 'err-cell' }, t.error ? h('span', {}, h('code', {}, t.error.code || 'error'), ' ', t.error.message || '') : (t.message || '')),
         h('td', { class: 'nowrap', title: t.finished_at || t.updated_at }, fmtAgo(t.finished_at || t.updated_at)))));
     }
+    return Boolean(st);
   }
 
   destroy() {
@@ -205,6 +252,7 @@ export class OverviewView {
     this.offSample?.();
     this.offEvent?.();
     this.offTick?.();
+    this.offNames?.();
     this.thr?.destroy();
     this.qd?.destroy();
   }
@@ -248,6 +296,7 @@ export class NodesView {
         this.pagerEl));
     this.offEvent = this.ctx.on('event', (e) => { if (String(e.event).startsWith('node_')) this.render.request(); });
     this.offTick = this.ctx.on('tick', () => this.render.request());
+    this.offNames = this.ctx.names.listen(() => this.render.request());
     this.render.request();
   }
 
@@ -255,6 +304,7 @@ export class NodesView {
     const q = this.q;
     try {
       this.data = await this.ctx.api.get(`/v1/nodes${qs({ status: q.status, type: q.type, tool: q.tool, page: q.page, limit: q.limit || 50 })}`);
+      for (const n of this.data?.data || []) this.ctx.names.learn(n.id, n.name);
       this.error = null;
     } catch (e) {
       this.error = errorText(e);
@@ -303,8 +353,8 @@ export class NodesView {
           h('td', {}, badge(n.status)),
           h('td', {}, n.type || '–', h('div', { class: 'sub' }, n.dialect || '')),
           h('td', { class: 'w-load' }, loadBar(n.load, `${fmtInt(n.active_tasks)} / ${fmtInt(n.max_concurrent_tasks)}`)),
-          h('td', { class: 'num' }, fmtPct(st.cpu_usage)),
-          h('td', { class: 'num' }, fmtPct(st.memory_usage)),
+          h('td', { class: 'num' }, fmtPct(st.cpu_usage ?? st.cpuUsage)),
+          h('td', { class: 'num' }, fmtPct(st.memory_usage ?? st.memoryUsage)),
           h('td', { class: 'tools' }, tools.slice(0, 5).map((t) => h('span', { class: 'chip' }, t)),
             tools.length > 5 ? h('span', { class: 'chip chip-more', title: tools.join(', ') }, `+${tools.length - 5}`) : null),
           h('td', { class: 'num' }, fmtInt(n.completed_tasks), ' / ', h('span', { class: n.failed_tasks ? 'text-bad' : '' }, fmtInt(n.failed_tasks))),
@@ -320,6 +370,7 @@ export class NodesView {
     this.render.stop();
     this.offEvent?.();
     this.offTick?.();
+    this.offNames?.();
   }
 }
 
@@ -369,6 +420,7 @@ export class TasksView {
     const poke = () => { if (this.live) this.render.request(); };
     this.offEvent = this.ctx.on('event', poke);
     this.offTick = this.ctx.on('tick', poke);
+    this.offNames = this.ctx.names.listen(() => this.render.request());
     this.render.request();
   }
 
@@ -403,7 +455,7 @@ export class TasksView {
           h('td', {}, h('a', { href: `#/tasks/${encodeURIComponent(t.task_id)}`, class: 'mono', title: t.task_id }, t.task_id.slice(0, 8))),
           h('td', {}, t.tool),
           h('td', {}, badge(t.status), t.status === 'running' && t.progress ? h('span', { class: 'sub' }, ` ${Math.round(t.progress)}%`) : null),
-          h('td', {}, shortId(t.node_id)),
+          h('td', {}, this.ctx.names.label(t.node_id)),
           h('td', { class: 'num' }, `${t.attempt} / ${t.max_attempts}`),
           h('td', { class: 'nowrap', title: t.created_at }, fmtAgo(t.created_at, now)),
           h('td', { class: 'num nowrap' }, start && end ? fmtDuration((end - start) / 1000) : '–'),
@@ -417,6 +469,7 @@ export class TasksView {
     this.render.stop();
     this.offEvent?.();
     this.offTick?.();
+    this.offNames?.();
   }
 }
 
@@ -452,6 +505,7 @@ export class TaskView {
         h('table', { class: 'table', id: 'events-table' },
           h('thead', {}, h('tr', {}, ['#', 'Time', 'Event', 'Status', 'Attempt', 'Node', 'Detail'].map((c) => h('th', {}, c)))),
           this.evBody)));
+    this.offNames = this.ctx.names.listen(() => this.render.request());
     this.render.request();
     this.stream();
   }
@@ -496,10 +550,12 @@ export class TaskView {
       this.task = await this.ctx.api.get(`/api/v1/tasks/${encodeURIComponent(this.id)}`, { signal: this.ctrl.signal });
       this.error = null;
     } catch (e) {
-      if (e.name === 'AbortError') return;
+      if (e.name === 'AbortError') return false;
       this.error = errorText(e);
     }
     this.draw();
+    // Until the event backlog is in, this was not the full first paint.
+    return this.events.length > 0 || !['connecting', 'live'].includes(this.streamState) || Boolean(this.error);
   }
 
   async cancel() {
@@ -529,10 +585,10 @@ export class TaskView {
     const fact = (k, v) => h('div', { class: 'fact' }, h('div', { class: 'fact-k' }, k), h('div', { class: 'fact-v' }, v));
     replace(this.facts,
       fact('Tool', h('a', { href: hashFor('tasks', { tool: t.tool }) }, t.tool)),
-      fact('Node', t.node_id ? h('a', { href: hashFor('tasks', { node_id: t.node_id }), class: 'mono' }, t.node_id) : '–'),
+      fact('Node', t.node_id ? h('a', { href: hashFor('tasks', { node_id: t.node_id }), title: t.node_id }, this.ctx.names.get(t.node_id) || t.node_id) : '–'),
       fact('Attempt', `${t.attempt} of ${t.max_attempts}`),
       fact('Priority', String(t.priority)),
-      fact('Progress', loadBar((t.progress || 0) / 100, `${Math.round(t.progress || 0)}%`)),
+      fact('Progress', loadBar((t.progress || 0) / 100, `${Math.round(t.progress || 0)}%`, { neutral: true })),
       fact('Created', fmtTime(t.created_at)),
       fact('Started', fmtTime(t.started_at)),
       fact('Finished', fmtTime(t.finished_at)),
@@ -554,13 +610,14 @@ export class TaskView {
       h('td', {}, h('code', {}, e.type)),
       h('td', {}, badge(e.status)),
       h('td', { class: 'num' }, String(e.attempt ?? '')),
-      h('td', {}, shortId(e.node_id)),
+      h('td', {}, this.ctx.names.label(e.node_id)),
       h('td', { class: e.error ? 'text-bad' : '' }, e.error ? `${e.error.code}: ${e.error.message}` : (e.message || (e.progress !== undefined ? `${Math.round(e.progress)}%` : ''))))) : emptyRow(7, 'no events yet'));
   }
 
   destroy() {
     this.ctrl.abort();
     this.render.stop();
+    this.offNames?.();
   }
 }
 
@@ -628,6 +685,7 @@ export class LogsView {
         h('div', { class: 'field field-buttons' }, pauseBtn,
           h('button', { class: 'btn btn-sm', type: 'button', onclick: () => { this.lines = []; this.dropped = 0; this.render.request(); } }, 'Clear'))),
       h('div', { class: 'panel panel-flush' }, this.out));
+    this.offNames = this.ctx.names.listen(() => this.render.request());
     this.sock = new LogSocket(this.ctx.key, { node: this.q.node, level: this.q.level }, {
       onMessage: (m) => {
         this.lines.push(logEntry(m));
@@ -650,15 +708,22 @@ export class LogsView {
       replace(this.out, shown.map((l) => h('div', { class: `log-line lvl-${l.level}` },
         h('span', { class: 'log-time' }, fmtTime(l.time)),
         h('span', { class: 'log-level' }, l.level),
-        h('span', { class: 'log-src', title: l.source }, l.source.length > 22 ? `${l.source.slice(0, 22)}…` : l.source),
+        h('span', { class: 'log-src', title: l.source }, this.sourceName(l.source)),
         h('span', { class: 'log-text' }, l.text,
           l.taskId ? h('a', { class: 'log-task', href: `#/tasks/${encodeURIComponent(l.taskId)}` }, ` task ${l.taskId.slice(0, 8)}`) : null))));
     }
     if (atBottom) this.out.scrollTop = this.out.scrollHeight;
   }
 
+  sourceName(src) {
+    const name = src.startsWith('node-') ? this.ctx.names.get(src) : null;
+    const text = name || src;
+    return text.length > 22 ? `${text.slice(0, 22)}…` : text;
+  }
+
   destroy() {
     this.sock?.stop();
+    this.offNames?.();
     this.render.stop();
   }
 }

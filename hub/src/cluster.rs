@@ -293,6 +293,8 @@ struct Core {
     recovering: HashMap<String, Vec<String>>,
     /// `toolArgs.resume` makers of streamed tasks, by task id.
     resume: HashMap<String, ResumeFn>,
+    /// W3C `traceparent` of the request that submitted each live task (only with OTel on).
+    trace_parents: HashMap<String, String>,
 }
 
 struct Shared {
@@ -349,6 +351,7 @@ impl Cluster {
                     next_seq: 1,
                     recovering: HashMap::new(),
                     resume: HashMap::new(),
+                    trace_parents: HashMap::new(),
                 }),
                 events,
                 node_events,
@@ -685,7 +688,10 @@ impl Cluster {
                     timeout: remaining_ms,
                     priority: Some(t.spec.priority),
                     attempt: Some(t.attempt),
-                    metadata: None,
+                    metadata: core
+                        .trace_parents
+                        .get(&t.id)
+                        .map(|tp| serde_json::json!({ "traceparent": tp })),
                 })
             }
         }
@@ -978,6 +984,11 @@ impl Cluster {
             let err = t.error.clone();
             push_event(t, kind, events, |e| e.error = err);
         });
+        if let Some(tp) = core.trace_parents.remove(task_id)
+            && let Some(t) = core.store.get(task_id)
+        {
+            crate::telemetry::task_span(&tp, t);
+        }
         if let Some(ws) = core.waiters.remove(task_id) {
             for w in ws {
                 let _ = w.send(());
@@ -1065,6 +1076,7 @@ impl Cluster {
             }
         }
         let mut accepted: Vec<(String, bool)> = Vec::with_capacity(specs.len());
+        let traceparent = crate::telemetry::current_traceparent();
         let now_i = Instant::now();
         for spec in specs {
             if let Some(key) = &spec.idempotency_key
@@ -1113,6 +1125,9 @@ impl Cluster {
             );
             core.deadlines.insert((deadline, seq), id.clone());
             core.deadline_of.insert(id.clone(), (deadline, seq));
+            if let Some(tp) = &traceparent {
+                core.trace_parents.insert(id.clone(), tp.clone());
+            }
             accepted.push((id, true));
             core.store.insert(task);
             metrics::get().tasks_submitted.inc();

@@ -13,6 +13,7 @@ pub mod model;
 pub mod ops;
 pub mod scheduler;
 pub mod store;
+pub mod telemetry;
 pub mod ws;
 
 use std::future::Future;

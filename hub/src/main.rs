@@ -50,8 +50,17 @@ async fn main() -> ExitCode {
     };
     // The filter sits behind a reload handle so `PUT /v1/config {"log_level"}` applies live.
     let (filter, filter_handle) = reload::Layer::new(filter);
+    // OpenTelemetry export when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = match apex_hub::telemetry::init_from_env("apex-hub") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("apex-hub: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let otel = telemetry.as_ref().map(|t| t.layer());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     if config.log_format == "json" {
         registry.with(fmt.json()).init();
     } else {
@@ -122,7 +131,12 @@ async fn main() -> ExitCode {
         metrics_listener,
         store: Some(opened),
     };
-    match apex_hub::run_with(config, listener, shutdown_signal(), options).await {
+    let served = apex_hub::run_with(config, listener, shutdown_signal(), options).await;
+    if let Some(t) = telemetry {
+        // Export buffered spans before exiting; the exporter blocks, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apex-hub: {e}");

@@ -160,7 +160,8 @@ impl Executor {
         };
         tracing::debug!(task_id = %task.task_id, tool = %task.tool_name, attempt = ?task.attempt, timeout_ms = timeout.as_millis() as u64, "task started");
         let this = self.clone();
-        tokio::spawn(async move {
+        let span = crate::telemetry::task_span(&task);
+        let run = async move {
             let ctx = ToolContext {
                 progress: Arc::new(Progress {
                     task_id: task.task_id.clone(),
@@ -213,7 +214,8 @@ impl Executor {
             };
             let exec_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
             this.complete(&task.task_id, run_id, task.attempt, outcome, Some(exec_ms));
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
     }
 
     /// Stops the task `task_id` if it runs here with `attempt` (any attempt if `None`); its

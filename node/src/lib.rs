@@ -11,7 +11,8 @@
 //! - [`tools`]: the built-in tools and their registry;
 //! - [`llm`]: the client of the hub's LLM gateway and the local model server (`--llm-upstream`);
 //! - [`stats`]: task counters and machine load for heartbeats;
-//! - [`backoff`]: reconnect delays.
+//! - [`backoff`]: reconnect delays;
+//! - [`telemetry`]: OpenTelemetry export and the per-task span.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub mod identity;
 pub mod llm;
 pub mod outbox;
 pub mod stats;
+pub mod telemetry;
 pub mod tools;
 
 pub use config::Config;

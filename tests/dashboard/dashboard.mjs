@@ -9,6 +9,8 @@
 //   CHROMIUM         browser binary (default /usr/bin/chromium)
 //   APEX_WAIT_EMPTY  "1": first see the nodes table empty and print `STEP nodes-empty`, after
 //                    which the driver starts the node (so the row must appear live)
+//   APEX_EXPECT_NODES  nodes the overview must count online at the end (default 1; the driver
+//                    may start more after `STEP node-online`)
 //
 // Prints `STEP <name>` lines as it goes and `DASHBOARD OK` at the end; exits 1 with the reason
 // (and a failure screenshot) on any failed expectation.
@@ -24,6 +26,7 @@ const NODE_NAME = required('APEX_NODE_NAME');
 const SHOT = process.env.APEX_SCREENSHOT || 'target/dashboard.png';
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const WAIT_EMPTY = process.env.APEX_WAIT_EMPTY === '1';
+const EXPECT_NODES = Number(process.env.APEX_EXPECT_NODES || '1');
 const TIMEOUT = 60_000;
 
 function required(name) {
@@ -59,6 +62,7 @@ mkdirSync(dirname(SHOT), { recursive: true });
 let context;
 let page;
 const problems = [];
+let traffic = false;
 
 try {
   context = await chromium.launchPersistentContext(profile, {
@@ -139,13 +143,40 @@ try {
   expect(others.data.length === 14, 'batch accepted');
   step(`task-submitted ${task.task_id}`);
 
-  await page.click('.tabs a[data-view="tasks"]');
-  const taskRow = page.locator(`#tasks-table tbody tr[data-task-id="${task.task_id}"]`);
-  await taskRow.waitFor();
-  await page.locator(`#tasks-table tbody tr[data-task-id="${task.task_id}"][data-status="succeeded"]`).waitFor();
-  step('task-succeeded-in-list');
+  // Background traffic, so the overview's charts have something to show: a batch of short
+  // tasks every 700 ms, some of which queue behind the node's concurrency limit.
+  traffic = true;
+  let round = 0;
+  const trafficLoop = (async () => {
+    while (traffic) {
+      round += 1;
+      const batch = Array.from({ length: 16 }, (_, i) => (i % 4 === 0
+        ? { tool: 'sleep', args: { ms: 150 + (i * 37) % 400 } }
+        : { tool: 'sha256', args: { text: `round ${round} item ${i}` } }));
+      if (round % 9 === 0) batch.push({ tool: 'sleep', args: { ms: -1 }, description: 'bad arguments on purpose' });
+      await api('POST', '/api/v1/tasks/batch', { tasks: batch }).catch((e) => problems.push(`background submit: ${e.message}`));
+      await new Promise((r) => setTimeout(r, 700));
+    }
+  })();
 
-  // filters are applied by the hub: failed tasks only
+  await page.click('.tabs a[data-view="tasks"]');
+  await page.locator('#tasks-table tbody tr[data-task-id]').first().waitFor();
+
+  // Under steady traffic the list re-renders live, but at most once per second.
+  const renders = await page.evaluate(async () => {
+    const body = document.querySelector('#tasks-table tbody');
+    let n = 0;
+    const mo = new MutationObserver((records) => { n += records.filter((r) => r.type === 'childList').length; });
+    mo.observe(body, { childList: true });
+    await new Promise((r) => setTimeout(r, 6000));
+    mo.disconnect();
+    return n;
+  });
+  expect(renders >= 2 && renders <= 7, `task list rendered ${renders} times in 6 s under traffic (want live, at most 1/s)`);
+  await page.screenshot({ path: shotPath('-tasks') });
+  step(`task-list-coalesced ${renders}`);
+
+  // Filters are applied by the hub: failed tasks only, then the one echo task.
   await page.selectOption('#main select[name="status"]', 'failed');
   await page.waitForFunction(() => location.hash.includes('status=failed'));
   await page.locator('#tasks-table tbody tr[data-status="failed"]').first().waitFor();
@@ -153,7 +184,15 @@ try {
   expect(statuses.length >= 1 && statuses.every((s) => s === 'failed'), `status filter shows only failed: ${statuses}`);
   step('task-filter-failed');
   await page.selectOption('#main select[name="status"]', '');
-  await taskRow.waitFor();
+  await page.waitForFunction(() => !location.hash.includes('status='));
+  await page.fill('#main input[name="tool"]', 'echo');
+  await page.press('#main input[name="tool"]', 'Enter');
+  await page.waitForFunction(() => location.hash.includes('tool=echo'));
+  const taskRow = page.locator(`#tasks-table tbody tr[data-task-id="${task.task_id}"]`);
+  await page.locator(`#tasks-table tbody tr[data-task-id="${task.task_id}"][data-status="succeeded"]`).waitFor();
+  const tools = await page.locator('#tasks-table tbody tr[data-task-id] td:nth-child(2)').allTextContents();
+  expect(tools.every((t) => t === 'echo'), `tool filter shows only echo: ${tools}`);
+  step('task-succeeded-in-list');
 
   await taskRow.click();
   await page.waitForFunction((id) => location.hash === `#/tasks/${id}`, task.task_id);
@@ -188,12 +227,14 @@ try {
 
   // ---- overview: counts, charts with data, recent failures -------------------------------------
   await page.click('.tabs a[data-view="overview"]');
-  await page.locator('.kpi[data-kpi="nodes"] .kpi-value', { hasText: /^1$/ }).waitFor();
+  await page.locator('.kpi[data-kpi="nodes"] .kpi-value', { hasText: new RegExp(`^${EXPECT_NODES}$`) }).waitFor();
   await page.locator('#failures tbody tr.clickable').first().waitFor();
-  // three status samples (2 s apart) so the charts have lines
-  await page.waitForTimeout(6500);
+  // a few more status samples (2 s apart) so the charts have lines
+  await page.waitForTimeout(8000);
   await page.screenshot({ path: SHOT, fullPage: true });
   step('overview');
+  traffic = false;
+  await trafficLoop;
 
   // ---- reload keeps the session; sign-out forgets the key ------------------------------------
   await page.reload();
@@ -216,6 +257,7 @@ try {
   }
   process.exitCode = 1;
 } finally {
+  traffic = false;
   if (context) await context.close().catch(() => {});
   rmSync(profile, { recursive: true, force: true });
 }

@@ -174,6 +174,7 @@ async fn dashboard_in_headless_chromium() -> Result<()> {
         .env("APEX_NODE_NAME", node_name)
         .env("APEX_SCREENSHOT", &shot)
         .env("APEX_WAIT_EMPTY", "1")
+        .env("APEX_EXPECT_NODES", "2")
         .env("CHROMIUM", &chromium)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -191,13 +192,18 @@ async fn dashboard_in_headless_chromium() -> Result<()> {
 
     // The script signs in, sees the nodes table empty, and says so: only then does the node
     // start, so its row has to appear while the page is open.
+    // A second node joins once the first is seen, so the overview counts two.
     let mut node: Option<Node> = None;
+    let mut second: Option<Node> = None;
     let mut seen = Vec::new();
     let run = async {
         while let Some(line) = stdout.next_line().await? {
             eprintln!("[dashboard.mjs] {line}");
             if line == "STEP nodes-empty" && node.is_none() {
                 node = Some(Node::spawn(&hub, &NodeOptions::named(node_name))?);
+            }
+            if line.starts_with("STEP node-online") && second.is_none() {
+                second = Some(Node::spawn(&hub, &NodeOptions::named("dashboard-node-2"))?);
             }
             seen.push(line);
         }
@@ -237,5 +243,177 @@ async fn dashboard_in_headless_chromium() -> Result<()> {
         png.len()
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+    Ok(())
+}
+
+/// Median time of `n` authenticated GETs of `path`, in milliseconds, and the last body's
+/// `meta.total`.
+async fn time_get(hub: &Hub, path: &str, n: usize) -> Result<(f64, serde_json::Value)> {
+    let mut times = Vec::with_capacity(n);
+    let mut total = serde_json::Value::Null;
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        let resp = hub.api().request(reqwest::Method::GET, path).send().await?;
+        let (status, body) = json_of(resp).await?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        if status != StatusCode::OK {
+            bail!("GET {path} answered {status}: {body}");
+        }
+        total = body["meta"]["total"].clone();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[n / 2], total))
+}
+
+/// The dashboard against a big cluster: `APEX_SCALE_NODES` raw nodes (default 10,000) and
+/// `APEX_SCALE_TASKS` tasks (default 1,000,000), some draining, most tasks run by two real
+/// nodes. Prints the hub's time for each list call the dashboard makes and the time each view
+/// takes to show its page in Chromium (`tests/dashboard/scale.mjs`); asserts only that every
+/// view shows its data. A measurement, not part of CI:
+/// `cargo test -p apex-tests --test dashboard -- --ignored --nocapture dashboard_at_scale`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: several minutes and gigabytes of memory"]
+async fn dashboard_at_scale() -> Result<()> {
+    use futures::StreamExt;
+    use serde_json::json;
+
+    let root = workspace_root();
+    let chromium = browser_prerequisites(&root)?;
+    let n_nodes: usize = std::env::var("APEX_SCALE_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let n_tasks: usize = std::env::var("APEX_SCALE_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let hub = Hub::start_default().await?;
+
+    let start = std::time::Instant::now();
+    let raw: Vec<apex_tests::RawNode> = futures::stream::iter(0..n_nodes)
+        .map(|i| {
+            let hub = &hub;
+            async move {
+                let id = format!("scale-node-{i:05}");
+                let tool = format!("tool-{}", i % 100);
+                apex_tests::RawNode::connect_registered(
+                    hub,
+                    &id,
+                    &[tool.as_str(), "shared"],
+                    (i % 16) as u32 + 1,
+                )
+                .await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "SETUP {} raw nodes registered in {:.1} s",
+        raw.len(),
+        start.elapsed().as_secs_f64()
+    );
+    for i in (0..n_nodes).step_by(20) {
+        let path = format!("/v1/nodes/scale-node-{i:05}/drain");
+        let resp = hub
+            .api()
+            .request(reqwest::Method::POST, &path)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("POST {path} answered {}", resp.status());
+        }
+    }
+    let _workers = [
+        Node::start(&hub, NodeOptions::named("scale-worker-1").concurrency(64)).await?,
+        Node::start(&hub, NodeOptions::named("scale-worker-2").concurrency(64)).await?,
+    ];
+
+    let start = std::time::Instant::now();
+    let batches: Vec<usize> = (0..n_tasks.div_ceil(1000)).collect();
+    futures::stream::iter(batches)
+        .map(|b| {
+            let hub = &hub;
+            async move {
+                let n = 1000.min(n_tasks - b * 1000);
+                let tasks: Vec<serde_json::Value> = (0..n)
+                    .map(|i| match (b * 1000 + i) % 100 {
+                        0 => json!({"tool": "sleep", "args": {"ms": -1}}),
+                        1 => json!({"tool": "tool-7", "args": {}}),
+                        _ => json!({"tool": "noop", "args": {"i": i}}),
+                    })
+                    .collect();
+                let resp = hub
+                    .api()
+                    .request(reqwest::Method::POST, "/api/v1/tasks/batch")
+                    .json(&json!({ "tasks": tasks }))
+                    .send()
+                    .await?;
+                if resp.status() != StatusCode::CREATED {
+                    bail!("batch {b} answered {}", resp.status());
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    eprintln!(
+        "SETUP {n_tasks} tasks submitted in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    for path in [
+        "/v1/nodes?limit=50",
+        "/v1/nodes?status=draining&limit=50",
+        "/v1/nodes?tool=tool-42&limit=50",
+        "/v1/nodes?page=100&limit=100",
+        "/api/v1/tasks?limit=50",
+        "/api/v1/tasks?status=succeeded&limit=50",
+        "/api/v1/tasks?status=queued&limit=50",
+        "/api/v1/tasks?status=failed&limit=8",
+        "/api/v1/tasks?tool=tool-7&limit=50",
+        "/api/v1/tasks?page=5000&limit=100",
+        "/api/v1/system/status",
+    ] {
+        let (ms, total) = time_get(&hub, path, 5).await?;
+        eprintln!("API {path}: median {ms:.1} ms (total {total})");
+    }
+    let some_task = hub
+        .api()
+        .list(&[("tool", "noop"), ("limit", "1")])
+        .await?
+        .data
+        .first()
+        .map(|t| t.task_id.clone())
+        .unwrap_or_default();
+
+    let out = Command::new("node")
+        .arg(root.join("tests/dashboard/scale.mjs"))
+        .current_dir(&root)
+        .env("APEX_URL", hub.url())
+        .env("APEX_API_KEY", hub.api_key())
+        .env("APEX_TASK_ID", &some_task)
+        .env("APEX_NODE_PAGE", (n_nodes / 100).clamp(1, 100).to_string())
+        .env("APEX_TASK_PAGE", (n_tasks / 100).clamp(1, 5000).to_string())
+        .env("APEX_SCREENSHOT", root.join("target/dashboard-scale.png"))
+        .env("CHROMIUM", &chromium)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        eprintln!("[scale.mjs] {line}");
+    }
+    assert!(
+        out.status.success() && stdout.contains("SCALE OK"),
+        "scale.mjs failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(raw);
     Ok(())
 }

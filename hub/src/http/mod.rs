@@ -208,6 +208,29 @@ async fn track_http(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The span of one HTTP request: `HTTP {method} {route}` at INFO (so an `info` log filter
+/// exports it as an OpenTelemetry server span), continuing an incoming `traceparent` header.
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("HTTP {} {route}", req.method()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = %route,
+        url.path = %req.uri().path(),
+    );
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    crate::telemetry::continue_trace(&span, tp);
+    span
+}
+
 /// `GET /metrics`: the Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match crate::metrics::render(&state.cluster) {
@@ -279,7 +302,7 @@ pub fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(TraceLayer::new_for_http())
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
                 .layer(middleware::from_fn(track_http))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )
