@@ -545,12 +545,13 @@ mod tests {
         assert!(b.take(3, t0 + Duration::from_secs(40)));
     }
 
-    fn from_toml(text: &str) -> Result<crate::config::Config, figment::Error> {
+    fn from_toml(text: &str) -> Result<crate::config::Config, String> {
         use figment::providers::{Format, Serialized, Toml};
         figment::Figment::new()
             .merge(Serialized::defaults(crate::config::Config::default()))
             .merge(Toml::string(text))
             .extract()
+            .map_err(|e| e.to_string())
     }
 
     #[test]
