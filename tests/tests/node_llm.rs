@@ -450,7 +450,18 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
 }
 
 #[tokio::test]
-async fn a_stream_continues_on_another_node_after_sigkill() {
+async fn a_stream_continues_from_the_prefix_on_another_node_after_sigkill() {
+    // The second node's server honours the assistant prefix and goes on after it.
+    continue_after_sigkill(true).await;
+}
+
+#[tokio::test]
+async fn a_restarted_answer_is_deduplicated_after_sigkill() {
+    // The second node's server ignores the prefix and answers from the start again.
+    continue_after_sigkill(false).await;
+}
+
+async fn continue_after_sigkill(server_continues: bool) {
     let fake = FakeLlm::start(FakeOptions {
         models: vec!["shared-model".to_owned()],
         ..FakeOptions::default()
@@ -471,7 +482,8 @@ async fn a_stream_continues_on_another_node_after_sigkill() {
         .bearer_auth(hub.api_key())
         .json(&json!({"model": "shared-model", "stream": true,
             "messages": [{"role": "user", "content": "count"}],
-            "fake": {"tokens": tokens, "token_delay_ms": 100}}))
+            "fake": {"tokens": tokens, "token_delay_ms": 100,
+                "continue_prefix": server_continues}}))
         .send()
         .await
         .unwrap();
