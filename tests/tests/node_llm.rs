@@ -417,6 +417,26 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
     assert_eq!(v["choices"][0]["message"]["content"], fake_text(8), "{v}");
     assert_eq!(v["model"], "house-model");
 
+    // Tools pass through to the node's server; its streamed tool call comes back whole.
+    let resp = http
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"model": "house-model",
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "weather",
+                "parameters": {"type": "object"}}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "call_1", "{v}");
+    assert_eq!(call["function"]["name"], "weather");
+    assert_eq!(call["function"]["arguments"], "{\"city\":\"Paris\"}");
+
     // Streamed.
     let resp = http
         .post(format!("{}/v1/chat/completions", hub.url()))
@@ -433,7 +453,7 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
 
     // The node's upstream got the requests (the hub never talks to it directly).
     let bodies = fake.requests();
-    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
     assert!(bodies.iter().all(|b| b["body"]["stream"] == true));
 
     // A node that leaves takes its model with it.
