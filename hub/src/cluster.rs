@@ -191,6 +191,8 @@ pub struct NodeView {
     pub tools: Vec<String>,
     /// Tool descriptions with argument schemas, where the node sent them.
     pub tool_specs: Vec<ToolSpec>,
+    /// Language models the node hosts (served by its `llm.chat` tool).
+    pub models: Vec<String>,
     /// Concurrency limit.
     pub max_concurrent_tasks: u32,
     /// Tasks assigned and not finished.
@@ -1605,6 +1607,7 @@ fn node_view(e: &NodeEntry) -> NodeView {
         status: e.state,
         tools: e.info.tools.clone(),
         tool_specs: e.info.tool_specs.clone(),
+        models: e.info.models.clone(),
         max_concurrent_tasks: e.info.limit,
         active_tasks: active,
         load: active as f64 / e.info.limit.max(1) as f64,

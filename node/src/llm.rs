@@ -381,6 +381,22 @@ impl Upstream {
             usage: None,
             chunks: 0,
         };
+        let json_answer = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if json_answer {
+            // A server that ignores `stream: true`: its whole answer is one chunk.
+            let whole: Value = resp
+                .json()
+                .await
+                .map_err(|e| format!("POST {url}: not json: {e}"))?;
+            let chunk = as_chunk(&whole);
+            absorb(&mut out, &chunk);
+            on_chunk(chunk);
+            return Ok(out);
+        }
         let mut buf: Vec<u8> = Vec::new();
         let mut bytes = resp.bytes_stream();
         let mut done = false;
@@ -415,6 +431,29 @@ impl Upstream {
         }
         Ok(out)
     }
+}
+
+/// A whole `chat.completion` as one `chat.completion.chunk` (message becomes delta).
+fn as_chunk(whole: &Value) -> Value {
+    let choice = whole.get("choices").and_then(|c| c.get(0));
+    let mut chunk = json!({
+        "id": whole.get("id").cloned().unwrap_or(Value::Null),
+        "object": "chat.completion.chunk",
+        "created": whole.get("created").cloned().unwrap_or(Value::Null),
+        "model": whole.get("model").cloned().unwrap_or(Value::Null),
+        "choices": [{
+            "index": 0,
+            "delta": choice.and_then(|c| c.get("message")).cloned().unwrap_or(json!({})),
+            "finish_reason": choice
+                .and_then(|c| c.get("finish_reason"))
+                .cloned()
+                .unwrap_or(json!("stop")),
+        }],
+    });
+    if let Some(u) = whole.get("usage").filter(|u| u.is_object()) {
+        chunk["usage"] = u.clone();
+    }
+    chunk
 }
 
 /// Adds a chunk's text, finish reason and usage to `out`.
@@ -488,6 +527,17 @@ mod tests {
         let err = call.finish().await.unwrap_err();
         assert_eq!(err.code, CODE_REQUEST_FAILED);
         assert!(!client.is_pending(&req.request_id));
+    }
+
+    #[test]
+    fn a_whole_answer_becomes_one_chunk() {
+        let whole = json!({"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
+                "finish_reason": "stop"}], "usage": {"total_tokens": 2}});
+        let c = as_chunk(&whole);
+        assert_eq!(c["choices"][0]["delta"]["content"], "Hi");
+        assert_eq!(c["choices"][0]["finish_reason"], "stop");
+        assert_eq!(c["usage"]["total_tokens"], 2);
     }
 
     #[test]

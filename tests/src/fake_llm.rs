@@ -20,7 +20,10 @@
 //! - `fail_after`: streaming only, after that many content chunks the connection is cut
 //!   without ending the HTTP body;
 //! - `error_after`: streaming only, after that many content chunks a
-//!   `data: {"error": {...}}` frame is sent, then `[DONE]`.
+//!   `data: {"error": {...}}` frame is sent, then `[DONE]`;
+//! - `continue_prefix`: streaming only; when the last message is an assistant message holding
+//!   `fake_text(k)`, the answer continues from token `k` (as a server honouring an assistant
+//!   prefix does).
 //!
 //! # Hooks
 //! - `GET /fake/stats`: [`FakeStats`] as JSON (`requests`, `streams_started`,
@@ -269,6 +272,25 @@ struct Knobs {
     token_delay_ms: u64,
     fail_after: Option<u64>,
     error_after: Option<u64>,
+    continue_prefix: bool,
+}
+
+/// With the `continue_prefix` knob: how many tokens of the answer a final assistant message
+/// already holds (`fake_text(k)` exactly), so the answer goes on from token `k`.
+fn prefix_tokens(req: &Value) -> u64 {
+    let Some(last) = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+    else {
+        return 0;
+    };
+    if last.get("role").and_then(Value::as_str) != Some("assistant") {
+        return 0;
+    }
+    let text = last.get("content").and_then(Value::as_str).unwrap_or("");
+    let k = text.split_whitespace().count() as u64;
+    if fake_text(k) == text { k } else { 0 }
 }
 
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -337,6 +359,11 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         tokio::time::sleep(Duration::from_millis(knobs.first_token_delay_ms)).await;
     }
     let n = knobs.tokens.unwrap_or(DEFAULT_TOKENS);
+    let start = if knobs.continue_prefix {
+        prefix_tokens(&req)
+    } else {
+        0
+    };
     let usage = json!({"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n});
     let id = "chatcmpl-fake";
     let created = 1_700_000_000u64;
@@ -392,6 +419,9 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
                         "type": "server_error", "code": null, "param": null}});
                     frames.push(Ok(Bytes::from(format!("data: {e}\n\n"))));
                     break;
+                }
+                if i < start {
+                    continue;
                 }
                 frames.push(Ok(chunk(json!({"content": format!("t{i} ")}), None)));
             }

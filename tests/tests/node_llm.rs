@@ -397,6 +397,12 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
         .cloned()
         .unwrap_or_else(|| panic!("house-model not listed: {models}"));
     assert_eq!(listed["owned_by"], format!("node:{}", node.id()));
+    let view: Value = hub
+        .api()
+        .get_json(&format!("/v1/nodes/{}", node.id()))
+        .await
+        .unwrap();
+    assert_eq!(view["models"], json!(["house-model"]), "{view}");
 
     // Not streamed.
     let resp = http
@@ -410,6 +416,26 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], fake_text(8), "{v}");
     assert_eq!(v["model"], "house-model");
+
+    // Tools pass through to the node's server; its streamed tool call comes back whole.
+    let resp = http
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"model": "house-model",
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "weather",
+                "parameters": {"type": "object"}}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "call_1", "{v}");
+    assert_eq!(call["function"]["name"], "weather");
+    assert_eq!(call["function"]["arguments"], "{\"city\":\"Paris\"}");
 
     // Streamed.
     let resp = http
@@ -427,7 +453,7 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
 
     // The node's upstream got the requests (the hub never talks to it directly).
     let bodies = fake.requests();
-    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
     assert!(bodies.iter().all(|b| b["body"]["stream"] == true));
 
     // A node that leaves takes its model with it.
@@ -450,7 +476,18 @@ async fn a_node_hosted_model_is_served_through_the_hub() {
 }
 
 #[tokio::test]
-async fn a_stream_continues_on_another_node_after_sigkill() {
+async fn a_stream_continues_from_the_prefix_on_another_node_after_sigkill() {
+    // The second node's server honours the assistant prefix and goes on after it.
+    continue_after_sigkill(true).await;
+}
+
+#[tokio::test]
+async fn a_restarted_answer_is_deduplicated_after_sigkill() {
+    // The second node's server ignores the prefix and answers from the start again.
+    continue_after_sigkill(false).await;
+}
+
+async fn continue_after_sigkill(server_continues: bool) {
     let fake = FakeLlm::start(FakeOptions {
         models: vec!["shared-model".to_owned()],
         ..FakeOptions::default()
@@ -471,7 +508,8 @@ async fn a_stream_continues_on_another_node_after_sigkill() {
         .bearer_auth(hub.api_key())
         .json(&json!({"model": "shared-model", "stream": true,
             "messages": [{"role": "user", "content": "count"}],
-            "fake": {"tokens": tokens, "token_delay_ms": 100}}))
+            "fake": {"tokens": tokens, "token_delay_ms": 100,
+                "continue_prefix": server_continues}}))
         .send()
         .await
         .unwrap();
@@ -755,4 +793,74 @@ async fn a_stream_whose_only_node_dies_ends_with_an_error_frame() {
         "{error}"
     );
     assert!(fake_text(100).starts_with(&text) && text.len() < fake_text(100).len());
+}
+
+#[tokio::test]
+async fn interrupting_a_node_hosted_stream_stops_the_node_upstream_call() {
+    let fake = FakeLlm::start(FakeOptions {
+        models: vec!["house-model".to_owned()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let hub = Hub::start_default().await.unwrap();
+    let _node = Node::start(&hub, node_with_upstream("int-host", &fake))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(
+            &json!({"model": "house-model", "stream": true, "requestId": "int-1",
+            "messages": [{"role": "user", "content": "count"}],
+            "fake": {"tokens": 200, "token_delay_ms": 100}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let reader = tokio::spawn(read_sse(resp, move |t| {
+        let _ = seen_tx.send(t.len());
+    }));
+    tokio::time::timeout(DEFAULT_TIMEOUT, seen_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let r = http
+        .post(format!("{}/v1/interrupt", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"requestId": "int-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (text, done) = tokio::time::timeout(DEFAULT_TIMEOUT, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(done);
+    assert!(fake_text(200).starts_with(&text) && text.len() < fake_text(200).len());
+    // The task is cancelled and the node closes its request to the local server.
+    let tasks = hub
+        .api()
+        .list_all(&[("tool", "llm.chat@house-model")])
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 1);
+    let t = hub
+        .api()
+        .wait_terminal(&tasks[0].task_id, DEFAULT_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(t.status, "cancelled");
+    wait_until(
+        "the node's upstream stream dropped",
+        DEFAULT_TIMEOUT,
+        || async { Ok((fake.stats().streams_dropped == 1).then_some(())) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(fake.stats().streams_completed, 0);
 }

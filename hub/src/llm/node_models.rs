@@ -219,6 +219,43 @@ fn parse(chunk: &Value) -> Parsed {
     }
 }
 
+/// Adds streamed `delta.tool_calls` entries to whole tool calls: entries with the same
+/// `index` are one call whose `function.arguments` pieces are concatenated; `id`, `type` and
+/// `function.name` come from the first entry that has them. `index` is removed.
+fn merge_tool_calls(calls: &mut Vec<Value>, deltas: Vec<Value>) {
+    for d in deltas {
+        let index = d.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        while calls.len() <= index {
+            calls.push(
+                json!({"id": "", "type": "function", "function": {"name": "", "arguments": ""}}),
+            );
+        }
+        let call = &mut calls[index];
+        for key in ["id", "type"] {
+            if let Some(v) = d.get(key).and_then(Value::as_str).filter(|v| !v.is_empty()) {
+                call[key] = Value::String(v.to_owned());
+            }
+        }
+        if let Some(f) = d.get("function") {
+            if let Some(n) = f
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+            {
+                call["function"]["name"] = Value::String(n.to_owned());
+            }
+            if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                let mut args = call["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                args.push_str(a);
+                call["function"]["arguments"] = Value::String(args);
+            }
+        }
+    }
+}
+
 impl Reader {
     fn into_stream(self) -> impl Stream<Item = Result<ChatChunk, LlmError>> + Send {
         futures::stream::unfold(self, |mut r| async move {
@@ -345,8 +382,8 @@ impl Reader {
             if usage.is_some() {
                 self.whole.usage = usage;
             }
-            if let Some(Value::Array(calls)) = tool_calls {
-                self.whole.tool_calls.extend(calls);
+            if let Some(Value::Array(deltas)) = tool_calls {
+                merge_tool_calls(&mut self.whole.tool_calls, deltas);
             }
             return None;
         }
@@ -631,6 +668,29 @@ mod tests {
         let a = texts(&mut r, vec![chunk(1, 0, "Hello")]);
         let b = texts(&mut r, vec![chunk(2, 0, "He"), chunk(2, 1, "y")]);
         assert_eq!(a + &b, "HelloHey");
+    }
+
+    #[test]
+    fn streamed_tool_call_pieces_make_whole_calls() {
+        let mut calls = Vec::new();
+        merge_tool_calls(
+            &mut calls,
+            vec![json!({"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "weather", "arguments": ""}})],
+        );
+        merge_tool_calls(
+            &mut calls,
+            vec![json!({"index": 0, "function": {"arguments": "{\"city\":"}})],
+        );
+        merge_tool_calls(
+            &mut calls,
+            vec![json!({"index": 0, "function": {"arguments": "\"Paris\"}"}})],
+        );
+        assert_eq!(
+            calls,
+            vec![json!({"id": "call_1", "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}})]
+        );
     }
 
     #[test]

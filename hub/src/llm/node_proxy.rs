@@ -13,8 +13,9 @@
 //!   else, including an upstream failure after some text was sent).
 //!
 //! Each call runs in its own task and sends its frames through the connection's bounded
-//! queue with `send().await`: a slow node slows its own upstream reads, never the engine or
-//! other connections. When the connection closes, [`NodeProxy::connection_closed`] cancels
+//! queue, waiting while it is more than half full (the other half is the engine's room for
+//! task frames): a slow node slows its own upstream reads, never the engine or other
+//! connections. When the connection closes, [`NodeProxy::connection_closed`] cancels
 //! every call it made (the gateway aborts the upstream request).
 //!
 //! Quotas are kept per node id, across reconnections, in [`NodeProxy`]; see
@@ -157,6 +158,24 @@ fn opt<'a>(options: &'a Value, key: &str, snake: &str) -> Option<&'a Value> {
         .get(key)
         .or_else(|| options.get(snake))
         .filter(|v| !v.is_null())
+}
+
+/// Queues `msg` once the queue is at most half full, so that LLM frames never take the room
+/// the engine keeps for task frames (a node's concurrency limit is capped at half its queue).
+/// False if the connection is gone.
+async fn send_leaving_room(tx: &mpsc::Sender<Outbound>, msg: HubMessage) -> bool {
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        if tx.is_closed() {
+            return false;
+        }
+        if tx.capacity() > tx.max_capacity() / 2 {
+            return tx.try_send(Outbound::Msg(msg)).is_ok();
+        }
+        // The writer drains the queue as the node reads; wait for it without blocking anyone.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Rough token count of a text: 4 characters per token, rounded up.
@@ -422,7 +441,7 @@ impl NodeProxy {
             let token = token.clone();
             async move {
                 tokio::select! {
-                    r = tx.send(Outbound::Msg(msg)) => r.is_ok(),
+                    r = send_leaving_room(&tx, msg) => r,
                     _ = token.cancelled() => false,
                 }
             }
@@ -545,12 +564,13 @@ mod tests {
         assert!(b.take(3, t0 + Duration::from_secs(40)));
     }
 
-    fn from_toml(text: &str) -> Result<crate::config::Config, figment::Error> {
+    fn from_toml(text: &str) -> Result<crate::config::Config, String> {
         use figment::providers::{Format, Serialized, Toml};
         figment::Figment::new()
             .merge(Serialized::defaults(crate::config::Config::default()))
             .merge(Toml::string(text))
             .extract()
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -577,6 +597,25 @@ mod tests {
         c.node_llm.max_concurrent_streams = 200_000;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("node_llm.max_concurrent_streams"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn llm_frames_leave_half_the_queue_to_task_frames() {
+        let (tx, mut rx) = mpsc::channel::<Outbound>(4);
+        let frame = || HubMessage::from(failure("r", "n", "x", String::new()));
+        assert!(send_leaving_room(&tx, frame()).await);
+        assert!(send_leaving_room(&tx, frame()).await);
+        // Half full: the next one waits until the writer takes a frame.
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { send_leaving_room(&tx, frame()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(tx.capacity(), 2, "still waiting");
+        rx.recv().await.unwrap();
+        assert!(waiting.await.unwrap());
+        drop(rx);
+        assert!(!send_leaving_room(&tx, frame()).await, "connection gone");
     }
 
     #[test]
