@@ -396,11 +396,17 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
     std::thread::Builder::new()
         .name("apex-store".to_owned())
         .spawn(move || {
+            let began = std::time::Instant::now();
             let mut backend = match make().and_then(|mut b| {
                 let tasks = b.load()?;
                 Ok((b, tasks))
             }) {
                 Ok((b, tasks)) => {
+                    tracing::info!(
+                        tasks = tasks.len(),
+                        load_ms = began.elapsed().as_millis() as u64,
+                        "task store loaded"
+                    );
                     let _ = loaded_tx.send(Ok(tasks));
                     b
                 }
@@ -508,7 +514,15 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
                 None => deletes.push(id.as_str()),
             }
         }
-        match backend.write(&puts, &deletes) {
+        let began = std::time::Instant::now();
+        let written = backend.write(&puts, &deletes);
+        tracing::debug!(
+            records = puts.len() + deletes.len(),
+            changes = count,
+            write_us = began.elapsed().as_micros() as u64,
+            "store batch"
+        );
+        match written {
             Ok(()) => {
                 drop(puts);
                 drop(deletes);
