@@ -106,12 +106,15 @@ pub async fn run_with(
     };
     let durability = opened.durability.clone();
     let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
+    let began = Instant::now();
     let restored = cluster.restore(opened.recovered);
+    let restore_ms = began.elapsed().as_millis() as u64;
     if restored != Default::default() {
         tracing::info!(
             queued = restored.queued,
             awaiting_node = restored.awaiting_node,
             finished = restored.finished,
+            restore_ms,
             store = durability.describe(),
             "tasks recovered from the store"
         );

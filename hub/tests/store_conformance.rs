@@ -360,3 +360,43 @@ async fn redis_down_fails_tickets_and_the_writer_catches_up_when_it_returns() {
         "the batches written while Redis was down arrive"
     );
 }
+
+#[tokio::test]
+async fn one_redis_store_serves_one_hub_and_writes_are_fenced() {
+    let r = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let kind = StoreKind::parse(&r.url()).unwrap();
+    let (a, b) = (tempdir(), tempdir());
+    let mut first = reopen(&kind, &a.0).await;
+    first.store.insert(task(1, "echo", None));
+    durable_now(&first).await;
+    // Another hub (another data directory, so another hub id) steals the lease by force, as
+    // if the first hub's lease had expired: the first hub can no longer write.
+    let client = redis::Client::open(r.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(durable::redis::OWNER_KEY)
+        .arg("hub-intruder")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    first.store.insert(task(2, "echo", None));
+    let e = first
+        .durability
+        .wait(first.durability.ticket(), Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(e.contains("owned by hub hub-intruder"), "{e}");
+    let n: usize = redis::cmd("HLEN")
+        .arg(durable::redis::TASKS_KEY)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "a hub without the lease wrote nothing");
+    // A second hub cannot open the store while the lease is held (it waits one lifetime).
+    let Err(e) = durable::open(&kind, &b.0).await else {
+        panic!("a second hub opened an owned Redis store");
+    };
+    assert!(matches!(e, StoreError::Owned { .. }), "{e}");
+}

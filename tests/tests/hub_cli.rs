@@ -92,6 +92,9 @@ async fn bad_configuration_exits_64_with_one_line() -> Result<()> {
             "--config".into(),
             dir.path().join("missing.toml").display().to_string(),
         ],
+        vec!["--store".into(), "postgres://db".into()],
+        vec!["--store".into(), "redis://localhost:notaport/0".into()],
+        vec!["--task-retention-hours".into(), "0".into()],
     ];
     for args in cases {
         let mut cmd = tokio::process::Command::new(&bin);

@@ -79,6 +79,16 @@ pub enum StoreError {
         /// The cause, one line.
         reason: String,
     },
+    /// Another hub owns the Redis store (one Redis store serves one hub).
+    #[error(
+        "task store {what} is owned by another hub ({owner}, key apex:store-owner): one Redis store serves one hub"
+    )]
+    Owned {
+        /// The Redis URL.
+        what: String,
+        /// The owning hub's id.
+        owner: String,
+    },
     /// The store cannot be reached or written.
     #[error("task store {what} is unavailable: {reason}")]
     Unavailable {
@@ -101,7 +111,17 @@ pub trait Backend: Send + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`]; nothing of the batch is written then.
     fn write(&mut self, puts: &[(&str, Vec<u8>)], deletes: &[&str]) -> Result<(), StoreError>;
+    /// Called when no change arrived for [`IDLE_TICK`] (lease renewal).
+    ///
+    /// # Errors
+    /// As [`Backend::write`].
+    fn idle(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
+
+/// How often an idle writer calls [`Backend::idle`].
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// Writer progress: how many queued changes are durable, and the last failure if the store is
 /// failing now.
@@ -303,6 +323,28 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
+/// This hub's persistent id, `<data_dir>/hub-id` (`hub-<uuid>`, created on first use).
+///
+/// # Errors
+/// [`StoreError::Unavailable`] if the file cannot be read or written.
+pub fn hub_id(data_dir: &Path) -> Result<String, StoreError> {
+    let path = data_dir.join("hub-id");
+    let io = |e: std::io::Error| StoreError::Unavailable {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if !s.is_empty() {
+            return Ok(s.to_owned());
+        }
+    }
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let id = format!("hub-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, &id).map_err(io)?;
+    Ok(id)
+}
+
 /// Opens the store `kind` (embedded: in `data_dir`, which it locks), loads every task in it, and
 /// starts its writer thread.
 ///
@@ -332,12 +374,13 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
         StoreKind::Redis(url) => {
             let what = redis::redacted(url);
             let url = url.clone();
+            let hub_id = hub_id(data_dir)?;
             (
                 None,
                 what,
-                Box::new(
-                    move || Ok(Box::new(redis::RedisBackend::open(&url)?) as Box<dyn Backend>),
-                ),
+                Box::new(move || {
+                    Ok(Box::new(redis::RedisBackend::open(&url, &hub_id)?) as Box<dyn Backend>)
+                }),
             )
         }
     };
@@ -353,11 +396,17 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
     std::thread::Builder::new()
         .name("apex-store".to_owned())
         .spawn(move || {
+            let began = std::time::Instant::now();
             let mut backend = match make().and_then(|mut b| {
                 let tasks = b.load()?;
                 Ok((b, tasks))
             }) {
                 Ok((b, tasks)) => {
+                    tracing::info!(
+                        tasks = tasks.len(),
+                        load_ms = began.elapsed().as_millis() as u64,
+                        "task store loaded"
+                    );
                     let _ = loaded_tx.send(Ok(tasks));
                     b
                 }
@@ -412,12 +461,33 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
             if closed {
                 return;
             }
-            match rx.recv() {
+            match rx.recv_timeout(IDLE_TICK) {
                 Ok(op) => {
                     take(op, &mut pending);
                     count += 1;
                 }
-                Err(_) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    match backend.idle() {
+                        Ok(()) => {
+                            if failing_since.take().is_some() {
+                                tracing::info!(
+                                    store = d.describe(),
+                                    "task store is writable again"
+                                );
+                                d.state.send_modify(|s| s.error = None);
+                            }
+                        }
+                        Err(e) => {
+                            if failing_since.is_none() {
+                                failing_since = Some(std::time::Instant::now());
+                                tracing::error!(error = %e, "task store unavailable");
+                            }
+                            d.state.send_modify(|s| s.error = Some(e.to_string()));
+                        }
+                    }
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
         loop {
@@ -444,7 +514,15 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
                 None => deletes.push(id.as_str()),
             }
         }
-        match backend.write(&puts, &deletes) {
+        let began = std::time::Instant::now();
+        let written = backend.write(&puts, &deletes);
+        tracing::debug!(
+            records = puts.len() + deletes.len(),
+            changes = count,
+            write_us = began.elapsed().as_micros() as u64,
+            "store batch"
+        );
+        match written {
             Ok(()) => {
                 drop(puts);
                 drop(deletes);

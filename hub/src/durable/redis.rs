@@ -1,7 +1,13 @@
 //! The Redis store: every task record is a field of one hash, `apex:tasks` (task id → task
-//! record JSON). Each batch is one `MULTI`/`EXEC` pipeline of `HSET`/`HDEL` commands, sent over
-//! a `redis` crate [`ConnectionManager`] (reconnects by itself) on a current-thread Tokio
-//! runtime owned by the writer thread.
+//! record JSON), sent over a `redis` crate [`ConnectionManager`] (reconnects by itself) on a
+//! current-thread Tokio runtime owned by the writer thread.
+//!
+//! One hub owns the data: `apex:store-owner` holds the owning hub's id (`<data_dir>/hub-id`)
+//! with a time-to-live of [`OWNER_TTL_MS`], renewed by every batch and every idle second. Each
+//! batch is one Lua script that checks the owner, renews it and applies the writes, so a hub
+//! that has lost ownership (another hub took over after its lease expired) can never write: its
+//! batches fail and its submissions answer 503. A hub whose id matches (the same hub
+//! restarted) takes ownership at once; another waits for the lease to expire.
 
 use std::time::Duration;
 
@@ -13,8 +19,44 @@ use crate::model::Task;
 /// The hash holding every task record.
 pub const TASKS_KEY: &str = "apex:tasks";
 
-/// Fields per `HSET` command.
-const CHUNK: usize = 1000;
+/// The key naming the hub that owns the store.
+pub const OWNER_KEY: &str = "apex:store-owner";
+
+/// Lifetime of the ownership lease, in milliseconds.
+pub const OWNER_TTL_MS: u64 = 10_000;
+
+/// Takes or renews ownership: KEYS[1] owner key; ARGV[1] hub id, ARGV[2] ttl ms. Returns the
+/// owner after the call.
+const CLAIM: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return cur
+";
+
+/// A fenced batch: KEYS[1] owner key, KEYS[2] tasks hash; ARGV[1] hub id, ARGV[2] ttl ms,
+/// ARGV[3] number of puts, then id/record pairs, then ids to delete. Returns 1, or an error if
+/// another hub owns the store.
+const WRITE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur ~= false and cur ~= ARGV[1] then
+  return redis.error_reply('OWNER the store is owned by hub ' .. cur)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local n = tonumber(ARGV[3])
+local i = 4
+for _ = 1, n do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+while i <= #ARGV do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  i = i + 1
+end
+return 1
+";
 
 /// The URL with any password replaced by `***`, for logs and errors.
 pub fn redacted(url: &str) -> String {
@@ -36,14 +78,18 @@ pub struct RedisBackend {
     rt: tokio::runtime::Runtime,
     conn: ConnectionManager,
     what: String,
+    hub_id: String,
+    write: redis::Script,
 }
 
 impl RedisBackend {
-    /// Connects to `url` (must answer now).
+    /// Connects to `url` (must answer now) and takes ownership of the store for `hub_id`,
+    /// waiting up to one lease lifetime for another hub's lease to expire.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] if Redis cannot be reached.
-    pub fn open(url: &str) -> Result<Self, StoreError> {
+    /// [`StoreError::Unavailable`] if Redis cannot be reached; [`StoreError::Owned`] if another
+    /// hub keeps renewing its lease.
+    pub fn open(url: &str, hub_id: &str) -> Result<Self, StoreError> {
         let what = redacted(url);
         let unavailable = |e: String| StoreError::Unavailable {
             what: what.clone(),
@@ -62,7 +108,42 @@ impl RedisBackend {
         let conn = rt
             .block_on(ConnectionManager::new_with_config(client, cfg))
             .map_err(|e| unavailable(one_line(e)))?;
-        Ok(Self { rt, conn, what })
+        let claim = redis::Script::new(CLAIM);
+        let deadline = std::time::Instant::now() + Duration::from_millis(OWNER_TTL_MS + 2000);
+        let mut logged = false;
+        loop {
+            let mut c = conn.clone();
+            let owner: String = rt
+                .block_on(
+                    claim
+                        .key(OWNER_KEY)
+                        .arg(hub_id)
+                        .arg(OWNER_TTL_MS)
+                        .invoke_async(&mut c),
+                )
+                .map_err(|e| unavailable(one_line(e)))?;
+            if owner == hub_id {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Owned {
+                    what: what.clone(),
+                    owner,
+                });
+            }
+            if !logged {
+                tracing::warn!(store = %what, owner, "the Redis store is owned by another hub; waiting for its lease to expire");
+                logged = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(Self {
+            rt,
+            conn,
+            what,
+            hub_id: hub_id.to_owned(),
+            write: redis::Script::new(WRITE),
+        })
     }
 
     fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
@@ -96,21 +177,23 @@ impl Backend for RedisBackend {
     }
 
     fn write(&mut self, puts: &[(&str, Vec<u8>)], deletes: &[&str]) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for chunk in puts.chunks(CHUNK) {
-            let c = pipe.cmd("HSET").arg(TASKS_KEY);
-            for (k, v) in chunk {
-                c.arg(*k).arg(v.as_slice());
-            }
-            c.ignore();
+        let mut inv = self.write.key(OWNER_KEY);
+        inv.key(TASKS_KEY)
+            .arg(&self.hub_id)
+            .arg(OWNER_TTL_MS)
+            .arg(puts.len());
+        for (k, v) in puts {
+            inv.arg(*k).arg(v.as_slice());
         }
-        for chunk in deletes.chunks(CHUNK) {
-            pipe.cmd("HDEL").arg(TASKS_KEY).arg(chunk).ignore();
+        for k in deletes {
+            inv.arg(*k);
         }
         let mut conn = self.conn.clone();
-        self.rt
-            .block_on(async move { pipe.query_async::<()>(&mut conn).await })
-            .map_err(|e| self.unavailable(e))
+        let r: redis::RedisResult<i64> = self.rt.block_on(inv.invoke_async(&mut conn));
+        r.map(|_| ()).map_err(|e| self.unavailable(e))
+    }
+
+    fn idle(&mut self) -> Result<(), StoreError> {
+        self.write(&[], &[])
     }
 }

@@ -76,9 +76,12 @@ struct Args {
     /// llm suite: concurrent open streams for the RSS figure.
     #[arg(long, default_value_t = 1000)]
     llm_streams: usize,
-    /// Store suite: queued tasks in the hub killed for the recovery measurement.
+    /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
+    /// Store suite: which stores to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "memory,embedded,redis")]
+    stores: Vec<String>,
 }
 
 /// One row of the result table.
@@ -232,7 +235,14 @@ async fn run(args: Args) -> Result<Vec<Row>> {
 /// of an embedded-store hub SIGKILLed with `recovery_tasks` queued tasks.
 async fn store_suite(args: &Args) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for store in ["memory", "embedded", "redis"] {
+    for store in &args.stores {
+        let store = store.as_str();
+        if store.is_empty() {
+            continue;
+        }
+        if !matches!(store, "memory" | "embedded" | "redis") {
+            bail!("--stores takes memory, embedded and redis, not {store:?}");
+        }
         let redis = match store {
             "redis" => Some(RedisServer::start().map_err(anyhow::Error::msg)?),
             _ => None,
@@ -243,6 +253,7 @@ async fn store_suite(args: &Args) -> Result<Vec<Row>> {
             ..HubOptions::default()
         })
         .await?;
+        eprintln!("{store}: hub {} (pid {})", hub.url(), hub.pid());
         let api = hub.api().clone();
         let mut nodes = Vec::new();
         for i in 1..=args.nodes {
@@ -302,6 +313,9 @@ async fn store_suite(args: &Args) -> Result<Vec<Row>> {
     }
 
     let n = args.recovery_tasks;
+    if n == 0 {
+        return Ok(rows);
+    }
     eprintln!("recovery: {n} queued tasks in an embedded-store hub, SIGKILL, restart");
     let mut hub = Hub::start(HubOptions {
         extra_args: vec!["--store".into(), "embedded".into()],
