@@ -41,13 +41,19 @@ export function replace(el, ...children) {
  * Runs `fn` at most once per `intervalMs`. A request after a quiet period runs after `settleMs`
  * (so a burst, such as an event backlog, lands in one render); later ones are merged into a
  * single run when the interval has passed. A run still in progress (async) delays the next one
- * until it ends. A run whose `fn` returns `false` (it had nothing to show yet, e.g. before the
+ * until it ends (and counts from its start). A run whose `fn` returns `false` (it had nothing to show yet, e.g. before the
  * first answer) does not count, so the first real render is not held back.
  */
 export class Coalescer {
-  constructor(fn, intervalMs = 1000, settleMs = 50) {
+  /**
+   * `adaptive`: when a run takes long (a slow hub answering a list), the next one waits four
+   * times as long as it took (at most 30 s), so a live view never keeps a busy hub busier.
+   */
+  constructor(fn, intervalMs = 1000, settleMs = 50, { adaptive = false } = {}) {
     this.fn = fn;
     this.interval = intervalMs;
+    this.minInterval = intervalMs;
+    this.adaptive = adaptive;
     this.settle = settleMs;
     this.last = 0;
     this.timer = null;
@@ -72,6 +78,7 @@ export class Coalescer {
     let shown = true;
     try { shown = (await this.fn()) !== false; } catch (e) { console.error(e); }
     this.last = shown ? started : 0;
+    if (this.adaptive) this.interval = Math.max(this.minInterval, Math.min(30_000, 4 * (Date.now() - started)));
     this.running = false;
     if (this.pending) { this.pending = false; this.request(); }
   }

@@ -129,7 +129,7 @@ export class OverviewView {
     this.failures = null;
     this.failuresError = null;
     this.render = new Coalescer(() => this.draw(), RENDER_MS);
-    this.loadFailures = new Coalescer(() => this.fetchFailures(), 2000);
+    this.loadFailures = new Coalescer(() => this.fetchFailures(), 5000, 50, { adaptive: true });
   }
 
   mount(root) {
@@ -160,13 +160,21 @@ export class OverviewView {
           this.failBody)));
     this.thr = new TimeChart(thr, { color: '#38bdf8', windowMs: 5 * 60_000 });
     this.qd = new TimeChart(qd, { color: '#f59e0b', windowMs: 5 * 60_000, integer: true });
-    this.offSample = this.ctx.sampler.listen(() => this.render.request());
-    this.offEvent = this.ctx.on('event', (e) => {
-      if (String(e.event).startsWith('task_')) this.loadFailures.request();
+    // A task list query costs the hub a walk over its tasks, so recent failures are re-read
+    // only when the failed/timed-out counts in the status samples move.
+    this.failCount = null;
+    this.offSample = this.ctx.sampler.listen((st) => {
+      const n = (st.tasks.failed || 0) + (st.tasks.timed_out || 0);
+      if (n !== this.failCount) { this.failCount = n; this.loadFailures.request(); }
       this.render.request();
     });
-    this.offTick = this.ctx.on('tick', () => this.loadFailures.request());
+    this.offEvent = this.ctx.on('event', () => this.render.request());
+    this.offTick = () => {};
     this.offNames = this.ctx.names.listen(() => this.render.request());
+    if (this.ctx.sampler.latest) {
+      const t = this.ctx.sampler.latest.tasks;
+      this.failCount = (t.failed || 0) + (t.timed_out || 0);
+    }
     this.loadFailures.request();
     this.render.request();
   }
@@ -268,7 +276,7 @@ export class NodesView {
     this.data = null;
     this.error = null;
     this.busy = new Set();
-    this.render = new Coalescer(() => this.fetch(), RENDER_MS);
+    this.render = new Coalescer(() => this.fetch(), RENDER_MS, 50, { adaptive: true });
   }
 
   setQuery(patch) {
@@ -294,9 +302,12 @@ export class NodesView {
           h('thead', {}, h('tr', {}, ['Node', 'Status', 'Type', 'Load', 'CPU', 'Memory', 'Tools', 'Done / failed', 'Last seen', ''].map((c) => h('th', {}, c)))),
           this.body),
         this.pagerEl));
-    this.offEvent = this.ctx.on('event', (e) => { if (String(e.event).startsWith('node_')) this.render.request(); });
+    // Node events change status; task events change load. Heartbeats (CPU, memory, last seen)
+    // send no event, so the page is also re-read every 5 s.
+    this.offEvent = this.ctx.on('event', () => this.render.request());
     this.offTick = this.ctx.on('tick', () => this.render.request());
     this.offNames = this.ctx.names.listen(() => this.render.request());
+    this.timer = setInterval(() => this.render.request(), 5000);
     this.render.request();
   }
 
@@ -313,10 +324,13 @@ export class NodesView {
   }
 
   async act(node, action) {
+    if (action === 'forget' && !window.confirm(`Forget node ${node.name || node.id}? It is removed from the list; queued tasks pinned to it fail.`)) return;
     this.busy.add(node.id);
     this.draw();
     try {
-      await this.ctx.api.post(`/v1/nodes/${encodeURIComponent(node.id)}/${action}`);
+      const path = `/v1/nodes/${encodeURIComponent(node.id)}`;
+      if (action === 'forget') await this.ctx.api.call('DELETE', path);
+      else await this.ctx.api.post(`${path}/${action}`);
       this.ctx.banner(null);
     } catch (e) {
       this.ctx.banner(`Could not ${action} node ${node.name || node.id}: ${errorText(e)}`);
@@ -346,7 +360,7 @@ export class NodesView {
           ? h('button', { class: 'btn btn-sm', type: 'button', 'data-action': 'undrain', disabled: busy, onclick: () => this.act(n, 'undrain') }, busy ? '…' : 'Undrain')
           : n.status === 'online'
             ? h('button', { class: 'btn btn-sm btn-warn', type: 'button', 'data-action': 'drain', disabled: busy, title: 'Stop sending new work; running tasks finish', onclick: () => this.act(n, 'drain') }, busy ? '…' : 'Drain')
-            : null;
+            : h('button', { class: 'btn btn-sm btn-ghost', type: 'button', 'data-action': 'forget', disabled: busy, title: 'Remove this offline node from the list', onclick: () => this.act(n, 'forget') }, busy ? '…' : 'Forget');
         return h('tr', { dataset: { nodeId: n.id, status: n.status } },
           h('td', {}, h('a', { class: 'strong', href: hashFor('tasks', { node_id: n.id }), title: 'Tasks of this node' }, n.name || n.id),
             h('div', { class: 'sub mono', title: n.id }, n.id.length > 20 ? `${n.id.slice(0, 20)}…` : n.id)),
@@ -367,6 +381,7 @@ export class NodesView {
   }
 
   destroy() {
+    clearInterval(this.timer);
     this.render.stop();
     this.offEvent?.();
     this.offTick?.();
@@ -384,7 +399,7 @@ export class TasksView {
     this.data = null;
     this.error = null;
     this.live = ctx.prefs.tasksLive !== false;
-    this.render = new Coalescer(() => this.fetch(), RENDER_MS);
+    this.render = new Coalescer(() => this.fetch(), RENDER_MS, 50, { adaptive: true });
   }
 
   setQuery(patch) {

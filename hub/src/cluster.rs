@@ -1340,6 +1340,11 @@ impl Cluster {
         self.shared.core.lock().store.get(id).cloned()
     }
 
+    /// Applies `f` to a task under the engine lock, without cloning it. Keep `f` short.
+    pub fn with_task<R>(&self, id: &str, f: impl FnOnce(&Task) -> R) -> Option<R> {
+        self.shared.core.lock().store.get(id).map(f)
+    }
+
     /// A receiver that fires when the task ends; `None` if it has already ended or is unknown.
     pub fn wait(&self, id: &str) -> Option<oneshot::Receiver<()>> {
         let mut core = self.shared.core.lock();

@@ -881,3 +881,62 @@ async fn metrics_pass_promtool_and_carry_no_ids() {
         .unwrap();
     assert_eq!(resp.status(), 404, "only /metrics is served there");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_skips_events_and_never_blocks_the_hub() {
+    let hub = start_hub(|c| {
+        c.stream_buffer_events = 16;
+        // The raw node never reads, so it never answers pings: keep it alive meanwhile.
+        c.heartbeat_interval_ms = 10_000;
+        c.heartbeat_timeout_ms = 600_000;
+    })
+    .await;
+    // An SSE client and a log client that read nothing for now.
+    let mut sse = Sse::open(&hub, "/v1/events?topics=tasks").await;
+    let (mut log, _) = connect_async(hub.ws_url(&format!("/log/VCP_Key={NODE_KEY}?replay=0")))
+        .await
+        .unwrap();
+    let mut n = Node::register(&hub, "chatty", "worker", &["echo"]).await;
+    // Far more than the engine's 8192-event buffer plus what the sockets hold: every submit
+    // must still be answered (a blocked hub would hang here until the test's deadline).
+    let batch: Vec<Value> = (0..1000)
+        .map(|_| json!({"tool": "nobody-has-it"}))
+        .collect();
+    for _ in 0..60 {
+        let (s, v) = hub
+            .call(
+                "POST",
+                "/api/v1/tasks/batch",
+                Some(json!({ "tasks": batch })),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let line = "x".repeat(1000);
+    for i in 0..30_000 {
+        n.send(json!({"type": "log", "data": {"nodeId": "chatty", "level": "info", "message": format!("{i} {line}")}}))
+            .await;
+    }
+    // The hub still answers while both clients are stuck.
+    let (s, _) = hub.call("GET", "/api/v1/system/status", None).await;
+    assert_eq!(s, 200);
+
+    // Reading now: each client is told how much it missed.
+    let v = sse.until("events_dropped", |_| true).await;
+    assert!(v["payload"]["skipped"].as_u64().unwrap() > 0, "{v}");
+    let v = log_until(&mut log, |v| v["type"] == "log_dropped").await;
+    assert!(v["data"]["skipped"].as_u64().unwrap() > 0, "{v}");
+    let (_, text) = hub.text("/metrics").await;
+    for stream in ["sse", "log"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "apex_stream_events_dropped_total{{stream=\"{stream}\"}}"
+                ))
+            })
+            .unwrap();
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0.0, "{line}");
+    }
+}

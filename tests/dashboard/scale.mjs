@@ -51,8 +51,14 @@ try {
   async function measure(name, hash, { sel, n = 1, page: pageNo = null }, what) {
     const start = Date.now();
     await page.evaluate((h) => { document.getElementById('main').replaceChildren(); location.hash = h; }, hash);
-    await page.waitForFunction(({ sel: s, n: k, pageNo: p }) => document.querySelectorAll(s).length >= k
-      && (!p || (document.querySelector('.pager-page')?.textContent || '').startsWith(`Page ${p} `)), { sel, n, pageNo }, { polling: 10 });
+    try {
+      await page.waitForFunction(({ sel: s, n: k, pageNo: p }) => document.querySelectorAll(s).length >= k
+        && (!p || (document.querySelector('.pager-page')?.textContent || '').startsWith(`Page ${p} `)), { sel, n, pageNo }, { polling: 10 });
+    } catch (e) {
+      console.log(`MEASURE ${name} >${Date.now() - start} ms ${what}: NOT SHOWN (${e.message.split('\n')[0]})`);
+      failed = true;
+      return null;
+    }
     const ms = Date.now() - start;
     const summary = await page.evaluate(() => document.querySelector('.page-head .muted')?.textContent || '');
     console.log(`MEASURE ${name} ${ms} ms ${what} (${summary.trim()})`);

@@ -253,7 +253,7 @@ async fn no_route(uri: Uri) -> ApiError {
 
 /// The hub's whole HTTP router (API routes, `/health`, and the node channel upgrades).
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
+    let mut api = Router::new()
         .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/api/v1/tasks/batch", post(tasks::create_batch))
         .route("/api/v1/tasks/{id}", get(tasks::get))
@@ -266,7 +266,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(llm::models))
         .route("/v1/models/{*id}", get(llm::model))
         .route("/v1/interrupt", post(llm::interrupt));
-    let mut api = api;
     for base in ["/v1/nodes", "/api/admin/nodes"] {
         api = api
             .route(base, get(nodes::list))

@@ -125,6 +125,7 @@ impl LiveConfig {
             Ok(Value::Object(m)) => m,
             _ => return Err(field_err("body", "cannot encode the current config")),
         };
+        let base = merged.clone();
         for (k, v) in patch {
             if SECRET_KEYS.contains(&k.as_str()) && is_redacted(v) {
                 continue;
@@ -135,14 +136,14 @@ impl LiveConfig {
             merged.insert(k.clone(), v.clone());
         }
         let candidate: Config = serde_json::from_value(Value::Object(merged)).map_err(|e| {
-            // serde names the field in its message; point at the patch's keys when it does.
-            let msg = e.to_string();
-            let field = patch
-                .keys()
-                .find(|k| msg.contains(k.as_str()))
-                .cloned()
-                .unwrap_or_else(|| "body".to_owned());
-            field_err(field, msg)
+            // serde's message rarely names the field: find the key that breaks on its own.
+            let culprit = patch.iter().find(|(k, v)| {
+                let mut one = base.clone();
+                one.insert((*k).clone(), (*v).clone());
+                serde_json::from_value::<Config>(Value::Object(one)).is_err()
+            });
+            let field = culprit.map_or_else(|| "body".to_owned(), |(k, _)| k.clone());
+            field_err(field, e.to_string())
         })?;
         self.apply(&current, candidate)
     }
@@ -274,6 +275,10 @@ mod tests {
         assert!(e.to_string().contains("`no_such`"), "{e}");
         let e = l.patch(&json!({"heartbeat_timeout_ms": 5})).unwrap_err();
         assert!(e.to_string().contains("`heartbeat_timeout_ms`"), "{e}");
+        let e = l
+            .patch(&json!({"log_level": "info", "heartbeat_interval_ms": "fast"}))
+            .unwrap_err();
+        assert!(e.to_string().contains("`heartbeat_interval_ms`"), "{e}");
         let e = l.patch(&json!({"log_level": "info,[[["})).unwrap_err();
         assert!(e.to_string().contains("`log_level`"), "{e}");
         assert_eq!(l.current().heartbeat_timeout_ms, 3000);

@@ -218,30 +218,38 @@ pub async fn forward_cluster_events(
                         e.message.clone().unwrap_or_else(|| "task migrated".to_owned()),
                     ),
                     k if k.is_terminal() => {
-                        let Some(task) = cluster.get(&e.task_id) else { continue };
-                        let ok = task.status == TaskStatus::Succeeded;
-                        let content = if ok {
-                            task.result.as_ref().map(Value::to_string).unwrap_or_default()
-                        } else {
-                            task.error
-                                .as_ref()
-                                .map(|x| format!("{}: {}", x.code, x.message))
-                                .unwrap_or_else(|| task.status.as_str().to_owned())
+                        // Read what the entry needs under the lock; no clone of the task.
+                        let Some((tool, status, node_id, content)) =
+                            cluster.with_task(&e.task_id, |t| {
+                                let content = match (&t.result, &t.error) {
+                                    _ if t.status != TaskStatus::Succeeded => t
+                                        .error
+                                        .as_ref()
+                                        .map(|x| format!("{}: {}", x.code, x.message))
+                                        .unwrap_or_else(|| t.status.as_str().to_owned()),
+                                    (Some(r), _) => r.to_string(),
+                                    (None, _) => String::new(),
+                                };
+                                (t.spec.tool.clone(), t.status, t.node_id.clone(), content)
+                            })
+                        else {
+                            continue;
                         };
+                        let ok = status == TaskStatus::Succeeded;
                         let level = if ok { Level::Info } else { Level::Warn };
                         logs.publish(LogEntry {
                             kind: "vcp_log",
                             data: json!({
-                                "tool_name": task.spec.tool,
+                                "tool_name": tool,
                                 "status": if ok { "success" } else { "error" },
                                 "content": cut(content),
-                                "task_id": task.id,
-                                "node_id": task.node_id,
-                                "outcome": task.status.as_str(),
+                                "task_id": e.task_id,
+                                "node_id": node_id,
+                                "outcome": status.as_str(),
                                 "level": level,
                                 "timestamp": Rfc3339(e.timestamp),
                             }),
-                            node_id: task.node_id.clone(),
+                            node_id,
                             level,
                         });
                     }
