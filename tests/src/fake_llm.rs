@@ -27,7 +27,7 @@
 //!
 //! # Hooks
 //! - `GET /fake/stats`: [`FakeStats`] as JSON (`requests`, `streams_started`,
-//!   `streams_completed`, `streams_dropped`, `errors_sent`, `unauthorized`);
+//!   `streams_completed`, `streams_dropped`, `errors_sent`, `waits_dropped`, `unauthorized`);
 //! - `GET /fake/requests`: the last 100 request bodies, oldest first, with the
 //!   `authorization` header each came with (`{"authorization": ..., "body": ...}`).
 //!
@@ -71,6 +71,9 @@ pub struct FakeStats {
     pub streams_dropped: u64,
     /// Error statuses sent because of a `status-<code>-` model.
     pub errors_sent: u64,
+    /// Requests whose caller went away while the fake was still waiting to answer (a
+    /// `slow-` model or `first_token_delay_ms`).
+    pub waits_dropped: u64,
     /// Requests refused for a missing or wrong API key.
     pub unauthorized: u64,
 }
@@ -82,6 +85,7 @@ struct Counters {
     streams_completed: AtomicU64,
     streams_dropped: AtomicU64,
     errors_sent: AtomicU64,
+    waits_dropped: AtomicU64,
     unauthorized: AtomicU64,
 }
 
@@ -94,6 +98,7 @@ impl Counters {
             streams_completed: l(&self.streams_completed),
             streams_dropped: l(&self.streams_dropped),
             errors_sent: l(&self.errors_sent),
+            waits_dropped: l(&self.waits_dropped),
             unauthorized: l(&self.unauthorized),
         }
     }
@@ -348,15 +353,19 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         };
         return error_response(code, &format!("fake failure {}", code.as_u16()), kind);
     }
-    if let Some(ms) = model
+    let slow = model
         .strip_prefix("slow-")
         .and_then(|r| r.split('-').next())
         .and_then(|c| c.parse::<u64>().ok())
-    {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-    if knobs.first_token_delay_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(knobs.first_token_delay_ms)).await;
+        .unwrap_or(0);
+    let wait = slow + knobs.first_token_delay_ms;
+    if wait > 0 {
+        let mut guard = WaitGuard {
+            shared: s.clone(),
+            done: false,
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        guard.done = true;
     }
     let n = knobs.tokens.unwrap_or(DEFAULT_TOKENS);
     let start = if knobs.continue_prefix {
@@ -471,6 +480,21 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         HeaderValue::from_static("text/event-stream"),
     );
     resp
+}
+
+/// Counts a wait cut short by the caller going away (the handler future dropped).
+struct WaitGuard {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            let c = &self.shared.counters;
+            c.waits_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Counts a stream as completed or dropped when its body goes away.

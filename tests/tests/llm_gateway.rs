@@ -556,6 +556,28 @@ async fn a_client_that_disconnects_aborts_the_upstream_call() {
 }
 
 #[tokio::test]
+async fn a_non_stream_client_that_gives_up_aborts_the_upstream_call() {
+    let s = setup().await;
+    let before = s.fake.stats().waits_dropped;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "fake-model", "messages": msgs("hi"),
+                "fake": {"first_token_delay_ms": 60000}}),
+        )
+        .timeout(std::time::Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    wait_until("the upstream call to be dropped", DEFAULT_TIMEOUT, || {
+        let d = s.fake.stats().waits_dropped;
+        async move { Ok((d > before).then_some(())) }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn models_are_listed_from_every_provider_and_alias() {
     let s = setup().await;
     let v: Value = s

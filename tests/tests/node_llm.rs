@@ -864,3 +864,53 @@ async fn interrupting_a_node_hosted_stream_stops_the_node_upstream_call() {
     .unwrap();
     assert_eq!(fake.stats().streams_completed, 0);
 }
+
+#[tokio::test]
+async fn a_node_advertises_models_once_its_local_server_comes_up() {
+    // A free port for a local server that is not running yet.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let hub = Hub::start_default().await.unwrap();
+    let node = Node::start(
+        &hub,
+        NodeOptions::named("late-host")
+            .args(["--llm-upstream".to_owned(), format!("http://{addr}/v1")]),
+    )
+    .await
+    .unwrap();
+    let view: Value = hub
+        .api()
+        .get_json(&format!("/v1/nodes/{}", node.id()))
+        .await
+        .unwrap();
+    assert_eq!(view["models"], json!([]), "{view}");
+    let _fake = FakeLlm::start(FakeOptions {
+        listen: addr,
+        models: vec!["late-model".to_owned()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    // The node reads the model list again every 15 s and registers again when it changes.
+    wait_until("late-model advertised", Duration::from_secs(40), || async {
+        let v: Value = hub
+            .api()
+            .get_json(&format!("/v1/nodes/{}", node.id()))
+            .await?;
+        Ok((v["models"] == json!(["late-model"])).then_some(()))
+    })
+    .await
+    .unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"model": "late-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], fake_text(8));
+}

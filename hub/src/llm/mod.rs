@@ -254,37 +254,83 @@ impl ChatRequest {
     }
 
     /// The body sent to an OpenAI-compatible upstream for `upstream_model`: `extra`, then the
-    /// typed fields (which win), `model` replaced.
+    /// typed fields (which win), `model` replaced. Same content as
+    /// [`ChatRequest::upstream_json`], as a `Value`.
     pub fn upstream_body(&self, upstream_model: &str) -> Value {
-        let mut m = self.extra.clone();
-        m.insert("model".into(), Value::String(upstream_model.to_owned()));
-        m.insert("messages".into(), Value::Array(self.messages.clone()));
-        m.insert("stream".into(), Value::Bool(self.stream));
-        if self.stream && self.include_usage {
-            m.insert(
-                "stream_options".into(),
-                serde_json::json!({"include_usage": true}),
-            );
+        serde_json::to_value(UpstreamBody {
+            req: self,
+            model: upstream_model,
+        })
+        .unwrap_or(Value::Null)
+    }
+
+    /// The upstream body of [`ChatRequest::upstream_body`] serialised straight to JSON bytes,
+    /// without copying the messages (the hot path).
+    ///
+    /// # Errors
+    /// Only if serialisation fails (it does not for values parsed from JSON).
+    pub fn upstream_json(&self, upstream_model: &str) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&UpstreamBody {
+            req: self,
+            model: upstream_model,
+        })
+    }
+}
+
+/// Serialises a request for an upstream without cloning it.
+struct UpstreamBody<'a> {
+    req: &'a ChatRequest,
+    model: &'a str,
+}
+
+impl Serialize for UpstreamBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.req;
+        let usage = r.stream && r.include_usage;
+        let typed_max = r.max_tokens.filter(|_| {
+            !r.extra.contains_key("max_tokens") && !r.extra.contains_key("max_completion_tokens")
+        });
+        let overridden = |k: &str| match k {
+            "model" | "messages" | "stream" => true,
+            "stream_options" => usage,
+            "temperature" => r.temperature.is_some(),
+            "stop" => r.stop.is_some(),
+            "tools" => r.tools.is_some(),
+            "tool_choice" => r.tool_choice.is_some(),
+            _ => false,
+        };
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in &r.extra {
+            if !overridden(k) {
+                m.serialize_entry(k, v)?;
+            }
         }
-        if let Some(n) = self.max_tokens
-            && !m.contains_key("max_tokens")
-            && !m.contains_key("max_completion_tokens")
-        {
-            m.insert("max_tokens".into(), n.into());
+        m.serialize_entry("model", self.model)?;
+        m.serialize_entry("messages", &r.messages)?;
+        m.serialize_entry("stream", &r.stream)?;
+        if usage {
+            m.serialize_entry(
+                "stream_options",
+                &serde_json::json!({"include_usage": true}),
+            )?;
         }
-        if let Some(t) = self.temperature {
-            m.insert("temperature".into(), t.into());
+        if let Some(n) = typed_max {
+            m.serialize_entry("max_tokens", &n)?;
         }
-        if let Some(s) = &self.stop {
-            m.insert("stop".into(), s.clone());
+        if let Some(t) = r.temperature {
+            m.serialize_entry("temperature", &t)?;
         }
-        if let Some(t) = &self.tools {
-            m.insert("tools".into(), t.clone());
+        if let Some(v) = &r.stop {
+            m.serialize_entry("stop", v)?;
         }
-        if let Some(t) = &self.tool_choice {
-            m.insert("tool_choice".into(), t.clone());
+        if let Some(v) = &r.tools {
+            m.serialize_entry("tools", v)?;
         }
-        Value::Object(m)
+        if let Some(v) = &r.tool_choice {
+            m.serialize_entry("tool_choice", v)?;
+        }
+        m.end()
     }
 }
 

@@ -422,7 +422,8 @@ impl Reader {
             }));
         }
         // A node that sent no chunks (or a third-party one): take the text from the result.
-        if self.emitted.lock().is_empty()
+        let nothing_sent = self.emitted.lock().is_empty();
+        if nothing_sent
             && let Some(content) = task.as_ref().and_then(|t| {
                 t.result.as_ref()?["choices"][0]["message"]["content"]
                     .as_str()
@@ -605,6 +606,36 @@ mod tests {
         cluster.close_stream(&task.id);
         assert_eq!(cluster.get(&task.id).unwrap().status, TaskStatus::Cancelled);
         assert!(!cluster.task_stream(other, stream_frame(&task.id, 2, 1)));
+    }
+
+    #[tokio::test]
+    async fn a_task_without_chunks_answers_from_its_result() {
+        let cluster = test_cluster();
+        let (_c, mut rx) = host(&cluster, "n1", &["m1"]);
+        let backend = NodeModels::new(cluster.clone());
+        for stream in [true, false] {
+            let req =
+                ChatRequest::simple("m1", vec![json!({"role": "user", "content": "hi"})], stream);
+            let ctx = CallContext::new(format!("r-{stream}"), super::super::Caller::Http);
+            let mut s = backend.call("m1", &req, &ctx).await.unwrap();
+            let a = assigns(&mut rx).pop().unwrap();
+            // A node that streams nothing and answers with the whole completion.
+            let ack = cluster.task_result(
+                "n1",
+                apex_protocol::TaskResult {
+                    task_id: a.task_id.clone(),
+                    attempt: a.attempt,
+                    success: true,
+                    result: Some(json!({"choices": [{"message": {"content": "whole"}}]})),
+                    ..Default::default()
+                },
+            );
+            assert!(ack.success);
+            let c = futures::StreamExt::next(&mut s).await.unwrap().unwrap();
+            assert_eq!(c.text, "whole");
+            assert_eq!(c.finish_reason.as_deref(), Some("stop"));
+            assert!(futures::StreamExt::next(&mut s).await.is_none());
+        }
     }
 
     fn reader(stream: bool) -> (Reader, mpsc::UnboundedSender<StreamChunk>) {

@@ -25,7 +25,8 @@ use super::{
 /// An OpenAI-compatible upstream (`kind = "openai"`).
 pub struct OpenAiUpstream {
     name: String,
-    chat_url: String,
+    /// Parsed once: reqwest would parse a string URL on every request.
+    chat_url: reqwest::Url,
     models_url: String,
     /// `Bearer <key>`, read from `api_key_env` at build time. Never logged: `Debug` is not
     /// derived for this type.
@@ -83,7 +84,9 @@ impl OpenAiUpstream {
             .collect();
         let up = Self {
             name: cfg.name.clone(),
-            chat_url: format!("{base}/chat/completions"),
+            chat_url: reqwest::Url::parse(&format!("{base}/chat/completions")).map_err(|e| {
+                LlmError::Unavailable(format!("provider `{}`: bad base_url: {e}", cfg.name))
+            })?,
             models_url: format!("{base}/models"),
             auth,
             client,
@@ -128,11 +131,12 @@ impl OpenAiUpstream {
     }
 
     async fn start(&self, model: &str, req: &ChatRequest) -> Result<reqwest::Response, LlmError> {
-        let body = serde_json::to_vec(&req.upstream_body(model))
+        let body = req
+            .upstream_json(model)
             .map_err(|e| LlmError::invalid("body", e.to_string()))?;
         let mut rb = self
             .client
-            .post(&self.chat_url)
+            .post(self.chat_url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(a) = &self.auth {
