@@ -39,7 +39,9 @@ impl Cluster {
     /// Puts back tasks loaded from the store at start (before any node connects). Event
     /// sequence numbers continue from the stored events.
     pub fn restore(&self, mut tasks: Vec<Task>) -> Restored {
-        tasks.sort_by_key(|t| t.seq);
+        if !tasks.is_sorted_by_key(|t| t.seq) {
+            tasks.sort_unstable_by_key(|t| t.seq);
+        }
         let mut out = Restored::default();
         let mut core = self.shared.core.lock();
         let now_i = Instant::now();
