@@ -267,6 +267,8 @@ struct Shared {
     started: Instant,
     stats: ChannelStats,
     durability: Arc<crate::durable::Durability>,
+    /// Assignment frames waiting for their state to be durable (`None` for the memory store).
+    gate: Option<mpsc::UnboundedSender<recovery::Gated>>,
 }
 
 /// Handle on the engine; clone freely.
@@ -288,7 +290,8 @@ impl Cluster {
         durability: Arc<crate::durable::Durability>,
     ) -> Self {
         let (events, _) = broadcast::channel(8192);
-        Self {
+        let (gate, gate_rx) = recovery::gate_channel(&durability);
+        let cluster = Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
                     store,
@@ -307,8 +310,11 @@ impl Cluster {
                 started: Instant::now(),
                 stats: ChannelStats::default(),
                 durability,
+                gate,
             }),
-        }
+        };
+        cluster.start_gate(gate_rx);
+        cluster
     }
 
     /// Engine settings.
@@ -846,7 +852,8 @@ impl Cluster {
             };
             e.inflight.insert(a.task_id.clone());
             let sent = match (&e.conn, frame) {
-                (Some(c), Some(f)) => c.tx.try_send(Outbound::Msg(f)).is_ok(),
+                // With a durable store the frame waits for the `assigned` write (recovery.rs).
+                (Some(c), Some(f)) => self.send_assignment(c, &node_id, f),
                 _ => false,
             };
             if !sent {

@@ -65,6 +65,23 @@ async fn check_committed_once(api: &Api, tasks: &[Task]) -> Result<usize> {
     Ok(retried.into_iter().filter(|r| *r).count())
 }
 
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 async fn health_count(api: &Api, status: &str) -> Result<u64> {
     let h = api.health().await?;
     Ok(h["tasks"][status].as_u64().unwrap_or(0))
@@ -72,9 +89,16 @@ async fn health_count(api: &Api, status: &str) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_store_survives_sigkill_with_10000_tasks() {
+    // A long grace period: every node reconnects (its backoff is capped at 10 s) and reclaims
+    // what it holds, so no task may run twice.
     let mut hub = Hub::start(HubOptions {
-        extra_args: vec!["--store".into(), "embedded".into()],
-        ..HubOptions::fast_liveness()
+        extra_args: vec![
+            "--store".into(),
+            "embedded".into(),
+            "--recovery-grace-ms".into(),
+            "30000".into(),
+        ],
+        ..HubOptions::default()
     })
     .await
     .unwrap();
@@ -83,7 +107,9 @@ async fn embedded_store_survives_sigkill_with_10000_tasks() {
         nodes.push(
             Node::start(
                 &hub,
-                NodeOptions::named(&format!("dur-{i}")).concurrency(16),
+                NodeOptions::named(&format!("dur-{i}"))
+                    .concurrency(16)
+                    .args(["--log-level", "info,apex_node::executor=debug"]),
             )
             .await
             .unwrap(),
@@ -119,6 +145,21 @@ async fn embedded_store_survives_sigkill_with_10000_tasks() {
     let tasks = api.wait_all_terminal(&ids, WAIT, 64).await.unwrap();
     let retried = check_committed_once(&api, &tasks).await.unwrap();
     eprintln!("{retried} of 10000 tasks needed a second attempt after the restart");
+    // Executed once: the nodes' logs name each task in exactly one `task started` line.
+    let mut started: std::collections::HashMap<String, usize> = Default::default();
+    for n in &nodes {
+        for line in strip_ansi(&n.log_text()).lines() {
+            if line.contains("task started")
+                && let Some(rest) = line.split("task_id=").nth(1)
+            {
+                let id = rest.split_whitespace().next().unwrap_or_default();
+                *started.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "tasks started more than once: {twice:?}");
+    assert_eq!(started.len(), 10_000, "every task started on a node");
     let log = std::fs::read_to_string(hub.dir().unwrap().join("hub-2.log")).unwrap();
     assert!(log.contains("tasks recovered from the store"), "{log}");
     // Tasks that were running at the kill stayed with their nodes (same attempt).

@@ -144,6 +144,7 @@ pub struct Durability {
     enqueued: AtomicU64,
     state: watch::Sender<WriterState>,
     what: String,
+    mirrored: bool,
     /// The data-directory lock, held for the life of the hub.
     _lock: Option<std::fs::File>,
 }
@@ -158,6 +159,7 @@ impl Durability {
             enqueued: AtomicU64::new(0),
             state: watch::channel(WriterState::default()).0,
             what: "memory".to_owned(),
+            mirrored: false,
             _lock: None,
         })
     }
@@ -170,6 +172,11 @@ impl Durability {
     /// The ticket covering every change queued so far.
     pub fn ticket(&self) -> u64 {
         self.enqueued.load(Ordering::Acquire)
+    }
+
+    /// Whether changes are mirrored to durable storage (false for `memory`).
+    pub fn is_mirrored(&self) -> bool {
+        self.mirrored
     }
 
     /// Whether every change up to `ticket` is durable now.
@@ -393,6 +400,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
         enqueued: AtomicU64::new(0),
         state: watch::channel(WriterState::default()).0,
         what,
+        mirrored: true,
         _lock: lock,
     });
     let (tx, rx) = std_mpsc::channel();
