@@ -311,3 +311,60 @@ async fn redis_store_loses_no_accepted_task_when_redis_restarts() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_stream_resumes_across_a_restart_with_last_event_id() {
+    let mut hub = Hub::start(HubOptions::default()).await.unwrap();
+    let _node = Node::start(&hub, NodeOptions::named("sse-0"))
+        .await
+        .unwrap();
+    let api = hub.api().clone();
+    let t = api
+        .submit(&json!({"tool": "sleep", "args": {"ms": 3000}}))
+        .await
+        .unwrap();
+    wait_until("the task to be assigned", WAIT, || {
+        let api = api.clone();
+        let id = t.task_id.clone();
+        async move { Ok((api.get(&id).await?.status != "queued").then_some(())) }
+    })
+    .await
+    .unwrap();
+    // The client has seen events 1 (created) and 2 (assigned) when the hub dies.
+    hub.kill_and_restart().await.unwrap();
+    let api = hub.api().clone();
+    let resp = api
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/v1/tasks/{}/events", t.task_id),
+        )
+        .header("Last-Event-ID", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut parser = apex_tests::api::SseParser::default();
+    let mut body = resp.bytes_stream();
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            parser.push(&chunk.unwrap()).unwrap();
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.unwrap();
+    parser.finish().unwrap();
+    let seqs: Vec<u64> = parser
+        .events
+        .iter()
+        .filter_map(|(_, d)| d["seq"].as_u64())
+        .collect();
+    let names: Vec<&str> = parser.events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(seqs.first(), Some(&3), "{names:?} {seqs:?}");
+    assert_eq!(
+        seqs,
+        (3..3 + seqs.len() as u64).collect::<Vec<_>>(),
+        "{names:?}"
+    );
+    assert_eq!(names.last(), Some(&"task_completed"), "{names:?}");
+    // The node kept the task across the restart: one attempt.
+    assert_eq!(api.get(&t.task_id).await.unwrap().attempt, 1);
+}
