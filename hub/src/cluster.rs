@@ -316,6 +316,8 @@ struct Shared {
     /// Tells whether the LLM gateway has any model (`hubInfo.llmAvailable`); called without
     /// the core lock held.
     llm_probe: Mutex<Option<LlmProbe>>,
+    /// Assignment frames waiting for their state to be durable (`None` for the memory store).
+    gate: Option<mpsc::UnboundedSender<recovery::Gated>>,
 }
 
 /// Answers whether the LLM gateway has any model; see [`Cluster::set_llm_probe`].
@@ -341,7 +343,8 @@ impl Cluster {
     ) -> Self {
         let (events, _) = broadcast::channel(8192);
         let (node_events, _) = broadcast::channel(1024);
-        Self {
+        let (gate, gate_rx) = recovery::gate_channel(&durability);
+        let cluster = Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
                     store,
@@ -365,8 +368,11 @@ impl Cluster {
                 durability,
                 streams: Mutex::new(HashMap::new()),
                 llm_probe: Mutex::new(None),
+                gate,
             }),
-        }
+        };
+        cluster.start_gate(gate_rx);
+        cluster
     }
 
     /// Engine settings.
@@ -1034,7 +1040,8 @@ impl Cluster {
             };
             e.inflight.insert(a.task_id.clone());
             let sent = match (&e.conn, frame) {
-                (Some(c), Some(f)) => c.tx.try_send(Outbound::Msg(f)).is_ok(),
+                // With a durable store the frame waits for the `assigned` write (recovery.rs).
+                (Some(c), Some(f)) => self.send_assignment(c, &node_id, f),
                 _ => false,
             };
             if !sent {

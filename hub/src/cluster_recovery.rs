@@ -9,13 +9,20 @@
 //! without it has it requeued. When the grace period ends
 //! ([`Cluster::end_recovery_grace`]) whatever is left is requeued for `attempt + 1` (or fails
 //! with `node_lost` after `max_attempts`).
+//!
+//! With a durable store, an assignment frame leaves only once the task's `assigned` state is
+//! durable (the gate below), so after a crash every task a node holds is one the store has as
+//! assigned to that node: the node reclaims it instead of the task running twice.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Cluster, Core};
-use crate::durable::Durability;
+use apex_protocol::HubMessage;
+use tokio::sync::mpsc;
+
+use super::{Cluster, ConnHandle, Core, Outbound, Shared};
+use crate::durable::{DURABLE_WAIT, Durability};
 use crate::model::{Task, TaskStatus};
 use crate::scheduler::QueueKey;
 
@@ -30,7 +37,83 @@ pub struct Restored {
     pub finished: usize,
 }
 
+/// An assignment frame held until the store has the assignment.
+pub(super) struct Gated {
+    ticket: u64,
+    conn: ConnHandle,
+    node_id: String,
+    frame: HubMessage,
+}
+
+type GateRx = Option<mpsc::UnboundedReceiver<Gated>>;
+
+/// The gate's channel, for stores that mirror to durable storage inside a Tokio runtime.
+pub(super) fn gate_channel(d: &Durability) -> (Option<mpsc::UnboundedSender<Gated>>, GateRx) {
+    if !d.is_mirrored() || tokio::runtime::Handle::try_current().is_err() {
+        return (None, None);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Some(tx), Some(rx))
+}
+
+/// Releases gated frames in order as their tickets become durable; a connection whose queue
+/// is full by then loses its node (its tasks migrate), as a direct send would.
+async fn gate_loop(
+    weak: Weak<Shared>,
+    durability: Arc<Durability>,
+    mut rx: mpsc::UnboundedReceiver<Gated>,
+) {
+    while let Some(g) = rx.recv().await {
+        while !durability.is_durable(g.ticket) && !g.conn.tx.is_closed() {
+            if durability.wait(g.ticket, DURABLE_WAIT).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        if g.conn.tx.try_send(Outbound::Msg(g.frame)).is_err() {
+            g.conn.kill.notify_one();
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            Cluster { shared }.lose_node(&g.node_id, g.conn.id, "outbound queue full or closed");
+        }
+    }
+}
+
 impl Cluster {
+    pub(super) fn start_gate(&self, rx: GateRx) {
+        if let Some(rx) = rx {
+            tokio::spawn(gate_loop(
+                Arc::downgrade(&self.shared),
+                self.shared.durability.clone(),
+                rx,
+            ));
+        }
+    }
+
+    /// Sends an assignment frame now (memory store) or once the assignment is durable. False
+    /// if the connection cannot take it now.
+    pub(super) fn send_assignment(
+        &self,
+        conn: &ConnHandle,
+        node_id: &str,
+        frame: HubMessage,
+    ) -> bool {
+        let Some(gate) = &self.shared.gate else {
+            return conn.tx.try_send(Outbound::Msg(frame)).is_ok();
+        };
+        let ticket = self.shared.durability.ticket();
+        if self.shared.durability.is_durable(ticket) {
+            return conn.tx.try_send(Outbound::Msg(frame)).is_ok();
+        }
+        gate.send(Gated {
+            ticket,
+            conn: conn.clone(),
+            node_id: node_id.to_owned(),
+            frame,
+        })
+        .is_ok()
+    }
+
     /// The durability tickets of the engine's store.
     pub fn durability(&self) -> &Arc<Durability> {
         &self.shared.durability
@@ -39,7 +122,9 @@ impl Cluster {
     /// Puts back tasks loaded from the store at start (before any node connects). Event
     /// sequence numbers continue from the stored events.
     pub fn restore(&self, mut tasks: Vec<Task>) -> Restored {
-        tasks.sort_by_key(|t| t.seq);
+        if !tasks.is_sorted_by_key(|t| t.seq) {
+            tasks.sort_unstable_by_key(|t| t.seq);
+        }
         let mut out = Restored::default();
         let mut core = self.shared.core.lock();
         let now_i = Instant::now();

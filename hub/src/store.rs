@@ -84,8 +84,9 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Removes terminal tasks that finished before `cutoff`; returns their ids.
-    pub fn remove_finished_before(&mut self, cutoff: SystemTime) -> Vec<TaskId> {
+    /// Removes terminal tasks that finished before `cutoff`; returns their ids and sequence
+    /// numbers.
+    pub fn remove_finished_before(&mut self, cutoff: SystemTime) -> Vec<(TaskId, u64)> {
         let keep = self.finished.split_off(&(cutoff, 0));
         let gone = std::mem::replace(&mut self.finished, keep);
         let mut ids = Vec::with_capacity(gone.len());
@@ -99,7 +100,7 @@ impl MemoryStore {
                     self.idempotency.remove(k);
                 }
             }
-            ids.push(id);
+            ids.push((id, seq));
         }
         ids
     }

@@ -65,6 +65,23 @@ async fn check_committed_once(api: &Api, tasks: &[Task]) -> Result<usize> {
     Ok(retried.into_iter().filter(|r| *r).count())
 }
 
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 async fn health_count(api: &Api, status: &str) -> Result<u64> {
     let h = api.health().await?;
     Ok(h["tasks"][status].as_u64().unwrap_or(0))
@@ -72,9 +89,16 @@ async fn health_count(api: &Api, status: &str) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_store_survives_sigkill_with_10000_tasks() {
+    // A long grace period: every node reconnects (its backoff is capped at 10 s) and reclaims
+    // what it holds, so no task may run twice.
     let mut hub = Hub::start(HubOptions {
-        extra_args: vec!["--store".into(), "embedded".into()],
-        ..HubOptions::fast_liveness()
+        extra_args: vec![
+            "--store".into(),
+            "embedded".into(),
+            "--recovery-grace-ms".into(),
+            "30000".into(),
+        ],
+        ..HubOptions::default()
     })
     .await
     .unwrap();
@@ -83,7 +107,9 @@ async fn embedded_store_survives_sigkill_with_10000_tasks() {
         nodes.push(
             Node::start(
                 &hub,
-                NodeOptions::named(&format!("dur-{i}")).concurrency(16),
+                NodeOptions::named(&format!("dur-{i}"))
+                    .concurrency(16)
+                    .args(["--log-level", "info,apex_node::executor=debug"]),
             )
             .await
             .unwrap(),
@@ -119,6 +145,21 @@ async fn embedded_store_survives_sigkill_with_10000_tasks() {
     let tasks = api.wait_all_terminal(&ids, WAIT, 64).await.unwrap();
     let retried = check_committed_once(&api, &tasks).await.unwrap();
     eprintln!("{retried} of 10000 tasks needed a second attempt after the restart");
+    // Executed once: the nodes' logs name each task in exactly one `task started` line.
+    let mut started: std::collections::HashMap<String, usize> = Default::default();
+    for n in &nodes {
+        for line in strip_ansi(&n.log_text()).lines() {
+            if line.contains("task started")
+                && let Some(rest) = line.split("task_id=").nth(1)
+            {
+                let id = rest.split_whitespace().next().unwrap_or_default();
+                *started.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "tasks started more than once: {twice:?}");
+    assert_eq!(started.len(), 10_000, "every task started on a node");
     let log = std::fs::read_to_string(hub.dir().unwrap().join("hub-2.log")).unwrap();
     assert!(log.contains("tasks recovered from the store"), "{log}");
     // Tasks that were running at the kill stayed with their nodes (same attempt).
@@ -269,4 +310,61 @@ async fn redis_store_loses_no_accepted_task_when_redis_restarts() {
             assert_eq!(t.status, "succeeded", "task {id} after the hub restarted");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_stream_resumes_across_a_restart_with_last_event_id() {
+    let mut hub = Hub::start(HubOptions::default()).await.unwrap();
+    let _node = Node::start(&hub, NodeOptions::named("sse-0"))
+        .await
+        .unwrap();
+    let api = hub.api().clone();
+    let t = api
+        .submit(&json!({"tool": "sleep", "args": {"ms": 3000}}))
+        .await
+        .unwrap();
+    wait_until("the task to be assigned", WAIT, || {
+        let api = api.clone();
+        let id = t.task_id.clone();
+        async move { Ok((api.get(&id).await?.status != "queued").then_some(())) }
+    })
+    .await
+    .unwrap();
+    // The client has seen events 1 (created) and 2 (assigned) when the hub dies.
+    hub.kill_and_restart().await.unwrap();
+    let api = hub.api().clone();
+    let resp = api
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/v1/tasks/{}/events", t.task_id),
+        )
+        .header("Last-Event-ID", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut parser = apex_tests::api::SseParser::default();
+    let mut body = resp.bytes_stream();
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            parser.push(&chunk.unwrap()).unwrap();
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.unwrap();
+    parser.finish().unwrap();
+    let seqs: Vec<u64> = parser
+        .events
+        .iter()
+        .filter_map(|(_, d)| d["seq"].as_u64())
+        .collect();
+    let names: Vec<&str> = parser.events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(seqs.first(), Some(&3), "{names:?} {seqs:?}");
+    assert_eq!(
+        seqs,
+        (3..3 + seqs.len() as u64).collect::<Vec<_>>(),
+        "{names:?}"
+    );
+    assert_eq!(names.last(), Some(&"task_completed"), "{names:?}");
+    // The node kept the task across the restart: one attempt.
+    assert_eq!(api.get(&t.task_id).await.unwrap().attempt, 1);
 }

@@ -106,11 +106,16 @@ pub trait Backend: Send + 'static {
     /// # Errors
     /// [`StoreError::Unreadable`] for a record that does not decode; other errors as they come.
     fn load(&mut self) -> Result<Vec<Task>, StoreError>;
-    /// Writes `puts` (task id, record JSON) and removes `deletes`, atomically.
+    /// Writes `puts` (task id, task sequence number, record JSON) and removes `deletes` (task
+    /// id, sequence number), atomically.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; nothing of the batch is written then.
-    fn write(&mut self, puts: &[(&str, Vec<u8>)], deletes: &[&str]) -> Result<(), StoreError>;
+    fn write(
+        &mut self,
+        puts: &[(&str, u64, Vec<u8>)],
+        deletes: &[(&str, u64)],
+    ) -> Result<(), StoreError>;
     /// Called when no change arrived for [`IDLE_TICK`] (lease renewal).
     ///
     /// # Errors
@@ -139,6 +144,7 @@ pub struct Durability {
     enqueued: AtomicU64,
     state: watch::Sender<WriterState>,
     what: String,
+    mirrored: bool,
     /// The data-directory lock, held for the life of the hub.
     _lock: Option<std::fs::File>,
 }
@@ -153,6 +159,7 @@ impl Durability {
             enqueued: AtomicU64::new(0),
             state: watch::channel(WriterState::default()).0,
             what: "memory".to_owned(),
+            mirrored: false,
             _lock: None,
         })
     }
@@ -165,6 +172,11 @@ impl Durability {
     /// The ticket covering every change queued so far.
     pub fn ticket(&self) -> u64 {
         self.enqueued.load(Ordering::Acquire)
+    }
+
+    /// Whether changes are mirrored to durable storage (false for `memory`).
+    pub fn is_mirrored(&self) -> bool {
+        self.mirrored
     }
 
     /// Whether every change up to `ticket` is durable now.
@@ -213,7 +225,7 @@ impl Durability {
 
 enum Op {
     Put(Box<Task>),
-    Delete(TaskId),
+    Delete(TaskId, u64),
 }
 
 /// A [`MemoryStore`] whose every change is mirrored to a durable backend.
@@ -279,8 +291,8 @@ impl TaskStore for MirroredStore {
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
         let ids = self.inner.remove_finished_before(cutoff);
         let n = ids.len();
-        for id in ids {
-            self.send(Op::Delete(id));
+        for (id, seq) in ids {
+            self.send(Op::Delete(id, seq));
         }
         n
     }
@@ -388,6 +400,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
         enqueued: AtomicU64::new(0),
         state: watch::channel(WriterState::default()).0,
         what,
+        mirrored: true,
         _lock: lock,
     });
     let (tx, rx) = std_mpsc::channel();
@@ -442,18 +455,18 @@ type BackendFactory = Box<dyn FnOnce() -> Result<Box<dyn Backend>, StoreError> +
 /// publishes progress. A failed batch is retried (with later changes merged in) until it
 /// commits. Returns when the store is dropped and everything is written.
 fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durability) {
-    let mut pending: HashMap<TaskId, Option<Box<Task>>> = HashMap::new();
+    let mut pending: HashMap<TaskId, (u64, Option<Box<Task>>)> = HashMap::new();
     let mut count: u64 = 0;
     let mut durable: u64 = 0;
     let mut backoff = Duration::from_millis(20);
     let mut closed = false;
     let mut failing_since: Option<std::time::Instant> = None;
-    let take = |op: Op, pending: &mut HashMap<TaskId, Option<Box<Task>>>| match op {
+    let take = |op: Op, pending: &mut HashMap<TaskId, (u64, Option<Box<Task>>)>| match op {
         Op::Put(t) => {
-            pending.insert(t.id.clone(), Some(t));
+            pending.insert(t.id.clone(), (t.seq, Some(t)));
         }
-        Op::Delete(id) => {
-            pending.insert(id, None);
+        Op::Delete(id, seq) => {
+            pending.insert(id, (seq, None));
         }
     };
     loop {
@@ -505,13 +518,13 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
         }
         let mut puts = Vec::with_capacity(pending.len());
         let mut deletes = Vec::new();
-        for (id, t) in &pending {
+        for (id, (seq, t)) in &pending {
             match t {
                 Some(t) => match serde_json::to_vec(t.as_ref()) {
-                    Ok(v) => puts.push((id.as_str(), v)),
+                    Ok(v) => puts.push((id.as_str(), *seq, v)),
                     Err(e) => tracing::error!(task_id = %id, error = %e, "task not encodable"),
                 },
-                None => deletes.push(id.as_str()),
+                None => deletes.push((id.as_str(), *seq)),
             }
         }
         let began = std::time::Instant::now();

@@ -176,16 +176,20 @@ impl Backend for RedisBackend {
             .collect()
     }
 
-    fn write(&mut self, puts: &[(&str, Vec<u8>)], deletes: &[&str]) -> Result<(), StoreError> {
+    fn write(
+        &mut self,
+        puts: &[(&str, u64, Vec<u8>)],
+        deletes: &[(&str, u64)],
+    ) -> Result<(), StoreError> {
         let mut inv = self.write.key(OWNER_KEY);
         inv.key(TASKS_KEY)
             .arg(&self.hub_id)
             .arg(OWNER_TTL_MS)
             .arg(puts.len());
-        for (k, v) in puts {
+        for (k, _, v) in puts {
             inv.arg(*k).arg(v.as_slice());
         }
-        for k in deletes {
+        for (k, _) in deletes {
             inv.arg(*k);
         }
         let mut conn = self.conn.clone();
