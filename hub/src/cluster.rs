@@ -268,6 +268,8 @@ struct Shared {
     next_conn: AtomicU64,
     started: Instant,
     stats: ChannelStats,
+    /// Ping interval and silence timeout (ms) announced in `hubInfo`; follow the live config.
+    liveness_ms: [AtomicU64; 2],
 }
 
 /// Handle on the engine; clone freely.
@@ -281,6 +283,10 @@ impl Cluster {
     pub fn new(opts: ClusterOptions, store: Box<dyn TaskStore>) -> Self {
         let (events, _) = broadcast::channel(8192);
         let (node_events, _) = broadcast::channel(1024);
+        let liveness_ms = [
+            AtomicU64::new(opts.heartbeat_interval.as_millis() as u64),
+            AtomicU64::new(opts.heartbeat_timeout.as_millis() as u64),
+        ];
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
@@ -300,6 +306,7 @@ impl Cluster {
                 next_conn: AtomicU64::new(1),
                 started: Instant::now(),
                 stats: ChannelStats::default(),
+                liveness_ms,
             }),
         }
     }
@@ -307,6 +314,14 @@ impl Cluster {
     /// Engine settings.
     pub fn options(&self) -> &ClusterOptions {
         &self.shared.opts
+    }
+
+    /// Sets the ping interval and silence timeout announced to nodes that register from now on
+    /// (`hubInfo`); sessions take the live values from the config themselves.
+    pub fn set_liveness(&self, interval: Duration, timeout: Duration) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.shared.liveness_ms[0].store(ms(interval), Ordering::Relaxed);
+        self.shared.liveness_ms[1].store(ms(timeout), Ordering::Relaxed);
     }
 
     /// Channel counters.
@@ -376,8 +391,8 @@ impl Cluster {
             version: self.shared.opts.version.clone(),
             protocol_version: apex_protocol::PROTOCOL_VERSION.to_owned(),
             llm_available: false,
-            heartbeat_interval_ms: self.shared.opts.heartbeat_interval.as_millis() as u64,
-            heartbeat_timeout_ms: self.shared.opts.heartbeat_timeout.as_millis() as u64,
+            heartbeat_interval_ms: self.shared.liveness_ms[0].load(Ordering::Relaxed),
+            heartbeat_timeout_ms: self.shared.liveness_ms[1].load(Ordering::Relaxed),
             encoding,
             server_id: self.shared.server_id.clone(),
         }
