@@ -318,6 +318,8 @@ struct Shared {
     llm_probe: Mutex<Option<LlmProbe>>,
     /// Assignment frames waiting for their state to be durable (`None` for the memory store).
     gate: Option<mpsc::UnboundedSender<recovery::Gated>>,
+    /// Ping interval and silence timeout (ms) announced in `hubInfo`; follow the live config.
+    liveness_ms: [AtomicU64; 2],
 }
 
 /// Answers whether the LLM gateway has any model; see [`Cluster::set_llm_probe`].
@@ -344,6 +346,10 @@ impl Cluster {
         let (events, _) = broadcast::channel(8192);
         let (node_events, _) = broadcast::channel(1024);
         let (gate, gate_rx) = recovery::gate_channel(&durability);
+        let liveness_ms = [
+            AtomicU64::new(opts.heartbeat_interval.as_millis() as u64),
+            AtomicU64::new(opts.heartbeat_timeout.as_millis() as u64),
+        ];
         let cluster = Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
@@ -369,6 +375,7 @@ impl Cluster {
                 streams: Mutex::new(HashMap::new()),
                 llm_probe: Mutex::new(None),
                 gate,
+                liveness_ms,
             }),
         };
         cluster.start_gate(gate_rx);
@@ -378,6 +385,14 @@ impl Cluster {
     /// Engine settings.
     pub fn options(&self) -> &ClusterOptions {
         &self.shared.opts
+    }
+
+    /// Sets the ping interval and silence timeout announced to nodes that register from now on
+    /// (`hubInfo`); sessions take the live values from the config themselves.
+    pub fn set_liveness(&self, interval: Duration, timeout: Duration) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.shared.liveness_ms[0].store(ms(interval), Ordering::Relaxed);
+        self.shared.liveness_ms[1].store(ms(timeout), Ordering::Relaxed);
     }
 
     /// Channel counters.
@@ -447,8 +462,8 @@ impl Cluster {
             version: self.shared.opts.version.clone(),
             protocol_version: apex_protocol::PROTOCOL_VERSION.to_owned(),
             llm_available: false,
-            heartbeat_interval_ms: self.shared.opts.heartbeat_interval.as_millis() as u64,
-            heartbeat_timeout_ms: self.shared.opts.heartbeat_timeout.as_millis() as u64,
+            heartbeat_interval_ms: self.shared.liveness_ms[0].load(Ordering::Relaxed),
+            heartbeat_timeout_ms: self.shared.liveness_ms[1].load(Ordering::Relaxed),
             encoding,
             server_id: self.shared.server_id.clone(),
         }

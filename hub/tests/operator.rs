@@ -712,6 +712,13 @@ async fn config_is_redacted_and_hot_keys_change_live() {
     })
     .await;
     let _ = silent.ws.close(None).await;
+    // Nodes registering now are told the new settings.
+    let mut n = Node::connect(&hub).await;
+    n.send(json!({"type": "node_register", "data": {"nodeId": "told", "tools": ["echo"]}}))
+        .await;
+    let r = n.recv_type("node_registered").await;
+    assert_eq!(r["data"]["hubInfo"]["heartbeatIntervalMs"], 100, "{r}");
+    assert_eq!(r["data"]["hubInfo"]["heartbeatTimeoutMs"], 400, "{r}");
 
     // The GET body, edited, can be sent back whole.
     let (_, mut body) = hub.call("GET", "/v1/config", None).await;

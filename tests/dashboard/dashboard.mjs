@@ -244,6 +244,15 @@ try {
   expect((await page.evaluate(() => sessionStorage.getItem('apex.dashboard.apiKey'))) === null, 'sign-out clears the key');
   step('signed-out');
 
+  // A key saved in this tab that the hub no longer accepts sends the operator back to sign-in.
+  await page.evaluate(() => sessionStorage.setItem('apex.dashboard.apiKey', 'a-revoked-key'));
+  await page.reload();
+  await page.locator('#signin-error').waitFor({ state: 'visible' });
+  const stale = await page.locator('#signin-error').textContent();
+  expect(/saved key no longer works/i.test(stale) && /401/.test(stale), `stale-key message: ${stale}`);
+  expect(await page.locator('#app').isHidden(), 'the app is shown with a revoked key');
+  step('stale-key-refused');
+
   expect(problems.length === 0, `problems seen:\n  ${problems.join('\n  ')}`);
   console.log(`DASHBOARD OK screenshot=${SHOT}`);
 } catch (e) {

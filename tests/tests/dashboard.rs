@@ -1,8 +1,9 @@
 //! The operator dashboard at `/dashboard`: its embedded assets as HTTP serves them, and the page
 //! itself driven in headless Debian Chromium by Playwright (`tests/dashboard/dashboard.mjs`)
 //! against a real hub and a real apex-node: sign-in (a wrong key refused), a node appearing
-//! live, tasks completing in the list and the task view, a status filter, drain and undrain,
-//! the live log tail, the overview, and screenshots (`target/dashboard*.png`, or
+//! live, tasks completing in the list and the task view, status and tool filters, at most one
+//! task-list render per second under traffic, drain and undrain, the live log tail, the
+//! overview, sign-out and a revoked saved key, and screenshots (`target/dashboard*.png`, or
 //! `$APEX_DASHBOARD_SCREENSHOT`).
 //!
 //! Needs Debian's `chromium` (`/usr/bin/chromium`, or `$CHROMIUM`) and `npm ci` run in
@@ -231,6 +232,7 @@ async fn dashboard_in_headless_chromium() -> Result<()> {
         "STEP node-drained",
         "STEP node-undrained",
         "STEP overview",
+        "STEP stale-key-refused",
     ] {
         assert!(seen.iter().any(|l| l == step), "missing {step}: {seen:#?}");
     }

@@ -58,7 +58,27 @@ impl Ops {
                 self.live.clone(),
                 stop.clone(),
             )),
+            tokio::spawn(follow_liveness(
+                cluster.clone(),
+                self.live.clone(),
+                stop.clone(),
+            )),
         ]
+    }
+}
+
+/// Keeps the liveness settings the engine announces in `hubInfo` equal to the live config.
+async fn follow_liveness(cluster: Cluster, live: LiveConfig, mut stop: watch::Receiver<bool>) {
+    let mut rx = live.subscribe();
+    loop {
+        {
+            let c = rx.borrow_and_update();
+            cluster.set_liveness(c.heartbeat_interval(), c.heartbeat_timeout());
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 
