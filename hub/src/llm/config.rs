@@ -210,3 +210,119 @@ impl LlmConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn provider(name: &str) -> ProviderConfig {
+        ProviderConfig {
+            name: name.into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            ..ProviderConfig::default()
+        }
+    }
+
+    #[test]
+    fn rejects_bad_providers_naming_the_key() {
+        let cases: Vec<(LlmConfig, &str)> = vec![
+            (
+                LlmConfig {
+                    providers: vec![provider("a"), provider("a")],
+                    ..LlmConfig::default()
+                },
+                "llm.providers.name",
+            ),
+            (
+                LlmConfig {
+                    providers: vec![provider("a/b")],
+                    ..LlmConfig::default()
+                },
+                "llm.providers.name",
+            ),
+            (
+                LlmConfig {
+                    providers: vec![ProviderConfig {
+                        base_url: "ftp://x".into(),
+                        ..provider("a")
+                    }],
+                    ..LlmConfig::default()
+                },
+                "llm.providers.base_url",
+            ),
+            (
+                LlmConfig {
+                    providers: vec![ProviderConfig {
+                        api_key_env: "sk-not-a-variable".into(),
+                        ..provider("a")
+                    }],
+                    ..LlmConfig::default()
+                },
+                "llm.providers.api_key_env",
+            ),
+            (
+                LlmConfig {
+                    providers: vec![ProviderConfig {
+                        first_token_timeout_ms: 0,
+                        ..provider("a")
+                    }],
+                    ..LlmConfig::default()
+                },
+                "llm.providers.first_token_timeout_ms",
+            ),
+            (
+                LlmConfig {
+                    aliases: [("x".to_owned(), vec![])].into_iter().collect(),
+                    ..LlmConfig::default()
+                },
+                "llm.aliases",
+            ),
+        ];
+        for (cfg, key) in cases {
+            assert_eq!(cfg.validate().unwrap_err().0, key);
+        }
+        let mock = ProviderConfig {
+            kind: ProviderKind::Mock,
+            base_url: String::new(),
+            ..provider("m")
+        };
+        LlmConfig {
+            providers: vec![provider("a"), mock],
+            ..LlmConfig::default()
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn loads_from_toml_through_the_hub_config() {
+        let dir = std::env::temp_dir().join(format!("apex-llm-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hub.toml");
+        std::fs::write(
+            &f,
+            "[[llm.providers]]\nname = \"up\"\nbase_url = \"https://example.invalid/v1\"\n\
+             api_key_env = \"UP_KEY\"\nmodels = [\"m1\"]\n\n[[llm.providers]]\nname = \"mock\"\n\
+             kind = \"mock\"\n\n[llm.aliases]\nfast = [\"up/m1\", \"mock/mock\"]\n",
+        )
+        .unwrap();
+        let c = crate::config::Config::load(&crate::config::Cli {
+            config: Some(f.clone()),
+            ..crate::config::Cli::default()
+        })
+        .unwrap();
+        assert_eq!(c.llm.providers.len(), 2);
+        assert_eq!(c.llm.providers[1].kind, ProviderKind::Mock);
+        assert_eq!(c.llm.providers[0].connect_timeout_ms, 5000);
+        assert_eq!(c.llm.aliases["fast"], vec!["up/m1", "mock/mock"]);
+        std::fs::write(&f, "[[llm.providers]]\nname = \"x\"\nbase_url = \"nope\"\n").unwrap();
+        let e = crate::config::Config::load(&crate::config::Cli {
+            config: Some(f),
+            ..crate::config::Cli::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("llm.providers.base_url"), "{e}");
+    }
+}

@@ -122,7 +122,27 @@ pub(crate) async fn run(args: &LlmArgs) -> Result<Vec<Row>> {
     let secs = Duration::from_secs(args.saturation_secs);
     for (name, t) in [("direct", &direct), ("via hub", &via_hub)] {
         eprintln!("saturation {name}: 64 clients for {secs:?}");
-        let rate = saturate(&client, t, 64, secs).await?;
+        let (cpu0, fake0) = (cpu_ticks(hub.pid())?, cpu_ticks(fake.pid())?);
+        let (rate, n) = saturate(&client, t, 64, secs).await?;
+        let (cpu1, fake1) = (cpu_ticks(hub.pid())?, cpu_ticks(fake.pid())?);
+        if name == "via hub" {
+            rows.push(Row {
+                metric: "  hub CPU per request at saturation (user+sys)".into(),
+                value: format!(
+                    "{:.1} us",
+                    (cpu1 - cpu0) as f64 * 10_000.0 / n.max(1) as f64
+                ),
+                target: "",
+            });
+        }
+        rows.push(Row {
+            metric: format!("  fake upstream CPU per request, {name}"),
+            value: format!(
+                "{:.1} us",
+                (fake1 - fake0) as f64 * 10_000.0 / n.max(1) as f64
+            ),
+            target: "",
+        });
         rows.push(Row {
             metric: format!("non-stream requests/s at saturation (64 clients), {name}"),
             value: format!("{rate:.0} req/s"),
@@ -255,8 +275,13 @@ async fn closed_loop(
     Ok(all)
 }
 
-/// Requests/s completed by `conc` closed-loop clients over `dur`.
-async fn saturate(client: &reqwest::Client, t: &Target, conc: usize, dur: Duration) -> Result<f64> {
+/// Requests/s completed by `conc` closed-loop clients over `dur`, and the request count.
+async fn saturate(
+    client: &reqwest::Client,
+    t: &Target,
+    conc: usize,
+    dur: Duration,
+) -> Result<(f64, u64)> {
     let payload = body(false, json!({"tokens": 8}));
     let start = Instant::now();
     let deadline = start + dur;
@@ -276,7 +301,20 @@ async fn saturate(client: &reqwest::Client, t: &Target, conc: usize, dur: Durati
     for t in tasks {
         total += t.await??;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok((total as f64 / start.elapsed().as_secs_f64(), total))
+}
+
+/// User + system CPU time of a process, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = s
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .context("bad /proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Ok(num(11).context("no utime")? + num(12).context("no stime")?)
 }
 
 /// Opens `n` slow streams through the hub, waits until each has sent its first token, reads
