@@ -138,6 +138,12 @@ pub async fn run_with(
     ));
     let probe = node_llm.clone();
     cluster.set_llm_probe(Arc::new(move || probe.available()));
+    ops.live.on_change(llm_reload_hook(
+        &config,
+        cluster.clone(),
+        gateway.clone(),
+        node_llm.clone(),
+    ));
     let state = AppState {
         cluster: cluster.clone(),
         llm: gateway,
@@ -198,6 +204,35 @@ pub async fn run_with(
         tracing::error!(error = %e, "task store not flushed at shutdown");
     }
     result
+}
+
+/// The config hook that applies `llm` (providers, aliases, fallbacks) and `node_llm` (quotas)
+/// changes live: a new gateway (calls in flight finish on the old one) and new quotas.
+/// A provider that cannot be built rejects the whole change, naming `llm`.
+fn llm_reload_hook(
+    start: &Config,
+    cluster: Cluster,
+    gateway: Arc<llm::GatewayHandle>,
+    node_llm: Arc<llm::node_proxy::NodeProxy>,
+) -> ApplyHook {
+    let applied = parking_lot::Mutex::new((start.llm.clone(), start.node_llm.clone()));
+    Box::new(move |c: &Config| {
+        let mut applied = applied.lock();
+        if c.llm != applied.0 {
+            let g = llm::Gateway::from_config(&c.llm)
+                .map_err(|e| ("llm".to_owned(), e.to_string()))?
+                .with_backend(Arc::new(llm::node_models::NodeModels::new(cluster.clone())));
+            gateway.replace(g);
+            applied.0 = c.llm.clone();
+            tracing::info!(providers = c.llm.providers.len(), "LLM gateway reconfigured");
+        }
+        if c.node_llm != applied.1 {
+            node_llm.set_quotas(c.node_llm.clone());
+            applied.1 = c.node_llm.clone();
+            tracing::info!("node LLM quotas changed");
+        }
+        Ok(())
+    })
 }
 
 /// Ends the recovery grace period (when tasks await their nodes), then collects finished tasks

@@ -716,9 +716,19 @@ impl Gateway {
     /// [`LlmError::InvalidRequest`] when `ctx.request_id` is already in flight; otherwise the
     /// error of the last deployment tried.
     pub async fn chat(&self, req: ChatRequest, ctx: CallContext) -> Result<ChatStream, LlmError> {
+        let call_started = tokio::time::Instant::now();
+        let span = tracing::info_span!(
+            "llm.chat",
+            model = %req.model,
+            request_id = %ctx.request_id,
+            stream = req.stream,
+            deployment = tracing::field::Empty,
+        );
         let deployments = self.deployments(&req.model);
         if deployments.is_empty() {
-            return Err(LlmError::ModelNotFound(req.model));
+            let e = LlmError::ModelNotFound(req.model);
+            record_failed(None, &e);
+            return Err(e);
         }
         let registration = {
             let mut calls = self.registry.calls.lock();
@@ -751,6 +761,7 @@ impl Gateway {
                     }),
                 }
             };
+            let attempt = tracing::Instrument::instrument(attempt, span.clone());
             let outcome = tokio::select! {
                 biased;
                 _ = ctx.cancel.cancelled() => None,
@@ -767,6 +778,7 @@ impl Gateway {
                             model = %d.model, error = %e, "llm deployment failed, trying the next");
                     }
                     if !e.retryable() {
+                        record_failed(Some((d.backend.name(), &d.model)), &e);
                         return Err(e);
                     }
                     last_err = Some(e);
@@ -785,6 +797,19 @@ impl Gateway {
                 }
             };
             let deadline = started + d.backend.total_timeout();
+            let record = CallRecord {
+                provider: d.backend.name().to_owned(),
+                model: d.model.clone(),
+                started: call_started,
+                outcome: "ok",
+                ended: false,
+                _span: span.clone(),
+            };
+            let m = crate::metrics::get();
+            m.llm_ttft
+                .with_label_values(&[&record.provider, &record.model])
+                .observe(call_started.elapsed().as_secs_f64());
+            span.record("deployment", format!("{}/{}", d.backend.name(), d.model));
             return Ok(ChatStream {
                 model: req.model,
                 deployment: format!("{}/{}", d.backend.name(), d.model),
@@ -793,10 +818,14 @@ impl Gateway {
                 cancel: Box::pin(ctx.cancel.clone().cancelled_owned()),
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 request_id: ctx.request_id,
+                record: Some(record),
                 _registration: registration,
             });
         }
-        Err(last_err.unwrap_or_else(|| LlmError::Unavailable("no deployment".to_owned())))
+        let e = last_err.unwrap_or_else(|| LlmError::Unavailable("no deployment".to_owned()));
+        let last = deployments.last().map(|d| (d.backend.name(), d.model.as_str()));
+        record_failed(last, &e);
+        Err(e)
     }
 }
 
@@ -814,7 +843,63 @@ pub struct ChatStream {
     inner: Option<ChunkStream>,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    record: Option<CallRecord>,
     _registration: Registration,
+}
+
+/// One call's entry in the LLM metrics (`apex_llm_*`, declared in [`crate::metrics`]):
+/// time to first token when the stream is made, tokens as usage chunks pass, and the outcome
+/// and duration when the stream is dropped. Labels are the deployment that served the call
+/// (a configured provider or node backend and one of its models), never request ids.
+struct CallRecord {
+    provider: String,
+    model: String,
+    started: tokio::time::Instant,
+    /// `ok`, `error`, `interrupted`, or `aborted` (dropped before its end).
+    outcome: &'static str,
+    ended: bool,
+    /// Kept for the life of the call, so an exported `llm.chat` span covers the whole call.
+    _span: tracing::Span,
+}
+
+impl CallRecord {
+    fn tokens(&self, u: &Usage) {
+        let m = crate::metrics::get();
+        m.llm_tokens
+            .with_label_values(&[&self.provider, &self.model, "prompt"])
+            .inc_by(u.prompt_tokens);
+        m.llm_tokens
+            .with_label_values(&[&self.provider, &self.model, "completion"])
+            .inc_by(u.completion_tokens);
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let outcome = if self.ended || self.outcome != "ok" {
+            self.outcome
+        } else {
+            "aborted"
+        };
+        let m = crate::metrics::get();
+        m.llm_requests
+            .with_label_values(&[&self.provider, &self.model, outcome])
+            .inc();
+        m.llm_duration
+            .with_label_values(&[&self.provider, &self.model])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts a call that failed before any deployment answered (`outcome` = the error code).
+/// Unknown models are counted under `provider="none", model=""` so clients cannot grow the
+/// label set.
+fn record_failed(deployment: Option<(&str, &str)>, e: &LlmError) {
+    let (provider, model) = deployment.unwrap_or(("none", ""));
+    crate::metrics::get()
+        .llm_requests
+        .with_label_values(&[provider, model, e.code()])
+        .inc();
 }
 
 impl ChatStream {
@@ -827,6 +912,7 @@ impl ChatStream {
             cancel: Box::pin(ctx.cancel.clone().cancelled_owned()),
             deadline: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             request_id: ctx.request_id,
+            record: None,
             _registration: registration,
         }
     }
@@ -860,6 +946,29 @@ impl Stream for ChatStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        let item = this.poll_inner(cx);
+        if let Some(r) = this.record.as_mut() {
+            match &item {
+                Poll::Ready(Some(Ok(c))) => {
+                    if let Some(u) = &c.usage {
+                        r.tokens(u);
+                    }
+                    if c.interrupted {
+                        r.outcome = "interrupted";
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => r.outcome = "error",
+                Poll::Ready(None) => r.ended = true,
+                Poll::Pending => {}
+            }
+        }
+        item
+    }
+}
+
+impl ChatStream {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<ChatChunk, LlmError>>> {
+        let this = self;
         if let Some(c) = this.first.take() {
             return Poll::Ready(Some(Ok(c)));
         }

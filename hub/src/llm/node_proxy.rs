@@ -122,7 +122,8 @@ struct NodeUsage {
 
 /// The node side of the LLM gateway: quotas and calls in flight, per node id.
 pub struct NodeProxy {
-    quotas: NodeLlmQuotas,
+    /// Swapped by [`NodeProxy::set_quotas`] on a config change; read once per call.
+    quotas: parking_lot::RwLock<Arc<NodeLlmQuotas>>,
     gateway: Arc<GatewayHandle>,
     nodes: Mutex<HashMap<String, NodeUsage>>,
 }
@@ -187,15 +188,21 @@ impl NodeProxy {
     /// A proxy with these quotas over `gateway`.
     pub fn new(quotas: NodeLlmQuotas, gateway: Arc<GatewayHandle>) -> Self {
         Self {
-            quotas,
+            quotas: parking_lot::RwLock::new(Arc::new(quotas)),
             gateway,
             nodes: Mutex::new(HashMap::new()),
         }
     }
 
     /// The quotas in force.
-    pub fn quotas(&self) -> &NodeLlmQuotas {
-        &self.quotas
+    pub fn quotas(&self) -> Arc<NodeLlmQuotas> {
+        self.quotas.read().clone()
+    }
+
+    /// Replaces the quotas (config reload). Calls in flight keep their admission; usage
+    /// counted so far (requests this minute, tokens today) carries over.
+    pub fn set_quotas(&self, quotas: NodeLlmQuotas) {
+        *self.quotas.write() = Arc::new(quotas);
     }
 
     /// Whether the gateway has any model (`node_registered.hubInfo.llmAvailable`).
@@ -326,7 +333,7 @@ impl NodeProxy {
         conn_id: u64,
         token: &CancellationToken,
     ) -> Result<(), (&'static str, String)> {
-        let q = &self.quotas;
+        let q = self.quotas();
         let now = Instant::now();
         let mut nodes = self.nodes.lock();
         let n = nodes

@@ -25,6 +25,8 @@ pub const HOT_RELOADABLE: &[&str] = &[
     "heartbeat_timeout_ms",
     "log_level",
     "offline_node_retention_ms",
+    "llm",
+    "node_llm",
 ];
 
 /// Keys whose values are secrets: shown as [`REDACTED`] by `GET /v1/config`.
