@@ -224,7 +224,10 @@ fn llm_reload_hook(
                 .with_backend(Arc::new(llm::node_models::NodeModels::new(cluster.clone())));
             gateway.replace(g);
             applied.0 = c.llm.clone();
-            tracing::info!(providers = c.llm.providers.len(), "LLM gateway reconfigured");
+            tracing::info!(
+                providers = c.llm.providers.len(),
+                "LLM gateway reconfigured"
+            );
         }
         if c.node_llm != applied.1 {
             node_llm.set_quotas(c.node_llm.clone());

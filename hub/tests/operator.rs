@@ -48,6 +48,8 @@ async fn start_hub_with(f: impl FnOnce(&mut Config), mut cli: Option<Cli>) -> Te
             api_keys: vec![API_KEY.to_owned()],
             node_keys: vec![NODE_KEY.to_owned()],
             data_dir: std::env::temp_dir().join("apex-hub-operator-tests"),
+            // Tests run in parallel in one process: the embedded store would lock the dir.
+            store: "memory".to_owned(),
             ..Config::default()
         },
     };
@@ -737,7 +739,7 @@ async fn reload_rereads_the_file_the_hub_started_with() {
     let dir = tempfile::tempdir().unwrap();
     let file: PathBuf = dir.path().join("hub.toml");
     let keys = format!(
-        "api_keys = [\"{API_KEY}\"]\nnode_keys = [\"{NODE_KEY}\"]\ndata_dir = \"{}\"\n",
+        "api_keys = [\"{API_KEY}\"]\nnode_keys = [\"{NODE_KEY}\"]\nstore = \"memory\"\ndata_dir = \"{}\"\n",
         dir.path().display()
     );
     std::fs::write(&file, format!("{keys}log_level = \"info\"\n")).unwrap();

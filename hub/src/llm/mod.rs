@@ -823,7 +823,9 @@ impl Gateway {
             });
         }
         let e = last_err.unwrap_or_else(|| LlmError::Unavailable("no deployment".to_owned()));
-        let last = deployments.last().map(|d| (d.backend.name(), d.model.as_str()));
+        let last = deployments
+            .last()
+            .map(|d| (d.backend.name(), d.model.as_str()));
         record_failed(last, &e);
         Err(e)
     }
