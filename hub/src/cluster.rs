@@ -205,7 +205,9 @@ pub struct NodeView {
     pub failed_tasks: u64,
     /// Node software version.
     pub version: Option<String>,
-    /// Last self-reported counters (heartbeat).
+    /// Last self-reported counters (heartbeat), with snake_case keys in HTTP bodies
+    /// (`active_tasks`, `cpu_usage`, ...; the node sends them camelCase).
+    #[serde(serialize_with = "snake_case_stats")]
     pub stats: Option<NodeStats>,
     /// VCP `report_ip` addresses.
     pub local_ips: Vec<String>,
@@ -1663,3 +1665,34 @@ pub use recovery::Restored;
 #[cfg(test)]
 #[path = "cluster_tests.rs"]
 mod tests;
+
+/// Serializes [`NodeStats`] with snake_case keys: the node channel's camelCase counters as an
+/// HTTP body field.
+fn snake_case_stats<S: serde::Serializer>(
+    stats: &Option<NodeStats>,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
+    let Some(stats) = stats else {
+        return ser.serialize_none();
+    };
+    let value = serde_json::to_value(stats).map_err(serde::ser::Error::custom)?;
+    let snake: serde_json::Map<String, serde_json::Value> = match value {
+        serde_json::Value::Object(m) => m
+            .into_iter()
+            .map(|(k, v)| {
+                let mut out = String::with_capacity(k.len() + 4);
+                for ch in k.chars() {
+                    if ch.is_ascii_uppercase() {
+                        out.push('_');
+                        out.push(ch.to_ascii_lowercase());
+                    } else {
+                        out.push(ch);
+                    }
+                }
+                (out, v)
+            })
+            .collect(),
+        _ => serde_json::Map::new(),
+    };
+    snake.serialize(ser)
+}

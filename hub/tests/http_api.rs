@@ -820,8 +820,24 @@ async fn nodes_list_and_get() {
     let (_, v) = h.get("/v1/nodes?tool=sleep").await;
     assert_eq!(v["data"][0]["id"], "n2");
 
+    h.cluster.heartbeat(
+        Some("n1"),
+        apex_protocol::Heartbeat {
+            node_id: "n1".to_owned(),
+            status: None,
+            stats: Some(apex_protocol::NodeStats {
+                active_tasks: 2,
+                cpu_usage: Some(12.5),
+                ..Default::default()
+            }),
+        },
+    );
     let (s, n) = h.get("/v1/nodes/n1").await;
     assert_eq!(s, StatusCode::OK);
+    // HTTP bodies are snake_case even where the node sent camelCase counters.
+    assert_eq!(n["stats"]["active_tasks"], 2, "{n}");
+    assert_eq!(n["stats"]["cpu_usage"], 12.5, "{n}");
+    assert!(n["stats"].get("activeTasks").is_none(), "{n}");
     assert_eq!(n["id"], "n1");
     assert_eq!(n["name"], "node n1");
     assert_eq!(n["type"], "worker");
@@ -833,7 +849,7 @@ async fn nodes_list_and_get() {
     assert_eq!(n["load"], 0.0);
     assert_eq!(n["version"], "9.9.9");
     assert!(n.get("stats").is_some());
-    assert_eq!(n["last_heartbeat_at"], Value::Null);
+    assert_rfc3339(&n["last_heartbeat_at"]);
     assert_rfc3339(&n["last_seen_at"]);
     assert_rfc3339(&n["connected_at"]);
 }
