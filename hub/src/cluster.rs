@@ -672,6 +672,7 @@ impl Cluster {
             (e.info.tools.clone(), e.info.limit, e.state)
         };
         core.sched.upsert_node(node_id, &tools, limit, active);
+        Self::snapshot_node(core, node_id);
         core.sched
             .set_schedulable(node_id, state == NodeState::Online);
         for t in to_migrate {

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 use apex_protocol::HubMessage;
 use tokio::sync::mpsc;
 
-use super::{Cluster, ConnHandle, Core, Outbound, Shared};
+use super::{Cluster, ConnHandle, Core, Dialect, NodeEntry, NodeInfo, NodeState, Outbound, Shared};
 use crate::durable::{DURABLE_WAIT, Durability};
 use crate::model::{Task, TaskStatus};
 use crate::scheduler::QueueKey;
+use crate::store::NodeRecord;
 
 /// What [`Cluster::restore`] put back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,6 +113,64 @@ impl Cluster {
             frame,
         })
         .is_ok()
+    }
+
+    /// Puts back the node registry snapshot at start: every node is listed offline (and can be
+    /// pinned) until it reconnects.
+    pub fn restore_nodes(&self, nodes: Vec<NodeRecord>) {
+        let mut core = self.shared.core.lock();
+        let now = SystemTime::now();
+        for n in nodes {
+            if core.nodes.contains_key(&n.id) {
+                continue;
+            }
+            let info = NodeInfo {
+                name: n.name,
+                node_type: n.node_type,
+                dialect: if n.vcp { Dialect::Vcp } else { Dialect::Native },
+                version: n.version,
+                tools: n.tools,
+                tool_specs: n.tool_specs,
+                limit: n.limit,
+                stats: None,
+                cancel_tool: n.cancel_tool,
+            };
+            core.nodes.insert(
+                n.id.clone(),
+                NodeEntry {
+                    id: n.id,
+                    info,
+                    state: NodeState::Offline,
+                    conn: None,
+                    inflight: Default::default(),
+                    ips: None,
+                    connected_at: now,
+                    last_heartbeat_at: None,
+                    disconnected_at: Some(now),
+                    completed: 0,
+                    failed: 0,
+                },
+            );
+        }
+    }
+
+    /// Writes a node's registration to the store's registry snapshot (from `bind`).
+    pub(super) fn snapshot_node(core: &mut Core, node_id: &str) {
+        let Some(e) = core.nodes.get(node_id) else {
+            return;
+        };
+        let rec = NodeRecord {
+            id: e.id.clone(),
+            name: e.info.name.clone(),
+            node_type: e.info.node_type,
+            vcp: e.info.dialect == Dialect::Vcp,
+            version: e.info.version.clone(),
+            tools: e.info.tools.clone(),
+            tool_specs: e.info.tool_specs.clone(),
+            limit: e.info.limit,
+            cancel_tool: e.info.cancel_tool,
+        };
+        core.store.put_node(rec);
     }
 
     /// The durability tickets of the engine's store.

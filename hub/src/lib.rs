@@ -107,6 +107,7 @@ pub async fn run_with(
     let durability = opened.durability.clone();
     let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
     let began = Instant::now();
+    cluster.restore_nodes(opened.nodes);
     let restored = cluster.restore(opened.recovered);
     let restore_ms = began.elapsed().as_millis() as u64;
     if restored != Default::default() {

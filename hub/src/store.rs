@@ -9,6 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
+use apex_protocol::{NodeType, ToolSpec};
+use serde::{Deserialize, Serialize};
+
 use crate::model::{Task, TaskEvent, TaskId, TaskStatus};
 
 /// Filters of `GET /api/v1/tasks`.
@@ -42,6 +45,30 @@ pub struct Page {
     pub total: usize,
 }
 
+/// A node of the registry snapshot: what it declared at its last registration. Written at each
+/// registration; after a restart the hub lists these nodes offline until they reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// `worker`, `companion` or `custom`.
+    pub node_type: NodeType,
+    /// Whether it speaks the VCP dialect.
+    pub vcp: bool,
+    /// Node software version.
+    pub version: Option<String>,
+    /// Tool names.
+    pub tools: Vec<String>,
+    /// Tool descriptions.
+    pub tool_specs: Vec<ToolSpec>,
+    /// Concurrency limit.
+    pub limit: u32,
+    /// Whether a VCP node accepts `cancel_tool`.
+    pub cancel_tool: bool,
+}
+
 /// Storage of task records.
 pub trait TaskStore: Send + 'static {
     /// Stores a new task.
@@ -65,6 +92,8 @@ pub trait TaskStore: Send + 'static {
     /// Removes terminal tasks (and their events) that finished before `cutoff`, from memory and
     /// from durable storage. Returns how many.
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize;
+    /// Records a node in the registry snapshot (durable stores only; memory keeps none).
+    fn put_node(&mut self, _node: NodeRecord) {}
 }
 
 /// Tasks in process memory: lost when the hub stops.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use apex_hub::durable::{self, Opened, StoreError, StoreKind};
 use apex_hub::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
-use apex_hub::store::TaskFilter;
+use apex_hub::store::{NodeRecord, TaskFilter};
 use redis_server::RedisServer;
 use serde_json::json;
 
@@ -83,6 +83,20 @@ fn succeed(t: &mut Task, at: SystemTime) {
         EventKind::TaskCompleted,
         TaskStatus::Succeeded,
     ));
+}
+
+fn node_record() -> NodeRecord {
+    NodeRecord {
+        id: "node-a".to_owned(),
+        name: "laptop".to_owned(),
+        node_type: apex_protocol::NodeType::Worker,
+        vcp: false,
+        version: Some("1.0".to_owned()),
+        tools: vec!["echo".to_owned()],
+        tool_specs: vec![apex_protocol::ToolSpec::Name("echo".to_owned())],
+        limit: 8,
+        cancel_tool: true,
+    }
 }
 
 /// A store under test: how to open it again.
@@ -207,6 +221,7 @@ async fn durable_stores_give_back_every_task_after_reopening() {
             for i in 1..=50 {
                 o.store.insert(task(i, "echo", None));
             }
+            o.store.put_node(node_record());
             for i in (1..=50).step_by(5) {
                 o.store
                     .update(&uuid_like(i), &mut |t| succeed(t, SystemTime::now()));
@@ -221,6 +236,12 @@ async fn durable_stores_give_back_every_task_after_reopening() {
             assert!(o.recovered.is_empty(), "memory keeps nothing");
             continue;
         }
+        assert_eq!(
+            o.nodes,
+            vec![node_record()],
+            "{:?}: the registry snapshot",
+            s.kind
+        );
         let mut got = o.recovered.clone();
         got.sort_by_key(|t| t.seq);
         assert_eq!(got.len(), 50, "{:?}", s.kind);

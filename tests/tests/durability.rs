@@ -192,6 +192,18 @@ async fn finished_tasks_and_their_events_survive_a_restart() {
         before, after,
         "the event stream is the same after a restart"
     );
+    // The registry snapshot: the node is listed offline and can still be pinned.
+    let nodes = api.nodes().await.unwrap();
+    let n = nodes
+        .iter()
+        .find(|n| n.name == "ev-0")
+        .expect("node listed after restart");
+    assert_eq!(n.status, "offline");
+    let pinned = api
+        .submit(&json!({"tool": "echo", "node_id": n.id}))
+        .await
+        .unwrap();
+    assert_eq!(pinned.status, "queued");
     // A second hub on the same data directory is refused, naming the lock file.
     let mut second = Hub::start(HubOptions {
         data_dir: Some(hub.dir().unwrap().join("data")),
@@ -314,7 +326,12 @@ async fn redis_store_loses_no_accepted_task_when_redis_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_stream_resumes_across_a_restart_with_last_event_id() {
-    let mut hub = Hub::start(HubOptions::default()).await.unwrap();
+    let mut hub = Hub::start(HubOptions {
+        extra_args: vec!["--recovery-grace-ms".into(), "30000".into()],
+        ..HubOptions::default()
+    })
+    .await
+    .unwrap();
     let _node = Node::start(&hub, NodeOptions::named("sse-0"))
         .await
         .unwrap();
@@ -323,10 +340,11 @@ async fn an_event_stream_resumes_across_a_restart_with_last_event_id() {
         .submit(&json!({"tool": "sleep", "args": {"ms": 3000}}))
         .await
         .unwrap();
-    wait_until("the task to be assigned", WAIT, || {
+    // Running: the node reported progress, so it holds the task.
+    wait_until("the task to run", WAIT, || {
         let api = api.clone();
         let id = t.task_id.clone();
-        async move { Ok((api.get(&id).await?.status != "queued").then_some(())) }
+        async move { Ok((api.get(&id).await?.status == "running").then_some(())) }
     })
     .await
     .unwrap();

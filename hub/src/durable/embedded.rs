@@ -14,11 +14,13 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Backend, StoreError};
 use crate::model::Task;
+use crate::store::NodeRecord;
 
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "tasks.redb";
 
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
 /// The redb backend.
 pub struct Embedded {
@@ -46,6 +48,7 @@ impl Embedded {
         let db = redb::Database::create(path).map_err(|e| unreadable(one_line(e)))?;
         let txn = db.begin_write().map_err(|e| unreadable(one_line(e)))?;
         txn.open_table(TASKS).map_err(|e| unreadable(one_line(e)))?;
+        txn.open_table(NODES).map_err(|e| unreadable(one_line(e)))?;
         txn.commit().map_err(|e| unreadable(one_line(e)))?;
         Ok(Self {
             db,
@@ -64,11 +67,23 @@ impl Embedded {
 impl Backend for Embedded {
     /// Every task, in submission order. Two threads read and decode one half of the key range
     /// each.
-    fn load(&mut self) -> Result<Vec<Task>, StoreError> {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError> {
         let unreadable = |e: String| StoreError::Unreadable {
             what: self.path.display().to_string(),
             reason: e,
         };
+        let mut nodes = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(|e| unreadable(one_line(e)))?;
+            let table = txn.open_table(NODES).map_err(|e| unreadable(one_line(e)))?;
+            for row in table.iter().map_err(|e| unreadable(one_line(e)))? {
+                let (k, v) = row.map_err(|e| unreadable(one_line(e)))?;
+                let n: NodeRecord = serde_json::from_slice(v.value()).map_err(|e| {
+                    unreadable(format!("record of node {} does not decode: {e}", k.value()))
+                })?;
+                nodes.push(n);
+            }
+        }
         let (first, last) = {
             let txn = self.db.begin_read().map_err(|e| unreadable(one_line(e)))?;
             let table = txn.open_table(TASKS).map_err(|e| unreadable(one_line(e)))?;
@@ -76,7 +91,7 @@ impl Backend for Embedded {
             let last = table.last().map_err(|e| unreadable(one_line(e)))?;
             match (first, last) {
                 (Some((a, _)), Some((b, _))) => (a.value(), b.value()),
-                _ => return Ok(Vec::new()),
+                _ => return Ok((Vec::new(), nodes)),
             }
         };
         let mid = first + (last - first) / 2;
@@ -104,12 +119,13 @@ impl Backend for Embedded {
         });
         let mut out = a.map_err(unreadable)?;
         out.extend(b.map_err(unreadable)?);
-        Ok(out)
+        Ok((out, nodes))
     }
 
     fn write(
         &mut self,
         puts: &[(&str, u64, Vec<u8>)],
+        nodes: &[(&str, Vec<u8>)],
         deletes: &[(&str, u64)],
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.unavailable(e))?;
@@ -125,6 +141,12 @@ impl Backend for Embedded {
             }
             for (_, seq) in deletes {
                 table.remove(*seq).map_err(|e| self.unavailable(e))?;
+            }
+            let mut table = txn.open_table(NODES).map_err(|e| self.unavailable(e))?;
+            for (id, v) in nodes {
+                table
+                    .insert(*id, v.as_slice())
+                    .map_err(|e| self.unavailable(e))?;
             }
         }
         txn.commit().map_err(|e| self.unavailable(e))

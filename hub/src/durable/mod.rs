@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch};
 
 use crate::model::{Task, TaskEvent, TaskId};
-use crate::store::{MemoryStore, Page, TaskFilter, TaskStore};
+use crate::store::{MemoryStore, NodeRecord, Page, TaskFilter, TaskStore};
 
 /// Which store a hub uses: config key `store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,19 +101,20 @@ pub enum StoreError {
 
 /// A backend of [`MirroredStore`]: where records go. Runs on the writer thread only.
 pub trait Backend: Send + 'static {
-    /// Every stored task, in any order.
+    /// Every stored task, in any order, and the node registry snapshot.
     ///
     /// # Errors
     /// [`StoreError::Unreadable`] for a record that does not decode; other errors as they come.
-    fn load(&mut self) -> Result<Vec<Task>, StoreError>;
-    /// Writes `puts` (task id, task sequence number, record JSON) and removes `deletes` (task
-    /// id, sequence number), atomically.
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError>;
+    /// Writes `puts` (task id, task sequence number, record JSON) and `nodes` (node id, node
+    /// record JSON), and removes `deletes` (task id, sequence number), atomically.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; nothing of the batch is written then.
     fn write(
         &mut self,
         puts: &[(&str, u64, Vec<u8>)],
+        nodes: &[(&str, Vec<u8>)],
         deletes: &[(&str, u64)],
     ) -> Result<(), StoreError>;
     /// Called when no change arrived for [`IDLE_TICK`] (lease renewal).
@@ -226,6 +227,7 @@ impl Durability {
 enum Op {
     Put(Box<Task>),
     Delete(TaskId, u64),
+    PutNode(Box<NodeRecord>),
 }
 
 /// A [`MemoryStore`] whose every change is mirrored to a durable backend.
@@ -288,6 +290,10 @@ impl TaskStore for MirroredStore {
         self.inner.insert(task);
     }
 
+    fn put_node(&mut self, node: NodeRecord) {
+        self.send(Op::PutNode(Box::new(node)));
+    }
+
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
         let ids = self.inner.remove_finished_before(cutoff);
         let n = ids.len();
@@ -306,6 +312,8 @@ pub struct Opened {
     pub durability: Arc<Durability>,
     /// Every task found in the store at start (empty for `memory`).
     pub recovered: Vec<Task>,
+    /// The node registry snapshot found at start.
+    pub nodes: Vec<NodeRecord>,
 }
 
 /// Takes an exclusive lock on `<data_dir>/hub.lock` for as long as the file lives.
@@ -369,6 +377,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
                 store: Box::new(MemoryStore::new()),
                 durability: Durability::none(),
                 recovered: Vec::new(),
+                nodes: Vec::new(),
             });
         }
         StoreKind::Embedded => {
@@ -414,13 +423,14 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
                 let tasks = b.load()?;
                 Ok((b, tasks))
             }) {
-                Ok((b, tasks)) => {
+                Ok((b, (tasks, nodes))) => {
                     tracing::info!(
                         tasks = tasks.len(),
+                        nodes = nodes.len(),
                         load_ms = began.elapsed().as_millis() as u64,
                         "task store loaded"
                     );
-                    let _ = loaded_tx.send(Ok(tasks));
+                    let _ = loaded_tx.send(Ok((tasks, nodes)));
                     b
                 }
                 Err(e) => {
@@ -434,7 +444,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
             what: durability.describe().to_owned(),
             reason: format!("cannot start the writer thread: {e}"),
         })?;
-    let recovered = loaded_rx.await.map_err(|_| StoreError::Unavailable {
+    let (recovered, nodes) = loaded_rx.await.map_err(|_| StoreError::Unavailable {
         what: durability.describe().to_owned(),
         reason: "the store thread stopped while loading".to_owned(),
     })??;
@@ -446,6 +456,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
         }),
         durability,
         recovered,
+        nodes,
     })
 }
 
@@ -456,27 +467,33 @@ type BackendFactory = Box<dyn FnOnce() -> Result<Box<dyn Backend>, StoreError> +
 /// commits. Returns when the store is dropped and everything is written.
 fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durability) {
     let mut pending: HashMap<TaskId, (u64, Option<Box<Task>>)> = HashMap::new();
+    let mut pending_nodes: HashMap<String, Box<NodeRecord>> = HashMap::new();
     let mut count: u64 = 0;
     let mut durable: u64 = 0;
     let mut backoff = Duration::from_millis(20);
     let mut closed = false;
     let mut failing_since: Option<std::time::Instant> = None;
-    let take = |op: Op, pending: &mut HashMap<TaskId, (u64, Option<Box<Task>>)>| match op {
+    let take = |op: Op,
+                pending: &mut HashMap<TaskId, (u64, Option<Box<Task>>)>,
+                nodes: &mut HashMap<String, Box<NodeRecord>>| match op {
         Op::Put(t) => {
             pending.insert(t.id.clone(), (t.seq, Some(t)));
         }
         Op::Delete(id, seq) => {
             pending.insert(id, (seq, None));
         }
+        Op::PutNode(n) => {
+            nodes.insert(n.id.clone(), n);
+        }
     };
     loop {
-        if pending.is_empty() {
+        if pending.is_empty() && pending_nodes.is_empty() {
             if closed {
                 return;
             }
             match rx.recv_timeout(IDLE_TICK) {
                 Ok(op) => {
-                    take(op, &mut pending);
+                    take(op, &mut pending, &mut pending_nodes);
                     count += 1;
                 }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
@@ -506,7 +523,7 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
         loop {
             match rx.try_recv() {
                 Ok(op) => {
-                    take(op, &mut pending);
+                    take(op, &mut pending, &mut pending_nodes);
                     count += 1;
                 }
                 Err(std_mpsc::TryRecvError::Empty) => break,
@@ -527,8 +544,16 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
                 None => deletes.push((id.as_str(), *seq)),
             }
         }
+        let nodes: Vec<(&str, Vec<u8>)> = pending_nodes
+            .iter()
+            .filter_map(|(id, n)| {
+                serde_json::to_vec(n.as_ref())
+                    .ok()
+                    .map(|v| (id.as_str(), v))
+            })
+            .collect();
         let began = std::time::Instant::now();
-        let written = backend.write(&puts, &deletes);
+        let written = backend.write(&puts, &nodes, &deletes);
         tracing::debug!(
             records = puts.len() + deletes.len(),
             changes = count,
@@ -539,7 +564,9 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
             Ok(()) => {
                 drop(puts);
                 drop(deletes);
+                drop(nodes);
                 pending.clear();
+                pending_nodes.clear();
                 durable += count;
                 count = 0;
                 if failing_since.take().is_some() {
@@ -554,6 +581,7 @@ fn writer_loop(backend: &mut dyn Backend, rx: &std_mpsc::Receiver<Op>, d: &Durab
             Err(e) => {
                 drop(puts);
                 drop(deletes);
+                drop(nodes);
                 if failing_since.is_none() {
                     failing_since = Some(std::time::Instant::now());
                     tracing::error!(error = %e, "task store write failed; retrying");

@@ -15,9 +15,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Backend, StoreError};
 use crate::model::Task;
+use crate::store::NodeRecord;
 
 /// The hash holding every task record.
 pub const TASKS_KEY: &str = "apex:tasks";
+
+/// The hash holding the node registry snapshot (node id → node record JSON).
+pub const NODES_KEY: &str = "apex:nodes";
 
 /// The key naming the hub that owns the store.
 pub const OWNER_KEY: &str = "apex:store-owner";
@@ -36,8 +40,9 @@ end
 return cur
 ";
 
-/// A fenced batch: KEYS[1] owner key, KEYS[2] tasks hash; ARGV[1] hub id, ARGV[2] ttl ms,
-/// ARGV[3] number of puts, then id/record pairs, then ids to delete. Returns 1, or an error if
+/// A fenced batch: KEYS[1] owner key, KEYS[2] tasks hash, KEYS[3] nodes hash; ARGV[1] hub id,
+/// ARGV[2] ttl ms, ARGV[3] number of task puts, ARGV[4] number of node puts, then task
+/// id/record pairs, node id/record pairs, and task ids to delete. Returns 1, or an error if
 /// another hub owns the store.
 const WRITE: &str = r"
 local cur = redis.call('GET', KEYS[1])
@@ -46,9 +51,14 @@ if cur ~= false and cur ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local n = tonumber(ARGV[3])
-local i = 4
+local m = tonumber(ARGV[4])
+local i = 5
 for _ = 1, n do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for _ = 1, m do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 while i <= #ARGV do
@@ -155,7 +165,7 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    fn load(&mut self) -> Result<Vec<Task>, StoreError> {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError> {
         let mut conn = self.conn.clone();
         let rows: Vec<(String, Vec<u8>)> = self
             .rt
@@ -166,27 +176,54 @@ impl Backend for RedisBackend {
                     .await
             })
             .map_err(|e| self.unavailable(e))?;
-        rows.into_iter()
+        let tasks = rows
+            .into_iter()
             .map(|(k, v)| {
                 serde_json::from_slice::<Task>(&v).map_err(|e| StoreError::Unreadable {
                     what: self.what.clone(),
                     reason: format!("record of task {k} in {TASKS_KEY} does not decode: {e}"),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, Vec<u8>)> = self
+            .rt
+            .block_on(async move {
+                redis::cmd("HGETALL")
+                    .arg(NODES_KEY)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .map_err(|e| self.unavailable(e))?;
+        let nodes = rows
+            .into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice::<NodeRecord>(&v).map_err(|e| StoreError::Unreadable {
+                    what: self.what.clone(),
+                    reason: format!("record of node {k} in {NODES_KEY} does not decode: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((tasks, nodes))
     }
 
     fn write(
         &mut self,
         puts: &[(&str, u64, Vec<u8>)],
+        nodes: &[(&str, Vec<u8>)],
         deletes: &[(&str, u64)],
     ) -> Result<(), StoreError> {
         let mut inv = self.write.key(OWNER_KEY);
         inv.key(TASKS_KEY)
+            .key(NODES_KEY)
             .arg(&self.hub_id)
             .arg(OWNER_TTL_MS)
-            .arg(puts.len());
+            .arg(puts.len())
+            .arg(nodes.len());
         for (k, _, v) in puts {
+            inv.arg(*k).arg(v.as_slice());
+        }
+        for (k, v) in nodes {
             inv.arg(*k).arg(v.as_slice());
         }
         for (k, _) in deletes {
@@ -198,6 +235,6 @@ impl Backend for RedisBackend {
     }
 
     fn idle(&mut self) -> Result<(), StoreError> {
-        self.write(&[], &[])
+        self.write(&[], &[], &[])
     }
 }
