@@ -134,6 +134,8 @@ impl Cluster {
                 limit: n.limit,
                 stats: None,
                 cancel_tool: n.cancel_tool,
+                // Hosted models are announced again at registration; an offline node serves none.
+                models: Vec::new(),
             };
             core.nodes.insert(
                 n.id.clone(),
