@@ -786,3 +786,97 @@ async fn the_official_openai_python_sdk_works_unmodified() {
         assert!(stdout.contains(case), "missing `{case}` in:\n{stdout}");
     }
 }
+
+/// The value of the `/metrics` sample whose name and labels contain every part of `parts`.
+fn sample(metrics: &str, parts: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn llm_calls_show_in_the_metrics_without_request_ids() {
+    let s = setup().await;
+    let (status, _, v) = s
+        .chat(json!({"model": "fake-model", "messages": msgs("hi"), "requestId": "metrics-req-1"}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _, frames) = s
+        .chat_stream(
+            json!({"model": "fake-model", "messages": msgs("hi"), "stream": true,
+            "stream_options": {"include_usage": true}, "fake": {"tokens": 6}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(frames.last().map(String::as_str), Some("[DONE]"));
+    let (status, _, _) = s
+        .chat(json!({"model": "no-such-model-xyz", "messages": msgs("hi")}))
+        .await;
+    assert_eq!(status, 404);
+
+    // The streamed call is counted when its stream is dropped: poll until both show.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = s
+            .http
+            .get(s.url("/metrics"))
+            .bearer_auth(s.hub.api_key())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let ok = sample(
+            &text,
+            &[
+                "apex_llm_requests_total{",
+                "provider=\"up\"",
+                "model=\"fake-model\"",
+                "outcome=\"ok\"",
+            ],
+        );
+        if ok.is_some_and(|n| n >= 2.0) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let ok = sample(
+        &text,
+        &[
+            "apex_llm_requests_total{",
+            "provider=\"up\"",
+            "model=\"fake-model\"",
+            "outcome=\"ok\"",
+        ],
+    );
+    assert_eq!(ok, Some(2.0), "{text}");
+    let ttft = sample(
+        &text,
+        &[
+            "apex_llm_time_to_first_token_seconds_count{",
+            "model=\"fake-model\"",
+        ],
+    );
+    assert_eq!(ttft, Some(2.0), "{text}");
+    let completion = sample(
+        &text,
+        &[
+            "apex_llm_tokens_total{",
+            "model=\"fake-model\"",
+            "kind=\"completion\"",
+        ],
+    );
+    assert!(completion.is_some_and(|n| n >= 6.0), "{text}");
+    // An unknown model is counted without its name: clients cannot grow the label set.
+    let not_found = sample(
+        &text,
+        &["apex_llm_requests_total{", "outcome=\"model_not_found\""],
+    );
+    assert_eq!(not_found, Some(1.0), "{text}");
+    assert!(!text.contains("no-such-model-xyz"), "{text}");
+    assert!(!text.contains("metrics-req-1"), "{text}");
+}

@@ -717,19 +717,14 @@ impl Gateway {
     /// error of the last deployment tried.
     pub async fn chat(&self, req: ChatRequest, ctx: CallContext) -> Result<ChatStream, LlmError> {
         let call_started = tokio::time::Instant::now();
-        let span = tracing::info_span!(
-            "llm.chat",
-            model = %req.model,
-            request_id = %ctx.request_id,
-            stream = req.stream,
-            deployment = tracing::field::Empty,
-        );
         let deployments = self.deployments(&req.model);
-        if deployments.is_empty() {
+        let Some(first) = deployments.first() else {
             let e = LlmError::ModelNotFound(req.model);
             record_failed(None, &e);
             return Err(e);
-        }
+        };
+        // One `chat {model}` client span for the whole call (kept by the stream's record).
+        let span = crate::telemetry::llm_span(first.backend.name(), &req.model);
         let registration = {
             let mut calls = self.registry.calls.lock();
             if calls.contains_key(&ctx.request_id) {
@@ -803,13 +798,12 @@ impl Gateway {
                 started: call_started,
                 outcome: "ok",
                 ended: false,
-                _span: span.clone(),
+                span: span.clone(),
             };
             let m = crate::metrics::get();
             m.llm_ttft
                 .with_label_values(&[&record.provider, &record.model])
                 .observe(call_started.elapsed().as_secs_f64());
-            span.record("deployment", format!("{}/{}", d.backend.name(), d.model));
             return Ok(ChatStream {
                 model: req.model,
                 deployment: format!("{}/{}", d.backend.name(), d.model),
@@ -860,12 +854,16 @@ struct CallRecord {
     /// `ok`, `error`, `interrupted`, or `aborted` (dropped before its end).
     outcome: &'static str,
     ended: bool,
-    /// Kept for the life of the call, so an exported `llm.chat` span covers the whole call.
-    _span: tracing::Span,
+    /// Kept for the life of the call, so the exported `chat {model}` span
+    /// ([`crate::telemetry::llm_span`]) covers the whole call and carries its token usage.
+    span: tracing::Span,
 }
 
 impl CallRecord {
     fn tokens(&self, u: &Usage) {
+        self.span
+            .record("gen_ai.usage.input_tokens", u.prompt_tokens)
+            .record("gen_ai.usage.output_tokens", u.completion_tokens);
         let m = crate::metrics::get();
         m.llm_tokens
             .with_label_values(&[&self.provider, &self.model, "prompt"])
