@@ -1,5 +1,7 @@
-//! Node lifecycle events: what the engine publishes when a node registers, changes status, is
-//! drained or undrained, is lost or is removed. `GET /v1/events` and the log channel read them
+//! Node lifecycle events: what the engine publishes when a node registers, is drained or
+//! undrained, is lost or is removed. Every status change has its own event (`online` on
+//! registration, `draining` / `online` on drain / undrain, `offline` when lost), and the
+//! payload carries the resulting `status`. `GET /v1/events` and the log channel read them
 //! (next to the task events of [`crate::model::TaskEvent`]).
 //!
 //! The engine sends them on a bounded `tokio::sync::broadcast` channel: publishing never blocks,
@@ -17,8 +19,6 @@ use crate::cluster::{NodeState, NodeView};
 pub enum NodeEventKind {
     /// A node registered (first time, or again on a new connection).
     NodeRegistered,
-    /// The node's status changed for another reason (e.g. a draining node reconnected).
-    NodeStatusChanged,
     /// The node stopped taking new work (operator `drain` or the node's own `node_drain`).
     NodeDrained,
     /// A drained node takes work again.
@@ -36,7 +36,6 @@ impl NodeEventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             NodeEventKind::NodeRegistered => "node_registered",
-            NodeEventKind::NodeStatusChanged => "node_status_changed",
             NodeEventKind::NodeDrained => "node_drained",
             NodeEventKind::NodeUndrained => "node_undrained",
             NodeEventKind::NodeLost => "node_lost",

@@ -3,14 +3,15 @@
 //! Each SSE message is `data: {"type": "node_event", "event", "payload", "timestamp"}` (no SSE
 //! `event:` field, so `EventSource.onmessage` gets everything) with a per-stream increasing
 //! `id`:
-//! - node changes: `event` is `node_registered`, `node_status_changed`, `node_drained`,
+//! - node changes: `event` is `node_registered`, `node_drained`,
 //!   `node_undrained`, `node_lost` or `node_removed`; `payload` is `{node_id, status, reason?,
 //!   node?}` (`node` as `GET /v1/nodes/{id}` shows it);
 //! - task changes: `event` is the task event kind (`task_created`, `task_assigned`,
 //!   `task_progress`, `task_migrated`, `task_completed`, `task_failed`, `task_cancelled`,
 //!   `task_timed_out`) and `payload` the task event as on `/api/v1/tasks/{id}/events`;
-//! - `events_dropped`: this client fell more than `stream_buffer_events` behind; `payload` is
-//!   `{skipped, total_skipped}` and the skipped events are gone (re-read the lists).
+//! - `events_dropped`: this client fell behind the engine's buffers (8192 task events, 1024 node
+//!   events); `payload` is `{skipped, total_skipped}` and the skipped events are gone (re-read
+//!   the lists).
 //!
 //! `?topics=nodes`, `?topics=tasks` or `?topics=nodes,tasks` (default) choose what to receive.
 //! The hub never waits for a slow client: each one reads bounded broadcast channels.
