@@ -97,6 +97,14 @@ pub trait TaskStore: Send + 'static {
 }
 
 /// Tasks in process memory: lost when the hub stops.
+///
+/// Besides the records, the store keeps listing indexes so that [`TaskStore::list`] never walks
+/// every task: sets of task `seq`s (read newest first) for all tasks, per status, per tool, per
+/// node, per (status, tool) and per (status, node). Every mutation path (`insert`, `restore`,
+/// `update`, `remove_finished_before`) removes a task's old entries and adds its new ones, so
+/// each set holds exactly the tasks with that key and its length is the exact `total` of that
+/// filter. Invariant: `seq` is unique per task (the engine assigns it from a counter that
+/// restore moves past every stored task).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     tasks: HashMap<TaskId, Task>,
@@ -105,6 +113,237 @@ pub struct MemoryStore {
     counts: [u64; 7],
     /// Terminal tasks by finish time, for retention.
     finished: BTreeMap<(SystemTime, u64), TaskId>,
+    /// Listing indexes.
+    index: ListIndex,
+}
+
+/// The listing indexes of [`MemoryStore`]: sets of task `seq`s by filter key. Empty sets are
+/// dropped from the maps, so nodes and tools with no task left cost nothing.
+#[derive(Debug, Default)]
+struct ListIndex {
+    all: SeqList,
+    /// By [`TaskStatus::index`].
+    status: [SeqList; 7],
+    tool: HashMap<String, SeqList>,
+    node: HashMap<String, SeqList>,
+    /// By status index, then tool.
+    status_tool: [HashMap<String, SeqList>; 7],
+    /// By status index, then node.
+    status_node: [HashMap<String, SeqList>; 7],
+}
+
+/// What places a task in the indexes; compared before and after an update.
+#[derive(Debug, Clone)]
+struct IndexKeys {
+    seq: u64,
+    status: TaskStatus,
+    tool: String,
+    node: Option<String>,
+    /// Key in [`MemoryStore::finished`], for terminal tasks.
+    finished: Option<(SystemTime, u64)>,
+}
+
+impl IndexKeys {
+    fn of(t: &Task) -> Self {
+        Self {
+            seq: t.seq,
+            status: t.status,
+            tool: t.spec.tool.clone(),
+            node: t.node_id.clone(),
+            finished: Self::finished_of(t),
+        }
+    }
+
+    fn finished_of(t: &Task) -> Option<(SystemTime, u64)> {
+        t.status
+            .is_terminal()
+            .then(|| (t.finished_at.unwrap_or(t.updated_at), t.seq))
+    }
+
+    /// Whether `t` still has these keys (no allocation: most updates change none).
+    fn same(&self, t: &Task) -> bool {
+        self.seq == t.seq
+            && self.status == t.status
+            && self.tool == t.spec.tool
+            && self.node == t.node_id
+            && self.finished == Self::finished_of(t)
+    }
+}
+
+fn add_to(map: &mut HashMap<String, SeqList>, key: &str, seq: u64) {
+    match map.get_mut(key) {
+        Some(l) => l.insert(seq),
+        None => {
+            let mut l = SeqList::default();
+            l.insert(seq);
+            map.insert(key.to_owned(), l);
+        }
+    }
+}
+
+fn remove_from(map: &mut HashMap<String, SeqList>, key: &str, seq: u64) {
+    if let Some(l) = map.get_mut(key) {
+        l.remove(seq);
+        if l.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl ListIndex {
+    fn add(&mut self, k: &IndexKeys) {
+        let s = k.status.index();
+        self.all.insert(k.seq);
+        self.status[s].insert(k.seq);
+        add_to(&mut self.tool, &k.tool, k.seq);
+        add_to(&mut self.status_tool[s], &k.tool, k.seq);
+        if let Some(n) = &k.node {
+            add_to(&mut self.node, n, k.seq);
+            add_to(&mut self.status_node[s], n, k.seq);
+        }
+    }
+
+    fn remove(&mut self, k: &IndexKeys) {
+        let s = k.status.index();
+        self.all.remove(k.seq);
+        self.status[s].remove(k.seq);
+        remove_from(&mut self.tool, &k.tool, k.seq);
+        remove_from(&mut self.status_tool[s], &k.tool, k.seq);
+        if let Some(n) = &k.node {
+            remove_from(&mut self.node, n, k.seq);
+            remove_from(&mut self.status_node[s], n, k.seq);
+        }
+    }
+
+    /// The set holding exactly the tasks matching `f`, for no filter, one filter, or status
+    /// with tool or with node: `Some(None)` when no task has that key. `None` for tool and node
+    /// together (no index has that pair).
+    fn exact(&self, f: &TaskFilter) -> Option<Option<&SeqList>> {
+        let s = f.status.map(TaskStatus::index);
+        match (s, f.tool.as_deref(), f.node_id.as_deref()) {
+            (None, None, None) => Some(Some(&self.all)),
+            (Some(s), None, None) => Some(Some(&self.status[s])),
+            (None, Some(t), None) => Some(self.tool.get(t)),
+            (None, None, Some(n)) => Some(self.node.get(n)),
+            (Some(s), Some(t), None) => Some(self.status_tool[s].get(t)),
+            (Some(s), None, Some(n)) => Some(self.status_node[s].get(n)),
+            (_, Some(_), Some(_)) => None,
+        }
+    }
+
+    /// For tool and node together (status optional): the smaller of the two sets that contain
+    /// every match, or `None` when either key has no task (then nothing matches).
+    fn smallest_superset(&self, f: &TaskFilter) -> Option<&SeqList> {
+        let tool = f.tool.as_deref()?;
+        let node = f.node_id.as_deref()?;
+        let (by_tool, by_node) = match f.status.map(TaskStatus::index) {
+            Some(s) => (
+                self.status_tool[s].get(tool)?,
+                self.status_node[s].get(node)?,
+            ),
+            None => (self.tool.get(tool)?, self.node.get(node)?),
+        };
+        Some(if by_tool.len() <= by_node.len() {
+            by_tool
+        } else {
+            by_node
+        })
+    }
+}
+
+/// Largest block of a [`SeqList`]; a fuller block splits in two.
+const SEQ_BLOCK: usize = 1024;
+
+/// A set of task `seq`s in ascending order, in blocks of at most [`SEQ_BLOCK`], so that insert
+/// and remove cost O(log n + block) and starting a read at the `k`-th newest costs
+/// O(n / block) steps over block lengths rather than `k` steps. New tasks (the largest seq)
+/// append to the last block.
+#[derive(Debug, Default, Clone)]
+struct SeqList {
+    blocks: Vec<Vec<u64>>,
+    len: usize,
+}
+
+impl SeqList {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The block that holds `seq` or where it belongs (the last block for a seq past the end).
+    fn block_of(&self, seq: u64) -> usize {
+        let i = self
+            .blocks
+            .partition_point(|b| b.last().is_some_and(|&last| last < seq));
+        i.min(self.blocks.len().saturating_sub(1))
+    }
+
+    fn insert(&mut self, seq: u64) {
+        if self.blocks.is_empty() {
+            self.blocks.push(Vec::new());
+        }
+        let i = self.block_of(seq);
+        let last_block = i + 1 == self.blocks.len();
+        let b = &mut self.blocks[i];
+        let Err(at) = b.binary_search(&seq) else {
+            return;
+        };
+        b.insert(at, seq);
+        self.len += 1;
+        if b.len() > SEQ_BLOCK {
+            // Appends (new tasks) leave a full block behind; other inserts split it in half.
+            let appended = last_block && at + 1 == b.len();
+            let tail = b.split_off(if appended { SEQ_BLOCK } else { SEQ_BLOCK / 2 });
+            self.blocks.insert(i + 1, tail);
+        }
+    }
+
+    fn remove(&mut self, seq: u64) {
+        if self.blocks.is_empty() {
+            return;
+        }
+        let i = self.block_of(seq);
+        let b = &mut self.blocks[i];
+        let Ok(at) = b.binary_search(&seq) else {
+            return;
+        };
+        b.remove(at);
+        self.len -= 1;
+        let left = b.len();
+        if left == 0 {
+            self.blocks.remove(i);
+        } else if left < SEQ_BLOCK / 8
+            && self
+                .blocks
+                .get(i + 1)
+                .is_some_and(|next| left + next.len() <= SEQ_BLOCK)
+        {
+            // Scattered removals (tasks leaving a status) must not fragment the blocks.
+            let next = self.blocks.remove(i + 1);
+            self.blocks[i].extend(next);
+        }
+    }
+
+    /// Seqs newest first, after skipping the `skip` newest.
+    fn newest_after(&self, skip: usize) -> impl Iterator<Item = u64> + '_ {
+        let mut skip = skip;
+        let mut end = self.blocks.len();
+        while end > 0 && skip >= self.blocks[end - 1].len() {
+            skip -= self.blocks[end - 1].len();
+            end -= 1;
+        }
+        self.blocks[..end]
+            .iter()
+            .rev()
+            .enumerate()
+            .flat_map(move |(k, b)| {
+                let upto = if k == 0 { b.len() - skip } else { b.len() };
+                b[..upto].iter().rev().copied()
+            })
+    }
 }
 
 impl MemoryStore {
@@ -119,10 +358,9 @@ impl MemoryStore {
         let keep = self.finished.split_off(&(cutoff, 0));
         let gone = std::mem::replace(&mut self.finished, keep);
         let mut ids = Vec::with_capacity(gone.len());
-        for ((_, seq), id) in gone {
-            self.by_seq.remove(&seq);
+        for (_, id) in gone {
             if let Some(t) = self.tasks.remove(&id) {
-                self.counts[t.status.index()] -= 1;
+                self.unindex(&IndexKeys::of(&t));
                 if let Some(k) = &t.spec.idempotency_key
                     && self.idempotency.get(k) == Some(&id)
                 {
@@ -134,11 +372,30 @@ impl MemoryStore {
         ids
     }
 
-    fn index_finished(&mut self, t: &Task) {
-        if t.status.is_terminal() {
-            let at = t.finished_at.unwrap_or(t.updated_at);
-            self.finished.insert((at, t.seq), t.id.clone());
+    /// Adds a task's entries to `by_seq`, the counts, the retention index and the listing
+    /// indexes.
+    fn index(&mut self, k: &IndexKeys, id: &TaskId) {
+        self.counts[k.status.index()] += 1;
+        self.by_seq.insert(k.seq, id.clone());
+        if let Some(f) = k.finished {
+            self.finished.insert(f, id.clone());
         }
+        self.index.add(k);
+    }
+
+    /// Removes what [`Self::index`] added for the same keys.
+    fn unindex(&mut self, k: &IndexKeys) {
+        let c = &mut self.counts[k.status.index()];
+        *c = c.saturating_sub(1);
+        self.by_seq.remove(&k.seq);
+        if let Some(f) = k.finished {
+            self.finished.remove(&f);
+        }
+        self.index.remove(k);
+    }
+
+    fn at_seq(&self, seq: u64) -> Option<&Task> {
+        self.by_seq.get(&seq).and_then(|id| self.tasks.get(id))
     }
 }
 
@@ -147,9 +404,11 @@ impl TaskStore for MemoryStore {
         if let Some(k) = &task.spec.idempotency_key {
             self.idempotency.insert(k.clone(), task.id.clone());
         }
-        self.counts[task.status.index()] += 1;
-        self.by_seq.insert(task.seq, task.id.clone());
-        self.index_finished(&task);
+        if let Some(old) = self.tasks.remove(&task.id) {
+            // The same id again: replace the record, leaving no stale index entry.
+            self.unindex(&IndexKeys::of(&old));
+        }
+        self.index(&IndexKeys::of(&task), &task.id);
         self.tasks.insert(task.id.clone(), task);
     }
 
@@ -161,15 +420,13 @@ impl TaskStore for MemoryStore {
         let Some(t) = self.tasks.get_mut(id) else {
             return false;
         };
-        let before = t.status;
+        let before = IndexKeys::of(t);
         f(t);
-        if t.status != before {
-            self.counts[before.index()] -= 1;
-            self.counts[t.status.index()] += 1;
-            if t.status.is_terminal() && !before.is_terminal() {
-                let at = t.finished_at.unwrap_or(t.updated_at);
-                self.finished.insert((at, t.seq), t.id.clone());
-            }
+        if !before.same(t) {
+            let after = IndexKeys::of(t);
+            let id = t.id.clone();
+            self.unindex(&before);
+            self.index(&after, &id);
         }
         true
     }
@@ -178,23 +435,45 @@ impl TaskStore for MemoryStore {
         self.idempotency.get(key).cloned()
     }
 
+    /// No filter, one filter, or status with tool or with node: read from the index whose
+    /// length is the exact total, O(log n + n / 1024 + limit) at any page. Tool and node
+    /// together (with or without status) scan the smaller of the two indexes that contain every
+    /// match (typically the node's tasks), newest first, checking the rest: O(that index), and
+    /// the total stays exact.
     fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page {
         let skip = page.saturating_sub(1).saturating_mul(limit);
-        let mut total = 0;
-        let mut tasks = Vec::with_capacity(limit.min(1000));
-        for id in self.by_seq.values().rev() {
-            let Some(t) = self.tasks.get(id) else {
-                continue;
-            };
-            if !filter.matches(t) {
-                continue;
+        let empty = || Page {
+            tasks: Vec::new(),
+            total: 0,
+        };
+        match self.index.exact(filter) {
+            Some(None) => empty(),
+            Some(Some(seqs)) => Page {
+                tasks: seqs
+                    .newest_after(skip)
+                    .take(limit)
+                    .filter_map(|seq| self.at_seq(seq).cloned())
+                    .collect(),
+                total: seqs.len(),
+            },
+            None => {
+                let Some(seqs) = self.index.smallest_superset(filter) else {
+                    return empty();
+                };
+                let mut total = 0;
+                let mut tasks = Vec::with_capacity(limit.min(1000));
+                for t in seqs.newest_after(0).filter_map(|seq| self.at_seq(seq)) {
+                    if !filter.matches(t) {
+                        continue;
+                    }
+                    if total >= skip && tasks.len() < limit {
+                        tasks.push(t.clone());
+                    }
+                    total += 1;
+                }
+                Page { tasks, total }
             }
-            if total >= skip && tasks.len() < limit {
-                tasks.push(t.clone());
-            }
-            total += 1;
         }
-        Page { tasks, total }
     }
 
     fn events_after(&self, id: &str, after: u32) -> Vec<TaskEvent> {
@@ -212,3 +491,7 @@ impl TaskStore for MemoryStore {
         self.remove_finished_before(cutoff).len()
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
