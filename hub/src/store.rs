@@ -358,7 +358,7 @@ impl MemoryStore {
         let keep = self.finished.split_off(&(cutoff, 0));
         let gone = std::mem::replace(&mut self.finished, keep);
         let mut ids = Vec::with_capacity(gone.len());
-        for (_, id) in gone {
+        for ((_, seq), id) in gone {
             if let Some(t) = self.tasks.remove(&id) {
                 self.unindex(&IndexKeys::of(&t));
                 if let Some(k) = &t.spec.idempotency_key

@@ -355,7 +355,11 @@ proptest! {
                         .map(|t| t.id.clone())
                         .collect();
                     model.retain(|_, t| !(t.status.is_terminal() && t.finished_at.unwrap_or(t.updated_at) < cutoff));
-                    let mut got = s.remove_finished_before(cutoff);
+                    let mut got: Vec<TaskId> = s
+                        .remove_finished_before(cutoff)
+                        .into_iter()
+                        .map(|(id, _)| id)
+                        .collect();
                     got.sort();
                     want.sort();
                     prop_assert_eq!(got, want);
