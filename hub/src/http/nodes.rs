@@ -12,7 +12,6 @@ use serde::Deserialize;
 use super::tasks::{TaskRequest, submit_error, wait_for_end};
 use super::{ApiError, AppState, Pagination};
 use crate::cluster::NodeState;
-use crate::model::TaskStatus;
 use crate::store::TaskFilter;
 
 /// Query of `GET /v1/nodes`.
@@ -113,15 +112,7 @@ pub async fn tasks(
     if state.cluster.node(&id).is_none() {
         return Err(ApiError::not_found("node", &id));
     }
-    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid(
-                "status",
-                "`status` must be one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
-            )
-        })?),
-    };
+    let status = super::tasks::status_filter(q.status.as_deref())?;
     let pages = Pagination::new(q.page, q.limit, 50)?;
     let filter = TaskFilter {
         status,

@@ -235,21 +235,29 @@ pub struct ListParams {
 }
 
 /// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=`: newest first,
+/// The `?status=` filter of task lists: `None` when absent or empty.
+///
+/// # Errors
+/// 400 naming `status` for anything but a task state.
+pub(super) fn status_filter(status: Option<&str>) -> Result<Option<TaskStatus>, ApiError> {
+    match status.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => TaskStatus::parse(s).map(Some).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                "`status` must be one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
+            )
+        }),
+    }
+}
+
 /// `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
 pub async fn list(
     State(state): State<AppState>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
-    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid(
-                "status",
-                "`status` must be one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
-            )
-        })?),
-    };
+    let status = status_filter(q.status.as_deref())?;
     let pages = Pagination::new(q.page, q.limit, 50)?;
     let filter = TaskFilter {
         status,
