@@ -15,6 +15,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,784 @@
+//! Shared mode's Redis protocol (issue 3, phase 2): several hubs on one Redis. This module is
+//! the data layer only (keys, Lua scripts, fencing, hub leases, the reaper); the engine does not
+//! use it yet (see ARCHITECTURE.md, "Several hubs on one Redis").
+//!
+//! Keys (all under `apex:shared:`):
+//! - `task:{id}`: hash with `record` (the [`Task`] JSON, events included), `state` (`queued`,
+//!   `claimed` or `done`), `queue` and `member` (where it waits), `claim` (a counter bumped by
+//!   every claim), and while claimed `owner` (hub id) and `epoch` (the owner's lease epoch).
+//! - `queue:{tool}` and `pinned:{node}`: sorted sets of waiting tasks. Score `-priority`
+//!   (exact for every `i32`); member `{seq:020}:{task id}` with `seq` from the global counter
+//!   `seq`, so equal priorities pop oldest first (Redis orders equal scores by member).
+//! - `epoch`: counter; every [`SharedRedis::join`] takes the next value as the hub's epoch.
+//! - `hub:{id}`: the hub's lease, value = its epoch, time-to-live `lease_ttl_ms`, renewed by
+//!   [`SharedRedis::renew`]. Once it is gone the hub must stop committing: every commit script
+//!   checks it, and a hub that finds it gone has to join again (new epoch, nothing it claimed
+//!   before is its any more).
+//! - `hubs`: set of hub ids that joined and may still own tasks; `owned:{id}`: task ids a hub
+//!   has claimed and not finished.
+//! - `idem:{key}`: idempotency key → task id (`SET NX` inside the submit script).
+//! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
+//!
+//! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
+//! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
+//! record and send the events after the last sequence number they saw).
+//!
+//! Fencing: [`SharedRedis::commit`] writes only if the hub's lease still holds its epoch and the
+//! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
+//! a claimed task only if its owner's lease no longer holds the claiming epoch. Both are single
+//! scripts, so a result from an expired lease is never committed and a task is never both
+//! committed by its old owner and requeued.
+//!
+//! The scripts touch keys they compute from others (the task hashes a claim pops), which a
+//! standalone Redis allows; Redis Cluster is not supported.
+
+use std::time::SystemTime;
+
+use apex_protocol::ErrorInfo;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{EventKind, Task, TaskEvent, TaskStatus};
+use crate::store::NodeRecord;
+
+/// Prefix of every shared-mode key.
+pub const PREFIX: &str = "apex:shared:";
+/// Pub/sub channel announcing a queue key that received a task.
+pub const WAKE_CHANNEL: &str = "apex:shared:wake";
+/// Pub/sub channel announcing a task id whose record changed.
+pub const EVENTS_CHANNEL: &str = "apex:shared:task-events";
+/// Default lifetime of a hub lease, in milliseconds (renewed every second).
+pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
+
+/// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key;
+/// ARGV[1] task id, ARGV[2] record, ARGV[3] score, ARGV[4] `1` if KEYS[4] is used, ARGV[5]
+/// wake channel. Returns `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
+const SUBMIT: &str = r"
+if ARGV[4] == '1' then
+  local ok = redis.call('SET', KEYS[4], ARGV[1], 'NX')
+  if not ok then
+    return {'0', redis.call('GET', KEYS[4]), ''}
+  end
+end
+local seq = redis.call('INCR', KEYS[3])
+local member = string.format('%020d', seq) .. ':' .. ARGV[1]
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'queue', KEYS[2],
+  'member', member, 'claim', '0')
+redis.call('ZADD', KEYS[2], ARGV[3], member)
+redis.call('PUBLISH', ARGV[5], KEYS[2])
+return {'1', ARGV[1], tostring(seq)}
+";
+
+/// Claim: KEYS[1] queue, KEYS[2] hub lease, KEYS[3] owned set; ARGV[1] hub id, ARGV[2] epoch,
+/// ARGV[3] n, ARGV[4] task key prefix. Returns record/claim pairs (flat), at most n.
+const CLAIM: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return redis.error_reply('LEASE the hub lease is lost')
+end
+local out = {}
+local n = tonumber(ARGV[3])
+while #out < 2 * n do
+  local p = redis.call('ZPOPMIN', KEYS[1])
+  if #p == 0 then break end
+  local id = string.sub(p[1], 22)
+  local tk = ARGV[4] .. id
+  if redis.call('HGET', tk, 'state') == 'queued' then
+    local claim = redis.call('HINCRBY', tk, 'claim', 1)
+    redis.call('HSET', tk, 'state', 'claimed', 'owner', ARGV[1], 'epoch', ARGV[2])
+    redis.call('SADD', KEYS[3], id)
+    table.insert(out, redis.call('HGET', tk, 'record'))
+    table.insert(out, tostring(claim))
+  end
+end
+return out
+";
+
+/// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue;
+/// ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state
+/// (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8] events channel,
+/// ARGV[9] wake channel. Returns 1, or an error starting `FENCED`.
+const COMMIT: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return redis.error_reply('FENCED the hub lease is lost')
+end
+local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' then
+  return redis.error_reply('FENCED the task is not held by this claim')
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[4])
+if ARGV[5] ~= 'claimed' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[5])
+  redis.call('HDEL', KEYS[1], 'owner', 'epoch')
+  redis.call('SREM', KEYS[3], ARGV[7])
+  if ARGV[5] == 'queued' then
+    redis.call('ZADD', KEYS[4], ARGV[6], h[5])
+    redis.call('PUBLISH', ARGV[9], KEYS[4])
+  end
+end
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return 1
+";
+
+/// Finish a task that waits in a queue (cancel, timeout): KEYS[1] task hash, KEYS[2] queue;
+/// ARGV[1] record, ARGV[2] task id, ARGV[3] events channel. Returns 1, or 0 if the task is not
+/// queued (claimed by a hub, or finished).
+const FINISH_QUEUED: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'state', 'member')
+if h[1] ~= 'queued' then return 0 end
+redis.call('ZREM', KEYS[2], h[2])
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'done')
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+";
+
+/// Renew: KEYS[1] hub lease; ARGV[1] epoch, ARGV[2] ttl ms. Returns 1 if renewed, 0 if the
+/// lease is gone or holds another epoch.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Requeue a task of a dead hub: KEYS[1] task hash, KEYS[2] its owner's lease, KEYS[3] its
+/// owner's owned set, KEYS[4] its queue; ARGV[1] owner, ARGV[2] epoch, ARGV[3] claim, ARGV[4]
+/// record, ARGV[5] next state (`queued` or `done`), ARGV[6] score, ARGV[7] task id, ARGV[8]
+/// events channel, ARGV[9] wake channel. Returns 1, or 0 if the claim is alive or gone.
+const REQUEUE: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[2] then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[4], 'state', ARGV[5])
+redis.call('HDEL', KEYS[1], 'owner', 'epoch')
+redis.call('SREM', KEYS[3], ARGV[7])
+if ARGV[5] == 'queued' then
+  redis.call('ZADD', KEYS[4], ARGV[6], h[5])
+  redis.call('PUBLISH', ARGV[9], KEYS[4])
+end
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return 1
+";
+
+/// Forget a dead hub with nothing left: KEYS[1] hubs set, KEYS[2] its lease, KEYS[3] its owned
+/// set; ARGV[1] hub id. Returns 1 if this call removed it.
+const FORGET_HUB: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('SCARD', KEYS[3]) > 0 then return 0 end
+return redis.call('SREM', KEYS[1], ARGV[1])
+";
+
+/// Why a shared-mode call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SharedError {
+    /// Redis cannot be reached or answered an error (HTTP: 503).
+    #[error("shared store {what} is unavailable: {reason}")]
+    Unavailable {
+        /// The Redis URL without password.
+        what: String,
+        /// The cause, one line.
+        reason: String,
+    },
+    /// The hub's lease or the task's claim is no longer this hub's: nothing was written.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// A stored record does not decode.
+    #[error("shared store record of task {id} does not decode: {reason}")]
+    Unreadable {
+        /// Task id.
+        id: String,
+        /// Decoder message.
+        reason: String,
+    },
+}
+
+/// Where a task waits: its tool's queue, or its pinned node's.
+pub fn queue_key(task: &Task) -> String {
+    match &task.spec.pinned_node {
+        Some(node) => format!("{PREFIX}pinned:{node}"),
+        None => format!("{PREFIX}queue:{}", task.spec.tool),
+    }
+}
+
+/// The queue key of a tool.
+pub fn tool_queue(tool: &str) -> String {
+    format!("{PREFIX}queue:{tool}")
+}
+
+/// The queue key of tasks pinned to a node.
+pub fn pinned_queue(node: &str) -> String {
+    format!("{PREFIX}pinned:{node}")
+}
+
+fn task_key(id: &str) -> String {
+    format!("{PREFIX}task:{id}")
+}
+
+fn lease_key(hub: &str) -> String {
+    format!("{PREFIX}hub:{hub}")
+}
+
+fn owned_key(hub: &str) -> String {
+    format!("{PREFIX}owned:{hub}")
+}
+
+/// Queue score: lower pops first, so higher priority gets a lower score. Exact for any `i32`.
+fn score(task: &Task) -> f64 {
+    -f64::from(task.spec.priority)
+}
+
+/// Result of [`SharedRedis::submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// The task was stored and queued; `seq` is its global acceptance order.
+    New {
+        /// Global acceptance sequence number.
+        seq: u64,
+    },
+    /// The idempotency key names an existing task (possibly submitted at another hub).
+    Existing(String),
+}
+
+/// A task this hub claimed: its record and the claim number every commit must present.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The record as stored at claim time.
+    pub task: Task,
+    /// The task's claim counter after this claim (fencing token together with the epoch).
+    pub claim: u64,
+}
+
+/// A node in the cluster-wide registry: the node's record and the hub it is connected to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedNode {
+    /// The node.
+    pub node: NodeRecord,
+    /// The hub id holding its connection.
+    pub hub: String,
+    /// When that hub last wrote this entry, milliseconds since the Unix epoch.
+    pub seen_ms: u64,
+}
+
+/// `HMGET record owner epoch claim state` of a task hash.
+type ClaimFields = (
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// What the reaper did in one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Tasks put back in their queue (attempts left).
+    pub requeued: u64,
+    /// Tasks failed with `node_lost` (no attempts left).
+    pub failed: u64,
+    /// Dead hubs forgotten (nothing left to reap).
+    pub hubs_forgotten: u64,
+}
+
+/// One hub's handle on the shared Redis.
+pub struct SharedRedis {
+    conn: ConnectionManager,
+    what: String,
+    hub_id: String,
+    epoch: u64,
+    lease_ttl_ms: u64,
+}
+
+fn one_line(e: impl std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(apex_protocol::now_ms()).unwrap_or(0)
+}
+
+impl SharedRedis {
+    /// Connects to `url` and joins as `hub_id`: takes the next epoch, sets the hub's lease
+    /// (`lease_ttl_ms`) and registers the hub in `apex:shared:hubs`.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`] if Redis cannot be reached.
+    pub async fn join(url: &str, hub_id: &str, lease_ttl_ms: u64) -> Result<Self, SharedError> {
+        let what = super::redis::redacted(url);
+        let unavailable = |e: String| SharedError::Unavailable {
+            what: what.clone(),
+            reason: e,
+        };
+        let client = redis::Client::open(url).map_err(|e| unavailable(one_line(e)))?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(std::time::Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(|e| unavailable(one_line(e)))?;
+        let mut s = Self {
+            conn,
+            what: what.clone(),
+            hub_id: hub_id.to_owned(),
+            epoch: 0,
+            lease_ttl_ms,
+        };
+        s.rejoin().await?;
+        Ok(s)
+    }
+
+    /// Takes a new epoch and lease (after [`SharedRedis::renew`] reported the lease lost).
+    /// Claims taken under the old epoch stay fenced; the reaper of some hub requeues them.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn rejoin(&mut self) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        let epoch: u64 = redis::cmd("INCR")
+            .arg(format!("{PREFIX}epoch"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(lease_key(&self.hub_id))
+            .arg(epoch)
+            .arg("PX")
+            .arg(self.lease_ttl_ms)
+            .ignore()
+            .cmd("SADD")
+            .arg(format!("{PREFIX}hubs"))
+            .arg(&self.hub_id)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        self.epoch = epoch;
+        Ok(epoch)
+    }
+
+    /// This hub's id.
+    pub fn hub_id(&self) -> &str {
+        &self.hub_id
+    }
+
+    /// This hub's current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> SharedError {
+        SharedError::Unavailable {
+            what: self.what.clone(),
+            reason: one_line(e),
+        }
+    }
+
+    fn classify(&self, e: redis::RedisError) -> SharedError {
+        let text = one_line(&e);
+        if text.contains("FENCED") || text.contains("LEASE") {
+            SharedError::Fenced(text)
+        } else {
+            self.unavailable(text)
+        }
+    }
+
+    /// Renews the hub's lease. `Ok(false)`: the lease is gone (expired, or the hub id joined
+    /// elsewhere); the hub must stop committing and [`SharedRedis::rejoin`].
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn renew(&self) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let r: i64 = redis::Script::new(RENEW)
+            .key(lease_key(&self.hub_id))
+            .arg(self.epoch)
+            .arg(self.lease_ttl_ms)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(r == 1)
+    }
+
+    /// Whether the hub's lease still holds its epoch (reads only; does not renew).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn lease_alive(&self) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let cur: Option<u64> = redis::cmd("GET")
+            .arg(lease_key(&self.hub_id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(cur == Some(self.epoch))
+    }
+
+    /// Stores a new task (status `queued`) and queues it in [`queue_key`]; with an idempotency
+    /// key already used (at any hub) nothing is written and the existing id is returned.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn submit(&self, task: &Task) -> Result<Submitted, SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+        let idem = task.spec.idempotency_key.as_deref();
+        let mut c = self.conn.clone();
+        let r: Vec<String> = redis::Script::new(SUBMIT)
+            .key(task_key(&task.id))
+            .key(queue_key(task))
+            .key(format!("{PREFIX}seq"))
+            .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
+            .arg(&task.id)
+            .arg(record)
+            .arg(score(task))
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(WAKE_CHANNEL)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        match r.as_slice() {
+            [flag, _, seq] if flag == "1" => Ok(Submitted::New {
+                seq: seq.parse().unwrap_or(0),
+            }),
+            [_, id, _] => Ok(Submitted::Existing(id.clone())),
+            _ => Err(self.unavailable("unexpected reply of the submit script")),
+        }
+    }
+
+    /// Claims up to `n` queued tasks of `queue` (a [`tool_queue`] or [`pinned_queue`]) for this
+    /// hub, highest priority then oldest first. Claimed tasks keep their stored status
+    /// (`queued`) until the hub commits the assignment.
+    ///
+    /// # Errors
+    /// [`SharedError::Fenced`] if the hub's lease is lost (nothing claimed);
+    /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`] for a bad record.
+    pub async fn claim(&self, queue: &str, n: usize) -> Result<Vec<Claimed>, SharedError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let flat: Vec<Vec<u8>> = redis::Script::new(CLAIM)
+            .key(queue)
+            .key(lease_key(&self.hub_id))
+            .key(owned_key(&self.hub_id))
+            .arg(&self.hub_id)
+            .arg(self.epoch)
+            .arg(n)
+            .arg(format!("{PREFIX}task:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.classify(e))?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [record, claim] = pair else { break };
+            let task: Task =
+                serde_json::from_slice(record).map_err(|e| SharedError::Unreadable {
+                    id: "(claimed)".to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let claim = std::str::from_utf8(claim)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            out.push(Claimed { task, claim });
+        }
+        Ok(out)
+    }
+
+    /// Writes the record of a task this hub claimed (`claim` from [`Claimed`]). A terminal
+    /// status releases the task (`done`); `queued` puts it back in its queue for any hub;
+    /// anything else keeps the claim.
+    ///
+    /// # Errors
+    /// [`SharedError::Fenced`] if the hub's lease or the task's claim is no longer this hub's
+    /// (nothing written); [`SharedError::Unavailable`].
+    pub async fn commit(&self, task: &Task, claim: u64) -> Result<(), SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+        let next = if task.status.is_terminal() {
+            "done"
+        } else if task.status == TaskStatus::Queued {
+            "queued"
+        } else {
+            "claimed"
+        };
+        let mut c = self.conn.clone();
+        let _: i64 = redis::Script::new(COMMIT)
+            .key(task_key(&task.id))
+            .key(lease_key(&self.hub_id))
+            .key(owned_key(&self.hub_id))
+            .key(queue_key(task))
+            .arg(&self.hub_id)
+            .arg(self.epoch)
+            .arg(claim)
+            .arg(record)
+            .arg(next)
+            .arg(score(task))
+            .arg(&task.id)
+            .arg(EVENTS_CHANNEL)
+            .arg(WAKE_CHANNEL)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+
+    /// Finishes a task that still waits in its queue (no hub claimed it) with `task`'s
+    /// terminal record. `Ok(false)` if it is claimed or already finished (nothing written).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn finish_queued(&self, task: &Task) -> Result<bool, SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        let r: i64 = redis::Script::new(FINISH_QUEUED)
+            .key(task_key(&task.id))
+            .key(queue_key(task))
+            .arg(record)
+            .arg(&task.id)
+            .arg(EVENTS_CHANNEL)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(r == 1)
+    }
+
+    /// A task's stored record, whoever owns it.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`].
+    pub async fn get(&self, id: &str) -> Result<Option<Task>, SharedError> {
+        let mut c = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(task_key(id))
+            .arg("record")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        raw.map(|r| {
+            serde_json::from_slice(&r).map_err(|e| SharedError::Unreadable {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// How many tasks wait in `queue`.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn queue_len(&self, queue: &str) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        redis::cmd("ZCARD")
+            .arg(queue)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Writes this hub's node into the cluster-wide registry.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn put_node(&self, node: &NodeRecord) -> Result<(), SharedError> {
+        let entry = SharedNode {
+            node: node.clone(),
+            hub: self.hub_id.clone(),
+            seen_ms: now_ms(),
+        };
+        let json = serde_json::to_vec(&entry).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(format!("{PREFIX}nodes"))
+            .arg(&node.id)
+            .arg(json)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Every node of the cluster-wide registry (entries that do not decode are skipped with a
+    /// warning: one bad entry must not hide the others).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn nodes(&self) -> Result<Vec<SharedNode>, SharedError> {
+        let mut c = self.conn.clone();
+        let rows: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(format!("{PREFIX}nodes"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, raw) in rows {
+            match serde_json::from_slice(&raw) {
+                Ok(n) => out.push(n),
+                Err(e) => {
+                    tracing::warn!(node_id = %id, error = %e, "shared node entry does not decode")
+                }
+            }
+        }
+        out.sort_by(|a: &SharedNode, b| a.node.id.cmp(&b.node.id));
+        Ok(out)
+    }
+
+    /// One reaper pass: for every other hub whose lease is gone, requeues each task it had
+    /// claimed (a `task_migrated` event; attempt + 1 at its next assignment) or, if the task
+    /// used all its attempts, fails it with `node_lost`; a hub with nothing left is forgotten.
+    /// Safe to run on every hub at once: each requeue is conditional on the claim it read.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn reap(&self) -> Result<Reaped, SharedError> {
+        let mut out = Reaped::default();
+        let mut c = self.conn.clone();
+        let hubs: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{PREFIX}hubs"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        for hub in hubs {
+            if hub == self.hub_id {
+                continue;
+            }
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(lease_key(&hub))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            if alive {
+                continue;
+            }
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(owned_key(&hub))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            for id in ids {
+                let h: ClaimFields = redis::cmd("HMGET")
+                    .arg(task_key(&id))
+                    .arg("record")
+                    .arg("owner")
+                    .arg("epoch")
+                    .arg("claim")
+                    .arg("state")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                let (Some(raw), Some(owner), Some(epoch), Some(claim), Some(state)) = h else {
+                    // Finished or deleted meanwhile: drop the stale membership.
+                    let _: redis::RedisResult<i64> = redis::cmd("SREM")
+                        .arg(owned_key(&hub))
+                        .arg(&id)
+                        .query_async(&mut c)
+                        .await;
+                    continue;
+                };
+                if owner != hub || state != "claimed" {
+                    continue;
+                }
+                let mut task: Task =
+                    serde_json::from_slice(&raw).map_err(|e| SharedError::Unreadable {
+                        id: id.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let failed = requeue_record(&mut task, &hub);
+                let record = serde_json::to_vec(&task).map_err(|e| self.unavailable(e))?;
+                let r: i64 = redis::Script::new(REQUEUE)
+                    .key(task_key(&id))
+                    .key(lease_key(&hub))
+                    .key(owned_key(&hub))
+                    .key(queue_key(&task))
+                    .arg(&hub)
+                    .arg(&epoch)
+                    .arg(&claim)
+                    .arg(record)
+                    .arg(if failed { "done" } else { "queued" })
+                    .arg(score(&task))
+                    .arg(&id)
+                    .arg(EVENTS_CHANNEL)
+                    .arg(WAKE_CHANNEL)
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                if r == 1 {
+                    if failed {
+                        out.failed += 1;
+                    } else {
+                        out.requeued += 1;
+                    }
+                }
+            }
+            let r: i64 = redis::Script::new(FORGET_HUB)
+                .key(format!("{PREFIX}hubs"))
+                .key(lease_key(&hub))
+                .key(owned_key(&hub))
+                .arg(&hub)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            out.hubs_forgotten += u64::try_from(r).unwrap_or(0);
+        }
+        Ok(out)
+    }
+}
+
+/// Turns the record of a task held by dead hub `hub` into its next state, as the engine's
+/// migration does for a lost node: back to `queued` with a `task_migrated` event, or `failed`
+/// with `node_lost` when it used all its attempts. A task the hub claimed but never assigned
+/// (still `queued` in its record) goes back unchanged. Returns whether it failed.
+pub fn requeue_record(task: &mut Task, hub: &str) -> bool {
+    if task.status == TaskStatus::Queued || task.status.is_terminal() {
+        return false;
+    }
+    let now = SystemTime::now();
+    let (attempt, max) = (task.attempt, task.spec.max_attempts);
+    let from = task.node_id.clone().unwrap_or_default();
+    let failed = attempt >= max;
+    let (kind, msg, error) = if failed {
+        let msg = format!("hub {hub} (holding node {from}) was lost on attempt {attempt} of {max}");
+        (
+            EventKind::TaskFailed,
+            msg.clone(),
+            Some(ErrorInfo::new("node_lost", msg)),
+        )
+    } else {
+        (
+            EventKind::TaskMigrated,
+            format!(
+                "hub {hub} (holding node {from}) was lost; requeued for attempt {}",
+                attempt + 1
+            ),
+            None,
+        )
+    };
+    task.status = if failed {
+        TaskStatus::Failed
+    } else {
+        TaskStatus::Queued
+    };
+    task.updated_at = now;
+    task.message = Some(msg.clone());
+    if failed {
+        task.error = error.clone();
+        task.finished_at = Some(now);
+    }
+    task.events.push(TaskEvent {
+        kind,
+        task_id: task.id.clone(),
+        seq: u32::try_from(task.events.len() + 1).unwrap_or(u32::MAX),
+        attempt,
+        node_id: Some(from),
+        status: task.status,
+        progress: None,
+        message: Some(msg),
+        error,
+        timestamp: now,
+    });
+    failed
+}
