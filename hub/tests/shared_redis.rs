@@ -11,9 +11,12 @@ mod redis_server;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use apex_hub::durable::shared::{SharedError, SharedRedis, Submitted, pinned_queue, tool_queue};
+use apex_hub::durable::shared::{
+    self, SharedError, SharedRedis, Submitted, Wake, pinned_queue, tool_queue,
+};
 use apex_hub::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 use apex_hub::store::NodeRecord;
+use futures::StreamExt;
 use redis_server::RedisServer;
 use serde_json::json;
 
@@ -159,7 +162,7 @@ async fn pinned_tasks_wait_in_their_node_queue() {
 #[tokio::test]
 async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_tasks_once() {
     let redis = RedisServer::start().unwrap();
-    let mut dead = hub(&redis, "hub-dead", 300).await;
+    let dead = hub(&redis, "hub-dead", 300).await;
     let a = hub(&redis, "hub-a", 60_000).await;
     let b = hub(&redis, "hub-b", 60_000).await;
 
@@ -356,7 +359,7 @@ async fn every_hub_lists_every_hubs_nodes() {
 #[tokio::test]
 async fn redis_down_is_unavailable_and_the_hub_recovers_when_it_is_back() {
     let mut redis = RedisServer::start().unwrap();
-    let mut a = hub(&redis, "hub-a", 5_000).await;
+    let a = hub(&redis, "hub-a", 5_000).await;
     redis.stop();
     let err = a.submit(&task(1, "echo", 5)).await.unwrap_err();
     assert!(matches!(err, SharedError::Unavailable { .. }), "{err:?}");
@@ -379,4 +382,36 @@ async fn redis_down_is_unavailable_and_the_hub_recovers_when_it_is_back() {
     ));
     a.rejoin().await.unwrap();
     assert_eq!(a.claim(&tool_queue("echo"), 5).await.unwrap().len(), 1);
+}
+
+async fn next(w: &mut (impl futures::Stream<Item = Wake> + Unpin)) -> Wake {
+    tokio::time::timeout(Duration::from_secs(30), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn subscribers_hear_of_new_queued_tasks_and_record_changes_from_any_hub() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let mut wakes = Box::pin(shared::subscribe(&redis.url()).await.unwrap());
+    let t = task(1, "echo", 5);
+    a.submit(&t).await.unwrap();
+    assert_eq!(next(&mut wakes).await, Wake::Queue(tool_queue("echo")));
+    let c = b.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-b");
+    b.commit(&rec, c.claim).await.unwrap();
+    assert_eq!(next(&mut wakes).await, Wake::Task(t.id.clone()));
+    // Handed back: the record changed and the queue got a task again.
+    rec.status = TaskStatus::Queued;
+    b.commit(&rec, c.claim).await.unwrap();
+    let mut got = vec![next(&mut wakes).await, next(&mut wakes).await];
+    got.sort_by_key(|w| format!("{w:?}"));
+    assert_eq!(
+        got,
+        vec![Wake::Queue(tool_queue("echo")), Wake::Task(t.id.clone())]
+    );
 }

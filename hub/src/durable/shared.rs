@@ -32,7 +32,10 @@
 //! The scripts touch keys they compute from others (the task hashes a claim pops), which a
 //! standalone Redis allows; Redis Cluster is not supported.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
+
+use futures::{Stream, StreamExt};
 
 use apex_protocol::ErrorInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -278,12 +281,52 @@ pub struct Reaped {
     pub hubs_forgotten: u64,
 }
 
+/// A wake-up published by some hub (see the module docs for the channels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// A task was added to this queue key ([`tool_queue`] or [`pinned_queue`]).
+    Queue(String),
+    /// This task's record changed (read it with [`SharedRedis::get`]).
+    Task(String),
+}
+
+/// Subscribes to [`WAKE_CHANNEL`] and [`EVENTS_CHANNEL`] on a connection of its own. The stream
+/// ends when that connection drops: messages published meanwhile are lost, so a subscriber
+/// subscribes again and re-reads what it follows (queues and task records are the truth; the
+/// messages only say when to look).
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe(
+    url: &str,
+) -> Result<impl Stream<Item = Wake> + Send + 'static, SharedError> {
+    let what = super::redis::redacted(url);
+    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
+        what: what.clone(),
+        reason: one_line(e),
+    };
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub
+        .subscribe(&[WAKE_CHANNEL, EVENTS_CHANNEL])
+        .await
+        .map_err(unavailable)?;
+    Ok(pubsub.into_on_message().filter_map(|msg| async move {
+        let payload = String::from_utf8(msg.get_payload_bytes().to_vec()).ok()?;
+        match msg.get_channel_name() {
+            WAKE_CHANNEL => Some(Wake::Queue(payload)),
+            EVENTS_CHANNEL => Some(Wake::Task(payload)),
+            _ => None,
+        }
+    }))
+}
+
 /// One hub's handle on the shared Redis.
 pub struct SharedRedis {
     conn: ConnectionManager,
     what: String,
     hub_id: String,
-    epoch: u64,
+    epoch: AtomicU64,
     lease_ttl_ms: u64,
 }
 
@@ -319,11 +362,11 @@ impl SharedRedis {
         let conn = ConnectionManager::new_with_config(client, cfg)
             .await
             .map_err(|e| unavailable(one_line(e)))?;
-        let mut s = Self {
+        let s = Self {
             conn,
             what: what.clone(),
             hub_id: hub_id.to_owned(),
-            epoch: 0,
+            epoch: AtomicU64::new(0),
             lease_ttl_ms,
         };
         s.rejoin().await?;
@@ -335,7 +378,7 @@ impl SharedRedis {
     ///
     /// # Errors
     /// [`SharedError::Unavailable`].
-    pub async fn rejoin(&mut self) -> Result<u64, SharedError> {
+    pub async fn rejoin(&self) -> Result<u64, SharedError> {
         let mut c = self.conn.clone();
         let epoch: u64 = redis::cmd("INCR")
             .arg(format!("{PREFIX}epoch"))
@@ -357,7 +400,7 @@ impl SharedRedis {
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
-        self.epoch = epoch;
+        self.epoch.store(epoch, Ordering::Release);
         Ok(epoch)
     }
 
@@ -368,7 +411,7 @@ impl SharedRedis {
 
     /// This hub's current epoch.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     fn unavailable(&self, e: impl std::fmt::Display) -> SharedError {
@@ -396,7 +439,7 @@ impl SharedRedis {
         let mut c = self.conn.clone();
         let r: i64 = redis::Script::new(RENEW)
             .key(lease_key(&self.hub_id))
-            .arg(self.epoch)
+            .arg(self.epoch())
             .arg(self.lease_ttl_ms)
             .invoke_async(&mut c)
             .await
@@ -415,7 +458,7 @@ impl SharedRedis {
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(cur == Some(self.epoch))
+        Ok(cur == Some(self.epoch()))
     }
 
     /// Stores a new task (status `queued`) and queues it in [`queue_key`]; with an idempotency
@@ -466,7 +509,7 @@ impl SharedRedis {
             .key(lease_key(&self.hub_id))
             .key(owned_key(&self.hub_id))
             .arg(&self.hub_id)
-            .arg(self.epoch)
+            .arg(self.epoch())
             .arg(n)
             .arg(format!("{PREFIX}task:"))
             .invoke_async(&mut c)
@@ -512,7 +555,7 @@ impl SharedRedis {
             .key(owned_key(&self.hub_id))
             .key(queue_key(task))
             .arg(&self.hub_id)
-            .arg(self.epoch)
+            .arg(self.epoch())
             .arg(claim)
             .arg(record)
             .arg(next)
