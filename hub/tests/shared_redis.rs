@@ -109,11 +109,19 @@ async fn a_task_submitted_at_one_hub_is_claimed_and_finished_at_another_and_read
     assert_eq!(seen.status, TaskStatus::Succeeded);
     assert_eq!(seen.node_id.as_deref(), Some("node-b"));
     assert_eq!(seen.result, Some(json!({"ok": 1})));
-    // A finished task cannot be committed again, even by its last owner.
+    // A finished task cannot be changed again, even by its last owner (the same record again,
+    // a retried batch, writes nothing and succeeds).
+    b.commit(&rec, c.claim).await.unwrap();
+    let mut other = rec.clone();
+    other.result = Some(json!({"ok": "twice"}));
     assert!(matches!(
-        b.commit(&rec, c.claim).await,
+        b.commit(&other, c.claim).await,
         Err(SharedError::Fenced(_))
     ));
+    assert_eq!(
+        a.get(&t.id).await.unwrap().unwrap().result,
+        Some(json!({"ok": 1}))
+    );
 }
 
 #[tokio::test]
@@ -414,4 +422,91 @@ async fn subscribers_hear_of_new_queued_tasks_and_record_changes_from_any_hub() 
         got,
         vec![Wake::Queue(tool_queue("echo")), Wake::Task(t.id.clone())]
     );
+}
+
+/// The writer-thread backend: commits only tasks the hub holds, under their claim; a fenced
+/// commit is reported, not retried, and does not fail the batch; a retried batch whose terminal
+/// record is already stored succeeds.
+#[test]
+fn the_shared_backend_commits_held_tasks_and_reports_fenced_ones() {
+    use apex_hub::durable::Backend;
+    use apex_hub::durable::shared::{Claims, SharedBackend};
+
+    let redis = RedisServer::start().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, h) = rt.block_on(async {
+        (
+            hub(&redis, "hub-a", 60_000).await,
+            hub(&redis, "hub-h", 400).await,
+        )
+    });
+    let claims = Claims::default();
+    let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
+    let mut backend = SharedBackend::open(&redis.url(), &h, claims.clone(), tx).unwrap();
+
+    let (t1, t2, stranger) = (task(1, "echo", 5), task(2, "echo", 5), task(3, "echo", 5));
+    let got = rt.block_on(async {
+        for t in [&t1, &t2, &stranger] {
+            a.submit(t).await.unwrap();
+        }
+        h.claim(&tool_queue("echo"), 2).await.unwrap()
+    });
+    for c in &got {
+        claims.insert(&c.task.id, c.claim);
+    }
+    let mut r1 = got[0].task.clone();
+    let mut r2 = got[1].task.clone();
+    assign(&mut r1, "node-h");
+    assign(&mut r2, "node-h");
+    // A put for a task the hub does not hold writes nothing.
+    let mut s = stranger.clone();
+    succeed(&mut s);
+    let put = |t: &Task| (t.id.clone(), t.seq, serde_json::to_vec(t).unwrap());
+    let batch = [put(&r1), put(&r2), put(&s)];
+    let refs: Vec<(&str, u64, Vec<u8>)> = batch
+        .iter()
+        .map(|(id, seq, v)| (id.as_str(), *seq, v.clone()))
+        .collect();
+    backend.write(&refs, &[], &[]).unwrap();
+    rt.block_on(async {
+        assert_eq!(
+            a.get(&r1.id).await.unwrap().unwrap().status,
+            TaskStatus::Assigned
+        );
+        assert_eq!(
+            a.get(&stranger.id).await.unwrap().unwrap().status,
+            TaskStatus::Queued
+        );
+    });
+
+    // r1 finishes: committed, claim released; the same batch again (a retry) still succeeds.
+    succeed(&mut r1);
+    let one = [(r1.id.as_str(), r1.seq, serde_json::to_vec(&r1).unwrap())];
+    backend.write(&one, &[], &[]).unwrap();
+    assert_eq!(claims.get(&r1.id), None);
+    claims.insert(&r1.id, got[0].claim);
+    backend.write(&one, &[], &[]).unwrap();
+    assert!(fenced.try_recv().is_err());
+
+    // The hub's lease runs out; r2's result is fenced, reported, and the batch does not fail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rt.block_on(h.lease_alive()).unwrap() {
+        assert!(Instant::now() < deadline, "lease never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    succeed(&mut r2);
+    let two = [(r2.id.as_str(), r2.seq, serde_json::to_vec(&r2).unwrap())];
+    backend.write(&two, &[], &[]).unwrap();
+    assert_eq!(fenced.try_recv().unwrap(), r2.id);
+    assert_eq!(claims.get(&r2.id), None);
+    rt.block_on(async {
+        assert_eq!(
+            a.get(&r2.id).await.unwrap().unwrap().status,
+            TaskStatus::Assigned
+        );
+        assert_eq!(
+            a.get(&r1.id).await.unwrap().unwrap().status,
+            TaskStatus::Succeeded
+        );
+    });
 }

@@ -32,6 +32,8 @@
 //! The scripts touch keys they compute from others (the task hashes a claim pops), which a
 //! standalone Redis allows; Redis Cluster is not supported.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -99,8 +101,11 @@ return out
 /// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue;
 /// ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state
 /// (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8] events channel,
-/// ARGV[9] wake channel. Returns 1, or an error starting `FENCED`.
+/// ARGV[9] wake channel. Returns 1 (also, writing nothing, when the task is released already
+/// with exactly this record: a retried batch), or an error starting `FENCED`.
 const COMMIT: &str = r"
+local done = redis.call('HMGET', KEYS[1], 'state', 'record')
+if done[1] ~= 'claimed' and done[2] == ARGV[4] then return 1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then
   return redis.error_reply('FENCED the hub lease is lost')
 end
@@ -326,7 +331,7 @@ pub struct SharedRedis {
     conn: ConnectionManager,
     what: String,
     hub_id: String,
-    epoch: AtomicU64,
+    epoch: Arc<AtomicU64>,
     lease_ttl_ms: u64,
 }
 
@@ -348,6 +353,27 @@ impl SharedRedis {
     /// # Errors
     /// [`SharedError::Unavailable`] if Redis cannot be reached.
     pub async fn join(url: &str, hub_id: &str, lease_ttl_ms: u64) -> Result<Self, SharedError> {
+        let s = Self::connect(url, hub_id, Arc::new(AtomicU64::new(0)), lease_ttl_ms).await?;
+        s.rejoin().await?;
+        Ok(s)
+    }
+
+    /// Another connection for the same hub on the current runtime (a `ConnectionManager` is
+    /// driven by the runtime that made it): it shares this handle's epoch, so a
+    /// [`SharedRedis::rejoin`] on either applies to both. Does not join again.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`] if Redis cannot be reached.
+    pub async fn attach(&self, url: &str) -> Result<Self, SharedError> {
+        Self::connect(url, &self.hub_id, self.epoch.clone(), self.lease_ttl_ms).await
+    }
+
+    async fn connect(
+        url: &str,
+        hub_id: &str,
+        epoch: Arc<AtomicU64>,
+        lease_ttl_ms: u64,
+    ) -> Result<Self, SharedError> {
         let what = super::redis::redacted(url);
         let unavailable = |e: String| SharedError::Unavailable {
             what: what.clone(),
@@ -362,15 +388,13 @@ impl SharedRedis {
         let conn = ConnectionManager::new_with_config(client, cfg)
             .await
             .map_err(|e| unavailable(one_line(e)))?;
-        let s = Self {
+        Ok(Self {
             conn,
             what: what.clone(),
             hub_id: hub_id.to_owned(),
-            epoch: AtomicU64::new(0),
+            epoch,
             lease_ttl_ms,
-        };
-        s.rejoin().await?;
-        Ok(s)
+        })
     }
 
     /// Takes a new epoch and lease (after [`SharedRedis::renew`] reported the lease lost).
@@ -824,4 +848,134 @@ pub fn requeue_record(task: &mut Task, hub: &str) -> bool {
         timestamp: now,
     });
     failed
+}
+
+/// Claim tokens of the tasks a hub's engine holds in shared mode: task id → claim number. The
+/// claimer adds one per adopted task; the [`SharedBackend`] reads them to fence every commit and
+/// removes a task's once it is released (finished, handed back, or fenced).
+#[derive(Debug, Clone, Default)]
+pub struct Claims(Arc<parking_lot::Mutex<HashMap<String, u64>>>);
+
+impl Claims {
+    /// Records that this hub holds `id` under `claim`.
+    pub fn insert(&self, id: &str, claim: u64) {
+        self.0.lock().insert(id.to_owned(), claim);
+    }
+
+    /// The claim this hub holds `id` under, if any.
+    pub fn get(&self, id: &str) -> Option<u64> {
+        self.0.lock().get(id).copied()
+    }
+
+    /// Forgets `id`.
+    pub fn remove(&self, id: &str) {
+        self.0.lock().remove(id);
+    }
+
+    /// How many tasks this hub holds.
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    /// Whether this hub holds no task.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+}
+
+/// The [`Backend`](super::Backend) of shared mode, for [`MirroredStore`](super::MirroredStore)'s
+/// writer thread: each put of a task this hub holds (see [`Claims`]) becomes a fenced
+/// [`SharedRedis::commit`]; puts of tasks it does not hold are not written (the hub has no right
+/// to them); node records go to the cluster-wide registry. A fenced commit is not an error of
+/// the batch: the task is forgotten in [`Claims`] and its id sent on the `fenced` channel, so
+/// the engine can drop it (another hub owns it now). Not used by the hub yet.
+pub struct SharedBackend {
+    rt: tokio::runtime::Runtime,
+    redis: SharedRedis,
+    claims: Claims,
+    fenced: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl SharedBackend {
+    /// A backend committing as `hub` (its own connection, on a runtime of its own, sharing
+    /// `hub`'s epoch). Call from a thread that is not running a Tokio runtime (the writer
+    /// thread).
+    ///
+    /// # Errors
+    /// [`super::StoreError::Unavailable`] if Redis cannot be reached.
+    pub fn open(
+        url: &str,
+        hub: &SharedRedis,
+        claims: Claims,
+        fenced: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<Self, super::StoreError> {
+        let what = super::redis::redacted(url);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| super::StoreError::Unavailable {
+                what: what.clone(),
+                reason: one_line(e),
+            })?;
+        let redis = rt
+            .block_on(hub.attach(url))
+            .map_err(|e| super::StoreError::Unavailable {
+                what: what.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            rt,
+            redis,
+            claims,
+            fenced,
+        })
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> super::StoreError {
+        super::StoreError::Unavailable {
+            what: self.redis.what.clone(),
+            reason: one_line(e),
+        }
+    }
+}
+
+impl super::Backend for SharedBackend {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), super::StoreError> {
+        // A shared-mode hub starts empty: its tasks come from claims.
+        Ok((Vec::new(), Vec::new()))
+    }
+
+    fn write(
+        &mut self,
+        puts: &[(&str, u64, Vec<u8>)],
+        nodes: &[(&str, Vec<u8>)],
+        _deletes: &[(&str, u64)],
+    ) -> Result<(), super::StoreError> {
+        for (id, _, record) in puts {
+            let Some(claim) = self.claims.get(id) else {
+                continue;
+            };
+            let task: Task = serde_json::from_slice(record).map_err(|e| self.unavailable(e))?;
+            match self.rt.block_on(self.redis.commit(&task, claim)) {
+                Ok(()) => {
+                    if task.status.is_terminal() || task.status == TaskStatus::Queued {
+                        self.claims.remove(id);
+                    }
+                }
+                Err(SharedError::Fenced(reason)) => {
+                    tracing::warn!(task_id = %id, reason, "commit fenced: another hub holds the task now");
+                    self.claims.remove(id);
+                    let _ = self.fenced.send((*id).to_owned());
+                }
+                Err(e) => return Err(self.unavailable(e)),
+            }
+        }
+        for (_, raw) in nodes {
+            let node: NodeRecord = serde_json::from_slice(raw).map_err(|e| self.unavailable(e))?;
+            self.rt
+                .block_on(self.redis.put_node(&node))
+                .map_err(|e| self.unavailable(e))?;
+        }
+        Ok(())
+    }
 }
