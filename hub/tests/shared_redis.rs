@@ -292,7 +292,7 @@ async fn a_task_handed_back_goes_to_the_shared_queue_for_any_hub() {
     a.submit(&task(1, "echo", 5)).await.unwrap();
     let c = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
     // Hub A has no free node after all: it gives the task back.
-    a.commit(&c.task, c.claim).await.unwrap();
+    a.release(&c.task, c.claim).await.unwrap();
     let again = b.claim(&tool_queue("echo"), 1).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].claim, c.claim + 1);
@@ -415,7 +415,7 @@ async fn subscribers_hear_of_new_queued_tasks_and_record_changes_from_any_hub() 
     assert_eq!(next(&mut wakes).await, Wake::Task(t.id.clone()));
     // Handed back: the record changed and the queue got a task again.
     rec.status = TaskStatus::Queued;
-    b.commit(&rec, c.claim).await.unwrap();
+    b.release(&rec, c.claim).await.unwrap();
     let mut got = vec![next(&mut wakes).await, next(&mut wakes).await];
     got.sort_by_key(|w| format!("{w:?}"));
     assert_eq!(
@@ -442,7 +442,7 @@ fn the_shared_backend_commits_held_tasks_and_reports_fenced_ones() {
     });
     let claims = Claims::default();
     let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
-    let mut backend = SharedBackend::open(&redis.url(), &h, claims.clone(), tx).unwrap();
+    let mut backend = SharedBackend::open(&redis.url(), &h.identity(), claims.clone(), tx).unwrap();
 
     let (t1, t2, stranger) = (task(1, "echo", 5), task(2, "echo", 5), task(3, "echo", 5));
     let got = rt.block_on(async {
@@ -509,4 +509,64 @@ fn the_shared_backend_commits_held_tasks_and_reports_fenced_ones() {
             TaskStatus::Succeeded
         );
     });
+}
+
+/// Shared mode's mirrored store end to end: engine-side changes of a held task go through the
+/// group-committing writer, a durability ticket covers them, and a fenced change is reported
+/// while the ticket still completes (nothing of it is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_mirrored_store_group_commits_held_tasks_under_their_claims() {
+    use apex_hub::durable::shared::Claims;
+
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let h = hub(&redis, "hub-h", 60_000).await;
+    let claims = Claims::default();
+    let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
+    let opened = apex_hub::durable::open_shared(&redis.url(), h.identity(), claims.clone(), tx)
+        .await
+        .unwrap();
+    assert!(opened.recovered.is_empty());
+    let mut store = opened.store;
+    let durability = opened.durability;
+
+    for n in 1..=20 {
+        a.submit(&task(n, "echo", 5)).await.unwrap();
+    }
+    let got = h.claim(&tool_queue("echo"), 20).await.unwrap();
+    assert_eq!(got.len(), 20);
+    for c in &got {
+        claims.insert(&c.task.id, c.claim);
+        store.insert(c.task.clone());
+        store.update(&c.task.id, &mut |t| assign(t, "node-h"));
+        store.update(&c.task.id, &mut |t| succeed(t));
+    }
+    let ticket = durability.ticket();
+    durability
+        .wait(ticket, Duration::from_secs(30))
+        .await
+        .unwrap();
+    for c in &got {
+        let t = a.get(&c.task.id).await.unwrap().unwrap();
+        assert_eq!(t.status, TaskStatus::Succeeded, "{}", c.task.id);
+    }
+    assert!(claims.is_empty());
+
+    // A claim that another hub took over (hand-back then claim elsewhere) is fenced.
+    a.submit(&task(99, "echo", 5)).await.unwrap();
+    let c = h.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    h.release(&c.task, c.claim).await.unwrap();
+    let other = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    claims.insert(&c.task.id, c.claim);
+    store.insert(c.task.clone());
+    store.update(&c.task.id, &mut |t| assign(t, "node-h"));
+    let ticket = durability.ticket();
+    durability
+        .wait(ticket, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(fenced.recv().await.unwrap(), c.task.id);
+    let stored = a.get(&c.task.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, TaskStatus::Queued);
+    assert_eq!(other.claim, c.claim + 1);
 }

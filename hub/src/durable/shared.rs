@@ -23,7 +23,7 @@
 //! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
 //! record and send the events after the last sequence number they saw).
 //!
-//! Fencing: [`SharedRedis::commit`] writes only if the hub's lease still holds its epoch and the
+//! Fencing: [`SharedRedis::commit`] and [`SharedRedis::release`] write only if the hub's lease still holds its epoch and the
 //! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
 //! a claimed task only if its owner's lease no longer holds the claiming epoch. Both are single
 //! scripts, so a result from an expired lease is never committed and a task is never both
@@ -326,6 +326,14 @@ pub async fn subscribe(
     }))
 }
 
+/// A hub's id, shared epoch and lease lifetime: see [`SharedRedis::identity`].
+#[derive(Debug, Clone)]
+pub struct HubIdentity {
+    hub_id: String,
+    epoch: Arc<AtomicU64>,
+    lease_ttl_ms: u64,
+}
+
 /// One hub's handle on the shared Redis.
 pub struct SharedRedis {
     conn: ConnectionManager,
@@ -358,14 +366,23 @@ impl SharedRedis {
         Ok(s)
     }
 
-    /// Another connection for the same hub on the current runtime (a `ConnectionManager` is
-    /// driven by the runtime that made it): it shares this handle's epoch, so a
-    /// [`SharedRedis::rejoin`] on either applies to both. Does not join again.
+    /// What another connection needs to act as this hub: its id, its epoch (shared, so a
+    /// [`SharedRedis::rejoin`] on any handle applies to all) and its lease lifetime.
+    pub fn identity(&self) -> HubIdentity {
+        HubIdentity {
+            hub_id: self.hub_id.clone(),
+            epoch: self.epoch.clone(),
+            lease_ttl_ms: self.lease_ttl_ms,
+        }
+    }
+
+    /// Another handle for the hub `who` on the current runtime (a `ConnectionManager` is driven
+    /// by the runtime that made it). Does not join again.
     ///
     /// # Errors
     /// [`SharedError::Unavailable`] if Redis cannot be reached.
-    pub async fn attach(&self, url: &str) -> Result<Self, SharedError> {
-        Self::connect(url, &self.hub_id, self.epoch.clone(), self.lease_ttl_ms).await
+    pub async fn attach(url: &str, who: &HubIdentity) -> Result<Self, SharedError> {
+        Self::connect(url, &who.hub_id, who.epoch.clone(), who.lease_ttl_ms).await
     }
 
     async fn connect(
@@ -557,21 +574,32 @@ impl SharedRedis {
     }
 
     /// Writes the record of a task this hub claimed (`claim` from [`Claimed`]). A terminal
-    /// status releases the task (`done`); `queued` puts it back in its queue for any hub;
-    /// anything else keeps the claim.
+    /// status releases the task (`done`); anything else keeps the claim (a `queued` record is a
+    /// task waiting in this hub's engine).
     ///
     /// # Errors
     /// [`SharedError::Fenced`] if the hub's lease or the task's claim is no longer this hub's
     /// (nothing written); [`SharedError::Unavailable`].
     pub async fn commit(&self, task: &Task, claim: u64) -> Result<(), SharedError> {
-        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
         let next = if task.status.is_terminal() {
             "done"
-        } else if task.status == TaskStatus::Queued {
-            "queued"
         } else {
             "claimed"
         };
+        self.fenced_write(task, claim, next).await
+    }
+
+    /// Hands a claimed, unfinished task back to its shared queue (for any hub), writing `task`
+    /// (whose status should be `queued`) as its record.
+    ///
+    /// # Errors
+    /// As [`SharedRedis::commit`].
+    pub async fn release(&self, task: &Task, claim: u64) -> Result<(), SharedError> {
+        self.fenced_write(task, claim, "queued").await
+    }
+
+    async fn fenced_write(&self, task: &Task, claim: u64, next: &str) -> Result<(), SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
         let mut c = self.conn.clone();
         let _: i64 = redis::Script::new(COMMIT)
             .key(task_key(&task.id))
@@ -898,14 +926,14 @@ pub struct SharedBackend {
 
 impl SharedBackend {
     /// A backend committing as `hub` (its own connection, on a runtime of its own, sharing
-    /// `hub`'s epoch). Call from a thread that is not running a Tokio runtime (the writer
+    /// the hub's epoch). Call from a thread that is not running a Tokio runtime (the writer
     /// thread).
     ///
     /// # Errors
     /// [`super::StoreError::Unavailable`] if Redis cannot be reached.
     pub fn open(
         url: &str,
-        hub: &SharedRedis,
+        hub: &HubIdentity,
         claims: Claims,
         fenced: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<Self, super::StoreError> {
@@ -917,12 +945,12 @@ impl SharedBackend {
                 what: what.clone(),
                 reason: one_line(e),
             })?;
-        let redis = rt
-            .block_on(hub.attach(url))
-            .map_err(|e| super::StoreError::Unavailable {
+        let redis = rt.block_on(SharedRedis::attach(url, hub)).map_err(|e| {
+            super::StoreError::Unavailable {
                 what: what.clone(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         Ok(Self {
             rt,
             redis,
@@ -958,7 +986,7 @@ impl super::Backend for SharedBackend {
             let task: Task = serde_json::from_slice(record).map_err(|e| self.unavailable(e))?;
             match self.rt.block_on(self.redis.commit(&task, claim)) {
                 Ok(()) => {
-                    if task.status.is_terminal() || task.status == TaskStatus::Queued {
+                    if task.status.is_terminal() {
                         self.claims.remove(id);
                     }
                 }
