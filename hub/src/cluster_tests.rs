@@ -1316,3 +1316,65 @@ fn a_node_limit_is_capped_to_fit_its_outbound_queue() {
     assert_eq!(n.assigns().len(), 32);
     assert_eq!(c.node("n").unwrap().status, NodeState::Online);
 }
+
+#[test]
+fn an_adopted_task_from_another_hub_runs_here_and_keeps_its_history() {
+    // Hub "other" accepted the task and has no node; this hub claimed it.
+    let other = new_cluster();
+    let foreign = submit(&other, spec("echo"));
+    assert_eq!(foreign.status, TaskStatus::Queued);
+
+    let c = new_cluster();
+    let _earlier = submit(&c, spec("sleep"));
+    let mut n = connect(&c, "n1", &["echo"], 4);
+    assert_eq!(c.adopt(vec![foreign.clone()]), 1);
+    let a = n.assigns();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].task_id, foreign.id);
+    assert_eq!(a[0].attempt, Some(1));
+    assert!(
+        n.result(&c, &foreign.id, Some(1), json!({"ok": true}))
+            .success
+    );
+    let t = task(&c, &foreign.id);
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert_eq!(t.events[0], foreign.events[0], "its history is kept");
+    check_events(&t);
+
+    // Known ids and tasks that are not queued are not taken in.
+    let mut running = submit(&other, spec("echo"));
+    running.status = TaskStatus::Running;
+    assert_eq!(c.adopt(vec![foreign.clone(), running]), 0);
+    assert_eq!(task(&c, &foreign.id).status, TaskStatus::Succeeded);
+}
+
+#[test]
+fn free_slots_count_idle_capacity_per_tool_and_node_minus_local_queues() {
+    let c = new_cluster();
+    assert_eq!(c.free_slots(), FreeSlots::default());
+    let mut n1 = connect(&c, "n1", &["echo"], 2);
+    let _n2 = connect(&c, "n2", &["echo", "sleep"], 3);
+    let s = c.free_slots();
+    assert_eq!(s.by_tool["echo"], 5);
+    assert_eq!(s.by_tool["sleep"], 3);
+    assert_eq!(s.by_node["n1"], 2);
+
+    for _ in 0..6 {
+        submit(&c, spec("echo"));
+    }
+    // 5 running, 1 queued here: nothing more to claim for echo or sleep.
+    let s = c.free_slots();
+    assert_eq!(s.by_tool["echo"], 0);
+    assert_eq!(s.by_tool["sleep"], 0);
+    assert_eq!(s.by_node["n1"], 0);
+
+    // A drained node offers nothing.
+    let done: Vec<_> = n1.assigns();
+    assert_eq!(done.len(), 2);
+    assert!(c.set_draining("n1", true));
+    for a in &done {
+        assert!(n1.result(&c, &a.task_id, a.attempt, json!(1)).success);
+    }
+    let s = c.free_slots();
+    assert!(!s.by_node.contains_key("n1"));
+}

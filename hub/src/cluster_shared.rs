@@ -1,0 +1,79 @@
+//! Shared mode's engine side (several hubs on one Redis, see `durable::shared`): how much work
+//! this hub can take ([`Cluster::free_slots`]) and taking in tasks claimed from the shared
+//! queues ([`Cluster::adopt`]). A child module of `cluster`. Not called by the hub yet.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Cluster, NodeState};
+use crate::model::{Task, TaskStatus};
+use crate::scheduler::QueueKey;
+
+/// Free capacity of this hub, for claiming from the shared queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FreeSlots {
+    /// Per tool: free slots of the online, undrained nodes offering it, minus the tasks of that
+    /// tool already queued here. A node offering several tools counts for each, so this is an
+    /// upper bound: a claimed task may wait here until a slot frees.
+    pub by_tool: HashMap<String, usize>,
+    /// Per online, undrained node: its free slots minus the tasks pinned to it queued here.
+    pub by_node: HashMap<String, usize>,
+}
+
+impl Cluster {
+    /// How many more tasks this hub could start now, per tool and per node (for pinned tasks).
+    pub fn free_slots(&self) -> FreeSlots {
+        let core = self.shared.core.lock();
+        let queued = core.sched.queued_by_tool();
+        let mut out = FreeSlots::default();
+        for e in core.nodes.values().filter(|e| e.state == NodeState::Online) {
+            let free = (e.info.limit as usize).saturating_sub(e.inflight.len());
+            let pinned = core.sched.pinned_to(&e.id).len();
+            out.by_node
+                .insert(e.id.clone(), free.saturating_sub(pinned));
+            for t in &e.info.tools {
+                *out.by_tool.entry(t.clone()).or_default() += free;
+            }
+        }
+        for (tool, free) in &mut out.by_tool {
+            *free = free.saturating_sub(queued.get(tool).copied().unwrap_or(0));
+        }
+        out
+    }
+
+    /// Takes in tasks another hub accepted and this hub claimed: each must be `queued` (a task
+    /// in another state, or one already known here, is skipped). It keeps its id, spec, attempt
+    /// and events; it gets a local sequence number (adopted tasks keep their relative order),
+    /// its deadline counts from its `created_at`, and it is dispatched like a submitted task.
+    /// Returns how many were taken in.
+    pub fn adopt(&self, tasks: Vec<Task>) -> usize {
+        let mut core = self.shared.core.lock();
+        let now_i = Instant::now();
+        let now = SystemTime::now();
+        let mut n = 0;
+        for mut t in tasks {
+            if t.status != TaskStatus::Queued || core.store.get(&t.id).is_some() {
+                continue;
+            }
+            t.seq = core.next_seq;
+            core.next_seq += 1;
+            let due = Duration::try_from_secs_f64(t.spec.timeout_seconds)
+                .ok()
+                .and_then(|d| t.created_at.checked_add(d))
+                .unwrap_or(now + Duration::from_secs(10 * 365 * 86_400));
+            let deadline = now_i + due.duration_since(now).unwrap_or(Duration::ZERO);
+            core.deadlines.insert((deadline, t.seq), t.id.clone());
+            core.deadline_of.insert(t.id.clone(), (deadline, t.seq));
+            core.sched.enqueue(
+                &t.id,
+                &t.spec.tool,
+                QueueKey::new(t.spec.priority, t.seq),
+                t.spec.pinned_node.as_deref(),
+            );
+            core.store.insert(t);
+            n += 1;
+        }
+        self.schedule(&mut core);
+        n
+    }
+}
