@@ -1,11 +1,14 @@
 //! Shared mode's engine side (several hubs on one Redis, see `durable::shared`): how much work
 //! this hub can take ([`Cluster::free_slots`]) and taking in tasks claimed from the shared
-//! queues ([`Cluster::adopt`]). A child module of `cluster`. Not called by the hub yet.
+//! queues ([`Cluster::adopt`]), and dropping a task whose claim was fenced
+//! ([`Cluster::disown`]). A child module of `cluster`. Not called by the hub yet.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Cluster, NodeState};
+use apex_protocol::{CancelTool, HubMessage, TaskCancel};
+
+use super::{Cluster, Dialect, NodeState, vcp_request_id};
 use crate::model::{Task, TaskStatus};
 use crate::scheduler::QueueKey;
 
@@ -75,5 +78,65 @@ impl Cluster {
         }
         self.schedule(&mut core);
         n
+    }
+
+    /// Drops a task this hub no longer holds (its commit was fenced: another hub owns it now).
+    /// It leaves the queue, or its node's in-flight set (the node gets `task_cancel`, so it
+    /// stops running a task whose result would be fenced), its deadline and waiters (woken, so
+    /// they can read the task's shared record) and the store's memory, with no event and
+    /// nothing written. Returns whether it was here.
+    pub fn disown(&self, id: &str) -> bool {
+        let mut core = self.shared.core.lock();
+        let Some(t) = core.store.get(id) else {
+            return false;
+        };
+        let (status, node, attempt) = (t.status, t.node_id.clone(), t.attempt);
+        if status == TaskStatus::Queued {
+            core.sched.dequeue(id);
+        } else if matches!(status, TaskStatus::Assigned | TaskStatus::Running)
+            && let Some(node) = &node
+            && let Some(e) = core.nodes.get_mut(node)
+            && e.inflight.remove(id)
+        {
+            if let Some(c) = &e.conn {
+                let frame: Option<HubMessage> = match e.info.dialect {
+                    Dialect::Native => Some(
+                        TaskCancel {
+                            task_id: id.to_owned(),
+                            attempt: Some(attempt),
+                            reason: "another hub holds this task now".to_owned(),
+                        }
+                        .into(),
+                    ),
+                    Dialect::Vcp if e.info.cancel_tool => Some(
+                        CancelTool {
+                            request_id: vcp_request_id(id, attempt),
+                        }
+                        .into(),
+                    ),
+                    Dialect::Vcp => None,
+                };
+                if let Some(f) = frame {
+                    c.send(f);
+                }
+            }
+            core.sched.release(node);
+        }
+        if let Some(key) = core.deadline_of.remove(id) {
+            core.deadlines.remove(&key);
+        }
+        core.trace_parents.remove(id);
+        core.resume.remove(id);
+        for list in core.recovering.values_mut() {
+            list.retain(|t| t != id);
+        }
+        if let Some(ws) = core.waiters.remove(id) {
+            for w in ws {
+                let _ = w.send(());
+            }
+        }
+        core.store.forget(id);
+        self.schedule(&mut core);
+        true
     }
 }

@@ -1378,3 +1378,47 @@ fn free_slots_count_idle_capacity_per_tool_and_node_minus_local_queues() {
     let s = c.free_slots();
     assert!(!s.by_node.contains_key("n1"));
 }
+
+#[test]
+fn a_disowned_task_leaves_the_engine_without_an_event_and_its_node_is_told() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n1", &["echo"], 1);
+    let running = submit(&c, spec("echo"));
+    let queued = submit(&c, spec("echo"));
+    assert_eq!(n.assigns().len(), 1);
+    let mut events = c.subscribe();
+
+    // A queued task: simply gone.
+    assert!(c.disown(&queued.id));
+    assert!(c.get(&queued.id).is_none());
+
+    // A running task: the node is told to stop, its slot is free again, a late result is
+    // ignored, and no event was published for either.
+    let next = submit(&c, spec("echo"));
+    assert!(c.disown(&running.id));
+    assert!(c.get(&running.id).is_none());
+    let frames = n.frames();
+    assert!(frames.iter().any(
+        |m| matches!(m, HubMessage::TaskCancel(t) if t.task_id == running.id && t.attempt == Some(1))
+    ));
+    assert!(
+        frames
+            .iter()
+            .any(|m| matches!(m, HubMessage::TaskAssign(a) if a.task_id == next.id))
+    );
+    assert!(!n.result(&c, &running.id, Some(1), json!("late")).success);
+    while let Ok(e) = events.try_recv() {
+        assert_ne!(e.task_id, running.id);
+        assert_ne!(e.task_id, queued.id);
+    }
+    assert!(!c.disown(&running.id));
+    assert_eq!(all_tasks(&c).len(), 1);
+    let h = c.health();
+    assert_eq!(
+        h.tasks[TaskStatus::Running.index()] + h.tasks[TaskStatus::Assigned.index()],
+        1,
+        "the store's counts follow"
+    );
+    assert_eq!(h.tasks.iter().sum::<u64>(), 1);
+    assert_eq!(h.queue_depth, 0);
+}

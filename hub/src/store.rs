@@ -94,6 +94,9 @@ pub trait TaskStore: Send + 'static {
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize;
     /// Records a node in the registry snapshot (durable stores only; memory keeps none).
     fn put_node(&mut self, _node: NodeRecord) {}
+    /// Drops a task from memory only, writing nothing to durable storage (shared mode: the
+    /// task's claim was fenced, another hub owns its stored record). Returns it if it was here.
+    fn forget(&mut self, id: &str) -> Option<Task>;
 }
 
 /// Tasks in process memory: lost when the hub stops.
@@ -210,5 +213,21 @@ impl TaskStore for MemoryStore {
 
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
         self.remove_finished_before(cutoff).len()
+    }
+
+    fn forget(&mut self, id: &str) -> Option<Task> {
+        let t = self.tasks.remove(id)?;
+        self.by_seq.remove(&t.seq);
+        self.counts[t.status.index()] -= 1;
+        if let Some(k) = &t.spec.idempotency_key
+            && self.idempotency.get(k).map(String::as_str) == Some(id)
+        {
+            self.idempotency.remove(k);
+        }
+        if t.status.is_terminal() {
+            let at = t.finished_at.unwrap_or(t.updated_at);
+            self.finished.remove(&(at, t.seq));
+        }
+        Some(t)
     }
 }

@@ -295,6 +295,10 @@ impl TaskStore for MirroredStore {
         self.send(Op::PutNode(Box::new(node)));
     }
 
+    fn forget(&mut self, id: &str) -> Option<Task> {
+        self.inner.forget(id)
+    }
+
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
         let ids = self.inner.remove_finished_before(cutoff);
         let n = ids.len();
