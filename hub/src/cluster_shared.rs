@@ -1,7 +1,7 @@
 //! Shared mode's engine side (several hubs on one Redis, see `durable::shared`): how much work
 //! this hub can take ([`Cluster::free_slots`]) and taking in tasks claimed from the shared
 //! queues ([`Cluster::adopt`]), and dropping a task whose claim was fenced
-//! ([`Cluster::disown`]). A child module of `cluster`. Not called by the hub yet.
+//! ([`Cluster::disown`]). A child module of `cluster`, used by `shared_mode.rs`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};

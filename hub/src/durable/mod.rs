@@ -319,6 +319,8 @@ pub struct Opened {
     pub recovered: Vec<Task>,
     /// The node registry snapshot found at start.
     pub nodes: Vec<NodeRecord>,
+    /// Shared mode's handles (`hub_mode = "shared"`), `None` otherwise.
+    pub shared: Option<shared::SharedHandles>,
 }
 
 /// Takes an exclusive lock on `<data_dir>/hub.lock` for as long as the file lives.
@@ -383,6 +385,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
                 durability: Durability::none(),
                 recovered: Vec::new(),
                 nodes: Vec::new(),
+                shared: None,
             });
         }
         StoreKind::Embedded => {
@@ -416,7 +419,7 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
 /// Opens shared mode's store for the hub `hub` (see [`shared`]): a [`MirroredStore`] whose
 /// writer commits the tasks in `claims` under their claim through a [`shared::SharedBackend`]
 /// and sends the ids of fenced commits on `fenced`. Starts empty (a shared-mode hub's tasks come
-/// from claims). Not used by the hub yet.
+/// from claims).
 ///
 /// # Errors
 /// [`StoreError::Unavailable`] if Redis cannot be reached.
@@ -500,6 +503,7 @@ async fn start(
         durability,
         recovered,
         nodes,
+        shared: None,
     })
 }
 

@@ -1,6 +1,7 @@
-//! Shared mode's Redis protocol (issue 3, phase 2): several hubs on one Redis. This module is
-//! the data layer only (keys, Lua scripts, fencing, hub leases, the reaper); the engine does not
-//! use it yet (see ARCHITECTURE.md, "Several hubs on one Redis").
+//! Shared mode's Redis protocol (issue 3, phase 2, `hub_mode = "shared"`): several hubs on one
+//! Redis. The data layer (keys, Lua scripts, fencing, hub leases, the reaper) and the store
+//! writer's backend; the loops that use it are in `shared_mode.rs` (see ARCHITECTURE.md,
+//! "Several hubs on one Redis", for what is built and what is not).
 //!
 //! Keys (all under `apex:shared:`):
 //! - `task:{id}`: hash with `record` (the [`Task`] JSON, events included), `state` (`queued`,
@@ -900,6 +901,11 @@ impl Claims {
         self.0.lock().remove(id);
     }
 
+    /// Every task id this hub holds.
+    pub fn ids(&self) -> Vec<String> {
+        self.0.lock().keys().cloned().collect()
+    }
+
     /// How many tasks this hub holds.
     pub fn len(&self) -> usize {
         self.0.lock().len()
@@ -916,7 +922,7 @@ impl Claims {
 /// [`SharedRedis::commit`]; puts of tasks it does not hold are not written (the hub has no right
 /// to them); node records go to the cluster-wide registry. A fenced commit is not an error of
 /// the batch: the task is forgotten in [`Claims`] and its id sent on the `fenced` channel, so
-/// the engine can drop it (another hub owns it now). Not used by the hub yet.
+/// the engine can drop it (another hub owns it now).
 pub struct SharedBackend {
     rt: tokio::runtime::Runtime,
     redis: SharedRedis,
@@ -1006,4 +1012,38 @@ impl super::Backend for SharedBackend {
         }
         Ok(())
     }
+}
+
+/// What a shared-mode hub runs on: its Redis handle, the claims its engine holds, and the ids
+/// whose commits were fenced (to drop from the engine).
+pub struct SharedHandles {
+    /// The hub's handle (lease, claims, submissions, reads).
+    pub redis: Arc<SharedRedis>,
+    /// Claim tokens of the tasks the engine holds.
+    pub claims: Claims,
+    /// Ids of fenced commits, from the store's writer thread.
+    pub fenced: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Joins the shared store at `url` as `hub_id` and opens the engine's store over it
+/// ([`super::open_shared`]).
+///
+/// # Errors
+/// [`super::StoreError::Unavailable`] if Redis cannot be reached.
+pub async fn open_hub(url: &str, hub_id: &str) -> Result<super::Opened, super::StoreError> {
+    let redis = SharedRedis::join(url, hub_id, DEFAULT_LEASE_TTL_MS)
+        .await
+        .map_err(|e| super::StoreError::Unavailable {
+            what: super::redis::redacted(url),
+            reason: e.to_string(),
+        })?;
+    let claims = Claims::default();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut opened = super::open_shared(url, redis.identity(), claims.clone(), tx).await?;
+    opened.shared = Some(SharedHandles {
+        redis: Arc::new(redis),
+        claims,
+        fenced: rx,
+    });
+    Ok(opened)
 }

@@ -124,6 +124,9 @@ async fn submit_durably(
     state: &AppState,
     specs: Vec<TaskSpec>,
 ) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
+    if let Some(shared) = &state.shared {
+        return submit_shared(state, shared, specs).await;
+    }
     let durability = state.cluster.durability();
     durability.check().map_err(ApiError::store_unavailable)?;
     let out = state.cluster.submit(specs).map_err(submit_error)?;
@@ -132,6 +135,45 @@ async fn submit_durably(
         .wait(ticket, crate::durable::DURABLE_WAIT)
         .await
         .map_err(ApiError::store_unavailable)?;
+    Ok(out)
+}
+
+/// Shared mode: each task is written to the shared store (and queued there for any hub) before
+/// the answer; the engine is not touched (this hub's claimer may adopt it like any other hub).
+/// A batch is written task by task: a failure part-way leaves the tasks before it accepted.
+/// A pinned node is not checked (it may be connected to another hub).
+async fn submit_shared(
+    state: &AppState,
+    shared: &crate::durable::shared::SharedRedis,
+    specs: Vec<TaskSpec>,
+) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
+    use crate::durable::shared::Submitted;
+    for s in &specs {
+        if s.tool == crate::cluster::INTERNAL_REQUEST_FILE
+            && !state.config.allow_internal_request_file
+        {
+            return Err(submit_error(crate::cluster::SubmitError::ForbiddenTool(
+                s.tool.clone(),
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let task = crate::shared_mode::new_task(spec);
+        match shared.submit(&task).await {
+            Ok(Submitted::New { .. }) => out.push((task, true)),
+            Ok(Submitted::Existing(id)) => match shared.get(&id).await {
+                Ok(Some(t)) => out.push((t, false)),
+                Ok(None) => {
+                    return Err(ApiError::store_unavailable(format!(
+                        "task {id} of this idempotency key is not in the shared store"
+                    )));
+                }
+                Err(e) => return Err(ApiError::store_unavailable(e)),
+            },
+            Err(e) => return Err(ApiError::store_unavailable(e)),
+        }
+    }
     Ok(out)
 }
 
@@ -221,7 +263,24 @@ pub(super) async fn wait_for_end(state: &AppState, id: &str, ms: u64) -> Option<
             _ = shutdown.wait_for(|s| *s) => {}
         }
     }
-    state.cluster.get(id)
+    if let Some(t) = state.cluster.get(id) {
+        return Some(t);
+    }
+    // Shared mode: a task this hub does not hold is read from the shared store (polled while
+    // waiting).
+    let shared = state.shared.as_ref()?;
+    let until = tokio::time::Instant::now() + Duration::from_millis(ms.min(60_000));
+    loop {
+        let t = shared.get(id).await.ok().flatten();
+        let done = t.as_ref().is_none_or(|t| t.status.is_terminal());
+        if done || tokio::time::Instant::now() >= until || *state.shutdown.borrow() {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(t) = state.cluster.get(id) {
+            return Some(t);
+        }
+    }
 }
 
 /// Query of `GET /api/v1/tasks`.

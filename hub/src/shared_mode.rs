@@ -1,0 +1,167 @@
+//! Shared mode's background loops (`hub_mode = "shared"`): the hub lease and the reaper, the
+//! claimer that fills this hub's free capacity from the shared queues, and the loop that drops
+//! fenced tasks from the engine. See `durable::shared` for the Redis side.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::durable::shared::{SharedHandles, SharedRedis, pinned_queue, tool_queue};
+use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
+
+/// How often the lease is renewed and the reaper runs.
+pub const LEASE_TICK: Duration = Duration::from_secs(1);
+/// How often the claimer looks at the shared queues.
+pub const CLAIM_TICK: Duration = Duration::from_millis(100);
+
+/// A new task record for a submission at this hub (status `queued`, one `task_created` event).
+/// Its `seq` is 0: the shared store orders tasks by its own counter and each hub numbers the
+/// tasks it adopts.
+pub fn new_task(spec: TaskSpec) -> Task {
+    let now = SystemTime::now();
+    let id = uuid::Uuid::new_v4().to_string();
+    Task {
+        id: id.clone(),
+        seq: 0,
+        spec,
+        status: TaskStatus::Queued,
+        attempt: 0,
+        node_id: None,
+        progress: 0.0,
+        result: None,
+        error: None,
+        message: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+        events: vec![TaskEvent {
+            kind: EventKind::TaskCreated,
+            task_id: id,
+            seq: 1,
+            attempt: 0,
+            node_id: None,
+            status: TaskStatus::Queued,
+            progress: None,
+            message: None,
+            error: None,
+            timestamp: now,
+        }],
+    }
+}
+
+/// Starts the loops; they end when `stop` turns true.
+pub fn spawn(
+    handles: SharedHandles,
+    cluster: Cluster,
+    stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let SharedHandles {
+        redis,
+        claims,
+        mut fenced,
+    } = handles;
+    let mut out = Vec::new();
+    {
+        let (redis, claims, cluster, mut stop) =
+            (redis.clone(), claims.clone(), cluster.clone(), stop.clone());
+        out.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LEASE_TICK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                match redis.renew().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(
+                            hub = redis.hub_id(),
+                            "hub lease lost: dropping every claimed task and joining again"
+                        );
+                        for id in claims.ids() {
+                            claims.remove(&id);
+                            cluster.disown(&id);
+                        }
+                        if let Err(e) = redis.rejoin().await {
+                            tracing::error!(error = %e, "cannot join the shared store again");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "hub lease not renewed"),
+                }
+                match redis.reap().await {
+                    Ok(r) if r.requeued + r.failed > 0 => tracing::info!(
+                        requeued = r.requeued,
+                        failed = r.failed,
+                        "took over the tasks of a hub whose lease expired"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
+                }
+            }
+        }));
+    }
+    {
+        let (redis, claims, cluster, mut stop) =
+            (redis.clone(), claims.clone(), cluster.clone(), stop.clone());
+        out.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CLAIM_TICK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                claim_round(&redis, &claims, &cluster).await;
+            }
+        }));
+    }
+    {
+        let mut stop = stop;
+        out.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    id = fenced.recv() => match id {
+                        Some(id) => { cluster.disown(&id); }
+                        None => return,
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
+    out
+}
+
+/// One claim pass: as many tasks per tool and per pinned node as this hub has free slots.
+async fn claim_round(
+    redis: &Arc<SharedRedis>,
+    claims: &crate::durable::shared::Claims,
+    cluster: &Cluster,
+) {
+    let free = cluster.free_slots();
+    let queues = free
+        .by_tool
+        .iter()
+        .map(|(t, n)| (tool_queue(t), *n))
+        .chain(free.by_node.iter().map(|(id, n)| (pinned_queue(id), *n)));
+    for (queue, n) in queues {
+        if n == 0 {
+            continue;
+        }
+        match redis.claim(&queue, n).await {
+            Ok(got) if got.is_empty() => {}
+            Ok(got) => {
+                let mut tasks = Vec::with_capacity(got.len());
+                for c in got {
+                    claims.insert(&c.task.id, c.claim);
+                    tasks.push(c.task);
+                }
+                cluster.adopt(tasks);
+            }
+            Err(e) => tracing::warn!(error = %e, queue, "claim failed"),
+        }
+    }
+}

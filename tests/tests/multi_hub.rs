@@ -1,0 +1,163 @@
+//! Several hubs on one Redis (`hub_mode = "shared"`) with the real binaries and a real
+//! `redis-server`: a task submitted at one hub runs on a node connected only to another hub and
+//! its result is readable at the first.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use apex_tests::{Hub, HubOptions, Node, NodeOptions, RedisServer};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn shared(redis: &RedisServer, keys: Option<&HubOptions>) -> HubOptions {
+    let base = keys.cloned().unwrap_or_default();
+    HubOptions {
+        extra_args: vec![
+            "--store".into(),
+            redis.url(),
+            "--hub-mode".into(),
+            "shared".into(),
+        ],
+        data_dir: None,
+        ..base
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let node = Node::start(&b, NodeOptions::named("only-at-b"))
+        .await
+        .unwrap();
+
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = a
+            .api()
+            .submit(&json!({"tool": "echo", "args": {"text": format!("hello {i}")}}))
+            .await
+            .unwrap();
+        assert_eq!(t.status, "queued");
+        ids.push(t.task_id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let t = a.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+        assert_eq!(t.node_id.as_deref(), Some(node.id()), "{t:?}");
+        assert_eq!(t.attempt, 1);
+        let text = serde_json::to_string(&t.result).unwrap();
+        assert!(text.contains(&format!("hello {i}")), "{text}");
+        // Hub B, which ran it, has it too.
+        assert_eq!(b.api().get(id).await.unwrap().status, "succeeded");
+    }
+    // The same idempotency key at both hubs names one task.
+    let body = json!({"tool": "echo", "args": {"text": "once"}, "idempotency_key": "k-1"});
+    let first = a.api().submit(&body).await.unwrap();
+    let (status, again) = b.api().submit_raw(&body).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{again}");
+    assert_eq!(again["task_id"], first.task_id);
+}
+
+/// The stored record of a task in the shared store (read with `redis-cli`).
+fn stored_record(redis: &RedisServer, id: &str) -> serde_json::Value {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "--raw", "HGET"])
+        .arg(format!("apex:shared:task:{id}"))
+        .arg("record")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    // Each node knows both hubs, listed in a different order: they start spread over both.
+    let _na = Node::start(
+        &a,
+        NodeOptions::named("na")
+            .concurrency(4)
+            .args(["--hub", &b.ws_base()]),
+    )
+    .await
+    .unwrap();
+    let _nb = Node::start(
+        &b,
+        NodeOptions::named("nb")
+            .concurrency(4)
+            .args(["--hub", &a.ws_base()]),
+    )
+    .await
+    .unwrap();
+
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let hub = if i % 2 == 0 { &a } else { &b };
+        let t = hub
+            .api()
+            .submit(&json!({"tool": "sleep", "args": {"ms": 300}, "max_attempts": 5}))
+            .await
+            .unwrap();
+        ids.push(t.task_id);
+    }
+    // Mid-run: some done, the rest queued or running on both hubs' nodes.
+    apex_tests::wait_until("a few tasks to finish", WAIT, || {
+        let (api, ids) = (b.api().clone(), ids.clone());
+        async move {
+            let mut done = 0;
+            for id in &ids {
+                if api.get(id).await?.status == "succeeded" {
+                    done += 1;
+                }
+            }
+            Ok((done >= 6).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    a.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    // Hub B takes over: every task ends succeeded, read at B.
+    for id in &ids {
+        let t = b.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+    }
+    // Committed once: each stored record has exactly one terminal event, the last.
+    let mut retried = 0;
+    for id in &ids {
+        let rec = stored_record(&redis, id);
+        let kinds: Vec<&str> = rec["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        let terminal = kinds
+            .iter()
+            .filter(|k| {
+                [
+                    "task_completed",
+                    "task_failed",
+                    "task_cancelled",
+                    "task_timed_out",
+                ]
+                .contains(k)
+            })
+            .count();
+        assert_eq!(terminal, 1, "{id}: {kinds:?}");
+        assert_eq!(kinds.last(), Some(&"task_completed"), "{id}: {kinds:?}");
+        if kinds.contains(&"task_migrated") {
+            retried += 1;
+        }
+    }
+    eprintln!(
+        "{retried} of {} tasks were taken over after the SIGKILL",
+        ids.len()
+    );
+}
