@@ -53,6 +53,31 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
         // Hub B, which ran it, has it too.
         assert_eq!(b.api().get(id).await.unwrap().status, "succeeded");
     }
+    // Hub A never held the tasks: its SSE stream replays them from the shared record.
+    let events = a.api().events(&ids[0], WAIT).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"task_created"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"task_completed"), "{kinds:?}");
+    assert!(kinds.contains(&"task_assigned"), "{kinds:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+
+    // A task no node can run waits in the shared queue; hub B cancels it; hub A sees that.
+    let stuck = a
+        .api()
+        .submit(&json!({"tool": "no_such_tool"}))
+        .await
+        .unwrap();
+    let (status, body) = b.api().cancel(&stuck.task_id).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    assert_eq!(
+        a.api().get(&stuck.task_id).await.unwrap().status,
+        "cancelled"
+    );
+    let (status, _) = a.api().cancel(&stuck.task_id).await.unwrap();
+    assert_eq!(status.as_u16(), 409);
+
     // The same idempotency key at both hubs names one task.
     let body = json!({"tool": "echo", "args": {"text": "once"}, "idempotency_key": "k-1"});
     let first = a.api().submit(&body).await.unwrap();

@@ -327,9 +327,106 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     match state.cluster.cancel(&id) {
         Ok(t) => Ok(Json(t.view()).into_response()),
+        Err(CancelError::NotFound) if state.shared.is_some() => cancel_shared(&state, &id).await,
         Err(CancelError::NotFound) => Err(ApiError::not_found("task", &id)),
         Err(e @ CancelError::Terminal(_)) => Err(ApiError::conflict(e.to_string())),
     }
+}
+
+/// Shared mode, a task this hub does not hold: a queued task is cancelled in the shared store;
+/// one that another hub holds cannot be cancelled from here yet (409 naming the limit).
+async fn cancel_shared(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let Some(shared) = &state.shared else {
+        return Err(ApiError::not_found("task", id));
+    };
+    let unavailable = ApiError::store_unavailable;
+    let Some(mut t) = shared.get(id).await.map_err(unavailable)? else {
+        return Err(ApiError::not_found("task", id));
+    };
+    if t.status.is_terminal() {
+        return Err(ApiError::conflict(
+            CancelError::Terminal(t.status.as_str()).to_string(),
+        ));
+    }
+    if t.status == crate::model::TaskStatus::Queued {
+        let now = std::time::SystemTime::now();
+        let err = apex_protocol::ErrorInfo::new("task_cancelled", "the task was cancelled");
+        t.status = crate::model::TaskStatus::Cancelled;
+        t.updated_at = now;
+        t.finished_at = Some(now);
+        t.message = Some(err.message.clone());
+        t.error = Some(err.clone());
+        t.events.push(TaskEvent {
+            kind: crate::model::EventKind::TaskCancelled,
+            task_id: t.id.clone(),
+            seq: u32::try_from(t.events.len() + 1).unwrap_or(u32::MAX),
+            attempt: t.attempt,
+            node_id: t.node_id.clone(),
+            status: t.status,
+            progress: None,
+            message: None,
+            error: Some(err),
+            timestamp: now,
+        });
+        if shared.finish_queued(&t).await.map_err(unavailable)? {
+            return Ok(Json(t.view()).into_response());
+        }
+    }
+    Err(ApiError::conflict(format!(
+        "task {id} is held by another hub; cancelling it from this hub is not supported yet: cancel it at the hub that runs it"
+    )))
+}
+
+/// Shared mode, a task this hub does not hold: its events from the shared record, polled every
+/// 200 ms, until the terminal one.
+async fn events_shared(
+    state: &AppState,
+    id: String,
+    resume_after: u32,
+) -> Result<Response, ApiError> {
+    let Some(shared) = state.shared.clone() else {
+        return Err(ApiError::not_found("task", &id));
+    };
+    let Some(task) = shared.get(&id).await.map_err(ApiError::store_unavailable)? else {
+        return Err(ApiError::not_found("task", &id));
+    };
+    if task.status.is_terminal() && task.events.iter().all(|e| e.seq <= resume_after) {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let mut shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = resume_after;
+        let mut task = Some(task);
+        loop {
+            if let Some(t) = task.take() {
+                for e in &t.events {
+                    if e.seq <= last {
+                        continue;
+                    }
+                    last = e.seq;
+                    if tx.send(Ok(sse_event(e))).await.is_err() || e.kind.is_terminal() {
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tx.closed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            match shared.get(&id).await {
+                Ok(Some(t)) => task = Some(t),
+                Ok(None) => return,
+                Err(e) => tracing::warn!(error = %e, task_id = %id, "shared task events not read"),
+            }
+        }
+    });
+    Ok(
+        Sse::new(ReceiverStream::<Result<Event, Infallible>>::new(rx))
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+    )
 }
 
 fn sse_event(e: &TaskEvent) -> Event {
@@ -357,6 +454,9 @@ pub async fn events(
     // Subscribe before reading the past, so no event falls between the two.
     let mut live = state.cluster.subscribe();
     let Some(task) = state.cluster.get(&id) else {
+        if state.shared.is_some() {
+            return events_shared(&state, id, resume_after).await;
+        }
         return Err(ApiError::not_found("task", &id));
     };
     let backlog = state.cluster.events_after(&id, resume_after);
