@@ -186,3 +186,51 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
         ids.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_hubs_answer_503_while_redis_is_down_and_recover_by_themselves() {
+    let redis_dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start_persistent(redis_dir.path()).unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let _node = Node::start(&b, NodeOptions::named("rb")).await.unwrap();
+    let before = a
+        .api()
+        .submit(&json!({"tool": "echo", "args": {"text": "before"}}))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.api()
+            .wait_terminal(&before.task_id, WAIT)
+            .await
+            .unwrap()
+            .status,
+        "succeeded"
+    );
+
+    redis.stop();
+    let (status, body) = a.api().submit_raw(&json!({"tool": "echo"})).await.unwrap();
+    assert_eq!(status.as_u16(), 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+
+    redis.restart().unwrap();
+    // Both hubs recover by themselves: submissions are accepted again and run.
+    let id = apex_tests::wait_until("submissions to be accepted again", WAIT, || {
+        let api = a.api().clone();
+        async move {
+            let (status, body) = api
+                .submit_raw(&json!({"tool": "echo", "args": {"text": "after"}}))
+                .await?;
+            Ok((status.as_u16() == 201).then(|| body["task_id"].as_str().unwrap().to_owned()))
+        }
+    })
+    .await
+    .unwrap();
+    let t = a.api().wait_terminal(&id, WAIT).await.unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+    // What was accepted before the outage is still there.
+    assert_eq!(
+        b.api().get(&before.task_id).await.unwrap().status,
+        "succeeded"
+    );
+}
