@@ -139,4 +139,24 @@ impl Cluster {
         self.schedule(&mut core);
         true
     }
+
+    /// Queued tasks no node here can take: no online, undrained node of this hub offers their
+    /// tool (or is their pinned node). Shared mode hands them back to the shared queue.
+    pub fn stranded(&self) -> Vec<Task> {
+        let core = self.shared.core.lock();
+        let online = |pred: &dyn Fn(&super::NodeEntry) -> bool| {
+            core.nodes
+                .values()
+                .any(|e| e.state == NodeState::Online && pred(e))
+        };
+        core.sched
+            .queued_tasks()
+            .into_iter()
+            .filter(|(_, tool, pinned)| match pinned {
+                Some(node) => !online(&|e| &e.id == node),
+                None => !online(&|e| e.info.tools.contains(tool)),
+            })
+            .filter_map(|(id, _, _)| core.store.get(&id).cloned())
+            .collect()
+    }
 }

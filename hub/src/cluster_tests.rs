@@ -1422,3 +1422,28 @@ fn a_disowned_task_leaves_the_engine_without_an_event_and_its_node_is_told() {
     assert_eq!(h.tasks.iter().sum::<u64>(), 1);
     assert_eq!(h.queue_depth, 0);
 }
+
+#[test]
+fn queued_tasks_without_a_local_node_are_stranded() {
+    let c = new_cluster();
+    let n = connect(&c, "n1", &["echo"], 1);
+    let first = submit(&c, spec("echo"));
+    let waiting = submit(&c, spec("echo"));
+    // One runs, one waits for a slot of a node that is here: nothing is stranded.
+    assert!(c.stranded().is_empty());
+    let other = submit(&c, spec("sleep"));
+    assert_eq!(
+        c.stranded()
+            .iter()
+            .map(|t| t.id.clone())
+            .collect::<Vec<_>>(),
+        vec![other.id.clone()]
+    );
+    // The node goes: its task is requeued here and, with the waiting one, stranded.
+    assert!(c.lose_node("n1", n.conn.id, "test"));
+    let mut ids: Vec<String> = c.stranded().into_iter().map(|t| t.id).collect();
+    ids.sort();
+    let mut want = vec![first.id, waiting.id, other.id];
+    want.sort();
+    assert_eq!(ids, want);
+}

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
-use crate::durable::shared::{SharedHandles, SharedRedis, pinned_queue, tool_queue};
+use crate::durable::shared::{SharedError, SharedHandles, SharedRedis, pinned_queue, tool_queue};
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
 /// How often the lease is renewed and the reaper runs.
@@ -135,12 +135,29 @@ pub fn spawn(
     out
 }
 
-/// One claim pass: as many tasks per tool and per pinned node as this hub has free slots.
+/// One claim pass: hands back the queued tasks no node here can take (their node left), then
+/// claims as many tasks per tool and per pinned node as this hub has free slots.
 async fn claim_round(
     redis: &Arc<SharedRedis>,
     claims: &crate::durable::shared::Claims,
     cluster: &Cluster,
 ) {
+    for t in cluster.stranded() {
+        let Some(claim) = claims.get(&t.id) else {
+            continue;
+        };
+        match redis.release(&t, claim).await {
+            Ok(()) => {
+                claims.remove(&t.id);
+                cluster.disown(&t.id);
+            }
+            Err(SharedError::Fenced(_)) => {
+                claims.remove(&t.id);
+                cluster.disown(&t.id);
+            }
+            Err(e) => tracing::warn!(error = %e, task_id = %t.id, "hand-back failed"),
+        }
+    }
     let free = cluster.free_slots();
     let queues = free
         .by_tool

@@ -234,3 +234,59 @@ async fn shared_hubs_answer_503_while_redis_is_down_and_recover_by_themselves() 
         "succeeded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_whose_node_left_go_back_to_the_shared_queue_for_another_hubs_node() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(HubOptions {
+        heartbeat_interval_ms: Some(200),
+        heartbeat_timeout_ms: Some(600),
+        ..shared(&redis, Some(a.options()))
+    })
+    .await
+    .unwrap();
+    let mut gone = Node::start(&b, NodeOptions::named("gone").concurrency(2))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let t = a
+            .api()
+            .submit(&json!({"tool": "sleep", "args": {"ms": 3000}, "max_attempts": 3}))
+            .await
+            .unwrap();
+        ids.push(t.task_id);
+    }
+    apex_tests::wait_until("two tasks running at hub B's node", WAIT, || {
+        let (api, ids) = (a.api().clone(), ids.clone());
+        async move {
+            let mut running = 0;
+            for id in &ids {
+                if api.get(id).await?.status == "running" {
+                    running += 1;
+                }
+            }
+            Ok((running >= 2).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    // Hub B's only node dies; a node comes up at hub A. B holds tasks it cannot run now: it
+    // hands them back and A's node runs them.
+    gone.kill().unwrap();
+    let fresh = Node::start(&a, NodeOptions::named("fresh").concurrency(2))
+        .await
+        .unwrap();
+    let mut on_fresh = 0;
+    for id in &ids {
+        let t = a.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+        if t.node_id.as_deref() == Some(fresh.id()) {
+            on_fresh += 1;
+        }
+    }
+    // At least the tasks that were running or queued at hub B when its node died (four or
+    // more of six: two were running, each takes 3 s) finished on hub A's node.
+    assert!(on_fresh >= 1, "no task ran on hub A's node");
+}
