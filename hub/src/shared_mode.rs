@@ -1,4 +1,5 @@
-//! Shared mode's background loops (`hub_mode = "shared"`): the hub lease and the reaper, the
+//! Shared mode's background loops (`hub_mode = "shared"`): the hub lease, node views and the
+//! reaper, the
 //! claimer that fills this hub's free capacity from the shared queues, and the loop that drops
 //! fenced tasks from the engine. See `durable::shared` for the Redis side.
 
@@ -12,7 +13,7 @@ use crate::cluster::Cluster;
 use crate::durable::shared::{SharedError, SharedHandles, SharedRedis, pinned_queue, tool_queue};
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
-/// How often the lease is renewed and the reaper runs.
+/// How often the lease is renewed, this hub's node views are published and the reaper runs.
 pub const LEASE_TICK: Duration = Duration::from_secs(1);
 /// How often the claimer looks at the shared queues.
 pub const CLAIM_TICK: Duration = Duration::from_millis(100);
@@ -91,6 +92,14 @@ pub fn spawn(
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "hub lease not renewed"),
+                }
+                let views: Vec<(String, serde_json::Value)> = cluster
+                    .nodes()
+                    .into_iter()
+                    .filter_map(|n| Some((n.id.clone(), serde_json::to_value(&n).ok()?)))
+                    .collect();
+                if let Err(e) = redis.put_node_views(&views).await {
+                    tracing::warn!(error = %e, "node views not published");
                 }
                 match redis.reap().await {
                     Ok(r) if r.requeued + r.failed > 0 => tracing::info!(
@@ -181,4 +190,43 @@ async fn claim_round(
             Err(e) => tracing::warn!(error = %e, queue, "claim failed"),
         }
     }
+}
+
+/// `GET /v1/nodes` in shared mode: this hub's nodes and the views other hubs published, one
+/// per node id, each with a `hub` field naming the hub it is (or was) connected to. A node
+/// online at some hub is listed as there; a view from a hub whose lease is gone, or not
+/// refreshed for 5 s, is listed `offline`.
+///
+/// # Errors
+/// [`crate::durable::shared::SharedError::Unavailable`].
+pub async fn all_node_views(
+    redis: &SharedRedis,
+    cluster: &Cluster,
+) -> Result<Vec<serde_json::Value>, SharedError> {
+    let mut by_id: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    for (hub, alive, age_ms, mut view) in redis.other_node_views().await? {
+        let Some(id) = view["id"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        if !alive || age_ms > 5_000 {
+            view["status"] = "offline".into();
+        }
+        view["hub"] = hub.into();
+        let online = view["status"] != "offline";
+        if online || !by_id.contains_key(&id) {
+            by_id.insert(id, view);
+        }
+    }
+    for n in cluster.nodes() {
+        let Ok(mut view) = serde_json::to_value(&n) else {
+            continue;
+        };
+        view["hub"] = redis.hub_id().into();
+        let here_online = n.status != crate::cluster::NodeState::Offline;
+        let elsewhere_online = by_id.get(&n.id).is_some_and(|v| v["status"] != "offline");
+        if here_online || !elsewhere_online {
+            by_id.insert(n.id.clone(), view);
+        }
+    }
+    Ok(by_id.into_values().collect())
 }

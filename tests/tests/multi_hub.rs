@@ -78,6 +78,29 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     let (status, _) = a.api().cancel(&stuck.task_id).await.unwrap();
     assert_eq!(status.as_u16(), 409);
 
+    // Hub A lists hub B's node (online, connected to B) although it has none of its own.
+    let b_id = b
+        .api()
+        .get_json::<serde_json::Value>("/v1/nodes")
+        .await
+        .unwrap()["data"][0]["hub"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listed = apex_tests::wait_until("hub A to list hub B's node", WAIT, || {
+        let api = a.api().clone();
+        let id = node.id().to_owned();
+        async move {
+            let body: serde_json::Value = api.get_json("/v1/nodes?status=online").await?;
+            let data = body["data"].as_array().cloned().unwrap_or_default();
+            Ok(data.into_iter().find(|n| n["id"] == id.as_str()))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed["hub"], b_id.as_str(), "{listed}");
+    assert_eq!(listed["name"], "only-at-b", "{listed}");
+
     // The same idempotency key at both hubs names one task.
     let body = json!({"tool": "echo", "args": {"text": "once"}, "idempotency_key": "k-1"});
     let first = a.api().submit(&body).await.unwrap();

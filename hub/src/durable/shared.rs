@@ -723,6 +723,79 @@ impl SharedRedis {
         Ok(out)
     }
 
+    /// Publishes this hub's node views (id, `GET /v1/nodes` object) in the hash
+    /// `apex:shared:node-views` (node id → `{"hub", "seen_ms", "view"}`), so every hub lists
+    /// every hub's nodes.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn put_node_views(
+        &self,
+        views: &[(String, serde_json::Value)],
+    ) -> Result<(), SharedError> {
+        if views.is_empty() {
+            return Ok(());
+        }
+        let seen_ms = now_ms();
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{PREFIX}node-views"));
+        for (id, view) in views {
+            let entry = serde_json::json!({"hub": self.hub_id, "seen_ms": seen_ms, "view": view});
+            cmd.arg(id).arg(entry.to_string());
+        }
+        let mut c = self.conn.clone();
+        let _: i64 = cmd
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Node views published by other hubs, as (hub id, whether that hub's lease is alive,
+    /// milliseconds since its last write, view). Entries that do not decode are skipped.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn other_node_views(
+        &self,
+    ) -> Result<Vec<(String, bool, u64, serde_json::Value)>, SharedError> {
+        let mut c = self.conn.clone();
+        let rows: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(format!("{PREFIX}node-views"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let now = now_ms();
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        let mut out = Vec::new();
+        for (_, raw) in rows {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+                continue;
+            };
+            let Some(hub) = v["hub"].as_str().map(str::to_owned) else {
+                continue;
+            };
+            if hub == self.hub_id {
+                continue;
+            }
+            let live = match alive.get(&hub) {
+                Some(l) => *l,
+                None => {
+                    let l: bool = redis::cmd("EXISTS")
+                        .arg(lease_key(&hub))
+                        .query_async(&mut c)
+                        .await
+                        .map_err(|e| self.unavailable(e))?;
+                    alive.insert(hub.clone(), l);
+                    l
+                }
+            };
+            let age = now.saturating_sub(v["seen_ms"].as_u64().unwrap_or(0));
+            out.push((hub, live, age, v["view"].take()));
+        }
+        Ok(out)
+    }
+
     /// One reaper pass: for every other hub whose lease is gone, requeues each task it had
     /// claimed (a `task_migrated` event; attempt + 1 at its next assignment) or, if the task
     /// used all its attempts, fails it with `node_lost`; a hub with nothing left is forgotten.
