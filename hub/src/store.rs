@@ -26,7 +26,8 @@ pub struct TaskFilter {
 }
 
 impl TaskFilter {
-    fn matches(&self, t: &Task) -> bool {
+    /// Whether `t` passes the filter.
+    pub fn matches(&self, t: &Task) -> bool {
         self.status.is_none_or(|s| t.status == s)
             && self.tool.as_ref().is_none_or(|x| *x == t.spec.tool)
             && self

@@ -155,6 +155,50 @@ async fn claims_are_bounded_and_pop_higher_priority_then_older_first() {
 }
 
 #[tokio::test]
+async fn every_hub_lists_every_task_newest_first_with_filters() {
+    use apex_hub::store::TaskFilter;
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    for n in 1..=5 {
+        let h = if n % 2 == 0 { &a } else { &b };
+        h.submit(&task(n, if n == 3 { "other" } else { "echo" }, 5))
+            .await
+            .unwrap();
+    }
+    let c = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-a");
+    succeed(&mut rec);
+    a.commit(&rec, c.claim).await.unwrap();
+
+    let all = b.list(&TaskFilter::default(), 1, 10).await.unwrap();
+    assert_eq!(all.total, 5);
+    let ns: Vec<u64> = all
+        .tasks
+        .iter()
+        .map(|t| t.spec.args["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, vec![5, 4, 3, 2, 1]);
+    let page2 = b.list(&TaskFilter::default(), 2, 2).await.unwrap();
+    assert_eq!(page2.total, 5);
+    assert_eq!(page2.tasks.len(), 2);
+    assert_eq!(page2.tasks[0].spec.args["n"], 3);
+    let done = TaskFilter {
+        status: Some(TaskStatus::Succeeded),
+        ..TaskFilter::default()
+    };
+    let got = b.list(&done, 1, 10).await.unwrap();
+    assert_eq!(got.total, 1);
+    assert_eq!(got.tasks[0].id, rec.id);
+    let other = TaskFilter {
+        tool: Some("other".to_owned()),
+        ..TaskFilter::default()
+    };
+    assert_eq!(a.list(&other, 1, 10).await.unwrap().total, 1);
+}
+
+#[tokio::test]
 async fn pinned_tasks_wait_in_their_node_queue() {
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 5_000).await;

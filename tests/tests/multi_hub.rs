@@ -53,7 +53,12 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
         // Hub B, which ran it, has it too.
         assert_eq!(b.api().get(id).await.unwrap().status, "succeeded");
     }
-    // Hub A never held the tasks: its SSE stream replays them from the shared record.
+    // Hub A never held the tasks: it lists them, newest first.
+    let listed = a.api().list_all(&[("status", "succeeded")]).await.unwrap();
+    let listed: Vec<&str> = listed.iter().map(|t| t.task_id.as_str()).collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+    // Its SSE stream replays them from the shared record.
     let events = a.api().events(&ids[0], WAIT).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"task_created"), "{kinds:?}");

@@ -18,6 +18,7 @@
 //! - `hubs`: set of hub ids that joined and may still own tasks; `owned:{id}`: task ids a hub
 //!   has claimed and not finished.
 //! - `idem:{key}`: idempotency key → task id (`SET NX` inside the submit script).
+//! - `index`: sorted set of every task id by its `seq` (for listing, newest first).
 //! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
 //!
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
@@ -56,7 +57,8 @@ pub const EVENTS_CHANNEL: &str = "apex:shared:task-events";
 /// Default lifetime of a hub lease, in milliseconds (renewed every second).
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
 
-/// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key;
+/// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key,
+/// KEYS[5] the index of every task by `seq`;
 /// ARGV[1] task id, ARGV[2] record, ARGV[3] score, ARGV[4] `1` if KEYS[4] is used, ARGV[5]
 /// wake channel. Returns `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
 const SUBMIT: &str = r"
@@ -71,6 +73,7 @@ local member = string.format('%020d', seq) .. ':' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'queue', KEYS[2],
   'member', member, 'claim', '0')
 redis.call('ZADD', KEYS[2], ARGV[3], member)
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('PUBLISH', ARGV[5], KEYS[2])
 return {'1', ARGV[1], tostring(seq)}
 ";
@@ -517,6 +520,7 @@ impl SharedRedis {
             .key(queue_key(task))
             .key(format!("{PREFIX}seq"))
             .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
+            .key(format!("{PREFIX}index"))
             .arg(&task.id)
             .arg(record)
             .arg(score(task))
@@ -661,6 +665,55 @@ impl SharedRedis {
             })
         })
         .transpose()
+    }
+
+    /// A page of every task in the shared store matching `filter`, newest first (`page` from
+    /// 1). Reads every record (in batches of 500): fine for thousands of tasks, slow for
+    /// millions.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn list(
+        &self,
+        filter: &crate::store::TaskFilter,
+        page: usize,
+        limit: usize,
+    ) -> Result<crate::store::Page, SharedError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{PREFIX}index"))
+            .arg(0)
+            .arg(-1)
+            .arg("REV")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let skip = page.saturating_sub(1).saturating_mul(limit);
+        let mut total = 0;
+        let mut tasks = Vec::new();
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HGET").arg(task_key(id)).arg("record");
+            }
+            let rows: Vec<Option<Vec<u8>>> = pipe
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            for raw in rows.into_iter().flatten() {
+                let Ok(t) = serde_json::from_slice::<Task>(&raw) else {
+                    continue;
+                };
+                if !filter.matches(&t) {
+                    continue;
+                }
+                if total >= skip && tasks.len() < limit {
+                    tasks.push(t);
+                }
+                total += 1;
+            }
+        }
+        Ok(crate::store::Page { tasks, total })
     }
 
     /// How many tasks wait in `queue`.

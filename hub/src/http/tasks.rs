@@ -315,7 +315,13 @@ pub async fn list(
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
     };
-    let p = state.cluster.list(&filter, pages.page, pages.limit);
+    let p = match &state.shared {
+        Some(shared) => shared
+            .list(&filter, pages.page, pages.limit)
+            .await
+            .map_err(ApiError::store_unavailable)?,
+        None => state.cluster.list(&filter, pages.page, pages.limit),
+    };
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
 }
