@@ -165,7 +165,12 @@ pub async fn run_with(
     };
     let mut background = ops.start(&cluster, &stop_rx);
     if let Some(h) = shared {
-        background.extend(shared_mode::spawn(h, cluster.clone(), stop_rx.clone()));
+        background.extend(shared_mode::spawn(
+            h,
+            cluster.clone(),
+            retention,
+            stop_rx.clone(),
+        ));
     }
     let metrics_listener = match (options.metrics_listener, metrics_listen) {
         (Some(l), _) => Some(l),

@@ -1,5 +1,5 @@
-//! Shared mode's background loops (`hub_mode = "shared"`): the hub lease, node views and the
-//! reaper, the
+//! Shared mode's background loops (`hub_mode = "shared"`): the hub lease, node views,
+//! retention and the reaper, the
 //! claimer that fills this hub's free capacity from the shared queues, and the loop that drops
 //! fenced tasks from the engine. See `durable::shared` for the Redis side.
 
@@ -55,9 +55,11 @@ pub fn new_task(spec: TaskSpec) -> Task {
 }
 
 /// Starts the loops; they end when `stop` turns true.
+/// `retention` is how long finished tasks stay in the shared store (`task_retention_hours`).
 pub fn spawn(
     handles: SharedHandles,
     cluster: Cluster,
+    retention: Duration,
     stop: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let SharedHandles {
@@ -100,6 +102,16 @@ pub fn spawn(
                     .collect();
                 if let Err(e) = redis.put_node_views(&views).await {
                     tracing::warn!(error = %e, "node views not published");
+                }
+                if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
+                    match redis.collect_finished_before(cutoff, 1000).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            tasks = n,
+                            "finished tasks collected from the shared store"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "shared retention pass failed"),
+                    }
                 }
                 match redis.reap().await {
                     Ok(r) if r.requeued + r.failed > 0 => tracing::info!(

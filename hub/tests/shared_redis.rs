@@ -199,6 +199,48 @@ async fn every_hub_lists_every_task_newest_first_with_filters() {
 }
 
 #[tokio::test]
+async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
+    use apex_hub::store::TaskFilter;
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let mut done = task(1, "echo", 5);
+    done.spec.idempotency_key = Some("k-done".to_owned());
+    let mut cancelled = task(2, "echo", 5);
+    cancelled.spec.idempotency_key = Some("k-cancel".to_owned());
+    let waiting = task(3, "other", 5);
+    for t in [&done, &cancelled, &waiting] {
+        a.submit(t).await.unwrap();
+    }
+    let c = b.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-b");
+    succeed(&mut rec);
+    b.commit(&rec, c.claim).await.unwrap();
+    let mut cx = cancelled.clone();
+    cx.status = TaskStatus::Cancelled;
+    assert!(a.finish_queued(&cx).await.unwrap());
+
+    // Nothing finished before an hour ago.
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    assert_eq!(a.collect_finished_before(hour_ago, 100).await.unwrap(), 0);
+    let later = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(b.collect_finished_before(later, 100).await.unwrap(), 2);
+    assert!(a.get(&done.id).await.unwrap().is_none());
+    assert!(a.get(&cancelled.id).await.unwrap().is_none());
+    let left = a.list(&TaskFilter::default(), 1, 10).await.unwrap();
+    assert_eq!(left.total, 1);
+    assert_eq!(left.tasks[0].id, waiting.id);
+    // The keys can be used again.
+    let mut again = task(4, "echo", 5);
+    again.spec.idempotency_key = Some("k-done".to_owned());
+    assert!(matches!(
+        a.submit(&again).await.unwrap(),
+        Submitted::New { .. }
+    ));
+}
+
+#[tokio::test]
 async fn pinned_tasks_wait_in_their_node_queue() {
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 5_000).await;

@@ -18,7 +18,8 @@
 //! - `hubs`: set of hub ids that joined and may still own tasks; `owned:{id}`: task ids a hub
 //!   has claimed and not finished.
 //! - `idem:{key}`: idempotency key → task id (`SET NX` inside the submit script).
-//! - `index`: sorted set of every task id by its `seq` (for listing, newest first).
+//! - `index`: sorted set of every task id by its `seq` (for listing, newest first);
+//!   `finished`: finished task ids by finish time in ms (for retention).
 //! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
 //!
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
@@ -72,6 +73,7 @@ local seq = redis.call('INCR', KEYS[3])
 local member = string.format('%020d', seq) .. ':' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'queue', KEYS[2],
   'member', member, 'claim', '0')
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'idem', KEYS[4]) end
 redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('PUBLISH', ARGV[5], KEYS[2])
@@ -102,10 +104,10 @@ end
 return out
 ";
 
-/// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue;
-/// ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state
-/// (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8] events channel,
-/// ARGV[9] wake channel. Returns 1 (also, writing nothing, when the task is released already
+/// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue,
+/// KEYS[5] the finished set; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record,
+/// ARGV[5] next state (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8]
+/// events channel, ARGV[9] wake channel, ARGV[10] now (ms, the finish time for `done`). Returns 1 (also, writing nothing, when the task is released already
 /// with exactly this record: a retried batch), or an error starting `FENCED`.
 const COMMIT: &str = r"
 local done = redis.call('HMGET', KEYS[1], 'state', 'record')
@@ -125,20 +127,24 @@ if ARGV[5] ~= 'claimed' then
   if ARGV[5] == 'queued' then
     redis.call('ZADD', KEYS[4], ARGV[6], h[5])
     redis.call('PUBLISH', ARGV[9], KEYS[4])
+  else
+    redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
   end
 end
 redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
 ";
 
-/// Finish a task that waits in a queue (cancel, timeout): KEYS[1] task hash, KEYS[2] queue;
-/// ARGV[1] record, ARGV[2] task id, ARGV[3] events channel. Returns 1, or 0 if the task is not
+/// Finish a task that waits in a queue (cancel, timeout): KEYS[1] task hash, KEYS[2] queue,
+/// KEYS[3] the finished set; ARGV[1] record, ARGV[2] task id, ARGV[3] events channel, ARGV[4]
+/// now (ms). Returns 1, or 0 if the task is not
 /// queued (claimed by a hub, or finished).
 const FINISH_QUEUED: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'state', 'member')
 if h[1] ~= 'queued' then return 0 end
 redis.call('ZREM', KEYS[2], h[2])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'done')
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return 1
 ";
@@ -152,9 +158,9 @@ return 1
 ";
 
 /// Requeue a task of a dead hub: KEYS[1] task hash, KEYS[2] its owner's lease, KEYS[3] its
-/// owner's owned set, KEYS[4] its queue; ARGV[1] owner, ARGV[2] epoch, ARGV[3] claim, ARGV[4]
-/// record, ARGV[5] next state (`queued` or `done`), ARGV[6] score, ARGV[7] task id, ARGV[8]
-/// events channel, ARGV[9] wake channel. Returns 1, or 0 if the claim is alive or gone.
+/// owner's owned set, KEYS[4] its queue, KEYS[5] the finished set; ARGV[1] owner, ARGV[2]
+/// epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state (`queued` or `done`), ARGV[6]
+/// score, ARGV[7] task id, ARGV[8] events channel, ARGV[9] wake channel, ARGV[10] now (ms). Returns 1, or 0 if the claim is alive or gone.
 const REQUEUE: &str = r"
 if redis.call('GET', KEYS[2]) == ARGV[2] then return 0 end
 local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
@@ -167,9 +173,27 @@ redis.call('SREM', KEYS[3], ARGV[7])
 if ARGV[5] == 'queued' then
   redis.call('ZADD', KEYS[4], ARGV[6], h[5])
   redis.call('PUBLISH', ARGV[9], KEYS[4])
+else
+  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
 end
 redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
+";
+
+/// Retention: KEYS[1] the finished set, KEYS[2] the index; ARGV[1] cutoff (ms), ARGV[2] at
+/// most this many, ARGV[3] task key prefix. Deletes tasks finished before the cutoff (hash,
+/// idempotency key, index entries). Returns how many.
+const COLLECT: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  local tk = ARGV[3] .. id
+  local idem = redis.call('HGET', tk, 'idem')
+  if idem then redis.call('DEL', idem) end
+  redis.call('DEL', tk)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
 ";
 
 /// Forget a dead hub with nothing left: KEYS[1] hubs set, KEYS[2] its lease, KEYS[3] its owned
@@ -611,6 +635,7 @@ impl SharedRedis {
             .key(lease_key(&self.hub_id))
             .key(owned_key(&self.hub_id))
             .key(queue_key(task))
+            .key(format!("{PREFIX}finished"))
             .arg(&self.hub_id)
             .arg(self.epoch())
             .arg(claim)
@@ -620,6 +645,7 @@ impl SharedRedis {
             .arg(&task.id)
             .arg(EVENTS_CHANNEL)
             .arg(WAKE_CHANNEL)
+            .arg(now_ms())
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.classify(e))?;
@@ -637,9 +663,11 @@ impl SharedRedis {
         let r: i64 = redis::Script::new(FINISH_QUEUED)
             .key(task_key(&task.id))
             .key(queue_key(task))
+            .key(format!("{PREFIX}finished"))
             .arg(record)
             .arg(&task.id)
             .arg(EVENTS_CHANNEL)
+            .arg(now_ms())
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -714,6 +742,32 @@ impl SharedRedis {
             }
         }
         Ok(crate::store::Page { tasks, total })
+    }
+
+    /// Deletes up to `max` tasks that finished before `cutoff` (record, idempotency key, index
+    /// entries), oldest first. Returns how many. Any hub may run it.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn collect_finished_before(
+        &self,
+        cutoff: SystemTime,
+        max: usize,
+    ) -> Result<u64, SharedError> {
+        let cutoff_ms = cutoff
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let mut c = self.conn.clone();
+        redis::Script::new(COLLECT)
+            .key(format!("{PREFIX}finished"))
+            .key(format!("{PREFIX}index"))
+            .arg(cutoff_ms)
+            .arg(max)
+            .arg(format!("{PREFIX}task:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
     }
 
     /// How many tasks wait in `queue`.
@@ -916,6 +970,7 @@ impl SharedRedis {
                     .key(lease_key(&hub))
                     .key(owned_key(&hub))
                     .key(queue_key(&task))
+                    .key(format!("{PREFIX}finished"))
                     .arg(&hub)
                     .arg(&epoch)
                     .arg(&claim)
@@ -925,6 +980,7 @@ impl SharedRedis {
                     .arg(&id)
                     .arg(EVENTS_CHANNEL)
                     .arg(WAKE_CHANNEL)
+                    .arg(now_ms())
                     .invoke_async(&mut c)
                     .await
                     .map_err(|e| self.unavailable(e))?;
