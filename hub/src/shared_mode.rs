@@ -103,6 +103,13 @@ pub fn spawn(
                 if let Err(e) = redis.put_node_views(&views).await {
                     tracing::warn!(error = %e, "node views not published");
                 }
+                match redis.expire_queued(1000).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(tasks = n, "queued tasks timed out in the shared store")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "shared deadline pass failed"),
+                }
                 if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
                     match redis.collect_finished_before(cutoff, 1000).await {
                         Ok(0) => {}

@@ -241,6 +241,47 @@ async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
 }
 
 #[tokio::test]
+async fn a_task_no_hub_claims_times_out_in_the_shared_store() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let mut short = task(1, "nobody", 5);
+    short.spec.timeout_seconds = 0.2;
+    let mut held = task(2, "echo", 5);
+    held.spec.timeout_seconds = 0.2;
+    let long = task(3, "nobody", 5);
+    for t in [&short, &held, &long] {
+        a.submit(t).await.unwrap();
+    }
+    let c = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if a.expire_queued(100).await.unwrap() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = a.get(&short.id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::TimedOut);
+    assert_eq!(t.error.unwrap().code, "task_timeout");
+    assert_eq!(t.events.last().unwrap().kind, EventKind::TaskTimedOut);
+    assert_eq!(a.queue_len(&tool_queue("nobody")).await.unwrap(), 1);
+    // The claimed one is its engine's business; the long one waits.
+    assert_eq!(
+        a.get(&held.id).await.unwrap().unwrap().status,
+        TaskStatus::Queued
+    );
+    assert_eq!(
+        a.get(&long.id).await.unwrap().unwrap().status,
+        TaskStatus::Queued
+    );
+    assert_eq!(a.expire_queued(100).await.unwrap(), 0);
+    let mut rec = c.task;
+    assign(&mut rec, "n");
+    a.commit(&rec, c.claim).await.unwrap();
+}
+
+#[tokio::test]
 async fn pinned_tasks_wait_in_their_node_queue() {
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 5_000).await;

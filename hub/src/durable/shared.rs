@@ -19,7 +19,8 @@
 //!   has claimed and not finished.
 //! - `idem:{key}`: idempotency key → task id (`SET NX` inside the submit script).
 //! - `index`: sorted set of every task id by its `seq` (for listing, newest first);
-//!   `finished`: finished task ids by finish time in ms (for retention).
+//!   `finished`: finished task ids by finish time in ms (for retention); `deadlines`: task
+//!   ids by deadline in ms (for timing out tasks no hub claimed).
 //! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
 //!
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
@@ -59,7 +60,7 @@ pub const EVENTS_CHANNEL: &str = "apex:shared:task-events";
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
 
 /// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key,
-/// KEYS[5] the index of every task by `seq`;
+/// KEYS[5] the index of every task by `seq`, KEYS[6] deadlines; ARGV[6] the deadline (ms);
 /// ARGV[1] task id, ARGV[2] record, ARGV[3] score, ARGV[4] `1` if KEYS[4] is used, ARGV[5]
 /// wake channel. Returns `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
 const SUBMIT: &str = r"
@@ -76,6 +77,7 @@ redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'queue', KEYS[
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'idem', KEYS[4]) end
 redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
 redis.call('PUBLISH', ARGV[5], KEYS[2])
 return {'1', ARGV[1], tostring(seq)}
 ";
@@ -180,7 +182,7 @@ redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
 ";
 
-/// Retention: KEYS[1] the finished set, KEYS[2] the index; ARGV[1] cutoff (ms), ARGV[2] at
+/// Retention: KEYS[1] the finished set, KEYS[2] the index, KEYS[3] deadlines; ARGV[1] cutoff (ms), ARGV[2] at
 /// most this many, ARGV[3] task key prefix. Deletes tasks finished before the cutoff (hash,
 /// idempotency key, index entries). Returns how many.
 const COLLECT: &str = r"
@@ -192,6 +194,7 @@ for _, id in ipairs(ids) do
   redis.call('DEL', tk)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[3], id)
 end
 return #ids
 ";
@@ -545,11 +548,13 @@ impl SharedRedis {
             .key(format!("{PREFIX}seq"))
             .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
             .key(format!("{PREFIX}index"))
+            .key(format!("{PREFIX}deadlines"))
             .arg(&task.id)
             .arg(record)
             .arg(score(task))
             .arg(if idem.is_some() { "1" } else { "0" })
             .arg(WAKE_CHANNEL)
+            .arg(deadline_ms(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -762,12 +767,76 @@ impl SharedRedis {
         redis::Script::new(COLLECT)
             .key(format!("{PREFIX}finished"))
             .key(format!("{PREFIX}index"))
+            .key(format!("{PREFIX}deadlines"))
             .arg(cutoff_ms)
             .arg(max)
             .arg(format!("{PREFIX}task:"))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))
+    }
+
+    /// Times out tasks still waiting in a shared queue past their deadline (no hub claimed
+    /// them; a claimed task's deadline is its engine's): each gets a `task_timed_out` event and
+    /// status `timed_out` with error `task_timeout`, as the engine does. Looks at up to `max`
+    /// overdue tasks. Returns how many timed out. Any hub may run it.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`] for a bad record.
+    pub async fn expire_queued(&self, max: usize) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        let key = format!("{PREFIX}deadlines");
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now_ms())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut n = 0;
+        for id in ids {
+            let (state, raw): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(task_key(&id))
+                .arg("state")
+                .arg("record")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let (Some(state), Some(raw)) = (state, raw) else {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(&id)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                continue;
+            };
+            match state.as_str() {
+                "queued" => {
+                    let mut t: Task =
+                        serde_json::from_slice(&raw).map_err(|e| SharedError::Unreadable {
+                            id: id.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    time_out_record(&mut t);
+                    if self.finish_queued(&t).await? {
+                        n += 1;
+                    }
+                }
+                "done" => {}
+                _ => continue,
+            }
+            let _: i64 = redis::cmd("ZREM")
+                .arg(&key)
+                .arg(&id)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        }
+        Ok(n)
     }
 
     /// How many tasks wait in `queue`.
@@ -1004,6 +1073,44 @@ impl SharedRedis {
         }
         Ok(out)
     }
+}
+
+/// A task's deadline in ms since the Unix epoch: `created_at + timeout_seconds`.
+fn deadline_ms(task: &Task) -> u64 {
+    let created = task
+        .created_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0);
+    let ms = created + task.spec.timeout_seconds.max(0.0) * 1000.0;
+    if ms.is_finite() && ms < 9.0e15 {
+        ms as u64
+    } else {
+        9_000_000_000_000_000
+    }
+}
+
+/// Ends a queued task's record as timed out (as the engine's deadline does).
+fn time_out_record(t: &mut Task) {
+    let now = SystemTime::now();
+    let err = ErrorInfo::new("task_timeout", "the task ran past its timeout");
+    t.status = TaskStatus::TimedOut;
+    t.updated_at = now;
+    t.finished_at = Some(now);
+    t.message = Some(err.message.clone());
+    t.error = Some(err.clone());
+    t.events.push(TaskEvent {
+        kind: EventKind::TaskTimedOut,
+        task_id: t.id.clone(),
+        seq: u32::try_from(t.events.len() + 1).unwrap_or(u32::MAX),
+        attempt: t.attempt,
+        node_id: t.node_id.clone(),
+        status: t.status,
+        progress: None,
+        message: None,
+        error: Some(err),
+        timestamp: now,
+    });
 }
 
 /// Turns the record of a task held by dead hub `hub` into its next state, as the engine's
