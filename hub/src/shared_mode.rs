@@ -10,7 +10,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
-use crate::durable::shared::{SharedError, SharedHandles, SharedRedis, pinned_queue, tool_queue};
+use futures::StreamExt;
+
+use crate::durable::shared::{
+    SharedError, SharedHandles, SharedRedis, pinned_queue, subscribe_cancels, tool_queue,
+};
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
 /// How often the lease is renewed, this hub's node views are published and the reaper runs.
@@ -63,11 +67,39 @@ pub fn spawn(
     stop: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let SharedHandles {
+        url,
         redis,
         claims,
         mut fenced,
     } = handles;
     let mut out = Vec::new();
+    {
+        let (cluster, mut stop) = (cluster.clone(), stop.clone());
+        out.push(tokio::spawn(async move {
+            loop {
+                match subscribe_cancels(&url).await {
+                    Ok(stream) => {
+                        let mut stream = Box::pin(stream);
+                        loop {
+                            tokio::select! {
+                                id = stream.next() => match id {
+                                    // Not held here: another hub's business.
+                                    Some(id) => { let _ = cluster.cancel(&id); }
+                                    None => break,
+                                },
+                                _ = stop.wait_for(|s| *s) => return,
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cancel requests not subscribed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
     {
         let (redis, claims, cluster, mut stop) =
             (redis.clone(), claims.clone(), cluster.clone(), stop.clone());

@@ -83,6 +83,26 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     let (status, _) = a.api().cancel(&stuck.task_id).await.unwrap();
     assert_eq!(status.as_u16(), 409);
 
+    // A task running at hub B's node is cancelled from hub A: B is asked and does it.
+    let long = a
+        .api()
+        .submit(&json!({"tool": "sleep", "args": {"ms": 60_000}}))
+        .await
+        .unwrap();
+    apex_tests::wait_until("the long task to run at hub B", WAIT, || {
+        let (api, id) = (a.api().clone(), long.task_id.clone());
+        async move { Ok((api.get(&id).await?.status == "running").then_some(())) }
+    })
+    .await
+    .unwrap();
+    let (status, body) = a.api().cancel(&long.task_id).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    assert_eq!(
+        b.api().get(&long.task_id).await.unwrap().status,
+        "cancelled"
+    );
+
     // Hub A lists hub B's node (online, connected to B) although it has none of its own.
     let b_id = b
         .api()

@@ -25,7 +25,8 @@
 //!
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
 //! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
-//! record and send the events after the last sequence number they saw).
+//! record and send the events after the last sequence number they saw); `apex:shared:cancel`
+//! carries ids of tasks to cancel (the hub holding one cancels it).
 //!
 //! Fencing: [`SharedRedis::commit`] and [`SharedRedis::release`] write only if the hub's lease still holds its epoch and the
 //! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
@@ -315,6 +316,33 @@ pub struct Reaped {
     pub failed: u64,
     /// Dead hubs forgotten (nothing left to reap).
     pub hubs_forgotten: u64,
+}
+
+/// Pub/sub channel carrying ids of tasks to cancel: the hub holding the task cancels it.
+pub const CANCEL_CHANNEL: &str = "apex:shared:cancel";
+
+/// Subscribes to [`CANCEL_CHANNEL`] on a connection of its own; the stream yields task ids and
+/// ends when the connection drops (subscribe again).
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe_cancels(
+    url: &str,
+) -> Result<impl Stream<Item = String> + Send + 'static, SharedError> {
+    let what = super::redis::redacted(url);
+    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
+        what: what.clone(),
+        reason: one_line(e),
+    };
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub
+        .subscribe(CANCEL_CHANNEL)
+        .await
+        .map_err(unavailable)?;
+    Ok(pubsub
+        .into_on_message()
+        .filter_map(|msg| async move { String::from_utf8(msg.get_payload_bytes().to_vec()).ok() }))
 }
 
 /// A wake-up published by some hub (see the module docs for the channels).
@@ -839,6 +867,21 @@ impl SharedRedis {
         Ok(n)
     }
 
+    /// Asks the hub holding task `id` to cancel it ([`CANCEL_CHANNEL`]). Returns how many hubs
+    /// heard the request.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn request_cancel(&self, id: &str) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(CANCEL_CHANNEL)
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// How many tasks wait in `queue`.
     ///
     /// # Errors
@@ -1306,6 +1349,8 @@ impl super::Backend for SharedBackend {
 /// What a shared-mode hub runs on: its Redis handle, the claims its engine holds, and the ids
 /// whose commits were fenced (to drop from the engine).
 pub struct SharedHandles {
+    /// The Redis URL (for pub/sub connections).
+    pub url: String,
     /// The hub's handle (lease, claims, submissions, reads).
     pub redis: Arc<SharedRedis>,
     /// Claim tokens of the tasks the engine holds.
@@ -1330,6 +1375,7 @@ pub async fn open_hub(url: &str, hub_id: &str) -> Result<super::Opened, super::S
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut opened = super::open_shared(url, redis.identity(), claims.clone(), tx).await?;
     opened.shared = Some(SharedHandles {
+        url: url.to_owned(),
         redis: Arc::new(redis),
         claims,
         fenced: rx,

@@ -340,7 +340,8 @@ pub async fn cancel(
 }
 
 /// Shared mode, a task this hub does not hold: a queued task is cancelled in the shared store;
-/// one that another hub holds cannot be cancelled from here yet (409 naming the limit).
+/// for one another hub holds, that hub is asked (pub/sub) and the answer waits up to 10 s for
+/// the shared record to show the end (409 if it does not).
 async fn cancel_shared(state: &AppState, id: &str) -> Result<Response, ApiError> {
     let Some(shared) = &state.shared else {
         return Err(ApiError::not_found("task", id));
@@ -378,9 +379,22 @@ async fn cancel_shared(state: &AppState, id: &str) -> Result<Response, ApiError>
             return Ok(Json(t.view()).into_response());
         }
     }
-    Err(ApiError::conflict(format!(
-        "task {id} is held by another hub; cancelling it from this hub is not supported yet: cancel it at the hub that runs it"
-    )))
+    // Held by a hub (perhaps claimed just now): ask the holder, and answer once the shared
+    // record shows the task ended.
+    shared.request_cancel(id).await.map_err(unavailable)?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match shared.get(id).await.map_err(unavailable)? {
+            Some(t) if t.status.is_terminal() => return Ok(Json(t.view()).into_response()),
+            Some(_) if tokio::time::Instant::now() < until => {}
+            _ => {
+                return Err(ApiError::conflict(format!(
+                    "task {id} is held by another hub, which did not confirm the cancel within 10 s"
+                )));
+            }
+        }
+    }
 }
 
 /// Shared mode, a task this hub does not hold: its events from the shared record, polled every
