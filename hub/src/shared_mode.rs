@@ -13,13 +13,14 @@ use crate::cluster::Cluster;
 use futures::StreamExt;
 
 use crate::durable::shared::{
-    SharedError, SharedHandles, SharedRedis, pinned_queue, subscribe_cancels, tool_queue,
+    SharedError, SharedHandles, SharedRedis, Wake, pinned_queue, subscribe, subscribe_cancels,
+    tool_queue,
 };
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
 /// How often the lease is renewed, this hub's node views are published and the reaper runs.
 pub const LEASE_TICK: Duration = Duration::from_secs(1);
-/// How often the claimer looks at the shared queues.
+/// How often the claimer looks at the shared queues when no wake-up (`Wake::Queue`) came.
 pub const CLAIM_TICK: Duration = Duration::from_millis(100);
 
 /// A new task record for a submission at this hub (status `queued`, one `task_created` event).
@@ -74,7 +75,7 @@ pub fn spawn(
     } = handles;
     let mut out = Vec::new();
     {
-        let (cluster, mut stop) = (cluster.clone(), stop.clone());
+        let (cluster, url, mut stop) = (cluster.clone(), url.clone(), stop.clone());
         out.push(tokio::spawn(async move {
             loop {
                 match subscribe_cancels(&url).await {
@@ -167,11 +168,41 @@ pub fn spawn(
     {
         let (redis, claims, cluster, mut stop) =
             (redis.clone(), claims.clone(), cluster.clone(), stop.clone());
+        // Wake-ups: a task was queued somewhere (claim at once instead of at the next tick).
+        let wake = Arc::new(tokio::sync::Notify::new());
+        {
+            let (wake, url, mut stop) = (wake.clone(), url.clone(), stop.clone());
+            out.push(tokio::spawn(async move {
+                loop {
+                    match subscribe(&url).await {
+                        Ok(stream) => {
+                            let mut stream = Box::pin(stream);
+                            loop {
+                                tokio::select! {
+                                    w = stream.next() => match w {
+                                        Some(Wake::Queue(_)) => wake.notify_one(),
+                                        Some(Wake::Task(_)) => {}
+                                        None => break,
+                                    },
+                                    _ = stop.wait_for(|s| *s) => return,
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "queue wake-ups not subscribed"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }));
+        }
         out.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(CLAIM_TICK);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
+                    _ = wake.notified() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 claim_round(&redis, &claims, &cluster).await;
