@@ -45,6 +45,7 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
 # System tools the tests need.
 need redis-server redis-server
+need redis-cli redis-tools   # tests/tests/multi_hub.rs reads stored records
 # The dashboard test (tests/tests/dashboard.rs) drives Debian's chromium with playwright-core,
 # pinned in tests/dashboard/package-lock.json (never `npx playwright install`).
 need chromium chromium

@@ -1663,6 +1663,10 @@ fn node_view(e: &NodeEntry) -> NodeView {
 mod recovery;
 pub use recovery::Restored;
 
+#[path = "cluster_shared.rs"]
+mod shared_mode;
+pub use shared_mode::FreeSlots;
+
 #[cfg(test)]
 #[path = "cluster_tests.rs"]
 mod tests;

@@ -1316,3 +1316,134 @@ fn a_node_limit_is_capped_to_fit_its_outbound_queue() {
     assert_eq!(n.assigns().len(), 32);
     assert_eq!(c.node("n").unwrap().status, NodeState::Online);
 }
+
+#[test]
+fn an_adopted_task_from_another_hub_runs_here_and_keeps_its_history() {
+    // Hub "other" accepted the task and has no node; this hub claimed it.
+    let other = new_cluster();
+    let foreign = submit(&other, spec("echo"));
+    assert_eq!(foreign.status, TaskStatus::Queued);
+
+    let c = new_cluster();
+    let _earlier = submit(&c, spec("sleep"));
+    let mut n = connect(&c, "n1", &["echo"], 4);
+    assert_eq!(c.adopt(vec![foreign.clone()]), 1);
+    let a = n.assigns();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].task_id, foreign.id);
+    assert_eq!(a[0].attempt, Some(1));
+    assert!(
+        n.result(&c, &foreign.id, Some(1), json!({"ok": true}))
+            .success
+    );
+    let t = task(&c, &foreign.id);
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert_eq!(t.events[0], foreign.events[0], "its history is kept");
+    check_events(&t);
+
+    // Known ids and tasks that are not queued are not taken in.
+    let mut running = submit(&other, spec("echo"));
+    running.status = TaskStatus::Running;
+    assert_eq!(c.adopt(vec![foreign.clone(), running]), 0);
+    assert_eq!(task(&c, &foreign.id).status, TaskStatus::Succeeded);
+}
+
+#[test]
+fn free_slots_count_idle_capacity_per_tool_and_node_minus_local_queues() {
+    let c = new_cluster();
+    assert_eq!(c.free_slots(), FreeSlots::default());
+    let mut n1 = connect(&c, "n1", &["echo"], 2);
+    let _n2 = connect(&c, "n2", &["echo", "sleep"], 3);
+    let s = c.free_slots();
+    assert_eq!(s.by_tool["echo"], 5);
+    assert_eq!(s.by_tool["sleep"], 3);
+    assert_eq!(s.by_node["n1"], 2);
+
+    for _ in 0..6 {
+        submit(&c, spec("echo"));
+    }
+    // 5 running, 1 queued here: nothing more to claim for echo or sleep.
+    let s = c.free_slots();
+    assert_eq!(s.by_tool["echo"], 0);
+    assert_eq!(s.by_tool["sleep"], 0);
+    assert_eq!(s.by_node["n1"], 0);
+
+    // A drained node offers nothing.
+    let done: Vec<_> = n1.assigns();
+    assert_eq!(done.len(), 2);
+    assert!(c.set_draining("n1", true));
+    for a in &done {
+        assert!(n1.result(&c, &a.task_id, a.attempt, json!(1)).success);
+    }
+    let s = c.free_slots();
+    assert!(!s.by_node.contains_key("n1"));
+}
+
+#[test]
+fn a_disowned_task_leaves_the_engine_without_an_event_and_its_node_is_told() {
+    let c = new_cluster();
+    let mut n = connect(&c, "n1", &["echo"], 1);
+    let running = submit(&c, spec("echo"));
+    let queued = submit(&c, spec("echo"));
+    assert_eq!(n.assigns().len(), 1);
+    let mut events = c.subscribe();
+
+    // A queued task: simply gone.
+    assert!(c.disown(&queued.id));
+    assert!(c.get(&queued.id).is_none());
+
+    // A running task: the node is told to stop, its slot is free again, a late result is
+    // ignored, and no event was published for either.
+    let next = submit(&c, spec("echo"));
+    assert!(c.disown(&running.id));
+    assert!(c.get(&running.id).is_none());
+    let frames = n.frames();
+    assert!(frames.iter().any(
+        |m| matches!(m, HubMessage::TaskCancel(t) if t.task_id == running.id && t.attempt == Some(1))
+    ));
+    assert!(
+        frames
+            .iter()
+            .any(|m| matches!(m, HubMessage::TaskAssign(a) if a.task_id == next.id))
+    );
+    assert!(!n.result(&c, &running.id, Some(1), json!("late")).success);
+    while let Ok(e) = events.try_recv() {
+        assert_ne!(e.task_id, running.id);
+        assert_ne!(e.task_id, queued.id);
+    }
+    assert!(!c.disown(&running.id));
+    assert_eq!(all_tasks(&c).len(), 1);
+    let h = c.health();
+    assert_eq!(
+        h.tasks[TaskStatus::Running.index()] + h.tasks[TaskStatus::Assigned.index()],
+        1,
+        "the store's counts follow"
+    );
+    assert_eq!(h.tasks.iter().sum::<u64>(), 1);
+    assert_eq!(h.queue_depth, 0);
+}
+
+#[test]
+fn queued_tasks_without_a_local_node_are_stranded() {
+    let c = new_cluster();
+    let n = connect(&c, "n1", &["echo"], 1);
+    let first = submit(&c, spec("echo"));
+    let waiting = submit(&c, spec("echo"));
+    // One runs, one waits for a slot of a node that is here: nothing is stranded.
+    assert!(c.stranded().is_empty());
+    let other = submit(&c, spec("sleep"));
+    assert_eq!(
+        c.stranded()
+            .iter()
+            .map(|t| t.id.clone())
+            .collect::<Vec<_>>(),
+        vec![other.id.clone()]
+    );
+    // The node goes: its task is requeued here and, with the waiting one, stranded.
+    assert!(c.lose_node("n1", n.conn.id, "test"));
+    let mut ids: Vec<String> = c.stranded().into_iter().map(|t| t.id).collect();
+    ids.sort();
+    let mut want = vec![first.id, waiting.id, other.id];
+    want.sort();
+    assert_eq!(ids, want);
+}

@@ -80,6 +80,10 @@ pub struct Config {
     /// Task store: `embedded` (default: `<data_dir>/tasks.redb`), `memory` (lost at exit), or a
     /// Redis URL `redis://[:password@]host:port/db` (`rediss://` for TLS).
     pub store: String,
+    /// `single` (default): this hub owns its store alone. `shared`: several hubs share one
+    /// Redis store (`store` must be a Redis URL): tasks submitted at any hub run on nodes of
+    /// any hub. Shared mode is incomplete (see ARCHITECTURE.md, "Several hubs on one Redis").
+    pub hub_mode: String,
     /// Hours a finished task and its events are kept before they are collected. Default 168.
     pub task_retention_hours: u64,
     /// After a restart, how long tasks that were assigned or running wait for their node to
@@ -130,6 +134,7 @@ impl Default for Config {
             log_level: "info".to_owned(),
             log_format: "text".to_owned(),
             store: "embedded".to_owned(),
+            hub_mode: "single".to_owned(),
             task_retention_hours: 168,
             recovery_grace_ms: 10_000,
             offline_node_retention_ms: 3_600_000,
@@ -209,6 +214,10 @@ pub struct Cli {
     #[arg(long, value_name = "STORE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// single, or shared (several hubs on one Redis store) [default: single].
+    #[arg(long, value_name = "MODE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_mode: Option<String>,
     /// Hours finished tasks are kept [default: 168].
     #[arg(long, value_name = "HOURS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -316,6 +325,18 @@ impl Config {
         if let Err(reason) = crate::durable::StoreKind::parse(&self.store) {
             return bad("store", &reason);
         }
+        match self.hub_mode.as_str() {
+            "single" => {}
+            "shared" => {
+                if !matches!(self.store_kind(), crate::durable::StoreKind::Redis(_)) {
+                    return bad(
+                        "hub_mode",
+                        "`shared` needs a Redis store (`store = \"redis://...\"`)",
+                    );
+                }
+            }
+            _ => return bad("hub_mode", "must be `single` or `shared`"),
+        }
         if !(1..=87_600).contains(&self.task_retention_hours) {
             return bad(
                 "task_retention_hours",
@@ -371,6 +392,11 @@ impl Config {
     /// The silence timeout.
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    /// Whether `hub_mode` is `shared`.
+    pub fn is_shared(&self) -> bool {
+        self.hub_mode == "shared"
     }
 
     /// The validated `store` value.
@@ -480,6 +506,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("no_such_key"), "{e}");
+    }
+
+    #[test]
+    fn shared_hub_mode_needs_a_redis_store() {
+        let with = |mode: &str, store: &str| Config {
+            hub_mode: mode.to_owned(),
+            store: store.to_owned(),
+            ..Config::default()
+        };
+        with("shared", "redis://127.0.0.1:6379/0")
+            .validate()
+            .unwrap();
+        with("single", "redis://127.0.0.1:6379/0")
+            .validate()
+            .unwrap();
+        for (mode, store) in [
+            ("shared", "embedded"),
+            ("shared", "memory"),
+            ("both", "memory"),
+        ] {
+            let e = with(mode, store).validate().unwrap_err().to_string();
+            assert!(e.contains("hub_mode"), "{mode} {store}: {e}");
+        }
     }
 
     #[test]

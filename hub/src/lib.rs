@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod scheduler;
+pub mod shared_mode;
 pub mod store;
 pub mod telemetry;
 pub mod ws;
@@ -43,6 +44,12 @@ pub fn cluster_for(config: &Config) -> Cluster {
 /// [`StoreError`]: the data directory is locked by another hub, the store is unreadable or
 /// Redis cannot be reached.
 pub async fn open_store(config: &Config) -> Result<Opened, StoreError> {
+    if config.is_shared()
+        && let durable::StoreKind::Redis(url) = config.store_kind()
+    {
+        let hub_id = durable::hub_id(&config.data_dir)?;
+        return durable::shared::open_hub(&url, &hub_id).await;
+    }
     durable::open(&config.store_kind(), &config.data_dir).await
 }
 
@@ -105,6 +112,7 @@ pub async fn run_with(
             .map_err(|e| std::io::Error::other(e.to_string()))?,
     };
     let durability = opened.durability.clone();
+    let shared = opened.shared;
     let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
     let began = Instant::now();
     cluster.restore_nodes(opened.nodes);
@@ -145,7 +153,9 @@ pub async fn run_with(
         gateway.clone(),
         node_llm.clone(),
     ));
+    let shared_redis = shared.as_ref().map(|h| h.redis.clone());
     let state = AppState {
+        shared: shared_redis,
         cluster: cluster.clone(),
         llm: gateway,
         node_llm,
@@ -154,6 +164,14 @@ pub async fn run_with(
         ops: ops.clone(),
     };
     let mut background = ops.start(&cluster, &stop_rx);
+    if let Some(h) = shared {
+        background.extend(shared_mode::spawn(
+            h,
+            cluster.clone(),
+            retention,
+            stop_rx.clone(),
+        ));
+    }
     let metrics_listener = match (options.metrics_listener, metrics_listen) {
         (Some(l), _) => Some(l),
         (None, Some(addr)) => Some(TcpListener::bind(addr).await?),

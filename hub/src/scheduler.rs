@@ -164,6 +164,22 @@ impl Scheduler {
         out
     }
 
+    /// Every queued task: (task id, tool, pinned node), in no particular order.
+    pub fn queued_tasks(&self) -> Vec<(String, String, Option<String>)> {
+        let mut out = Vec::new();
+        for (lane, q) in &self.lanes {
+            let (tool, node) = match lane {
+                Lane::Tool(t) => (t, None),
+                Lane::Pinned { tool, node } => (tool, Some(node)),
+            };
+            out.extend(
+                q.values()
+                    .map(|id| (id.clone(), tool.clone(), node.cloned())),
+            );
+        }
+        out
+    }
+
     /// Ids of the queued tasks pinned to `node_id`, best first.
     pub fn pinned_to(&self, node_id: &str) -> Vec<String> {
         let mut out = Vec::new();

@@ -26,7 +26,8 @@ pub struct TaskFilter {
 }
 
 impl TaskFilter {
-    fn matches(&self, t: &Task) -> bool {
+    /// Whether `t` passes the filter.
+    pub fn matches(&self, t: &Task) -> bool {
         self.status.is_none_or(|s| t.status == s)
             && self.tool.as_ref().is_none_or(|x| *x == t.spec.tool)
             && self
@@ -94,6 +95,9 @@ pub trait TaskStore: Send + 'static {
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize;
     /// Records a node in the registry snapshot (durable stores only; memory keeps none).
     fn put_node(&mut self, _node: NodeRecord) {}
+    /// Drops a task from memory only, writing nothing to durable storage (shared mode: the
+    /// task's claim was fenced, another hub owns its stored record). Returns it if it was here.
+    fn forget(&mut self, id: &str) -> Option<Task>;
 }
 
 /// Tasks in process memory: lost when the hub stops.
@@ -489,6 +493,22 @@ impl TaskStore for MemoryStore {
 
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize {
         self.remove_finished_before(cutoff).len()
+    }
+
+    fn forget(&mut self, id: &str) -> Option<Task> {
+        let t = self.tasks.remove(id)?;
+        self.by_seq.remove(&t.seq);
+        self.counts[t.status.index()] -= 1;
+        if let Some(k) = &t.spec.idempotency_key
+            && self.idempotency.get(k).map(String::as_str) == Some(id)
+        {
+            self.idempotency.remove(k);
+        }
+        if t.status.is_terminal() {
+            let at = t.finished_at.unwrap_or(t.updated_at);
+            self.finished.remove(&(at, t.seq));
+        }
+        Some(t)
     }
 }
 

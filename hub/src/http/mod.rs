@@ -49,6 +49,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Live config, log channel buffer, machine sampler (the operator surface).
     pub ops: Ops,
+    /// Shared mode's Redis handle (`hub_mode = "shared"`), `None` otherwise.
+    pub shared: Option<Arc<crate::durable::shared::SharedRedis>>,
 }
 
 impl AppState {
@@ -78,6 +80,7 @@ impl AppState {
             cluster,
             config,
             shutdown,
+            shared: None,
         }
     }
 }

@@ -54,6 +54,29 @@ pub async fn list(
     }
     let tool = q.tool.as_deref().filter(|s| !s.is_empty());
     let pages = Pagination::new(q.page, q.limit, 100)?;
+    if let Some(shared) = &state.shared {
+        let all: Vec<_> = crate::shared_mode::all_node_views(shared, &state.cluster)
+            .await
+            .map_err(ApiError::store_unavailable)?
+            .into_iter()
+            .filter(|n| {
+                status.is_none_or(|s| n["status"] == s)
+                    && node_type.is_none_or(|t| n["type"] == t)
+                    && tool.is_none_or(|t| {
+                        n["tools"]
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|x| x == t))
+                    })
+            })
+            .collect();
+        let total = all.len();
+        let data: Vec<_> = all
+            .into_iter()
+            .skip(pages.offset())
+            .take(pages.limit)
+            .collect();
+        return Ok(pages.body(&data, total).into_response());
+    }
     let all: Vec<_> = state
         .cluster
         .nodes()

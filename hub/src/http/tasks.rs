@@ -124,6 +124,9 @@ async fn submit_durably(
     state: &AppState,
     specs: Vec<TaskSpec>,
 ) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
+    if let Some(shared) = &state.shared {
+        return submit_shared(state, shared, specs).await;
+    }
     let durability = state.cluster.durability();
     durability.check().map_err(ApiError::store_unavailable)?;
     let out = state.cluster.submit(specs).map_err(submit_error)?;
@@ -132,6 +135,45 @@ async fn submit_durably(
         .wait(ticket, crate::durable::DURABLE_WAIT)
         .await
         .map_err(ApiError::store_unavailable)?;
+    Ok(out)
+}
+
+/// Shared mode: each task is written to the shared store (and queued there for any hub) before
+/// the answer; the engine is not touched (this hub's claimer may adopt it like any other hub).
+/// A batch is written task by task: a failure part-way leaves the tasks before it accepted.
+/// A pinned node is not checked (it may be connected to another hub).
+async fn submit_shared(
+    state: &AppState,
+    shared: &crate::durable::shared::SharedRedis,
+    specs: Vec<TaskSpec>,
+) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
+    use crate::durable::shared::Submitted;
+    for s in &specs {
+        if s.tool == crate::cluster::INTERNAL_REQUEST_FILE
+            && !state.config.allow_internal_request_file
+        {
+            return Err(submit_error(crate::cluster::SubmitError::ForbiddenTool(
+                s.tool.clone(),
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let task = crate::shared_mode::new_task(spec);
+        match shared.submit(&task).await {
+            Ok(Submitted::New { .. }) => out.push((task, true)),
+            Ok(Submitted::Existing(id)) => match shared.get(&id).await {
+                Ok(Some(t)) => out.push((t, false)),
+                Ok(None) => {
+                    return Err(ApiError::store_unavailable(format!(
+                        "task {id} of this idempotency key is not in the shared store"
+                    )));
+                }
+                Err(e) => return Err(ApiError::store_unavailable(e)),
+            },
+            Err(e) => return Err(ApiError::store_unavailable(e)),
+        }
+    }
     Ok(out)
 }
 
@@ -221,7 +263,24 @@ pub(super) async fn wait_for_end(state: &AppState, id: &str, ms: u64) -> Option<
             _ = shutdown.wait_for(|s| *s) => {}
         }
     }
-    state.cluster.get(id)
+    if let Some(t) = state.cluster.get(id) {
+        return Some(t);
+    }
+    // Shared mode: a task this hub does not hold is read from the shared store (polled while
+    // waiting).
+    let shared = state.shared.as_ref()?;
+    let until = tokio::time::Instant::now() + Duration::from_millis(ms.min(60_000));
+    loop {
+        let t = shared.get(id).await.ok().flatten();
+        let done = t.as_ref().is_none_or(|t| t.status.is_terminal());
+        if done || tokio::time::Instant::now() >= until || *state.shutdown.borrow() {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(t) = state.cluster.get(id) {
+            return Some(t);
+        }
+    }
 }
 
 /// Query of `GET /api/v1/tasks`.
@@ -264,7 +323,13 @@ pub async fn list(
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
     };
-    let p = state.cluster.list(&filter, pages.page, pages.limit);
+    let p = match &state.shared {
+        Some(shared) => shared
+            .list(&filter, pages.page, pages.limit)
+            .await
+            .map_err(ApiError::store_unavailable)?,
+        None => state.cluster.list(&filter, pages.page, pages.limit),
+    };
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
 }
@@ -276,9 +341,120 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     match state.cluster.cancel(&id) {
         Ok(t) => Ok(Json(t.view()).into_response()),
+        Err(CancelError::NotFound) if state.shared.is_some() => cancel_shared(&state, &id).await,
         Err(CancelError::NotFound) => Err(ApiError::not_found("task", &id)),
         Err(e @ CancelError::Terminal(_)) => Err(ApiError::conflict(e.to_string())),
     }
+}
+
+/// Shared mode, a task this hub does not hold: a queued task is cancelled in the shared store;
+/// for one another hub holds, that hub is asked (pub/sub) and the answer waits up to 10 s for
+/// the shared record to show the end (409 if it does not).
+async fn cancel_shared(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let Some(shared) = &state.shared else {
+        return Err(ApiError::not_found("task", id));
+    };
+    let unavailable = ApiError::store_unavailable;
+    let Some(mut t) = shared.get(id).await.map_err(unavailable)? else {
+        return Err(ApiError::not_found("task", id));
+    };
+    if t.status.is_terminal() {
+        return Err(ApiError::conflict(
+            CancelError::Terminal(t.status.as_str()).to_string(),
+        ));
+    }
+    if t.status == crate::model::TaskStatus::Queued {
+        let now = std::time::SystemTime::now();
+        let err = apex_protocol::ErrorInfo::new("task_cancelled", "the task was cancelled");
+        t.status = crate::model::TaskStatus::Cancelled;
+        t.updated_at = now;
+        t.finished_at = Some(now);
+        t.message = Some(err.message.clone());
+        t.error = Some(err.clone());
+        t.events.push(TaskEvent {
+            kind: crate::model::EventKind::TaskCancelled,
+            task_id: t.id.clone(),
+            seq: u32::try_from(t.events.len() + 1).unwrap_or(u32::MAX),
+            attempt: t.attempt,
+            node_id: t.node_id.clone(),
+            status: t.status,
+            progress: None,
+            message: None,
+            error: Some(err),
+            timestamp: now,
+        });
+        if shared.finish_queued(&t).await.map_err(unavailable)? {
+            return Ok(Json(t.view()).into_response());
+        }
+    }
+    // Held by a hub (perhaps claimed just now): ask the holder, and answer once the shared
+    // record shows the task ended.
+    shared.request_cancel(id).await.map_err(unavailable)?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match shared.get(id).await.map_err(unavailable)? {
+            Some(t) if t.status.is_terminal() => return Ok(Json(t.view()).into_response()),
+            Some(_) if tokio::time::Instant::now() < until => {}
+            _ => {
+                return Err(ApiError::conflict(format!(
+                    "task {id} is held by another hub, which did not confirm the cancel within 10 s"
+                )));
+            }
+        }
+    }
+}
+
+/// Shared mode, a task this hub does not hold: its events from the shared record, polled every
+/// 200 ms, until the terminal one.
+async fn events_shared(
+    state: &AppState,
+    id: String,
+    resume_after: u32,
+) -> Result<Response, ApiError> {
+    let Some(shared) = state.shared.clone() else {
+        return Err(ApiError::not_found("task", &id));
+    };
+    let Some(task) = shared.get(&id).await.map_err(ApiError::store_unavailable)? else {
+        return Err(ApiError::not_found("task", &id));
+    };
+    if task.status.is_terminal() && task.events.iter().all(|e| e.seq <= resume_after) {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let mut shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = resume_after;
+        let mut task = Some(task);
+        loop {
+            if let Some(t) = task.take() {
+                for e in &t.events {
+                    if e.seq <= last {
+                        continue;
+                    }
+                    last = e.seq;
+                    if tx.send(Ok(sse_event(e))).await.is_err() || e.kind.is_terminal() {
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tx.closed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            match shared.get(&id).await {
+                Ok(Some(t)) => task = Some(t),
+                Ok(None) => return,
+                Err(e) => tracing::warn!(error = %e, task_id = %id, "shared task events not read"),
+            }
+        }
+    });
+    Ok(
+        Sse::new(ReceiverStream::<Result<Event, Infallible>>::new(rx))
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+    )
 }
 
 fn sse_event(e: &TaskEvent) -> Event {
@@ -306,6 +482,9 @@ pub async fn events(
     // Subscribe before reading the past, so no event falls between the two.
     let mut live = state.cluster.subscribe();
     let Some(task) = state.cluster.get(&id) else {
+        if state.shared.is_some() {
+            return events_shared(&state, id, resume_after).await;
+        }
         return Err(ApiError::not_found("task", &id));
     };
     let backlog = state.cluster.events_after(&id, resume_after);

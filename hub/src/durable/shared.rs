@@ -1,0 +1,1384 @@
+//! Shared mode's Redis protocol (issue 3, phase 2, `hub_mode = "shared"`): several hubs on one
+//! Redis. The data layer (keys, Lua scripts, fencing, hub leases, the reaper) and the store
+//! writer's backend; the loops that use it are in `shared_mode.rs` (see ARCHITECTURE.md,
+//! "Several hubs on one Redis", for what is built and what is not).
+//!
+//! Keys (all under `apex:shared:`):
+//! - `task:{id}`: hash with `record` (the [`Task`] JSON, events included), `state` (`queued`,
+//!   `claimed` or `done`), `queue` and `member` (where it waits), `claim` (a counter bumped by
+//!   every claim), and while claimed `owner` (hub id) and `epoch` (the owner's lease epoch).
+//! - `queue:{tool}` and `pinned:{node}`: sorted sets of waiting tasks. Score `-priority`
+//!   (exact for every `i32`); member `{seq:020}:{task id}` with `seq` from the global counter
+//!   `seq`, so equal priorities pop oldest first (Redis orders equal scores by member).
+//! - `epoch`: counter; every [`SharedRedis::join`] takes the next value as the hub's epoch.
+//! - `hub:{id}`: the hub's lease, value = its epoch, time-to-live `lease_ttl_ms`, renewed by
+//!   [`SharedRedis::renew`]. Once it is gone the hub must stop committing: every commit script
+//!   checks it, and a hub that finds it gone has to join again (new epoch, nothing it claimed
+//!   before is its any more).
+//! - `hubs`: set of hub ids that joined and may still own tasks; `owned:{id}`: task ids a hub
+//!   has claimed and not finished.
+//! - `idem:{key}`: idempotency key → task id (`SET NX` inside the submit script).
+//! - `index`: sorted set of every task id by its `seq` (for listing, newest first);
+//!   `finished`: finished task ids by finish time in ms (for retention); `deadlines`: task
+//!   ids by deadline in ms (for timing out tasks no hub claimed).
+//! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
+//!
+//! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
+//! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
+//! record and send the events after the last sequence number they saw); `apex:shared:cancel`
+//! carries ids of tasks to cancel (the hub holding one cancels it).
+//!
+//! Fencing: [`SharedRedis::commit`] and [`SharedRedis::release`] write only if the hub's lease still holds its epoch and the
+//! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
+//! a claimed task only if its owner's lease no longer holds the claiming epoch. Both are single
+//! scripts, so a result from an expired lease is never committed and a task is never both
+//! committed by its old owner and requeued.
+//!
+//! The scripts touch keys they compute from others (the task hashes a claim pops), which a
+//! standalone Redis allows; Redis Cluster is not supported.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use futures::{Stream, StreamExt};
+
+use apex_protocol::ErrorInfo;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{EventKind, Task, TaskEvent, TaskStatus};
+use crate::store::NodeRecord;
+
+/// Prefix of every shared-mode key.
+pub const PREFIX: &str = "apex:shared:";
+/// Pub/sub channel announcing a queue key that received a task.
+pub const WAKE_CHANNEL: &str = "apex:shared:wake";
+/// Pub/sub channel announcing a task id whose record changed.
+pub const EVENTS_CHANNEL: &str = "apex:shared:task-events";
+/// Default lifetime of a hub lease, in milliseconds (renewed every second).
+pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
+
+/// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key,
+/// KEYS[5] the index of every task by `seq`, KEYS[6] deadlines; ARGV[6] the deadline (ms);
+/// ARGV[1] task id, ARGV[2] record, ARGV[3] score, ARGV[4] `1` if KEYS[4] is used, ARGV[5]
+/// wake channel. Returns `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
+const SUBMIT: &str = r"
+if ARGV[4] == '1' then
+  local ok = redis.call('SET', KEYS[4], ARGV[1], 'NX')
+  if not ok then
+    return {'0', redis.call('GET', KEYS[4]), ''}
+  end
+end
+local seq = redis.call('INCR', KEYS[3])
+local member = string.format('%020d', seq) .. ':' .. ARGV[1]
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'queue', KEYS[2],
+  'member', member, 'claim', '0')
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'idem', KEYS[4]) end
+redis.call('ZADD', KEYS[2], ARGV[3], member)
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
+redis.call('PUBLISH', ARGV[5], KEYS[2])
+return {'1', ARGV[1], tostring(seq)}
+";
+
+/// Claim: KEYS[1] queue, KEYS[2] hub lease, KEYS[3] owned set; ARGV[1] hub id, ARGV[2] epoch,
+/// ARGV[3] n, ARGV[4] task key prefix. Returns record/claim pairs (flat), at most n.
+const CLAIM: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return redis.error_reply('LEASE the hub lease is lost')
+end
+local out = {}
+local n = tonumber(ARGV[3])
+while #out < 2 * n do
+  local p = redis.call('ZPOPMIN', KEYS[1])
+  if #p == 0 then break end
+  local id = string.sub(p[1], 22)
+  local tk = ARGV[4] .. id
+  if redis.call('HGET', tk, 'state') == 'queued' then
+    local claim = redis.call('HINCRBY', tk, 'claim', 1)
+    redis.call('HSET', tk, 'state', 'claimed', 'owner', ARGV[1], 'epoch', ARGV[2])
+    redis.call('SADD', KEYS[3], id)
+    table.insert(out, redis.call('HGET', tk, 'record'))
+    table.insert(out, tostring(claim))
+  end
+end
+return out
+";
+
+/// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue,
+/// KEYS[5] the finished set; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record,
+/// ARGV[5] next state (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8]
+/// events channel, ARGV[9] wake channel, ARGV[10] now (ms, the finish time for `done`). Returns 1 (also, writing nothing, when the task is released already
+/// with exactly this record: a retried batch), or an error starting `FENCED`.
+const COMMIT: &str = r"
+local done = redis.call('HMGET', KEYS[1], 'state', 'record')
+if done[1] ~= 'claimed' and done[2] == ARGV[4] then return 1 end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return redis.error_reply('FENCED the hub lease is lost')
+end
+local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' then
+  return redis.error_reply('FENCED the task is not held by this claim')
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[4])
+if ARGV[5] ~= 'claimed' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[5])
+  redis.call('HDEL', KEYS[1], 'owner', 'epoch')
+  redis.call('SREM', KEYS[3], ARGV[7])
+  if ARGV[5] == 'queued' then
+    redis.call('ZADD', KEYS[4], ARGV[6], h[5])
+    redis.call('PUBLISH', ARGV[9], KEYS[4])
+  else
+    redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
+  end
+end
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return 1
+";
+
+/// Finish a task that waits in a queue (cancel, timeout): KEYS[1] task hash, KEYS[2] queue,
+/// KEYS[3] the finished set; ARGV[1] record, ARGV[2] task id, ARGV[3] events channel, ARGV[4]
+/// now (ms). Returns 1, or 0 if the task is not
+/// queued (claimed by a hub, or finished).
+const FINISH_QUEUED: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'state', 'member')
+if h[1] ~= 'queued' then return 0 end
+redis.call('ZREM', KEYS[2], h[2])
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'done')
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+";
+
+/// Renew: KEYS[1] hub lease; ARGV[1] epoch, ARGV[2] ttl ms. Returns 1 if renewed, 0 if the
+/// lease is gone or holds another epoch.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Requeue a task of a dead hub: KEYS[1] task hash, KEYS[2] its owner's lease, KEYS[3] its
+/// owner's owned set, KEYS[4] its queue, KEYS[5] the finished set; ARGV[1] owner, ARGV[2]
+/// epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state (`queued` or `done`), ARGV[6]
+/// score, ARGV[7] task id, ARGV[8] events channel, ARGV[9] wake channel, ARGV[10] now (ms). Returns 1, or 0 if the claim is alive or gone.
+const REQUEUE: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[2] then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[4], 'state', ARGV[5])
+redis.call('HDEL', KEYS[1], 'owner', 'epoch')
+redis.call('SREM', KEYS[3], ARGV[7])
+if ARGV[5] == 'queued' then
+  redis.call('ZADD', KEYS[4], ARGV[6], h[5])
+  redis.call('PUBLISH', ARGV[9], KEYS[4])
+else
+  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
+end
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return 1
+";
+
+/// Retention: KEYS[1] the finished set, KEYS[2] the index, KEYS[3] deadlines; ARGV[1] cutoff (ms), ARGV[2] at
+/// most this many, ARGV[3] task key prefix. Deletes tasks finished before the cutoff (hash,
+/// idempotency key, index entries). Returns how many.
+const COLLECT: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  local tk = ARGV[3] .. id
+  local idem = redis.call('HGET', tk, 'idem')
+  if idem then redis.call('DEL', idem) end
+  redis.call('DEL', tk)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[3], id)
+end
+return #ids
+";
+
+/// Forget a dead hub with nothing left: KEYS[1] hubs set, KEYS[2] its lease, KEYS[3] its owned
+/// set; ARGV[1] hub id. Returns 1 if this call removed it.
+const FORGET_HUB: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('SCARD', KEYS[3]) > 0 then return 0 end
+return redis.call('SREM', KEYS[1], ARGV[1])
+";
+
+/// Why a shared-mode call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SharedError {
+    /// Redis cannot be reached or answered an error (HTTP: 503).
+    #[error("shared store {what} is unavailable: {reason}")]
+    Unavailable {
+        /// The Redis URL without password.
+        what: String,
+        /// The cause, one line.
+        reason: String,
+    },
+    /// The hub's lease or the task's claim is no longer this hub's: nothing was written.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// A stored record does not decode.
+    #[error("shared store record of task {id} does not decode: {reason}")]
+    Unreadable {
+        /// Task id.
+        id: String,
+        /// Decoder message.
+        reason: String,
+    },
+}
+
+/// Where a task waits: its tool's queue, or its pinned node's.
+pub fn queue_key(task: &Task) -> String {
+    match &task.spec.pinned_node {
+        Some(node) => format!("{PREFIX}pinned:{node}"),
+        None => format!("{PREFIX}queue:{}", task.spec.tool),
+    }
+}
+
+/// The queue key of a tool.
+pub fn tool_queue(tool: &str) -> String {
+    format!("{PREFIX}queue:{tool}")
+}
+
+/// The queue key of tasks pinned to a node.
+pub fn pinned_queue(node: &str) -> String {
+    format!("{PREFIX}pinned:{node}")
+}
+
+fn task_key(id: &str) -> String {
+    format!("{PREFIX}task:{id}")
+}
+
+fn lease_key(hub: &str) -> String {
+    format!("{PREFIX}hub:{hub}")
+}
+
+fn owned_key(hub: &str) -> String {
+    format!("{PREFIX}owned:{hub}")
+}
+
+/// Queue score: lower pops first, so higher priority gets a lower score. Exact for any `i32`.
+fn score(task: &Task) -> f64 {
+    -f64::from(task.spec.priority)
+}
+
+/// Result of [`SharedRedis::submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// The task was stored and queued; `seq` is its global acceptance order.
+    New {
+        /// Global acceptance sequence number.
+        seq: u64,
+    },
+    /// The idempotency key names an existing task (possibly submitted at another hub).
+    Existing(String),
+}
+
+/// A task this hub claimed: its record and the claim number every commit must present.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The record as stored at claim time.
+    pub task: Task,
+    /// The task's claim counter after this claim (fencing token together with the epoch).
+    pub claim: u64,
+}
+
+/// A node in the cluster-wide registry: the node's record and the hub it is connected to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedNode {
+    /// The node.
+    pub node: NodeRecord,
+    /// The hub id holding its connection.
+    pub hub: String,
+    /// When that hub last wrote this entry, milliseconds since the Unix epoch.
+    pub seen_ms: u64,
+}
+
+/// `HMGET record owner epoch claim state` of a task hash.
+type ClaimFields = (
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// What the reaper did in one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Tasks put back in their queue (attempts left).
+    pub requeued: u64,
+    /// Tasks failed with `node_lost` (no attempts left).
+    pub failed: u64,
+    /// Dead hubs forgotten (nothing left to reap).
+    pub hubs_forgotten: u64,
+}
+
+/// Pub/sub channel carrying ids of tasks to cancel: the hub holding the task cancels it.
+pub const CANCEL_CHANNEL: &str = "apex:shared:cancel";
+
+/// Subscribes to [`CANCEL_CHANNEL`] on a connection of its own; the stream yields task ids and
+/// ends when the connection drops (subscribe again).
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe_cancels(
+    url: &str,
+) -> Result<impl Stream<Item = String> + Send + 'static, SharedError> {
+    let what = super::redis::redacted(url);
+    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
+        what: what.clone(),
+        reason: one_line(e),
+    };
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub
+        .subscribe(CANCEL_CHANNEL)
+        .await
+        .map_err(unavailable)?;
+    Ok(pubsub
+        .into_on_message()
+        .filter_map(|msg| async move { String::from_utf8(msg.get_payload_bytes().to_vec()).ok() }))
+}
+
+/// A wake-up published by some hub (see the module docs for the channels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// A task was added to this queue key ([`tool_queue`] or [`pinned_queue`]).
+    Queue(String),
+    /// This task's record changed (read it with [`SharedRedis::get`]).
+    Task(String),
+}
+
+/// Subscribes to [`WAKE_CHANNEL`] and [`EVENTS_CHANNEL`] on a connection of its own. The stream
+/// ends when that connection drops: messages published meanwhile are lost, so a subscriber
+/// subscribes again and re-reads what it follows (queues and task records are the truth; the
+/// messages only say when to look).
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe(
+    url: &str,
+) -> Result<impl Stream<Item = Wake> + Send + 'static, SharedError> {
+    let what = super::redis::redacted(url);
+    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
+        what: what.clone(),
+        reason: one_line(e),
+    };
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub
+        .subscribe(&[WAKE_CHANNEL, EVENTS_CHANNEL])
+        .await
+        .map_err(unavailable)?;
+    Ok(pubsub.into_on_message().filter_map(|msg| async move {
+        let payload = String::from_utf8(msg.get_payload_bytes().to_vec()).ok()?;
+        match msg.get_channel_name() {
+            WAKE_CHANNEL => Some(Wake::Queue(payload)),
+            EVENTS_CHANNEL => Some(Wake::Task(payload)),
+            _ => None,
+        }
+    }))
+}
+
+/// A hub's id, shared epoch and lease lifetime: see [`SharedRedis::identity`].
+#[derive(Debug, Clone)]
+pub struct HubIdentity {
+    hub_id: String,
+    epoch: Arc<AtomicU64>,
+    lease_ttl_ms: u64,
+}
+
+/// One hub's handle on the shared Redis.
+pub struct SharedRedis {
+    conn: ConnectionManager,
+    what: String,
+    hub_id: String,
+    epoch: Arc<AtomicU64>,
+    lease_ttl_ms: u64,
+}
+
+fn one_line(e: impl std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(apex_protocol::now_ms()).unwrap_or(0)
+}
+
+impl SharedRedis {
+    /// Connects to `url` and joins as `hub_id`: takes the next epoch, sets the hub's lease
+    /// (`lease_ttl_ms`) and registers the hub in `apex:shared:hubs`.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`] if Redis cannot be reached.
+    pub async fn join(url: &str, hub_id: &str, lease_ttl_ms: u64) -> Result<Self, SharedError> {
+        let s = Self::connect(url, hub_id, Arc::new(AtomicU64::new(0)), lease_ttl_ms).await?;
+        s.rejoin().await?;
+        Ok(s)
+    }
+
+    /// What another connection needs to act as this hub: its id, its epoch (shared, so a
+    /// [`SharedRedis::rejoin`] on any handle applies to all) and its lease lifetime.
+    pub fn identity(&self) -> HubIdentity {
+        HubIdentity {
+            hub_id: self.hub_id.clone(),
+            epoch: self.epoch.clone(),
+            lease_ttl_ms: self.lease_ttl_ms,
+        }
+    }
+
+    /// Another handle for the hub `who` on the current runtime (a `ConnectionManager` is driven
+    /// by the runtime that made it). Does not join again.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`] if Redis cannot be reached.
+    pub async fn attach(url: &str, who: &HubIdentity) -> Result<Self, SharedError> {
+        Self::connect(url, &who.hub_id, who.epoch.clone(), who.lease_ttl_ms).await
+    }
+
+    async fn connect(
+        url: &str,
+        hub_id: &str,
+        epoch: Arc<AtomicU64>,
+        lease_ttl_ms: u64,
+    ) -> Result<Self, SharedError> {
+        let what = super::redis::redacted(url);
+        let unavailable = |e: String| SharedError::Unavailable {
+            what: what.clone(),
+            reason: e,
+        };
+        let client = redis::Client::open(url).map_err(|e| unavailable(one_line(e)))?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(std::time::Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(|e| unavailable(one_line(e)))?;
+        Ok(Self {
+            conn,
+            what: what.clone(),
+            hub_id: hub_id.to_owned(),
+            epoch,
+            lease_ttl_ms,
+        })
+    }
+
+    /// Takes a new epoch and lease (after [`SharedRedis::renew`] reported the lease lost).
+    /// Claims taken under the old epoch stay fenced; the reaper of some hub requeues them.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn rejoin(&self) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        let epoch: u64 = redis::cmd("INCR")
+            .arg(format!("{PREFIX}epoch"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(lease_key(&self.hub_id))
+            .arg(epoch)
+            .arg("PX")
+            .arg(self.lease_ttl_ms)
+            .ignore()
+            .cmd("SADD")
+            .arg(format!("{PREFIX}hubs"))
+            .arg(&self.hub_id)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        self.epoch.store(epoch, Ordering::Release);
+        Ok(epoch)
+    }
+
+    /// This hub's id.
+    pub fn hub_id(&self) -> &str {
+        &self.hub_id
+    }
+
+    /// This hub's current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> SharedError {
+        SharedError::Unavailable {
+            what: self.what.clone(),
+            reason: one_line(e),
+        }
+    }
+
+    fn classify(&self, e: redis::RedisError) -> SharedError {
+        let text = one_line(&e);
+        if text.contains("FENCED") || text.contains("LEASE") {
+            SharedError::Fenced(text)
+        } else {
+            self.unavailable(text)
+        }
+    }
+
+    /// Renews the hub's lease. `Ok(false)`: the lease is gone (expired, or the hub id joined
+    /// elsewhere); the hub must stop committing and [`SharedRedis::rejoin`].
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn renew(&self) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let r: i64 = redis::Script::new(RENEW)
+            .key(lease_key(&self.hub_id))
+            .arg(self.epoch())
+            .arg(self.lease_ttl_ms)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(r == 1)
+    }
+
+    /// Whether the hub's lease still holds its epoch (reads only; does not renew).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn lease_alive(&self) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let cur: Option<u64> = redis::cmd("GET")
+            .arg(lease_key(&self.hub_id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(cur == Some(self.epoch()))
+    }
+
+    /// Stores a new task (status `queued`) and queues it in [`queue_key`]; with an idempotency
+    /// key already used (at any hub) nothing is written and the existing id is returned.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn submit(&self, task: &Task) -> Result<Submitted, SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+        let idem = task.spec.idempotency_key.as_deref();
+        let mut c = self.conn.clone();
+        let r: Vec<String> = redis::Script::new(SUBMIT)
+            .key(task_key(&task.id))
+            .key(queue_key(task))
+            .key(format!("{PREFIX}seq"))
+            .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
+            .key(format!("{PREFIX}index"))
+            .key(format!("{PREFIX}deadlines"))
+            .arg(&task.id)
+            .arg(record)
+            .arg(score(task))
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(WAKE_CHANNEL)
+            .arg(deadline_ms(task))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        match r.as_slice() {
+            [flag, _, seq] if flag == "1" => Ok(Submitted::New {
+                seq: seq.parse().unwrap_or(0),
+            }),
+            [_, id, _] => Ok(Submitted::Existing(id.clone())),
+            _ => Err(self.unavailable("unexpected reply of the submit script")),
+        }
+    }
+
+    /// Claims up to `n` queued tasks of `queue` (a [`tool_queue`] or [`pinned_queue`]) for this
+    /// hub, highest priority then oldest first. Claimed tasks keep their stored status
+    /// (`queued`) until the hub commits the assignment.
+    ///
+    /// # Errors
+    /// [`SharedError::Fenced`] if the hub's lease is lost (nothing claimed);
+    /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`] for a bad record.
+    pub async fn claim(&self, queue: &str, n: usize) -> Result<Vec<Claimed>, SharedError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let flat: Vec<Vec<u8>> = redis::Script::new(CLAIM)
+            .key(queue)
+            .key(lease_key(&self.hub_id))
+            .key(owned_key(&self.hub_id))
+            .arg(&self.hub_id)
+            .arg(self.epoch())
+            .arg(n)
+            .arg(format!("{PREFIX}task:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.classify(e))?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [record, claim] = pair else { break };
+            let task: Task =
+                serde_json::from_slice(record).map_err(|e| SharedError::Unreadable {
+                    id: "(claimed)".to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let claim = std::str::from_utf8(claim)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            out.push(Claimed { task, claim });
+        }
+        Ok(out)
+    }
+
+    /// Writes the record of a task this hub claimed (`claim` from [`Claimed`]). A terminal
+    /// status releases the task (`done`); anything else keeps the claim (a `queued` record is a
+    /// task waiting in this hub's engine).
+    ///
+    /// # Errors
+    /// [`SharedError::Fenced`] if the hub's lease or the task's claim is no longer this hub's
+    /// (nothing written); [`SharedError::Unavailable`].
+    pub async fn commit(&self, task: &Task, claim: u64) -> Result<(), SharedError> {
+        let next = if task.status.is_terminal() {
+            "done"
+        } else {
+            "claimed"
+        };
+        self.fenced_write(task, claim, next).await
+    }
+
+    /// Hands a claimed, unfinished task back to its shared queue (for any hub), writing `task`
+    /// (whose status should be `queued`) as its record.
+    ///
+    /// # Errors
+    /// As [`SharedRedis::commit`].
+    pub async fn release(&self, task: &Task, claim: u64) -> Result<(), SharedError> {
+        self.fenced_write(task, claim, "queued").await
+    }
+
+    async fn fenced_write(&self, task: &Task, claim: u64, next: &str) -> Result<(), SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        let _: i64 = redis::Script::new(COMMIT)
+            .key(task_key(&task.id))
+            .key(lease_key(&self.hub_id))
+            .key(owned_key(&self.hub_id))
+            .key(queue_key(task))
+            .key(format!("{PREFIX}finished"))
+            .arg(&self.hub_id)
+            .arg(self.epoch())
+            .arg(claim)
+            .arg(record)
+            .arg(next)
+            .arg(score(task))
+            .arg(&task.id)
+            .arg(EVENTS_CHANNEL)
+            .arg(WAKE_CHANNEL)
+            .arg(now_ms())
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+
+    /// Finishes a task that still waits in its queue (no hub claimed it) with `task`'s
+    /// terminal record. `Ok(false)` if it is claimed or already finished (nothing written).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn finish_queued(&self, task: &Task) -> Result<bool, SharedError> {
+        let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        let r: i64 = redis::Script::new(FINISH_QUEUED)
+            .key(task_key(&task.id))
+            .key(queue_key(task))
+            .key(format!("{PREFIX}finished"))
+            .arg(record)
+            .arg(&task.id)
+            .arg(EVENTS_CHANNEL)
+            .arg(now_ms())
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(r == 1)
+    }
+
+    /// A task's stored record, whoever owns it.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`].
+    pub async fn get(&self, id: &str) -> Result<Option<Task>, SharedError> {
+        let mut c = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(task_key(id))
+            .arg("record")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        raw.map(|r| {
+            serde_json::from_slice(&r).map_err(|e| SharedError::Unreadable {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// A page of every task in the shared store matching `filter`, newest first (`page` from
+    /// 1). Reads every record (in batches of 500): fine for thousands of tasks, slow for
+    /// millions.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn list(
+        &self,
+        filter: &crate::store::TaskFilter,
+        page: usize,
+        limit: usize,
+    ) -> Result<crate::store::Page, SharedError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{PREFIX}index"))
+            .arg(0)
+            .arg(-1)
+            .arg("REV")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let skip = page.saturating_sub(1).saturating_mul(limit);
+        let mut total = 0;
+        let mut tasks = Vec::new();
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HGET").arg(task_key(id)).arg("record");
+            }
+            let rows: Vec<Option<Vec<u8>>> = pipe
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            for raw in rows.into_iter().flatten() {
+                let Ok(t) = serde_json::from_slice::<Task>(&raw) else {
+                    continue;
+                };
+                if !filter.matches(&t) {
+                    continue;
+                }
+                if total >= skip && tasks.len() < limit {
+                    tasks.push(t);
+                }
+                total += 1;
+            }
+        }
+        Ok(crate::store::Page { tasks, total })
+    }
+
+    /// Deletes up to `max` tasks that finished before `cutoff` (record, idempotency key, index
+    /// entries), oldest first. Returns how many. Any hub may run it.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn collect_finished_before(
+        &self,
+        cutoff: SystemTime,
+        max: usize,
+    ) -> Result<u64, SharedError> {
+        let cutoff_ms = cutoff
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let mut c = self.conn.clone();
+        redis::Script::new(COLLECT)
+            .key(format!("{PREFIX}finished"))
+            .key(format!("{PREFIX}index"))
+            .key(format!("{PREFIX}deadlines"))
+            .arg(cutoff_ms)
+            .arg(max)
+            .arg(format!("{PREFIX}task:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Times out tasks still waiting in a shared queue past their deadline (no hub claimed
+    /// them; a claimed task's deadline is its engine's): each gets a `task_timed_out` event and
+    /// status `timed_out` with error `task_timeout`, as the engine does. Looks at up to `max`
+    /// overdue tasks. Returns how many timed out. Any hub may run it.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`] for a bad record.
+    pub async fn expire_queued(&self, max: usize) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        let key = format!("{PREFIX}deadlines");
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now_ms())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut n = 0;
+        for id in ids {
+            let (state, raw): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(task_key(&id))
+                .arg("state")
+                .arg("record")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let (Some(state), Some(raw)) = (state, raw) else {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(&id)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                continue;
+            };
+            match state.as_str() {
+                "queued" => {
+                    let mut t: Task =
+                        serde_json::from_slice(&raw).map_err(|e| SharedError::Unreadable {
+                            id: id.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    time_out_record(&mut t);
+                    if self.finish_queued(&t).await? {
+                        n += 1;
+                    }
+                }
+                "done" => {}
+                _ => continue,
+            }
+            let _: i64 = redis::cmd("ZREM")
+                .arg(&key)
+                .arg(&id)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        }
+        Ok(n)
+    }
+
+    /// Asks the hub holding task `id` to cancel it ([`CANCEL_CHANNEL`]). Returns how many hubs
+    /// heard the request.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn request_cancel(&self, id: &str) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(CANCEL_CHANNEL)
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// How many tasks wait in `queue`.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn queue_len(&self, queue: &str) -> Result<u64, SharedError> {
+        let mut c = self.conn.clone();
+        redis::cmd("ZCARD")
+            .arg(queue)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Writes this hub's node into the cluster-wide registry.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn put_node(&self, node: &NodeRecord) -> Result<(), SharedError> {
+        let entry = SharedNode {
+            node: node.clone(),
+            hub: self.hub_id.clone(),
+            seen_ms: now_ms(),
+        };
+        let json = serde_json::to_vec(&entry).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(format!("{PREFIX}nodes"))
+            .arg(&node.id)
+            .arg(json)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Every node of the cluster-wide registry (entries that do not decode are skipped with a
+    /// warning: one bad entry must not hide the others).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn nodes(&self) -> Result<Vec<SharedNode>, SharedError> {
+        let mut c = self.conn.clone();
+        let rows: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(format!("{PREFIX}nodes"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, raw) in rows {
+            match serde_json::from_slice(&raw) {
+                Ok(n) => out.push(n),
+                Err(e) => {
+                    tracing::warn!(node_id = %id, error = %e, "shared node entry does not decode")
+                }
+            }
+        }
+        out.sort_by(|a: &SharedNode, b| a.node.id.cmp(&b.node.id));
+        Ok(out)
+    }
+
+    /// Publishes this hub's node views (id, `GET /v1/nodes` object) in the hash
+    /// `apex:shared:node-views` (node id → `{"hub", "seen_ms", "view"}`), so every hub lists
+    /// every hub's nodes.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn put_node_views(
+        &self,
+        views: &[(String, serde_json::Value)],
+    ) -> Result<(), SharedError> {
+        if views.is_empty() {
+            return Ok(());
+        }
+        let seen_ms = now_ms();
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{PREFIX}node-views"));
+        for (id, view) in views {
+            let entry = serde_json::json!({"hub": self.hub_id, "seen_ms": seen_ms, "view": view});
+            cmd.arg(id).arg(entry.to_string());
+        }
+        let mut c = self.conn.clone();
+        let _: i64 = cmd
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Node views published by other hubs, as (hub id, whether that hub's lease is alive,
+    /// milliseconds since its last write, view). Entries that do not decode are skipped.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn other_node_views(
+        &self,
+    ) -> Result<Vec<(String, bool, u64, serde_json::Value)>, SharedError> {
+        let mut c = self.conn.clone();
+        let rows: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(format!("{PREFIX}node-views"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let now = now_ms();
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        let mut out = Vec::new();
+        for (_, raw) in rows {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+                continue;
+            };
+            let Some(hub) = v["hub"].as_str().map(str::to_owned) else {
+                continue;
+            };
+            if hub == self.hub_id {
+                continue;
+            }
+            let live = match alive.get(&hub) {
+                Some(l) => *l,
+                None => {
+                    let l: bool = redis::cmd("EXISTS")
+                        .arg(lease_key(&hub))
+                        .query_async(&mut c)
+                        .await
+                        .map_err(|e| self.unavailable(e))?;
+                    alive.insert(hub.clone(), l);
+                    l
+                }
+            };
+            let age = now.saturating_sub(v["seen_ms"].as_u64().unwrap_or(0));
+            out.push((hub, live, age, v["view"].take()));
+        }
+        Ok(out)
+    }
+
+    /// One reaper pass: for every other hub whose lease is gone, requeues each task it had
+    /// claimed (a `task_migrated` event; attempt + 1 at its next assignment) or, if the task
+    /// used all its attempts, fails it with `node_lost`; a hub with nothing left is forgotten.
+    /// Safe to run on every hub at once: each requeue is conditional on the claim it read.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn reap(&self) -> Result<Reaped, SharedError> {
+        let mut out = Reaped::default();
+        let mut c = self.conn.clone();
+        let hubs: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{PREFIX}hubs"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        for hub in hubs {
+            if hub == self.hub_id {
+                continue;
+            }
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(lease_key(&hub))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            if alive {
+                continue;
+            }
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(owned_key(&hub))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            for id in ids {
+                let h: ClaimFields = redis::cmd("HMGET")
+                    .arg(task_key(&id))
+                    .arg("record")
+                    .arg("owner")
+                    .arg("epoch")
+                    .arg("claim")
+                    .arg("state")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                let (Some(raw), Some(owner), Some(epoch), Some(claim), Some(state)) = h else {
+                    // Finished or deleted meanwhile: drop the stale membership.
+                    let _: redis::RedisResult<i64> = redis::cmd("SREM")
+                        .arg(owned_key(&hub))
+                        .arg(&id)
+                        .query_async(&mut c)
+                        .await;
+                    continue;
+                };
+                if owner != hub || state != "claimed" {
+                    continue;
+                }
+                let mut task: Task =
+                    serde_json::from_slice(&raw).map_err(|e| SharedError::Unreadable {
+                        id: id.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let failed = requeue_record(&mut task, &hub);
+                let record = serde_json::to_vec(&task).map_err(|e| self.unavailable(e))?;
+                let r: i64 = redis::Script::new(REQUEUE)
+                    .key(task_key(&id))
+                    .key(lease_key(&hub))
+                    .key(owned_key(&hub))
+                    .key(queue_key(&task))
+                    .key(format!("{PREFIX}finished"))
+                    .arg(&hub)
+                    .arg(&epoch)
+                    .arg(&claim)
+                    .arg(record)
+                    .arg(if failed { "done" } else { "queued" })
+                    .arg(score(&task))
+                    .arg(&id)
+                    .arg(EVENTS_CHANNEL)
+                    .arg(WAKE_CHANNEL)
+                    .arg(now_ms())
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                if r == 1 {
+                    if failed {
+                        out.failed += 1;
+                    } else {
+                        out.requeued += 1;
+                    }
+                }
+            }
+            let r: i64 = redis::Script::new(FORGET_HUB)
+                .key(format!("{PREFIX}hubs"))
+                .key(lease_key(&hub))
+                .key(owned_key(&hub))
+                .arg(&hub)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            out.hubs_forgotten += u64::try_from(r).unwrap_or(0);
+        }
+        Ok(out)
+    }
+}
+
+/// A task's deadline in ms since the Unix epoch: `created_at + timeout_seconds`.
+fn deadline_ms(task: &Task) -> u64 {
+    let created = task
+        .created_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0);
+    let ms = created + task.spec.timeout_seconds.max(0.0) * 1000.0;
+    if ms.is_finite() && ms < 9.0e15 {
+        ms as u64
+    } else {
+        9_000_000_000_000_000
+    }
+}
+
+/// Ends a queued task's record as timed out (as the engine's deadline does).
+fn time_out_record(t: &mut Task) {
+    let now = SystemTime::now();
+    let err = ErrorInfo::new("task_timeout", "the task ran past its timeout");
+    t.status = TaskStatus::TimedOut;
+    t.updated_at = now;
+    t.finished_at = Some(now);
+    t.message = Some(err.message.clone());
+    t.error = Some(err.clone());
+    t.events.push(TaskEvent {
+        kind: EventKind::TaskTimedOut,
+        task_id: t.id.clone(),
+        seq: u32::try_from(t.events.len() + 1).unwrap_or(u32::MAX),
+        attempt: t.attempt,
+        node_id: t.node_id.clone(),
+        status: t.status,
+        progress: None,
+        message: None,
+        error: Some(err),
+        timestamp: now,
+    });
+}
+
+/// Turns the record of a task held by dead hub `hub` into its next state, as the engine's
+/// migration does for a lost node: back to `queued` with a `task_migrated` event, or `failed`
+/// with `node_lost` when it used all its attempts. A task the hub claimed but never assigned
+/// (still `queued` in its record) goes back unchanged. Returns whether it failed.
+pub fn requeue_record(task: &mut Task, hub: &str) -> bool {
+    if task.status == TaskStatus::Queued || task.status.is_terminal() {
+        return false;
+    }
+    let now = SystemTime::now();
+    let (attempt, max) = (task.attempt, task.spec.max_attempts);
+    let from = task.node_id.clone().unwrap_or_default();
+    let failed = attempt >= max;
+    let (kind, msg, error) = if failed {
+        let msg = format!("hub {hub} (holding node {from}) was lost on attempt {attempt} of {max}");
+        (
+            EventKind::TaskFailed,
+            msg.clone(),
+            Some(ErrorInfo::new("node_lost", msg)),
+        )
+    } else {
+        (
+            EventKind::TaskMigrated,
+            format!(
+                "hub {hub} (holding node {from}) was lost; requeued for attempt {}",
+                attempt + 1
+            ),
+            None,
+        )
+    };
+    task.status = if failed {
+        TaskStatus::Failed
+    } else {
+        TaskStatus::Queued
+    };
+    task.updated_at = now;
+    task.message = Some(msg.clone());
+    if failed {
+        task.error = error.clone();
+        task.finished_at = Some(now);
+    }
+    task.events.push(TaskEvent {
+        kind,
+        task_id: task.id.clone(),
+        seq: u32::try_from(task.events.len() + 1).unwrap_or(u32::MAX),
+        attempt,
+        node_id: Some(from),
+        status: task.status,
+        progress: None,
+        message: Some(msg),
+        error,
+        timestamp: now,
+    });
+    failed
+}
+
+/// Claim tokens of the tasks a hub's engine holds in shared mode: task id → claim number. The
+/// claimer adds one per adopted task; the [`SharedBackend`] reads them to fence every commit and
+/// removes a task's once it is released (finished, handed back, or fenced).
+#[derive(Debug, Clone, Default)]
+pub struct Claims(Arc<parking_lot::Mutex<HashMap<String, u64>>>);
+
+impl Claims {
+    /// Records that this hub holds `id` under `claim`.
+    pub fn insert(&self, id: &str, claim: u64) {
+        self.0.lock().insert(id.to_owned(), claim);
+    }
+
+    /// The claim this hub holds `id` under, if any.
+    pub fn get(&self, id: &str) -> Option<u64> {
+        self.0.lock().get(id).copied()
+    }
+
+    /// Forgets `id`.
+    pub fn remove(&self, id: &str) {
+        self.0.lock().remove(id);
+    }
+
+    /// Every task id this hub holds.
+    pub fn ids(&self) -> Vec<String> {
+        self.0.lock().keys().cloned().collect()
+    }
+
+    /// How many tasks this hub holds.
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    /// Whether this hub holds no task.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+}
+
+/// The [`Backend`](super::Backend) of shared mode, for [`MirroredStore`](super::MirroredStore)'s
+/// writer thread: each put of a task this hub holds (see [`Claims`]) becomes a fenced
+/// [`SharedRedis::commit`]; puts of tasks it does not hold are not written (the hub has no right
+/// to them); node records go to the cluster-wide registry. A fenced commit is not an error of
+/// the batch: the task is forgotten in [`Claims`] and its id sent on the `fenced` channel, so
+/// the engine can drop it (another hub owns it now).
+pub struct SharedBackend {
+    rt: tokio::runtime::Runtime,
+    redis: SharedRedis,
+    claims: Claims,
+    fenced: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl SharedBackend {
+    /// A backend committing as `hub` (its own connection, on a runtime of its own, sharing
+    /// the hub's epoch). Call from a thread that is not running a Tokio runtime (the writer
+    /// thread).
+    ///
+    /// # Errors
+    /// [`super::StoreError::Unavailable`] if Redis cannot be reached.
+    pub fn open(
+        url: &str,
+        hub: &HubIdentity,
+        claims: Claims,
+        fenced: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<Self, super::StoreError> {
+        let what = super::redis::redacted(url);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| super::StoreError::Unavailable {
+                what: what.clone(),
+                reason: one_line(e),
+            })?;
+        let redis = rt.block_on(SharedRedis::attach(url, hub)).map_err(|e| {
+            super::StoreError::Unavailable {
+                what: what.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            rt,
+            redis,
+            claims,
+            fenced,
+        })
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> super::StoreError {
+        super::StoreError::Unavailable {
+            what: self.redis.what.clone(),
+            reason: one_line(e),
+        }
+    }
+}
+
+impl super::Backend for SharedBackend {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), super::StoreError> {
+        // A shared-mode hub starts empty: its tasks come from claims.
+        Ok((Vec::new(), Vec::new()))
+    }
+
+    fn write(
+        &mut self,
+        puts: &[(&str, u64, Vec<u8>)],
+        nodes: &[(&str, Vec<u8>)],
+        _deletes: &[(&str, u64)],
+    ) -> Result<(), super::StoreError> {
+        for (id, _, record) in puts {
+            let Some(claim) = self.claims.get(id) else {
+                continue;
+            };
+            let task: Task = serde_json::from_slice(record).map_err(|e| self.unavailable(e))?;
+            match self.rt.block_on(self.redis.commit(&task, claim)) {
+                Ok(()) => {
+                    if task.status.is_terminal() {
+                        self.claims.remove(id);
+                    }
+                }
+                Err(SharedError::Fenced(reason)) => {
+                    tracing::warn!(task_id = %id, reason, "commit fenced: another hub holds the task now");
+                    self.claims.remove(id);
+                    let _ = self.fenced.send((*id).to_owned());
+                }
+                Err(e) => return Err(self.unavailable(e)),
+            }
+        }
+        for (_, raw) in nodes {
+            let node: NodeRecord = serde_json::from_slice(raw).map_err(|e| self.unavailable(e))?;
+            self.rt
+                .block_on(self.redis.put_node(&node))
+                .map_err(|e| self.unavailable(e))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a shared-mode hub runs on: its Redis handle, the claims its engine holds, and the ids
+/// whose commits were fenced (to drop from the engine).
+pub struct SharedHandles {
+    /// The Redis URL (for pub/sub connections).
+    pub url: String,
+    /// The hub's handle (lease, claims, submissions, reads).
+    pub redis: Arc<SharedRedis>,
+    /// Claim tokens of the tasks the engine holds.
+    pub claims: Claims,
+    /// Ids of fenced commits, from the store's writer thread.
+    pub fenced: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Joins the shared store at `url` as `hub_id` and opens the engine's store over it
+/// ([`super::open_shared`]).
+///
+/// # Errors
+/// [`super::StoreError::Unavailable`] if Redis cannot be reached.
+pub async fn open_hub(url: &str, hub_id: &str) -> Result<super::Opened, super::StoreError> {
+    let redis = SharedRedis::join(url, hub_id, DEFAULT_LEASE_TTL_MS)
+        .await
+        .map_err(|e| super::StoreError::Unavailable {
+            what: super::redis::redacted(url),
+            reason: e.to_string(),
+        })?;
+    let claims = Claims::default();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut opened = super::open_shared(url, redis.identity(), claims.clone(), tx).await?;
+    opened.shared = Some(SharedHandles {
+        url: url.to_owned(),
+        redis: Arc::new(redis),
+        claims,
+        fenced: rx,
+    });
+    Ok(opened)
+}

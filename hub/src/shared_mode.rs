@@ -1,0 +1,314 @@
+//! Shared mode's background loops (`hub_mode = "shared"`): the hub lease, node views,
+//! retention and the reaper, the
+//! claimer that fills this hub's free capacity from the shared queues, and the loop that drops
+//! fenced tasks from the engine. See `durable::shared` for the Redis side.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use futures::StreamExt;
+
+use crate::durable::shared::{
+    SharedError, SharedHandles, SharedRedis, Wake, pinned_queue, subscribe, subscribe_cancels,
+    tool_queue,
+};
+use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
+
+/// How often the lease is renewed, this hub's node views are published and the reaper runs.
+pub const LEASE_TICK: Duration = Duration::from_secs(1);
+/// How often the claimer looks at the shared queues when no wake-up (`Wake::Queue`) came.
+pub const CLAIM_TICK: Duration = Duration::from_millis(100);
+
+/// A new task record for a submission at this hub (status `queued`, one `task_created` event).
+/// Its `seq` is 0: the shared store orders tasks by its own counter and each hub numbers the
+/// tasks it adopts.
+pub fn new_task(spec: TaskSpec) -> Task {
+    let now = SystemTime::now();
+    let id = uuid::Uuid::new_v4().to_string();
+    Task {
+        id: id.clone(),
+        seq: 0,
+        spec,
+        status: TaskStatus::Queued,
+        attempt: 0,
+        node_id: None,
+        progress: 0.0,
+        result: None,
+        error: None,
+        message: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+        events: vec![TaskEvent {
+            kind: EventKind::TaskCreated,
+            task_id: id,
+            seq: 1,
+            attempt: 0,
+            node_id: None,
+            status: TaskStatus::Queued,
+            progress: None,
+            message: None,
+            error: None,
+            timestamp: now,
+        }],
+    }
+}
+
+/// Starts the loops; they end when `stop` turns true.
+/// `retention` is how long finished tasks stay in the shared store (`task_retention_hours`).
+pub fn spawn(
+    handles: SharedHandles,
+    cluster: Cluster,
+    retention: Duration,
+    stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let SharedHandles {
+        url,
+        redis,
+        claims,
+        mut fenced,
+    } = handles;
+    let mut out = Vec::new();
+    {
+        let (cluster, url, mut stop) = (cluster.clone(), url.clone(), stop.clone());
+        out.push(tokio::spawn(async move {
+            loop {
+                match subscribe_cancels(&url).await {
+                    Ok(stream) => {
+                        let mut stream = Box::pin(stream);
+                        loop {
+                            tokio::select! {
+                                id = stream.next() => match id {
+                                    // Not held here: another hub's business.
+                                    Some(id) => { let _ = cluster.cancel(&id); }
+                                    None => break,
+                                },
+                                _ = stop.wait_for(|s| *s) => return,
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cancel requests not subscribed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
+    {
+        let (redis, claims, cluster, mut stop) =
+            (redis.clone(), claims.clone(), cluster.clone(), stop.clone());
+        out.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LEASE_TICK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                match redis.renew().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(
+                            hub = redis.hub_id(),
+                            "hub lease lost: dropping every claimed task and joining again"
+                        );
+                        for id in claims.ids() {
+                            claims.remove(&id);
+                            cluster.disown(&id);
+                        }
+                        if let Err(e) = redis.rejoin().await {
+                            tracing::error!(error = %e, "cannot join the shared store again");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "hub lease not renewed"),
+                }
+                let views: Vec<(String, serde_json::Value)> = cluster
+                    .nodes()
+                    .into_iter()
+                    .filter_map(|n| Some((n.id.clone(), serde_json::to_value(&n).ok()?)))
+                    .collect();
+                if let Err(e) = redis.put_node_views(&views).await {
+                    tracing::warn!(error = %e, "node views not published");
+                }
+                match redis.expire_queued(1000).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(tasks = n, "queued tasks timed out in the shared store")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "shared deadline pass failed"),
+                }
+                if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
+                    match redis.collect_finished_before(cutoff, 1000).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            tasks = n,
+                            "finished tasks collected from the shared store"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "shared retention pass failed"),
+                    }
+                }
+                match redis.reap().await {
+                    Ok(r) if r.requeued + r.failed > 0 => tracing::info!(
+                        requeued = r.requeued,
+                        failed = r.failed,
+                        "took over the tasks of a hub whose lease expired"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
+                }
+            }
+        }));
+    }
+    {
+        let (redis, claims, cluster, mut stop) =
+            (redis.clone(), claims.clone(), cluster.clone(), stop.clone());
+        // Wake-ups: a task was queued somewhere (claim at once instead of at the next tick).
+        let wake = Arc::new(tokio::sync::Notify::new());
+        {
+            let (wake, url, mut stop) = (wake.clone(), url.clone(), stop.clone());
+            out.push(tokio::spawn(async move {
+                loop {
+                    match subscribe(&url).await {
+                        Ok(stream) => {
+                            let mut stream = Box::pin(stream);
+                            loop {
+                                tokio::select! {
+                                    w = stream.next() => match w {
+                                        Some(Wake::Queue(_)) => wake.notify_one(),
+                                        Some(Wake::Task(_)) => {}
+                                        None => break,
+                                    },
+                                    _ = stop.wait_for(|s| *s) => return,
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "queue wake-ups not subscribed"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }));
+        }
+        out.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CLAIM_TICK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                claim_round(&redis, &claims, &cluster).await;
+            }
+        }));
+    }
+    {
+        let mut stop = stop;
+        out.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    id = fenced.recv() => match id {
+                        Some(id) => { cluster.disown(&id); }
+                        None => return,
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
+    out
+}
+
+/// One claim pass: hands back the queued tasks no node here can take (their node left), then
+/// claims as many tasks per tool and per pinned node as this hub has free slots.
+async fn claim_round(
+    redis: &Arc<SharedRedis>,
+    claims: &crate::durable::shared::Claims,
+    cluster: &Cluster,
+) {
+    for t in cluster.stranded() {
+        let Some(claim) = claims.get(&t.id) else {
+            continue;
+        };
+        match redis.release(&t, claim).await {
+            Ok(()) => {
+                claims.remove(&t.id);
+                cluster.disown(&t.id);
+            }
+            Err(SharedError::Fenced(_)) => {
+                claims.remove(&t.id);
+                cluster.disown(&t.id);
+            }
+            Err(e) => tracing::warn!(error = %e, task_id = %t.id, "hand-back failed"),
+        }
+    }
+    let free = cluster.free_slots();
+    let queues = free
+        .by_tool
+        .iter()
+        .map(|(t, n)| (tool_queue(t), *n))
+        .chain(free.by_node.iter().map(|(id, n)| (pinned_queue(id), *n)));
+    for (queue, n) in queues {
+        if n == 0 {
+            continue;
+        }
+        match redis.claim(&queue, n).await {
+            Ok(got) if got.is_empty() => {}
+            Ok(got) => {
+                let mut tasks = Vec::with_capacity(got.len());
+                for c in got {
+                    claims.insert(&c.task.id, c.claim);
+                    tasks.push(c.task);
+                }
+                cluster.adopt(tasks);
+            }
+            Err(e) => tracing::warn!(error = %e, queue, "claim failed"),
+        }
+    }
+}
+
+/// `GET /v1/nodes` in shared mode: this hub's nodes and the views other hubs published, one
+/// per node id, each with a `hub` field naming the hub it is (or was) connected to. A node
+/// online at some hub is listed as there; a view from a hub whose lease is gone, or not
+/// refreshed for 5 s, is listed `offline`.
+///
+/// # Errors
+/// [`crate::durable::shared::SharedError::Unavailable`].
+pub async fn all_node_views(
+    redis: &SharedRedis,
+    cluster: &Cluster,
+) -> Result<Vec<serde_json::Value>, SharedError> {
+    let mut by_id: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    for (hub, alive, age_ms, mut view) in redis.other_node_views().await? {
+        let Some(id) = view["id"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        if !alive || age_ms > 5_000 {
+            view["status"] = "offline".into();
+        }
+        view["hub"] = hub.into();
+        let online = view["status"] != "offline";
+        if online || !by_id.contains_key(&id) {
+            by_id.insert(id, view);
+        }
+    }
+    for n in cluster.nodes() {
+        let Ok(mut view) = serde_json::to_value(&n) else {
+            continue;
+        };
+        view["hub"] = redis.hub_id().into();
+        let here_online = n.status != crate::cluster::NodeState::Offline;
+        let elsewhere_online = by_id.get(&n.id).is_some_and(|v| v["status"] != "offline");
+        if here_online || !elsewhere_online {
+            by_id.insert(n.id.clone(), view);
+        }
+    }
+    Ok(by_id.into_values().collect())
+}

@@ -1,0 +1,699 @@
+//! Shared mode's Redis protocol (`apex_hub::durable::shared`) against a real `redis-server`:
+//! two hubs' handles on one Redis, submission at one and claim at the other, claims bounded by
+//! the asked count, priority then age order, fencing of commits after a lost lease or claim,
+//! the reaper requeueing a dead hub's tasks exactly once, idempotency keys across hubs, and the
+//! cluster-wide node registry. Fails (never skips) when `redis-server` is missing.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/src/redis.rs"]
+#[allow(dead_code)]
+mod redis_server;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use apex_hub::durable::shared::{
+    self, SharedError, SharedRedis, Submitted, Wake, pinned_queue, tool_queue,
+};
+use apex_hub::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
+use apex_hub::store::NodeRecord;
+use futures::StreamExt;
+use redis_server::RedisServer;
+use serde_json::json;
+
+fn task(n: u64, tool: &str, priority: i32) -> Task {
+    let now = SystemTime::now();
+    let id = format!("00000000-0000-4000-8000-{n:012}");
+    Task {
+        id: id.clone(),
+        seq: n,
+        spec: TaskSpec {
+            tool: tool.to_owned(),
+            args: json!({"n": n}),
+            description: None,
+            priority,
+            timeout_seconds: 60.0,
+            max_attempts: 2,
+            idempotency_key: None,
+            pinned_node: None,
+            capability: None,
+        },
+        status: TaskStatus::Queued,
+        attempt: 0,
+        node_id: None,
+        progress: 0.0,
+        result: None,
+        error: None,
+        message: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+        events: vec![TaskEvent {
+            kind: EventKind::TaskCreated,
+            task_id: id,
+            seq: 1,
+            attempt: 0,
+            node_id: None,
+            status: TaskStatus::Queued,
+            progress: None,
+            message: None,
+            error: None,
+            timestamp: now,
+        }],
+    }
+}
+
+/// What a hub's engine does when it assigns a claimed task to one of its nodes.
+fn assign(t: &mut Task, node: &str) {
+    t.status = TaskStatus::Assigned;
+    t.attempt += 1;
+    t.node_id = Some(node.to_owned());
+    t.started_at.get_or_insert(SystemTime::now());
+}
+
+fn succeed(t: &mut Task) {
+    t.status = TaskStatus::Succeeded;
+    t.result = Some(json!({"ok": t.spec.args["n"]}));
+    t.finished_at = Some(SystemTime::now());
+}
+
+async fn hub(redis: &RedisServer, id: &str, ttl_ms: u64) -> SharedRedis {
+    SharedRedis::join(&redis.url(), id, ttl_ms).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_task_submitted_at_one_hub_is_claimed_and_finished_at_another_and_read_back() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    assert_ne!(a.epoch(), b.epoch());
+
+    let t = task(1, "echo", 5);
+    assert!(matches!(a.submit(&t).await.unwrap(), Submitted::New { .. }));
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 1);
+
+    let mut claimed = b.claim(&tool_queue("echo"), 4).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].task.id, t.id);
+    // Nobody else gets it.
+    assert!(a.claim(&tool_queue("echo"), 4).await.unwrap().is_empty());
+
+    let c = claimed.remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-b");
+    b.commit(&rec, c.claim).await.unwrap();
+    succeed(&mut rec);
+    b.commit(&rec, c.claim).await.unwrap();
+
+    let seen = a.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(seen.status, TaskStatus::Succeeded);
+    assert_eq!(seen.node_id.as_deref(), Some("node-b"));
+    assert_eq!(seen.result, Some(json!({"ok": 1})));
+    // A finished task cannot be changed again, even by its last owner (the same record again,
+    // a retried batch, writes nothing and succeeds).
+    b.commit(&rec, c.claim).await.unwrap();
+    let mut other = rec.clone();
+    other.result = Some(json!({"ok": "twice"}));
+    assert!(matches!(
+        b.commit(&other, c.claim).await,
+        Err(SharedError::Fenced(_))
+    ));
+    assert_eq!(
+        a.get(&t.id).await.unwrap().unwrap().result,
+        Some(json!({"ok": 1}))
+    );
+}
+
+#[tokio::test]
+async fn claims_are_bounded_and_pop_higher_priority_then_older_first() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    // Submitted alternately at both hubs: the order is global.
+    for (n, prio) in [(1, 1), (2, 9), (3, 1), (4, 9), (5, -3), (6, i32::MAX)] {
+        let h = if n % 2 == 0 { &a } else { &b };
+        h.submit(&task(n, "echo", prio)).await.unwrap();
+    }
+    let first = a.claim(&tool_queue("echo"), 3).await.unwrap();
+    let ids: Vec<u64> = first
+        .iter()
+        .map(|c| c.task.spec.args["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![6, 2, 4]);
+    let rest = b.claim(&tool_queue("echo"), 10).await.unwrap();
+    let ids: Vec<u64> = rest
+        .iter()
+        .map(|c| c.task.spec.args["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 3, 5]);
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 0);
+    // Other tools' queues are untouched.
+    a.submit(&task(7, "other", 5)).await.unwrap();
+    assert!(b.claim(&tool_queue("echo"), 10).await.unwrap().is_empty());
+    assert_eq!(b.claim(&tool_queue("other"), 0).await.unwrap().len(), 0);
+    assert_eq!(b.claim(&tool_queue("other"), 1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn every_hub_lists_every_task_newest_first_with_filters() {
+    use apex_hub::store::TaskFilter;
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    for n in 1..=5 {
+        let h = if n % 2 == 0 { &a } else { &b };
+        h.submit(&task(n, if n == 3 { "other" } else { "echo" }, 5))
+            .await
+            .unwrap();
+    }
+    let c = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-a");
+    succeed(&mut rec);
+    a.commit(&rec, c.claim).await.unwrap();
+
+    let all = b.list(&TaskFilter::default(), 1, 10).await.unwrap();
+    assert_eq!(all.total, 5);
+    let ns: Vec<u64> = all
+        .tasks
+        .iter()
+        .map(|t| t.spec.args["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, vec![5, 4, 3, 2, 1]);
+    let page2 = b.list(&TaskFilter::default(), 2, 2).await.unwrap();
+    assert_eq!(page2.total, 5);
+    assert_eq!(page2.tasks.len(), 2);
+    assert_eq!(page2.tasks[0].spec.args["n"], 3);
+    let done = TaskFilter {
+        status: Some(TaskStatus::Succeeded),
+        ..TaskFilter::default()
+    };
+    let got = b.list(&done, 1, 10).await.unwrap();
+    assert_eq!(got.total, 1);
+    assert_eq!(got.tasks[0].id, rec.id);
+    let other = TaskFilter {
+        tool: Some("other".to_owned()),
+        ..TaskFilter::default()
+    };
+    assert_eq!(a.list(&other, 1, 10).await.unwrap().total, 1);
+}
+
+#[tokio::test]
+async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
+    use apex_hub::store::TaskFilter;
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let mut done = task(1, "echo", 5);
+    done.spec.idempotency_key = Some("k-done".to_owned());
+    let mut cancelled = task(2, "echo", 5);
+    cancelled.spec.idempotency_key = Some("k-cancel".to_owned());
+    let waiting = task(3, "other", 5);
+    for t in [&done, &cancelled, &waiting] {
+        a.submit(t).await.unwrap();
+    }
+    let c = b.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-b");
+    succeed(&mut rec);
+    b.commit(&rec, c.claim).await.unwrap();
+    let mut cx = cancelled.clone();
+    cx.status = TaskStatus::Cancelled;
+    assert!(a.finish_queued(&cx).await.unwrap());
+
+    // Nothing finished before an hour ago.
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    assert_eq!(a.collect_finished_before(hour_ago, 100).await.unwrap(), 0);
+    let later = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(b.collect_finished_before(later, 100).await.unwrap(), 2);
+    assert!(a.get(&done.id).await.unwrap().is_none());
+    assert!(a.get(&cancelled.id).await.unwrap().is_none());
+    let left = a.list(&TaskFilter::default(), 1, 10).await.unwrap();
+    assert_eq!(left.total, 1);
+    assert_eq!(left.tasks[0].id, waiting.id);
+    // The keys can be used again.
+    let mut again = task(4, "echo", 5);
+    again.spec.idempotency_key = Some("k-done".to_owned());
+    assert!(matches!(
+        a.submit(&again).await.unwrap(),
+        Submitted::New { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_task_no_hub_claims_times_out_in_the_shared_store() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let mut short = task(1, "nobody", 5);
+    short.spec.timeout_seconds = 0.2;
+    let mut held = task(2, "echo", 5);
+    held.spec.timeout_seconds = 0.2;
+    let long = task(3, "nobody", 5);
+    for t in [&short, &held, &long] {
+        a.submit(t).await.unwrap();
+    }
+    let c = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if a.expire_queued(100).await.unwrap() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = a.get(&short.id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::TimedOut);
+    assert_eq!(t.error.unwrap().code, "task_timeout");
+    assert_eq!(t.events.last().unwrap().kind, EventKind::TaskTimedOut);
+    assert_eq!(a.queue_len(&tool_queue("nobody")).await.unwrap(), 1);
+    // The claimed one is its engine's business; the long one waits.
+    assert_eq!(
+        a.get(&held.id).await.unwrap().unwrap().status,
+        TaskStatus::Queued
+    );
+    assert_eq!(
+        a.get(&long.id).await.unwrap().unwrap().status,
+        TaskStatus::Queued
+    );
+    assert_eq!(a.expire_queued(100).await.unwrap(), 0);
+    let mut rec = c.task;
+    assign(&mut rec, "n");
+    a.commit(&rec, c.claim).await.unwrap();
+}
+
+#[tokio::test]
+async fn pinned_tasks_wait_in_their_node_queue() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let mut t = task(1, "echo", 5);
+    t.spec.pinned_node = Some("node-x".to_owned());
+    a.submit(&t).await.unwrap();
+    assert!(a.claim(&tool_queue("echo"), 5).await.unwrap().is_empty());
+    let got = a.claim(&pinned_queue("node-x"), 5).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].task.id, t.id);
+}
+
+#[tokio::test]
+async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_tasks_once() {
+    let redis = RedisServer::start().unwrap();
+    let dead = hub(&redis, "hub-dead", 300).await;
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let b = hub(&redis, "hub-b", 60_000).await;
+
+    for n in 1..=3 {
+        a.submit(&task(n, "echo", 5)).await.unwrap();
+    }
+    let claimed = dead.claim(&tool_queue("echo"), 3).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let mut held = Vec::new();
+    for c in claimed {
+        let mut rec = c.task;
+        assign(&mut rec, "node-d");
+        dead.commit(&rec, c.claim).await.unwrap();
+        held.push((rec, c.claim));
+    }
+    // While its lease lives nothing is reaped.
+    assert_eq!(a.reap().await.unwrap().requeued, 0);
+
+    // The hub stalls past its lease.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead.lease_alive().await.unwrap() {
+        assert!(Instant::now() < deadline, "lease never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!dead.renew().await.unwrap(), "renew must report the loss");
+
+    // Its result is refused: the lease is gone.
+    let (mut late, late_claim) = held[0].clone();
+    succeed(&mut late);
+    assert!(matches!(
+        dead.commit(&late, late_claim).await,
+        Err(SharedError::Fenced(_))
+    ));
+    assert!(matches!(
+        dead.claim(&tool_queue("echo"), 1).await,
+        Err(SharedError::Fenced(_))
+    ));
+
+    // Two reapers at once: every task is requeued exactly once.
+    let (ra, rb) = tokio::join!(a.reap(), b.reap());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.requeued + rb.requeued, 3);
+    assert_eq!(ra.failed + rb.failed, 0);
+    assert_eq!(ra.hubs_forgotten + rb.hubs_forgotten, 1);
+
+    for (rec, _) in &held {
+        let t = a.get(&rec.id).await.unwrap().unwrap();
+        assert_eq!(t.status, TaskStatus::Queued);
+        assert_eq!(t.attempt, 1);
+        assert_eq!(t.events.last().unwrap().kind, EventKind::TaskMigrated);
+    }
+
+    // The dead hub comes back with a new epoch: its old claims stay fenced even if the same
+    // claim number were presented again.
+    let old_epoch = dead.epoch();
+    dead.rejoin().await.unwrap();
+    assert!(dead.epoch() > old_epoch);
+    assert!(matches!(
+        dead.commit(&late, late_claim).await,
+        Err(SharedError::Fenced(_))
+    ));
+
+    // The requeued tasks run again elsewhere (attempt 2) and finish once.
+    let again = b.claim(&tool_queue("echo"), 10).await.unwrap();
+    assert_eq!(again.len(), 3);
+    for c in again {
+        assert!(c.claim > 1);
+        let mut rec = c.task;
+        assign(&mut rec, "node-b");
+        assert_eq!(rec.attempt, 2);
+        succeed(&mut rec);
+        b.commit(&rec, c.claim).await.unwrap();
+    }
+    for (rec, _) in &held {
+        let t = a.get(&rec.id).await.unwrap().unwrap();
+        assert_eq!(t.status, TaskStatus::Succeeded);
+        assert_eq!(t.node_id.as_deref(), Some("node-b"));
+        let done = t
+            .events
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskCompleted)
+            .count();
+        assert!(done <= 1);
+    }
+}
+
+#[tokio::test]
+async fn a_dead_hubs_task_on_its_last_attempt_fails_with_node_lost() {
+    let redis = RedisServer::start().unwrap();
+    let dead = hub(&redis, "hub-dead", 200).await;
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let mut t = task(1, "echo", 5);
+    t.spec.max_attempts = 1;
+    a.submit(&t).await.unwrap();
+    let c = dead.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-d");
+    dead.commit(&rec, c.claim).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = a.reap().await.unwrap();
+        if r.failed == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = a.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.error.unwrap().code, "node_lost");
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_task_handed_back_goes_to_the_shared_queue_for_any_hub() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    a.submit(&task(1, "echo", 5)).await.unwrap();
+    let c = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    // Hub A has no free node after all: it gives the task back.
+    a.release(&c.task, c.claim).await.unwrap();
+    let again = b.claim(&tool_queue("echo"), 1).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].claim, c.claim + 1);
+    // A's old claim is fenced now.
+    assert!(matches!(
+        a.commit(&c.task, c.claim).await,
+        Err(SharedError::Fenced(_))
+    ));
+}
+
+#[tokio::test]
+async fn idempotency_keys_hold_across_hubs_and_queued_tasks_can_be_cancelled_anywhere() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let mut t1 = task(1, "echo", 5);
+    t1.spec.idempotency_key = Some("order-7".to_owned());
+    let mut t2 = task(2, "echo", 5);
+    t2.spec.idempotency_key = Some("order-7".to_owned());
+    assert!(matches!(
+        a.submit(&t1).await.unwrap(),
+        Submitted::New { .. }
+    ));
+    assert_eq!(
+        b.submit(&t2).await.unwrap(),
+        Submitted::Existing(t1.id.clone())
+    );
+    assert!(b.get(&t2.id).await.unwrap().is_none());
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 1);
+
+    let mut cancelled = t1.clone();
+    cancelled.status = TaskStatus::Cancelled;
+    cancelled.finished_at = Some(SystemTime::now());
+    assert!(b.finish_queued(&cancelled).await.unwrap());
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 0);
+    assert!(a.claim(&tool_queue("echo"), 5).await.unwrap().is_empty());
+    assert_eq!(
+        a.get(&t1.id).await.unwrap().unwrap().status,
+        TaskStatus::Cancelled
+    );
+    // Finishing again (or a claimed task) writes nothing.
+    assert!(!a.finish_queued(&cancelled).await.unwrap());
+}
+
+#[tokio::test]
+async fn every_hub_lists_every_hubs_nodes() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let node = |id: &str| NodeRecord {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        node_type: apex_protocol::NodeType::Worker,
+        vcp: false,
+        version: None,
+        tools: vec!["echo".to_owned()],
+        tool_specs: vec![apex_protocol::ToolSpec::Name("echo".to_owned())],
+        limit: 4,
+        cancel_tool: true,
+    };
+    a.put_node(&node("n1")).await.unwrap();
+    b.put_node(&node("n2")).await.unwrap();
+    let seen = a.nodes().await.unwrap();
+    let pairs: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|n| (n.node.id.as_str(), n.hub.as_str()))
+        .collect();
+    assert_eq!(pairs, vec![("n1", "hub-a"), ("n2", "hub-b")]);
+    assert_eq!(b.nodes().await.unwrap(), seen);
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_and_the_hub_recovers_when_it_is_back() {
+    let mut redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    redis.stop();
+    let err = a.submit(&task(1, "echo", 5)).await.unwrap_err();
+    assert!(matches!(err, SharedError::Unavailable { .. }), "{err:?}");
+    redis.restart().unwrap();
+    // The restarted Redis is empty: the lease is gone, so the hub must rejoin before claiming.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ok = loop {
+        match a.renew().await {
+            Ok(v) => break v,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "never reconnected");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(!ok);
+    assert!(matches!(
+        a.submit(&task(2, "echo", 5)).await.unwrap(),
+        Submitted::New { .. }
+    ));
+    a.rejoin().await.unwrap();
+    assert_eq!(a.claim(&tool_queue("echo"), 5).await.unwrap().len(), 1);
+}
+
+async fn next(w: &mut (impl futures::Stream<Item = Wake> + Unpin)) -> Wake {
+    tokio::time::timeout(Duration::from_secs(30), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn subscribers_hear_of_new_queued_tasks_and_record_changes_from_any_hub() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let mut wakes = Box::pin(shared::subscribe(&redis.url()).await.unwrap());
+    let t = task(1, "echo", 5);
+    a.submit(&t).await.unwrap();
+    assert_eq!(next(&mut wakes).await, Wake::Queue(tool_queue("echo")));
+    let c = b.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    let mut rec = c.task;
+    assign(&mut rec, "node-b");
+    b.commit(&rec, c.claim).await.unwrap();
+    assert_eq!(next(&mut wakes).await, Wake::Task(t.id.clone()));
+    // Handed back: the record changed and the queue got a task again.
+    rec.status = TaskStatus::Queued;
+    b.release(&rec, c.claim).await.unwrap();
+    let mut got = vec![next(&mut wakes).await, next(&mut wakes).await];
+    got.sort_by_key(|w| format!("{w:?}"));
+    assert_eq!(
+        got,
+        vec![Wake::Queue(tool_queue("echo")), Wake::Task(t.id.clone())]
+    );
+}
+
+/// The writer-thread backend: commits only tasks the hub holds, under their claim; a fenced
+/// commit is reported, not retried, and does not fail the batch; a retried batch whose terminal
+/// record is already stored succeeds.
+#[test]
+fn the_shared_backend_commits_held_tasks_and_reports_fenced_ones() {
+    use apex_hub::durable::Backend;
+    use apex_hub::durable::shared::{Claims, SharedBackend};
+
+    let redis = RedisServer::start().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, h) = rt.block_on(async {
+        (
+            hub(&redis, "hub-a", 60_000).await,
+            hub(&redis, "hub-h", 400).await,
+        )
+    });
+    let claims = Claims::default();
+    let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
+    let mut backend = SharedBackend::open(&redis.url(), &h.identity(), claims.clone(), tx).unwrap();
+
+    let (t1, t2, stranger) = (task(1, "echo", 5), task(2, "echo", 5), task(3, "echo", 5));
+    let got = rt.block_on(async {
+        for t in [&t1, &t2, &stranger] {
+            a.submit(t).await.unwrap();
+        }
+        h.claim(&tool_queue("echo"), 2).await.unwrap()
+    });
+    for c in &got {
+        claims.insert(&c.task.id, c.claim);
+    }
+    let mut r1 = got[0].task.clone();
+    let mut r2 = got[1].task.clone();
+    assign(&mut r1, "node-h");
+    assign(&mut r2, "node-h");
+    // A put for a task the hub does not hold writes nothing.
+    let mut s = stranger.clone();
+    succeed(&mut s);
+    let put = |t: &Task| (t.id.clone(), t.seq, serde_json::to_vec(t).unwrap());
+    let batch = [put(&r1), put(&r2), put(&s)];
+    let refs: Vec<(&str, u64, Vec<u8>)> = batch
+        .iter()
+        .map(|(id, seq, v)| (id.as_str(), *seq, v.clone()))
+        .collect();
+    backend.write(&refs, &[], &[]).unwrap();
+    rt.block_on(async {
+        assert_eq!(
+            a.get(&r1.id).await.unwrap().unwrap().status,
+            TaskStatus::Assigned
+        );
+        assert_eq!(
+            a.get(&stranger.id).await.unwrap().unwrap().status,
+            TaskStatus::Queued
+        );
+    });
+
+    // r1 finishes: committed, claim released; the same batch again (a retry) still succeeds.
+    succeed(&mut r1);
+    let one = [(r1.id.as_str(), r1.seq, serde_json::to_vec(&r1).unwrap())];
+    backend.write(&one, &[], &[]).unwrap();
+    assert_eq!(claims.get(&r1.id), None);
+    claims.insert(&r1.id, got[0].claim);
+    backend.write(&one, &[], &[]).unwrap();
+    assert!(fenced.try_recv().is_err());
+
+    // The hub's lease runs out; r2's result is fenced, reported, and the batch does not fail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rt.block_on(h.lease_alive()).unwrap() {
+        assert!(Instant::now() < deadline, "lease never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    succeed(&mut r2);
+    let two = [(r2.id.as_str(), r2.seq, serde_json::to_vec(&r2).unwrap())];
+    backend.write(&two, &[], &[]).unwrap();
+    assert_eq!(fenced.try_recv().unwrap(), r2.id);
+    assert_eq!(claims.get(&r2.id), None);
+    rt.block_on(async {
+        assert_eq!(
+            a.get(&r2.id).await.unwrap().unwrap().status,
+            TaskStatus::Assigned
+        );
+        assert_eq!(
+            a.get(&r1.id).await.unwrap().unwrap().status,
+            TaskStatus::Succeeded
+        );
+    });
+}
+
+/// Shared mode's mirrored store end to end: engine-side changes of a held task go through the
+/// group-committing writer, a durability ticket covers them, and a fenced change is reported
+/// while the ticket still completes (nothing of it is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_mirrored_store_group_commits_held_tasks_under_their_claims() {
+    use apex_hub::durable::shared::Claims;
+
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let h = hub(&redis, "hub-h", 60_000).await;
+    let claims = Claims::default();
+    let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
+    let opened = apex_hub::durable::open_shared(&redis.url(), h.identity(), claims.clone(), tx)
+        .await
+        .unwrap();
+    assert!(opened.recovered.is_empty());
+    let mut store = opened.store;
+    let durability = opened.durability;
+
+    for n in 1..=20 {
+        a.submit(&task(n, "echo", 5)).await.unwrap();
+    }
+    let got = h.claim(&tool_queue("echo"), 20).await.unwrap();
+    assert_eq!(got.len(), 20);
+    for c in &got {
+        claims.insert(&c.task.id, c.claim);
+        store.insert(c.task.clone());
+        store.update(&c.task.id, &mut |t| assign(t, "node-h"));
+        store.update(&c.task.id, &mut |t| succeed(t));
+    }
+    let ticket = durability.ticket();
+    durability
+        .wait(ticket, Duration::from_secs(30))
+        .await
+        .unwrap();
+    for c in &got {
+        let t = a.get(&c.task.id).await.unwrap().unwrap();
+        assert_eq!(t.status, TaskStatus::Succeeded, "{}", c.task.id);
+    }
+    assert!(claims.is_empty());
+
+    // A claim that another hub took over (hand-back then claim elsewhere) is fenced.
+    a.submit(&task(99, "echo", 5)).await.unwrap();
+    let c = h.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    h.release(&c.task, c.claim).await.unwrap();
+    let other = a.claim(&tool_queue("echo"), 1).await.unwrap().remove(0);
+    claims.insert(&c.task.id, c.claim);
+    store.insert(c.task.clone());
+    store.update(&c.task.id, &mut |t| assign(t, "node-h"));
+    let ticket = durability.ticket();
+    durability
+        .wait(ticket, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(fenced.recv().await.unwrap(), c.task.id);
+    let stored = a.get(&c.task.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, TaskStatus::Queued);
+    assert_eq!(other.claim, c.claim + 1);
+}

@@ -1,0 +1,340 @@
+//! Several hubs on one Redis (`hub_mode = "shared"`) with the real binaries and a real
+//! `redis-server`: a task submitted at one hub runs on a node connected only to another hub and
+//! its result is readable at the first.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use apex_tests::{Hub, HubOptions, Node, NodeOptions, RedisServer};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn shared(redis: &RedisServer, keys: Option<&HubOptions>) -> HubOptions {
+    let base = keys.cloned().unwrap_or_default();
+    HubOptions {
+        extra_args: vec![
+            "--store".into(),
+            redis.url(),
+            "--hub-mode".into(),
+            "shared".into(),
+        ],
+        data_dir: None,
+        ..base
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let node = Node::start(&b, NodeOptions::named("only-at-b"))
+        .await
+        .unwrap();
+
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = a
+            .api()
+            .submit(&json!({"tool": "echo", "args": {"text": format!("hello {i}")}}))
+            .await
+            .unwrap();
+        assert_eq!(t.status, "queued");
+        ids.push(t.task_id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let t = a.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+        assert_eq!(t.node_id.as_deref(), Some(node.id()), "{t:?}");
+        assert_eq!(t.attempt, 1);
+        let text = serde_json::to_string(&t.result).unwrap();
+        assert!(text.contains(&format!("hello {i}")), "{text}");
+        // Hub B, which ran it, has it too.
+        assert_eq!(b.api().get(id).await.unwrap().status, "succeeded");
+    }
+    // Hub A never held the tasks: it lists them, newest first.
+    let listed = a.api().list_all(&[("status", "succeeded")]).await.unwrap();
+    let listed: Vec<&str> = listed.iter().map(|t| t.task_id.as_str()).collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+    // Its SSE stream replays them from the shared record.
+    let events = a.api().events(&ids[0], WAIT).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"task_created"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"task_completed"), "{kinds:?}");
+    assert!(kinds.contains(&"task_assigned"), "{kinds:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+
+    // A task no node can run waits in the shared queue; hub B cancels it; hub A sees that.
+    let stuck = a
+        .api()
+        .submit(&json!({"tool": "no_such_tool"}))
+        .await
+        .unwrap();
+    let (status, body) = b.api().cancel(&stuck.task_id).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    assert_eq!(
+        a.api().get(&stuck.task_id).await.unwrap().status,
+        "cancelled"
+    );
+    let (status, _) = a.api().cancel(&stuck.task_id).await.unwrap();
+    assert_eq!(status.as_u16(), 409);
+
+    // A task running at hub B's node is cancelled from hub A: B is asked and does it.
+    let long = a
+        .api()
+        .submit(&json!({"tool": "sleep", "args": {"ms": 60_000}}))
+        .await
+        .unwrap();
+    apex_tests::wait_until("the long task to run at hub B", WAIT, || {
+        let (api, id) = (a.api().clone(), long.task_id.clone());
+        async move { Ok((api.get(&id).await?.status == "running").then_some(())) }
+    })
+    .await
+    .unwrap();
+    let (status, body) = a.api().cancel(&long.task_id).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    assert_eq!(
+        b.api().get(&long.task_id).await.unwrap().status,
+        "cancelled"
+    );
+
+    // Hub A lists hub B's node (online, connected to B) although it has none of its own.
+    let b_id = b
+        .api()
+        .get_json::<serde_json::Value>("/v1/nodes")
+        .await
+        .unwrap()["data"][0]["hub"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listed = apex_tests::wait_until("hub A to list hub B's node", WAIT, || {
+        let api = a.api().clone();
+        let id = node.id().to_owned();
+        async move {
+            let body: serde_json::Value = api.get_json("/v1/nodes?status=online").await?;
+            let data = body["data"].as_array().cloned().unwrap_or_default();
+            Ok(data.into_iter().find(|n| n["id"] == id.as_str()))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed["hub"], b_id.as_str(), "{listed}");
+    assert_eq!(listed["name"], "only-at-b", "{listed}");
+
+    // The same idempotency key at both hubs names one task.
+    let body = json!({"tool": "echo", "args": {"text": "once"}, "idempotency_key": "k-1"});
+    let first = a.api().submit(&body).await.unwrap();
+    let (status, again) = b.api().submit_raw(&body).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{again}");
+    assert_eq!(again["task_id"], first.task_id);
+}
+
+/// The stored record of a task in the shared store (read with `redis-cli`).
+fn stored_record(redis: &RedisServer, id: &str) -> serde_json::Value {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "--raw", "HGET"])
+        .arg(format!("apex:shared:task:{id}"))
+        .arg("record")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    // Each node knows both hubs, listed in a different order: they start spread over both.
+    let _na = Node::start(
+        &a,
+        NodeOptions::named("na")
+            .concurrency(4)
+            .args(["--hub", &b.ws_base()]),
+    )
+    .await
+    .unwrap();
+    let _nb = Node::start(
+        &b,
+        NodeOptions::named("nb")
+            .concurrency(4)
+            .args(["--hub", &a.ws_base()]),
+    )
+    .await
+    .unwrap();
+
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let hub = if i % 2 == 0 { &a } else { &b };
+        let t = hub
+            .api()
+            .submit(&json!({"tool": "sleep", "args": {"ms": 300}, "max_attempts": 5}))
+            .await
+            .unwrap();
+        ids.push(t.task_id);
+    }
+    // Mid-run: some done, the rest queued or running on both hubs' nodes.
+    apex_tests::wait_until("a few tasks to finish", WAIT, || {
+        let (api, ids) = (b.api().clone(), ids.clone());
+        async move {
+            let mut done = 0;
+            for id in &ids {
+                if api.get(id).await?.status == "succeeded" {
+                    done += 1;
+                }
+            }
+            Ok((done >= 6).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    a.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    // Hub B takes over: every task ends succeeded, read at B.
+    for id in &ids {
+        let t = b.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+    }
+    // Committed once: each stored record has exactly one terminal event, the last.
+    let mut retried = 0;
+    for id in &ids {
+        let rec = stored_record(&redis, id);
+        let kinds: Vec<&str> = rec["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        let terminal = kinds
+            .iter()
+            .filter(|k| {
+                [
+                    "task_completed",
+                    "task_failed",
+                    "task_cancelled",
+                    "task_timed_out",
+                ]
+                .contains(k)
+            })
+            .count();
+        assert_eq!(terminal, 1, "{id}: {kinds:?}");
+        assert_eq!(kinds.last(), Some(&"task_completed"), "{id}: {kinds:?}");
+        if kinds.contains(&"task_migrated") {
+            retried += 1;
+        }
+    }
+    eprintln!(
+        "{retried} of {} tasks were taken over after the SIGKILL",
+        ids.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_hubs_answer_503_while_redis_is_down_and_recover_by_themselves() {
+    let redis_dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start_persistent(redis_dir.path()).unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let _node = Node::start(&b, NodeOptions::named("rb")).await.unwrap();
+    let before = a
+        .api()
+        .submit(&json!({"tool": "echo", "args": {"text": "before"}}))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.api()
+            .wait_terminal(&before.task_id, WAIT)
+            .await
+            .unwrap()
+            .status,
+        "succeeded"
+    );
+
+    redis.stop();
+    let (status, body) = a.api().submit_raw(&json!({"tool": "echo"})).await.unwrap();
+    assert_eq!(status.as_u16(), 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+
+    redis.restart().unwrap();
+    // Both hubs recover by themselves: submissions are accepted again and run.
+    let id = apex_tests::wait_until("submissions to be accepted again", WAIT, || {
+        let api = a.api().clone();
+        async move {
+            let (status, body) = api
+                .submit_raw(&json!({"tool": "echo", "args": {"text": "after"}}))
+                .await?;
+            Ok((status.as_u16() == 201).then(|| body["task_id"].as_str().unwrap().to_owned()))
+        }
+    })
+    .await
+    .unwrap();
+    let t = a.api().wait_terminal(&id, WAIT).await.unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+    // What was accepted before the outage is still there.
+    assert_eq!(
+        b.api().get(&before.task_id).await.unwrap().status,
+        "succeeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_whose_node_left_go_back_to_the_shared_queue_for_another_hubs_node() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(HubOptions {
+        heartbeat_interval_ms: Some(200),
+        heartbeat_timeout_ms: Some(600),
+        ..shared(&redis, Some(a.options()))
+    })
+    .await
+    .unwrap();
+    let mut gone = Node::start(&b, NodeOptions::named("gone").concurrency(2))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let t = a
+            .api()
+            .submit(&json!({"tool": "sleep", "args": {"ms": 3000}, "max_attempts": 3}))
+            .await
+            .unwrap();
+        ids.push(t.task_id);
+    }
+    apex_tests::wait_until("two tasks running at hub B's node", WAIT, || {
+        let (api, ids) = (a.api().clone(), ids.clone());
+        async move {
+            let mut running = 0;
+            for id in &ids {
+                if api.get(id).await?.status == "running" {
+                    running += 1;
+                }
+            }
+            Ok((running >= 2).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    // Hub B's only node dies; a node comes up at hub A. B holds tasks it cannot run now: it
+    // hands them back and A's node runs them.
+    gone.kill().unwrap();
+    let fresh = Node::start(&a, NodeOptions::named("fresh").concurrency(2))
+        .await
+        .unwrap();
+    let mut on_fresh = 0;
+    for id in &ids {
+        let t = a.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+        if t.node_id.as_deref() == Some(fresh.id()) {
+            on_fresh += 1;
+        }
+    }
+    // At least the tasks that were running or queued at hub B when its node died (four or
+    // more of six: two were running, each takes 3 s) finished on hub A's node.
+    assert!(on_fresh >= 1, "no task ran on hub A's node");
+}
