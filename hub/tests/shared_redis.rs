@@ -14,53 +14,32 @@ use std::time::{Duration, Instant, SystemTime};
 use apex_hub::durable::shared::{
     self, SharedError, SharedRedis, Submitted, Wake, pinned_queue, tool_queue,
 };
-use apex_hub::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
+use apex_hub::model::{EventKind, Task, TaskSpec, TaskStatus};
 use apex_hub::store::NodeRecord;
 use futures::StreamExt;
 use redis_server::RedisServer;
 use serde_json::json;
 
+/// A queued task as a hub submits it (`shared_mode::new_task`), with a fixed id and seq.
 fn task(n: u64, tool: &str, priority: i32) -> Task {
-    let now = SystemTime::now();
-    let id = format!("00000000-0000-4000-8000-{n:012}");
-    Task {
-        id: id.clone(),
-        seq: n,
-        spec: TaskSpec {
-            tool: tool.to_owned(),
-            args: json!({"n": n}),
-            description: None,
-            priority,
-            timeout_seconds: 60.0,
-            max_attempts: 2,
-            idempotency_key: None,
-            pinned_node: None,
-            capability: None,
-        },
-        status: TaskStatus::Queued,
-        attempt: 0,
-        node_id: None,
-        progress: 0.0,
-        result: None,
-        error: None,
-        message: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        events: vec![TaskEvent {
-            kind: EventKind::TaskCreated,
-            task_id: id,
-            seq: 1,
-            attempt: 0,
-            node_id: None,
-            status: TaskStatus::Queued,
-            progress: None,
-            message: None,
-            error: None,
-            timestamp: now,
-        }],
+    let spec = TaskSpec {
+        tool: tool.to_owned(),
+        args: json!({"n": n}),
+        description: None,
+        priority,
+        timeout_seconds: 60.0,
+        max_attempts: 2,
+        idempotency_key: None,
+        pinned_node: None,
+        capability: None,
+    };
+    let mut t = apex_hub::shared_mode::new_task(spec);
+    t.id = format!("00000000-0000-4000-8000-{n:012}");
+    t.seq = n;
+    for e in &mut t.events {
+        e.task_id = t.id.clone();
     }
+    t
 }
 
 /// What a hub's engine does when it assigns a claimed task to one of its nodes.

@@ -464,6 +464,29 @@ impl Api {
     }
 }
 
+/// The event types of a task's stream (`GET /api/v1/tasks/{id}/events`), checked to hold
+/// exactly one terminal event and to end with `task_completed`: a task that succeeded once.
+///
+/// # Errors
+/// When the events show no terminal event, several, or a last one other than `task_completed`.
+pub fn completed_once<'a>(task_id: &str, events: &'a [Value]) -> Result<Vec<&'a str>> {
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    let terminal = types
+        .iter()
+        .filter(|ty| {
+            matches!(
+                **ty,
+                "task_completed" | "task_failed" | "task_cancelled" | "task_timed_out"
+            )
+        })
+        .count();
+    anyhow::ensure!(
+        terminal == 1 && types.last() == Some(&"task_completed"),
+        "task {task_id} events {types:?}: want exactly one terminal event, task_completed"
+    );
+    Ok(types)
+}
+
 /// The status and JSON body of a response (`Value::Null` for an empty body).
 ///
 /// # Errors

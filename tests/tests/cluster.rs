@@ -27,21 +27,7 @@ async fn check_committed_once(api: &Api, tasks: &[Task]) -> Result<usize> {
     }
     let migrated: Vec<bool> = futures::stream::iter(tasks.iter().map(|t| async move {
         let events = api.events(&t.task_id, DEFAULT_TIMEOUT).await?;
-        let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
-        let terminal = types
-            .iter()
-            .filter(|ty| {
-                matches!(
-                    **ty,
-                    "task_completed" | "task_failed" | "task_cancelled" | "task_timed_out"
-                )
-            })
-            .count();
-        ensure!(
-            terminal == 1 && types.last() == Some(&"task_completed"),
-            "task {} events {types:?}: want exactly one terminal event, task_completed",
-            t.task_id
-        );
+        let types = apex_tests::api::completed_once(&t.task_id, &events)?;
         let migrated = types.contains(&"task_migrated");
         ensure!(
             migrated == (t.attempt > 1),

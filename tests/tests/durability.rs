@@ -42,21 +42,7 @@ async fn check_committed_once(api: &Api, tasks: &[Task]) -> Result<usize> {
             "task {} event seqs {seqs:?}",
             t.task_id
         );
-        let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
-        let terminal = types
-            .iter()
-            .filter(|ty| {
-                matches!(
-                    **ty,
-                    "task_completed" | "task_failed" | "task_cancelled" | "task_timed_out"
-                )
-            })
-            .count();
-        ensure!(
-            terminal == 1 && types.last() == Some(&"task_completed"),
-            "task {} events {types:?}: want exactly one terminal event, task_completed",
-            t.task_id
-        );
+        apex_tests::api::completed_once(&t.task_id, &events)?;
         Ok::<_, anyhow::Error>(t.attempt > 1)
     }))
     .buffer_unordered(16)
