@@ -95,6 +95,14 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+/// Whether per-request spans (`HTTP {method} {route}`, `chat {model}`) are worth creating:
+/// when traces are exported, or when the log filter lets `DEBUG` through for the hub (then log
+/// lines show them as context). Otherwise the hot paths skip them: creating a span and
+/// formatting its fields costs several microseconds per request, and nothing would read it.
+pub fn request_spans() -> bool {
+    enabled() || tracing::enabled!(target: "apex_hub::http", tracing::Level::DEBUG)
+}
+
 struct MapCarrier<'a>(&'a mut HashMap<String, String>);
 
 impl Injector for MapCarrier<'_> {
@@ -196,7 +204,12 @@ pub fn task_span(traceparent: &str, task: &Task) {
 /// A span for one LLM call (`chat {model}`, client kind, OpenTelemetry GenAI attribute
 /// names), child of the current span. Enter it around the upstream call; record
 /// `gen_ai.usage.input_tokens` / `gen_ai.usage.output_tokens` on it when known.
+///
+/// [`tracing::Span::none`] when [`request_spans`] is false.
 pub fn llm_span(provider: &str, model: &str) -> tracing::Span {
+    if !request_spans() {
+        return tracing::Span::none();
+    }
     tracing::info_span!(
         "llm.call",
         otel.name = %format!("chat {model}"),

@@ -194,26 +194,29 @@ impl Pagination {
 /// Counts every request in `apex_http_requests_total` by method, matched route pattern (never
 /// the raw path, so no ids) and status.
 async fn track_http(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    // `MatchedPath` is an `Arc<str>` and `Method` a small enum: cloning them does not allocate.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let method = req.method().clone();
     let start = Instant::now();
     let resp = next.run(req).await;
     let m = crate::metrics::get();
     m.http_requests
-        .with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+        .with_label_values(&[method.as_str(), route, resp.status().as_str()])
         .inc();
     m.http_duration
-        .with_label_values(&[method.as_str(), route.as_str()])
+        .with_label_values(&[method.as_str(), route])
         .observe(start.elapsed().as_secs_f64());
     resp
 }
 
 /// The span of one HTTP request: `HTTP {method} {route}` at INFO (so an `info` log filter
 /// exports it as an OpenTelemetry server span), continuing an incoming `traceparent` header.
+/// None when neither traces nor debug logs would use it ([`crate::telemetry::request_spans`]).
 fn request_span(req: &Request) -> tracing::Span {
+    if !crate::telemetry::request_spans() {
+        return tracing::Span::none();
+    }
     let route = req
         .extensions()
         .get::<MatchedPath>()

@@ -71,6 +71,9 @@ impl OpenAiUpstream {
             .pool_max_idle_per_host(cfg.pool_max_idle)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
+            // A chat completion is a POST: an upstream that redirects it is misconfigured, and
+            // following would re-send the body (and key) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| LlmError::Unavailable(format!("provider `{}`: {e}", cfg.name)))?;
         let models: Vec<ModelInfo> = cfg
