@@ -11,6 +11,8 @@
 //! - `status-<code>-…` (e.g. `status-429-a`, `status-500-x`): answers that HTTP status with an
 //!   OpenAI error body, counted in `errors_sent`.
 //! - `slow-<ms>-…` (e.g. `slow-5000-a`): waits `<ms>` milliseconds before answering.
+//! - `cut-…` (e.g. `cut-a`): a stream sends its opening role-only chunk, then the connection is
+//!   cut 100 ms later (as `fail_after: 0`), counted in `errors_sent`.
 //! - any other name: a normal answer.
 //!
 //! # Knobs in the request body: `"fake": {...}` (an unknown field to the hub, passed through)
@@ -366,6 +368,13 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         };
         tokio::time::sleep(Duration::from_millis(wait)).await;
         guard.done = true;
+    }
+    let mut knobs = knobs;
+    if model.starts_with("cut-") {
+        s.counters.errors_sent.fetch_add(1, Ordering::Relaxed);
+        knobs.fail_after = Some(0);
+        // Let the opening chunk reach the client before the cut.
+        knobs.token_delay_ms = knobs.token_delay_ms.max(100);
     }
     let n = knobs.tokens.unwrap_or(DEFAULT_TOKENS);
     let start = if knobs.continue_prefix {

@@ -38,7 +38,7 @@ async fn setup() -> Setup {
 name = "up"
 base_url = "{base}"
 api_key_env = "{SECRET_ENV}"
-models = ["fake-model", "status-429-x", "status-500-x", "status-503-y", "slow-5000-a"]
+models = ["fake-model", "status-429-x", "status-500-x", "status-503-y", "slow-5000-a", "cut-a"]
 first_token_timeout_ms = 500
 
 [[llm.providers]]
@@ -69,6 +69,7 @@ fast = ["up/fake-model"]
 fb429 = ["up/status-429-x", "up/fake-model"]
 fbdead = ["dead/dead-model", "up/fake-model"]
 fbslow = ["up/slow-5000-a", "up/fake-model"]
+fbcut = ["up/cut-a", "up/fake-model"]
 only429 = ["up/status-429-x"]
 
 [llm.fallbacks]
@@ -353,6 +354,9 @@ async fn fallback_before_the_first_token() {
         ("fbdead", true),
         ("status-500-x", false),
         ("fbslow", true),
+        // The first deployment sends its opening role-only chunk, then fails: nothing of the
+        // answer reached the client yet, so the next deployment answers.
+        ("fbcut", true),
     ] {
         let before = s.fake.stats().errors_sent;
         let body = json!({"model": model, "messages": msgs("hi"), "stream": stream});
@@ -367,7 +371,7 @@ async fn fallback_before_the_first_token() {
             assert_eq!(v["choices"][0]["message"]["content"], fake_text(8));
             assert_eq!(v["model"], model);
         }
-        if model.contains("429") || model.contains("500") {
+        if model.contains("429") || model.contains("500") || model.contains("cut") {
             assert_eq!(s.fake.stats().errors_sent, before + 1, "{model}");
         }
     }

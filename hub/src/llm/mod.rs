@@ -14,9 +14,10 @@
 //!   (backend + model name at that backend): an alias from `llm.aliases`, an explicit
 //!   `provider/model`, or every backend that [`Backend::serves`] the name, in config order and
 //!   then the added backends; then the name's `llm.fallbacks`. Connect errors, 429, 5xx and
-//!   first-token timeouts before the first chunk move on to the next deployment
-//!   ([`LlmError::retryable`]); after the first chunk an error is yielded by the stream and the
-//!   stream ends.
+//!   first-token timeouts before the first token (the first chunk that
+//!   [`ChatChunk::carries_answer`]; role-only opening chunks are held until then) move on to the
+//!   next deployment ([`LlmError::retryable`]); after it an error is yielded by the stream and
+//!   the stream ends.
 //! - Interrupts: while a call runs, its request id is registered; [`Gateway::interrupt`]
 //!   cancels it. A cancelled call (by interrupt or by `ctx.cancel`) ends its stream with one
 //!   chunk whose `finish_reason` is `"stop"` and `interrupted` is true. Dropping the
@@ -32,7 +33,7 @@ pub mod node_proxy;
 mod openai;
 mod sse;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -374,6 +375,18 @@ pub struct ChatChunk {
     pub raw: Option<Bytes>,
 }
 
+impl ChatChunk {
+    /// Whether the chunk carries part of the answer (text, tool calls, an end, usage or the
+    /// interrupt stop), as opposed to an opening chunk with only `role`.
+    pub fn carries_answer(&self) -> bool {
+        !self.text.is_empty()
+            || self.tool_calls.is_some()
+            || self.finish_reason.is_some()
+            || self.usage.is_some()
+            || self.interrupted
+    }
+}
+
 /// A model as listed by `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -707,8 +720,9 @@ impl Gateway {
 
     /// Runs a chat call. See the [module docs](self) for routing, fallback and interrupts.
     ///
-    /// Resolves when the first chunk has arrived from some deployment (so fallback has been
-    /// decided), or when the call was cancelled before (then the stream holds only the
+    /// Resolves when the first chunk carrying part of the answer ([`ChatChunk::carries_answer`];
+    /// opening role-only chunks are held with it) has arrived from some deployment (so fallback
+    /// has been decided), or when the call was cancelled before (then the stream holds only the
     /// `interrupted` stop chunk).
     ///
     /// # Errors
@@ -745,15 +759,32 @@ impl Gateway {
         for (i, d) in deployments.iter().enumerate() {
             let started = tokio::time::Instant::now();
             let first_token_timeout = d.backend.first_token_timeout();
+            // Up to the first chunk that carries part of the answer (a role-only opening chunk
+            // is held with it): until then a failure can still move to the next deployment,
+            // and the client gets the opening chunks and the first token in one write.
             let attempt = async {
                 let mut s = d.backend.call(&d.model, &req, &ctx).await?;
-                match s.next().await {
-                    Some(Ok(c)) => Ok((c, s)),
-                    Some(Err(e)) => Err(e),
-                    None => Err(LlmError::Upstream {
-                        status: None,
-                        message: "the upstream ended the answer without any chunk".to_owned(),
-                    }),
+                let mut head = VecDeque::with_capacity(2);
+                loop {
+                    match s.next().await {
+                        Some(Ok(c)) => {
+                            let answer = c.carries_answer();
+                            head.push_back(c);
+                            if answer {
+                                return Ok((head, s));
+                            }
+                        }
+                        Some(Err(e)) => return Err(e),
+                        None if head.is_empty() => {
+                            return Err(LlmError::Upstream {
+                                status: None,
+                                message: "the upstream ended the answer without any chunk"
+                                    .to_owned(),
+                            });
+                        }
+                        // Ended with opening chunks only; the stream is done, never poll it again.
+                        None => return Ok((head, futures::stream::empty().boxed())),
+                    }
                 }
             };
             let attempt = tracing::Instrument::instrument(attempt, span.clone());
@@ -762,7 +793,7 @@ impl Gateway {
                 _ = ctx.cancel.cancelled() => None,
                 r = tokio::time::timeout(first_token_timeout, attempt) => Some(r),
             };
-            let (first, rest) = match outcome {
+            let (head, rest) = match outcome {
                 None => {
                     return Ok(ChatStream::interrupted(req.model, ctx, registration));
                 }
@@ -807,7 +838,7 @@ impl Gateway {
             return Ok(ChatStream {
                 model: req.model,
                 deployment: format!("{}/{}", d.backend.name(), d.model),
-                first: Some(first),
+                head,
                 inner: Some(rest),
                 cancel: Box::pin(ctx.cancel.clone().cancelled_owned()),
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
@@ -835,7 +866,9 @@ pub struct ChatStream {
     model: String,
     deployment: String,
     request_id: String,
-    first: Option<ChatChunk>,
+    /// Chunks already received (the opening ones and the first that carries the answer),
+    /// yielded before `inner` is polled.
+    head: VecDeque<ChatChunk>,
     inner: Option<ChunkStream>,
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -907,7 +940,7 @@ impl ChatStream {
         ChatStream {
             model,
             deployment: String::new(),
-            first: Some(stop_chunk()),
+            head: VecDeque::from([stop_chunk()]),
             inner: None,
             cancel: Box::pin(ctx.cancel.clone().cancelled_owned()),
             deadline: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
@@ -969,7 +1002,7 @@ impl Stream for ChatStream {
 impl ChatStream {
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<ChatChunk, LlmError>>> {
         let this = self;
-        if let Some(c) = this.first.take() {
+        if let Some(c) = this.head.pop_front() {
             return Poll::Ready(Some(Ok(c)));
         }
         let Some(inner) = this.inner.as_mut() else {
