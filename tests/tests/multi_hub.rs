@@ -338,3 +338,110 @@ async fn tasks_whose_node_left_go_back_to_the_shared_queue_for_another_hubs_node
     // more of six: two were running, each takes 3 s) finished on hub A's node.
     assert!(on_fresh >= 1, "no task ran on hub A's node");
 }
+
+/// SIGTERM of a shared hub whose leases last 120 s: a task its node finishes within the drain
+/// (`--shared-shutdown-drain-ms 5000`) ends there, attempt 1; a task still running when the
+/// drain ends is taken over by the other hub at once (not two minutes later, when the lease
+/// would have expired) and runs on its node; tasks waiting in the shared queue run there too. The
+/// hub exits cleanly, and every task ends `succeeded` with exactly one terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopped_with_sigterm_finishes_what_it_can_and_hands_the_rest_over_at_once() {
+    let redis = RedisServer::start().unwrap();
+    let mut opts = shared(&redis, None);
+    opts.extra_args.extend(
+        [
+            "--shared-lease-ttl-ms",
+            "120000",
+            "--shared-shutdown-drain-ms",
+            "5000",
+        ]
+        .map(String::from),
+    );
+    let mut a = Hub::start(opts).await.unwrap();
+    let mut opts = shared(&redis, Some(a.options()));
+    opts.extra_args
+        .extend(["--shared-lease-ttl-ms", "120000"].map(String::from));
+    let b = Hub::start(opts).await.unwrap();
+    let na = Node::start(&a, NodeOptions::named("na").concurrency(2))
+        .await
+        .unwrap();
+
+    let submit = |ms: u64| {
+        let api = a.api().clone();
+        async move {
+            api.submit(&json!({"tool": "sleep", "args": {"ms": ms}}))
+                .await
+                .unwrap()
+                .task_id
+        }
+    };
+    let short = submit(2_500).await;
+    let long = submit(20_000).await;
+    apex_tests::wait_until("both tasks to run on hub A's node", WAIT, || {
+        let (api, ids) = (a.api().clone(), [short.clone(), long.clone()]);
+        async move {
+            for id in &ids {
+                if api.get(id).await?.status != "running" {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await
+    .unwrap();
+    // Hub A's node is full and hub B has none: these wait in the shared queue.
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(submit(100).await);
+    }
+    let nb = Node::start(&b, NodeOptions::named("nb").concurrency(2))
+        .await
+        .unwrap();
+
+    a.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = apex_tests::wait_until("hub A to exit after SIGTERM", WAIT, || {
+        let st = a.try_status();
+        async move { st }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "hub A exited with {status}");
+
+    // Finished during the drain, on A's node, once.
+    let t = b.api().wait_terminal(&short, WAIT).await.unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+    assert_eq!(
+        (t.attempt, t.node_id.as_deref()),
+        (1, Some(na.id())),
+        "{t:?}"
+    );
+    // Still running when the drain ended: taken over at once and run on B's node. Hub A's
+    // lease would have held it for 120 s; 60 s is plenty for the 20 s task and far short of
+    // that.
+    let t = b
+        .api()
+        .wait_terminal(&long, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+    assert_eq!(
+        (t.attempt, t.node_id.as_deref()),
+        (2, Some(nb.id())),
+        "{t:?}"
+    );
+    for id in &waiting {
+        let t = b.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+    }
+    for id in waiting.iter().chain([&short, &long]) {
+        let rec = stored_record(&redis, id);
+        let events = rec["events"].as_array().unwrap();
+        let kinds = apex_tests::api::completed_once(id, events).unwrap();
+        assert_eq!(
+            kinds.contains(&"task_migrated"),
+            id == &long,
+            "{id}: {kinds:?}"
+        );
+    }
+}
