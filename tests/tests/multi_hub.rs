@@ -445,3 +445,100 @@ async fn a_hub_stopped_with_sigterm_finishes_what_it_can_and_hands_the_rest_over
         );
     }
 }
+
+/// `apex_tasks_submitted_total` of a hub, from its `/metrics`.
+async fn submitted_total(hub: &Hub) -> u64 {
+    let text = hub
+        .api()
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("apex_tasks_submitted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no apex_tasks_submitted_total in /metrics:\n{text}"))
+}
+
+/// A batch at a shared hub is accepted all or none: an invalid item gets 400 and a Redis error
+/// part-way through (the last task's idempotency key is stored as a hash, so Redis refuses
+/// it) gets 503 `store_unavailable`, and neither leaves any task behind at any hub; a good
+/// batch is stored whole and counted in `apex_tasks_submitted_total` (an idempotent repeat is
+/// not counted again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_at_a_shared_hub_is_accepted_all_or_none_and_counted() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    assert_eq!(submitted_total(&a).await, 0);
+    let post = |body: serde_json::Value| {
+        let api = a.api().clone();
+        async move {
+            let resp = api
+                .request(reqwest::Method::POST, "/api/v1/tasks/batch")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop"},
+        {"tool": "noop", "max_attempts": 0},
+    ]}))
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "tasks[1].max_attempts", "{body}");
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(["HSET", "apex:shared:idem:broken", "f", "v"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli failed");
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop"},
+        {"tool": "echo", "args": {"text": "x"}},
+        {"tool": "noop", "idempotency_key": "broken"},
+    ]}))
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    for hub in [&a, &b] {
+        assert!(hub.api().list_all(&[]).await.unwrap().is_empty());
+    }
+    assert_eq!(submitted_total(&a).await, 0);
+
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop"},
+        {"tool": "echo", "args": {"text": "x"}},
+        {"tool": "noop", "idempotency_key": "k"},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let first: Vec<String> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(first.len(), 3);
+    assert_eq!(submitted_total(&a).await, 3);
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop", "idempotency_key": "k"},
+        {"tool": "noop"},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["data"][0]["task_id"], first[2].as_str(), "{body}");
+    assert_eq!(submitted_total(&a).await, 4);
+    assert_eq!(submitted_total(&b).await, 0);
+    let listed = b.api().list_all(&[]).await.unwrap();
+    assert_eq!(listed.len(), 4);
+}
