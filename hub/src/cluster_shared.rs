@@ -140,6 +140,17 @@ impl Cluster {
         true
     }
 
+    /// Every task queued in this engine (held, not assigned to a node yet). Shared mode hands
+    /// them back to the shared queue when the hub shuts down.
+    pub fn queued_here(&self) -> Vec<Task> {
+        let core = self.shared.core.lock();
+        core.sched
+            .queued_tasks()
+            .into_iter()
+            .filter_map(|(id, _, _)| core.store.get(&id).cloned())
+            .collect()
+    }
+
     /// Queued tasks no node here can take: no online, undrained node of this hub offers their
     /// tool (or is their pinned node). Shared mode hands them back to the shared queue.
     pub fn stranded(&self) -> Vec<Task> {

@@ -84,6 +84,15 @@ pub struct Config {
     /// Redis store (`store` must be a Redis URL): tasks submitted at any hub run on nodes of
     /// any hub. Shared mode is incomplete (see ARCHITECTURE.md, "Several hubs on one Redis").
     pub hub_mode: String,
+    /// Shared mode: lifetime of this hub's lease in Redis, in milliseconds. The hub renews it
+    /// every `min(1000, shared_lease_ttl_ms / 5)` ms; once it has expired (the hub died or lost
+    /// Redis) other hubs requeue the tasks it held. Between 500 and 600000. Default 5000.
+    pub shared_lease_ttl_ms: u64,
+    /// Shared mode, graceful shutdown (SIGTERM): how long the hub waits for its nodes to
+    /// finish the tasks they run, in milliseconds, after handing back the tasks it holds but
+    /// has not started; then it closes node connections and deletes its lease so other hubs
+    /// take over what is left at once. At most 600000. Default 10000.
+    pub shared_shutdown_drain_ms: u64,
     /// Hours a finished task and its events are kept before they are collected. Default 168.
     pub task_retention_hours: u64,
     /// After a restart, how long tasks that were assigned or running wait for their node to
@@ -135,6 +144,8 @@ impl Default for Config {
             log_format: "text".to_owned(),
             store: "embedded".to_owned(),
             hub_mode: "single".to_owned(),
+            shared_lease_ttl_ms: crate::durable::shared::DEFAULT_LEASE_TTL_MS,
+            shared_shutdown_drain_ms: 10_000,
             task_retention_hours: 168,
             recovery_grace_ms: 10_000,
             offline_node_retention_ms: 3_600_000,
@@ -218,6 +229,14 @@ pub struct Cli {
     #[arg(long, value_name = "MODE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hub_mode: Option<String>,
+    /// Shared mode: lifetime of the hub's lease in Redis, in ms [default: 5000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_lease_ttl_ms: Option<u64>,
+    /// Shared mode: how long SIGTERM waits for nodes to finish their tasks, in ms [default: 10000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_shutdown_drain_ms: Option<u64>,
     /// Hours finished tasks are kept [default: 168].
     #[arg(long, value_name = "HOURS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -337,6 +356,18 @@ impl Config {
             }
             _ => return bad("hub_mode", "must be `single` or `shared`"),
         }
+        if self.shared_shutdown_drain_ms > 600_000 {
+            return bad(
+                "shared_shutdown_drain_ms",
+                "must be at most 600000 (ten minutes)",
+            );
+        }
+        if !(500..=600_000).contains(&self.shared_lease_ttl_ms) {
+            return bad(
+                "shared_lease_ttl_ms",
+                "must be between 500 and 600000 (the lease is renewed every min(1000, ttl / 5) ms, well before it expires)",
+            );
+        }
         if !(1..=87_600).contains(&self.task_retention_hours) {
             return bad(
                 "task_retention_hours",
@@ -397,6 +428,11 @@ impl Config {
     /// Whether `hub_mode` is `shared`.
     pub fn is_shared(&self) -> bool {
         self.hub_mode == "shared"
+    }
+
+    /// How often a shared-mode hub renews its lease: `min(1 s, shared_lease_ttl_ms / 5)`.
+    pub fn shared_lease_renew(&self) -> Duration {
+        crate::shared_mode::renew_interval(self.shared_lease_ttl_ms)
     }
 
     /// The validated `store` value.
@@ -528,6 +564,26 @@ mod tests {
         ] {
             let e = with(mode, store).validate().unwrap_err().to_string();
             assert!(e.contains("hub_mode"), "{mode} {store}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_shared_lease_lifetime_is_validated_and_renewed_well_before_it_expires() {
+        let with = |ttl| Config {
+            shared_lease_ttl_ms: ttl,
+            ..Config::default()
+        };
+        assert_eq!(Config::default().shared_lease_ttl_ms, 5_000);
+        assert_eq!(with(5_000).shared_lease_renew(), Duration::from_secs(1));
+        assert_eq!(with(500).shared_lease_renew(), Duration::from_millis(100));
+        assert_eq!(with(60_000).shared_lease_renew(), Duration::from_secs(1));
+        for ttl in [500, 5_000, 600_000] {
+            with(ttl).validate().unwrap();
+            assert!(with(ttl).shared_lease_renew() < Duration::from_millis(ttl));
+        }
+        for ttl in [0, 499, 600_001] {
+            let e = with(ttl).validate().unwrap_err().to_string();
+            assert!(e.contains("shared_lease_ttl_ms"), "{ttl}: {e}");
         }
     }
 

@@ -48,7 +48,7 @@ pub async fn open_store(config: &Config) -> Result<Opened, StoreError> {
         && let durable::StoreKind::Redis(url) = config.store_kind()
     {
         let hub_id = durable::hub_id(&config.data_dir)?;
-        return durable::shared::open_hub(&url, &hub_id).await;
+        return durable::shared::open_hub_with(&url, &hub_id, config.shared_lease_ttl_ms).await;
     }
     durable::open(&config.store_kind(), &config.data_dir).await
 }
@@ -129,6 +129,7 @@ pub async fn run_with(
         );
     }
     let grace = Duration::from_millis(config.recovery_grace_ms);
+    let drain_for = Duration::from_millis(config.shared_shutdown_drain_ms);
     let retention = Duration::from_secs(config.task_retention_hours.saturating_mul(3600));
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_listen = config.metrics_listen;
@@ -164,6 +165,8 @@ pub async fn run_with(
         ops: ops.clone(),
     };
     let mut background = ops.start(&cluster, &stop_rx);
+    // Shared mode's graceful exit: hand back, drain, then leave (see `shared_mode::drain`).
+    let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));
     if let Some(h) = shared {
         background.extend(shared_mode::spawn(
             h,
@@ -200,6 +203,7 @@ pub async fn run_with(
     ));
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let closing = cluster.clone();
+    let draining = shared_exit.clone();
     // Small frames and responses must leave at once: no Nagle delay on any connection.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -211,6 +215,14 @@ pub async fn run_with(
             shutdown.await;
             tracing::info!("shutting down: closing node connections and streams");
             let _ = stop_tx.send(true);
+            if let Some((redis, claims)) = &draining {
+                let (handed, held) = shared_mode::drain(redis, claims, &closing, drain_for).await;
+                tracing::info!(
+                    handed_back = handed,
+                    still_held = held,
+                    "shared mode: drained"
+                );
+            }
             closing.close_all("hub shutting down");
         })
         .await;
@@ -221,6 +233,9 @@ pub async fn run_with(
     }
     if let Err(e) = durability.flush(Duration::from_secs(5)).await {
         tracing::error!(error = %e, "task store not flushed at shutdown");
+    }
+    if let Some((redis, claims)) = &shared_exit {
+        shared_mode::leave(redis, claims).await;
     }
     result
 }

@@ -13,13 +13,19 @@ use crate::cluster::Cluster;
 use futures::StreamExt;
 
 use crate::durable::shared::{
-    SharedError, SharedHandles, SharedRedis, Wake, pinned_queue, subscribe, subscribe_cancels,
-    tool_queue,
+    Claims, Commit, NextState, SharedError, SharedHandles, SharedRedis, Wake, pinned_queue,
+    subscribe, subscribe_cancels, tool_queue,
 };
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
-/// How often the lease is renewed, this hub's node views are published and the reaper runs.
+/// How often the lease is renewed, this hub's node views are published and the reaper runs,
+/// at most (shorter leases renew every fifth of their lifetime: [`renew_interval`]).
 pub const LEASE_TICK: Duration = Duration::from_secs(1);
+
+/// The lease renewal interval for a lease of `ttl_ms`: `min(LEASE_TICK, ttl_ms / 5)`.
+pub fn renew_interval(ttl_ms: u64) -> Duration {
+    LEASE_TICK.min(Duration::from_millis(ttl_ms / 5))
+}
 /// How often the claimer looks at the shared queues when no wake-up (`Wake::Queue`) came.
 pub const CLAIM_TICK: Duration = Duration::from_millis(100);
 
@@ -105,7 +111,7 @@ pub fn spawn(
         let (redis, claims, cluster, mut stop) =
             (redis.clone(), claims.clone(), cluster.clone(), stop.clone());
         out.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEASE_TICK);
+            let mut tick = tokio::time::interval(renew_interval(redis.lease_ttl_ms()));
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -197,6 +203,33 @@ pub fn spawn(
                 }
             }));
         }
+        // Room here: a task of this hub ended or a node registered (claim again at once).
+        {
+            let (wake, cluster, mut stop) = (wake.clone(), cluster.clone(), stop.clone());
+            out.push(tokio::spawn(async move {
+                let mut tasks = cluster.subscribe();
+                let mut nodes = cluster.subscribe_nodes();
+                loop {
+                    tokio::select! {
+                        e = tasks.recv() => match e {
+                            Ok(e) if e.status.is_terminal() => wake.notify_one(),
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                wake.notify_one()
+                            }
+                            Err(_) => return,
+                        },
+                        e = nodes.recv() => match e {
+                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                wake.notify_one()
+                            }
+                            Err(_) => return,
+                        },
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }));
+        }
         out.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(CLAIM_TICK);
             loop {
@@ -250,28 +283,121 @@ async fn claim_round(
         }
     }
     let free = cluster.free_slots();
-    let queues = free
+    // Every queue with room here, in one script call.
+    let queues: Vec<(String, usize)> = free
         .by_tool
         .iter()
         .map(|(t, n)| (tool_queue(t), *n))
-        .chain(free.by_node.iter().map(|(id, n)| (pinned_queue(id), *n)));
-    for (queue, n) in queues {
-        if n == 0 {
-            continue;
-        }
-        match redis.claim(&queue, n).await {
-            Ok(got) if got.is_empty() => {}
-            Ok(got) => {
-                let mut tasks = Vec::with_capacity(got.len());
-                for c in got {
-                    claims.insert(&c.task.id, c.claim);
-                    tasks.push(c.task);
-                }
-                cluster.adopt(tasks);
+        .chain(free.by_node.iter().map(|(id, n)| (pinned_queue(id), *n)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if queues.is_empty() {
+        return;
+    }
+    match redis.claim_many(&queues).await {
+        Ok(got) if got.is_empty() => {}
+        Ok(got) => {
+            let mut tasks = Vec::with_capacity(got.len());
+            for c in got {
+                claims.insert(&c.task.id, c.claim);
+                tasks.push(c.task);
             }
-            Err(e) => tracing::warn!(error = %e, queue, "claim failed"),
+            cluster.adopt(tasks);
+        }
+        Err(e) => tracing::warn!(error = %e, "claim failed"),
+    }
+}
+
+/// Graceful shutdown, first step (call once the loops of [`spawn`] have stopped, so nothing
+/// more is claimed, and before the node connections close): hands every task queued here
+/// (held, not started) back to the shared queue in fenced batch writes, so other hubs run them
+/// now; then waits until every task this hub holds has finished and its result is committed
+/// (its nodes' work is done), or `drain` has passed, renewing the lease meanwhile and handing
+/// back whatever comes back to the queue here (a task whose node was lost). Returns (tasks
+/// handed back, tasks still held at the end).
+pub async fn drain(
+    redis: &SharedRedis,
+    claims: &Claims,
+    cluster: &Cluster,
+    drain: Duration,
+) -> (usize, usize) {
+    let until = tokio::time::Instant::now() + drain;
+    let renew_every = renew_interval(redis.lease_ttl_ms());
+    let mut renew_at = tokio::time::Instant::now();
+    let mut handed = 0;
+    loop {
+        handed += hand_back(redis, claims, cluster).await;
+        let now = tokio::time::Instant::now();
+        if claims.is_empty() || now >= until {
+            break;
+        }
+        if now >= renew_at {
+            renew_at = now + renew_every;
+            match redis.renew().await {
+                Ok(true) => {}
+                // Lost: nothing here can be committed any more; the reaper has the rest.
+                Ok(false) => break,
+                Err(e) => tracing::warn!(error = %e, "hub lease not renewed while draining"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (handed, claims.len())
+}
+
+/// Graceful shutdown, last step (node connections closed, the store writer flushed): deletes
+/// this hub's lease, so every other hub's reaper requeues what it still holds (tasks whose
+/// nodes did not finish in time) at its next pass instead of after the lease would expire.
+pub async fn leave(redis: &SharedRedis, claims: &Claims) {
+    match redis.leave().await {
+        Ok(_) => tracing::info!(
+            hub = redis.hub_id(),
+            still_held = claims.len(),
+            "left the shared store: other hubs take over what is still held"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "hub lease not deleted at shutdown; it expires by itself")
         }
     }
+}
+
+/// Hands every task queued in this engine back to the shared queue (one fenced batch write per
+/// 256 tasks) and drops it here. Returns how many were handed back.
+async fn hand_back(redis: &SharedRedis, claims: &Claims, cluster: &Cluster) -> usize {
+    let held: Vec<(Task, Vec<u8>, u64)> = cluster
+        .queued_here()
+        .into_iter()
+        .filter_map(|t| {
+            let claim = claims.get(&t.id)?;
+            let record = serde_json::to_vec(&t).ok()?;
+            Some((t, record, claim))
+        })
+        .collect();
+    let commits: Vec<Commit<'_>> = held
+        .iter()
+        .map(|(t, record, claim)| Commit {
+            next: NextState::Queued,
+            ..Commit::of(t, record, *claim)
+        })
+        .collect();
+    let mut n = 0;
+    for chunk in commits.chunks(256) {
+        match redis.commit_batch(chunk).await {
+            Ok(results) => {
+                for (c, r) in chunk.iter().zip(results) {
+                    // Handed back, or fenced (another hub holds it): not ours either way.
+                    n += usize::from(r.is_ok());
+                    claims.remove(c.id);
+                    cluster.disown(c.id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-back at shutdown failed; the reaper requeues these tasks");
+                break;
+            }
+        }
+    }
+    n
 }
 
 /// `GET /v1/nodes` in shared mode: this hub's nodes and the views other hubs published, one

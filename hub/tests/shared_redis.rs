@@ -676,3 +676,125 @@ async fn the_shared_mirrored_store_group_commits_held_tasks_under_their_claims()
     assert_eq!(stored.status, TaskStatus::Queued);
     assert_eq!(other.claim, c.claim + 1);
 }
+
+/// A batch submission is one script: idempotency keys hold against earlier submissions at any
+/// hub and within the batch, and a Redis error part-way through (here a key of the wrong type
+/// behind the batch's last task) writes none of the batch.
+#[tokio::test]
+async fn a_batch_is_accepted_all_or_none_and_keeps_idempotency_keys() {
+    use apex_hub::durable::shared::SubmittedTask;
+
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 5_000).await;
+    let b = hub(&redis, "hub-b", 5_000).await;
+    let keyed = |n, key: &str| {
+        let mut t = task(n, "echo", 5);
+        t.spec.idempotency_key = Some(key.to_owned());
+        t
+    };
+    let first = keyed(1, "k1");
+    assert!(matches!(
+        b.submit(&first).await.unwrap(),
+        Submitted::New { .. }
+    ));
+    let batch = [
+        task(2, "echo", 5),
+        keyed(3, "k1"),
+        keyed(4, "k2"),
+        keyed(5, "k2"),
+    ];
+    let got = a.submit_batch(&batch).await.unwrap();
+    assert_eq!(got.len(), 4);
+    assert!(matches!(got[0], SubmittedTask::New { .. }));
+    match &got[1] {
+        SubmittedTask::Existing(t) => {
+            assert_eq!((&t.id, &t.spec), (&first.id, &first.spec));
+            assert_eq!(t.status, TaskStatus::Queued);
+        }
+        other => panic!("k1 should name the task submitted at hub b, got {other:?}"),
+    }
+    assert!(matches!(got[2], SubmittedTask::New { .. }));
+    match &got[3] {
+        SubmittedTask::Existing(t) => assert_eq!(t.id, batch[2].id),
+        other => panic!("k2 should name the batch's own earlier task, got {other:?}"),
+    }
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 3);
+    assert!(a.get(&batch[1].id).await.unwrap().is_none());
+    // Every new task of the batch is claimable at the other hub, in order.
+    let claimed: Vec<String> = b
+        .claim(&tool_queue("echo"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.task.id)
+        .collect();
+    assert_eq!(
+        claimed,
+        [first.id.clone(), batch[0].id.clone(), batch[2].id.clone()]
+    );
+
+    // A key of the wrong type behind the last task: the script fails, nothing is written.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("HSET")
+        .arg("apex:shared:idem:broken")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .map(|_: i64| ())
+        .unwrap();
+    let bad = [task(6, "echo", 5), task(7, "other", 5), keyed(8, "broken")];
+    let err = a.submit_batch(&bad).await.unwrap_err();
+    assert!(matches!(err, SharedError::Unavailable { .. }), "{err:?}");
+    for t in &bad {
+        assert!(
+            a.get(&t.id).await.unwrap().is_none(),
+            "{} was written",
+            t.id
+        );
+    }
+    assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 0);
+    assert_eq!(a.queue_len(&tool_queue("other")).await.unwrap(), 0);
+    let page = a
+        .list(&apex_hub::store::TaskFilter::default(), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(page.total, 3);
+}
+
+/// One claim call over several queues takes at most the asked count from each, highest
+/// priority then oldest first, and nothing once the hub's lease is lost.
+#[tokio::test]
+async fn one_claim_call_fills_several_queues_within_their_bounds() {
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let h = hub(&redis, "hub-h", 400).await;
+    let batch: Vec<Task> = (1..=6)
+        .map(|n| task(n, if n % 2 == 0 { "even" } else { "odd" }, n as i32))
+        .collect();
+    a.submit_batch(&batch).await.unwrap();
+    let got = h
+        .claim_many(&[
+            (tool_queue("even"), 2),
+            (tool_queue("odd"), 1),
+            (tool_queue("none"), 5),
+            (pinned_queue("nobody"), 0),
+        ])
+        .await
+        .unwrap();
+    let ids: Vec<u64> = got.iter().map(|c| c.task.seq).collect();
+    assert_eq!(ids, [6, 4, 5]);
+    assert!(got.iter().all(|c| c.claim == 1));
+    assert_eq!(a.queue_len(&tool_queue("even")).await.unwrap(), 1);
+    assert_eq!(a.queue_len(&tool_queue("odd")).await.unwrap(), 2);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.lease_alive().await.unwrap() {
+        assert!(Instant::now() < deadline, "lease never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = h.claim_many(&[(tool_queue("odd"), 5)]).await.unwrap_err();
+    assert!(matches!(err, SharedError::Fenced(_)), "{err:?}");
+    assert_eq!(a.queue_len(&tool_queue("odd")).await.unwrap(), 2);
+}

@@ -338,3 +338,207 @@ async fn tasks_whose_node_left_go_back_to_the_shared_queue_for_another_hubs_node
     // more of six: two were running, each takes 3 s) finished on hub A's node.
     assert!(on_fresh >= 1, "no task ran on hub A's node");
 }
+
+/// SIGTERM of a shared hub whose leases last 120 s: a task its node finishes within the drain
+/// (`--shared-shutdown-drain-ms 5000`) ends there, attempt 1; a task still running when the
+/// drain ends is taken over by the other hub at once (not two minutes later, when the lease
+/// would have expired) and runs on its node; tasks waiting in the shared queue run there too. The
+/// hub exits cleanly, and every task ends `succeeded` with exactly one terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopped_with_sigterm_finishes_what_it_can_and_hands_the_rest_over_at_once() {
+    let redis = RedisServer::start().unwrap();
+    let mut opts = shared(&redis, None);
+    opts.extra_args.extend(
+        [
+            "--shared-lease-ttl-ms",
+            "120000",
+            "--shared-shutdown-drain-ms",
+            "5000",
+        ]
+        .map(String::from),
+    );
+    let mut a = Hub::start(opts).await.unwrap();
+    let mut opts = shared(&redis, Some(a.options()));
+    opts.extra_args
+        .extend(["--shared-lease-ttl-ms", "120000"].map(String::from));
+    let b = Hub::start(opts).await.unwrap();
+    let na = Node::start(&a, NodeOptions::named("na").concurrency(2))
+        .await
+        .unwrap();
+
+    let submit = |ms: u64| {
+        let api = a.api().clone();
+        async move {
+            api.submit(&json!({"tool": "sleep", "args": {"ms": ms}}))
+                .await
+                .unwrap()
+                .task_id
+        }
+    };
+    let short = submit(2_500).await;
+    let long = submit(20_000).await;
+    apex_tests::wait_until("both tasks to run on hub A's node", WAIT, || {
+        let (api, ids) = (a.api().clone(), [short.clone(), long.clone()]);
+        async move {
+            for id in &ids {
+                if api.get(id).await?.status != "running" {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await
+    .unwrap();
+    // Hub A's node is full and hub B has none: these wait in the shared queue.
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(submit(100).await);
+    }
+    let nb = Node::start(&b, NodeOptions::named("nb").concurrency(2))
+        .await
+        .unwrap();
+
+    a.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = apex_tests::wait_until("hub A to exit after SIGTERM", WAIT, || {
+        let st = a.try_status();
+        async move { st }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "hub A exited with {status}");
+
+    // Finished during the drain, on A's node, once.
+    let t = b.api().wait_terminal(&short, WAIT).await.unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+    assert_eq!(
+        (t.attempt, t.node_id.as_deref()),
+        (1, Some(na.id())),
+        "{t:?}"
+    );
+    // Still running when the drain ended: taken over at once and run on B's node. Hub A's
+    // lease would have held it for 120 s; 60 s is plenty for the 20 s task and far short of
+    // that.
+    let t = b
+        .api()
+        .wait_terminal(&long, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+    assert_eq!(
+        (t.attempt, t.node_id.as_deref()),
+        (2, Some(nb.id())),
+        "{t:?}"
+    );
+    for id in &waiting {
+        let t = b.api().wait_terminal(id, WAIT).await.unwrap();
+        assert_eq!(t.status, "succeeded", "{t:?}");
+    }
+    for id in waiting.iter().chain([&short, &long]) {
+        let rec = stored_record(&redis, id);
+        let events = rec["events"].as_array().unwrap();
+        let kinds = apex_tests::api::completed_once(id, events).unwrap();
+        assert_eq!(
+            kinds.contains(&"task_migrated"),
+            id == &long,
+            "{id}: {kinds:?}"
+        );
+    }
+}
+
+/// `apex_tasks_submitted_total` of a hub, from its `/metrics`.
+async fn submitted_total(hub: &Hub) -> u64 {
+    let text = hub
+        .api()
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("apex_tasks_submitted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no apex_tasks_submitted_total in /metrics:\n{text}"))
+}
+
+/// A batch at a shared hub is accepted all or none: an invalid item gets 400 and a Redis error
+/// part-way through (the last task's idempotency key is stored as a hash, so Redis refuses
+/// it) gets 503 `store_unavailable`, and neither leaves any task behind at any hub; a good
+/// batch is stored whole and counted in `apex_tasks_submitted_total` (an idempotent repeat is
+/// not counted again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_at_a_shared_hub_is_accepted_all_or_none_and_counted() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    assert_eq!(submitted_total(&a).await, 0);
+    let post = |body: serde_json::Value| {
+        let api = a.api().clone();
+        async move {
+            let resp = api
+                .request(reqwest::Method::POST, "/api/v1/tasks/batch")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop"},
+        {"tool": "noop", "max_attempts": 0},
+    ]}))
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "tasks[1].max_attempts", "{body}");
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(["HSET", "apex:shared:idem:broken", "f", "v"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli failed");
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop"},
+        {"tool": "echo", "args": {"text": "x"}},
+        {"tool": "noop", "idempotency_key": "broken"},
+    ]}))
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    for hub in [&a, &b] {
+        assert!(hub.api().list_all(&[]).await.unwrap().is_empty());
+    }
+    assert_eq!(submitted_total(&a).await, 0);
+
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop"},
+        {"tool": "echo", "args": {"text": "x"}},
+        {"tool": "noop", "idempotency_key": "k"},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let first: Vec<String> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(first.len(), 3);
+    assert_eq!(submitted_total(&a).await, 3);
+    let (status, body) = post(json!({"tasks": [
+        {"tool": "noop", "idempotency_key": "k"},
+        {"tool": "noop"},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["data"][0]["task_id"], first[2].as_str(), "{body}");
+    assert_eq!(submitted_total(&a).await, 4);
+    assert_eq!(submitted_total(&b).await, 0);
+    let listed = b.api().list_all(&[]).await.unwrap();
+    assert_eq!(listed.len(), 4);
+}

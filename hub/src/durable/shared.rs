@@ -83,6 +83,123 @@ redis.call('PUBLISH', ARGV[5], KEYS[2])
 return {'1', ARGV[1], tostring(seq)}
 ";
 
+/// Submit a batch, all or none: KEYS[1] seq counter, KEYS[2] index, KEYS[3] deadlines, then per
+/// task i (from 0) KEYS[4+3i] task hash, KEYS[5+3i] queue, KEYS[6+3i] idempotency key (any
+/// name when unused); ARGV[1] wake channel, ARGV[2] the task key prefix, then per task
+/// ARGV[3+5i] id, ARGV[4+5i] record, ARGV[5+5i] score, ARGV[6+5i] `1` if its idempotency key
+/// is used, ARGV[7+5i] deadline (ms). Every read that can fail (a key of the wrong type, an
+/// existing task hash) runs before the first write, so an error writes nothing. Returns per
+/// task `{"1", id, seq}` (new) or `{"0", existing id, its record}` (idempotency key used
+/// before, at any hub or earlier in this batch), flattened. Publishes each queue once.
+const SUBMIT_BATCH: &str = r"
+local n = (#KEYS - 3) / 3
+local function want(key, types)
+  local t = redis.call('TYPE', key)['ok']
+  for _, ok in ipairs(types) do if t == ok then return end end
+  error('WRONGTYPE key ' .. key .. ' holds a ' .. t)
+end
+want(KEYS[1], {'none', 'string'})
+want(KEYS[2], {'none', 'zset'})
+want(KEYS[3], {'none', 'zset'})
+local existing = {}
+local records = {}
+local queues = {}
+for i = 0, n - 1 do
+  local tk, q, ik = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
+  if redis.call('EXISTS', tk) == 1 then error('task key ' .. tk .. ' exists already') end
+  if not queues[q] then want(q, {'none', 'zset'}); queues[q] = true end
+  if ARGV[6 + 5 * i] == '1' and existing[ik] == nil then
+    local id = redis.call('GET', ik)
+    if id then
+      existing[ik] = id
+      records[id] = redis.call('HGET', ARGV[2] .. id, 'record')
+      if not records[id] then error('task ' .. id .. ' of key ' .. ik .. ' has no record') end
+    else
+      existing[ik] = false
+    end
+  end
+end
+local out = {}
+for i = 0, n - 1 do
+  local tk, q, ik = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
+  local id, rec = ARGV[3 + 5 * i], ARGV[4 + 5 * i]
+  local idem = ARGV[6 + 5 * i] == '1'
+  if idem and existing[ik] then
+    local old = existing[ik]
+    -- its record: read before the first write, or this batch's
+    table.insert(out, '0'); table.insert(out, old); table.insert(out, records[old])
+  else
+    if idem then
+      redis.call('SET', ik, id)
+      existing[ik] = id
+      records[id] = rec
+    end
+    local seq = redis.call('INCR', KEYS[1])
+    local member = string.format('%020d', seq) .. ':' .. id
+    redis.call('HSET', tk, 'record', rec, 'state', 'queued', 'queue', q, 'member', member,
+      'claim', '0')
+    if idem then redis.call('HSET', tk, 'idem', ik) end
+    redis.call('ZADD', q, ARGV[5 + 5 * i], member)
+    redis.call('ZADD', KEYS[2], seq, id)
+    redis.call('ZADD', KEYS[3], ARGV[7 + 5 * i], id)
+    table.insert(out, '1'); table.insert(out, id); table.insert(out, tostring(seq))
+  end
+end
+for q, _ in pairs(queues) do redis.call('PUBLISH', ARGV[1], q) end
+return out
+";
+
+/// Commit a batch of held tasks, each fenced on its own (as [`COMMIT`]): KEYS[1] hub lease,
+/// KEYS[2] owned set, KEYS[3] finished set, then per task i (from 0) KEYS[4+2i] task hash,
+/// KEYS[5+2i] its queue; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] events channel, ARGV[4] wake
+/// channel, ARGV[5] now (ms), then per task ARGV[6+5i] claim, ARGV[7+5i] record, ARGV[8+5i]
+/// next state (`claimed`, `done`, `queued`), ARGV[9+5i] score, ARGV[10+5i] task id. Returns
+/// one entry per task: 1 (written, or released already with exactly this record) or a string
+/// starting `FENCED` (nothing written for that task). Each queue is published once.
+const COMMIT_BATCH: &str = r"
+local n = (#KEYS - 3) / 2
+local lease = redis.call('GET', KEYS[1]) == ARGV[2]
+local out = {}
+local woken = {}
+for i = 0, n - 1 do
+  local tk, q = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local claim, rec, nxt = ARGV[6 + 5 * i], ARGV[7 + 5 * i], ARGV[8 + 5 * i]
+  local score, id = ARGV[9 + 5 * i], ARGV[10 + 5 * i]
+  local h = redis.call('HMGET', tk, 'state', 'record', 'owner', 'epoch', 'claim', 'member')
+  if h[1] ~= 'claimed' and h[2] == rec then
+    table.insert(out, 1)
+  elseif not lease then
+    table.insert(out, 'FENCED the hub lease is lost')
+  elseif h[3] ~= ARGV[1] or h[4] ~= ARGV[2] or h[5] ~= claim or h[1] ~= 'claimed' then
+    table.insert(out, 'FENCED the task is not held by this claim')
+  else
+    redis.call('HSET', tk, 'record', rec)
+    if nxt ~= 'claimed' then
+      redis.call('HSET', tk, 'state', nxt)
+      redis.call('HDEL', tk, 'owner', 'epoch')
+      redis.call('SREM', KEYS[2], id)
+      if nxt == 'queued' then
+        redis.call('ZADD', q, score, h[6])
+        woken[q] = true
+      else
+        redis.call('ZADD', KEYS[3], ARGV[5], id)
+      end
+    end
+    redis.call('PUBLISH', ARGV[3], id)
+    table.insert(out, 1)
+  end
+end
+for q, _ in pairs(woken) do redis.call('PUBLISH', ARGV[4], q) end
+return out
+";
+
+/// [`SUBMIT_BATCH`], hashed once.
+static SUBMIT_BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SUBMIT_BATCH));
+/// [`COMMIT_BATCH`], hashed once.
+static COMMIT_BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(COMMIT_BATCH));
+
 /// Claim: KEYS[1] queue, KEYS[2] hub lease, KEYS[3] owned set; ARGV[1] hub id, ARGV[2] epoch,
 /// ARGV[3] n, ARGV[4] task key prefix. Returns record/claim pairs (flat), at most n.
 const CLAIM: &str = r"
@@ -106,6 +223,40 @@ while #out < 2 * n do
 end
 return out
 ";
+
+/// Claim from several queues in one call: KEYS[1] hub lease, KEYS[2] owned set, then the
+/// queues KEYS[3..]; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] task key prefix, then ARGV[3+j] the
+/// most to take from queue KEYS[2+j]. As [`CLAIM`] for each queue in turn; returns the
+/// record/claim pairs of all of them (flat).
+const CLAIM_MANY: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then
+  return redis.error_reply('LEASE the hub lease is lost')
+end
+local out = {}
+for j = 3, #KEYS do
+  local n = tonumber(ARGV[1 + j])
+  local got = 0
+  while got < n do
+    local p = redis.call('ZPOPMIN', KEYS[j])
+    if #p == 0 then break end
+    local id = string.sub(p[1], 22)
+    local tk = ARGV[3] .. id
+    if redis.call('HGET', tk, 'state') == 'queued' then
+      local claim = redis.call('HINCRBY', tk, 'claim', 1)
+      redis.call('HSET', tk, 'state', 'claimed', 'owner', ARGV[1], 'epoch', ARGV[2])
+      redis.call('SADD', KEYS[2], id)
+      table.insert(out, redis.call('HGET', tk, 'record'))
+      table.insert(out, tostring(claim))
+      got = got + 1
+    end
+  end
+end
+return out
+";
+
+/// [`CLAIM_MANY`], hashed once.
+static CLAIM_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CLAIM_MANY));
 
 /// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue,
 /// KEYS[5] the finished set; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record,
@@ -200,6 +351,13 @@ end
 return #ids
 ";
 
+/// Leave: KEYS[1] hub lease; ARGV[1] epoch. Deletes the lease if it still holds this epoch.
+/// Returns 1 if deleted.
+const LEAVE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+";
+
 /// Forget a dead hub with nothing left: KEYS[1] hubs set, KEYS[2] its lease, KEYS[3] its owned
 /// set; ARGV[1] hub id. Returns 1 if this call removed it.
 const FORGET_HUB: &str = r"
@@ -276,6 +434,76 @@ pub enum Submitted {
     },
     /// The idempotency key names an existing task (possibly submitted at another hub).
     Existing(String),
+}
+
+/// Result of one task of [`SharedRedis::submit_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmittedTask {
+    /// The task was stored and queued; `seq` is its global acceptance order.
+    New {
+        /// Global acceptance sequence number.
+        seq: u64,
+    },
+    /// The idempotency key names an existing task (submitted before at any hub, or earlier in
+    /// the same batch): its record as stored.
+    Existing(Box<Task>),
+}
+
+/// The shared state a fenced write leaves a task in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextState {
+    /// Still held by this hub (assigned, running, or waiting in its engine).
+    Claimed,
+    /// Finished: released, added to the finished set.
+    Done,
+    /// Handed back to its shared queue for any hub.
+    Queued,
+}
+
+impl NextState {
+    fn as_str(self) -> &'static str {
+        match self {
+            NextState::Claimed => "claimed",
+            NextState::Done => "done",
+            NextState::Queued => "queued",
+        }
+    }
+}
+
+/// One fenced write of [`SharedRedis::commit_batch`].
+#[derive(Debug, Clone)]
+pub struct Commit<'a> {
+    /// Task id.
+    pub id: &'a str,
+    /// The claim this hub holds the task under ([`Claimed::claim`]).
+    pub claim: u64,
+    /// The task's record: its [`Task`] JSON, as `serde_json::to_vec` writes it.
+    pub record: &'a [u8],
+    /// The shared state after the write.
+    pub next: NextState,
+    /// The task's queue ([`queue_key`]), where [`NextState::Queued`] puts it back.
+    pub queue: String,
+    /// Its queue score (`-priority`).
+    pub score: f64,
+}
+
+impl<'a> Commit<'a> {
+    /// The commit of `record` (the JSON of `task`) for `task` held under `claim`: `done` if
+    /// the task is terminal, else `claimed`.
+    pub fn of(task: &'a Task, record: &'a [u8], claim: u64) -> Self {
+        Commit {
+            id: &task.id,
+            claim,
+            record,
+            next: if task.status.is_terminal() {
+                NextState::Done
+            } else {
+                NextState::Claimed
+            },
+            queue: queue_key(task),
+            score: score(task),
+        }
+    }
 }
 
 /// A task this hub claimed: its record and the claim number every commit must present.
@@ -509,6 +737,11 @@ impl SharedRedis {
         &self.hub_id
     }
 
+    /// The lifetime of this hub's lease, in milliseconds.
+    pub fn lease_ttl_ms(&self) -> u64 {
+        self.lease_ttl_ms
+    }
+
     /// This hub's current epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
@@ -541,6 +774,24 @@ impl SharedRedis {
             .key(lease_key(&self.hub_id))
             .arg(self.epoch())
             .arg(self.lease_ttl_ms)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(r == 1)
+    }
+
+    /// Deletes this hub's lease if it still holds its epoch (graceful shutdown): from then on
+    /// nothing this hub holds can be committed by it, and every hub's reaper requeues its tasks
+    /// at its next pass instead of after the lease would have expired. `Ok(false)` if the
+    /// lease was gone already.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn leave(&self) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let r: i64 = redis::Script::new(LEAVE)
+            .key(lease_key(&self.hub_id))
+            .arg(self.epoch())
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -635,6 +886,51 @@ impl SharedRedis {
         Ok(out)
     }
 
+    /// [`SharedRedis::claim`] from several queues in one script call: up to `n` tasks of each
+    /// `(queue, n)`, in that order (queues with `n = 0` are skipped).
+    ///
+    /// # Errors
+    /// As [`SharedRedis::claim`].
+    pub async fn claim_many(
+        &self,
+        queues: &[(String, usize)],
+    ) -> Result<Vec<Claimed>, SharedError> {
+        let queues: Vec<&(String, usize)> = queues.iter().filter(|(_, n)| *n > 0).collect();
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut script = CLAIM_MANY_SCRIPT.prepare_invoke();
+        script
+            .key(lease_key(&self.hub_id))
+            .key(owned_key(&self.hub_id))
+            .arg(&self.hub_id)
+            .arg(self.epoch())
+            .arg(format!("{PREFIX}task:"));
+        for (queue, n) in &queues {
+            script.key(queue).arg(*n);
+        }
+        let mut c = self.conn.clone();
+        let flat: Vec<Vec<u8>> = script
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.classify(e))?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [record, claim] = pair else { break };
+            let task: Task =
+                serde_json::from_slice(record).map_err(|e| SharedError::Unreadable {
+                    id: "(claimed)".to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let claim = std::str::from_utf8(claim)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            out.push(Claimed { task, claim });
+        }
+        Ok(out)
+    }
+
     /// Writes the record of a task this hub claimed (`claim` from [`Claimed`]). A terminal
     /// status releases the task (`done`); anything else keeps the claim (a `queued` record is a
     /// task waiting in this hub's engine).
@@ -683,6 +979,120 @@ impl SharedRedis {
             .await
             .map_err(|e| self.classify(e))?;
         Ok(())
+    }
+
+    /// Stores and queues a batch of new tasks (status `queued`) in one script, all or none:
+    /// nothing is written unless every task can be (a Redis error, or a key of the wrong type,
+    /// writes nothing). A task whose idempotency key was used before (at any hub, or by an
+    /// earlier task of this batch) is not written; its entry names the existing task. One
+    /// entry per task, in order; each queue is announced once on [`WAKE_CHANNEL`].
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`] (nothing written); [`SharedError::Unreadable`] if the
+    /// existing task of an idempotency key does not decode.
+    pub async fn submit_batch(&self, tasks: &[Task]) -> Result<Vec<SubmittedTask>, SharedError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut script = SUBMIT_BATCH_SCRIPT.prepare_invoke();
+        script
+            .key(format!("{PREFIX}seq"))
+            .key(format!("{PREFIX}index"))
+            .key(format!("{PREFIX}deadlines"))
+            .arg(WAKE_CHANNEL)
+            .arg(format!("{PREFIX}task:"));
+        for task in tasks {
+            let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
+            let idem = task.spec.idempotency_key.as_deref();
+            script
+                .key(task_key(&task.id))
+                .key(queue_key(task))
+                .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
+                .arg(&task.id)
+                .arg(record)
+                .arg(score(task))
+                .arg(if idem.is_some() { "1" } else { "0" })
+                .arg(deadline_ms(task));
+        }
+        let mut c = self.conn.clone();
+        let flat: Vec<Vec<u8>> = script
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if flat.len() != 3 * tasks.len() {
+            return Err(self.unavailable("unexpected reply of the batch submit script"));
+        }
+        flat.chunks(3)
+            .map(|row| match row {
+                [flag, _, seq] if flag.as_slice() == b"1" => Ok(SubmittedTask::New {
+                    seq: std::str::from_utf8(seq)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                }),
+                [_, id, record] => serde_json::from_slice(record)
+                    .map(|t| SubmittedTask::Existing(Box::new(t)))
+                    .map_err(|e| SharedError::Unreadable {
+                        id: String::from_utf8_lossy(id).into_owned(),
+                        reason: e.to_string(),
+                    }),
+                _ => Err(self.unavailable("unexpected reply of the batch submit script")),
+            })
+            .collect()
+    }
+
+    /// Writes many records of tasks this hub holds in one script, each fenced on its own as
+    /// [`SharedRedis::commit`] / [`SharedRedis::release`] do. Returns one entry per commit, in
+    /// order: `Ok(())` (written, or released already with exactly this record) or
+    /// `Err(reason)` if that task's write was fenced (nothing written for it).
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`] if the script did not run or failed part-way (commits are
+    /// idempotent: retry the whole batch).
+    pub async fn commit_batch(
+        &self,
+        commits: &[Commit<'_>],
+    ) -> Result<Vec<Result<(), String>>, SharedError> {
+        if commits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut script = COMMIT_BATCH_SCRIPT.prepare_invoke();
+        script
+            .key(lease_key(&self.hub_id))
+            .key(owned_key(&self.hub_id))
+            .key(format!("{PREFIX}finished"))
+            .arg(&self.hub_id)
+            .arg(self.epoch())
+            .arg(EVENTS_CHANNEL)
+            .arg(WAKE_CHANNEL)
+            .arg(now_ms());
+        for c in commits {
+            script
+                .key(task_key(c.id))
+                .key(&c.queue)
+                .arg(c.claim)
+                .arg(c.record)
+                .arg(c.next.as_str())
+                .arg(c.score)
+                .arg(c.id);
+        }
+        let mut c = self.conn.clone();
+        let rows: Vec<redis::Value> = script
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if rows.len() != commits.len() {
+            return Err(self.unavailable("unexpected reply of the batch commit script"));
+        }
+        Ok(rows
+            .into_iter()
+            .map(|v| match v {
+                redis::Value::Int(1) => Ok(()),
+                redis::Value::BulkString(b) => Err(String::from_utf8_lossy(&b).into_owned()),
+                redis::Value::SimpleString(s) => Err(s),
+                other => Err(format!("FENCED unexpected reply {other:?}")),
+            })
+            .collect())
     }
 
     /// Finishes a task that still waits in its queue (no hub claimed it) with `task`'s
@@ -1305,6 +1715,24 @@ impl SharedBackend {
     }
 }
 
+/// Commits per script call in [`SharedBackend`]'s writes.
+const COMMIT_CHUNK: usize = 256;
+
+/// The fields of a stored record that place a commit (the rest is written as it is).
+#[derive(Deserialize)]
+struct RecordHead {
+    status: TaskStatus,
+    spec: SpecHead,
+}
+
+/// See [`RecordHead`].
+#[derive(Deserialize)]
+struct SpecHead {
+    tool: String,
+    priority: i32,
+    pinned_node: Option<String>,
+}
+
 impl super::Backend for SharedBackend {
     fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), super::StoreError> {
         // A shared-mode hub starts empty: its tasks come from claims.
@@ -1317,23 +1745,55 @@ impl super::Backend for SharedBackend {
         nodes: &[(&str, Vec<u8>)],
         _deletes: &[(&str, u64)],
     ) -> Result<(), super::StoreError> {
+        // Held tasks only, in chunks of `COMMIT_CHUNK`, one script call per chunk; each commit
+        // is fenced on its own. The record is written as the writer encoded it (no re-encode);
+        // only the fields that place it are decoded.
+        let mut commits = Vec::new();
+        let mut terminal = Vec::new();
         for (id, _, record) in puts {
             let Some(claim) = self.claims.get(id) else {
                 continue;
             };
-            let task: Task = serde_json::from_slice(record).map_err(|e| self.unavailable(e))?;
-            match self.rt.block_on(self.redis.commit(&task, claim)) {
-                Ok(()) => {
-                    if task.status.is_terminal() {
-                        self.claims.remove(id);
+            let head: RecordHead =
+                serde_json::from_slice(record).map_err(|e| self.unavailable(e))?;
+            terminal.push(head.status.is_terminal());
+            commits.push(Commit {
+                id,
+                claim,
+                record,
+                next: if head.status.is_terminal() {
+                    NextState::Done
+                } else {
+                    NextState::Claimed
+                },
+                queue: match &head.spec.pinned_node {
+                    Some(node) => pinned_queue(node),
+                    None => tool_queue(&head.spec.tool),
+                },
+                score: -f64::from(head.spec.priority),
+            });
+        }
+        for (chunk, done) in commits
+            .chunks(COMMIT_CHUNK)
+            .zip(terminal.chunks(COMMIT_CHUNK))
+        {
+            let results = self
+                .rt
+                .block_on(self.redis.commit_batch(chunk))
+                .map_err(|e| self.unavailable(e))?;
+            for ((c, done), r) in chunk.iter().zip(done).zip(results) {
+                match r {
+                    Ok(()) => {
+                        if *done {
+                            self.claims.remove(c.id);
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(task_id = %c.id, reason, "commit fenced: another hub holds the task now");
+                        self.claims.remove(c.id);
+                        let _ = self.fenced.send(c.id.to_owned());
                     }
                 }
-                Err(SharedError::Fenced(reason)) => {
-                    tracing::warn!(task_id = %id, reason, "commit fenced: another hub holds the task now");
-                    self.claims.remove(id);
-                    let _ = self.fenced.send((*id).to_owned());
-                }
-                Err(e) => return Err(self.unavailable(e)),
             }
         }
         for (_, raw) in nodes {
@@ -1365,7 +1825,19 @@ pub struct SharedHandles {
 /// # Errors
 /// [`super::StoreError::Unavailable`] if Redis cannot be reached.
 pub async fn open_hub(url: &str, hub_id: &str) -> Result<super::Opened, super::StoreError> {
-    let redis = SharedRedis::join(url, hub_id, DEFAULT_LEASE_TTL_MS)
+    open_hub_with(url, hub_id, DEFAULT_LEASE_TTL_MS).await
+}
+
+/// [`open_hub`] with a lease lifetime of `lease_ttl_ms` (config `shared_lease_ttl_ms`).
+///
+/// # Errors
+/// [`super::StoreError::Unavailable`] if Redis cannot be reached.
+pub async fn open_hub_with(
+    url: &str,
+    hub_id: &str,
+    lease_ttl_ms: u64,
+) -> Result<super::Opened, super::StoreError> {
+    let redis = SharedRedis::join(url, hub_id, lease_ttl_ms)
         .await
         .map_err(|e| super::StoreError::Unavailable {
             what: super::redis::redacted(url),

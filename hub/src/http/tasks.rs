@@ -138,16 +138,16 @@ async fn submit_durably(
     Ok(out)
 }
 
-/// Shared mode: each task is written to the shared store (and queued there for any hub) before
-/// the answer; the engine is not touched (this hub's claimer may adopt it like any other hub).
-/// A batch is written task by task: a failure part-way leaves the tasks before it accepted.
-/// A pinned node is not checked (it may be connected to another hub).
+/// Shared mode: the tasks are written to the shared store (and queued there for any hub) in
+/// one script before the answer, all or none (a Redis error accepts nothing: 503); the engine
+/// is not touched (this hub's claimer may adopt them like any other hub). A pinned node is not
+/// checked (it may be connected to another hub).
 async fn submit_shared(
     state: &AppState,
     shared: &crate::durable::shared::SharedRedis,
     specs: Vec<TaskSpec>,
 ) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
-    use crate::durable::shared::Submitted;
+    use crate::durable::shared::SubmittedTask;
     for s in &specs {
         if s.tool == crate::cluster::INTERNAL_REQUEST_FILE
             && !state.config.allow_internal_request_file
@@ -157,21 +157,22 @@ async fn submit_shared(
             )));
         }
     }
-    let mut out = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let task = crate::shared_mode::new_task(spec);
-        match shared.submit(&task).await {
-            Ok(Submitted::New { .. }) => out.push((task, true)),
-            Ok(Submitted::Existing(id)) => match shared.get(&id).await {
-                Ok(Some(t)) => out.push((t, false)),
-                Ok(None) => {
-                    return Err(ApiError::store_unavailable(format!(
-                        "task {id} of this idempotency key is not in the shared store"
-                    )));
-                }
-                Err(e) => return Err(ApiError::store_unavailable(e)),
-            },
-            Err(e) => return Err(ApiError::store_unavailable(e)),
+    let tasks: Vec<_> = specs
+        .into_iter()
+        .map(crate::shared_mode::new_task)
+        .collect();
+    let results = shared
+        .submit_batch(&tasks)
+        .await
+        .map_err(ApiError::store_unavailable)?;
+    let mut out = Vec::with_capacity(tasks.len());
+    for (task, r) in tasks.into_iter().zip(results) {
+        match r {
+            SubmittedTask::New { .. } => {
+                crate::metrics::get().tasks_submitted.inc();
+                out.push((task, true));
+            }
+            SubmittedTask::Existing(t) => out.push((*t, false)),
         }
     }
     Ok(out)

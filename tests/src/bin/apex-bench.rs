@@ -24,8 +24,9 @@ enum Suite {
     Core,
     /// LLM gateway: latency the hub adds over the upstream, saturation, RSS with open streams.
     Llm,
-    /// Task stores: throughput and latency with memory, embedded and Redis stores; recovery
-    /// time after SIGKILL with `--recovery-tasks` queued tasks.
+    /// Task stores: throughput and latency with memory, embedded and Redis stores and with two
+    /// hubs sharing one Redis (`shared`); recovery time after SIGKILL with `--recovery-tasks`
+    /// queued tasks.
     Store,
 }
 
@@ -79,8 +80,13 @@ struct Args {
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
-    /// Store suite: which stores to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "memory,embedded,redis")]
+    /// Store suite: which stores to measure, comma-separated (`shared`: two hubs in shared
+    /// mode on one Redis, `--nodes` spread over them, batches submitted at both).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memory,embedded,redis,shared"
+    )]
     stores: Vec<String>,
 }
 
@@ -240,8 +246,12 @@ async fn store_suite(args: &Args) -> Result<Vec<Row>> {
         if store.is_empty() {
             continue;
         }
-        if !matches!(store, "memory" | "embedded" | "redis") {
-            bail!("--stores takes memory, embedded and redis, not {store:?}");
+        if !matches!(store, "memory" | "embedded" | "redis" | "shared") {
+            bail!("--stores takes memory, embedded, redis and shared, not {store:?}");
+        }
+        if store == "shared" {
+            rows.extend(shared_suite(args).await?);
+            continue;
         }
         let redis = match store {
             "redis" => Some(RedisServer::start().map_err(anyhow::Error::msg)?),
@@ -354,6 +364,203 @@ async fn store_suite(args: &Args) -> Result<Vec<Row>> {
         target: "",
     });
     Ok(rows)
+}
+
+/// Shared mode: two hubs on one Redis (`--hub-mode shared`), `--nodes` nodes spread over them
+/// (node i at hub i mod 2). Throughput: batches submitted alternately at both hubs, finished
+/// tasks counted over both hubs' `/health`. Latency: open-loop single submits alternately at
+/// both hubs; each task is read back (long poll) at the hub that accepted it, and its latency
+/// runs from the scheduled send time to the `finished_at` the shared record carries (hub
+/// clock, same machine), because a hub reads a task another hub ran by polling the shared
+/// record, which would add its poll interval to the figure.
+async fn shared_suite(args: &Args) -> Result<Vec<Row>> {
+    let redis = RedisServer::start().map_err(anyhow::Error::msg)?;
+    let shared_args = vec![
+        "--store".into(),
+        redis.url(),
+        "--hub-mode".into(),
+        "shared".into(),
+    ];
+    let a = Hub::start(HubOptions {
+        extra_args: shared_args.clone(),
+        ..HubOptions::default()
+    })
+    .await?;
+    let b = Hub::start(HubOptions {
+        extra_args: shared_args,
+        data_dir: None,
+        ..a.options().clone()
+    })
+    .await?;
+    eprintln!(
+        "shared: hubs {} (pid {}) and {} (pid {}) on {}",
+        a.url(),
+        a.pid(),
+        b.url(),
+        b.pid(),
+        redis.url()
+    );
+    let mut nodes = Vec::new();
+    for i in 1..=args.nodes.max(2) {
+        let hub = if i % 2 == 1 { &a } else { &b };
+        nodes.push(
+            Node::start(
+                hub,
+                NodeOptions::named(&format!("bench-{i}")).concurrency(args.node_concurrency),
+            )
+            .await?,
+        );
+    }
+    let apis = [a.api().clone(), b.api().clone()];
+    eprintln!("shared: warming up");
+    shared_throughput(
+        &apis,
+        args.tasks.clamp(1, 2000),
+        args.batch,
+        args.concurrency,
+    )
+    .await?;
+    eprintln!(
+        "shared: throughput, {} noop tasks submitted at both hubs",
+        args.tasks
+    );
+    let (peak, submit_rate) =
+        shared_throughput(&apis, args.tasks, args.batch, args.concurrency).await?;
+    let mut rows = vec![
+        Row {
+            metric: format!(
+                "shared (2 hubs, {} nodes): end-to-end throughput ({} noop tasks)",
+                nodes.len(),
+                args.tasks
+            ),
+            value: format!("{peak:.0} tasks/s"),
+            target: ">= 5000 tasks/s",
+        },
+        Row {
+            metric: "shared:   of which submit (batch accept) rate".into(),
+            value: format!("{submit_rate:.0} tasks/s"),
+            target: "",
+        },
+    ];
+    let rate = args.latency_rate.unwrap_or(1000.0);
+    eprintln!(
+        "shared: latency, {} single submits at {rate:.0}/s alternately at both hubs",
+        args.latency_samples
+    );
+    let (lat, achieved) = shared_latency(&apis, args.latency_samples, rate).await?;
+    let pick = |p: f64| {
+        percentile(&lat, p)
+            .map(|v| format!("{v} ms"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    rows.push(Row {
+        metric: format!("shared: submit->completed p50 @ {achieved:.0} tasks/s (open loop)"),
+        value: pick(50.0),
+        target: "",
+    });
+    rows.push(Row {
+        metric: "shared: submit->completed p99".into(),
+        value: pick(99.0),
+        target: "",
+    });
+    drop(nodes);
+    drop((a, b));
+    Ok(rows)
+}
+
+/// [`throughput`] over several hubs: batches go to each hub in turn; done when the hubs'
+/// finished counts together grew by `n`.
+async fn shared_throughput(
+    apis: &[Api],
+    n: usize,
+    batch: usize,
+    in_flight: usize,
+) -> Result<(f64, f64)> {
+    let total_finished = || async {
+        let mut sum = 0;
+        for api in apis {
+            sum += finished(api).await?;
+        }
+        Ok::<_, anyhow::Error>(sum)
+    };
+    let base = total_finished().await?;
+    let bodies: Vec<Value> = (0..n).map(|_| json!({"tool": "noop"})).collect();
+    let start = Instant::now();
+    let submit = async {
+        futures::stream::iter(
+            bodies
+                .chunks(batch)
+                .enumerate()
+                .map(|(i, c)| apis[i % apis.len()].submit_batch(c)),
+        )
+        .buffer_unordered(in_flight.max(1))
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+        Ok::<_, anyhow::Error>(start.elapsed())
+    };
+    let wait_done = async {
+        let deadline = start + Duration::from_secs(600);
+        loop {
+            if total_finished().await? >= base + n as u64 {
+                return Ok::<_, anyhow::Error>(start.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{n} tasks not finished after 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (submitted, done) = tokio::try_join!(submit, wait_done)?;
+    let failed = apis[0]
+        .list(&[("status", "failed"), ("limit", "1")])
+        .await?
+        .meta
+        .total;
+    if failed > 0 {
+        bail!("{failed} noop tasks failed");
+    }
+    Ok((
+        n as f64 / done.as_secs_f64(),
+        n as f64 / submitted.as_secs_f64(),
+    ))
+}
+
+/// Open-loop latency over several hubs (see [`shared_suite`]): sorted latencies in whole
+/// milliseconds (the resolution of `finished_at`) and the achieved rate.
+async fn shared_latency(apis: &[Api], samples: usize, rate: f64) -> Result<(Vec<i64>, f64)> {
+    let start = Instant::now();
+    let wall0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("clock before 1970")?;
+    let mut handles = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let offset = Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until((start + offset).into()).await;
+        let api = apis[i % apis.len()].clone();
+        let sent_ms = (wall0 + offset).as_millis() as i64;
+        handles.push(tokio::spawn(async move {
+            let mut t = api.submit(&json!({"tool": "noop"})).await?;
+            while !t.is_terminal() {
+                t = api.get_wait(&t.task_id, 5000).await?;
+            }
+            if t.status != "succeeded" {
+                bail!("noop task {} ended {}", t.task_id, t.status);
+            }
+            let done = t
+                .finished_at
+                .as_deref()
+                .and_then(parse_rfc3339_ms)
+                .with_context(|| format!("task {} has no finished_at", t.task_id))?;
+            Ok::<_, anyhow::Error>(done - sent_ms)
+        }));
+    }
+    let sent = start.elapsed();
+    let mut v = Vec::with_capacity(samples);
+    for h in handles {
+        v.push(h.await??);
+    }
+    v.sort_unstable();
+    Ok((v, samples as f64 / sent.as_secs_f64().max(1e-9)))
 }
 
 /// Finished (terminal) tasks according to `/health`.
