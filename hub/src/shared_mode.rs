@@ -13,8 +13,8 @@ use crate::cluster::Cluster;
 use futures::StreamExt;
 
 use crate::durable::shared::{
-    SharedError, SharedHandles, SharedRedis, Wake, pinned_queue, subscribe, subscribe_cancels,
-    tool_queue,
+    SharedError, SharedHandles, SharedRedis, TakeOver, Wake, pinned_queue, subscribe,
+    subscribe_cancels, tool_queue,
 };
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
@@ -74,6 +74,13 @@ pub fn spawn(
         mut fenced,
     } = handles;
     let mut out = Vec::new();
+    cluster.enable_handover();
+    out.push(tokio::spawn(handover_loop(
+        redis.clone(),
+        claims.clone(),
+        cluster.clone(),
+        stop.clone(),
+    )));
     {
         let (cluster, url, mut stop) = (cluster.clone(), url.clone(), stop.clone());
         out.push(tokio::spawn(async move {
@@ -224,6 +231,46 @@ pub fn spawn(
         }));
     }
     out
+}
+
+/// How often a hub tries to take over the claims of tasks its re-registered nodes hold.
+pub const HANDOVER_TICK: Duration = Duration::from_millis(250);
+
+/// Takes over, for this hub, the claims of tasks that nodes reconnecting here still hold while
+/// the dead hub that assigned them holds the claim (`Cluster::handover_pending` →
+/// `SharedRedis::take_over` → `Claims` → `Cluster::take_over`); waits while that hub's lease
+/// lives, for at most `SharedRedis::handover_window`.
+async fn handover_loop(
+    redis: Arc<SharedRedis>,
+    claims: crate::durable::shared::Claims,
+    cluster: Cluster,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(HANDOVER_TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for (id, node) in cluster.handover_pending(redis.handover_window()) {
+            match redis.take_over(&id, &node).await {
+                Ok(TakeOver::Taken(c)) => {
+                    claims.insert(&id, c.claim);
+                    if !cluster.take_over(c.task) {
+                        claims.remove(&id);
+                    }
+                }
+                Ok(TakeOver::Wait) => {}
+                Ok(TakeOver::Refused(why)) => cluster.handover_refused(&id, why),
+                // Our lease is lost: the lease loop rejoins; try again then.
+                Err(SharedError::Fenced(_)) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, task_id = %id, "hand-over failed");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// One claim pass: hands back the queued tasks no node here can take (their node left), then

@@ -363,6 +363,145 @@ async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_t
     }
 }
 
+fn node_record(id: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        node_type: apex_protocol::NodeType::Worker,
+        vcp: false,
+        version: None,
+        tools: vec!["echo".to_owned()],
+        tool_specs: vec![apex_protocol::ToolSpec::Name("echo".to_owned())],
+        limit: 4,
+        cancel_tool: true,
+    }
+}
+
+/// Polls `f` every 50 ms until it gives `Some`, for at most 30 s.
+async fn poll<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_reconnects_to_another_hub_has_its_dead_hubs_claims_handed_over() {
+    let redis = RedisServer::start().unwrap();
+    let dead = hub(&redis, "hub-dead", 1_000).await;
+    let b = hub(&redis, "hub-b", 60_000).await;
+    let c = hub(&redis, "hub-c", 60_000).await;
+    // A reaper whose hand-over window (3 lease lifetimes) is short: 6 s.
+    let reaper = hub(&redis, "hub-r", 2_000).await;
+
+    for n in 1..=4 {
+        b.submit(&task(n, "echo", 5)).await.unwrap();
+    }
+    let mut held = Vec::new();
+    for (i, cl) in dead
+        .claim(&tool_queue("echo"), 4)
+        .await
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let mut rec = cl.task;
+        // Tasks 1-3 run on node-n, task 4 on node-m.
+        assign(&mut rec, if i < 3 { "node-n" } else { "node-m" });
+        dead.commit(&rec, cl.claim).await.unwrap();
+        held.push((rec, cl.claim));
+    }
+    let id = |i: usize| held[i].0.id.clone();
+    // The dead hub's last renewal (its lease ends 1 s later); then node-n reconnects to hub
+    // B (B's store writer registers it there).
+    assert!(dead.renew().await.unwrap());
+    b.put_node(&node_record("node-n")).await.unwrap();
+
+    // While the dead hub's lease lives, B waits; a task of another node is refused.
+    assert!(matches!(
+        b.take_over(&id(0), "node-n").await.unwrap(),
+        shared::TakeOver::Wait
+    ));
+    assert!(matches!(
+        b.take_over(&id(3), "node-n").await.unwrap(),
+        shared::TakeOver::Refused(_)
+    ));
+    poll("the dead hub's lease to expire", || async {
+        (!dead.lease_alive().await.unwrap()).then_some(())
+    })
+    .await;
+
+    // The reaper requeues only node-m's task: node-n is online at live hub B, which takes
+    // its tasks over.
+    let r = reaper.reap().await.unwrap();
+    assert_eq!((r.requeued, r.handing_over), (1, 3), "{r:?}");
+    assert_eq!(
+        b.get(&id(3)).await.unwrap().unwrap().status,
+        TaskStatus::Queued
+    );
+    // A requeued task is not handed over, even to its own node.
+    assert!(matches!(
+        b.take_over(&id(3), "node-m").await.unwrap(),
+        shared::TakeOver::Refused(_)
+    ));
+
+    // B takes task 1 over: same record (assigned to node-n, attempt 1), claim + 1.
+    let shared::TakeOver::Taken(got) = b.take_over(&id(0), "node-n").await.unwrap() else {
+        panic!("not taken over");
+    };
+    assert_eq!(got.claim, held[0].1 + 1);
+    assert_eq!(got.task.status, TaskStatus::Assigned);
+    assert_eq!(got.task.attempt, 1);
+    assert_eq!(got.task.node_id.as_deref(), Some("node-n"));
+    // The old claim stays fenced; B's commit of the node's result lands, attempt 1, once.
+    let (mut late, late_claim) = held[0].clone();
+    succeed(&mut late);
+    assert!(matches!(
+        dead.commit(&late, late_claim).await,
+        Err(SharedError::Fenced(_))
+    ));
+    let mut rec = got.task;
+    succeed(&mut rec);
+    b.commit(&rec, got.claim).await.unwrap();
+    let t = c.get(&id(0)).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempt), (TaskStatus::Succeeded, 1));
+    assert!(!t.events.iter().any(|e| e.kind == EventKind::TaskMigrated));
+
+    // Two hubs racing for task 2: exactly one gets it.
+    let second = id(1);
+    let (x, y) = tokio::join!(
+        b.take_over(&second, "node-n"),
+        c.take_over(&second, "node-n")
+    );
+    let taken = [x.unwrap(), y.unwrap()]
+        .iter()
+        .filter(|t| matches!(t, shared::TakeOver::Taken(_)))
+        .count();
+    assert_eq!(taken, 1);
+
+    // Task 3 is never taken over: once the window after node-n's registration has passed, the
+    // reaper requeues it (the dead hub is forgotten once nothing is left).
+    poll("the reaper to requeue task 3", || async {
+        let r = reaper.reap().await.unwrap();
+        (r.requeued == 1).then_some(())
+    })
+    .await;
+    let t = b.get(&id(2)).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Queued);
+    assert_eq!(t.events.last().unwrap().kind, EventKind::TaskMigrated);
+    assert!(matches!(
+        b.take_over(&id(2), "node-n").await.unwrap(),
+        shared::TakeOver::Refused(_)
+    ));
+}
+
 #[tokio::test]
 async fn a_dead_hubs_task_on_its_last_attempt_fails_with_node_lost() {
     let redis = RedisServer::start().unwrap();

@@ -152,19 +152,23 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     let a = Hub::start(shared(&redis, None)).await.unwrap();
     let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
     // Each node knows both hubs, listed in a different order: they start spread over both.
-    let _na = Node::start(
+    // Their executors log each `task started` (debug), to count runs per task.
+    let log = ["--log-level", "info,apex_node::executor=debug"];
+    let na = Node::start(
         &a,
         NodeOptions::named("na")
             .concurrency(4)
-            .args(["--hub", &b.ws_base()]),
+            .args(["--hub", &b.ws_base()])
+            .args(log),
     )
     .await
     .unwrap();
-    let _nb = Node::start(
+    let nb = Node::start(
         &b,
         NodeOptions::named("nb")
             .concurrency(4)
-            .args(["--hub", &a.ws_base()]),
+            .args(["--hub", &a.ws_base()])
+            .args(log),
     )
     .await
     .unwrap();
@@ -230,9 +234,49 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
         }
     }
     eprintln!(
-        "{retried} of {} tasks were taken over after the SIGKILL",
+        "{retried} of {} tasks were requeued after the SIGKILL",
         ids.len()
     );
+    // Run once: the tasks A's node was running when A died were handed over to B with their
+    // node (which reconnected to B), not run again: each task id is in one `task started` line.
+    let mut started: std::collections::HashMap<String, usize> = Default::default();
+    for n in [&na, &nb] {
+        for line in strip_ansi(&n.log_text()).lines() {
+            if line.contains("task started")
+                && let Some(rest) = line.split("task_id=").nth(1)
+            {
+                let id = rest.split_whitespace().next().unwrap_or_default();
+                *started.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "tasks started more than once: {twice:?}");
+    assert_eq!(started.len(), ids.len(), "every task started on a node");
+    // And B did take some over (A's node was busy when A died).
+    let b_log = b.log_text();
+    assert!(
+        b_log.contains("took over a task from a dead hub"),
+        "hub B took over no task: {b_log}"
+    );
+}
+
+/// Removes ANSI colour codes (log lines of the binaries).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,10 @@
 //! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
 //! a claimed task only if its owner's lease no longer holds the claiming epoch. Both are single
 //! scripts, so a result from an expired lease is never committed and a task is never both
-//! committed by its old owner and requeued.
+//! committed by its old owner and requeued. [`SharedRedis::take_over`] (a dead hub's claim to
+//! the hub its node reconnected to) has the same two conditions as the requeue (claim
+//! unchanged, old lease not holding its epoch), so the two exclude each other; the reaper
+//! leaves such a task to that hub for the hand-over window ([`HANDOVER_WINDOW_LEASES`]).
 //!
 //! The scripts touch keys they compute from others (the task hashes a claim pops), which a
 //! standalone Redis allows; Redis Cluster is not supported.
@@ -207,6 +210,51 @@ if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('SCARD', KEYS[3]) > 0 then r
 return redis.call('SREM', KEYS[1], ARGV[1])
 ";
 
+/// Hand a dead hub's claim over to the hub a node of it reconnected to: KEYS[1] task hash,
+/// KEYS[2] the old owner's lease, KEYS[3] its owned set, KEYS[4] the new hub's lease, KEYS[5]
+/// its owned set; ARGV[1] old owner, ARGV[2] old epoch, ARGV[3] old claim, ARGV[4] the record
+/// as read (the caller checked it is assigned to the reconnected node), ARGV[5] new hub id,
+/// ARGV[6] its epoch, ARGV[7] task id, ARGV[8] events channel. Returns the new claim number,
+/// `alive` (the old owner's lease still holds its epoch: try again later) or `changed` (the
+/// task is no longer exactly that claim and record: read it again); an error starting `LEASE`
+/// if the new hub's own lease is lost.
+const TAKE_OVER: &str = r"
+if redis.call('GET', KEYS[4]) ~= ARGV[6] then
+  return redis.error_reply('LEASE the hub lease is lost')
+end
+local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'record')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed'
+  or h[5] ~= ARGV[4] then
+  return 'changed'
+end
+if redis.call('GET', KEYS[2]) == ARGV[2] then return 'alive' end
+local claim = redis.call('HINCRBY', KEYS[1], 'claim', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'epoch', ARGV[6])
+redis.call('SREM', KEYS[3], ARGV[7])
+redis.call('SADD', KEYS[5], ARGV[7])
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return tostring(claim)
+";
+
+/// How long after a node re-registers at a live hub the reapers leave the tasks a dead hub
+/// assigned to it alone (that hub takes them over, see [`SharedRedis::take_over`]), as a
+/// multiple of the lease lifetime: the old owner's lease must expire first (one lifetime), then
+/// the new hub's hand-over pass must run.
+pub const HANDOVER_WINDOW_LEASES: u64 = 3;
+
+/// What [`SharedRedis::take_over`] did.
+#[derive(Debug, Clone)]
+pub enum TakeOver {
+    /// This hub holds the task now, under a new claim (same record: still assigned to the
+    /// node, same attempt).
+    Taken(Box<Claimed>),
+    /// The old owner's lease still holds the claiming epoch: ask again later.
+    Wait,
+    /// Not taken and never will be: the reason (the task finished, was requeued, is held by
+    /// a live hub, is assigned elsewhere, or does not exist).
+    Refused(&'static str),
+}
+
 /// Why a shared-mode call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SharedError {
@@ -316,6 +364,9 @@ pub struct Reaped {
     pub failed: u64,
     /// Dead hubs forgotten (nothing left to reap).
     pub hubs_forgotten: u64,
+    /// Tasks left alone because their node re-registered at a live hub, which takes them over
+    /// ([`SharedRedis::take_over`]).
+    pub handing_over: u64,
 }
 
 /// Pub/sub channel carrying ids of tasks to cancel: the hub holding the task cancels it.
@@ -507,6 +558,12 @@ impl SharedRedis {
     /// This hub's id.
     pub fn hub_id(&self) -> &str {
         &self.hub_id
+    }
+
+    /// How long a hub waits to take over a re-registered node's tasks, and the reapers leave
+    /// them to it: [`HANDOVER_WINDOW_LEASES`] lease lifetimes.
+    pub fn handover_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(HANDOVER_WINDOW_LEASES.saturating_mul(self.lease_ttl_ms))
     }
 
     /// This hub's current epoch.
@@ -1015,6 +1072,109 @@ impl SharedRedis {
         Ok(out)
     }
 
+    /// Takes over the claim on task `id` that a dead hub holds, for this hub, because `node`
+    /// (which the record names as running it) reconnected here and says it still holds it. Only
+    /// if the task is claimed, assigned or running on `node`, and its owner's lease no longer
+    /// holds the claiming epoch (one script checks that the claim and record are unchanged, so
+    /// it excludes the reapers' requeue and the old owner's commits); the new claim has this
+    /// hub's epoch and `claim + 1`, the record is unchanged.
+    ///
+    /// # Errors
+    /// [`SharedError::Fenced`] if this hub's lease is lost; [`SharedError::Unavailable`];
+    /// [`SharedError::Unreadable`] for a bad record.
+    pub async fn take_over(&self, id: &str, node: &str) -> Result<TakeOver, SharedError> {
+        let mut c = self.conn.clone();
+        for _ in 0..3 {
+            let h: ClaimFields = redis::cmd("HMGET")
+                .arg(task_key(id))
+                .arg("record")
+                .arg("owner")
+                .arg("epoch")
+                .arg("claim")
+                .arg("state")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let (Some(raw), owner, epoch, Some(claim), Some(state)) = h else {
+                return Ok(TakeOver::Refused("the shared store has no such task"));
+            };
+            if state != "claimed" {
+                return Ok(TakeOver::Refused(
+                    "the task is not held by any hub (finished or requeued)",
+                ));
+            }
+            let (Some(owner), Some(epoch)) = (owner, epoch) else {
+                return Ok(TakeOver::Refused("the task has no owner"));
+            };
+            if owner == self.hub_id {
+                return Ok(TakeOver::Refused("this hub holds the task already"));
+            }
+            let task: Task = serde_json::from_slice(&raw).map_err(|e| SharedError::Unreadable {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+            if !matches!(task.status, TaskStatus::Assigned | TaskStatus::Running)
+                || task.node_id.as_deref() != Some(node)
+            {
+                return Ok(TakeOver::Refused("the task is not assigned to this node"));
+            }
+            let r: String = redis::Script::new(TAKE_OVER)
+                .key(task_key(id))
+                .key(lease_key(&owner))
+                .key(owned_key(&owner))
+                .key(lease_key(&self.hub_id))
+                .key(owned_key(&self.hub_id))
+                .arg(&owner)
+                .arg(&epoch)
+                .arg(&claim)
+                .arg(raw)
+                .arg(&self.hub_id)
+                .arg(self.epoch())
+                .arg(id)
+                .arg(EVENTS_CHANNEL)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.classify(e))?;
+            match r.as_str() {
+                "alive" => return Ok(TakeOver::Wait),
+                "changed" => continue,
+                n => {
+                    let claim = n.parse().map_err(|_| {
+                        self.unavailable("unexpected reply of the take-over script")
+                    })?;
+                    return Ok(TakeOver::Taken(Box::new(Claimed { task, claim })));
+                }
+            }
+        }
+        // Changing under us (its old owner is still committing): ask again later.
+        Ok(TakeOver::Wait)
+    }
+
+    /// Whether `node` re-registered at a live hub other than `dead` less than the hand-over
+    /// window ago ([`HANDOVER_WINDOW_LEASES`] lease lifetimes): that hub is taking over the
+    /// tasks `dead` assigned to it, so the reaper leaves them alone meanwhile.
+    async fn handing_over(&self, node: &str, dead: &str) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(format!("{PREFIX}nodes"))
+            .arg(node)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let Some(entry) = raw.and_then(|r| serde_json::from_slice::<SharedNode>(&r).ok()) else {
+            return Ok(false);
+        };
+        let window = HANDOVER_WINDOW_LEASES.saturating_mul(self.lease_ttl_ms);
+        if entry.hub == dead || now_ms().saturating_sub(entry.seen_ms) >= window {
+            return Ok(false);
+        }
+        redis::cmd("EXISTS")
+            .arg(lease_key(&entry.hub))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// One reaper pass: for every other hub whose lease is gone, requeues each task it had
     /// claimed (a `task_migrated` event; attempt + 1 at its next assignment) or, if the task
     /// used all its attempts, fails it with `node_lost`; a hub with nothing left is forgotten.
@@ -1075,6 +1235,14 @@ impl SharedRedis {
                         id: id.clone(),
                         reason: e.to_string(),
                     })?;
+                // Its node reconnected to a live hub, which takes the claim over instead.
+                if matches!(task.status, TaskStatus::Assigned | TaskStatus::Running)
+                    && let Some(node) = task.node_id.as_deref()
+                    && self.handing_over(node, &hub).await?
+                {
+                    out.handing_over += 1;
+                    continue;
+                }
                 let failed = requeue_record(&mut task, &hub);
                 let record = serde_json::to_vec(&task).map_err(|e| self.unavailable(e))?;
                 let r: i64 = redis::Script::new(REQUEUE)
