@@ -13,7 +13,7 @@ use crate::cluster::Cluster;
 use futures::StreamExt;
 
 use crate::durable::shared::{
-    SharedError, SharedHandles, SharedRedis, TakeOver, Wake, pinned_queue, subscribe,
+    SharedError, SharedHandles, SharedRedis, TakeOver, WAKE_ALL, Wake, pinned_queue, subscribe,
     subscribe_cancels, tool_queue,
 };
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
@@ -179,16 +179,20 @@ pub fn spawn(
         let wake = Arc::new(tokio::sync::Notify::new());
         {
             let (wake, url, mut stop) = (wake.clone(), url.clone(), stop.clone());
+            let redis = redis.clone();
             out.push(tokio::spawn(async move {
                 loop {
                     match subscribe(&url).await {
                         Ok(stream) => {
+                            // Changes published before this subscription may be missed.
+                            redis.wake_task(WAKE_ALL);
                             let mut stream = Box::pin(stream);
                             loop {
                                 tokio::select! {
                                     w = stream.next() => match w {
                                         Some(Wake::Queue(_)) => wake.notify_one(),
-                                        Some(Wake::Task(_)) => {}
+                                        // Readers following a task another hub holds.
+                                        Some(Wake::Task(id)) => redis.wake_task(&id),
                                         None => break,
                                     },
                                     _ = stop.wait_for(|s| *s) => return,

@@ -66,6 +66,20 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     assert!(kinds.contains(&"task_assigned"), "{kinds:?}");
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // Followed live at A while it runs at B (A wakes on B's record changes): every event
+    // once, in order, through the terminal one.
+    let live = a
+        .api()
+        .submit(&json!({"tool": "sleep", "args": {"ms": 2_000}}))
+        .await
+        .unwrap();
+    let events = a.api().events(&live.task_id, WAIT).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"task_created"), "{kinds:?}");
+    assert!(kinds.contains(&"task_assigned"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"task_completed"), "{kinds:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
 
     // A task no node can run waits in the shared queue; hub B cancels it; hub A sees that.
     let stuck = a

@@ -451,7 +451,14 @@ pub struct SharedRedis {
     hub_id: String,
     epoch: Arc<AtomicU64>,
     lease_ttl_ms: u64,
+    /// Task ids whose shared record changed, fanned out from the hub's one subscription
+    /// ([`SharedRedis::wake_task`]) to readers following a task ([`SharedRedis::task_wakes`]).
+    task_wakes: tokio::sync::broadcast::Sender<Arc<str>>,
 }
+
+/// The task id [`SharedRedis::wake_task`] sends when every follower should read again (the
+/// subscription was made again: messages may have been missed meanwhile).
+pub const WAKE_ALL: &str = "*";
 
 fn one_line(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -521,7 +528,37 @@ impl SharedRedis {
             hub_id: hub_id.to_owned(),
             epoch,
             lease_ttl_ms,
+            task_wakes: tokio::sync::broadcast::channel(1024).0,
         })
+    }
+
+    /// Wake-ups of readers following task records (SSE and `wait_ms` at a hub that does not
+    /// hold the task): each item is a task id whose record changed, or [`WAKE_ALL`]. A lagging
+    /// receiver should read again. Subscribe before reading the record, so no change is missed.
+    pub fn task_wakes(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.task_wakes.subscribe()
+    }
+
+    /// Passes on a [`Wake::Task`] (or [`WAKE_ALL`]) heard by the hub's subscription to the
+    /// readers of [`SharedRedis::task_wakes`].
+    pub fn wake_task(&self, id: &str) {
+        if self.task_wakes.receiver_count() > 0 {
+            let _ = self.task_wakes.send(Arc::from(id));
+        }
+    }
+
+    /// Waits until `rx` (from [`SharedRedis::task_wakes`]) names task `id` or [`WAKE_ALL`], or
+    /// lagged (some wake-up may be lost: read again). Never returns if the sender is gone.
+    pub async fn task_woken(rx: &mut tokio::sync::broadcast::Receiver<Arc<str>>, id: &str) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(x) if &*x == id || &*x == WAKE_ALL => return,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => return,
+                Err(RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
     }
 
     /// Takes a new epoch and lease (after [`SharedRedis::renew`] reported the lease lost).
