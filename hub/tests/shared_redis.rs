@@ -177,6 +177,166 @@ async fn every_hub_lists_every_task_newest_first_with_filters() {
     assert_eq!(a.list(&other, 1, 10).await.unwrap().total, 1);
 }
 
+/// Every page of `filter` (`limit` per page) at `h`, checked against the records read one by
+/// one: the listed ids are exactly the matching tasks, newest first, and each page's total is
+/// exact.
+async fn check_listing(
+    h: &SharedRedis,
+    all: &[String],
+    filter: &apex_hub::store::TaskFilter,
+    limit: usize,
+) -> usize {
+    let mut want = Vec::new();
+    for id in all.iter().rev() {
+        if let Some(t) = h.get(id).await.unwrap()
+            && filter.matches(&t)
+        {
+            want.push(t.id);
+        }
+    }
+    let mut got = Vec::new();
+    for page in 1.. {
+        let p = h.list(filter, page, limit).await.unwrap();
+        assert_eq!(p.total, want.len(), "{filter:?} page {page}");
+        assert!(p.tasks.len() <= limit);
+        if p.tasks.is_empty() {
+            break;
+        }
+        assert!(p.tasks.iter().all(|t| filter.matches(t)), "{filter:?}");
+        got.extend(p.tasks.into_iter().map(|t| t.id));
+    }
+    assert_eq!(got, want, "{filter:?}");
+    want.len()
+}
+
+#[tokio::test]
+async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages() {
+    use apex_hub::store::TaskFilter;
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let b = hub(&redis, "hub-b", 60_000).await;
+    let dead = hub(&redis, "hub-dead", 1_000).await;
+    let mut ids = Vec::new();
+    for n in 1..=14 {
+        let t = task(n, if n % 3 == 0 { "other" } else { "echo" }, 5);
+        ids.push(t.id.clone());
+        a.submit(&t).await.unwrap();
+    }
+    // A dead hub's two assigned tasks go back to the queue (attempt 1, last node node-d).
+    for cl in dead.claim(&tool_queue("echo"), 2).await.unwrap() {
+        let mut rec = cl.task;
+        assign(&mut rec, "node-d");
+        dead.commit(&rec, cl.claim).await.unwrap();
+    }
+    // Hub A: one assigned, one running, one succeeded (echo, node-a).
+    let got = a.claim(&tool_queue("echo"), 3).await.unwrap();
+    for (i, cl) in got.into_iter().enumerate() {
+        let mut rec = cl.task;
+        assign(&mut rec, "node-a");
+        match i {
+            0 => {}
+            1 => rec.status = TaskStatus::Running,
+            _ => succeed(&mut rec),
+        }
+        a.commit(&rec, cl.claim).await.unwrap();
+    }
+    // Hub B: one failed, one assigned (other, node-b).
+    let got = b.claim(&tool_queue("other"), 2).await.unwrap();
+    for (i, cl) in got.into_iter().enumerate() {
+        let mut rec = cl.task;
+        assign(&mut rec, "node-b");
+        if i == 0 {
+            rec.status = TaskStatus::Failed;
+            rec.finished_at = Some(SystemTime::now());
+        }
+        b.commit(&rec, cl.claim).await.unwrap();
+    }
+    // One queued task cancelled in the shared store.
+    let mut cancelled = b.get(&ids[13]).await.unwrap().unwrap();
+    cancelled.status = TaskStatus::Cancelled;
+    assert!(b.finish_queued(&cancelled).await.unwrap());
+    poll("the dead hub's lease to expire", || async {
+        (!dead.lease_alive().await.unwrap()).then_some(())
+    })
+    .await;
+    assert_eq!(b.reap().await.unwrap().requeued, 2);
+
+    let mut statuses: Vec<Option<TaskStatus>> = vec![None];
+    statuses.extend(TaskStatus::ALL.map(Some));
+    let tools = [None, Some("echo"), Some("other"), Some("nothing")];
+    let nodes = [
+        None,
+        Some("node-a"),
+        Some("node-b"),
+        Some("node-d"),
+        Some("nope"),
+    ];
+    let mut nonempty = 0;
+    for status in &statuses {
+        for tool in tools {
+            for node in nodes {
+                let f = TaskFilter {
+                    status: *status,
+                    tool: tool.map(str::to_owned),
+                    node_id: node.map(str::to_owned),
+                };
+                if check_listing(&b, &ids, &f, 3).await > 0 {
+                    nonempty += 1;
+                }
+            }
+        }
+    }
+    assert!(nonempty > 20, "the mix covers many filters: {nonempty}");
+    // Spot checks of the mix.
+    let count = |status, tool: Option<&str>, node: Option<&str>| {
+        let f = TaskFilter {
+            status,
+            tool: tool.map(str::to_owned),
+            node_id: node.map(str::to_owned),
+        };
+        let b = &b;
+        async move { b.list(&f, 1, 1).await.unwrap().total }
+    };
+    assert_eq!(count(None, None, None).await, 14);
+    assert_eq!(
+        count(Some(TaskStatus::Queued), None, Some("node-d")).await,
+        2
+    );
+    assert_eq!(
+        count(Some(TaskStatus::Running), Some("echo"), None).await,
+        1
+    );
+    assert_eq!(
+        count(Some(TaskStatus::Failed), Some("other"), Some("node-b")).await,
+        1
+    );
+    assert_eq!(count(Some(TaskStatus::Cancelled), None, None).await, 1);
+    assert_eq!(
+        count(Some(TaskStatus::Queued), None, None).await,
+        14 - 8 + 2
+    );
+
+    // Retention removes finished tasks from every index.
+    let gone = a
+        .collect_finished_before(SystemTime::now() + Duration::from_secs(60), 100)
+        .await
+        .unwrap();
+    assert_eq!(gone, 3);
+    assert_eq!(count(None, None, None).await, 11);
+    assert_eq!(count(Some(TaskStatus::Succeeded), None, None).await, 0);
+    assert_eq!(count(None, Some("other"), Some("node-b")).await, 1);
+    let keys: Vec<String> = {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("KEYS")
+            .arg("apex:shared:ix:*failed*")
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    };
+    assert!(keys.is_empty(), "empty indexes are gone: {keys:?}");
+}
+
 #[tokio::test]
 async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
     use apex_hub::store::TaskFilter;

@@ -22,6 +22,11 @@
 //!   `finished`: finished task ids by finish time in ms (for retention); `deadlines`: task
 //!   ids by deadline in ms (for timing out tasks no hub claimed).
 //! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
+//! - Listing indexes, sorted sets of task ids scored by `seq` (like `index`), kept by every
+//!   script that writes a record (`apex_reindex`, with the task hash fields `ix_s`, `ix_t`,
+//!   `ix_n` naming the keys it is in): `ix:status:{status}`, `ix:tool:{tool}`,
+//!   `ix:st:{status}:{tool}`, `ix:node:{node}`, `ix:sn:{status}:{node}` (node: the record's
+//!   current or last `node_id`).
 //!
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
 //! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
@@ -63,11 +68,55 @@ pub const EVENTS_CHANNEL: &str = "apex:shared:task-events";
 /// Default lifetime of a hub lease, in milliseconds (renewed every second).
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
 
+/// The Lua function every script that writes a task record calls to keep the listing indexes
+/// (`ix:*` sorted sets, score = the task's `seq` from `index`, member = task id):
+/// `apex_reindex(task key, id, status, tool, node)` moves the task from the indexes of the
+/// status, tool and node it had (hash fields `ix_s`, `ix_t`, `ix_n`) to those of the new ones
+/// (`node` empty: none); `status` false removes it from all (deletion). Unchanged keys cost
+/// one `HMGET`.
+macro_rules! reindex_lua {
+    () => {
+        r"
+local function apex_reindex(tk, id, s, t, n)
+  local old = redis.call('HMGET', tk, 'ix_s', 'ix_t', 'ix_n')
+  if old[1] == s and old[2] == t and old[3] == n then return end
+  local P = 'apex:shared:ix:'
+  if old[1] then
+    redis.call('ZREM', P .. 'status:' .. old[1], id)
+    redis.call('ZREM', P .. 'tool:' .. old[2], id)
+    redis.call('ZREM', P .. 'st:' .. old[1] .. ':' .. old[2], id)
+    if old[3] ~= '' then
+      redis.call('ZREM', P .. 'node:' .. old[3], id)
+      redis.call('ZREM', P .. 'sn:' .. old[1] .. ':' .. old[3], id)
+    end
+  end
+  if not s then
+    redis.call('HDEL', tk, 'ix_s', 'ix_t', 'ix_n')
+    return
+  end
+  local seq = redis.call('ZSCORE', 'apex:shared:index', id)
+  if not seq then return end
+  redis.call('ZADD', P .. 'status:' .. s, seq, id)
+  redis.call('ZADD', P .. 'tool:' .. t, seq, id)
+  redis.call('ZADD', P .. 'st:' .. s .. ':' .. t, seq, id)
+  if n ~= '' then
+    redis.call('ZADD', P .. 'node:' .. n, seq, id)
+    redis.call('ZADD', P .. 'sn:' .. s .. ':' .. n, seq, id)
+  end
+  redis.call('HSET', tk, 'ix_s', s, 'ix_t', t, 'ix_n', n)
+end
+"
+    };
+}
+
 /// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key,
 /// KEYS[5] the index of every task by `seq`, KEYS[6] deadlines; ARGV[6] the deadline (ms);
 /// ARGV[1] task id, ARGV[2] record, ARGV[3] score, ARGV[4] `1` if KEYS[4] is used, ARGV[5]
-/// wake channel. Returns `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
-const SUBMIT: &str = r"
+/// wake channel, ARGV[7..9] the task's status, tool and node for the listing indexes. Returns
+/// `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
+const SUBMIT: &str = concat!(
+    reindex_lua!(),
+    r"
 if ARGV[4] == '1' then
   local ok = redis.call('SET', KEYS[4], ARGV[1], 'NX')
   if not ok then
@@ -82,9 +131,11 @@ if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'idem', KEYS[4]) end
 redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
+apex_reindex(KEYS[1], ARGV[1], ARGV[7], ARGV[8], ARGV[9])
 redis.call('PUBLISH', ARGV[5], KEYS[2])
 return {'1', ARGV[1], tostring(seq)}
-";
+"
+);
 
 /// Claim: KEYS[1] queue, KEYS[2] hub lease, KEYS[3] owned set; ARGV[1] hub id, ARGV[2] epoch,
 /// ARGV[3] n, ARGV[4] task key prefix. Returns record/claim pairs (flat), at most n.
@@ -113,9 +164,12 @@ return out
 /// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue,
 /// KEYS[5] the finished set; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record,
 /// ARGV[5] next state (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8]
-/// events channel, ARGV[9] wake channel, ARGV[10] now (ms, the finish time for `done`). Returns 1 (also, writing nothing, when the task is released already
+/// events channel, ARGV[9] wake channel, ARGV[10] now (ms, the finish time for `done`),
+/// ARGV[11..13] the record's status, tool and node for the listing indexes. Returns 1 (also, writing nothing, when the task is released already
 /// with exactly this record: a retried batch), or an error starting `FENCED`.
-const COMMIT: &str = r"
+const COMMIT: &str = concat!(
+    reindex_lua!(),
+    r"
 local done = redis.call('HMGET', KEYS[1], 'state', 'record')
 if done[1] ~= 'claimed' and done[2] == ARGV[4] then return 1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then
@@ -126,6 +180,7 @@ if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' th
   return redis.error_reply('FENCED the task is not held by this claim')
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[4])
+apex_reindex(KEYS[1], ARGV[7], ARGV[11], ARGV[12], ARGV[13])
 if ARGV[5] ~= 'claimed' then
   redis.call('HSET', KEYS[1], 'state', ARGV[5])
   redis.call('HDEL', KEYS[1], 'owner', 'epoch')
@@ -139,21 +194,26 @@ if ARGV[5] ~= 'claimed' then
 end
 redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
-";
+"
+);
 
 /// Finish a task that waits in a queue (cancel, timeout): KEYS[1] task hash, KEYS[2] queue,
 /// KEYS[3] the finished set; ARGV[1] record, ARGV[2] task id, ARGV[3] events channel, ARGV[4]
-/// now (ms). Returns 1, or 0 if the task is not
-/// queued (claimed by a hub, or finished).
-const FINISH_QUEUED: &str = r"
+/// now (ms), ARGV[5..7] the record's status, tool and node for the listing indexes. Returns 1,
+/// or 0 if the task is not queued (claimed by a hub, or finished).
+const FINISH_QUEUED: &str = concat!(
+    reindex_lua!(),
+    r"
 local h = redis.call('HMGET', KEYS[1], 'state', 'member')
 if h[1] ~= 'queued' then return 0 end
 redis.call('ZREM', KEYS[2], h[2])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'done')
+apex_reindex(KEYS[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return 1
-";
+"
+);
 
 /// Renew: KEYS[1] hub lease; ARGV[1] epoch, ARGV[2] ttl ms. Returns 1 if renewed, 0 if the
 /// lease is gone or holds another epoch.
@@ -166,14 +226,19 @@ return 1
 /// Requeue a task of a dead hub: KEYS[1] task hash, KEYS[2] its owner's lease, KEYS[3] its
 /// owner's owned set, KEYS[4] its queue, KEYS[5] the finished set; ARGV[1] owner, ARGV[2]
 /// epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state (`queued` or `done`), ARGV[6]
-/// score, ARGV[7] task id, ARGV[8] events channel, ARGV[9] wake channel, ARGV[10] now (ms). Returns 1, or 0 if the claim is alive or gone.
-const REQUEUE: &str = r"
+/// score, ARGV[7] task id, ARGV[8] events channel, ARGV[9] wake channel, ARGV[10] now (ms),
+/// ARGV[11..13] the record's status, tool and node for the listing indexes. Returns 1, or 0 if
+/// the claim is alive or gone.
+const REQUEUE: &str = concat!(
+    reindex_lua!(),
+    r"
 if redis.call('GET', KEYS[2]) == ARGV[2] then return 0 end
 local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
 if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[4], 'state', ARGV[5])
+apex_reindex(KEYS[1], ARGV[7], ARGV[11], ARGV[12], ARGV[13])
 redis.call('HDEL', KEYS[1], 'owner', 'epoch')
 redis.call('SREM', KEYS[3], ARGV[7])
 if ARGV[5] == 'queued' then
@@ -184,23 +249,41 @@ else
 end
 redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
-";
+"
+);
 
 /// Retention: KEYS[1] the finished set, KEYS[2] the index, KEYS[3] deadlines; ARGV[1] cutoff (ms), ARGV[2] at
 /// most this many, ARGV[3] task key prefix. Deletes tasks finished before the cutoff (hash,
-/// idempotency key, index entries). Returns how many.
-const COLLECT: &str = r"
+/// idempotency key, index entries, listing indexes). Returns how many.
+const COLLECT: &str = concat!(
+    reindex_lua!(),
+    r"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, id in ipairs(ids) do
   local tk = ARGV[3] .. id
   local idem = redis.call('HGET', tk, 'idem')
   if idem then redis.call('DEL', idem) end
+  apex_reindex(tk, id, false, false, false)
   redis.call('DEL', tk)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[3], id)
 end
 return #ids
+"
+);
+
+/// A page of a listing index: KEYS[1] the sorted set (score `seq`, member task id); ARGV[1]
+/// first and ARGV[2] last rank (newest first), ARGV[3] task key prefix. Returns the set's size
+/// then the records of that page (a task deleted meanwhile is skipped). `ZRANGE ... REV` needs
+/// Redis 6.2.
+const LIST: &str = r"
+local out = {tostring(redis.call('ZCARD', KEYS[1]))}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'REV')) do
+  local r = redis.call('HGET', ARGV[3] .. id, 'record')
+  if r then table.insert(out, r) end
+end
+return out
 ";
 
 /// Forget a dead hub with nothing left: KEYS[1] hubs set, KEYS[2] its lease, KEYS[3] its owned
@@ -312,6 +395,16 @@ fn owned_key(hub: &str) -> String {
 /// Queue score: lower pops first, so higher priority gets a lower score. Exact for any `i32`.
 fn score(task: &Task) -> f64 {
     -f64::from(task.spec.priority)
+}
+
+/// A record's keys in the listing indexes, as script arguments: status, tool, node (empty if
+/// none).
+fn index_fields(task: &Task) -> Vec<String> {
+    vec![
+        task.status.as_str().to_owned(),
+        task.spec.tool.clone(),
+        task.node_id.clone().unwrap_or_default(),
+    ]
 }
 
 /// Result of [`SharedRedis::submit`].
@@ -677,6 +770,7 @@ impl SharedRedis {
             .arg(if idem.is_some() { "1" } else { "0" })
             .arg(WAKE_CHANNEL)
             .arg(deadline_ms(task))
+            .arg(index_fields(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -773,6 +867,7 @@ impl SharedRedis {
             .arg(EVENTS_CHANNEL)
             .arg(WAKE_CHANNEL)
             .arg(now_ms())
+            .arg(index_fields(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.classify(e))?;
@@ -795,6 +890,7 @@ impl SharedRedis {
             .arg(&task.id)
             .arg(EVENTS_CHANNEL)
             .arg(now_ms())
+            .arg(index_fields(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -823,8 +919,10 @@ impl SharedRedis {
     }
 
     /// A page of every task in the shared store matching `filter`, newest first (`page` from
-    /// 1). Reads every record (in batches of 500): fine for thousands of tasks, slow for
-    /// millions.
+    /// 1), and the exact number matching. No filter, one filter, or status with tool or with
+    /// node read one sorted set (`index` or an `ix:*` listing index kept by the scripts): one
+    /// script call reading the page's records, O(page + log n). Tool with node reads the
+    /// smaller of the two indexes and filters the records (O(that index)).
     ///
     /// # Errors
     /// [`SharedError::Unavailable`].
@@ -834,16 +932,84 @@ impl SharedRedis {
         page: usize,
         limit: usize,
     ) -> Result<crate::store::Page, SharedError> {
+        let skip = page.saturating_sub(1).saturating_mul(limit);
+        let ix = |k: String| format!("{PREFIX}ix:{k}");
+        let status = filter.status.map(TaskStatus::as_str);
+        let key = match (status, filter.tool.as_deref(), filter.node_id.as_deref()) {
+            (None, None, None) => format!("{PREFIX}index"),
+            (Some(s), None, None) => ix(format!("status:{s}")),
+            (None, Some(t), None) => ix(format!("tool:{t}")),
+            (None, None, Some(n)) => ix(format!("node:{n}")),
+            (Some(s), Some(t), None) => ix(format!("st:{s}:{t}")),
+            (Some(s), None, Some(n)) => ix(format!("sn:{s}:{n}")),
+            (s, Some(t), Some(n)) => {
+                let (by_tool, by_node) = match s {
+                    Some(s) => (ix(format!("st:{s}:{t}")), ix(format!("sn:{s}:{n}"))),
+                    None => (ix(format!("tool:{t}")), ix(format!("node:{n}"))),
+                };
+                return self
+                    .list_scan(filter, &by_tool, &by_node, skip, limit)
+                    .await;
+            }
+        };
         let mut c = self.conn.clone();
+        if limit == 0 {
+            let total: u64 = redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            return Ok(crate::store::Page {
+                tasks: Vec::new(),
+                total: usize::try_from(total).unwrap_or(usize::MAX),
+            });
+        }
+        let rows: Vec<Vec<u8>> = redis::Script::new(LIST)
+            .key(&key)
+            .arg(skip)
+            .arg(skip.saturating_add(limit - 1))
+            .arg(format!("{PREFIX}task:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut rows = rows.into_iter();
+        let total = rows
+            .next()
+            .and_then(|t| std::str::from_utf8(&t).ok()?.parse().ok())
+            .unwrap_or(0);
+        let tasks = rows
+            .filter_map(|raw| serde_json::from_slice::<Task>(&raw).ok())
+            .collect();
+        Ok(crate::store::Page { tasks, total })
+    }
+
+    /// [`SharedRedis::list`] for tool with node: walks the smaller of two listing indexes,
+    /// newest first, reading records in batches of 500 and filtering them.
+    async fn list_scan(
+        &self,
+        filter: &crate::store::TaskFilter,
+        a: &str,
+        b: &str,
+        skip: usize,
+        limit: usize,
+    ) -> Result<crate::store::Page, SharedError> {
+        let mut c = self.conn.clone();
+        let (na, nb): (u64, u64) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(a)
+            .cmd("ZCARD")
+            .arg(b)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(format!("{PREFIX}index"))
+            .arg(if na <= nb { a } else { b })
             .arg(0)
             .arg(-1)
             .arg("REV")
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let skip = page.saturating_sub(1).saturating_mul(limit);
         let mut total = 0;
         let mut tasks = Vec::new();
         for chunk in ids.chunks(500) {
@@ -1298,6 +1464,7 @@ impl SharedRedis {
                     .arg(EVENTS_CHANNEL)
                     .arg(WAKE_CHANNEL)
                     .arg(now_ms())
+                    .arg(index_fields(&task))
                     .invoke_async(&mut c)
                     .await
                     .map_err(|e| self.unavailable(e))?;
