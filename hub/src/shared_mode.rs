@@ -14,7 +14,7 @@ use futures::StreamExt;
 
 use crate::durable::shared::{
     SharedError, SharedHandles, SharedRedis, TakeOver, WAKE_ALL, Wake, pinned_queue, subscribe,
-    subscribe_cancels, tool_queue,
+    subscribe_cancels, subscribe_node_actions, tool_queue,
 };
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
@@ -75,6 +75,12 @@ pub fn spawn(
     } = handles;
     let mut out = Vec::new();
     cluster.enable_handover();
+    out.push(tokio::spawn(node_action_loop(
+        url.clone(),
+        redis.clone(),
+        cluster.clone(),
+        stop.clone(),
+    )));
     out.push(tokio::spawn(handover_loop(
         redis.clone(),
         claims.clone(),
@@ -235,6 +241,67 @@ pub fn spawn(
         }));
     }
     out
+}
+
+/// Publishes this hub's node views (`GET /v1/nodes` objects) for the other hubs.
+async fn publish_node_views(redis: &SharedRedis, cluster: &Cluster) {
+    let views: Vec<(String, serde_json::Value)> = cluster
+        .nodes()
+        .into_iter()
+        .filter_map(|n| Some((n.id.clone(), serde_json::to_value(&n).ok()?)))
+        .collect();
+    if let Err(e) = redis.put_node_views(&views).await {
+        tracing::warn!(error = %e, "node views not published");
+    }
+}
+
+/// Applies the drain/undrain requests other hubs forward for this hub's nodes, then publishes
+/// this hub's node views at once (the requesting hub answers when it sees the change there).
+async fn node_action_loop(
+    url: String,
+    redis: Arc<SharedRedis>,
+    cluster: Cluster,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match subscribe_node_actions(&url).await {
+            Ok(stream) => {
+                let mut stream = Box::pin(stream);
+                loop {
+                    let action = tokio::select! {
+                        a = stream.next() => a,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    let Some(a) = action else { break };
+                    if a.hub == redis.hub_id() && cluster.set_draining(&a.node, a.drain) {
+                        tracing::info!(node_id = %a.node, drain = a.drain, "node action from another hub");
+                        publish_node_views(&redis, &cluster).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "node actions not subscribed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// `GET /v1/nodes/{id}` in shared mode: the node's view as [`all_node_views`] lists it (this
+/// hub's, or the one of the hub it is online at), `None` if no hub knows it.
+///
+/// # Errors
+/// [`SharedError::Unavailable`].
+pub async fn node_view(
+    redis: &SharedRedis,
+    cluster: &Cluster,
+    id: &str,
+) -> Result<Option<serde_json::Value>, SharedError> {
+    Ok(all_node_views(redis, cluster)
+        .await?
+        .into_iter()
+        .find(|v| v["id"] == id))
 }
 
 /// How often a hub tries to take over the claims of tasks its re-registered nodes hold.

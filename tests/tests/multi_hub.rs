@@ -140,6 +140,58 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     assert_eq!(listed["hub"], b_id.as_str(), "{listed}");
     assert_eq!(listed["name"], "only-at-b", "{listed}");
 
+    // Hub A reads that node, lists its tasks, and drains and undrains it (at B).
+    let path = format!("/v1/nodes/{}", node.id());
+    let one: serde_json::Value = a.api().get_json(&path).await.unwrap();
+    assert_eq!(one["hub"], b_id.as_str(), "{one}");
+    assert_eq!(one["status"], "online", "{one}");
+    let (status, _) = apex_tests::api::json_of(
+        a.api()
+            .request(reqwest::Method::GET, "/v1/nodes/no-such-node")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.as_u16(), 404);
+    let done: serde_json::Value = a
+        .api()
+        .get_json(&format!("{path}/tasks?status=succeeded&limit=100"))
+        .await
+        .unwrap();
+    let rows = done["data"].as_array().unwrap();
+    assert_eq!(done["meta"]["total"].as_u64(), Some(rows.len() as u64));
+    for id in &ids {
+        assert!(
+            rows.iter().any(|t| t["task_id"] == id.as_str()),
+            "{id}: {done}"
+        );
+    }
+    for (action, want) in [("drain", "draining"), ("undrain", "online")] {
+        let (status, body) = apex_tests::api::json_of(
+            a.api()
+                .request(reqwest::Method::POST, &format!("{path}/{action}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status.as_u16(), 200, "{action}: {body}");
+        assert_eq!(body["status"], want, "{action}: {body}");
+        let at_b: serde_json::Value = b.api().get_json(&path).await.unwrap();
+        assert_eq!(at_b["status"], want, "{action} at B: {at_b}");
+    }
+    // Undrained, it takes work again.
+    let after = a
+        .api()
+        .submit(&json!({"tool": "echo", "args": {"text": "after"}}))
+        .await
+        .unwrap();
+    let t = a.api().wait_terminal(&after.task_id, WAIT).await.unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+
     // The same idempotency key at both hubs names one task.
     let body = json!({"tool": "echo", "args": {"text": "once"}, "idempotency_key": "k-1"});
     let first = a.api().submit(&body).await.unwrap();

@@ -31,7 +31,8 @@
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
 //! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
 //! record and send the events after the last sequence number they saw); `apex:shared:cancel`
-//! carries ids of tasks to cancel (the hub holding one cancels it).
+//! carries ids of tasks to cancel (the hub holding one cancels it); `apex:shared:node-actions`
+//! carries drain/undrain requests for a node, naming the hub holding its connection.
 //!
 //! Fencing: [`SharedRedis::commit`] and [`SharedRedis::release`] write only if the hub's lease still holds its epoch and the
 //! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
@@ -487,6 +488,45 @@ pub async fn subscribe_cancels(
     Ok(pubsub
         .into_on_message()
         .filter_map(|msg| async move { String::from_utf8(msg.get_payload_bytes().to_vec()).ok() }))
+}
+
+/// Pub/sub channel carrying operator actions on a node connected to another hub
+/// ([`NodeAction`] JSON); the hub named in it applies them.
+pub const NODE_ACTIONS_CHANNEL: &str = "apex:shared:node-actions";
+
+/// An operator action on a node, forwarded to the hub holding its connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAction {
+    /// The hub that should apply it.
+    pub hub: String,
+    /// The node.
+    pub node: String,
+    /// `true`: drain (no new work); `false`: undrain.
+    pub drain: bool,
+}
+
+/// Subscribes to [`NODE_ACTIONS_CHANNEL`] on a connection of its own; the stream yields the
+/// actions that decode and ends when the connection drops (subscribe again).
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe_node_actions(
+    url: &str,
+) -> Result<impl Stream<Item = NodeAction> + Send + 'static, SharedError> {
+    let what = super::redis::redacted(url);
+    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
+        what: what.clone(),
+        reason: one_line(e),
+    };
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub
+        .subscribe(NODE_ACTIONS_CHANNEL)
+        .await
+        .map_err(unavailable)?;
+    Ok(pubsub
+        .into_on_message()
+        .filter_map(|msg| async move { serde_json::from_slice(msg.get_payload_bytes()).ok() }))
 }
 
 /// A wake-up published by some hub (see the module docs for the channels).
@@ -1137,6 +1177,32 @@ impl SharedRedis {
         redis::cmd("PUBLISH")
             .arg(CANCEL_CHANNEL)
             .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Asks hub `hub` to drain (or undrain) its node `node` ([`NODE_ACTIONS_CHANNEL`]).
+    /// Returns how many hubs heard the request.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn request_node_action(
+        &self,
+        hub: &str,
+        node: &str,
+        drain: bool,
+    ) -> Result<u64, SharedError> {
+        let action = NodeAction {
+            hub: hub.to_owned(),
+            node: node.to_owned(),
+            drain,
+        };
+        let payload = serde_json::to_vec(&action).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(NODE_ACTIONS_CHANNEL)
+            .arg(payload)
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))
