@@ -278,8 +278,9 @@ impl Cluster {
     /// ([`crate::durable::shared::SharedRedis::take_over`]): it is assigned or running on the
     /// node that reported it, same attempt, and joins that node's in-flight set (no frame is
     /// sent: the node is running it), so the node's result is accepted. A result the node sent
-    /// meanwhile is committed now and acknowledged once durable. If the node left meanwhile the
-    /// task migrates as on any node loss. False if the task is known here already.
+    /// meanwhile is committed now and acknowledged once durable. If the node left meanwhile (or
+    /// registered again without listing the task) the task migrates as on any node loss. False
+    /// if the task is known here already.
     pub fn take_over(&self, mut task: Task) -> bool {
         let mut core = self.shared.core.lock();
         let pending = core.handover.as_mut().and_then(|m| m.remove(&task.id));
@@ -300,8 +301,10 @@ impl Cluster {
         core.deadline_of.insert(id.clone(), (deadline, task.seq));
         let attempt = task.attempt;
         core.store.insert(task);
+        // The node may have registered again meanwhile without listing it.
+        let reported = pending.as_ref().is_some_and(|p| p.node == node);
         let conn = match core.nodes.get_mut(&node) {
-            Some(e) if e.state != NodeState::Offline && e.conn.is_some() => {
+            Some(e) if reported && e.state != NodeState::Offline && e.conn.is_some() => {
                 e.inflight.insert(id.clone());
                 let conn = e.conn.clone();
                 core.sched.occupy(&node);
@@ -315,7 +318,7 @@ impl Cluster {
                 &mut core,
                 &id,
                 &node,
-                "it left before the hand-over from a dead hub",
+                "it left, or stopped listing the task, before the hand-over from a dead hub",
                 true,
             );
         }

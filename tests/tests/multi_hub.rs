@@ -321,10 +321,9 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     assert_eq!(started.len(), ids.len(), "every task started on a node");
     // And B did take some over (A's node was busy when A died).
     let b_log = b.log_text();
-    assert!(
-        b_log.contains("took over a task from a dead hub"),
-        "hub B took over no task: {b_log}"
-    );
+    let handed = b_log.matches("took over a task from a dead hub").count();
+    assert!(handed > 0, "hub B took over no task: {b_log}");
+    eprintln!("{handed} tasks were handed over to hub B with their node");
 }
 
 /// Removes ANSI colour codes (log lines of the binaries).
