@@ -80,29 +80,44 @@ macro_rules! reindex_lua {
         r"
 local function apex_reindex(tk, id, s, t, n)
   local old = redis.call('HMGET', tk, 'ix_s', 'ix_t', 'ix_n')
-  if old[1] == s and old[2] == t and old[3] == n then return end
+  local os, ot, on = old[1], old[2], old[3]
+  if os == s and ot == t and on == n then return end
   local P = 'apex:shared:ix:'
-  if old[1] then
-    redis.call('ZREM', P .. 'status:' .. old[1], id)
-    redis.call('ZREM', P .. 'tool:' .. old[2], id)
-    redis.call('ZREM', P .. 'st:' .. old[1] .. ':' .. old[2], id)
-    if old[3] ~= '' then
-      redis.call('ZREM', P .. 'node:' .. old[3], id)
-      redis.call('ZREM', P .. 'sn:' .. old[1] .. ':' .. old[3], id)
-    end
-  end
   if not s then
-    redis.call('HDEL', tk, 'ix_s', 'ix_t', 'ix_n')
+    if os then
+      redis.call('ZREM', P .. 'status:' .. os, id)
+      redis.call('ZREM', P .. 'tool:' .. ot, id)
+      redis.call('ZREM', P .. 'st:' .. os .. ':' .. ot, id)
+      if on ~= '' then
+        redis.call('ZREM', P .. 'node:' .. on, id)
+        redis.call('ZREM', P .. 'sn:' .. os .. ':' .. on, id)
+      end
+      redis.call('HDEL', tk, 'ix_s', 'ix_t', 'ix_n')
+    end
     return
   end
   local seq = redis.call('ZSCORE', 'apex:shared:index', id)
   if not seq then return end
-  redis.call('ZADD', P .. 'status:' .. s, seq, id)
-  redis.call('ZADD', P .. 'tool:' .. t, seq, id)
-  redis.call('ZADD', P .. 'st:' .. s .. ':' .. t, seq, id)
-  if n ~= '' then
-    redis.call('ZADD', P .. 'node:' .. n, seq, id)
-    redis.call('ZADD', P .. 'sn:' .. s .. ':' .. n, seq, id)
+  if not os then os, ot, on = '', '', '' end
+  if os ~= s then
+    if os ~= '' then redis.call('ZREM', P .. 'status:' .. os, id) end
+    redis.call('ZADD', P .. 'status:' .. s, seq, id)
+  end
+  if ot ~= t then
+    if ot ~= '' then redis.call('ZREM', P .. 'tool:' .. ot, id) end
+    redis.call('ZADD', P .. 'tool:' .. t, seq, id)
+  end
+  if os ~= s or ot ~= t then
+    if os ~= '' then redis.call('ZREM', P .. 'st:' .. os .. ':' .. ot, id) end
+    redis.call('ZADD', P .. 'st:' .. s .. ':' .. t, seq, id)
+  end
+  if on ~= n then
+    if on ~= '' then redis.call('ZREM', P .. 'node:' .. on, id) end
+    if n ~= '' then redis.call('ZADD', P .. 'node:' .. n, seq, id) end
+  end
+  if os ~= s or on ~= n then
+    if on ~= '' then redis.call('ZREM', P .. 'sn:' .. os .. ':' .. on, id) end
+    if n ~= '' then redis.call('ZADD', P .. 'sn:' .. s .. ':' .. n, seq, id) end
   end
   redis.call('HSET', tk, 'ix_s', s, 'ix_t', t, 'ix_n', n)
 end
