@@ -264,7 +264,22 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     })
     .await
     .unwrap();
+    // While A's node runs tasks, freeze it, so they are still in flight when A dies; it
+    // resumes, finds A gone and registers at B listing them.
+    apex_tests::wait_until("hub A's node to run tasks", WAIT, || {
+        let (api, id) = (a.api().clone(), na.id().to_owned());
+        async move {
+            let n = api.node(&id).await?;
+            Ok(n.and_then(|n| n.active_tasks)
+                .is_some_and(|k| k > 0)
+                .then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    na.freeze().unwrap();
     a.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    na.thaw().unwrap();
 
     // Hub B takes over: every task ends succeeded, read at B.
     for id in &ids {
