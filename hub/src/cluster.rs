@@ -299,6 +299,10 @@ struct Core {
     resume: HashMap<String, ResumeFn>,
     /// W3C `traceparent` of the request that submitted each live task (only with OTel on).
     trace_parents: HashMap<String, String>,
+    /// Shared mode only (`Some` once `enable_handover` ran): tasks a re-registered node says it
+    /// holds that another hub claimed, until this hub takes their claims over
+    /// (`cluster_shared.rs`).
+    handover: Option<HashMap<String, shared_mode::Handover>>,
 }
 
 struct Shared {
@@ -365,6 +369,7 @@ impl Cluster {
                     recovering: HashMap::new(),
                     resume: HashMap::new(),
                     trace_parents: HashMap::new(),
+                    handover: None,
                 }),
                 events,
                 node_events,
@@ -667,6 +672,7 @@ impl Cluster {
         }
         // Tasks loaded from the store after a restart that this node still holds.
         let active = self.reclaim(core, node_id, holds, &mut resend, &mut to_migrate, active);
+        Self::note_handover(core, node_id, holds);
         let (tools, limit, state) = {
             let e = &core.nodes[node_id];
             (e.info.tools.clone(), e.info.limit, e.state)

@@ -1447,3 +1447,67 @@ fn queued_tasks_without_a_local_node_are_stranded() {
     want.sort();
     assert_eq!(ids, want);
 }
+
+/// Shared mode's hand-over, engine side: a node that registers listing tasks another (dead)
+/// hub assigned to it keeps running them here once the claim is taken over; a result it sent
+/// meanwhile is held, then committed and acknowledged; a refused hand-over answers it unsaved.
+#[test]
+fn a_task_handed_over_from_a_dead_hub_stays_on_its_node_and_its_held_result_counts() {
+    let c = new_cluster();
+    c.enable_handover();
+    let held = vec!["t-1".to_owned(), "t-2".to_owned()];
+    let mut n = connect_with(&c, registration("n1", &["echo"], 4, Some(held)));
+    let mut pending = c.handover_pending(Duration::from_secs(60));
+    pending.sort();
+    let n1 = "n1".to_owned();
+    assert_eq!(
+        pending,
+        vec![
+            ("t-1".to_owned(), n1.clone()),
+            ("t-2".to_owned(), n1.clone())
+        ]
+    );
+    let result = |id: &str| TaskResult {
+        task_id: id.to_owned(),
+        node_id: Some(n1.clone()),
+        attempt: Some(1),
+        success: true,
+        result: Some(json!({"ok": id})),
+        error: None,
+        execution_time: Some(1),
+    };
+    // Results for both arrive before the hand-over: held, unanswered.
+    assert!(c.task_result_or_hold("n1", result("t-1")).is_none());
+    assert!(c.task_result_or_hold("n1", result("t-2")).is_none());
+    assert!(n.frames().is_empty());
+
+    // The claim on t-1 is taken over: same node and attempt, no new assignment; the held
+    // result is committed and acknowledged.
+    let mut t = crate::shared_mode::new_task(spec("echo"));
+    t.id = "t-1".to_owned();
+    t.status = TaskStatus::Assigned;
+    t.attempt = 1;
+    t.node_id = Some(n1.clone());
+    assert!(c.take_over(t));
+    let done = task(&c, "t-1");
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!((done.attempt, done.node_id.as_deref()), (1, Some("n1")));
+    assert_eq!(done.result, Some(json!({"ok": "t-1"})));
+    let frames = n.frames();
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert!(matches!(&frames[0], HubMessage::TaskResultAck(a) if a.success && a.task_id == "t-1"));
+    assert_eq!(c.node("n1").unwrap().active_tasks, 0);
+
+    // t-2 is refused: its result is answered but not committed.
+    c.handover_refused("t-2", "the task is not held by any hub");
+    let frames = n.frames();
+    assert!(
+        matches!(&frames[..], [HubMessage::TaskResultAck(a)] if !a.success && a.task_id == "t-2"),
+        "{frames:?}"
+    );
+    assert!(c.get("t-2").is_none());
+    assert!(c.handover_pending(Duration::from_secs(60)).is_empty());
+
+    // A later result for a task nobody hands over is refused at once, as before.
+    assert!(!c.task_result_or_hold("n1", result("t-3")).unwrap().success);
+}

@@ -198,6 +198,14 @@ impl Scheduler {
         }
     }
 
+    /// A task already running on this node joined its in-flight set (a claim handed over
+    /// from another hub): takes one slot.
+    pub fn occupy(&mut self, node_id: &str) {
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.active = n.active.saturating_add(1);
+        }
+    }
+
     /// A task on this node ended: frees one slot.
     pub fn release(&mut self, node_id: &str) {
         if let Some(n) = self.nodes.get_mut(node_id) {

@@ -13,8 +13,8 @@ use crate::cluster::Cluster;
 use futures::StreamExt;
 
 use crate::durable::shared::{
-    Claims, Commit, NextState, SharedError, SharedHandles, SharedRedis, Wake, pinned_queue,
-    subscribe, subscribe_cancels, tool_queue,
+    Claims, Commit, NextState, SharedError, SharedHandles, SharedRedis, TakeOver, WAKE_ALL, Wake,
+    pinned_queue, subscribe, subscribe_cancels, subscribe_node_actions, tool_queue,
 };
 use crate::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 
@@ -80,6 +80,19 @@ pub fn spawn(
         mut fenced,
     } = handles;
     let mut out = Vec::new();
+    cluster.enable_handover();
+    out.push(tokio::spawn(node_action_loop(
+        url.clone(),
+        redis.clone(),
+        cluster.clone(),
+        stop.clone(),
+    )));
+    out.push(tokio::spawn(handover_loop(
+        redis.clone(),
+        claims.clone(),
+        cluster.clone(),
+        stop.clone(),
+    )));
     {
         let (cluster, url, mut stop) = (cluster.clone(), url.clone(), stop.clone());
         out.push(tokio::spawn(async move {
@@ -178,16 +191,20 @@ pub fn spawn(
         let wake = Arc::new(tokio::sync::Notify::new());
         {
             let (wake, url, mut stop) = (wake.clone(), url.clone(), stop.clone());
+            let redis = redis.clone();
             out.push(tokio::spawn(async move {
                 loop {
                     match subscribe(&url).await {
                         Ok(stream) => {
+                            // Changes published before this subscription may be missed.
+                            redis.wake_task(WAKE_ALL);
                             let mut stream = Box::pin(stream);
                             loop {
                                 tokio::select! {
                                     w = stream.next() => match w {
                                         Some(Wake::Queue(_)) => wake.notify_one(),
-                                        Some(Wake::Task(_)) => {}
+                                        // Readers following a task another hub holds.
+                                        Some(Wake::Task(id)) => redis.wake_task(&id),
                                         None => break,
                                     },
                                     _ = stop.wait_for(|s| *s) => return,
@@ -257,6 +274,107 @@ pub fn spawn(
         }));
     }
     out
+}
+
+/// Publishes this hub's node views (`GET /v1/nodes` objects) for the other hubs.
+async fn publish_node_views(redis: &SharedRedis, cluster: &Cluster) {
+    let views: Vec<(String, serde_json::Value)> = cluster
+        .nodes()
+        .into_iter()
+        .filter_map(|n| Some((n.id.clone(), serde_json::to_value(&n).ok()?)))
+        .collect();
+    if let Err(e) = redis.put_node_views(&views).await {
+        tracing::warn!(error = %e, "node views not published");
+    }
+}
+
+/// Applies the drain/undrain requests other hubs forward for this hub's nodes, then publishes
+/// this hub's node views at once (the requesting hub answers when it sees the change there).
+async fn node_action_loop(
+    url: String,
+    redis: Arc<SharedRedis>,
+    cluster: Cluster,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match subscribe_node_actions(&url).await {
+            Ok(stream) => {
+                let mut stream = Box::pin(stream);
+                loop {
+                    let action = tokio::select! {
+                        a = stream.next() => a,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    let Some(a) = action else { break };
+                    if a.hub == redis.hub_id() && cluster.set_draining(&a.node, a.drain) {
+                        tracing::info!(node_id = %a.node, drain = a.drain, "node action from another hub");
+                        publish_node_views(&redis, &cluster).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "node actions not subscribed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// `GET /v1/nodes/{id}` in shared mode: the node's view as [`all_node_views`] lists it (this
+/// hub's, or the one of the hub it is online at), `None` if no hub knows it.
+///
+/// # Errors
+/// [`SharedError::Unavailable`].
+pub async fn node_view(
+    redis: &SharedRedis,
+    cluster: &Cluster,
+    id: &str,
+) -> Result<Option<serde_json::Value>, SharedError> {
+    Ok(all_node_views(redis, cluster)
+        .await?
+        .into_iter()
+        .find(|v| v["id"] == id))
+}
+
+/// How often a hub tries to take over the claims of tasks its re-registered nodes hold.
+pub const HANDOVER_TICK: Duration = Duration::from_millis(250);
+
+/// Takes over, for this hub, the claims of tasks that nodes reconnecting here still hold while
+/// the dead hub that assigned them holds the claim (`Cluster::handover_pending` →
+/// `SharedRedis::take_over` → `Claims` → `Cluster::take_over`); waits while that hub's lease
+/// lives, for at most `SharedRedis::handover_window`.
+async fn handover_loop(
+    redis: Arc<SharedRedis>,
+    claims: crate::durable::shared::Claims,
+    cluster: Cluster,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(HANDOVER_TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for (id, node) in cluster.handover_pending(redis.handover_window()) {
+            match redis.take_over(&id, &node).await {
+                Ok(TakeOver::Taken(c)) => {
+                    claims.insert(&id, c.claim);
+                    if !cluster.take_over(c.task) {
+                        claims.remove(&id);
+                    }
+                }
+                Ok(TakeOver::Wait) => {}
+                Ok(TakeOver::Refused(why)) => cluster.handover_refused(&id, why),
+                // Our lease is lost: the lease loop rejoins; try again then.
+                Err(SharedError::Fenced(_)) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, task_id = %id, "hand-over failed");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// One claim pass: hands back the queued tasks no node here can take (their node left), then

@@ -313,8 +313,10 @@ impl Session {
             }
             NodeMessage::TaskResult(r) => match node_id {
                 Some(id) => {
-                    let ack = self.cluster.task_result(&id, r);
-                    self.send_when_durable(ack);
+                    // Held without an answer while its claim is handed over (shared mode).
+                    if let Some(ack) = self.cluster.task_result_or_hold(&id, r) {
+                        self.send_when_durable(ack);
+                    }
                 }
                 None => {
                     self.reject(

@@ -177,6 +177,166 @@ async fn every_hub_lists_every_task_newest_first_with_filters() {
     assert_eq!(a.list(&other, 1, 10).await.unwrap().total, 1);
 }
 
+/// Every page of `filter` (`limit` per page) at `h`, checked against the records read one by
+/// one: the listed ids are exactly the matching tasks, newest first, and each page's total is
+/// exact.
+async fn check_listing(
+    h: &SharedRedis,
+    all: &[String],
+    filter: &apex_hub::store::TaskFilter,
+    limit: usize,
+) -> usize {
+    let mut want = Vec::new();
+    for id in all.iter().rev() {
+        if let Some(t) = h.get(id).await.unwrap()
+            && filter.matches(&t)
+        {
+            want.push(t.id);
+        }
+    }
+    let mut got = Vec::new();
+    for page in 1.. {
+        let p = h.list(filter, page, limit).await.unwrap();
+        assert_eq!(p.total, want.len(), "{filter:?} page {page}");
+        assert!(p.tasks.len() <= limit);
+        if p.tasks.is_empty() {
+            break;
+        }
+        assert!(p.tasks.iter().all(|t| filter.matches(t)), "{filter:?}");
+        got.extend(p.tasks.into_iter().map(|t| t.id));
+    }
+    assert_eq!(got, want, "{filter:?}");
+    want.len()
+}
+
+#[tokio::test]
+async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages() {
+    use apex_hub::store::TaskFilter;
+    let redis = RedisServer::start().unwrap();
+    let a = hub(&redis, "hub-a", 60_000).await;
+    let b = hub(&redis, "hub-b", 60_000).await;
+    let dead = hub(&redis, "hub-dead", 1_000).await;
+    let mut ids = Vec::new();
+    for n in 1..=14 {
+        let t = task(n, if n % 3 == 0 { "other" } else { "echo" }, 5);
+        ids.push(t.id.clone());
+        a.submit(&t).await.unwrap();
+    }
+    // A dead hub's two assigned tasks go back to the queue (attempt 1, last node node-d).
+    for cl in dead.claim(&tool_queue("echo"), 2).await.unwrap() {
+        let mut rec = cl.task;
+        assign(&mut rec, "node-d");
+        dead.commit(&rec, cl.claim).await.unwrap();
+    }
+    // Hub A: one assigned, one running, one succeeded (echo, node-a).
+    let got = a.claim(&tool_queue("echo"), 3).await.unwrap();
+    for (i, cl) in got.into_iter().enumerate() {
+        let mut rec = cl.task;
+        assign(&mut rec, "node-a");
+        match i {
+            0 => {}
+            1 => rec.status = TaskStatus::Running,
+            _ => succeed(&mut rec),
+        }
+        a.commit(&rec, cl.claim).await.unwrap();
+    }
+    // Hub B: one failed, one assigned (other, node-b).
+    let got = b.claim(&tool_queue("other"), 2).await.unwrap();
+    for (i, cl) in got.into_iter().enumerate() {
+        let mut rec = cl.task;
+        assign(&mut rec, "node-b");
+        if i == 0 {
+            rec.status = TaskStatus::Failed;
+            rec.finished_at = Some(SystemTime::now());
+        }
+        b.commit(&rec, cl.claim).await.unwrap();
+    }
+    // One queued task cancelled in the shared store.
+    let mut cancelled = b.get(&ids[13]).await.unwrap().unwrap();
+    cancelled.status = TaskStatus::Cancelled;
+    assert!(b.finish_queued(&cancelled).await.unwrap());
+    poll("the dead hub's lease to expire", || async {
+        (!dead.lease_alive().await.unwrap()).then_some(())
+    })
+    .await;
+    assert_eq!(b.reap().await.unwrap().requeued, 2);
+
+    let mut statuses: Vec<Option<TaskStatus>> = vec![None];
+    statuses.extend(TaskStatus::ALL.map(Some));
+    let tools = [None, Some("echo"), Some("other"), Some("nothing")];
+    let nodes = [
+        None,
+        Some("node-a"),
+        Some("node-b"),
+        Some("node-d"),
+        Some("nope"),
+    ];
+    let mut nonempty = 0;
+    for status in &statuses {
+        for tool in tools {
+            for node in nodes {
+                let f = TaskFilter {
+                    status: *status,
+                    tool: tool.map(str::to_owned),
+                    node_id: node.map(str::to_owned),
+                };
+                if check_listing(&b, &ids, &f, 3).await > 0 {
+                    nonempty += 1;
+                }
+            }
+        }
+    }
+    assert!(nonempty > 20, "the mix covers many filters: {nonempty}");
+    // Spot checks of the mix.
+    let count = |status, tool: Option<&str>, node: Option<&str>| {
+        let f = TaskFilter {
+            status,
+            tool: tool.map(str::to_owned),
+            node_id: node.map(str::to_owned),
+        };
+        let b = &b;
+        async move { b.list(&f, 1, 1).await.unwrap().total }
+    };
+    assert_eq!(count(None, None, None).await, 14);
+    assert_eq!(
+        count(Some(TaskStatus::Queued), None, Some("node-d")).await,
+        2
+    );
+    assert_eq!(
+        count(Some(TaskStatus::Running), Some("echo"), None).await,
+        1
+    );
+    assert_eq!(
+        count(Some(TaskStatus::Failed), Some("other"), Some("node-b")).await,
+        1
+    );
+    assert_eq!(count(Some(TaskStatus::Cancelled), None, None).await, 1);
+    assert_eq!(
+        count(Some(TaskStatus::Queued), None, None).await,
+        14 - 8 + 2
+    );
+
+    // Retention removes finished tasks from every index.
+    let gone = a
+        .collect_finished_before(SystemTime::now() + Duration::from_secs(60), 100)
+        .await
+        .unwrap();
+    assert_eq!(gone, 3);
+    assert_eq!(count(None, None, None).await, 11);
+    assert_eq!(count(Some(TaskStatus::Succeeded), None, None).await, 0);
+    assert_eq!(count(None, Some("other"), Some("node-b")).await, 1);
+    let keys: Vec<String> = {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("KEYS")
+            .arg("apex:shared:ix:*failed*")
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    };
+    assert!(keys.is_empty(), "empty indexes are gone: {keys:?}");
+}
+
 #[tokio::test]
 async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
     use apex_hub::store::TaskFilter;
@@ -361,6 +521,145 @@ async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_t
             .count();
         assert!(done <= 1);
     }
+}
+
+fn node_record(id: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        node_type: apex_protocol::NodeType::Worker,
+        vcp: false,
+        version: None,
+        tools: vec!["echo".to_owned()],
+        tool_specs: vec![apex_protocol::ToolSpec::Name("echo".to_owned())],
+        limit: 4,
+        cancel_tool: true,
+    }
+}
+
+/// Polls `f` every 50 ms until it gives `Some`, for at most 30 s.
+async fn poll<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_reconnects_to_another_hub_has_its_dead_hubs_claims_handed_over() {
+    let redis = RedisServer::start().unwrap();
+    let dead = hub(&redis, "hub-dead", 1_000).await;
+    let b = hub(&redis, "hub-b", 60_000).await;
+    let c = hub(&redis, "hub-c", 60_000).await;
+    // A reaper whose hand-over window (3 lease lifetimes) is short: 6 s.
+    let reaper = hub(&redis, "hub-r", 2_000).await;
+
+    for n in 1..=4 {
+        b.submit(&task(n, "echo", 5)).await.unwrap();
+    }
+    let mut held = Vec::new();
+    for (i, cl) in dead
+        .claim(&tool_queue("echo"), 4)
+        .await
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let mut rec = cl.task;
+        // Tasks 1-3 run on node-n, task 4 on node-m.
+        assign(&mut rec, if i < 3 { "node-n" } else { "node-m" });
+        dead.commit(&rec, cl.claim).await.unwrap();
+        held.push((rec, cl.claim));
+    }
+    let id = |i: usize| held[i].0.id.clone();
+    // The dead hub's last renewal (its lease ends 1 s later); then node-n reconnects to hub
+    // B (B's store writer registers it there).
+    assert!(dead.renew().await.unwrap());
+    b.put_node(&node_record("node-n")).await.unwrap();
+
+    // While the dead hub's lease lives, B waits; a task of another node is refused.
+    assert!(matches!(
+        b.take_over(&id(0), "node-n").await.unwrap(),
+        shared::TakeOver::Wait
+    ));
+    assert!(matches!(
+        b.take_over(&id(3), "node-n").await.unwrap(),
+        shared::TakeOver::Refused(_)
+    ));
+    poll("the dead hub's lease to expire", || async {
+        (!dead.lease_alive().await.unwrap()).then_some(())
+    })
+    .await;
+
+    // The reaper requeues only node-m's task: node-n is online at live hub B, which takes
+    // its tasks over.
+    let r = reaper.reap().await.unwrap();
+    assert_eq!((r.requeued, r.handing_over), (1, 3), "{r:?}");
+    assert_eq!(
+        b.get(&id(3)).await.unwrap().unwrap().status,
+        TaskStatus::Queued
+    );
+    // A requeued task is not handed over, even to its own node.
+    assert!(matches!(
+        b.take_over(&id(3), "node-m").await.unwrap(),
+        shared::TakeOver::Refused(_)
+    ));
+
+    // B takes task 1 over: same record (assigned to node-n, attempt 1), claim + 1.
+    let shared::TakeOver::Taken(got) = b.take_over(&id(0), "node-n").await.unwrap() else {
+        panic!("not taken over");
+    };
+    assert_eq!(got.claim, held[0].1 + 1);
+    assert_eq!(got.task.status, TaskStatus::Assigned);
+    assert_eq!(got.task.attempt, 1);
+    assert_eq!(got.task.node_id.as_deref(), Some("node-n"));
+    // The old claim stays fenced; B's commit of the node's result lands, attempt 1, once.
+    let (mut late, late_claim) = held[0].clone();
+    succeed(&mut late);
+    assert!(matches!(
+        dead.commit(&late, late_claim).await,
+        Err(SharedError::Fenced(_))
+    ));
+    let mut rec = got.task;
+    succeed(&mut rec);
+    b.commit(&rec, got.claim).await.unwrap();
+    let t = c.get(&id(0)).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempt), (TaskStatus::Succeeded, 1));
+    assert!(!t.events.iter().any(|e| e.kind == EventKind::TaskMigrated));
+
+    // Two hubs racing for task 2: exactly one gets it.
+    let second = id(1);
+    let (x, y) = tokio::join!(
+        b.take_over(&second, "node-n"),
+        c.take_over(&second, "node-n")
+    );
+    let taken = [x.unwrap(), y.unwrap()]
+        .iter()
+        .filter(|t| matches!(t, shared::TakeOver::Taken(_)))
+        .count();
+    assert_eq!(taken, 1);
+
+    // Task 3 is never taken over: once the window after node-n's registration has passed, the
+    // reaper requeues it (the dead hub is forgotten once nothing is left).
+    poll("the reaper to requeue task 3", || async {
+        let r = reaper.reap().await.unwrap();
+        (r.requeued == 1).then_some(())
+    })
+    .await;
+    let t = b.get(&id(2)).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Queued);
+    assert_eq!(t.events.last().unwrap().kind, EventKind::TaskMigrated);
+    assert!(matches!(
+        b.take_over(&id(2), "node-n").await.unwrap(),
+        shared::TakeOver::Refused(_)
+    ));
 }
 
 #[tokio::test]

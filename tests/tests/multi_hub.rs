@@ -66,6 +66,20 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     assert!(kinds.contains(&"task_assigned"), "{kinds:?}");
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // Followed live at A while it runs at B (A wakes on B's record changes): every event
+    // once, in order, through the terminal one.
+    let live = a
+        .api()
+        .submit(&json!({"tool": "sleep", "args": {"ms": 2_000}}))
+        .await
+        .unwrap();
+    let events = a.api().events(&live.task_id, WAIT).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"task_created"), "{kinds:?}");
+    assert!(kinds.contains(&"task_assigned"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"task_completed"), "{kinds:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
 
     // A task no node can run waits in the shared queue; hub B cancels it; hub A sees that.
     let stuck = a
@@ -126,6 +140,58 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     assert_eq!(listed["hub"], b_id.as_str(), "{listed}");
     assert_eq!(listed["name"], "only-at-b", "{listed}");
 
+    // Hub A reads that node, lists its tasks, and drains and undrains it (at B).
+    let path = format!("/v1/nodes/{}", node.id());
+    let one: serde_json::Value = a.api().get_json(&path).await.unwrap();
+    assert_eq!(one["hub"], b_id.as_str(), "{one}");
+    assert_eq!(one["status"], "online", "{one}");
+    let (status, _) = apex_tests::api::json_of(
+        a.api()
+            .request(reqwest::Method::GET, "/v1/nodes/no-such-node")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.as_u16(), 404);
+    let done: serde_json::Value = a
+        .api()
+        .get_json(&format!("{path}/tasks?status=succeeded&limit=100"))
+        .await
+        .unwrap();
+    let rows = done["data"].as_array().unwrap();
+    assert_eq!(done["meta"]["total"].as_u64(), Some(rows.len() as u64));
+    for id in &ids {
+        assert!(
+            rows.iter().any(|t| t["task_id"] == id.as_str()),
+            "{id}: {done}"
+        );
+    }
+    for (action, want) in [("drain", "draining"), ("undrain", "online")] {
+        let (status, body) = apex_tests::api::json_of(
+            a.api()
+                .request(reqwest::Method::POST, &format!("{path}/{action}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status.as_u16(), 200, "{action}: {body}");
+        assert_eq!(body["status"], want, "{action}: {body}");
+        let at_b: serde_json::Value = b.api().get_json(&path).await.unwrap();
+        assert_eq!(at_b["status"], want, "{action} at B: {at_b}");
+    }
+    // Undrained, it takes work again.
+    let after = a
+        .api()
+        .submit(&json!({"tool": "echo", "args": {"text": "after"}}))
+        .await
+        .unwrap();
+    let t = a.api().wait_terminal(&after.task_id, WAIT).await.unwrap();
+    assert_eq!(t.status, "succeeded", "{t:?}");
+
     // The same idempotency key at both hubs names one task.
     let body = json!({"tool": "echo", "args": {"text": "once"}, "idempotency_key": "k-1"});
     let first = a.api().submit(&body).await.unwrap();
@@ -152,19 +218,23 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     let a = Hub::start(shared(&redis, None)).await.unwrap();
     let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
     // Each node knows both hubs, listed in a different order: they start spread over both.
-    let _na = Node::start(
+    // Their executors log each `task started` (debug), to count runs per task.
+    let log = ["--log-level", "info,apex_node::executor=debug"];
+    let na = Node::start(
         &a,
         NodeOptions::named("na")
             .concurrency(4)
-            .args(["--hub", &b.ws_base()]),
+            .args(["--hub", &b.ws_base()])
+            .args(log),
     )
     .await
     .unwrap();
-    let _nb = Node::start(
+    let nb = Node::start(
         &b,
         NodeOptions::named("nb")
             .concurrency(4)
-            .args(["--hub", &a.ws_base()]),
+            .args(["--hub", &a.ws_base()])
+            .args(log),
     )
     .await
     .unwrap();
@@ -194,7 +264,22 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     })
     .await
     .unwrap();
+    // While A's node runs tasks, freeze it, so they are still in flight when A dies; it
+    // resumes, finds A gone and registers at B listing them.
+    apex_tests::wait_until("hub A's node to run tasks", WAIT, || {
+        let (api, id) = (a.api().clone(), na.id().to_owned());
+        async move {
+            let n = api.node(&id).await?;
+            Ok(n.and_then(|n| n.active_tasks)
+                .is_some_and(|k| k > 0)
+                .then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    na.freeze().unwrap();
     a.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    na.thaw().unwrap();
 
     // Hub B takes over: every task ends succeeded, read at B.
     for id in &ids {
@@ -230,9 +315,48 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
         }
     }
     eprintln!(
-        "{retried} of {} tasks were taken over after the SIGKILL",
+        "{retried} of {} tasks were requeued after the SIGKILL",
         ids.len()
     );
+    // Run once: the tasks A's node was running when A died were handed over to B with their
+    // node (which reconnected to B), not run again: each task id is in one `task started` line.
+    let mut started: std::collections::HashMap<String, usize> = Default::default();
+    for n in [&na, &nb] {
+        for line in strip_ansi(&n.log_text()).lines() {
+            if line.contains("task started")
+                && let Some(rest) = line.split("task_id=").nth(1)
+            {
+                let id = rest.split_whitespace().next().unwrap_or_default();
+                *started.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "tasks started more than once: {twice:?}");
+    assert_eq!(started.len(), ids.len(), "every task started on a node");
+    // And B did take some over (A's node was busy when A died).
+    let b_log = b.log_text();
+    let handed = b_log.matches("took over a task from a dead hub").count();
+    assert!(handed > 0, "hub B took over no task: {b_log}");
+    eprintln!("{handed} tasks were handed over to hub B with their node");
+}
+
+/// Removes ANSI colour codes (log lines of the binaries).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,17 +22,26 @@
 //!   `finished`: finished task ids by finish time in ms (for retention); `deadlines`: task
 //!   ids by deadline in ms (for timing out tasks no hub claimed).
 //! - `nodes`: hash node id → [`SharedNode`] JSON (the cluster-wide node registry).
+//! - Listing indexes, sorted sets of task ids scored by `seq` (like `index`), kept by every
+//!   script that writes a record (`apex_reindex`, with the task hash fields `ix_s`, `ix_t`,
+//!   `ix_n` naming the keys it is in): `ix:status:{status}`, `ix:tool:{tool}`,
+//!   `ix:st:{status}:{tool}`, `ix:node:{node}`, `ix:sn:{status}:{node}` (node: the record's
+//!   current or last `node_id`).
 //!
 //! Pub/sub: `apex:shared:wake` carries a queue key whenever a task is added to it;
 //! `apex:shared:task-events` carries a task id whenever its record changed (readers re-read the
 //! record and send the events after the last sequence number they saw); `apex:shared:cancel`
-//! carries ids of tasks to cancel (the hub holding one cancels it).
+//! carries ids of tasks to cancel (the hub holding one cancels it); `apex:shared:node-actions`
+//! carries drain/undrain requests for a node, naming the hub holding its connection.
 //!
 //! Fencing: [`SharedRedis::commit`] and [`SharedRedis::release`] write only if the hub's lease still holds its epoch and the
 //! task's `owner`, `epoch` and `claim` are the ones it claimed. [`SharedRedis::reap`] requeues
 //! a claimed task only if its owner's lease no longer holds the claiming epoch. Both are single
 //! scripts, so a result from an expired lease is never committed and a task is never both
-//! committed by its old owner and requeued.
+//! committed by its old owner and requeued. [`SharedRedis::take_over`] (a dead hub's claim to
+//! the hub its node reconnected to) has the same two conditions as the requeue (claim
+//! unchanged, old lease not holding its epoch), so the two exclude each other; the reaper
+//! leaves such a task to that hub for the hand-over window ([`HANDOVER_WINDOW_LEASES`]).
 //!
 //! The scripts touch keys they compute from others (the task hashes a claim pops), which a
 //! standalone Redis allows; Redis Cluster is not supported.
@@ -60,11 +69,70 @@ pub const EVENTS_CHANNEL: &str = "apex:shared:task-events";
 /// Default lifetime of a hub lease, in milliseconds (renewed every second).
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
 
+/// The Lua function every script that writes a task record calls to keep the listing indexes
+/// (`ix:*` sorted sets, score = the task's `seq` from `index`, member = task id):
+/// `apex_reindex(task key, id, status, tool, node)` moves the task from the indexes of the
+/// status, tool and node it had (hash fields `ix_s`, `ix_t`, `ix_n`) to those of the new ones
+/// (`node` empty: none); `status` false removes it from all (deletion). Unchanged keys cost
+/// one `HMGET`.
+macro_rules! reindex_lua {
+    () => {
+        r"
+local function apex_reindex(tk, id, s, t, n)
+  local old = redis.call('HMGET', tk, 'ix_s', 'ix_t', 'ix_n')
+  local os, ot, on = old[1], old[2], old[3]
+  if os == s and ot == t and on == n then return end
+  local P = 'apex:shared:ix:'
+  if not s then
+    if os then
+      redis.call('ZREM', P .. 'status:' .. os, id)
+      redis.call('ZREM', P .. 'tool:' .. ot, id)
+      redis.call('ZREM', P .. 'st:' .. os .. ':' .. ot, id)
+      if on ~= '' then
+        redis.call('ZREM', P .. 'node:' .. on, id)
+        redis.call('ZREM', P .. 'sn:' .. os .. ':' .. on, id)
+      end
+      redis.call('HDEL', tk, 'ix_s', 'ix_t', 'ix_n')
+    end
+    return
+  end
+  local seq = redis.call('ZSCORE', 'apex:shared:index', id)
+  if not seq then return end
+  if not os then os, ot, on = '', '', '' end
+  if os ~= s then
+    if os ~= '' then redis.call('ZREM', P .. 'status:' .. os, id) end
+    redis.call('ZADD', P .. 'status:' .. s, seq, id)
+  end
+  if ot ~= t then
+    if ot ~= '' then redis.call('ZREM', P .. 'tool:' .. ot, id) end
+    redis.call('ZADD', P .. 'tool:' .. t, seq, id)
+  end
+  if os ~= s or ot ~= t then
+    if os ~= '' then redis.call('ZREM', P .. 'st:' .. os .. ':' .. ot, id) end
+    redis.call('ZADD', P .. 'st:' .. s .. ':' .. t, seq, id)
+  end
+  if on ~= n then
+    if on ~= '' then redis.call('ZREM', P .. 'node:' .. on, id) end
+    if n ~= '' then redis.call('ZADD', P .. 'node:' .. n, seq, id) end
+  end
+  if os ~= s or on ~= n then
+    if on ~= '' then redis.call('ZREM', P .. 'sn:' .. os .. ':' .. on, id) end
+    if n ~= '' then redis.call('ZADD', P .. 'sn:' .. s .. ':' .. n, seq, id) end
+  end
+  redis.call('HSET', tk, 'ix_s', s, 'ix_t', t, 'ix_n', n)
+end
+"
+    };
+}
+
 /// Submit: KEYS[1] task hash, KEYS[2] queue, KEYS[3] seq counter, KEYS[4] idempotency key,
 /// KEYS[5] the index of every task by `seq`, KEYS[6] deadlines; ARGV[6] the deadline (ms);
 /// ARGV[1] task id, ARGV[2] record, ARGV[3] score, ARGV[4] `1` if KEYS[4] is used, ARGV[5]
-/// wake channel. Returns `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
-const SUBMIT: &str = r"
+/// wake channel, ARGV[7..9] the task's status, tool and node for the listing indexes. Returns
+/// `{"1", id, seq}` for a new task or `{"0", existing id, ""}`.
+const SUBMIT: &str = concat!(
+    reindex_lua!(),
+    r"
 if ARGV[4] == '1' then
   local ok = redis.call('SET', KEYS[4], ARGV[1], 'NX')
   if not ok then
@@ -79,19 +147,24 @@ if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'idem', KEYS[4]) end
 redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
+apex_reindex(KEYS[1], ARGV[1], ARGV[7], ARGV[8], ARGV[9])
 redis.call('PUBLISH', ARGV[5], KEYS[2])
 return {'1', ARGV[1], tostring(seq)}
-";
+"
+);
 
 /// Submit a batch, all or none: KEYS[1] seq counter, KEYS[2] index, KEYS[3] deadlines, then per
 /// task i (from 0) KEYS[4+3i] task hash, KEYS[5+3i] queue, KEYS[6+3i] idempotency key (any
 /// name when unused); ARGV[1] wake channel, ARGV[2] the task key prefix, then per task
-/// ARGV[3+5i] id, ARGV[4+5i] record, ARGV[5+5i] score, ARGV[6+5i] `1` if its idempotency key
-/// is used, ARGV[7+5i] deadline (ms). Every read that can fail (a key of the wrong type, an
+/// ARGV[3+8i] id, ARGV[4+8i] record, ARGV[5+8i] score, ARGV[6+8i] `1` if its idempotency key
+/// is used, ARGV[7+8i] deadline (ms), ARGV[8+8i..10+8i] its status, tool and node for the
+/// listing indexes (`apex_reindex`). Every read that can fail (a key of the wrong type, an
 /// existing task hash) runs before the first write, so an error writes nothing. Returns per
 /// task `{"1", id, seq}` (new) or `{"0", existing id, its record}` (idempotency key used
 /// before, at any hub or earlier in this batch), flattened. Publishes each queue once.
-const SUBMIT_BATCH: &str = r"
+const SUBMIT_BATCH: &str = concat!(
+    reindex_lua!(),
+    r"
 local n = (#KEYS - 3) / 3
 local function want(key, types)
   local t = redis.call('TYPE', key)['ok']
@@ -108,7 +181,7 @@ for i = 0, n - 1 do
   local tk, q, ik = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
   if redis.call('EXISTS', tk) == 1 then error('task key ' .. tk .. ' exists already') end
   if not queues[q] then want(q, {'none', 'zset'}); queues[q] = true end
-  if ARGV[6 + 5 * i] == '1' and existing[ik] == nil then
+  if ARGV[6 + 8 * i] == '1' and existing[ik] == nil then
     local id = redis.call('GET', ik)
     if id then
       existing[ik] = id
@@ -122,8 +195,8 @@ end
 local out = {}
 for i = 0, n - 1 do
   local tk, q, ik = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
-  local id, rec = ARGV[3 + 5 * i], ARGV[4 + 5 * i]
-  local idem = ARGV[6 + 5 * i] == '1'
+  local id, rec = ARGV[3 + 8 * i], ARGV[4 + 8 * i]
+  local idem = ARGV[6 + 8 * i] == '1'
   if idem and existing[ik] then
     local old = existing[ik]
     -- its record: read before the first write, or this batch's
@@ -139,32 +212,37 @@ for i = 0, n - 1 do
     redis.call('HSET', tk, 'record', rec, 'state', 'queued', 'queue', q, 'member', member,
       'claim', '0')
     if idem then redis.call('HSET', tk, 'idem', ik) end
-    redis.call('ZADD', q, ARGV[5 + 5 * i], member)
+    redis.call('ZADD', q, ARGV[5 + 8 * i], member)
     redis.call('ZADD', KEYS[2], seq, id)
-    redis.call('ZADD', KEYS[3], ARGV[7 + 5 * i], id)
+    redis.call('ZADD', KEYS[3], ARGV[7 + 8 * i], id)
+    apex_reindex(tk, id, ARGV[8 + 8 * i], ARGV[9 + 8 * i], ARGV[10 + 8 * i])
     table.insert(out, '1'); table.insert(out, id); table.insert(out, tostring(seq))
   end
 end
 for q, _ in pairs(queues) do redis.call('PUBLISH', ARGV[1], q) end
 return out
-";
+"
+);
 
 /// Commit a batch of held tasks, each fenced on its own (as [`COMMIT`]): KEYS[1] hub lease,
 /// KEYS[2] owned set, KEYS[3] finished set, then per task i (from 0) KEYS[4+2i] task hash,
 /// KEYS[5+2i] its queue; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] events channel, ARGV[4] wake
-/// channel, ARGV[5] now (ms), then per task ARGV[6+5i] claim, ARGV[7+5i] record, ARGV[8+5i]
-/// next state (`claimed`, `done`, `queued`), ARGV[9+5i] score, ARGV[10+5i] task id. Returns
+/// channel, ARGV[5] now (ms), then per task ARGV[6+8i] claim, ARGV[7+8i] record, ARGV[8+8i]
+/// next state (`claimed`, `done`, `queued`), ARGV[9+8i] score, ARGV[10+8i] task id,
+/// ARGV[11+8i..13+8i] the record's status, tool and node for the listing indexes. Returns
 /// one entry per task: 1 (written, or released already with exactly this record) or a string
 /// starting `FENCED` (nothing written for that task). Each queue is published once.
-const COMMIT_BATCH: &str = r"
+const COMMIT_BATCH: &str = concat!(
+    reindex_lua!(),
+    r"
 local n = (#KEYS - 3) / 2
 local lease = redis.call('GET', KEYS[1]) == ARGV[2]
 local out = {}
 local woken = {}
 for i = 0, n - 1 do
   local tk, q = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  local claim, rec, nxt = ARGV[6 + 5 * i], ARGV[7 + 5 * i], ARGV[8 + 5 * i]
-  local score, id = ARGV[9 + 5 * i], ARGV[10 + 5 * i]
+  local claim, rec, nxt = ARGV[6 + 8 * i], ARGV[7 + 8 * i], ARGV[8 + 8 * i]
+  local score, id = ARGV[9 + 8 * i], ARGV[10 + 8 * i]
   local h = redis.call('HMGET', tk, 'state', 'record', 'owner', 'epoch', 'claim', 'member')
   if h[1] ~= 'claimed' and h[2] == rec then
     table.insert(out, 1)
@@ -174,6 +252,7 @@ for i = 0, n - 1 do
     table.insert(out, 'FENCED the task is not held by this claim')
   else
     redis.call('HSET', tk, 'record', rec)
+    apex_reindex(tk, id, ARGV[11 + 8 * i], ARGV[12 + 8 * i], ARGV[13 + 8 * i])
     if nxt ~= 'claimed' then
       redis.call('HSET', tk, 'state', nxt)
       redis.call('HDEL', tk, 'owner', 'epoch')
@@ -191,7 +270,8 @@ for i = 0, n - 1 do
 end
 for q, _ in pairs(woken) do redis.call('PUBLISH', ARGV[4], q) end
 return out
-";
+"
+);
 
 /// [`SUBMIT_BATCH`], hashed once.
 static SUBMIT_BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -261,9 +341,12 @@ static CLAIM_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
 /// Commit: KEYS[1] task hash, KEYS[2] hub lease, KEYS[3] owned set, KEYS[4] the task's queue,
 /// KEYS[5] the finished set; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] claim, ARGV[4] record,
 /// ARGV[5] next state (`claimed`, `done`, `queued`), ARGV[6] score, ARGV[7] task id, ARGV[8]
-/// events channel, ARGV[9] wake channel, ARGV[10] now (ms, the finish time for `done`). Returns 1 (also, writing nothing, when the task is released already
+/// events channel, ARGV[9] wake channel, ARGV[10] now (ms, the finish time for `done`),
+/// ARGV[11..13] the record's status, tool and node for the listing indexes. Returns 1 (also, writing nothing, when the task is released already
 /// with exactly this record: a retried batch), or an error starting `FENCED`.
-const COMMIT: &str = r"
+const COMMIT: &str = concat!(
+    reindex_lua!(),
+    r"
 local done = redis.call('HMGET', KEYS[1], 'state', 'record')
 if done[1] ~= 'claimed' and done[2] == ARGV[4] then return 1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then
@@ -274,6 +357,7 @@ if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' th
   return redis.error_reply('FENCED the task is not held by this claim')
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[4])
+apex_reindex(KEYS[1], ARGV[7], ARGV[11], ARGV[12], ARGV[13])
 if ARGV[5] ~= 'claimed' then
   redis.call('HSET', KEYS[1], 'state', ARGV[5])
   redis.call('HDEL', KEYS[1], 'owner', 'epoch')
@@ -287,21 +371,26 @@ if ARGV[5] ~= 'claimed' then
 end
 redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
-";
+"
+);
 
 /// Finish a task that waits in a queue (cancel, timeout): KEYS[1] task hash, KEYS[2] queue,
 /// KEYS[3] the finished set; ARGV[1] record, ARGV[2] task id, ARGV[3] events channel, ARGV[4]
-/// now (ms). Returns 1, or 0 if the task is not
-/// queued (claimed by a hub, or finished).
-const FINISH_QUEUED: &str = r"
+/// now (ms), ARGV[5..7] the record's status, tool and node for the listing indexes. Returns 1,
+/// or 0 if the task is not queued (claimed by a hub, or finished).
+const FINISH_QUEUED: &str = concat!(
+    reindex_lua!(),
+    r"
 local h = redis.call('HMGET', KEYS[1], 'state', 'member')
 if h[1] ~= 'queued' then return 0 end
 redis.call('ZREM', KEYS[2], h[2])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'done')
+apex_reindex(KEYS[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return 1
-";
+"
+);
 
 /// Renew: KEYS[1] hub lease; ARGV[1] epoch, ARGV[2] ttl ms. Returns 1 if renewed, 0 if the
 /// lease is gone or holds another epoch.
@@ -314,14 +403,19 @@ return 1
 /// Requeue a task of a dead hub: KEYS[1] task hash, KEYS[2] its owner's lease, KEYS[3] its
 /// owner's owned set, KEYS[4] its queue, KEYS[5] the finished set; ARGV[1] owner, ARGV[2]
 /// epoch, ARGV[3] claim, ARGV[4] record, ARGV[5] next state (`queued` or `done`), ARGV[6]
-/// score, ARGV[7] task id, ARGV[8] events channel, ARGV[9] wake channel, ARGV[10] now (ms). Returns 1, or 0 if the claim is alive or gone.
-const REQUEUE: &str = r"
+/// score, ARGV[7] task id, ARGV[8] events channel, ARGV[9] wake channel, ARGV[10] now (ms),
+/// ARGV[11..13] the record's status, tool and node for the listing indexes. Returns 1, or 0 if
+/// the claim is alive or gone.
+const REQUEUE: &str = concat!(
+    reindex_lua!(),
+    r"
 if redis.call('GET', KEYS[2]) == ARGV[2] then return 0 end
 local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'member')
 if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[4], 'state', ARGV[5])
+apex_reindex(KEYS[1], ARGV[7], ARGV[11], ARGV[12], ARGV[13])
 redis.call('HDEL', KEYS[1], 'owner', 'epoch')
 redis.call('SREM', KEYS[3], ARGV[7])
 if ARGV[5] == 'queued' then
@@ -332,23 +426,41 @@ else
 end
 redis.call('PUBLISH', ARGV[8], ARGV[7])
 return 1
-";
+"
+);
 
 /// Retention: KEYS[1] the finished set, KEYS[2] the index, KEYS[3] deadlines; ARGV[1] cutoff (ms), ARGV[2] at
 /// most this many, ARGV[3] task key prefix. Deletes tasks finished before the cutoff (hash,
-/// idempotency key, index entries). Returns how many.
-const COLLECT: &str = r"
+/// idempotency key, index entries, listing indexes). Returns how many.
+const COLLECT: &str = concat!(
+    reindex_lua!(),
+    r"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, id in ipairs(ids) do
   local tk = ARGV[3] .. id
   local idem = redis.call('HGET', tk, 'idem')
   if idem then redis.call('DEL', idem) end
+  apex_reindex(tk, id, false, false, false)
   redis.call('DEL', tk)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[3], id)
 end
 return #ids
+"
+);
+
+/// A page of a listing index: KEYS[1] the sorted set (score `seq`, member task id); ARGV[1]
+/// first and ARGV[2] last rank (newest first), ARGV[3] task key prefix. Returns the set's size
+/// then the records of that page (a task deleted meanwhile is skipped). `ZRANGE ... REV` needs
+/// Redis 6.2.
+const LIST: &str = r"
+local out = {tostring(redis.call('ZCARD', KEYS[1]))}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'REV')) do
+  local r = redis.call('HGET', ARGV[3] .. id, 'record')
+  if r then table.insert(out, r) end
+end
+return out
 ";
 
 /// Leave: KEYS[1] hub lease; ARGV[1] epoch. Deletes the lease if it still holds this epoch.
@@ -364,6 +476,51 @@ const FORGET_HUB: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('SCARD', KEYS[3]) > 0 then return 0 end
 return redis.call('SREM', KEYS[1], ARGV[1])
 ";
+
+/// Hand a dead hub's claim over to the hub a node of it reconnected to: KEYS[1] task hash,
+/// KEYS[2] the old owner's lease, KEYS[3] its owned set, KEYS[4] the new hub's lease, KEYS[5]
+/// its owned set; ARGV[1] old owner, ARGV[2] old epoch, ARGV[3] old claim, ARGV[4] the record
+/// as read (the caller checked it is assigned to the reconnected node), ARGV[5] new hub id,
+/// ARGV[6] its epoch, ARGV[7] task id, ARGV[8] events channel. Returns the new claim number,
+/// `alive` (the old owner's lease still holds its epoch: try again later) or `changed` (the
+/// task is no longer exactly that claim and record: read it again); an error starting `LEASE`
+/// if the new hub's own lease is lost.
+const TAKE_OVER: &str = r"
+if redis.call('GET', KEYS[4]) ~= ARGV[6] then
+  return redis.error_reply('LEASE the hub lease is lost')
+end
+local h = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'claim', 'state', 'record')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= ARGV[3] or h[4] ~= 'claimed'
+  or h[5] ~= ARGV[4] then
+  return 'changed'
+end
+if redis.call('GET', KEYS[2]) == ARGV[2] then return 'alive' end
+local claim = redis.call('HINCRBY', KEYS[1], 'claim', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'epoch', ARGV[6])
+redis.call('SREM', KEYS[3], ARGV[7])
+redis.call('SADD', KEYS[5], ARGV[7])
+redis.call('PUBLISH', ARGV[8], ARGV[7])
+return tostring(claim)
+";
+
+/// How long after a node re-registers at a live hub the reapers leave the tasks a dead hub
+/// assigned to it alone (that hub takes them over, see [`SharedRedis::take_over`]), as a
+/// multiple of the lease lifetime: the old owner's lease must expire first (one lifetime), then
+/// the new hub's hand-over pass must run.
+pub const HANDOVER_WINDOW_LEASES: u64 = 3;
+
+/// What [`SharedRedis::take_over`] did.
+#[derive(Debug, Clone)]
+pub enum TakeOver {
+    /// This hub holds the task now, under a new claim (same record: still assigned to the
+    /// node, same attempt).
+    Taken(Box<Claimed>),
+    /// The old owner's lease still holds the claiming epoch: ask again later.
+    Wait,
+    /// Not taken and never will be: the reason (the task finished, was requeued, is held by
+    /// a live hub, is assigned elsewhere, or does not exist).
+    Refused(&'static str),
+}
 
 /// Why a shared-mode call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -422,6 +579,16 @@ fn owned_key(hub: &str) -> String {
 /// Queue score: lower pops first, so higher priority gets a lower score. Exact for any `i32`.
 fn score(task: &Task) -> f64 {
     -f64::from(task.spec.priority)
+}
+
+/// A record's keys in the listing indexes, as script arguments: status, tool, node (empty if
+/// none).
+fn index_fields(task: &Task) -> Vec<String> {
+    vec![
+        task.status.as_str().to_owned(),
+        task.spec.tool.clone(),
+        task.node_id.clone().unwrap_or_default(),
+    ]
 }
 
 /// Result of [`SharedRedis::submit`].
@@ -485,6 +652,9 @@ pub struct Commit<'a> {
     pub queue: String,
     /// Its queue score (`-priority`).
     pub score: f64,
+    /// The record's status, tool and node (empty if none): its keys in the listing indexes
+    /// ([`index_fields`]).
+    pub index: Vec<String>,
 }
 
 impl<'a> Commit<'a> {
@@ -502,6 +672,7 @@ impl<'a> Commit<'a> {
             },
             queue: queue_key(task),
             score: score(task),
+            index: index_fields(task),
         }
     }
 }
@@ -544,6 +715,9 @@ pub struct Reaped {
     pub failed: u64,
     /// Dead hubs forgotten (nothing left to reap).
     pub hubs_forgotten: u64,
+    /// Tasks left alone because their node re-registered at a live hub, which takes them over
+    /// ([`SharedRedis::take_over`]).
+    pub handing_over: u64,
 }
 
 /// Pub/sub channel carrying ids of tasks to cancel: the hub holding the task cancels it.
@@ -571,6 +745,45 @@ pub async fn subscribe_cancels(
     Ok(pubsub
         .into_on_message()
         .filter_map(|msg| async move { String::from_utf8(msg.get_payload_bytes().to_vec()).ok() }))
+}
+
+/// Pub/sub channel carrying operator actions on a node connected to another hub
+/// ([`NodeAction`] JSON); the hub named in it applies them.
+pub const NODE_ACTIONS_CHANNEL: &str = "apex:shared:node-actions";
+
+/// An operator action on a node, forwarded to the hub holding its connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAction {
+    /// The hub that should apply it.
+    pub hub: String,
+    /// The node.
+    pub node: String,
+    /// `true`: drain (no new work); `false`: undrain.
+    pub drain: bool,
+}
+
+/// Subscribes to [`NODE_ACTIONS_CHANNEL`] on a connection of its own; the stream yields the
+/// actions that decode and ends when the connection drops (subscribe again).
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe_node_actions(
+    url: &str,
+) -> Result<impl Stream<Item = NodeAction> + Send + 'static, SharedError> {
+    let what = super::redis::redacted(url);
+    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
+        what: what.clone(),
+        reason: one_line(e),
+    };
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub
+        .subscribe(NODE_ACTIONS_CHANNEL)
+        .await
+        .map_err(unavailable)?;
+    Ok(pubsub
+        .into_on_message()
+        .filter_map(|msg| async move { serde_json::from_slice(msg.get_payload_bytes()).ok() }))
 }
 
 /// A wake-up published by some hub (see the module docs for the channels).
@@ -628,7 +841,14 @@ pub struct SharedRedis {
     hub_id: String,
     epoch: Arc<AtomicU64>,
     lease_ttl_ms: u64,
+    /// Task ids whose shared record changed, fanned out from the hub's one subscription
+    /// ([`SharedRedis::wake_task`]) to readers following a task ([`SharedRedis::task_wakes`]).
+    task_wakes: tokio::sync::broadcast::Sender<Arc<str>>,
 }
+
+/// The task id [`SharedRedis::wake_task`] sends when every follower should read again (the
+/// subscription was made again: messages may have been missed meanwhile).
+pub const WAKE_ALL: &str = "*";
 
 fn one_line(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -698,7 +918,37 @@ impl SharedRedis {
             hub_id: hub_id.to_owned(),
             epoch,
             lease_ttl_ms,
+            task_wakes: tokio::sync::broadcast::channel(1024).0,
         })
+    }
+
+    /// Wake-ups of readers following task records (SSE and `wait_ms` at a hub that does not
+    /// hold the task): each item is a task id whose record changed, or [`WAKE_ALL`]. A lagging
+    /// receiver should read again. Subscribe before reading the record, so no change is missed.
+    pub fn task_wakes(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.task_wakes.subscribe()
+    }
+
+    /// Passes on a [`Wake::Task`] (or [`WAKE_ALL`]) heard by the hub's subscription to the
+    /// readers of [`SharedRedis::task_wakes`].
+    pub fn wake_task(&self, id: &str) {
+        if self.task_wakes.receiver_count() > 0 {
+            let _ = self.task_wakes.send(Arc::from(id));
+        }
+    }
+
+    /// Waits until `rx` (from [`SharedRedis::task_wakes`]) names task `id` or [`WAKE_ALL`], or
+    /// lagged (some wake-up may be lost: read again). Never returns if the sender is gone.
+    pub async fn task_woken(rx: &mut tokio::sync::broadcast::Receiver<Arc<str>>, id: &str) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(x) if &*x == id || &*x == WAKE_ALL => return,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => return,
+                Err(RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
     }
 
     /// Takes a new epoch and lease (after [`SharedRedis::renew`] reported the lease lost).
@@ -740,6 +990,12 @@ impl SharedRedis {
     /// The lifetime of this hub's lease, in milliseconds.
     pub fn lease_ttl_ms(&self) -> u64 {
         self.lease_ttl_ms
+    }
+
+    /// How long a hub waits to take over a re-registered node's tasks, and the reapers leave
+    /// them to it: [`HANDOVER_WINDOW_LEASES`] lease lifetimes.
+    pub fn handover_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(HANDOVER_WINDOW_LEASES.saturating_mul(self.lease_ttl_ms))
     }
 
     /// This hub's current epoch.
@@ -834,6 +1090,7 @@ impl SharedRedis {
             .arg(if idem.is_some() { "1" } else { "0" })
             .arg(WAKE_CHANNEL)
             .arg(deadline_ms(task))
+            .arg(index_fields(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -975,6 +1232,7 @@ impl SharedRedis {
             .arg(EVENTS_CHANNEL)
             .arg(WAKE_CHANNEL)
             .arg(now_ms())
+            .arg(index_fields(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.classify(e))?;
@@ -1012,7 +1270,8 @@ impl SharedRedis {
                 .arg(record)
                 .arg(score(task))
                 .arg(if idem.is_some() { "1" } else { "0" })
-                .arg(deadline_ms(task));
+                .arg(deadline_ms(task))
+                .arg(index_fields(task));
         }
         let mut c = self.conn.clone();
         let flat: Vec<Vec<u8>> = script
@@ -1074,7 +1333,8 @@ impl SharedRedis {
                 .arg(c.record)
                 .arg(c.next.as_str())
                 .arg(c.score)
-                .arg(c.id);
+                .arg(c.id)
+                .arg(&c.index);
         }
         let mut c = self.conn.clone();
         let rows: Vec<redis::Value> = script
@@ -1111,6 +1371,7 @@ impl SharedRedis {
             .arg(&task.id)
             .arg(EVENTS_CHANNEL)
             .arg(now_ms())
+            .arg(index_fields(task))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -1139,8 +1400,10 @@ impl SharedRedis {
     }
 
     /// A page of every task in the shared store matching `filter`, newest first (`page` from
-    /// 1). Reads every record (in batches of 500): fine for thousands of tasks, slow for
-    /// millions.
+    /// 1), and the exact number matching. No filter, one filter, or status with tool or with
+    /// node read one sorted set (`index` or an `ix:*` listing index kept by the scripts): one
+    /// script call reading the page's records, O(page + log n). Tool with node reads the
+    /// smaller of the two indexes and filters the records (O(that index)).
     ///
     /// # Errors
     /// [`SharedError::Unavailable`].
@@ -1150,16 +1413,84 @@ impl SharedRedis {
         page: usize,
         limit: usize,
     ) -> Result<crate::store::Page, SharedError> {
+        let skip = page.saturating_sub(1).saturating_mul(limit);
+        let ix = |k: String| format!("{PREFIX}ix:{k}");
+        let status = filter.status.map(TaskStatus::as_str);
+        let key = match (status, filter.tool.as_deref(), filter.node_id.as_deref()) {
+            (None, None, None) => format!("{PREFIX}index"),
+            (Some(s), None, None) => ix(format!("status:{s}")),
+            (None, Some(t), None) => ix(format!("tool:{t}")),
+            (None, None, Some(n)) => ix(format!("node:{n}")),
+            (Some(s), Some(t), None) => ix(format!("st:{s}:{t}")),
+            (Some(s), None, Some(n)) => ix(format!("sn:{s}:{n}")),
+            (s, Some(t), Some(n)) => {
+                let (by_tool, by_node) = match s {
+                    Some(s) => (ix(format!("st:{s}:{t}")), ix(format!("sn:{s}:{n}"))),
+                    None => (ix(format!("tool:{t}")), ix(format!("node:{n}"))),
+                };
+                return self
+                    .list_scan(filter, &by_tool, &by_node, skip, limit)
+                    .await;
+            }
+        };
         let mut c = self.conn.clone();
+        if limit == 0 {
+            let total: u64 = redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            return Ok(crate::store::Page {
+                tasks: Vec::new(),
+                total: usize::try_from(total).unwrap_or(usize::MAX),
+            });
+        }
+        let rows: Vec<Vec<u8>> = redis::Script::new(LIST)
+            .key(&key)
+            .arg(skip)
+            .arg(skip.saturating_add(limit - 1))
+            .arg(format!("{PREFIX}task:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut rows = rows.into_iter();
+        let total = rows
+            .next()
+            .and_then(|t| std::str::from_utf8(&t).ok()?.parse().ok())
+            .unwrap_or(0);
+        let tasks = rows
+            .filter_map(|raw| serde_json::from_slice::<Task>(&raw).ok())
+            .collect();
+        Ok(crate::store::Page { tasks, total })
+    }
+
+    /// [`SharedRedis::list`] for tool with node: walks the smaller of two listing indexes,
+    /// newest first, reading records in batches of 500 and filtering them.
+    async fn list_scan(
+        &self,
+        filter: &crate::store::TaskFilter,
+        a: &str,
+        b: &str,
+        skip: usize,
+        limit: usize,
+    ) -> Result<crate::store::Page, SharedError> {
+        let mut c = self.conn.clone();
+        let (na, nb): (u64, u64) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(a)
+            .cmd("ZCARD")
+            .arg(b)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(format!("{PREFIX}index"))
+            .arg(if na <= nb { a } else { b })
             .arg(0)
             .arg(-1)
             .arg("REV")
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let skip = page.saturating_sub(1).saturating_mul(limit);
         let mut total = 0;
         let mut tasks = Vec::new();
         for chunk in ids.chunks(500) {
@@ -1287,6 +1618,32 @@ impl SharedRedis {
         redis::cmd("PUBLISH")
             .arg(CANCEL_CHANNEL)
             .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Asks hub `hub` to drain (or undrain) its node `node` ([`NODE_ACTIONS_CHANNEL`]).
+    /// Returns how many hubs heard the request.
+    ///
+    /// # Errors
+    /// [`SharedError::Unavailable`].
+    pub async fn request_node_action(
+        &self,
+        hub: &str,
+        node: &str,
+        drain: bool,
+    ) -> Result<u64, SharedError> {
+        let action = NodeAction {
+            hub: hub.to_owned(),
+            node: node.to_owned(),
+            drain,
+        };
+        let payload = serde_json::to_vec(&action).map_err(|e| self.unavailable(e))?;
+        let mut c = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(NODE_ACTIONS_CHANNEL)
+            .arg(payload)
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))
@@ -1425,6 +1782,109 @@ impl SharedRedis {
         Ok(out)
     }
 
+    /// Takes over the claim on task `id` that a dead hub holds, for this hub, because `node`
+    /// (which the record names as running it) reconnected here and says it still holds it. Only
+    /// if the task is claimed, assigned or running on `node`, and its owner's lease no longer
+    /// holds the claiming epoch (one script checks that the claim and record are unchanged, so
+    /// it excludes the reapers' requeue and the old owner's commits); the new claim has this
+    /// hub's epoch and `claim + 1`, the record is unchanged.
+    ///
+    /// # Errors
+    /// [`SharedError::Fenced`] if this hub's lease is lost; [`SharedError::Unavailable`];
+    /// [`SharedError::Unreadable`] for a bad record.
+    pub async fn take_over(&self, id: &str, node: &str) -> Result<TakeOver, SharedError> {
+        let mut c = self.conn.clone();
+        for _ in 0..3 {
+            let h: ClaimFields = redis::cmd("HMGET")
+                .arg(task_key(id))
+                .arg("record")
+                .arg("owner")
+                .arg("epoch")
+                .arg("claim")
+                .arg("state")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let (Some(raw), owner, epoch, Some(claim), Some(state)) = h else {
+                return Ok(TakeOver::Refused("the shared store has no such task"));
+            };
+            if state != "claimed" {
+                return Ok(TakeOver::Refused(
+                    "the task is not held by any hub (finished or requeued)",
+                ));
+            }
+            let (Some(owner), Some(epoch)) = (owner, epoch) else {
+                return Ok(TakeOver::Refused("the task has no owner"));
+            };
+            if owner == self.hub_id {
+                return Ok(TakeOver::Refused("this hub holds the task already"));
+            }
+            let task: Task = serde_json::from_slice(&raw).map_err(|e| SharedError::Unreadable {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+            if !matches!(task.status, TaskStatus::Assigned | TaskStatus::Running)
+                || task.node_id.as_deref() != Some(node)
+            {
+                return Ok(TakeOver::Refused("the task is not assigned to this node"));
+            }
+            let r: String = redis::Script::new(TAKE_OVER)
+                .key(task_key(id))
+                .key(lease_key(&owner))
+                .key(owned_key(&owner))
+                .key(lease_key(&self.hub_id))
+                .key(owned_key(&self.hub_id))
+                .arg(&owner)
+                .arg(&epoch)
+                .arg(&claim)
+                .arg(raw)
+                .arg(&self.hub_id)
+                .arg(self.epoch())
+                .arg(id)
+                .arg(EVENTS_CHANNEL)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.classify(e))?;
+            match r.as_str() {
+                "alive" => return Ok(TakeOver::Wait),
+                "changed" => continue,
+                n => {
+                    let claim = n.parse().map_err(|_| {
+                        self.unavailable("unexpected reply of the take-over script")
+                    })?;
+                    return Ok(TakeOver::Taken(Box::new(Claimed { task, claim })));
+                }
+            }
+        }
+        // Changing under us (its old owner is still committing): ask again later.
+        Ok(TakeOver::Wait)
+    }
+
+    /// Whether `node` re-registered at a live hub other than `dead` less than the hand-over
+    /// window ago ([`HANDOVER_WINDOW_LEASES`] lease lifetimes): that hub is taking over the
+    /// tasks `dead` assigned to it, so the reaper leaves them alone meanwhile.
+    async fn handing_over(&self, node: &str, dead: &str) -> Result<bool, SharedError> {
+        let mut c = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(format!("{PREFIX}nodes"))
+            .arg(node)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let Some(entry) = raw.and_then(|r| serde_json::from_slice::<SharedNode>(&r).ok()) else {
+            return Ok(false);
+        };
+        let window = HANDOVER_WINDOW_LEASES.saturating_mul(self.lease_ttl_ms);
+        if entry.hub == dead || now_ms().saturating_sub(entry.seen_ms) >= window {
+            return Ok(false);
+        }
+        redis::cmd("EXISTS")
+            .arg(lease_key(&entry.hub))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// One reaper pass: for every other hub whose lease is gone, requeues each task it had
     /// claimed (a `task_migrated` event; attempt + 1 at its next assignment) or, if the task
     /// used all its attempts, fails it with `node_lost`; a hub with nothing left is forgotten.
@@ -1485,6 +1945,14 @@ impl SharedRedis {
                         id: id.clone(),
                         reason: e.to_string(),
                     })?;
+                // Its node reconnected to a live hub, which takes the claim over instead.
+                if matches!(task.status, TaskStatus::Assigned | TaskStatus::Running)
+                    && let Some(node) = task.node_id.as_deref()
+                    && self.handing_over(node, &hub).await?
+                {
+                    out.handing_over += 1;
+                    continue;
+                }
                 let failed = requeue_record(&mut task, &hub);
                 let record = serde_json::to_vec(&task).map_err(|e| self.unavailable(e))?;
                 let r: i64 = redis::Script::new(REQUEUE)
@@ -1503,6 +1971,7 @@ impl SharedRedis {
                     .arg(EVENTS_CHANNEL)
                     .arg(WAKE_CHANNEL)
                     .arg(now_ms())
+                    .arg(index_fields(&task))
                     .invoke_async(&mut c)
                     .await
                     .map_err(|e| self.unavailable(e))?;
@@ -1723,6 +2192,8 @@ const COMMIT_CHUNK: usize = 256;
 struct RecordHead {
     status: TaskStatus,
     spec: SpecHead,
+    #[serde(default)]
+    node_id: Option<String>,
 }
 
 /// See [`RecordHead`].
@@ -1771,6 +2242,11 @@ impl super::Backend for SharedBackend {
                     None => tool_queue(&head.spec.tool),
                 },
                 score: -f64::from(head.spec.priority),
+                index: vec![
+                    head.status.as_str().to_owned(),
+                    head.spec.tool,
+                    head.node_id.unwrap_or_default(),
+                ],
             });
         }
         for (chunk, done) in commits

@@ -102,11 +102,19 @@ pub async fn list(
     Ok(pages.body(&data, total).into_response())
 }
 
-/// `GET /v1/nodes/{id}`: the node, or 404.
+/// `GET /v1/nodes/{id}`: the node, or 404. In shared mode also a node connected to another
+/// hub (its published view, with a `hub` field), as `GET /v1/nodes` lists it.
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some(shared) = &state.shared {
+        return crate::shared_mode::node_view(shared, &state.cluster, &id)
+            .await
+            .map_err(ApiError::store_unavailable)?
+            .map(|v| Json(v).into_response())
+            .ok_or_else(|| ApiError::not_found("node", &id));
+    }
     state
         .cluster
         .node(&id)
@@ -126,13 +134,21 @@ pub struct TasksParams {
 /// `GET /v1/nodes/{id}/tasks?status=&tool=&page=&limit=`: tasks whose current or last attempt
 /// is on the node, newest first, in the paged list shape of `GET /api/v1/tasks`. 404 for a node
 /// the hub does not know (forgotten nodes' tasks stay listed under `GET /api/v1/tasks?node_id=`).
+/// In shared mode: any hub's node, and its tasks from the shared store.
 pub async fn tasks(
     State(state): State<AppState>,
     Path(id): Path<String>,
     q: Result<Query<TasksParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
-    if state.cluster.node(&id).is_none() {
+    let known = match &state.shared {
+        Some(shared) => crate::shared_mode::node_view(shared, &state.cluster, &id)
+            .await
+            .map_err(ApiError::store_unavailable)?
+            .is_some(),
+        None => state.cluster.node(&id).is_some(),
+    };
+    if !known {
         return Err(ApiError::not_found("node", &id));
     }
     let status = super::tasks::status_filter(q.status.as_deref())?;
@@ -142,26 +158,91 @@ pub async fn tasks(
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: Some(id),
     };
-    let p = state.cluster.list(&filter, pages.page, pages.limit);
+    let p = match &state.shared {
+        Some(shared) => shared
+            .list(&filter, pages.page, pages.limit)
+            .await
+            .map_err(ApiError::store_unavailable)?,
+        None => state.cluster.list(&filter, pages.page, pages.limit),
+    };
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
 }
 
 /// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with
-/// the node. Draining an offline node keeps it out of scheduling until it reconnects.
+/// the node. Draining an offline node keeps it out of scheduling until it reconnects. In shared
+/// mode a node online at another hub is drained there (see [`forward_drain`]).
 pub async fn drain(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some(r) = forward_drain(&state, &id, true).await? {
+        return Ok(r);
+    }
     set_draining(&state, &id, true)
 }
 
-/// `POST /v1/nodes/{id}/undrain`: the node takes work again; 200 with the node.
+/// `POST /v1/nodes/{id}/undrain`: the node takes work again; 200 with the node. In shared mode
+/// a node online at another hub is undrained there.
 pub async fn undrain(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some(r) = forward_drain(&state, &id, false).await? {
+        return Ok(r);
+    }
     set_draining(&state, &id, false)
+}
+
+/// Shared mode, a node that is not connected here but online at another live hub: the request
+/// goes to that hub (`apex:shared:node-actions`), and the answer is the node's view once that
+/// hub publishes it drained (or undrained): 200 with it, 409 if that does not happen within
+/// 10 s. `None`: not such a node (act locally).
+async fn forward_drain(
+    state: &AppState,
+    id: &str,
+    draining: bool,
+) -> Result<Option<Response>, ApiError> {
+    let Some(shared) = &state.shared else {
+        return Ok(None);
+    };
+    if state
+        .cluster
+        .node(id)
+        .is_some_and(|n| n.status != NodeState::Offline)
+    {
+        return Ok(None);
+    }
+    let view = crate::shared_mode::node_view(shared, &state.cluster, id)
+        .await
+        .map_err(ApiError::store_unavailable)?;
+    let Some(hub) = view
+        .as_ref()
+        .filter(|v| v["status"] != "offline")
+        .and_then(|v| v["hub"].as_str())
+        .filter(|h| *h != shared.hub_id())
+        .map(str::to_owned)
+    else {
+        return Ok(None);
+    };
+    shared
+        .request_node_action(&hub, id, draining)
+        .await
+        .map_err(ApiError::store_unavailable)?;
+    let want = if draining { "draining" } else { "online" };
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let view = crate::shared_mode::node_view(shared, &state.cluster, id)
+            .await
+            .map_err(ApiError::store_unavailable)?;
+        if let Some(v) = view.filter(|v| v["status"] == want) {
+            return Ok(Some(Json(v).into_response()));
+        }
+    }
+    Err(ApiError::conflict(format!(
+        "hub `{hub}` holding node `{id}` did not confirm the change within 10 s"
+    )))
 }
 
 fn set_draining(state: &AppState, id: &str, draining: bool) -> Result<Response, ApiError> {

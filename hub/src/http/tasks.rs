@@ -267,22 +267,33 @@ pub(super) async fn wait_for_end(state: &AppState, id: &str, ms: u64) -> Option<
     if let Some(t) = state.cluster.get(id) {
         return Some(t);
     }
-    // Shared mode: a task this hub does not hold is read from the shared store (polled while
-    // waiting).
+    // Shared mode: a task this hub does not hold is read from the shared store, again at each
+    // change another hub publishes (`Wake::Task`) and every second as a safety net.
     let shared = state.shared.as_ref()?;
+    let mut wakes = shared.task_wakes();
     let until = tokio::time::Instant::now() + Duration::from_millis(ms.min(60_000));
+    let mut shutdown = state.shutdown.clone();
     loop {
         let t = shared.get(id).await.ok().flatten();
         let done = t.as_ref().is_none_or(|t| t.status.is_terminal());
-        if done || tokio::time::Instant::now() >= until || *state.shutdown.borrow() {
+        if done || tokio::time::Instant::now() >= until || *shutdown.borrow() {
             return t;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            _ = crate::durable::shared::SharedRedis::task_woken(&mut wakes, id) => {}
+            _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
+            _ = tokio::time::sleep_until(until) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
         if let Some(t) = state.cluster.get(id) {
             return Some(t);
         }
     }
 }
+
+/// Shared mode: how often a reader following a task another hub holds reads its record when
+/// no wake-up came (pub/sub messages are lost while the subscription reconnects).
+const SHARED_SAFETY_POLL: Duration = Duration::from_secs(1);
 
 /// Query of `GET /api/v1/tasks`.
 #[derive(Debug, Deserialize)]
@@ -406,8 +417,9 @@ async fn cancel_shared(state: &AppState, id: &str) -> Result<Response, ApiError>
     }
 }
 
-/// Shared mode, a task this hub does not hold: its events from the shared record, polled every
-/// 200 ms, until the terminal one.
+/// Shared mode, a task this hub does not hold: its events from the shared record, read again
+/// at each change another hub publishes (`Wake::Task`, and every second as a safety net),
+/// until the terminal one.
 async fn events_shared(
     state: &AppState,
     id: String,
@@ -416,6 +428,8 @@ async fn events_shared(
     let Some(shared) = state.shared.clone() else {
         return Err(ApiError::not_found("task", &id));
     };
+    // Subscribed before the first read, so no change after it is missed.
+    let mut wakes = shared.task_wakes();
     let Some(task) = shared.get(&id).await.map_err(ApiError::store_unavailable)? else {
         return Err(ApiError::not_found("task", &id));
     };
@@ -440,7 +454,8 @@ async fn events_shared(
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = crate::durable::shared::SharedRedis::task_woken(&mut wakes, &id) => {}
+                _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
                 _ = tx.closed() => return,
                 _ = shutdown.wait_for(|s| *s) => return,
             }
