@@ -217,19 +217,27 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
     let b = hub(&redis, "hub-b", 60_000).await;
     let dead = hub(&redis, "hub-dead", 1_000).await;
     let mut ids = Vec::new();
+    let mut batch = Vec::new();
     for n in 1..=14 {
         let t = task(n, if n % 3 == 0 { "other" } else { "echo" }, 5);
         ids.push(t.id.clone());
-        a.submit(&t).await.unwrap();
+        // The first half one by one, the rest as one batch: both paths keep the indexes.
+        if n <= 7 {
+            a.submit(&t).await.unwrap();
+        } else {
+            batch.push(t);
+        }
     }
+    a.submit_batch(&batch).await.unwrap();
     // A dead hub's two assigned tasks go back to the queue (attempt 1, last node node-d).
     for cl in dead.claim(&tool_queue("echo"), 2).await.unwrap() {
         let mut rec = cl.task;
         assign(&mut rec, "node-d");
         dead.commit(&rec, cl.claim).await.unwrap();
     }
-    // Hub A: one assigned, one running, one succeeded (echo, node-a).
+    // Hub A: one assigned, one running, one succeeded (echo, node-a), committed as one batch.
     let got = a.claim(&tool_queue("echo"), 3).await.unwrap();
+    let mut held = Vec::new();
     for (i, cl) in got.into_iter().enumerate() {
         let mut rec = cl.task;
         assign(&mut rec, "node-a");
@@ -238,8 +246,15 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
             1 => rec.status = TaskStatus::Running,
             _ => succeed(&mut rec),
         }
-        a.commit(&rec, cl.claim).await.unwrap();
+        let json = serde_json::to_vec(&rec).unwrap();
+        held.push((rec, json, cl.claim));
     }
+    let commits: Vec<_> = held
+        .iter()
+        .map(|(t, json, claim)| apex_hub::durable::shared::Commit::of(t, json, *claim))
+        .collect();
+    let written = a.commit_batch(&commits).await.unwrap();
+    assert!(written.iter().all(Result::is_ok), "{written:?}");
     // Hub B: one failed, one assigned (other, node-b).
     let got = b.claim(&tool_queue("other"), 2).await.unwrap();
     for (i, cl) in got.into_iter().enumerate() {
