@@ -32,6 +32,7 @@ pub mod node_models;
 pub mod node_proxy;
 mod openai;
 mod sse;
+mod upstream_http;
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;

@@ -1,5 +1,6 @@
 //! [`OpenAiUpstream`]: a provider speaking the OpenAI Chat Completions API over HTTP, with one
-//! pooled `reqwest` client per provider.
+//! pooled hyper client per provider for chat calls ([`super::upstream_http`]) and reqwest for
+//! model discovery.
 //!
 //! Streams are passed through with minimal work: each upstream `data:` line is parsed once
 //! (borrowed) for the normalized fields and forwarded as received, except that `model` is
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::sse::{Event, Splitter};
+use super::upstream_http::{self, UpstreamHttp};
 use super::{
     Backend, CallContext, ChatChunk, ChatRequest, ChunkStream, LlmError, ModelInfo, ProviderConfig,
     Usage, unix_now,
@@ -25,12 +27,15 @@ use super::{
 /// An OpenAI-compatible upstream (`kind = "openai"`).
 pub struct OpenAiUpstream {
     name: String,
-    /// Parsed once: reqwest would parse a string URL on every request.
-    chat_url: reqwest::Url,
+    /// `<base_url>/chat/completions`, parsed once.
+    chat_url: http::Uri,
     models_url: String,
     /// `Bearer <key>`, read from `api_key_env` at build time. Never logged: `Debug` is not
     /// derived for this type.
     auth: Option<reqwest::header::HeaderValue>,
+    /// Chat calls (the hot path).
+    http: UpstreamHttp,
+    /// Model discovery.
     client: reqwest::Client,
     models: Arc<RwLock<Vec<ModelInfo>>>,
     first_token_timeout: Duration,
@@ -76,6 +81,8 @@ impl OpenAiUpstream {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| LlmError::Unavailable(format!("provider `{}`: {e}", cfg.name)))?;
+        let http = UpstreamHttp::new(cfg.connect_timeout(), cfg.pool_max_idle)
+            .map_err(|e| LlmError::Unavailable(format!("provider `{}`: {e}", cfg.name)))?;
         let models: Vec<ModelInfo> = cfg
             .models
             .iter()
@@ -87,11 +94,14 @@ impl OpenAiUpstream {
             .collect();
         let up = Self {
             name: cfg.name.clone(),
-            chat_url: reqwest::Url::parse(&format!("{base}/chat/completions")).map_err(|e| {
-                LlmError::Unavailable(format!("provider `{}`: bad base_url: {e}", cfg.name))
-            })?,
+            chat_url: format!("{base}/chat/completions")
+                .parse::<http::Uri>()
+                .map_err(|e| {
+                    LlmError::Unavailable(format!("provider `{}`: bad base_url: {e}", cfg.name))
+                })?,
             models_url: format!("{base}/models"),
             auth,
+            http,
             client,
             models: Arc::new(RwLock::new(models)),
             first_token_timeout: cfg.first_token_timeout(),
@@ -133,30 +143,27 @@ impl OpenAiUpstream {
         });
     }
 
-    async fn start(&self, model: &str, req: &ChatRequest) -> Result<reqwest::Response, LlmError> {
+    async fn start(
+        &self,
+        model: &str,
+        req: &ChatRequest,
+    ) -> Result<http::Response<hyper::body::Incoming>, LlmError> {
         let body = req
             .upstream_json(model)
             .map_err(|e| LlmError::invalid("body", e.to_string()))?;
-        let mut rb = self
-            .client
-            .post(self.chat_url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(a) = &self.auth {
-            rb = rb.header(reqwest::header::AUTHORIZATION, a.clone());
-        }
-        let resp = rb.send().await.map_err(|e| {
-            LlmError::Unavailable(format!(
-                "provider `{}`: {}",
-                self.name,
-                describe_reqwest(&e)
-            ))
-        })?;
+        let resp = self
+            .http
+            .post_json(&self.chat_url, self.auth.as_ref(), body)
+            .await
+            .map_err(|e| LlmError::Unavailable(format!("provider `{}`: {e}", self.name)))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
-        let text = resp.text().await.unwrap_or_default();
+        let text = upstream_http::read_all(resp.into_body())
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         let message =
             upstream_message(&text).unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
         let message = format!("provider `{}`: {message}", self.name);
@@ -377,16 +384,18 @@ impl Backend for OpenAiUpstream {
             let resp = self.start(model, req).await?;
             let reported = req.model.clone();
             if !req.stream {
-                let body = resp.bytes().await.map_err(|e| LlmError::Upstream {
-                    status: None,
-                    message: format!("provider `{}`: {}", self.name, describe_reqwest(&e)),
-                })?;
+                let body = upstream_http::read_all(resp.into_body())
+                    .await
+                    .map_err(|e| LlmError::Upstream {
+                        status: None,
+                        message: format!("provider `{}`: {e}", self.name),
+                    })?;
                 let c = normalize(body, &reported)?;
                 return Ok(futures::stream::once(async move { Ok(c) }).boxed());
             }
             let name = self.name.clone();
             let state = StreamState {
-                body: resp.bytes_stream().boxed(),
+                body: upstream_http::data_stream(resp.into_body()),
                 split: Splitter::default(),
                 finished: false,
                 saw_finish: false,
@@ -444,10 +453,7 @@ impl Backend for OpenAiUpstream {
                                 st.finished = true;
                                 let e = LlmError::Upstream {
                                     status: None,
-                                    message: format!(
-                                        "provider `{name}`: stream broken: {}",
-                                        describe_reqwest(&e)
-                                    ),
+                                    message: format!("provider `{name}`: {e}"),
                                 };
                                 return Some((Err(e), st));
                             }
@@ -463,7 +469,7 @@ impl Backend for OpenAiUpstream {
 }
 
 struct StreamState {
-    body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    body: futures::stream::BoxStream<'static, Result<Bytes, String>>,
     split: Splitter,
     finished: bool,
     saw_finish: bool,
