@@ -72,6 +72,8 @@ pub struct Proc {
     name: String,
     log_path: PathBuf,
     status: Option<ExitStatus>,
+    /// The threads copying stdout and stderr to the log; finished once the process closed both.
+    drains: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -96,18 +98,30 @@ impl Proc {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let mut drains = Vec::new();
         if let Some(out) = child.stdout.take() {
-            drain(out, log.clone(), lines);
+            drains.push(drain(out, log.clone(), lines));
         }
         if let Some(err) = child.stderr.take() {
-            drain(err, log, None);
+            drains.push(drain(err, log, None));
         }
         Ok(Self {
             child,
             name: name.to_owned(),
             log_path: log_path.to_path_buf(),
             status: None,
+            drains,
         })
+    }
+
+    /// Waits (at most `limit`) until everything the process wrote to stdout and stderr is in
+    /// its log: after it exited, so the log tail holds its last words.
+    pub async fn wait_output(&mut self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.drains.iter().any(|d| !d.is_finished()) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The process id.
@@ -215,7 +229,7 @@ fn drain<R: Read + Send + 'static>(
     src: R,
     log: Arc<Mutex<File>>,
     lines: Option<mpsc::UnboundedSender<String>>,
-) {
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(src);
         let mut buf = Vec::new();
@@ -234,7 +248,7 @@ fn drain<R: Read + Send + 'static>(
                 }
             }
         }
-    });
+    })
 }
 
 /// The last `n` lines of `text`.
@@ -411,6 +425,8 @@ impl Hub {
                 Ok(None) => {
                     // stdout closed: the hub exited (or closed stdout) without the line.
                     let status = proc.wait_exit(Duration::from_secs(5)).await.ok();
+                    // Its last words (the reason it stopped) may still be in the stderr pipe.
+                    proc.wait_output(Duration::from_secs(5)).await;
                     bail!(
                         "apex-hub exited ({status:?}) before printing `listening on`; output:\n{}",
                         proc.log_tail()
