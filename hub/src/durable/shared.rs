@@ -581,6 +581,27 @@ fn score(task: &Task) -> f64 {
     -f64::from(task.spec.priority)
 }
 
+/// The reply of the claim scripts (record, claim number; flat) as [`Claimed`] tasks.
+///
+/// # Errors
+/// [`SharedError::Unreadable`] if a record does not decode.
+fn parse_claimed(flat: &[Vec<u8>]) -> Result<Vec<Claimed>, SharedError> {
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    for pair in flat.chunks(2) {
+        let [record, claim] = pair else { break };
+        let task: Task = serde_json::from_slice(record).map_err(|e| SharedError::Unreadable {
+            id: "(claimed)".to_owned(),
+            reason: e.to_string(),
+        })?;
+        let claim = std::str::from_utf8(claim)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        out.push(Claimed { task, claim });
+    }
+    Ok(out)
+}
+
 /// A record's keys in the listing indexes, as script arguments: status, tool, node (empty if
 /// none).
 fn index_fields(task: &Task) -> Vec<String> {
@@ -1126,21 +1147,7 @@ impl SharedRedis {
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.classify(e))?;
-        let mut out = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks(2) {
-            let [record, claim] = pair else { break };
-            let task: Task =
-                serde_json::from_slice(record).map_err(|e| SharedError::Unreadable {
-                    id: "(claimed)".to_owned(),
-                    reason: e.to_string(),
-                })?;
-            let claim = std::str::from_utf8(claim)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            out.push(Claimed { task, claim });
-        }
-        Ok(out)
+        parse_claimed(&flat)
     }
 
     /// [`SharedRedis::claim`] from several queues in one script call: up to `n` tasks of each
@@ -1171,21 +1178,7 @@ impl SharedRedis {
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.classify(e))?;
-        let mut out = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks(2) {
-            let [record, claim] = pair else { break };
-            let task: Task =
-                serde_json::from_slice(record).map_err(|e| SharedError::Unreadable {
-                    id: "(claimed)".to_owned(),
-                    reason: e.to_string(),
-                })?;
-            let claim = std::str::from_utf8(claim)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            out.push(Claimed { task, claim });
-        }
-        Ok(out)
+        parse_claimed(&flat)
     }
 
     /// Writes the record of a task this hub claimed (`claim` from [`Claimed`]). A terminal

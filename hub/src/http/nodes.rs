@@ -158,15 +158,7 @@ pub async fn tasks(
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: Some(id),
     };
-    let p = match &state.shared {
-        Some(shared) => shared
-            .list(&filter, pages.page, pages.limit)
-            .await
-            .map_err(ApiError::store_unavailable)?,
-        None => state.cluster.list(&filter, pages.page, pages.limit),
-    };
-    let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
-    Ok(pages.body(&data, p.total).into_response())
+    super::tasks::list_page(&state, &filter, pages).await
 }
 
 /// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with

@@ -335,12 +335,25 @@ pub async fn list(
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
     };
+    list_page(&state, &filter, pages).await
+}
+
+/// One page of the tasks matching `filter` as a list body: from the shared store in shared
+/// mode (every hub's tasks), else from this hub's engine.
+///
+/// # Errors
+/// 503 `store_unavailable` if the shared store cannot be read.
+pub(super) async fn list_page(
+    state: &AppState,
+    filter: &TaskFilter,
+    pages: Pagination,
+) -> Result<Response, ApiError> {
     let p = match &state.shared {
         Some(shared) => shared
-            .list(&filter, pages.page, pages.limit)
+            .list(filter, pages.page, pages.limit)
             .await
             .map_err(ApiError::store_unavailable)?,
-        None => state.cluster.list(&filter, pages.page, pages.limit),
+        None => state.cluster.list(filter, pages.page, pages.limit),
     };
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
