@@ -22,8 +22,7 @@ const EXIT_STORE: u8 = 74;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -41,13 +40,29 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut config = match Config::load(&cli) {
+    let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("apex-hub: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.effective_worker_threads())
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(serve(cli, config)),
+        Err(e) => {
+            eprintln!("apex-hub: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Everything after the config is loaded: logging, keys, store, listeners, then the hub until
+/// it stops. Returns the process exit code.
+async fn serve(cli: Cli, mut config: Config) -> ExitCode {
     let filter = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
         Err(e) => {
