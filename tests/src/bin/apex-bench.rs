@@ -77,6 +77,13 @@ struct Args {
     /// llm suite: concurrent open streams for the RSS figure.
     #[arg(long, default_value_t = 1000)]
     llm_streams: usize,
+    /// llm suite: worker threads of the load generator (this process) and of the fake upstream.
+    /// One each by default, so that on a small machine the two instruments do not
+    /// oversubscribe the cores the hub is measured on (with one worker per core each, three
+    /// processes contend for 2 cores and the figures measure that contention). Both paths,
+    /// direct and via the hub, use the same instruments. 0: one per CPU.
+    #[arg(long, default_value_t = 1)]
+    llm_instrument_threads: usize,
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
@@ -97,10 +104,20 @@ struct Row {
     target: &'static str,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.suite == Suite::Llm && args.llm_instrument_threads > 0 {
+        rt.worker_threads(args.llm_instrument_threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("apex-bench: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
         Ok(rows) => {
             print_table(&rows);
             std::process::ExitCode::SUCCESS
@@ -118,6 +135,7 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             samples: args.llm_samples.max(2),
             saturation_secs: args.llm_saturation_secs.max(1),
             streams: args.llm_streams,
+            instrument_threads: args.llm_instrument_threads,
         })
         .await;
     }

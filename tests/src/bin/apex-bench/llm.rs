@@ -9,6 +9,10 @@
 //! - the hub's RSS idle and with 1,000 concurrent open streams.
 //!
 //! "Added" figures are the hub's percentile minus the direct percentile.
+//!
+//! The instruments (this load generator and the fake upstream) run one worker thread each by
+//! default (`--llm-instrument-threads`), so they leave the hub its share of a small machine;
+//! the hub runs with its defaults.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +36,9 @@ pub(crate) struct LlmArgs {
     pub saturation_secs: u64,
     /// Concurrent streams for the RSS figure.
     pub streams: usize,
+    /// Worker threads of the fake upstream (0: one per CPU); this process's runtime is built
+    /// with the same count by `main`.
+    pub instrument_threads: usize,
 }
 
 /// One side of a comparison: a URL and its headers.
@@ -44,7 +51,7 @@ struct Target {
 /// Runs the suite and returns its table rows.
 pub(crate) async fn run(args: &LlmArgs) -> Result<Vec<Row>> {
     let dir = tempfile::tempdir()?;
-    let (fake, fake_url) = start_fake(dir.path()).await?;
+    let (fake, fake_url) = start_fake(dir.path(), args.instrument_threads).await?;
     let cfg = dir.path().join("hub.toml");
     std::fs::write(
         &cfg,
@@ -171,9 +178,12 @@ pub(crate) async fn run(args: &LlmArgs) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-async fn start_fake(dir: &std::path::Path) -> Result<(Proc, String)> {
+async fn start_fake(dir: &std::path::Path, threads: usize) -> Result<(Proc, String)> {
     let mut cmd = std::process::Command::new(bin_path("apex-fake-llm")?);
     cmd.args(["--no-record", "--model", "fake-model"]);
+    if threads > 0 {
+        cmd.args(["--threads", &threads.to_string()]);
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let proc = Proc::spawn("apex-fake-llm", cmd, &dir.join("fake.log"), Some(tx))?;
     let line = tokio::time::timeout(Duration::from_secs(30), async {
