@@ -21,6 +21,10 @@ pub struct FreeSlots {
     pub by_tool: HashMap<String, usize>,
     /// Per online, undrained node: its free slots minus the tasks pinned to it queued here.
     pub by_node: HashMap<String, usize>,
+    /// Free slots of the online, undrained nodes (each node once) minus every task queued
+    /// here: the most this hub should claim in one round over all queues, so a node offering
+    /// several tools is not counted once per tool.
+    pub total: usize,
 }
 
 impl Cluster {
@@ -29,8 +33,10 @@ impl Cluster {
         let core = self.shared.core.lock();
         let queued = core.sched.queued_by_tool();
         let mut out = FreeSlots::default();
+        let mut free_total = 0usize;
         for e in core.nodes.values().filter(|e| e.state == NodeState::Online) {
             let free = (e.info.limit as usize).saturating_sub(e.inflight.len());
+            free_total += free;
             let pinned = core.sched.pinned_to(&e.id).len();
             out.by_node
                 .insert(e.id.clone(), free.saturating_sub(pinned));
@@ -41,6 +47,7 @@ impl Cluster {
         for (tool, free) in &mut out.by_tool {
             *free = free.saturating_sub(queued.get(tool).copied().unwrap_or(0));
         }
+        out.total = free_total.saturating_sub(queued.values().sum());
         out
     }
 

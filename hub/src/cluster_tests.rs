@@ -1358,12 +1358,15 @@ fn free_slots_count_idle_capacity_per_tool_and_node_minus_local_queues() {
     assert_eq!(s.by_tool["echo"], 5);
     assert_eq!(s.by_tool["sleep"], 3);
     assert_eq!(s.by_node["n1"], 2);
+    // n2 offers two tools but has 3 slots: 5 in all, not 8.
+    assert_eq!(s.total, 5);
 
     for _ in 0..6 {
         submit(&c, spec("echo"));
     }
     // 5 running, 1 queued here: nothing more to claim for echo or sleep.
     let s = c.free_slots();
+    assert_eq!(s.total, 0);
     assert_eq!(s.by_tool["echo"], 0);
     assert_eq!(s.by_tool["sleep"], 0);
     assert_eq!(s.by_node["n1"], 0);

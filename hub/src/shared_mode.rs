@@ -377,6 +377,9 @@ async fn handover_loop(
     }
 }
 
+/// Claim rounds so far (process-wide): which queue a round serves first.
+static CLAIM_ROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// One claim pass: hands back the queued tasks no node here can take (their node left), then
 /// claims as many tasks per tool and per pinned node as this hub has free slots.
 async fn claim_round(
@@ -401,18 +404,23 @@ async fn claim_round(
         }
     }
     let free = cluster.free_slots();
-    // Every queue with room here, in one script call.
-    let queues: Vec<(String, usize)> = free
+    // Every queue with room here, in one script call, at most `free.total` tasks in all. The
+    // queue that is served first turns each round, so no tool starves another here.
+    let mut queues: Vec<(String, usize)> = free
         .by_tool
         .iter()
         .map(|(t, n)| (tool_queue(t), *n))
         .chain(free.by_node.iter().map(|(id, n)| (pinned_queue(id), *n)))
         .filter(|(_, n)| *n > 0)
         .collect();
-    if queues.is_empty() {
+    if queues.is_empty() || free.total == 0 {
         return;
     }
-    match redis.claim_many(&queues).await {
+    queues.sort_unstable();
+    let turn = CLAIM_ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let len = queues.len();
+    queues.rotate_left(turn % len);
+    match redis.claim_many(&queues, free.total).await {
         Ok(got) if got.is_empty() => {}
         Ok(got) => {
             let mut tasks = Vec::with_capacity(got.len());

@@ -1089,12 +1089,15 @@ async fn one_claim_call_fills_several_queues_within_their_bounds() {
         .collect();
     a.submit_batch(&batch).await.unwrap();
     let got = h
-        .claim_many(&[
-            (tool_queue("even"), 2),
-            (tool_queue("odd"), 1),
-            (tool_queue("none"), 5),
-            (pinned_queue("nobody"), 0),
-        ])
+        .claim_many(
+            &[
+                (tool_queue("even"), 2),
+                (tool_queue("odd"), 1),
+                (tool_queue("none"), 5),
+                (pinned_queue("nobody"), 0),
+            ],
+            10,
+        )
         .await
         .unwrap();
     let ids: Vec<u64> = got.iter().map(|c| c.task.seq).collect();
@@ -1108,7 +1111,29 @@ async fn one_claim_call_fills_several_queues_within_their_bounds() {
         assert!(Instant::now() < deadline, "lease never expired");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let err = h.claim_many(&[(tool_queue("odd"), 5)]).await.unwrap_err();
+    // A total bound smaller than the queues' bounds: the first queue gets it all (hub A here:
+    // H's short lease may end while this runs).
+    let more: Vec<Task> = (7..=10)
+        .map(|n| task(n, if n % 2 == 0 { "even" } else { "odd" }, 0))
+        .collect();
+    a.submit_batch(&more).await.unwrap();
+    let got = a
+        .claim_many(&[(tool_queue("odd"), 5), (tool_queue("even"), 5)], 3)
+        .await
+        .unwrap();
+    let tools: Vec<&str> = got.iter().map(|c| c.task.spec.tool.as_str()).collect();
+    assert_eq!(tools, ["odd", "odd", "odd"]);
+    assert_eq!(a.queue_len(&tool_queue("even")).await.unwrap(), 3);
+    assert!(
+        a.claim_many(&[(tool_queue("odd"), 5)], 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = h
+        .claim_many(&[(tool_queue("odd"), 5)], 5)
+        .await
+        .unwrap_err();
     assert!(matches!(err, SharedError::Fenced(_)), "{err:?}");
-    assert_eq!(a.queue_len(&tool_queue("odd")).await.unwrap(), 2);
+    assert_eq!(a.queue_len(&tool_queue("odd")).await.unwrap(), 1);
 }

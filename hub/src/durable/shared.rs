@@ -305,16 +305,19 @@ return out
 ";
 
 /// Claim from several queues in one call: KEYS[1] hub lease, KEYS[2] owned set, then the
-/// queues KEYS[3..]; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] task key prefix, then ARGV[3+j] the
-/// most to take from queue KEYS[2+j]. As [`CLAIM`] for each queue in turn; returns the
-/// record/claim pairs of all of them (flat).
+/// queues KEYS[3..]; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] task key prefix, ARGV[4] the most
+/// to take over all queues, then ARGV[4+j] the most to take from queue KEYS[2+j]. As [`CLAIM`]
+/// for each queue in turn, until the total is reached; returns the record/claim pairs of all
+/// of them (flat).
 const CLAIM_MANY: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then
   return redis.error_reply('LEASE the hub lease is lost')
 end
 local out = {}
+local left = tonumber(ARGV[4])
 for j = 3, #KEYS do
-  local n = tonumber(ARGV[1 + j])
+  if left <= 0 then break end
+  local n = math.min(tonumber(ARGV[2 + j]), left)
   local got = 0
   while got < n do
     local p = redis.call('ZPOPMIN', KEYS[j])
@@ -330,6 +333,7 @@ for j = 3, #KEYS do
       got = got + 1
     end
   end
+  left = left - got
 end
 return out
 ";
@@ -1151,16 +1155,18 @@ impl SharedRedis {
     }
 
     /// [`SharedRedis::claim`] from several queues in one script call: up to `n` tasks of each
-    /// `(queue, n)`, in that order (queues with `n = 0` are skipped).
+    /// `(queue, n)`, in that order (queues with `n = 0` are skipped), and at most `total` in
+    /// all.
     ///
     /// # Errors
     /// As [`SharedRedis::claim`].
     pub async fn claim_many(
         &self,
         queues: &[(String, usize)],
+        total: usize,
     ) -> Result<Vec<Claimed>, SharedError> {
         let queues: Vec<&(String, usize)> = queues.iter().filter(|(_, n)| *n > 0).collect();
-        if queues.is_empty() {
+        if queues.is_empty() || total == 0 {
             return Ok(Vec::new());
         }
         let mut script = CLAIM_MANY_SCRIPT.prepare_invoke();
@@ -1169,7 +1175,8 @@ impl SharedRedis {
             .key(owned_key(&self.hub_id))
             .arg(&self.hub_id)
             .arg(self.epoch())
-            .arg(format!("{PREFIX}task:"));
+            .arg(format!("{PREFIX}task:"))
+            .arg(total);
         for (queue, n) in &queues {
             script.key(queue).arg(*n);
         }
