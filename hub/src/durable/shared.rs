@@ -756,6 +756,20 @@ pub const CANCEL_CHANNEL: &str = "apex:shared:cancel";
 pub async fn subscribe_cancels(
     url: &str,
 ) -> Result<impl Stream<Item = String> + Send + 'static, SharedError> {
+    Ok(subscribe_channel(url, CANCEL_CHANNEL)
+        .await?
+        .filter_map(|payload| async move { String::from_utf8(payload).ok() }))
+}
+
+/// The payloads published on `channel`, on a pub/sub connection of its own; the stream ends
+/// when the connection drops.
+///
+/// # Errors
+/// [`SharedError::Unavailable`] if Redis cannot be reached.
+async fn subscribe_channel(
+    url: &str,
+    channel: &'static str,
+) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, SharedError> {
     let what = super::redis::redacted(url);
     let unavailable = |e: redis::RedisError| SharedError::Unavailable {
         what: what.clone(),
@@ -763,13 +777,10 @@ pub async fn subscribe_cancels(
     };
     let client = redis::Client::open(url).map_err(unavailable)?;
     let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
-    pubsub
-        .subscribe(CANCEL_CHANNEL)
-        .await
-        .map_err(unavailable)?;
+    pubsub.subscribe(channel).await.map_err(unavailable)?;
     Ok(pubsub
         .into_on_message()
-        .filter_map(|msg| async move { String::from_utf8(msg.get_payload_bytes().to_vec()).ok() }))
+        .map(|msg| msg.get_payload_bytes().to_vec()))
 }
 
 /// Pub/sub channel carrying operator actions on a node connected to another hub
@@ -795,20 +806,9 @@ pub struct NodeAction {
 pub async fn subscribe_node_actions(
     url: &str,
 ) -> Result<impl Stream<Item = NodeAction> + Send + 'static, SharedError> {
-    let what = super::redis::redacted(url);
-    let unavailable = |e: redis::RedisError| SharedError::Unavailable {
-        what: what.clone(),
-        reason: one_line(e),
-    };
-    let client = redis::Client::open(url).map_err(unavailable)?;
-    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
-    pubsub
-        .subscribe(NODE_ACTIONS_CHANNEL)
-        .await
-        .map_err(unavailable)?;
-    Ok(pubsub
-        .into_on_message()
-        .filter_map(|msg| async move { serde_json::from_slice(msg.get_payload_bytes()).ok() }))
+    Ok(subscribe_channel(url, NODE_ACTIONS_CHANNEL)
+        .await?
+        .filter_map(|payload| async move { serde_json::from_slice(&payload).ok() }))
 }
 
 /// A wake-up published by some hub (see the module docs for the channels).
