@@ -15,6 +15,7 @@ pub mod fixtures;
 pub mod process;
 pub mod redis;
 pub mod stats;
+pub mod tls;
 pub mod wait;
 pub mod ws;
 

@@ -884,3 +884,69 @@ async fn llm_calls_show_in_the_metrics_without_request_ids() {
     assert!(!text.contains("no-such-model-xyz"), "{text}");
     assert!(!text.contains("metrics-req-1"), "{text}");
 }
+
+/// An `https://` provider: the hub checks the upstream's certificate against the system trust
+/// store (here a test CA given in `SSL_CERT_FILE`) and proxies plain and streamed chats over
+/// TLS; a provider whose certificate comes from another CA is refused with a clear error.
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_trust_store() {
+    use apex_tests::tls::{TestCa, TlsFront};
+    let fake = FakeLlm::start(FakeOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = TestCa::new(dir.path(), "trusted").unwrap();
+    let other = TestCa::new(dir.path(), "other").unwrap();
+    let good = TlsFront::start(&trusted, fake.addr()).await.unwrap();
+    let bad = TlsFront::start(&other, fake.addr()).await.unwrap();
+    let toml = format!(
+        r#"
+[[llm.providers]]
+name = "tls"
+base_url = "{}"
+models = ["fake-model"]
+
+[[llm.providers]]
+name = "untrusted"
+base_url = "{}"
+models = ["other-model"]
+"#,
+        good.base_url(),
+        bad.base_url()
+    );
+    let path = dir.path().join("hub.toml");
+    std::fs::write(&path, toml).unwrap();
+    let hub = Hub::start(HubOptions {
+        extra_args: vec!["--config".into(), path.display().to_string()],
+        env: vec![(
+            "SSL_CERT_FILE".to_owned(),
+            trusted.pem_path().display().to_string(),
+        )],
+        ..HubOptions::default()
+    })
+    .await
+    .unwrap();
+    let s = Setup {
+        hub,
+        fake,
+        http: reqwest::Client::new(),
+    };
+    let (status, _, v) = s
+        .chat(json!({"model": "fake-model", "messages": msgs("hi")}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], fake_text(8));
+    let (status, _, frames) = s
+        .chat_stream(json!({"model": "fake-model", "messages": msgs("hi"), "stream": true}))
+        .await;
+    assert_eq!(status, 200, "{frames:?}");
+    assert_eq!(stream_text(&frames), fake_text(8));
+    assert_eq!(frames.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(s.fake.stats().requests, 2);
+
+    let (status, _, v) = s
+        .chat(json!({"model": "other-model", "messages": msgs("hi")}))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("certificate"), "{message}");
+    assert_eq!(s.fake.stats().requests, 2, "nothing reached the upstream");
+}
