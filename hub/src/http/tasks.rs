@@ -118,6 +118,21 @@ pub(super) fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
+/// Read barrier: waits until every change the engine made so far is durable, so a state an
+/// answer shows (a result, a terminal status, an event) survives a crash of the hub right
+/// after. Costs at most one group commit; immediate with the memory store. If the store is
+/// failing, the answer goes out anyway after the wait (reads stay available).
+pub(super) async fn durable_barrier(state: &AppState) {
+    let durability = state.cluster.durability();
+    if !durability.is_mirrored() {
+        return;
+    }
+    let ticket = durability.ticket();
+    if let Err(e) = durability.wait(ticket, crate::durable::DURABLE_WAIT).await {
+        tracing::warn!(error = %e, "answering with a state the store has not confirmed");
+    }
+}
+
 /// Submits and waits until the store has the tasks: a 201 means the tasks survive a crash.
 /// While the store is failing nothing is submitted (503).
 async fn submit_durably(
@@ -265,6 +280,7 @@ pub(super) async fn wait_for_end(state: &AppState, id: &str, ms: u64) -> Option<
         }
     }
     if let Some(t) = state.cluster.get(id) {
+        durable_barrier(state).await;
         return Some(t);
     }
     // Shared mode: a task this hub does not hold is read from the shared store, again at each
@@ -353,7 +369,11 @@ pub(super) async fn list_page(
             .list(filter, pages.page, pages.limit)
             .await
             .map_err(ApiError::store_unavailable)?,
-        None => state.cluster.list(filter, pages.page, pages.limit),
+        None => {
+            let p = state.cluster.list(filter, pages.page, pages.limit);
+            durable_barrier(state).await;
+            p
+        }
     };
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
@@ -523,10 +543,15 @@ pub async fn events(
     let (tx, rx) = mpsc::channel(64);
     let cluster = state.cluster.clone();
     let mut shutdown = state.shutdown.clone();
+    let state = state.clone();
     tokio::spawn(async move {
         let mut last = resume_after;
         let mut backlog = backlog;
         loop {
+            // Events go out once they are durable (the engine queued them before this point).
+            if !backlog.is_empty() {
+                durable_barrier(&state).await;
+            }
             for e in backlog.drain(..) {
                 if e.seq <= last {
                     continue;
