@@ -1127,23 +1127,7 @@ impl Cluster {
                 .ok()
                 .and_then(|d| now_i.checked_add(d))
                 .unwrap_or(now_i + Duration::from_secs(10 * 365 * 86_400));
-            let mut task = Task {
-                id: id.clone(),
-                seq,
-                spec,
-                status: TaskStatus::Queued,
-                attempt: 0,
-                node_id: None,
-                progress: 0.0,
-                result: None,
-                error: None,
-                message: None,
-                created_at: now,
-                updated_at: now,
-                started_at: None,
-                finished_at: None,
-                events: Vec::with_capacity(4),
-            };
+            let mut task = Task::queued(id.clone(), seq, spec, now);
             push_event(
                 &mut task,
                 EventKind::TaskCreated,

@@ -35,34 +35,20 @@ pub const CLAIM_TICK: Duration = Duration::from_millis(100);
 pub fn new_task(spec: TaskSpec) -> Task {
     let now = SystemTime::now();
     let id = uuid::Uuid::new_v4().to_string();
-    Task {
-        id: id.clone(),
-        seq: 0,
-        spec,
-        status: TaskStatus::Queued,
+    let mut task = Task::queued(id.clone(), 0, spec, now);
+    task.events.push(TaskEvent {
+        kind: EventKind::TaskCreated,
+        task_id: id,
+        seq: 1,
         attempt: 0,
         node_id: None,
-        progress: 0.0,
-        result: None,
-        error: None,
+        status: TaskStatus::Queued,
+        progress: None,
         message: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        events: vec![TaskEvent {
-            kind: EventKind::TaskCreated,
-            task_id: id,
-            seq: 1,
-            attempt: 0,
-            node_id: None,
-            status: TaskStatus::Queued,
-            progress: None,
-            message: None,
-            error: None,
-            timestamp: now,
-        }],
-    }
+        error: None,
+        timestamp: now,
+    });
+    task
 }
 
 /// Starts the loops; they end when `stop` turns true.
