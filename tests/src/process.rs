@@ -762,3 +762,40 @@ impl Drop for Node {
         retire(&mut self.proc, &mut self.dir, "node");
     }
 }
+
+/// Removes ANSI colour codes (log lines of the binaries).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How many times each task id appears in a `task started` line (apex-node's executor, at
+/// debug level) of the given node logs: a task run twice counts 2.
+pub fn task_starts<'a>(
+    logs: impl IntoIterator<Item = &'a str>,
+) -> std::collections::HashMap<String, usize> {
+    let mut started = std::collections::HashMap::new();
+    for log in logs {
+        for line in strip_ansi(log).lines() {
+            if line.contains("task started")
+                && let Some(rest) = line.split("task_id=").nth(1)
+            {
+                let id = rest.split_whitespace().next().unwrap_or_default();
+                *started.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    started
+}

@@ -51,23 +51,6 @@ async fn check_committed_once(api: &Api, tasks: &[Task]) -> Result<usize> {
     Ok(retried.into_iter().filter(|r| *r).count())
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 async fn health_count(api: &Api, status: &str) -> Result<u64> {
     let h = api.health().await?;
     Ok(h["tasks"][status].as_u64().unwrap_or(0))
@@ -132,17 +115,8 @@ async fn embedded_store_survives_sigkill_with_10000_tasks() {
     let retried = check_committed_once(&api, &tasks).await.unwrap();
     eprintln!("{retried} of 10000 tasks needed a second attempt after the restart");
     // Executed once: the nodes' logs name each task in exactly one `task started` line.
-    let mut started: std::collections::HashMap<String, usize> = Default::default();
-    for n in &nodes {
-        for line in strip_ansi(&n.log_text()).lines() {
-            if line.contains("task started")
-                && let Some(rest) = line.split("task_id=").nth(1)
-            {
-                let id = rest.split_whitespace().next().unwrap_or_default();
-                *started.entry(id.to_owned()).or_default() += 1;
-            }
-        }
-    }
+    let logs: Vec<String> = nodes.iter().map(|n| n.log_text()).collect();
+    let started = apex_tests::process::task_starts(logs.iter().map(String::as_str));
     let twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "tasks started more than once: {twice:?}");
     assert_eq!(started.len(), 10_000, "every task started on a node");

@@ -320,17 +320,8 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     );
     // Run once: the tasks A's node was running when A died were handed over to B with their
     // node (which reconnected to B), not run again: each task id is in one `task started` line.
-    let mut started: std::collections::HashMap<String, usize> = Default::default();
-    for n in [&na, &nb] {
-        for line in strip_ansi(&n.log_text()).lines() {
-            if line.contains("task started")
-                && let Some(rest) = line.split("task_id=").nth(1)
-            {
-                let id = rest.split_whitespace().next().unwrap_or_default();
-                *started.entry(id.to_owned()).or_default() += 1;
-            }
-        }
-    }
+    let logs = [na.log_text(), nb.log_text()];
+    let started = apex_tests::process::task_starts(logs.iter().map(String::as_str));
     let twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "tasks started more than once: {twice:?}");
     assert_eq!(started.len(), ids.len(), "every task started on a node");
@@ -339,24 +330,6 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     let handed = b_log.matches("took over a task from a dead hub").count();
     assert!(handed > 0, "hub B took over no task: {b_log}");
     eprintln!("{handed} tasks were handed over to hub B with their node");
-}
-
-/// Removes ANSI colour codes (log lines of the binaries).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -280,35 +280,13 @@ static SUBMIT_BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
 static COMMIT_BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(COMMIT_BATCH));
 
-/// Claim: KEYS[1] queue, KEYS[2] hub lease, KEYS[3] owned set; ARGV[1] hub id, ARGV[2] epoch,
-/// ARGV[3] n, ARGV[4] task key prefix. Returns record/claim pairs (flat), at most n.
-const CLAIM: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then
-  return redis.error_reply('LEASE the hub lease is lost')
-end
-local out = {}
-local n = tonumber(ARGV[3])
-while #out < 2 * n do
-  local p = redis.call('ZPOPMIN', KEYS[1])
-  if #p == 0 then break end
-  local id = string.sub(p[1], 22)
-  local tk = ARGV[4] .. id
-  if redis.call('HGET', tk, 'state') == 'queued' then
-    local claim = redis.call('HINCRBY', tk, 'claim', 1)
-    redis.call('HSET', tk, 'state', 'claimed', 'owner', ARGV[1], 'epoch', ARGV[2])
-    redis.call('SADD', KEYS[3], id)
-    table.insert(out, redis.call('HGET', tk, 'record'))
-    table.insert(out, tostring(claim))
-  end
-end
-return out
-";
-
 /// Claim from several queues in one call: KEYS[1] hub lease, KEYS[2] owned set, then the
 /// queues KEYS[3..]; ARGV[1] hub id, ARGV[2] epoch, ARGV[3] task key prefix, ARGV[4] the most
-/// to take over all queues, then ARGV[4+j] the most to take from queue KEYS[2+j]. As [`CLAIM`]
-/// for each queue in turn, until the total is reached; returns the record/claim pairs of all
-/// of them (flat).
+/// to take over all queues, then ARGV[4+j] the most to take from queue KEYS[2+j]. Checks the
+/// lease (error `LEASE ...` if it does not hold the epoch), then per queue in turn, until the
+/// total is reached, pops members (`ZPOPMIN`: highest priority, then oldest) and claims those
+/// still `queued` (owner, epoch, `claim` + 1, `state = claimed`, added to the owned set);
+/// returns the record/claim pairs of all of them (flat).
 const CLAIM_MANY: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then
   return redis.error_reply('LEASE the hub lease is lost')
@@ -1136,22 +1114,7 @@ impl SharedRedis {
     /// [`SharedError::Fenced`] if the hub's lease is lost (nothing claimed);
     /// [`SharedError::Unavailable`]; [`SharedError::Unreadable`] for a bad record.
     pub async fn claim(&self, queue: &str, n: usize) -> Result<Vec<Claimed>, SharedError> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let mut c = self.conn.clone();
-        let flat: Vec<Vec<u8>> = redis::Script::new(CLAIM)
-            .key(queue)
-            .key(lease_key(&self.hub_id))
-            .key(owned_key(&self.hub_id))
-            .arg(&self.hub_id)
-            .arg(self.epoch())
-            .arg(n)
-            .arg(format!("{PREFIX}task:"))
-            .invoke_async(&mut c)
-            .await
-            .map_err(|e| self.classify(e))?;
-        parse_claimed(&flat)
+        self.claim_many(&[(queue.to_owned(), n)], n).await
     }
 
     /// [`SharedRedis::claim`] from several queues in one script call: up to `n` tasks of each
