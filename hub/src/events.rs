@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::cluster::{NodeState, NodeView};
+use crate::model::{NodeState, NodeView};
 
 /// What happened to a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -2,9 +2,9 @@
 //! already-bound listener until a shutdown future completes. `main.rs` only parses flags,
 //! loads config and calls it; tests call it directly.
 
-pub mod cluster;
 pub mod config;
 pub mod durable;
+pub mod engine;
 pub mod events;
 pub mod http;
 pub mod llm;
@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{Cli, Config};
 use crate::durable::{Opened, StoreError};
+use crate::engine::{Cluster, ClusterOptions};
 use crate::http::AppState;
 use crate::ops::Ops;
 use crate::ops::live::ApplyHook;

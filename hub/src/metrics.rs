@@ -18,7 +18,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::cluster::Cluster;
+use crate::model::NodeState;
 use crate::model::TaskStatus;
 
 /// Content type of the text exposition.
@@ -345,21 +345,38 @@ pub fn connections(channel: &str) -> i64 {
     get().ws_connections.with_label_values(&[channel]).get()
 }
 
-/// Sets the state gauges from `cluster` and renders the text exposition.
+/// The engine's state at scrape time, as the state gauges show it (built by
+/// `Cluster::gauges`, so this module does not depend on the engine).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterGauges {
+    /// Time since the engine started.
+    pub uptime: std::time::Duration,
+    /// The status of every known node.
+    pub node_states: Vec<NodeState>,
+    /// Tasks by status, indexed by [`TaskStatus::index`].
+    pub tasks: [u64; 7],
+    /// Tasks waiting for a node.
+    pub queue_depth: usize,
+    /// Queued tasks per tool.
+    pub queued_by_tool: std::collections::HashMap<String, usize>,
+    /// Online (not draining) nodes per tool they offer.
+    pub tool_nodes: std::collections::HashMap<String, usize>,
+}
+
+/// Sets the state gauges from `g` and renders the text exposition.
 ///
 /// # Errors
 /// An encoding error of the prometheus crate (not expected for valid metrics).
-pub fn render(cluster: &Cluster) -> Result<String, prometheus::Error> {
+pub fn render(g: &ClusterGauges) -> Result<String, prometheus::Error> {
     let m = get();
-    let h = cluster.health();
     m.uptime_seconds
-        .set(i64::try_from(cluster.uptime().as_secs()).unwrap_or(i64::MAX));
+        .set(i64::try_from(g.uptime.as_secs()).unwrap_or(i64::MAX));
     let mut by_status = [0i64; 3];
-    for n in cluster.node_states() {
-        by_status[match n.as_str() {
-            "online" => 0,
-            "draining" => 1,
-            _ => 2,
+    for n in &g.node_states {
+        by_status[match n {
+            NodeState::Online => 0,
+            NodeState::Draining => 1,
+            NodeState::Offline => 2,
         }] += 1;
     }
     for (i, s) in ["online", "draining", "offline"].into_iter().enumerate() {
@@ -368,22 +385,22 @@ pub fn render(cluster: &Cluster) -> Result<String, prometheus::Error> {
     for s in TaskStatus::ALL {
         m.tasks
             .with_label_values(&[s.as_str()])
-            .set(i64::try_from(h.tasks[s.index()]).unwrap_or(i64::MAX));
+            .set(i64::try_from(g.tasks[s.index()]).unwrap_or(i64::MAX));
     }
     m.queue_depth
-        .set(i64::try_from(h.queue_depth).unwrap_or(i64::MAX));
+        .set(i64::try_from(g.queue_depth).unwrap_or(i64::MAX));
     // Rebuilt each time, so tools nobody queues for or offers any more disappear.
     m.queued_tasks.reset();
-    for (tool, n) in cluster.queued_by_tool() {
+    for (tool, n) in &g.queued_by_tool {
         m.queued_tasks
             .with_label_values(&[tool.as_str()])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
     }
     m.tool_nodes.reset();
-    for (tool, n) in cluster.tool_nodes() {
+    for (tool, n) in &g.tool_nodes {
         m.tool_nodes
             .with_label_values(&[tool.as_str()])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
     }
     // Make the channel gauges and drop counters appear before their first use.
     for c in ["node", "log"] {

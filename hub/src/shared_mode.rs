@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::Cluster;
+use crate::engine::Cluster;
 use futures::StreamExt;
 
 use crate::durable::shared::{
@@ -542,7 +542,7 @@ pub async fn all_node_views(
             continue;
         };
         view["hub"] = redis.hub_id().into();
-        let here_online = n.status != crate::cluster::NodeState::Offline;
+        let here_online = n.status != crate::model::NodeState::Offline;
         let elsewhere_online = by_id.get(&n.id).is_some_and(|v| v["status"] != "offline");
         if here_online || !elsewhere_online {
             by_id.insert(n.id.clone(), view);

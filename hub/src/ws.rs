@@ -27,9 +27,10 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{MissedTickBehavior, interval};
 
-use crate::cluster::{Cluster, ConnHandle, Dialect, Outbound};
+use crate::engine::{Cluster, ConnHandle, Outbound};
 use crate::http::{ApiError, AppState, bearer, key_matches};
 use crate::llm::node_proxy::NodeProxy;
+use crate::model::Dialect;
 use crate::ops::Ops;
 
 const PREFIXES: [&str; 3] = [

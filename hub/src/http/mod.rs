@@ -28,8 +28,8 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::engine::Cluster;
 use crate::model::TaskStatus;
 use crate::ops::Ops;
 pub use error::ApiError;
@@ -239,7 +239,7 @@ fn request_span(req: &Request) -> tracing::Span {
 
 /// `GET /metrics`: the Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    match crate::metrics::render(&state.cluster) {
+    match crate::metrics::render(&state.cluster.gauges()) {
         Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
         Err(e) => ApiError::internal(e).into_response(),
     }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::tasks::{TaskRequest, submit_error, wait_for_end};
 use super::{ApiError, AppState, Pagination};
-use crate::cluster::NodeState;
+use crate::model::NodeState;
 use crate::store::TaskFilter;
 
 /// Query of `GET /v1/nodes`.

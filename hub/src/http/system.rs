@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, json};
 
 use super::AppState;
-use crate::cluster::NodeState;
 use crate::metrics;
+use crate::model::NodeState;
 use crate::model::TaskStatus;
 
 /// `GET /api/v1/system/status`:

@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{ApiError, AppState, Pagination};
-use crate::cluster::{CancelError, SubmitError};
 use crate::config::Config;
+use crate::engine::{CancelError, SubmitError};
 use crate::model::{Task, TaskEvent, TaskSpec, TaskStatus};
 use crate::store::TaskFilter;
 
@@ -164,10 +164,10 @@ async fn submit_shared(
 ) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
     use crate::durable::shared::SubmittedTask;
     for s in &specs {
-        if s.tool == crate::cluster::INTERNAL_REQUEST_FILE
+        if s.tool == crate::engine::INTERNAL_REQUEST_FILE
             && !state.config.allow_internal_request_file
         {
-            return Err(submit_error(crate::cluster::SubmitError::ForbiddenTool(
+            return Err(submit_error(crate::engine::SubmitError::ForbiddenTool(
                 s.tool.clone(),
             )));
         }

@@ -3,7 +3,7 @@
 //!
 //! A node that offers tool `llm.chat` and lists models in `node_register.models` hosts them.
 //! A chat call for such a model becomes a task on the scheduling lane `llm.chat@<model>`
-//! ([`crate::cluster::llm_lane`]), which only nodes hosting the model offer, so the scheduler
+//! ([`crate::engine::llm_lane`]), which only nodes hosting the model offer, so the scheduler
 //! balances the calls over them (least loaded first). The node receives tool `llm.chat` with
 //! the OpenAI request body as `toolArgs` (always `stream: true`), sends each upstream chunk as
 //! a `task_stream` frame, then `task_result`. The chunks are read from
@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Backend, CallContext, ChatChunk, ChatRequest, ChunkStream, LlmError, ModelInfo, Usage,
 };
-use crate::cluster::{Cluster, StreamChunk, llm_lane};
+use crate::engine::{Cluster, StreamChunk, llm_lane};
 use crate::model::{TaskSpec, TaskStatus};
 
 /// Assignments a call may use (a node lost on each fails it).
@@ -478,7 +478,7 @@ mod tests {
 
     fn test_cluster() -> Cluster {
         Cluster::new(
-            crate::cluster::ClusterOptions {
+            crate::engine::ClusterOptions {
                 version: "t".into(),
                 heartbeat_interval: Duration::from_secs(1),
                 heartbeat_timeout: Duration::from_secs(3),
@@ -496,8 +496,8 @@ mod tests {
         id: &str,
         models: &[&str],
     ) -> (
-        crate::cluster::ConnHandle,
-        mpsc::Receiver<crate::cluster::Outbound>,
+        crate::engine::ConnHandle,
+        mpsc::Receiver<crate::engine::Outbound>,
     ) {
         let (conn, rx) = cluster.open_connection(id.into());
         cluster.register_native(
@@ -517,12 +517,10 @@ mod tests {
         (conn, rx)
     }
 
-    fn assigns(
-        rx: &mut mpsc::Receiver<crate::cluster::Outbound>,
-    ) -> Vec<apex_protocol::TaskAssign> {
+    fn assigns(rx: &mut mpsc::Receiver<crate::engine::Outbound>) -> Vec<apex_protocol::TaskAssign> {
         let mut out = Vec::new();
         while let Ok(o) = rx.try_recv() {
-            if let crate::cluster::Outbound::Msg(apex_protocol::HubMessage::TaskAssign(a)) = o {
+            if let crate::engine::Outbound::Msg(apex_protocol::HubMessage::TaskAssign(a)) = o {
                 out.push(a);
             }
         }

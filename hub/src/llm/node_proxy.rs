@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{CallContext, Caller, ChatRequest, GatewayHandle, LlmError, Usage};
-use crate::cluster::Outbound;
+use crate::engine::Outbound;
 
 /// Per-node limits on `llm_request` (the `[node_llm]` table; `APEX_NODE_LLM__<KEY>`).
 /// 0 means unlimited for each.

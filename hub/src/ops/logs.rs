@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
-use crate::cluster::Cluster;
+use crate::engine::Cluster;
 use crate::events::NodeEventKind;
 use crate::metrics;
 use crate::model::{EventKind, Rfc3339, TaskStatus};

@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::Cluster;
 use crate::config::{Cli, Config};
+use crate::engine::Cluster;
 pub use live::LiveConfig;
 pub use logs::LogHub;
 pub use system::SystemSampler;
