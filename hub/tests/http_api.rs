@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use apex_hub::cluster::{Cluster, ConnHandle, Outbound};
 use apex_hub::config::Config;
+use apex_hub::engine::{Cluster, ConnHandle, Outbound};
 use apex_hub::http::{AppState, router};
 use apex_protocol::{NodeRegister, ToolSpec};
 use axum::Router;

@@ -19,15 +19,15 @@ use crate::stats::TaskCounters;
 use crate::tools::{self, ProgressSink, Registry, ToolContext};
 
 /// `error.code` of a task that ran past its timeout.
-pub const CODE_TIMEOUT: &str = "task_timeout";
+pub const CODE_TIMEOUT: &str = apex_protocol::codes::TASK_TIMEOUT;
 /// `error.code` of a task stopped by `task_cancel`.
-pub const CODE_CANCELLED: &str = "task_cancelled";
+pub const CODE_CANCELLED: &str = apex_protocol::codes::TASK_CANCELLED;
 /// `error.code` of a task refused or aborted because the node is draining.
-pub const CODE_DRAINING: &str = "node_draining";
+pub const CODE_DRAINING: &str = apex_protocol::codes::NODE_DRAINING;
 /// `error.code` of a task naming a tool the node does not have.
 pub const CODE_UNSUPPORTED: &str = "capability_not_supported";
 /// `error.code` of a tool that failed unexpectedly (panicked).
-pub const CODE_FAILED: &str = "task_execution_failed";
+pub const CODE_FAILED: &str = apex_protocol::codes::TASK_EXECUTION_FAILED;
 
 /// How long a task runs before the node reports it started (`task_progress` 0, "started").
 pub const STARTED_AFTER: Duration = Duration::from_millis(50);

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 /// Error code of a call the node gave up on itself (connection to the hub lost).
-pub const CODE_REQUEST_FAILED: &str = "llm_request_failed";
+pub const CODE_REQUEST_FAILED: &str = apex_protocol::codes::LLM_REQUEST_FAILED;
 
 /// A frame of an LLM call's answer, as it arrives from the hub.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,6 +13,7 @@
 //! This crate has no async runtime and no HTTP dependency: it is pure data plus [`codec`].
 
 pub mod codec;
+pub mod codes;
 pub mod messages;
 pub mod validate;
 

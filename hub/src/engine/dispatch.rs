@@ -45,13 +45,12 @@ impl Cluster {
                 .ok()
                 .and_then(|d| now_i.checked_add(d))
                 .unwrap_or(now_i + Duration::from_secs(10 * 365 * 86_400));
-            let mut task = Task::queued(id.clone(), seq, spec, now);
-            push_event(
-                &mut task,
-                EventKind::TaskCreated,
-                &self.shared.events,
-                |_| {},
-            );
+            let task = Task::accept(id.clone(), seq, spec, now);
+            if self.shared.events.receiver_count() > 0
+                && let Some(created) = task.events.first()
+            {
+                let _ = self.shared.events.send(Arc::new(created.clone()));
+            }
             core.sched.enqueue(
                 &id,
                 &task.spec.tool,
@@ -82,26 +81,17 @@ impl Cluster {
         }
         let mut lost = Vec::new();
         for a in core.sched.assign(usize::MAX) {
-            let events = &self.shared.events;
             let node_id = a.node_id.clone();
             let dialect = core
                 .nodes
                 .get(&node_id)
                 .map_or(Dialect::Native, |e| e.info.dialect);
-            core.store.update(&a.task_id, &mut |t| {
-                let now = SystemTime::now();
-                // Queued since submission or the last migration.
-                metrics::task_dispatched(t.updated_at, now);
-                t.status = TaskStatus::Assigned;
-                t.attempt += 1;
-                t.node_id = Some(node_id.clone());
-                t.updated_at = now;
-                t.started_at.get_or_insert(now);
-                t.message = None;
-                push_event(t, EventKind::TaskAssigned, events, |e| {
-                    e.node_id = Some(node_id.clone());
-                });
-            });
+            let now = SystemTime::now();
+            // Queued since submission or the last migration.
+            if let Some(queued_since) = core.store.get(&a.task_id).map(|t| t.updated_at) {
+                metrics::task_dispatched(queued_since, now);
+            }
+            self.transition(core, &a.task_id, |t| t.assign(&node_id, now));
             let frame = core
                 .store
                 .get(&a.task_id)

@@ -2,6 +2,8 @@
 //! cancel, timeouts, migration after a node loss, and the terminal transition.
 
 use super::*;
+use crate::model::lifecycle::{Loss, Outcome, TransitionError};
+use apex_protocol::codes;
 
 impl Cluster {
     /// Handles `task_result` from the node bound to this session. Commits it if it belongs to
@@ -14,7 +16,7 @@ impl Cluster {
                 let returned = res
                     .error
                     .as_ref()
-                    .is_some_and(|e| e.code == "node_draining" && !res.success);
+                    .is_some_and(|e| e.code == codes::NODE_DRAINING && !res.success);
                 if returned {
                     self.migrate(
                         &mut core,
@@ -23,25 +25,20 @@ impl Cluster {
                         "the node is draining",
                         false,
                     );
-                } else if res.success {
-                    self.finish(
-                        &mut core,
-                        &res.task_id,
-                        TaskStatus::Succeeded,
-                        Some(res.result.unwrap_or(Value::Null)),
-                        None,
-                    );
                 } else {
-                    let err = res.error.unwrap_or_else(|| {
-                        ErrorInfo::new("task_execution_failed", "the node reported a failure")
-                    });
-                    // A node enforcing the budget it was given, or cancelling on its own.
-                    let status = match err.code.as_str() {
-                        "task_timeout" => TaskStatus::TimedOut,
-                        "task_cancelled" => TaskStatus::Cancelled,
-                        _ => TaskStatus::Failed,
+                    let outcome = if res.success {
+                        Outcome::Succeeded(res.result.unwrap_or(Value::Null))
+                    } else {
+                        // A node enforcing the budget it was given, or cancelling on its own,
+                        // ends the task timed out or cancelled.
+                        Outcome::from_node_error(res.error.unwrap_or_else(|| {
+                            ErrorInfo::new(
+                                codes::TASK_EXECUTION_FAILED,
+                                "the node reported a failure",
+                            )
+                        }))
                     };
-                    self.finish(&mut core, &res.task_id, status, None, Some(err));
+                    self.finish(&mut core, &res.task_id, outcome);
                 }
                 self.schedule(&mut core);
                 (true, None)
@@ -74,7 +71,7 @@ impl Cluster {
                 Some(v) => v.to_string(),
                 None => format!("tool reported status `{}`", res.status),
             };
-            ErrorInfo::new("task_execution_failed", message)
+            ErrorInfo::new(codes::TASK_EXECUTION_FAILED, message)
         });
         self.task_result(
             node_id,
@@ -96,30 +93,22 @@ impl Cluster {
         if fence(&core, &p.task_id, node_id, p.attempt).is_err() {
             return false;
         }
-        let events = &self.shared.events;
-        core.store.update(&p.task_id, &mut |t| {
-            t.status = TaskStatus::Running;
-            t.progress = p.progress;
-            t.updated_at = SystemTime::now();
-            if p.message.is_some() {
-                t.message = p.message.clone();
-            }
-            push_event(t, EventKind::TaskProgress, events, |e| {
-                e.progress = Some(p.progress);
-                e.message = p.message.clone();
-            });
+        let now = SystemTime::now();
+        self.transition(&mut core, &p.task_id, |t| {
+            t.progress(p.progress, p.message.clone(), now)
         })
+        .is_some()
     }
 
     /// Cancels a task at a user's request; the node running it gets `task_cancel`.
     pub fn cancel(&self, task_id: &str) -> Result<Task, CancelError> {
-        self.end_early(task_id, TaskStatus::Cancelled, "cancelled")
+        self.end_early(task_id, Outcome::cancelled(), "cancelled")
     }
 
     pub(super) fn end_early(
         &self,
         task_id: &str,
-        status: TaskStatus,
+        outcome: Outcome,
         reason: &str,
     ) -> Result<Task, CancelError> {
         let mut core = self.shared.core.lock();
@@ -153,17 +142,7 @@ impl Cluster {
                 c.send(frame);
             }
         }
-        let (code, msg) = match status {
-            TaskStatus::TimedOut => ("task_timeout", "the task ran past its timeout"),
-            _ => ("task_cancelled", "the task was cancelled"),
-        };
-        self.finish(
-            &mut core,
-            task_id,
-            status,
-            None,
-            Some(ErrorInfo::new(code, msg)),
-        );
+        self.finish(&mut core, task_id, outcome);
         self.schedule(&mut core);
         core.store
             .get(task_id)
@@ -181,7 +160,7 @@ impl Cluster {
                 .collect()
         };
         for id in &due {
-            let _ = self.end_early(id, TaskStatus::TimedOut, "timeout");
+            let _ = self.end_early(id, Outcome::timed_out(), "timeout");
         }
         due.len()
     }
@@ -198,7 +177,7 @@ impl Cluster {
     }
 
     /// Sends a task assigned to `from` back to the queue, or fails it with `node_lost` when it
-    /// has used all its attempts.
+    /// has used all its attempts ([`Task::requeue`] decides).
     ///
     /// `counts` is false when the node handed the task back unrun (draining): that does not use
     /// up an attempt.
@@ -224,62 +203,40 @@ impl Cluster {
         {
             return;
         }
-        let (attempt, max) = (t.attempt, t.spec.max_attempts);
-        if counts && attempt >= max {
-            let err = ErrorInfo::new(
-                "node_lost",
-                format!("node {from} was lost on attempt {attempt} of {max}: {reason}"),
-            );
-            self.finish(core, task_id, TaskStatus::Failed, None, Some(err));
-            return;
-        }
-        self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
-        metrics::get().migrations.inc();
-        let msg = if counts {
-            format!(
-                "node {from} was lost ({reason}); requeued for attempt {}",
-                attempt + 1
-            )
+        let loss = if counts {
+            Loss::Node { node: from, reason }
         } else {
-            format!("node {from} handed the task back ({reason}); requeued")
+            Loss::HandedBack { node: from, reason }
         };
-        let mut key = None;
-        let events = &self.shared.events;
-        core.store.update(task_id, &mut |t| {
-            t.status = TaskStatus::Queued;
-            t.updated_at = SystemTime::now();
-            t.message = Some(msg.clone());
-            push_event(t, EventKind::TaskMigrated, events, |e| {
-                e.node_id = Some(from.to_owned());
-                e.message = Some(msg.clone());
-            });
-            key = Some((
-                t.spec.tool.clone(),
-                QueueKey::new(t.spec.priority, t.seq),
-                t.spec.pinned_node.clone(),
-            ));
-        });
-        if let Some((tool, key, pinned)) = key {
-            core.sched.enqueue(task_id, &tool, key, pinned.as_deref());
+        let now = SystemTime::now();
+        match self.transition(core, task_id, |t| t.requeue(loss, now)) {
+            Some(TaskStatus::Queued) => {
+                self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
+                metrics::get().migrations.inc();
+                if let Some(t) = core.store.get(task_id) {
+                    let (tool, key, pinned) = (
+                        t.spec.tool.clone(),
+                        QueueKey::new(t.spec.priority, t.seq),
+                        t.spec.pinned_node.clone(),
+                    );
+                    core.sched.enqueue(task_id, &tool, key, pinned.as_deref());
+                }
+            }
+            Some(_) => self.ended(core, task_id),
+            None => {}
         }
     }
 
-    /// Ends a non-terminal task: frees its node slot or queue place, records the outcome, wakes
-    /// waiters. The caller schedules afterwards.
-    pub(super) fn finish(
-        &self,
-        core: &mut Core,
-        task_id: &str,
-        status: TaskStatus,
-        result: Option<Value>,
-        error: Option<ErrorInfo>,
-    ) {
+    /// Ends a non-terminal task with `outcome`: frees its node slot or queue place, records the
+    /// outcome ([`Task::finish`]), wakes waiters. The caller schedules afterwards.
+    pub(super) fn finish(&self, core: &mut Core, task_id: &str, outcome: Outcome) {
         let Some(t) = core.store.get(task_id) else {
             return;
         };
         if t.status.is_terminal() {
             return;
         }
+        let status = outcome.status();
         match t.status {
             TaskStatus::Queued => {
                 core.sched.dequeue(task_id);
@@ -298,33 +255,26 @@ impl Cluster {
                 }
             }
         }
+        let now = SystemTime::now();
+        if self
+            .transition(core, task_id, |t| t.finish(outcome, now))
+            .is_some()
+        {
+            self.ended(core, task_id);
+        }
+    }
+
+    /// What follows a terminal transition: the task leaves the deadlines, its duration is
+    /// observed, its trace span is exported, and everyone waiting for its end is woken.
+    fn ended(&self, core: &mut Core, task_id: &str) {
         if let Some(key) = core.deadline_of.remove(task_id) {
             core.deadlines.remove(&key);
         }
-        let kind = match status {
-            TaskStatus::Succeeded => EventKind::TaskCompleted,
-            TaskStatus::Cancelled => EventKind::TaskCancelled,
-            TaskStatus::TimedOut => EventKind::TaskTimedOut,
-            _ => EventKind::TaskFailed,
+        let Some(t) = core.store.get(task_id) else {
+            return;
         };
-        let events = &self.shared.events;
-        let mut result = result;
-        let mut error = error;
-        core.store.update(task_id, &mut |t| {
-            let now = SystemTime::now();
-            metrics::task_finished(&t.spec.tool, status.as_str(), t.started_at, now);
-            t.status = status;
-            t.updated_at = now;
-            t.finished_at = Some(now);
-            if status == TaskStatus::Succeeded {
-                t.progress = 100.0;
-            }
-            t.result = result.take();
-            t.error = error.take();
-            t.message = t.error.as_ref().map(|e| e.message.clone());
-            let err = t.error.clone();
-            push_event(t, kind, events, |e| e.error = err);
-        });
+        let finished = t.finished_at.unwrap_or_else(SystemTime::now);
+        metrics::task_finished(&t.spec.tool, t.status.as_str(), t.started_at, finished);
         if let Some(tp) = core.trace_parents.remove(task_id)
             && let Some(t) = core.store.get(task_id)
         {
@@ -335,6 +285,33 @@ impl Cluster {
                 let _ = w.send(());
             }
         }
+    }
+
+    /// Applies transition `f` to the stored task `id` (one store update) and publishes the
+    /// event it caused. Returns the task's status afterwards, or `None` if the task is unknown
+    /// or the transition was refused (nothing changed, nothing published).
+    pub(super) fn transition(
+        &self,
+        core: &mut Core,
+        id: &str,
+        f: impl FnOnce(&mut Task) -> Result<&TaskEvent, TransitionError>,
+    ) -> Option<TaskStatus> {
+        let events = &self.shared.events;
+        let mut f = Some(f);
+        let mut status = None;
+        core.store.update(id, &mut |t| {
+            let Some(f) = f.take() else { return };
+            match f(t) {
+                Ok(e) => {
+                    if events.receiver_count() > 0 {
+                        let _ = events.send(Arc::new(e.clone()));
+                    }
+                    status = Some(t.status);
+                }
+                Err(e) => tracing::debug!(task_id = %t.id, error = %e, "transition refused"),
+            }
+        });
+        status
     }
 }
 
@@ -361,30 +338,4 @@ pub(super) fn fence(
         return Err("result is for an earlier attempt; stale result ignored");
     }
     Ok(())
-}
-
-/// Appends an event to the task and publishes it.
-pub(super) fn push_event(
-    t: &mut Task,
-    kind: EventKind,
-    events: &broadcast::Sender<Arc<TaskEvent>>,
-    fill: impl FnOnce(&mut TaskEvent),
-) {
-    let mut e = TaskEvent {
-        kind,
-        task_id: t.id.clone(),
-        seq: t.events.len() as u32 + 1,
-        attempt: t.attempt,
-        node_id: t.node_id.clone(),
-        status: t.status,
-        progress: None,
-        message: None,
-        error: None,
-        timestamp: SystemTime::now(),
-    };
-    fill(&mut e);
-    if events.receiver_count() > 0 {
-        let _ = events.send(Arc::new(e.clone()));
-    }
-    t.events.push(e);
 }

@@ -39,9 +39,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use crate::events::{NodeEvent, NodeEventKind};
 use crate::metrics;
-use crate::model::{
-    Dialect, EventKind, NodeState, NodeView, Rfc3339, Task, TaskEvent, TaskSpec, TaskStatus,
-};
+use crate::model::{Dialect, NodeState, NodeView, Rfc3339, Task, TaskEvent, TaskSpec, TaskStatus};
 use crate::scheduler::{QueueKey, Scheduler};
 use crate::store::{Page, TaskFilter, TaskStore};
 
@@ -363,7 +361,7 @@ impl Cluster {
     }
 }
 
-use lifecycle::{fence, push_event};
+use lifecycle::fence;
 use nodes::{NodeEntry, NodeInfo};
 
 mod claims;

@@ -450,10 +450,10 @@ impl Cluster {
         }
         for t in core.sched.pinned_to(node_id) {
             let err = ErrorInfo::new(
-                "node_removed",
+                apex_protocol::codes::NODE_REMOVED,
                 format!("the task is pinned to node {node_id}, which was removed: {reason}"),
             );
-            self.finish(core, &t, TaskStatus::Failed, None, Some(err));
+            self.finish(core, &t, crate::model::Outcome::Failed(err));
         }
         core.sched.remove_node(node_id);
         core.nodes.remove(node_id);

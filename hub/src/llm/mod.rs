@@ -501,9 +501,11 @@ impl LlmError {
     /// `rate_limit_exceeded` or `llm_request_failed`.
     pub fn node_code(&self) -> &'static str {
         match self {
-            Self::ModelNotFound(_) | Self::Unavailable(_) => "llm_unavailable",
+            Self::ModelNotFound(_) | Self::Unavailable(_) => apex_protocol::codes::LLM_UNAVAILABLE,
             Self::RateLimited(_) => "rate_limit_exceeded",
-            Self::InvalidRequest { .. } | Self::Upstream { .. } => "llm_request_failed",
+            Self::InvalidRequest { .. } | Self::Upstream { .. } => {
+                apex_protocol::codes::LLM_REQUEST_FAILED
+            }
         }
     }
 }

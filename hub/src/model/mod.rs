@@ -3,6 +3,7 @@
 //! HTTP bodies use snake_case field names as the seed APIs do (`task_id`, `created_at`, ...);
 //! timestamps are RFC 3339 strings in UTC with millisecond precision.
 
+pub mod lifecycle;
 pub mod node;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +12,7 @@ use apex_protocol::ErrorInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use lifecycle::{Loss, Outcome, TransitionError};
 pub use node::{Dialect, NodeState, NodeView};
 
 /// Task id: a UUID v4 in its hyphenated string form.

@@ -43,9 +43,9 @@ impl Error {
     /// The `error.code` reported for this error.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::InvalidArguments(_) => "invalid_arguments",
+            Error::InvalidArguments(_) => apex_protocol::codes::INVALID_ARGUMENTS,
             Error::AccessDenied(_) => "access_denied",
-            Error::Failed(_) | Error::Setup(_) => "task_execution_failed",
+            Error::Failed(_) | Error::Setup(_) => apex_protocol::codes::TASK_EXECUTION_FAILED,
         }
     }
 }
