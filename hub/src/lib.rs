@@ -14,6 +14,7 @@ pub mod ops;
 pub mod scheduler;
 pub mod shared_mode;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod ws;
 
@@ -155,8 +156,13 @@ pub async fn run_with(
         node_llm.clone(),
     ));
     let shared_redis = shared.as_ref().map(|h| h.redis.clone());
+    let tasks = match &shared_redis {
+        Some(redis) => tasks::TaskService::shared(cluster.clone(), redis.clone(), stop_rx.clone()),
+        None => tasks::TaskService::local(cluster.clone(), stop_rx.clone()),
+    };
     let state = AppState {
         shared: shared_redis,
+        tasks,
         cluster: cluster.clone(),
         llm: gateway,
         node_llm,

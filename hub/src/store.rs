@@ -95,6 +95,12 @@ pub trait TaskStore: Send + 'static {
     fn collect_finished_before(&mut self, cutoff: SystemTime) -> usize;
     /// Records a node in the registry snapshot (durable stores only; memory keeps none).
     fn put_node(&mut self, _node: NodeRecord) {}
+    /// The durability ticket of the last write of task `id` (see `durable::Durability`): once
+    /// that ticket is durable, the task as stored now survives a crash. 0 for stores that
+    /// write nothing (memory), or for a task not written since start.
+    fn ticket_of(&self, _id: &str) -> u64 {
+        0
+    }
     /// Drops a task from memory only, writing nothing to durable storage (shared mode: the
     /// task's claim was fenced, another hub owns its stored record). Returns it if it was here.
     fn forget(&mut self, id: &str) -> Option<Task>;

@@ -236,23 +236,35 @@ pub struct MirroredStore {
     inner: MemoryStore,
     tx: std_mpsc::Sender<Op>,
     durability: Arc<Durability>,
+    /// The ticket of each task's last queued write, for the read barrier
+    /// ([`TaskStore::ticket_of`]); an entry leaves with the task.
+    tickets: HashMap<TaskId, u64>,
 }
 
 impl MirroredStore {
-    fn send(&self, op: Op) {
-        self.durability.enqueued.fetch_add(1, Ordering::AcqRel);
+    /// Queues `op`; returns its ticket.
+    fn send(&self, op: Op) -> u64 {
+        let ticket = self.durability.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
         if self.tx.send(op).is_err() {
             // The writer is gone (it only stops when this store is dropped): report it.
             self.durability.state.send_modify(|s| {
                 s.error = Some("the store writer stopped".to_owned());
             });
         }
+        ticket
+    }
+
+    /// Queues the task's record and notes the ticket of this, its last write.
+    fn put(&mut self, task: Box<Task>) {
+        let id = task.id.clone();
+        let ticket = self.send(Op::Put(task));
+        self.tickets.insert(id, ticket);
     }
 }
 
 impl TaskStore for MirroredStore {
     fn insert(&mut self, task: Task) {
-        self.send(Op::Put(Box::new(task.clone())));
+        self.put(Box::new(task.clone()));
         self.inner.insert(task);
     }
 
@@ -266,7 +278,7 @@ impl TaskStore for MirroredStore {
         }
         if let Some(t) = self.inner.get(id) {
             let t = Box::new(t.clone());
-            self.send(Op::Put(t));
+            self.put(t);
         }
         true
     }
@@ -295,7 +307,12 @@ impl TaskStore for MirroredStore {
         self.send(Op::PutNode(Box::new(node)));
     }
 
+    fn ticket_of(&self, id: &str) -> u64 {
+        self.tickets.get(id).copied().unwrap_or(0)
+    }
+
     fn forget(&mut self, id: &str) -> Option<Task> {
+        self.tickets.remove(id);
         self.inner.forget(id)
     }
 
@@ -303,6 +320,7 @@ impl TaskStore for MirroredStore {
         let ids = self.inner.remove_finished_before(cutoff);
         let n = ids.len();
         for (id, seq) in ids {
+            self.tickets.remove(&id);
             self.send(Op::Delete(id, seq));
         }
         n
@@ -499,6 +517,7 @@ async fn start(
             inner: MemoryStore::new(),
             tx,
             durability: durability.clone(),
+            tickets: HashMap::new(),
         }),
         durability,
         recovered,

@@ -310,6 +310,33 @@ impl Cluster {
         self.shared.core.lock().store.events_after(id, seq)
     }
 
+    /// A task with the durability ticket of its last write (for the read barrier).
+    pub fn get_with_ticket(&self, id: &str) -> Option<(Task, u64)> {
+        let core = self.shared.core.lock();
+        core.store
+            .get(id)
+            .map(|t| (t.clone(), core.store.ticket_of(id)))
+    }
+
+    /// The durability ticket of task `id`'s last write; `None` for an unknown task.
+    pub fn ticket_of(&self, id: &str) -> Option<u64> {
+        let core = self.shared.core.lock();
+        core.store.get(id).map(|_| core.store.ticket_of(id))
+    }
+
+    /// A page of tasks with the highest durability ticket of their last writes.
+    pub fn list_with_ticket(&self, filter: &TaskFilter, page: usize, limit: usize) -> (Page, u64) {
+        let core = self.shared.core.lock();
+        let p = core.store.list(filter, page, limit);
+        let ticket = p
+            .tasks
+            .iter()
+            .map(|t| core.store.ticket_of(&t.id))
+            .max()
+            .unwrap_or(0);
+        (p, ticket)
+    }
+
     /// A page of tasks.
     pub fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page {
         self.shared.core.lock().store.list(filter, page, limit)

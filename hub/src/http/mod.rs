@@ -37,8 +37,10 @@ pub use error::ApiError;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    /// The engine.
+    /// The engine (nodes; tasks go through `tasks`).
     pub cluster: Cluster,
+    /// The one front door for tasks (submit, read, list, cancel, events) in either mode.
+    pub tasks: crate::tasks::TaskService,
     /// Validated configuration.
     pub config: Arc<Config>,
     /// The LLM gateway (chat completions, models, interrupts; nodes' `llm_request`).
@@ -74,6 +76,7 @@ impl AppState {
             llm.clone(),
         ));
         Self {
+            tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone()),
             ops: Ops::new(config.clone(), None),
             llm,
             node_llm,

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::tasks::{TaskRequest, submit_error, wait_for_end};
+use super::tasks::{TaskRequest, submit_one};
 use super::{ApiError, AppState, Pagination};
 use crate::model::NodeState;
 use crate::store::TaskFilter;
@@ -294,14 +294,23 @@ pub async fn dispatch(
         )));
     }
     let mut spec = req.task.into_spec(&state.config, "")?;
+    if !node.tools.contains(&spec.tool) {
+        return Err(ApiError::invalid(
+            "tool",
+            crate::engine::SubmitError::NodeLacksTool {
+                node: id,
+                tool: spec.tool,
+            }
+            .to_string(),
+        ));
+    }
     spec.pinned_node = Some(id);
-    let mut out = state.cluster.submit(vec![spec]).map_err(submit_error)?;
-    let Some((task, created)) = out.pop() else {
-        return Err(ApiError::internal("submit returned no task"));
-    };
+    // Through the task service like any submission: durable before the answer, and in
+    // shared mode written to the shared store (pinned queue), so any hub sees it.
+    let (task, created) = submit_one(&state, spec).await?;
     let task = if req.wait_for_result {
-        let ms = req.wait_ms.unwrap_or(60_000);
-        wait_for_end(&state, &task.id, ms).await.unwrap_or(task)
+        let wait = std::time::Duration::from_millis(req.wait_ms.unwrap_or(60_000));
+        state.tasks.get(&task.id, wait).await?.unwrap_or(task)
     } else {
         task
     };

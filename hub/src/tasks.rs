@@ -1,0 +1,445 @@
+//! The task service: the one front door for creating and watching tasks, and the only code
+//! that knows whether this hub runs alone (`Local`: the engine over its store) or shares Redis
+//! with other hubs (`Shared`).
+//!
+//! HTTP handlers, and later quotas, agent runs and task graphs, call [`TaskService`]; none of
+//! them branches on the mode. What the service guarantees in both modes:
+//! - **accepted means durable**: [`TaskService::submit`] returns only once every task is in
+//!   the store (on disk, or in Redis); while the store fails it accepts nothing
+//!   ([`Error::StoreUnavailable`]);
+//! - **what is read is durable** (the read barrier): a task, a page or an event handed out has
+//!   been confirmed by the store, so it survives a crash of the hub right after. Locally the
+//!   barrier waits only for the durability ticket of the task's own last write (at most one
+//!   group commit, usually none); in shared mode every read comes from Redis;
+//! - `get` with a wait, `cancel` and the event stream work for a task held by any hub.
+//!
+//! Where a task is cancelled: [`TaskService::cancel`] → the engine holding it
+//! (`Cluster::cancel`), or, in shared mode, the shared store for a queued task no hub holds,
+//! or the holding hub over `apex:shared:cancel`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::durable::DURABLE_WAIT;
+use crate::durable::shared::{SharedRedis, SubmittedTask};
+use crate::engine::{CancelError, Cluster, SubmitError};
+use crate::model::{Task, TaskEvent, TaskSpec};
+use crate::store::{Page, TaskFilter};
+
+/// Why the service refused or could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The submission is not acceptable (forbidden tool, unknown pinned node, node lacks the
+    /// tool): a client error.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// No such task.
+    #[error("task `{0}` not found")]
+    NotFound(String),
+    /// The task already ended (cancel).
+    #[error("task is already {0}")]
+    Terminal(&'static str),
+    /// The hub holding the task did not confirm the cancel in time (shared mode).
+    #[error("task {0} is held by another hub, which did not confirm the cancel within 10 s")]
+    CancelUnconfirmed(String),
+    /// The store cannot confirm the write or answer the read; nothing was accepted.
+    #[error("{0}")]
+    StoreUnavailable(String),
+}
+
+/// How long a long poll (`wait`) may wait at most.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Shared mode: how often a reader following a task another hub holds reads its record when
+/// no wake-up came (pub/sub messages are lost while the subscription reconnects).
+const SHARED_SAFETY_POLL: Duration = Duration::from_secs(1);
+
+/// Shared mode: how long a cancel of a task another hub holds waits for that hub.
+const SHARED_CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// A task's events, oldest first, ending after the terminal one (or when the hub shuts down).
+pub type EventStream = mpsc::Receiver<TaskEvent>;
+
+#[derive(Clone)]
+enum Mode {
+    /// The engine is the authority; its store mirrors it.
+    Local,
+    /// Several hubs on one Redis: submissions go to the shared store, reads fall back to it.
+    Shared(Arc<SharedRedis>),
+}
+
+/// Handle on the task service; clone freely.
+#[derive(Clone)]
+pub struct TaskService {
+    cluster: Cluster,
+    mode: Mode,
+    /// Whether `internal_request_file` may be submitted (shared submissions bypass the
+    /// engine's own check).
+    allow_internal_request_file: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TaskService {
+    /// A service over this hub's engine alone.
+    pub fn local(cluster: Cluster, shutdown: watch::Receiver<bool>) -> Self {
+        let allow = cluster.options().allow_internal_request_file;
+        Self {
+            cluster,
+            mode: Mode::Local,
+            allow_internal_request_file: allow,
+            shutdown,
+        }
+    }
+
+    /// A service for a hub in shared mode over `redis`.
+    pub fn shared(
+        cluster: Cluster,
+        redis: Arc<SharedRedis>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            mode: Mode::Shared(redis),
+            ..Self::local(cluster, shutdown)
+        }
+    }
+
+    /// Whether submissions would be refused because the store is failing now.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] with the store's last failure.
+    pub fn check_store(&self) -> Result<(), Error> {
+        self.cluster
+            .durability()
+            .check()
+            .map_err(|e| Error::StoreUnavailable(e.to_string()))
+    }
+
+    /// Accepts `specs` all or none and returns each task with whether it was created now
+    /// (false: an existing task with the same idempotency key). Returns once the store has
+    /// every task. A spec with `pinned_node` runs only on that node.
+    ///
+    /// # Errors
+    /// [`Error::Submit`] for a refused spec (nothing accepted); [`Error::StoreUnavailable`]
+    /// while the store fails or if it does not confirm the write within [`DURABLE_WAIT`]
+    /// (treat the tasks as not accepted; an idempotency key makes the retry safe).
+    pub async fn submit(&self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>, Error> {
+        match &self.mode {
+            Mode::Local => {
+                let durability = self.cluster.durability();
+                self.check_store()?;
+                let out = self.cluster.submit(specs)?;
+                let ticket = durability.ticket();
+                durability
+                    .wait(ticket, DURABLE_WAIT)
+                    .await
+                    .map_err(|e| Error::StoreUnavailable(e.to_string()))?;
+                Ok(out)
+            }
+            Mode::Shared(redis) => self.submit_shared(redis, specs).await,
+        }
+    }
+
+    /// Shared mode: one script writes the whole batch to the shared store (queued there for
+    /// any hub), all or none; the engine is not touched (a hub's claimer adopts them). A pinned
+    /// node is not checked (it may be connected to another hub).
+    async fn submit_shared(
+        &self,
+        redis: &SharedRedis,
+        specs: Vec<TaskSpec>,
+    ) -> Result<Vec<(Task, bool)>, Error> {
+        if let Some(s) = specs
+            .iter()
+            .find(|s| s.tool == crate::engine::INTERNAL_REQUEST_FILE)
+            && !self.allow_internal_request_file
+        {
+            return Err(SubmitError::ForbiddenTool(s.tool.clone()).into());
+        }
+        let now = SystemTime::now();
+        let tasks: Vec<Task> = specs
+            .into_iter()
+            .map(|spec| Task::accept(uuid::Uuid::new_v4().to_string(), 0, spec, now))
+            .collect();
+        let results = redis.submit_batch(&tasks).await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(tasks.len());
+        for (task, r) in tasks.into_iter().zip(results) {
+            match r {
+                SubmittedTask::New { .. } => {
+                    crate::metrics::get().tasks_submitted.inc();
+                    out.push((task, true));
+                }
+                SubmittedTask::Existing(t) => out.push((*t, false)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The task `id` as it is now, after waiting up to `wait` (at most [`MAX_WAIT`]; zero: not
+    /// at all) for it to end or for the hub to shut down. `None` for an unknown task. The state
+    /// returned is durable.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] if the shared store cannot be read.
+    pub async fn get(&self, id: &str, wait: Duration) -> Result<Option<Task>, Error> {
+        let wait = wait.min(MAX_WAIT);
+        if !wait.is_zero()
+            && let Some(rx) = self.cluster.wait(id)
+        {
+            let mut shutdown = self.shutdown.clone();
+            // Answer early on shutdown, so a long poll never holds the hub's exit.
+            tokio::select! {
+                _ = tokio::time::timeout(wait, rx) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        }
+        if let Some((t, ticket)) = self.cluster.get_with_ticket(id) {
+            self.barrier(ticket).await;
+            return Ok(Some(t));
+        }
+        let Mode::Shared(redis) = &self.mode else {
+            return Ok(None);
+        };
+        // A task this hub does not hold: read from the shared store, again at each change
+        // another hub publishes (`Wake::Task`) and every second as a safety net.
+        let mut wakes = redis.task_wakes();
+        let until = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let t = redis.get(id).await.map_err(unavailable)?;
+            let done = t.as_ref().is_none_or(|t| t.status.is_terminal());
+            if done || tokio::time::Instant::now() >= until || *shutdown.borrow() {
+                return Ok(t);
+            }
+            tokio::select! {
+                _ = SharedRedis::task_woken(&mut wakes, id) => {}
+                _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
+                _ = tokio::time::sleep_until(until) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+            // Adopted by this hub meanwhile: the engine has it now.
+            if let Some((t, ticket)) = self.cluster.get_with_ticket(id) {
+                self.barrier(ticket).await;
+                return Ok(Some(t));
+            }
+        }
+    }
+
+    /// A page of the tasks matching `filter`, newest first (`page` from 1): every hub's in
+    /// shared mode, this hub's otherwise. Durable, like [`TaskService::get`].
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] if the shared store cannot be read.
+    pub async fn list(
+        &self,
+        filter: &TaskFilter,
+        page: usize,
+        limit: usize,
+    ) -> Result<Page, Error> {
+        match &self.mode {
+            Mode::Shared(redis) => redis.list(filter, page, limit).await.map_err(unavailable),
+            Mode::Local => {
+                let (p, ticket) = self.cluster.list_with_ticket(filter, page, limit);
+                self.barrier(ticket).await;
+                Ok(p)
+            }
+        }
+    }
+
+    /// Cancels task `id` wherever it is held; the node running it gets `task_cancel`. Returns
+    /// the cancelled task.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Terminal`] if it already ended, and in shared mode
+    /// [`Error::CancelUnconfirmed`] or [`Error::StoreUnavailable`].
+    pub async fn cancel(&self, id: &str) -> Result<Task, Error> {
+        match self.cluster.cancel(id) {
+            Ok(t) => {
+                if let Some(ticket) = self.cluster.ticket_of(id) {
+                    self.barrier(ticket).await;
+                }
+                Ok(t)
+            }
+            Err(CancelError::Terminal(s)) => Err(Error::Terminal(s)),
+            Err(CancelError::NotFound) => match &self.mode {
+                Mode::Local => Err(Error::NotFound(id.to_owned())),
+                Mode::Shared(redis) => cancel_shared(redis, id).await,
+            },
+        }
+    }
+
+    /// The events of task `id` after `after` (its `seq`, for `Last-Event-ID`), then live ones,
+    /// ending after the terminal event or when the hub shuts down. `Ok(None)` when the task
+    /// has ended and nothing is newer. Every event sent is durable.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::StoreUnavailable`] if the shared store cannot be read.
+    pub async fn events(&self, id: &str, after: u32) -> Result<Option<EventStream>, Error> {
+        // Subscribe before reading the past, so no event falls between the two.
+        let live = self.cluster.subscribe();
+        match self.cluster.get(id) {
+            Some(task) => {
+                let backlog = self.cluster.events_after(id, after);
+                if task.status.is_terminal() && backlog.is_empty() {
+                    return Ok(None);
+                }
+                let (tx, rx) = mpsc::channel(64);
+                tokio::spawn(
+                    self.clone()
+                        .follow_local(id.to_owned(), after, backlog, live, tx),
+                );
+                Ok(Some(rx))
+            }
+            None => match &self.mode {
+                Mode::Local => Err(Error::NotFound(id.to_owned())),
+                Mode::Shared(redis) => self.events_shared(redis.clone(), id, after).await,
+            },
+        }
+    }
+
+    /// Sends a held task's events from `backlog`, then live ones from the engine.
+    async fn follow_local(
+        self,
+        id: String,
+        mut last: u32,
+        mut backlog: Vec<TaskEvent>,
+        mut live: broadcast::Receiver<Arc<TaskEvent>>,
+        tx: mpsc::Sender<TaskEvent>,
+    ) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            // Events go out once they are durable: the task's last write covers them.
+            if !backlog.is_empty()
+                && let Some(ticket) = self.cluster.ticket_of(&id)
+            {
+                self.barrier(ticket).await;
+            }
+            for e in backlog.drain(..) {
+                if e.seq <= last {
+                    continue;
+                }
+                last = e.seq;
+                let end = e.kind.is_terminal();
+                if tx.send(e).await.is_err() || end {
+                    return;
+                }
+            }
+            tokio::select! {
+                r = live.recv() => match r {
+                    Ok(e) if e.task_id == id && e.seq > last => backlog.push((*e).clone()),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        backlog = self.cluster.events_after(&id, last);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Shared mode, a task this hub does not hold: its events from the shared record, read
+    /// again at each change another hub publishes (and every second as a safety net).
+    async fn events_shared(
+        &self,
+        redis: Arc<SharedRedis>,
+        id: &str,
+        after: u32,
+    ) -> Result<Option<EventStream>, Error> {
+        // Subscribed before the first read, so no change after it is missed.
+        let mut wakes = redis.task_wakes();
+        let Some(task) = redis.get(id).await.map_err(unavailable)? else {
+            return Err(Error::NotFound(id.to_owned()));
+        };
+        if task.status.is_terminal() && task.events.iter().all(|e| e.seq <= after) {
+            return Ok(None);
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let mut shutdown = self.shutdown.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let mut last = after;
+            let mut task = Some(task);
+            loop {
+                if let Some(t) = task.take() {
+                    for e in t.events {
+                        if e.seq <= last {
+                            continue;
+                        }
+                        last = e.seq;
+                        let end = e.kind.is_terminal();
+                        if tx.send(e).await.is_err() || end {
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = SharedRedis::task_woken(&mut wakes, &id) => {}
+                    _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
+                    _ = tx.closed() => return,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                match redis.get(&id).await {
+                    Ok(Some(t)) => task = Some(t),
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, task_id = %id, "shared task events not read")
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
+    /// The read barrier: waits until the write with durability `ticket` is confirmed. If the
+    /// store is failing, the answer goes out anyway after the wait (reads stay available).
+    async fn barrier(&self, ticket: u64) {
+        let durability = self.cluster.durability();
+        if !durability.is_mirrored() || durability.is_durable(ticket) {
+            return;
+        }
+        if let Err(e) = durability.wait(ticket, DURABLE_WAIT).await {
+            tracing::warn!(error = %e, "answering with a state the store has not confirmed");
+        }
+    }
+}
+
+/// Shared mode, a task this hub does not hold: a queued one is cancelled in the shared store;
+/// for one another hub holds, that hub is asked (pub/sub) and the answer waits up to 10 s for
+/// the shared record to show the end.
+async fn cancel_shared(redis: &SharedRedis, id: &str) -> Result<Task, Error> {
+    let Some(mut t) = redis.get(id).await.map_err(unavailable)? else {
+        return Err(Error::NotFound(id.to_owned()));
+    };
+    if t.status.is_terminal() {
+        return Err(Error::Terminal(t.status.as_str()));
+    }
+    if t.status == crate::model::TaskStatus::Queued
+        && t.cancel(SystemTime::now()).is_ok()
+        && redis.finish_queued(&t).await.map_err(unavailable)?
+    {
+        return Ok(t);
+    }
+    // Held by a hub (perhaps claimed just now): ask the holder, and answer once the shared
+    // record shows the task ended, waking on its change notices.
+    let mut wakes = redis.task_wakes();
+    redis.request_cancel(id).await.map_err(unavailable)?;
+    let until = tokio::time::Instant::now() + SHARED_CANCEL_WAIT;
+    loop {
+        match redis.get(id).await.map_err(unavailable)? {
+            Some(t) if t.status.is_terminal() => return Ok(t),
+            Some(_) if tokio::time::Instant::now() < until => {}
+            _ => return Err(Error::CancelUnconfirmed(id.to_owned())),
+        }
+        tokio::select! {
+            _ = SharedRedis::task_woken(&mut wakes, id) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::StoreUnavailable(e.to_string())
+}
