@@ -15,7 +15,6 @@ pub mod scheduler;
 pub mod shared_mode;
 pub mod store;
 pub mod telemetry;
-pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;

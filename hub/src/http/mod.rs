@@ -1,13 +1,16 @@
-//! The HTTP surface: router, API-key authentication, request ids, `/health`.
+//! The HTTP surface: router, request ids, `/health`; key checks in [`auth`], the node channel's
+//! upgrade and sessions in [`node_channel`].
 //!
-//! Only this module tree and [`crate::ws`] import axum.
+//! Only this module tree imports axum (and `crate::run`, which serves the router).
 
+pub mod auth;
 mod config;
 pub mod dashboard;
 pub mod error;
 pub mod events;
 mod llm;
 pub mod log_channel;
+pub mod node_channel;
 mod nodes;
 mod system;
 mod tasks;
@@ -17,12 +20,11 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, Uri, header};
+use axum::http::{Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -82,33 +84,6 @@ impl AppState {
             shutdown,
             shared: None,
         }
-    }
-}
-
-/// Whether `presented` equals one of `keys`, compared in constant time.
-pub fn key_matches(keys: &[String], presented: &str) -> bool {
-    let mut ok = subtle::Choice::from(0u8);
-    for k in keys {
-        ok |= k.as_bytes().ct_eq(presented.as_bytes());
-    }
-    ok.into()
-}
-
-/// The token of an `Authorization: Bearer <token>` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-async fn require_api_key(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    match bearer(req.headers()) {
-        Some(k) if key_matches(&state.config.api_keys, k) => Ok(next.run(req).await),
-        _ => Err(ApiError::unauthorized()),
     }
 }
 
@@ -227,7 +202,8 @@ fn request_span(req: &Request) -> tracing::Span {
         otel.kind = "server",
         http.request.method = %req.method(),
         http.route = %route,
-        url.path = %req.uri().path(),
+        // Never a key: the node and log channels take one as a path segment.
+        url.path = %auth::redact_path(req.uri().path()),
     );
     let tp = req
         .headers()
@@ -253,6 +229,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// 404 naming the path (a key-in-path segment redacted by [`ApiError::no_route`]).
 async fn no_route(uri: Uri) -> ApiError {
     ApiError::no_route(uri.path())
 }
@@ -293,11 +270,11 @@ pub fn router(state: AppState) -> Router {
     }
     let api = api.route_layer(middleware::from_fn_with_state(
         state.clone(),
-        require_api_key,
+        auth::require_api_key,
     ));
     Router::new()
         .route("/health", get(health))
-        .merge(crate::ws::routes())
+        .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())
         .merge(api)
