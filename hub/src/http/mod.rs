@@ -16,11 +16,11 @@ mod system;
 mod tasks;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{Uri, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -87,7 +87,37 @@ impl AppState {
     }
 }
 
-async fn health(State(state): State<AppState>) -> impl IntoResponse {
+/// How long `/health` waits for Redis in shared mode before it calls the store unavailable.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl AppState {
+    /// Whether the task store would accept a submission now, by the check each mode's submit
+    /// path depends on.
+    ///
+    /// Single mode: the store writer's state ([`crate::durable::Durability::check`], what a
+    /// submission checks first; an idle writer renews its lease every second, so it is at most
+    /// about a second old). Shared mode, where submissions go to Redis directly: Redis answers
+    /// one read (of this hub's lease; any answer will do) within [`STORE_PROBE_TIMEOUT`], so
+    /// `/health` never waits longer on a Redis that is down.
+    // The mode branch sits here, next to the one of `tasks::submit_durably`, until the engine
+    // offers one "can the store take writes" check for both modes.
+    async fn store_available(&self) -> bool {
+        match &self.shared {
+            Some(redis) => matches!(
+                tokio::time::timeout(STORE_PROBE_TIMEOUT, redis.lease_alive()).await,
+                Ok(Ok(_))
+            ),
+            None => self.cluster.durability().check().is_ok(),
+        }
+    }
+}
+
+/// `GET /health` (no key): 200 with `status: "ok"` and `store: "ok"`; 503 with
+/// `status: "degraded"` and `store: "unavailable"` while the task store would refuse
+/// submissions (they answer 503 `store_unavailable`). Both carry the version, uptime, node and
+/// task counts, queue depth and node-channel counters.
+async fn health(State(state): State<AppState>) -> Response {
+    let store_ok = state.store_available().await;
     let h = state.cluster.health();
     let mut tasks = serde_json::Map::new();
     for s in TaskStatus::ALL {
@@ -96,8 +126,14 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     tasks.insert("total".to_owned(), json!(h.tasks.iter().sum::<u64>()));
     let stats = state.cluster.stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    axum::Json(json!({
-        "status": "ok",
+    let (status, code, store) = if store_ok {
+        ("ok", StatusCode::OK, "ok")
+    } else {
+        ("degraded", StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    let body = axum::Json(json!({
+        "status": status,
+        "store": store,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.cluster.uptime().as_secs_f64(),
         "nodes": {"online": h.nodes_online, "total": h.nodes_total},
@@ -110,7 +146,8 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
             "migrations": load(&stats.migrations),
             "frames_shed": load(&stats.frames_shed),
         },
-    }))
+    }));
+    (code, body).into_response()
 }
 
 /// `page` and `limit` of a list route, validated: pages count from 1, `limit` is 1 to 1000.
