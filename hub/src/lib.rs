@@ -16,7 +16,6 @@ pub mod shared_mode;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
-pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -59,6 +59,10 @@ const SHARED_SAFETY_POLL: Duration = Duration::from_secs(1);
 /// Shared mode: how long a cancel of a task another hub holds waits for that hub.
 const SHARED_CANCEL_WAIT: Duration = Duration::from_secs(10);
 
+/// How long [`TaskService::store_available`] waits for Redis, so `/health` never hangs on a
+/// Redis that is down.
+pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A task's events, oldest first, ending after the terminal one (or when the hub shuts down).
 pub type EventStream = mpsc::Receiver<TaskEvent>;
 
@@ -102,6 +106,19 @@ impl TaskService {
         Self {
             mode: Mode::Shared(redis),
             ..Self::local(cluster, shutdown)
+        }
+    }
+
+    /// Whether the store takes writes now, i.e. whether a submission would be accepted rather
+    /// than answered [`Error::StoreUnavailable`] (`/health`). Locally the writer's last
+    /// outcome; in shared mode one Redis round trip, given at most [`STORE_PROBE_TIMEOUT`].
+    pub async fn store_available(&self) -> bool {
+        match &self.mode {
+            Mode::Local => self.check_store().is_ok(),
+            Mode::Shared(redis) => matches!(
+                tokio::time::timeout(STORE_PROBE_TIMEOUT, redis.lease_alive()).await,
+                Ok(Ok(_))
+            ),
         }
     }
 

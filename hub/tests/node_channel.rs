@@ -280,6 +280,46 @@ async fn wrong_or_missing_node_keys_get_401_before_the_upgrade() {
 }
 
 #[tokio::test]
+async fn a_refused_node_key_is_named_in_the_401_and_a_404_never_echoes_a_key() {
+    let hub = start_hub(|_| {}).await;
+    // The API key (sent by `http` as a bearer token) is not a node key either.
+    for (path, channel) in [
+        (
+            "/distributed-server/VCP_Key=wrong-key-2",
+            "/distributed-server",
+        ),
+        (
+            "/abp-distributed-server/ABP_Key=",
+            "/abp-distributed-server",
+        ),
+        ("/vcp-distributed-server", "/vcp-distributed-server"),
+    ] {
+        let (status, v) = hub.http("GET", path, None).await;
+        assert_eq!(status, 401, "{path}: {v}");
+        let e = &v["error"];
+        assert_eq!(e["type"], "authentication_error", "{v}");
+        assert_eq!(e["code"], "invalid_node_key", "{v}");
+        let m = e["message"].as_str().unwrap();
+        assert!(m.starts_with("missing or wrong node key"), "{m}");
+        assert!(m.contains(&format!("{channel}/VCP_Key=<node key>")), "{m}");
+        assert!(m.contains("Authorization: Bearer <node key>"), "{m}");
+        assert!(!m.contains("API key") && !m.contains("api key"), "{m}");
+        assert!(!m.contains("wrong-key-2"), "{m}");
+    }
+    // A last segment that is not quite a key is 404, and the answer does not repeat it.
+    for path in [
+        "/distributed-server/vcp_key=secret-404",
+        "/no-such-channel/VCP_Key=secret-404",
+    ] {
+        let (status, v) = hub.http("GET", path, None).await;
+        assert_eq!(status, 404, "{path}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(!m.contains("secret-404"), "{m}");
+        assert!(m.contains("_Key=<redacted>"), "{m}");
+    }
+}
+
+#[tokio::test]
 async fn bad_frames_get_error_frames_and_the_connection_stays_usable() {
     let hub = start_hub(|_| {}).await;
     let mut c = Client::connect(&hub).await;

@@ -570,6 +570,20 @@ async fn log_channel_replays_filters_and_streams_tool_runs() {
         WsError::Http(r) => assert_eq!(r.status().as_u16(), 404),
         e => panic!("expected 404, got {e:?}"),
     }
+    // The 401 names what the log channel takes: a node key or an API key.
+    for (path, channel) in [
+        ("/VCPlog/VCP_Key=wrong-key-9", "/VCPlog"),
+        ("/log/ABP_Key=", "/log"),
+    ] {
+        let (s, v) = hub.call("GET", path, None).await;
+        assert_eq!(s, 401, "{path}: {v}");
+        assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+        assert_eq!(v["error"]["code"], "invalid_key", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains("node key or an API key"), "{m}");
+        assert!(m.contains(&format!("{channel}/VCP_Key=<key>")), "{m}");
+        assert!(!m.contains("wrong-key-9"), "{m}");
+    }
 
     let mut n = Node::register(&hub, "lg-1", "worker", &["echo"]).await;
     let _other = Node::register(&hub, "lg-2", "worker", &["echo"]).await;

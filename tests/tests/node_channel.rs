@@ -456,6 +456,25 @@ async fn node_key_is_checked_before_upgrade() -> Result<()> {
         let status = RawNode::upgrade_status(&format!("ws://{host}{path}"), &headers).await?;
         assert_eq!(status, want, "upgrade on {path} with {auth:?}");
     }
+    // The refusal says which key is missing or wrong, and how to send it.
+    let resp = hub
+        .api()
+        .http()
+        .get(format!(
+            "{}/distributed-server/VCP_Key=not-the-key",
+            hub.url()
+        ))
+        .send()
+        .await?;
+    let (status, body) = apex_tests::api::json_of(resp).await?;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_node_key", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("missing or wrong node key")
+            && message.contains("/distributed-server/VCP_Key=<node key>"),
+        "{body}"
+    );
     assert_eq!(hub.api().health().await?["status"], "ok");
     Ok(())
 }

@@ -70,13 +70,14 @@ impl ApiError {
         }
     }
 
-    /// 404 for an unknown route.
+    /// 404 for an unknown route, naming `path` with any key-in-path segment redacted
+    /// ([`super::auth::redact_path`]).
     pub fn no_route(path: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
             kind: "not_found_error",
             code: "unknown_route",
-            message: format!("no route for {path}"),
+            message: format!("no route for {}", super::auth::redact_path(path)),
             param: None,
         }
     }

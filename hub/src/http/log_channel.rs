@@ -1,8 +1,9 @@
 //! The log channel: WebSocket `/ABPlog/<K>`, `/log/<K>`, `/VCPlog/<K>` with `<K>` =
 //! `VCP_Key=<key>` or `ABP_Key=<key>` (or the bare paths with `Authorization: Bearer <key>`).
 //! The key is a node key or an API key (browsers cannot set headers on a WebSocket, so the
-//! dashboard passes its API key in the path); a missing or wrong key is answered 401 before the
-//! upgrade, a last segment that is not a key 404.
+//! dashboard passes its API key in the path); parsed and checked by [`super::auth`]. A missing
+//! or wrong key is answered 401 `invalid_key` before the upgrade
+//! ([`super::auth::log_key_refused`]), a last segment that is not a key 404.
 //!
 //! After the upgrade the client gets the buffered entries (the last `log_buffer_entries`,
 //! oldest first), then live ones, each one text frame `{"type", "data"}` (shapes in
@@ -20,7 +21,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -29,7 +30,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use super::{ApiError, AppState, bearer, key_matches};
+use super::auth::{bearer, channel_of, key_matches, log_key_refused, path_key};
+use super::{ApiError, AppState};
 use crate::metrics::{self, ConnectionGauge};
 use crate::ops::logs::{Level, LogEntry};
 
@@ -76,33 +78,33 @@ type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketU
 
 async fn upgrade_path_key(
     State(state): State<AppState>,
+    route: MatchedPath,
     Path(segment): Path<String>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     q: Result<Query<LogParams>, QueryRejection>,
     ws: Upgrade,
 ) -> Response {
-    let Some(key) = segment
-        .strip_prefix("VCP_Key=")
-        .or_else(|| segment.strip_prefix("ABP_Key="))
-    else {
-        return ApiError::no_route(&format!("/.../{segment}")).into_response();
+    let Some(key) = path_key(&segment) else {
+        return ApiError::no_route(&format!("{}/{segment}", channel_of(&route))).into_response();
     };
-    upgrade(state, key, peer, q, ws)
+    upgrade(state, channel_of(&route), key, peer, q, ws)
 }
 
 async fn upgrade_bearer(
     State(state): State<AppState>,
+    route: MatchedPath,
     headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     q: Result<Query<LogParams>, QueryRejection>,
     ws: Upgrade,
 ) -> Response {
     let key = bearer(&headers).unwrap_or("");
-    upgrade(state, key, peer, q, ws)
+    upgrade(state, channel_of(&route), key, peer, q, ws)
 }
 
 fn upgrade(
     state: AppState,
+    prefix: &str,
     key: &str,
     peer: SocketAddr,
     q: Result<Query<LogParams>, QueryRejection>,
@@ -112,7 +114,7 @@ fn upgrade(
         || !(key_matches(&state.config.node_keys, key) || key_matches(&state.config.api_keys, key))
     {
         tracing::warn!(%peer, "log client refused: missing or wrong key");
-        return ApiError::unauthorized().into_response();
+        return log_key_refused(prefix).into_response();
     }
     let q = match q {
         Ok(Query(q)) => q,

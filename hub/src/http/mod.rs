@@ -1,13 +1,16 @@
-//! The HTTP surface: router, API-key authentication, request ids, `/health`.
+//! The HTTP surface: router, request ids, `/health`; key checks in [`auth`], the node channel's
+//! upgrade and sessions in [`node_channel`].
 //!
-//! Only this module tree and [`crate::ws`] import axum.
+//! Only this module tree imports axum (and `crate::run`, which serves the router).
 
+pub mod auth;
 mod config;
 pub mod dashboard;
 pub mod error;
 pub mod events;
 mod llm;
 pub mod log_channel;
+pub mod node_channel;
 mod nodes;
 mod system;
 mod tasks;
@@ -17,12 +20,11 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, Uri, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -88,34 +90,12 @@ impl AppState {
     }
 }
 
-/// Whether `presented` equals one of `keys`, compared in constant time.
-pub fn key_matches(keys: &[String], presented: &str) -> bool {
-    let mut ok = subtle::Choice::from(0u8);
-    for k in keys {
-        ok |= k.as_bytes().ct_eq(presented.as_bytes());
-    }
-    ok.into()
-}
-
-/// The token of an `Authorization: Bearer <token>` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-async fn require_api_key(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    match bearer(req.headers()) {
-        Some(k) if key_matches(&state.config.api_keys, k) => Ok(next.run(req).await),
-        _ => Err(ApiError::unauthorized()),
-    }
-}
-
-async fn health(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /health` (no key): 200 with `status: "ok"` and `store: "ok"`; 503 with
+/// `status: "degraded"` and `store: "unavailable"` while the task store would refuse
+/// submissions (they answer 503 `store_unavailable`). Both carry the version, uptime, node and
+/// task counts, queue depth and node-channel counters.
+async fn health(State(state): State<AppState>) -> Response {
+    let store_ok = state.tasks.store_available().await;
     let h = state.cluster.health();
     let mut tasks = serde_json::Map::new();
     for s in TaskStatus::ALL {
@@ -124,8 +104,14 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     tasks.insert("total".to_owned(), json!(h.tasks.iter().sum::<u64>()));
     let stats = state.cluster.stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    axum::Json(json!({
-        "status": "ok",
+    let (status, code, store) = if store_ok {
+        ("ok", StatusCode::OK, "ok")
+    } else {
+        ("degraded", StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    let body = axum::Json(json!({
+        "status": status,
+        "store": store,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.cluster.uptime().as_secs_f64(),
         "nodes": {"online": h.nodes_online, "total": h.nodes_total},
@@ -138,7 +124,8 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
             "migrations": load(&stats.migrations),
             "frames_shed": load(&stats.frames_shed),
         },
-    }))
+    }));
+    (code, body).into_response()
 }
 
 /// `page` and `limit` of a list route, validated: pages count from 1, `limit` is 1 to 1000.
@@ -230,7 +217,8 @@ fn request_span(req: &Request) -> tracing::Span {
         otel.kind = "server",
         http.request.method = %req.method(),
         http.route = %route,
-        url.path = %req.uri().path(),
+        // Never a key: the node and log channels take one as a path segment.
+        url.path = %auth::redact_path(req.uri().path()),
     );
     let tp = req
         .headers()
@@ -256,6 +244,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// 404 naming the path (a key-in-path segment redacted by [`ApiError::no_route`]).
 async fn no_route(uri: Uri) -> ApiError {
     ApiError::no_route(uri.path())
 }
@@ -296,11 +285,11 @@ pub fn router(state: AppState) -> Router {
     }
     let api = api.route_layer(middleware::from_fn_with_state(
         state.clone(),
-        require_api_key,
+        auth::require_api_key,
     ));
     Router::new()
         .route("/health", get(health))
-        .merge(crate::ws::routes())
+        .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())
         .merge(api)

@@ -1,6 +1,6 @@
 //! The log channel's source: a ring buffer of the last N entries and a bounded broadcast of new
-//! ones. Entries come from node `log` frames (`ws.rs`), node events, and task outcomes (tool
-//! runs, as VCP's `vcp_log`), fed by [`forward_cluster_events`].
+//! ones. Entries come from node `log` frames (`http/node_channel.rs`), node events, and task
+//! outcomes (tool runs, as VCP's `vcp_log`), fed by [`forward_cluster_events`].
 //!
 //! Publishing never blocks: the broadcast is bounded (`stream_buffer_events`) and a client that
 //! falls behind skips entries, counted in `apex_stream_events_dropped_total{stream="log"}`.

@@ -3,8 +3,10 @@
 //!
 //! Paths: `/abp-distributed-server/<K>`, `/distributed-server/<K>`, `/vcp-distributed-server/<K>`
 //! with `<K>` = `VCP_Key=<key>` or `ABP_Key=<key>`, or the same paths without `<K>` and an
-//! `Authorization: Bearer <key>` header. A missing or wrong key is answered 401 before the
-//! upgrade; a last segment that is not a key is 404.
+//! `Authorization: Bearer <key>` header (parsed and checked by [`super::auth`]). A missing or
+//! wrong node key is answered 401 `invalid_node_key` before the upgrade
+//! ([`super::auth::node_key_refused`]); a last segment that is not a key is 404. The key is
+//! never logged: the request path is traced redacted ([`super::auth::redact_path`]).
 //!
 //! The session is generic over the socket's `Stream` and `Sink`, so it runs on any transport.
 
@@ -19,7 +21,7 @@ use apex_protocol::{
 };
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,8 +29,9 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{MissedTickBehavior, interval};
 
+use super::auth::{bearer, channel_of, key_matches, node_key_refused, path_key};
+use super::{ApiError, AppState};
 use crate::engine::{Cluster, ConnHandle, Outbound};
-use crate::http::{ApiError, AppState, bearer, key_matches};
 use crate::llm::node_proxy::NodeProxy;
 use crate::model::Dialect;
 use crate::ops::Ops;
@@ -52,38 +55,38 @@ pub fn routes() -> Router<AppState> {
 
 async fn upgrade_path_key(
     State(state): State<AppState>,
+    route: MatchedPath,
     Path(segment): Path<String>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let Some(key) = segment
-        .strip_prefix("VCP_Key=")
-        .or_else(|| segment.strip_prefix("ABP_Key="))
-    else {
-        return ApiError::no_route(&format!("/.../{segment}")).into_response();
+    let Some(key) = path_key(&segment) else {
+        return ApiError::no_route(&format!("{}/{segment}", channel_of(&route))).into_response();
     };
-    upgrade(state, key, peer, ws)
+    upgrade(state, channel_of(&route), key, peer, ws)
 }
 
 async fn upgrade_bearer(
     State(state): State<AppState>,
+    route: MatchedPath,
     headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let key = bearer(&headers).unwrap_or("");
-    upgrade(state, key, peer, ws)
+    upgrade(state, channel_of(&route), key, peer, ws)
 }
 
 fn upgrade(
     state: AppState,
+    prefix: &str,
     key: &str,
     peer: SocketAddr,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     if key.is_empty() || !key_matches(&state.config.node_keys, key) {
         tracing::warn!(%peer, "node connection refused: missing or wrong node key");
-        return ApiError::unauthorized().into_response();
+        return node_key_refused(prefix).into_response();
     }
     let ws = match ws {
         Ok(ws) => ws,
