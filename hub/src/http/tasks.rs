@@ -159,10 +159,10 @@ async fn submit_durably(
 /// checked (it may be connected to another hub).
 async fn submit_shared(
     state: &AppState,
-    shared: &crate::durable::shared::SharedRedis,
+    shared: &crate::shared::SharedRedis,
     specs: Vec<TaskSpec>,
 ) -> Result<Vec<(crate::model::Task, bool)>, ApiError> {
-    use crate::durable::shared::SubmittedTask;
+    use crate::shared::SubmittedTask;
     for s in &specs {
         if s.tool == crate::cluster::INTERNAL_REQUEST_FILE
             && !state.config.allow_internal_request_file
@@ -172,10 +172,7 @@ async fn submit_shared(
             )));
         }
     }
-    let tasks: Vec<_> = specs
-        .into_iter()
-        .map(crate::shared_mode::new_task)
-        .collect();
+    let tasks: Vec<_> = specs.into_iter().map(crate::shared::new_task).collect();
     let results = shared
         .submit_batch(&tasks)
         .await
@@ -296,7 +293,7 @@ pub(super) async fn wait_for_end(state: &AppState, id: &str, ms: u64) -> Option<
             return t;
         }
         tokio::select! {
-            _ = crate::durable::shared::SharedRedis::task_woken(&mut wakes, id) => {}
+            _ = crate::shared::SharedRedis::task_woken(&mut wakes, id) => {}
             _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
             _ = tokio::time::sleep_until(until) => {}
             _ = shutdown.wait_for(|s| *s) => {}
@@ -487,7 +484,7 @@ async fn events_shared(
                 }
             }
             tokio::select! {
-                _ = crate::durable::shared::SharedRedis::task_woken(&mut wakes, &id) => {}
+                _ = crate::shared::SharedRedis::task_woken(&mut wakes, &id) => {}
                 _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
                 _ = tx.closed() => return,
                 _ = shutdown.wait_for(|s| *s) => return,
