@@ -487,6 +487,14 @@ async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_t
         dead.claim(&tool_queue("echo"), 1).await,
         Err(shared::Error::Fenced(_))
     ));
+    // In a batch too, with the reason for that task.
+    let late_json = serde_json::to_vec(&late).unwrap();
+    assert_eq!(
+        dead.commit_batch(&[shared::Commit::of(&late, &late_json, late_claim)])
+            .await
+            .unwrap(),
+        vec![Err(shared::Fenced::LeaseLost)]
+    );
 
     // Two reapers at once: every task is requeued exactly once.
     let (ra, rb) = tokio::join!(a.reap(), b.reap());
@@ -511,6 +519,12 @@ async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_t
         dead.commit(&late, late_claim).await,
         Err(shared::Error::Fenced(_))
     ));
+    assert_eq!(
+        dead.commit_batch(&[shared::Commit::of(&late, &late_json, late_claim)])
+            .await
+            .unwrap(),
+        vec![Err(shared::Fenced::NotHeld)]
+    );
 
     // The requeued tasks run again elsewhere (attempt 2) and finish once.
     let again = b.claim(&tool_queue("echo"), 10).await.unwrap();

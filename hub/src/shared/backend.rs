@@ -153,7 +153,7 @@ impl Backend for SharedBackend {
                         }
                     }
                     Err(reason) => {
-                        tracing::warn!(task_id = %c.id, reason, "commit fenced: another hub holds the task now");
+                        tracing::warn!(task_id = %c.id, %reason, "commit fenced: another hub holds the task now");
                         self.claims.remove(c.id);
                         let _ = self.fenced.send(c.id.to_owned());
                     }

@@ -1,6 +1,6 @@
 //! One hub's handle on the shared Redis ([`SharedRedis`]): connection, join and lease, the
 //! wake-ups of readers following a task, and the task writes of a hub: submit, claim, fenced
-//! commit and release ([`Commit`]); [`Claims`], the claim tokens of the tasks a
+//! commit and release ([`Commit`], [`Fenced`]); [`Claims`], the claim tokens of the tasks a
 //! hub's engine holds; [`new_task`], the record of a new submission.
 
 use std::collections::HashMap;
@@ -474,7 +474,7 @@ impl SharedRedis {
     /// Writes many records of tasks this hub holds in one script, each fenced on its own as
     /// [`SharedRedis::commit`] / [`SharedRedis::release`] do. Returns one entry per commit, in
     /// order: `Ok(())` (written, or released already with exactly this record) or
-    /// `Err(reason)` if that task's write was fenced (nothing written for it).
+    /// `Err(why)` if that task's write was fenced (nothing written for it).
     ///
     /// # Errors
     /// [`Error::Unavailable`] if the script did not run or failed part-way (commits are
@@ -482,7 +482,7 @@ impl SharedRedis {
     pub async fn commit_batch(
         &self,
         commits: &[Commit<'_>],
-    ) -> Result<Vec<Result<(), String>>, Error> {
+    ) -> Result<Vec<Result<(), Fenced>>, Error> {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
@@ -519,9 +519,11 @@ impl SharedRedis {
             .into_iter()
             .map(|v| match v {
                 redis::Value::Int(1) => Ok(()),
-                redis::Value::BulkString(b) => Err(String::from_utf8_lossy(&b).into_owned()),
-                redis::Value::SimpleString(s) => Err(s),
-                other => Err(format!("FENCED unexpected reply {other:?}")),
+                redis::Value::BulkString(b) => {
+                    Err(Fenced::from_reply(&String::from_utf8_lossy(&b)))
+                }
+                redis::Value::SimpleString(s) => Err(Fenced::from_reply(&s)),
+                other => Err(Fenced::Unexpected(format!("{other:?}"))),
             })
             .collect())
     }
@@ -632,6 +634,33 @@ impl<'a> Commit<'a> {
             queue: queue_key(task),
             score: score(task),
             index: index_fields(task),
+        }
+    }
+}
+
+/// Why one write of [`SharedRedis::commit_batch`] was fenced: nothing was written for that
+/// task, and this hub no longer holds it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Fenced {
+    /// The hub's lease no longer holds its epoch (it expired; the hub must join again).
+    #[error("the hub lease is lost")]
+    LeaseLost,
+    /// The task's owner, epoch or claim is no longer this claim's (a reaper requeued it, or
+    /// another hub took it over).
+    #[error("the task is not held by this claim")]
+    NotHeld,
+    /// A reply the script never gives; counted as fenced, since nothing is known written.
+    #[error("unexpected reply of the batch commit script: {0}")]
+    Unexpected(String),
+}
+
+impl Fenced {
+    /// The reason `commit_batch.lua` gave for one task.
+    fn from_reply(reply: &str) -> Self {
+        match reply {
+            "FENCED the hub lease is lost" => Fenced::LeaseLost,
+            "FENCED the task is not held by this claim" => Fenced::NotHeld,
+            other => Fenced::Unexpected(other.to_owned()),
         }
     }
 }

@@ -71,7 +71,7 @@ mod scripts;
 
 pub use backend::{SharedBackend, SharedHandles, open_hub, open_hub_with, open_shared};
 pub use client::{
-    Claimed, Claims, Commit, HubIdentity, NextState, SharedRedis, Submitted, SubmittedTask,
+    Claimed, Claims, Commit, Fenced, HubIdentity, NextState, SharedRedis, Submitted, SubmittedTask,
     new_task,
 };
 pub use loops::{CLAIM_TICK, HANDOVER_TICK, LEASE_TICK, drain, leave, renew_interval, spawn};
