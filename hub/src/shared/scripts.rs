@@ -13,13 +13,17 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Declares each script as a `static` [`Script`] (hashed on first use).
+/// Declares each script as a `static` [`Script`] (hashed on first use) and, for the tests, the
+/// list of their texts.
 macro_rules! scripts {
     ($($(#[$doc:meta])* $name:ident = $text:expr;)+) => {
         $(
             $(#[$doc])*
             pub(super) static $name: LazyLock<Script> = LazyLock::new(|| Script::new($text));
         )+
+        /// Every script's name and text.
+        #[cfg(test)]
+        const ALL: &[(&str, &str)] = &[$((stringify!($name), $text)),+];
     };
 }
 
@@ -59,4 +63,51 @@ scripts! {
     COLLECT = concat!(include_str!("scripts/reindex.lua"), include_str!("scripts/collect.lua"));
     /// A page of a listing index (`list.lua`).
     LIST = include_str!("scripts/list.lua");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ALL;
+
+    const PRELUDE: &str = include_str!("scripts/reindex.lua");
+
+    /// Each script's own file, without the prelude.
+    fn own(text: &str) -> &str {
+        text.strip_prefix(PRELUDE).unwrap_or(text)
+    }
+
+    #[test]
+    fn every_script_opens_with_its_header() {
+        for (name, text) in ALL {
+            let file = format!("{}.lua", name.to_lowercase());
+            let own = own(text);
+            assert!(
+                own.starts_with(&format!("-- {file}: ")),
+                "{name}: no header"
+            );
+            let header: Vec<&str> = own.lines().take_while(|l| l.starts_with("--")).collect();
+            assert!(
+                header.iter().any(|l| l.starts_with("-- KEYS[1] ")),
+                "{name}"
+            );
+            assert!(
+                header.iter().any(|l| l.starts_with("-- ARGV[1] ")),
+                "{name}"
+            );
+            assert!(header.iter().any(|l| l.starts_with("-- Reply: ")), "{name}");
+        }
+        assert!(PRELUDE.starts_with("-- reindex.lua: "));
+    }
+
+    /// A script that calls `apex_reindex` carries the prelude defining it, and only those do.
+    #[test]
+    fn scripts_that_reindex_carry_the_prelude() {
+        for (name, text) in ALL {
+            assert_eq!(
+                own(text).contains("apex_reindex("),
+                text.starts_with(PRELUDE),
+                "{name}"
+            );
+        }
+    }
 }
