@@ -293,7 +293,7 @@ impl Cluster {
     }
 
     /// Takes in a task whose claim this hub took over from a dead hub
-    /// ([`crate::durable::shared::SharedRedis::take_over`]): it is assigned or running on the
+    /// ([`crate::shared::SharedRedis::take_over`]): it is assigned or running on the
     /// node that reported it, same attempt, and joins that node's in-flight set (no frame is
     /// sent: the node is running it), so the node's result is accepted. A result the node sent
     /// meanwhile is committed now and acknowledged once durable. If the node left meanwhile (or

@@ -105,7 +105,7 @@ impl SharedRedis {
         self.task_wakes.subscribe()
     }
 
-    /// Passes on a [`Wake::Task`] (or [`WAKE_ALL`]) heard by the hub's subscription to the
+    /// Passes on a [`Wake::Task`](super::Wake::Task) (or [`WAKE_ALL`]) heard by the hub's subscription to the
     /// readers of [`SharedRedis::task_wakes`].
     pub fn wake_task(&self, id: &str) {
         if self.task_wakes.receiver_count() > 0 {
@@ -711,7 +711,7 @@ fn deadline_ms(task: &Task) -> u64 {
 }
 
 /// Claim tokens of the tasks a hub's engine holds in shared mode: task id → claim number. The
-/// claimer adds one per adopted task; the [`SharedBackend`] reads them to fence every commit and
+/// claimer adds one per adopted task; the [`SharedBackend`](super::SharedBackend) reads them to fence every commit and
 /// removes a task's once it is released (finished, handed back, or fenced).
 #[derive(Debug, Clone, Default)]
 pub struct Claims(Arc<parking_lot::Mutex<HashMap<String, u64>>>);
