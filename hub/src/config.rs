@@ -151,7 +151,7 @@ impl Default for Config {
             log_format: "text".to_owned(),
             store: "embedded".to_owned(),
             hub_mode: "single".to_owned(),
-            shared_lease_ttl_ms: crate::durable::shared::DEFAULT_LEASE_TTL_MS,
+            shared_lease_ttl_ms: crate::shared::DEFAULT_LEASE_TTL_MS,
             shared_shutdown_drain_ms: 10_000,
             worker_threads: 0,
             task_retention_hours: 168,
@@ -450,7 +450,7 @@ impl Config {
 
     /// How often a shared-mode hub renews its lease: `min(1 s, shared_lease_ttl_ms / 5)`.
     pub fn shared_lease_renew(&self) -> Duration {
-        crate::shared_mode::renew_interval(self.shared_lease_ttl_ms)
+        crate::shared::renew_interval(self.shared_lease_ttl_ms)
     }
 
     /// The worker thread count to start the runtime with: `worker_threads`, or when it is 0,

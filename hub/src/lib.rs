@@ -12,7 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod scheduler;
-pub mod shared_mode;
+pub mod shared;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
@@ -48,7 +48,7 @@ pub async fn open_store(config: &Config) -> Result<Opened, StoreError> {
         && let durable::StoreKind::Redis(url) = config.store_kind()
     {
         let hub_id = durable::hub_id(&config.data_dir)?;
-        return durable::shared::open_hub_with(&url, &hub_id, config.shared_lease_ttl_ms).await;
+        return shared::open_hub_with(&url, &hub_id, config.shared_lease_ttl_ms).await;
     }
     durable::open(&config.store_kind(), &config.data_dir).await
 }
@@ -170,10 +170,10 @@ pub async fn run_with(
         ops: ops.clone(),
     };
     let mut background = ops.start(&cluster, &stop_rx);
-    // Shared mode's graceful exit: hand back, drain, then leave (see `shared_mode::drain`).
+    // Shared mode's graceful exit: hand back, drain, then leave (see `shared::drain`).
     let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));
     if let Some(h) = shared {
-        background.extend(shared_mode::spawn(
+        background.extend(shared::spawn(
             h,
             cluster.clone(),
             retention,
@@ -221,7 +221,7 @@ pub async fn run_with(
             tracing::info!("shutting down: closing node connections and streams");
             let _ = stop_tx.send(true);
             if let Some((redis, claims)) = &draining {
-                let (handed, held) = shared_mode::drain(redis, claims, &closing, drain_for).await;
+                let (handed, held) = shared::drain(redis, claims, &closing, drain_for).await;
                 tracing::info!(
                     handed_back = handed,
                     still_held = held,
@@ -240,7 +240,7 @@ pub async fn run_with(
         tracing::error!(error = %e, "task store not flushed at shutdown");
     }
     if let Some((redis, claims)) = &shared_exit {
-        shared_mode::leave(redis, claims).await;
+        shared::leave(redis, claims).await;
     }
     result
 }

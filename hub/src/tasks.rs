@@ -23,9 +23,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::durable::DURABLE_WAIT;
-use crate::durable::shared::{SharedRedis, SubmittedTask};
 use crate::engine::{CancelError, Cluster, SubmitError};
 use crate::model::{Task, TaskEvent, TaskSpec};
+use crate::shared::{SharedRedis, SubmittedTask};
 use crate::store::{Page, TaskFilter};
 
 /// Why the service refused or could not answer.

@@ -1,4 +1,4 @@
-//! Shared mode's Redis protocol (`apex_hub::durable::shared`) against a real `redis-server`:
+//! Shared mode's Redis protocol (`apex_hub::shared`) against a real `redis-server`:
 //! two hubs' handles on one Redis, submission at one and claim at the other, claims bounded by
 //! the asked count, priority then age order, fencing of commits after a lost lease or claim,
 //! the reaper requeueing a dead hub's tasks exactly once, idempotency keys across hubs, and the
@@ -11,16 +11,14 @@ mod redis_server;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use apex_hub::durable::shared::{
-    self, SharedError, SharedRedis, Submitted, Wake, pinned_queue, tool_queue,
-};
 use apex_hub::model::{EventKind, Task, TaskSpec, TaskStatus};
+use apex_hub::shared::{self, SharedRedis, Submitted, Wake, pinned_queue, tool_queue};
 use apex_hub::store::NodeRecord;
 use futures::StreamExt;
 use redis_server::RedisServer;
 use serde_json::json;
 
-/// A queued task as a hub submits it (`shared_mode::new_task`), with a fixed id and seq.
+/// A queued task as a hub submits it (`shared::new_task`), with a fixed id and seq.
 fn task(n: u64, tool: &str, priority: i32) -> Task {
     let spec = TaskSpec {
         tool: tool.to_owned(),
@@ -33,7 +31,7 @@ fn task(n: u64, tool: &str, priority: i32) -> Task {
         pinned_node: None,
         capability: None,
     };
-    let mut t = apex_hub::shared_mode::new_task(spec);
+    let mut t = apex_hub::shared::new_task(spec);
     t.id = format!("00000000-0000-4000-8000-{n:012}");
     t.seq = n;
     for e in &mut t.events {
@@ -95,7 +93,7 @@ async fn a_task_submitted_at_one_hub_is_claimed_and_finished_at_another_and_read
     other.result = Some(json!({"ok": "twice"}));
     assert!(matches!(
         b.commit(&other, c.claim).await,
-        Err(SharedError::Fenced(_))
+        Err(shared::Error::Fenced(_))
     ));
     assert_eq!(
         a.get(&t.id).await.unwrap().unwrap().result,
@@ -251,7 +249,7 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
     }
     let commits: Vec<_> = held
         .iter()
-        .map(|(t, json, claim)| apex_hub::durable::shared::Commit::of(t, json, *claim))
+        .map(|(t, json, claim)| apex_hub::shared::Commit::of(t, json, *claim))
         .collect();
     let written = a.commit_batch(&commits).await.unwrap();
     assert!(written.iter().all(Result::is_ok), "{written:?}");
@@ -483,12 +481,20 @@ async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_t
     succeed(&mut late);
     assert!(matches!(
         dead.commit(&late, late_claim).await,
-        Err(SharedError::Fenced(_))
+        Err(shared::Error::Fenced(_))
     ));
     assert!(matches!(
         dead.claim(&tool_queue("echo"), 1).await,
-        Err(SharedError::Fenced(_))
+        Err(shared::Error::Fenced(_))
     ));
+    // In a batch too, with the reason for that task.
+    let late_json = serde_json::to_vec(&late).unwrap();
+    assert_eq!(
+        dead.commit_batch(&[shared::Commit::of(&late, &late_json, late_claim)])
+            .await
+            .unwrap(),
+        vec![Err(shared::Fenced::LeaseLost)]
+    );
 
     // Two reapers at once: every task is requeued exactly once.
     let (ra, rb) = tokio::join!(a.reap(), b.reap());
@@ -511,8 +517,14 @@ async fn a_hub_that_lost_its_lease_commits_nothing_and_the_reaper_requeues_its_t
     assert!(dead.epoch() > old_epoch);
     assert!(matches!(
         dead.commit(&late, late_claim).await,
-        Err(SharedError::Fenced(_))
+        Err(shared::Error::Fenced(_))
     ));
+    assert_eq!(
+        dead.commit_batch(&[shared::Commit::of(&late, &late_json, late_claim)])
+            .await
+            .unwrap(),
+        vec![Err(shared::Fenced::NotHeld)]
+    );
 
     // The requeued tasks run again elsewhere (attempt 2) and finish once.
     let again = b.claim(&tool_queue("echo"), 10).await.unwrap();
@@ -640,7 +652,7 @@ async fn a_node_that_reconnects_to_another_hub_has_its_dead_hubs_claims_handed_o
     succeed(&mut late);
     assert!(matches!(
         dead.commit(&late, late_claim).await,
-        Err(SharedError::Fenced(_))
+        Err(shared::Error::Fenced(_))
     ));
     let mut rec = got.task;
     succeed(&mut rec);
@@ -719,7 +731,7 @@ async fn a_task_handed_back_goes_to_the_shared_queue_for_any_hub() {
     // A's old claim is fenced now.
     assert!(matches!(
         a.commit(&c.task, c.claim).await,
-        Err(SharedError::Fenced(_))
+        Err(shared::Error::Fenced(_))
     ));
 }
 
@@ -790,7 +802,7 @@ async fn redis_down_is_unavailable_and_the_hub_recovers_when_it_is_back() {
     let a = hub(&redis, "hub-a", 5_000).await;
     redis.stop();
     let err = a.submit(&task(1, "echo", 5)).await.unwrap_err();
-    assert!(matches!(err, SharedError::Unavailable { .. }), "{err:?}");
+    assert!(matches!(err, shared::Error::Unavailable { .. }), "{err:?}");
     redis.restart().unwrap();
     // The restarted Redis is empty: the lease is gone, so the hub must rejoin before claiming.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -850,7 +862,7 @@ async fn subscribers_hear_of_new_queued_tasks_and_record_changes_from_any_hub() 
 #[test]
 fn the_shared_backend_commits_held_tasks_and_reports_fenced_ones() {
     use apex_hub::durable::Backend;
-    use apex_hub::durable::shared::{Claims, SharedBackend};
+    use apex_hub::shared::{Claims, SharedBackend};
 
     let redis = RedisServer::start().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -936,14 +948,14 @@ fn the_shared_backend_commits_held_tasks_and_reports_fenced_ones() {
 /// while the ticket still completes (nothing of it is written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_mirrored_store_group_commits_held_tasks_under_their_claims() {
-    use apex_hub::durable::shared::Claims;
+    use apex_hub::shared::Claims;
 
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 60_000).await;
     let h = hub(&redis, "hub-h", 60_000).await;
     let claims = Claims::default();
     let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
-    let opened = apex_hub::durable::open_shared(&redis.url(), h.identity(), claims.clone(), tx)
+    let opened = apex_hub::shared::open_shared(&redis.url(), h.identity(), claims.clone(), tx)
         .await
         .unwrap();
     assert!(opened.recovered.is_empty());
@@ -996,7 +1008,7 @@ async fn the_shared_mirrored_store_group_commits_held_tasks_under_their_claims()
 /// behind the batch's last task) writes none of the batch.
 #[tokio::test]
 async fn a_batch_is_accepted_all_or_none_and_keeps_idempotency_keys() {
-    use apex_hub::durable::shared::SubmittedTask;
+    use apex_hub::shared::SubmittedTask;
 
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 5_000).await;
@@ -1060,7 +1072,7 @@ async fn a_batch_is_accepted_all_or_none_and_keeps_idempotency_keys() {
         .unwrap();
     let bad = [task(6, "echo", 5), task(7, "other", 5), keyed(8, "broken")];
     let err = a.submit_batch(&bad).await.unwrap_err();
-    assert!(matches!(err, SharedError::Unavailable { .. }), "{err:?}");
+    assert!(matches!(err, shared::Error::Unavailable { .. }), "{err:?}");
     for t in &bad {
         assert!(
             a.get(&t.id).await.unwrap().is_none(),
@@ -1134,6 +1146,6 @@ async fn one_claim_call_fills_several_queues_within_their_bounds() {
         .claim_many(&[(tool_queue("odd"), 5)], 5)
         .await
         .unwrap_err();
-    assert!(matches!(err, SharedError::Fenced(_)), "{err:?}");
+    assert!(matches!(err, shared::Error::Fenced(_)), "{err:?}");
     assert_eq!(a.queue_len(&tool_queue("odd")).await.unwrap(), 1);
 }

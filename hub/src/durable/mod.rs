@@ -15,7 +15,6 @@
 
 pub mod embedded;
 pub mod redis;
-pub mod shared;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -338,7 +337,7 @@ pub struct Opened {
     /// The node registry snapshot found at start.
     pub nodes: Vec<NodeRecord>,
     /// Shared mode's handles (`hub_mode = "shared"`), `None` otherwise.
-    pub shared: Option<shared::SharedHandles>,
+    pub shared: Option<crate::shared::SharedHandles>,
 }
 
 /// Takes an exclusive lock on `<data_dir>/hub.lock` for as long as the file lives.
@@ -434,37 +433,9 @@ pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreErro
     start(lock, what, make).await
 }
 
-/// Opens shared mode's store for the hub `hub` (see [`shared`]): a [`MirroredStore`] whose
-/// writer commits the tasks in `claims` under their claim through a [`shared::SharedBackend`]
-/// and sends the ids of fenced commits on `fenced`. Starts empty (a shared-mode hub's tasks come
-/// from claims).
-///
-/// # Errors
-/// [`StoreError::Unavailable`] if Redis cannot be reached.
-pub async fn open_shared(
-    url: &str,
-    hub: shared::HubIdentity,
-    claims: shared::Claims,
-    fenced: tokio::sync::mpsc::UnboundedSender<String>,
-) -> Result<Opened, StoreError> {
-    let what = redis::redacted(url);
-    let url = url.to_owned();
-    start(
-        None,
-        what,
-        Box::new(move || {
-            Ok(
-                Box::new(shared::SharedBackend::open(&url, &hub, claims, fenced)?)
-                    as Box<dyn Backend>,
-            )
-        }),
-    )
-    .await
-}
-
 /// Starts the writer thread over the backend `make` builds (on that thread), loads what it
 /// holds, and returns the mirrored store.
-async fn start(
+pub(crate) async fn start(
     lock: Option<std::fs::File>,
     what: String,
     make: BackendFactory,

@@ -1,7 +1,7 @@
-//! Shared mode's engine side (several hubs on one Redis, see `durable::shared`): how much work
+//! Shared mode's engine side (several hubs on one Redis, see `crate::shared`): how much work
 //! this hub can take ([`Cluster::free_slots`]) and taking in tasks claimed from the shared
 //! queues ([`Cluster::adopt`]), and dropping a task whose claim was fenced
-//! ([`Cluster::disown`]). A child module of `cluster`, used by `shared_mode.rs`.
+//! ([`Cluster::disown`]). A child of the engine, used by `shared::loops`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -293,7 +293,7 @@ impl Cluster {
     }
 
     /// Takes in a task whose claim this hub took over from a dead hub
-    /// ([`crate::durable::shared::SharedRedis::take_over`]): it is assigned or running on the
+    /// ([`crate::shared::SharedRedis::take_over`]): it is assigned or running on the
     /// node that reported it, same attempt, and joins that node's in-flight set (no frame is
     /// sent: the node is running it), so the node's result is accepted. A result the node sent
     /// meanwhile is committed now and acknowledged once durable. If the node left meanwhile (or

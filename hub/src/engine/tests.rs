@@ -1486,7 +1486,7 @@ fn a_task_handed_over_from_a_dead_hub_stays_on_its_node_and_its_held_result_coun
 
     // The claim on t-1 is taken over: same node and attempt, no new assignment; the held
     // result is committed and acknowledged.
-    let mut t = crate::shared_mode::new_task(spec("echo"));
+    let mut t = crate::shared::new_task(spec("echo"));
     t.id = "t-1".to_owned();
     t.status = TaskStatus::Assigned;
     t.attempt = 1;

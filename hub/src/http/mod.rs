@@ -54,7 +54,7 @@ pub struct AppState {
     /// Live config, log channel buffer, machine sampler (the operator surface).
     pub ops: Ops,
     /// Shared mode's Redis handle (`hub_mode = "shared"`), `None` otherwise.
-    pub shared: Option<Arc<crate::durable::shared::SharedRedis>>,
+    pub shared: Option<Arc<crate::shared::SharedRedis>>,
 }
 
 impl AppState {

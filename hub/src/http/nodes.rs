@@ -55,7 +55,7 @@ pub async fn list(
     let tool = q.tool.as_deref().filter(|s| !s.is_empty());
     let pages = Pagination::new(q.page, q.limit, 100)?;
     if let Some(shared) = &state.shared {
-        let all: Vec<_> = crate::shared_mode::all_node_views(shared, &state.cluster)
+        let all: Vec<_> = crate::shared::all_node_views(shared, &state.cluster)
             .await
             .map_err(ApiError::store_unavailable)?
             .into_iter()
@@ -109,7 +109,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if let Some(shared) = &state.shared {
-        return crate::shared_mode::node_view(shared, &state.cluster, &id)
+        return crate::shared::node_view(shared, &state.cluster, &id)
             .await
             .map_err(ApiError::store_unavailable)?
             .map(|v| Json(v).into_response())
@@ -142,7 +142,7 @@ pub async fn tasks(
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
     let known = match &state.shared {
-        Some(shared) => crate::shared_mode::node_view(shared, &state.cluster, &id)
+        Some(shared) => crate::shared::node_view(shared, &state.cluster, &id)
             .await
             .map_err(ApiError::store_unavailable)?
             .is_some(),
@@ -205,7 +205,7 @@ async fn forward_drain(
     {
         return Ok(None);
     }
-    let view = crate::shared_mode::node_view(shared, &state.cluster, id)
+    let view = crate::shared::node_view(shared, &state.cluster, id)
         .await
         .map_err(ApiError::store_unavailable)?;
     let Some(hub) = view
@@ -225,7 +225,7 @@ async fn forward_drain(
     let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while tokio::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let view = crate::shared_mode::node_view(shared, &state.cluster, id)
+        let view = crate::shared::node_view(shared, &state.cluster, id)
             .await
             .map_err(ApiError::store_unavailable)?;
         if let Some(v) = view.filter(|v| v["status"] == want) {

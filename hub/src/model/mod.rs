@@ -225,28 +225,6 @@ pub struct Task {
 }
 
 impl Task {
-    /// A task just accepted: status `queued`, attempt 0, created and updated `now`, no events
-    /// yet (the caller adds `task_created`).
-    pub fn queued(id: TaskId, seq: u64, spec: TaskSpec, now: SystemTime) -> Self {
-        Task {
-            id,
-            seq,
-            spec,
-            status: TaskStatus::Queued,
-            attempt: 0,
-            node_id: None,
-            progress: 0.0,
-            result: None,
-            error: None,
-            message: None,
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            finished_at: None,
-            events: Vec::with_capacity(4),
-        }
-    }
-
     /// The HTTP view of the task (no event list).
     pub fn view(&self) -> TaskView<'_> {
         TaskView {
