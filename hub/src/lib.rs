@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Cli, Config};
-use crate::durable::{Opened, StoreError};
+use crate::durable::Opened;
 use crate::engine::{Cluster, ClusterOptions};
 use crate::http::AppState;
 use crate::ops::Ops;
@@ -41,9 +41,9 @@ pub fn cluster_for(config: &Config) -> Cluster {
 /// Opens the store the config names (`store` key) and loads what it holds.
 ///
 /// # Errors
-/// [`StoreError`]: the data directory is locked by another hub, the store is unreadable or
+/// [`store::Error`]: the data directory is locked by another hub, the store is unreadable or
 /// Redis cannot be reached.
-pub async fn open_store(config: &Config) -> Result<Opened, StoreError> {
+pub async fn open_store(config: &Config) -> Result<Opened, store::Error> {
     if config.is_shared()
         && let durable::StoreKind::Redis(url) = config.store_kind()
     {

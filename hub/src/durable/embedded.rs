@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Backend, StoreError};
+use super::Backend;
 use crate::model::Task;
+use crate::store;
 use crate::store::NodeRecord;
 
 /// File name of the database inside the data directory.
@@ -39,9 +40,9 @@ impl Embedded {
     /// Opens (or creates) the database at `path`.
     ///
     /// # Errors
-    /// [`StoreError::Unreadable`] if the file exists and is not a valid redb database.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let unreadable = |e: String| StoreError::Unreadable {
+    /// [`store::Error::Unreadable`] if the file exists and is not a valid redb database.
+    pub fn open(path: &Path) -> Result<Self, store::Error> {
+        let unreadable = |e: String| store::Error::Unreadable {
             what: path.display().to_string(),
             reason: e,
         };
@@ -56,8 +57,8 @@ impl Embedded {
         })
     }
 
-    fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Unavailable {
+    fn unavailable(&self, e: impl std::fmt::Display) -> store::Error {
+        store::Error::Unavailable {
             what: self.path.display().to_string(),
             reason: one_line(e),
         }
@@ -67,8 +68,8 @@ impl Embedded {
 impl Backend for Embedded {
     /// Every task, in submission order. Two threads read and decode one half of the key range
     /// each.
-    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError> {
-        let unreadable = |e: String| StoreError::Unreadable {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), store::Error> {
+        let unreadable = |e: String| store::Error::Unreadable {
             what: self.path.display().to_string(),
             reason: e,
         };
@@ -127,7 +128,7 @@ impl Backend for Embedded {
         puts: &[(&str, u64, Vec<u8>)],
         nodes: &[(&str, Vec<u8>)],
         deletes: &[(&str, u64)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), store::Error> {
         let txn = self.db.begin_write().map_err(|e| self.unavailable(e))?;
         {
             let mut table = txn.open_table(TASKS).map_err(|e| self.unavailable(e))?;

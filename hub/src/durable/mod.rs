@@ -17,7 +17,7 @@ pub mod embedded;
 pub mod redis;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch};
 
 use crate::model::{Task, TaskEvent, TaskId};
-use crate::store::{MemoryStore, NodeRecord, Page, TaskFilter, TaskStore};
+use crate::store::{self, MemoryStore, NodeRecord, Page, TaskFilter, TaskStore};
 
 /// Which store a hub uses: config key `store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,70 +58,29 @@ impl StoreKind {
     }
 }
 
-/// Why the store cannot be opened or written.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// Another hub holds the data directory.
-    #[error(
-        "data directory {dir} is in use by another apex-hub (lock file {lock} is held): give each hub its own --data-dir"
-    )]
-    Locked {
-        /// The data directory.
-        dir: PathBuf,
-        /// The lock file.
-        lock: PathBuf,
-    },
-    /// The store exists but cannot be read (corrupt, wrong format, permissions).
-    #[error("task store {what} is unreadable: {reason}")]
-    Unreadable {
-        /// File or URL.
-        what: String,
-        /// The cause, one line.
-        reason: String,
-    },
-    /// Another hub owns the Redis store (one Redis store serves one hub).
-    #[error(
-        "task store {what} is owned by another hub ({owner}, key apex:store-owner): one Redis store serves one hub"
-    )]
-    Owned {
-        /// The Redis URL.
-        what: String,
-        /// The owning hub's id.
-        owner: String,
-    },
-    /// The store cannot be reached or written.
-    #[error("task store {what} is unavailable: {reason}")]
-    Unavailable {
-        /// File or URL.
-        what: String,
-        /// The cause, one line.
-        reason: String,
-    },
-}
-
 /// A backend of [`MirroredStore`]: where records go. Runs on the writer thread only.
 pub trait Backend: Send + 'static {
     /// Every stored task, in any order, and the node registry snapshot.
     ///
     /// # Errors
-    /// [`StoreError::Unreadable`] for a record that does not decode; other errors as they come.
-    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError>;
+    /// [`store::Error::Unreadable`] for a record that does not decode; other errors as they come.
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), store::Error>;
     /// Writes `puts` (task id, task sequence number, record JSON) and `nodes` (node id, node
     /// record JSON), and removes `deletes` (task id, sequence number), atomically.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`]; nothing of the batch is written then.
+    /// [`store::Error::Unavailable`]; nothing of the batch is written then.
     fn write(
         &mut self,
         puts: &[(&str, u64, Vec<u8>)],
         nodes: &[(&str, Vec<u8>)],
         deletes: &[(&str, u64)],
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), store::Error>;
     /// Called when no change arrived for [`IDLE_TICK`] (lease renewal).
     ///
     /// # Errors
     /// As [`Backend::write`].
-    fn idle(&mut self) -> Result<(), StoreError> {
+    fn idle(&mut self) -> Result<(), store::Error> {
         Ok(())
     }
 }
@@ -189,10 +148,18 @@ impl Durability {
     ///
     /// # Errors
     /// The last failure.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), store::Error> {
         match &self.state.borrow().error {
-            Some(e) => Err(e.clone()),
+            Some(e) => Err(self.unavailable(e.clone())),
             None => Ok(()),
+        }
+    }
+
+    /// [`store::Error::Unavailable`] for this store with `reason`.
+    fn unavailable(&self, reason: String) -> store::Error {
+        store::Error::Unavailable {
+            what: self.what.clone(),
+            reason,
         }
     }
 
@@ -200,7 +167,7 @@ impl Durability {
     ///
     /// # Errors
     /// The store's failure if it fails first, or a timeout after `limit`.
-    pub async fn wait(&self, ticket: u64, limit: Duration) -> Result<(), String> {
+    pub async fn wait(&self, ticket: u64, limit: Duration) -> Result<(), store::Error> {
         let mut rx = self.state.subscribe();
         let waited = tokio::time::timeout(
             limit,
@@ -209,17 +176,17 @@ impl Durability {
         .await;
         match waited {
             Ok(Ok(s)) if s.durable >= ticket => Ok(()),
-            Ok(Ok(s)) => Err(s.error.clone().unwrap_or_default()),
-            Ok(Err(_)) => Err("the store writer stopped".to_owned()),
-            Err(_) => Err(format!(
+            Ok(Ok(s)) => Err(self.unavailable(s.error.clone().unwrap_or_default())),
+            Ok(Err(_)) => Err(self.unavailable("the store writer stopped".to_owned())),
+            Err(_) => Err(self.unavailable(format!(
                 "the task store did not confirm the write within {} s",
                 limit.as_secs()
-            )),
+            ))),
         }
     }
 
     /// Waits until every change queued so far is durable (shutdown).
-    pub async fn flush(&self, limit: Duration) -> Result<(), String> {
+    pub async fn flush(&self, limit: Duration) -> Result<(), store::Error> {
         self.wait(self.ticket(), limit).await
     }
 }
@@ -343,9 +310,9 @@ pub struct Opened {
 /// Takes an exclusive lock on `<data_dir>/hub.lock` for as long as the file lives.
 ///
 /// # Errors
-/// [`StoreError::Locked`] if another process holds it; [`StoreError::Unavailable`] on I/O errors.
-pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
-    let io = |e: std::io::Error| StoreError::Unavailable {
+/// [`store::Error::Locked`] if another process holds it; [`store::Error::Unavailable`] on I/O errors.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, store::Error> {
+    let io = |e: std::io::Error| store::Error::Unavailable {
         what: data_dir.display().to_string(),
         reason: e.to_string(),
     };
@@ -359,7 +326,7 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
         .map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+        Err(std::fs::TryLockError::WouldBlock) => Err(store::Error::Locked {
             dir: data_dir.to_owned(),
             lock: path,
         }),
@@ -370,10 +337,10 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
 /// This hub's persistent id, `<data_dir>/hub-id` (`hub-<uuid>`, created on first use).
 ///
 /// # Errors
-/// [`StoreError::Unavailable`] if the file cannot be read or written.
-pub fn hub_id(data_dir: &Path) -> Result<String, StoreError> {
+/// [`store::Error::Unavailable`] if the file cannot be read or written.
+pub fn hub_id(data_dir: &Path) -> Result<String, store::Error> {
     let path = data_dir.join("hub-id");
-    let io = |e: std::io::Error| StoreError::Unavailable {
+    let io = |e: std::io::Error| store::Error::Unavailable {
         what: path.display().to_string(),
         reason: e.to_string(),
     };
@@ -393,8 +360,8 @@ pub fn hub_id(data_dir: &Path) -> Result<String, StoreError> {
 /// starts its writer thread.
 ///
 /// # Errors
-/// [`StoreError`]: locked data directory, unreadable store, unreachable Redis.
-pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, StoreError> {
+/// [`store::Error`]: locked data directory, unreadable store, unreachable Redis.
+pub async fn open(kind: &StoreKind, data_dir: &Path) -> Result<Opened, store::Error> {
     let (lock, what, make): (Option<std::fs::File>, String, BackendFactory) = match kind {
         StoreKind::Memory => {
             return Ok(Opened {
@@ -439,7 +406,7 @@ pub(crate) async fn start(
     lock: Option<std::fs::File>,
     what: String,
     make: BackendFactory,
-) -> Result<Opened, StoreError> {
+) -> Result<Opened, store::Error> {
     let durability = Arc::new(Durability {
         enqueued: AtomicU64::new(0),
         state: watch::channel(WriterState::default()).0,
@@ -475,11 +442,11 @@ pub(crate) async fn start(
             };
             writer_loop(backend.as_mut(), &rx, &d);
         })
-        .map_err(|e| StoreError::Unavailable {
+        .map_err(|e| store::Error::Unavailable {
             what: durability.describe().to_owned(),
             reason: format!("cannot start the writer thread: {e}"),
         })?;
-    let (recovered, nodes) = loaded_rx.await.map_err(|_| StoreError::Unavailable {
+    let (recovered, nodes) = loaded_rx.await.map_err(|_| store::Error::Unavailable {
         what: durability.describe().to_owned(),
         reason: "the store thread stopped while loading".to_owned(),
     })??;
@@ -497,7 +464,7 @@ pub(crate) async fn start(
     })
 }
 
-type BackendFactory = Box<dyn FnOnce() -> Result<Box<dyn Backend>, StoreError> + Send>;
+type BackendFactory = Box<dyn FnOnce() -> Result<Box<dyn Backend>, store::Error> + Send>;
 
 /// Group commit: waits for a change, takes everything queued, commits it in one batch, and
 /// publishes progress. A failed batch is retried (with later changes merged in) until it

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Backend, StoreError};
+use super::Backend;
 use crate::model::Task;
+use crate::store;
 use crate::store::NodeRecord;
 
 /// The hash holding every task record.
@@ -97,11 +98,11 @@ impl RedisBackend {
     /// waiting up to one lease lifetime for another hub's lease to expire.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] if Redis cannot be reached; [`StoreError::Owned`] if another
+    /// [`store::Error::Unavailable`] if Redis cannot be reached; [`store::Error::Owned`] if another
     /// hub keeps renewing its lease.
-    pub fn open(url: &str, hub_id: &str) -> Result<Self, StoreError> {
+    pub fn open(url: &str, hub_id: &str) -> Result<Self, store::Error> {
         let what = redacted(url);
-        let unavailable = |e: String| StoreError::Unavailable {
+        let unavailable = |e: String| store::Error::Unavailable {
             what: what.clone(),
             reason: e,
         };
@@ -136,7 +137,7 @@ impl RedisBackend {
                 break;
             }
             if std::time::Instant::now() >= deadline {
-                return Err(StoreError::Owned {
+                return Err(store::Error::Owned {
                     what: what.clone(),
                     owner,
                 });
@@ -156,8 +157,8 @@ impl RedisBackend {
         })
     }
 
-    fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Unavailable {
+    fn unavailable(&self, e: impl std::fmt::Display) -> store::Error {
+        store::Error::Unavailable {
             what: self.what.clone(),
             reason: one_line(e),
         }
@@ -165,7 +166,7 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError> {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), store::Error> {
         let mut conn = self.conn.clone();
         let rows: Vec<(String, Vec<u8>)> = self
             .rt
@@ -179,7 +180,7 @@ impl Backend for RedisBackend {
         let tasks = rows
             .into_iter()
             .map(|(k, v)| {
-                serde_json::from_slice::<Task>(&v).map_err(|e| StoreError::Unreadable {
+                serde_json::from_slice::<Task>(&v).map_err(|e| store::Error::Unreadable {
                     what: self.what.clone(),
                     reason: format!("record of task {k} in {TASKS_KEY} does not decode: {e}"),
                 })
@@ -198,7 +199,7 @@ impl Backend for RedisBackend {
         let nodes = rows
             .into_iter()
             .map(|(k, v)| {
-                serde_json::from_slice::<NodeRecord>(&v).map_err(|e| StoreError::Unreadable {
+                serde_json::from_slice::<NodeRecord>(&v).map_err(|e| store::Error::Unreadable {
                     what: self.what.clone(),
                     reason: format!("record of node {k} in {NODES_KEY} does not decode: {e}"),
                 })
@@ -212,7 +213,7 @@ impl Backend for RedisBackend {
         puts: &[(&str, u64, Vec<u8>)],
         nodes: &[(&str, Vec<u8>)],
         deletes: &[(&str, u64)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), store::Error> {
         let mut inv = self.write.key(OWNER_KEY);
         inv.key(TASKS_KEY)
             .key(NODES_KEY)
@@ -234,7 +235,7 @@ impl Backend for RedisBackend {
         r.map(|_| ()).map_err(|e| self.unavailable(e))
     }
 
-    fn idle(&mut self) -> Result<(), StoreError> {
+    fn idle(&mut self) -> Result<(), store::Error> {
         self.write(&[], &[], &[])
     }
 }

@@ -12,8 +12,9 @@ use super::{
     Claims, Commit, DEFAULT_LEASE_TTL_MS, HubIdentity, NextState, SharedRedis, one_line,
     pinned_queue, tool_queue,
 };
-use crate::durable::{Backend, Opened, StoreError};
+use crate::durable::{Backend, Opened};
 use crate::model::{Task, TaskStatus};
+use crate::store;
 use crate::store::NodeRecord;
 
 /// The [`Backend`] of shared mode, for [`MirroredStore`](crate::durable::MirroredStore)'s
@@ -35,24 +36,24 @@ impl SharedBackend {
     /// thread).
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] if Redis cannot be reached.
+    /// [`store::Error::Unavailable`] if Redis cannot be reached.
     pub fn open(
         url: &str,
         hub: &HubIdentity,
         claims: Claims,
         fenced: tokio::sync::mpsc::UnboundedSender<String>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Self, store::Error> {
         let what = crate::durable::redis::redacted(url);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Unavailable {
+            .map_err(|e| store::Error::Unavailable {
                 what: what.clone(),
                 reason: one_line(e),
             })?;
         let redis =
             rt.block_on(SharedRedis::attach(url, hub))
-                .map_err(|e| StoreError::Unavailable {
+                .map_err(|e| store::Error::Unavailable {
                     what: what.clone(),
                     reason: e.to_string(),
                 })?;
@@ -64,8 +65,8 @@ impl SharedBackend {
         })
     }
 
-    fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Unavailable {
+    fn unavailable(&self, e: impl std::fmt::Display) -> store::Error {
+        store::Error::Unavailable {
             what: self.redis.what.clone(),
             reason: one_line(e),
         }
@@ -93,7 +94,7 @@ struct SpecHead {
 }
 
 impl Backend for SharedBackend {
-    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), StoreError> {
+    fn load(&mut self) -> Result<(Vec<Task>, Vec<NodeRecord>), store::Error> {
         // A shared-mode hub starts empty: its tasks come from claims.
         Ok((Vec::new(), Vec::new()))
     }
@@ -103,7 +104,7 @@ impl Backend for SharedBackend {
         puts: &[(&str, u64, Vec<u8>)],
         nodes: &[(&str, Vec<u8>)],
         _deletes: &[(&str, u64)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), store::Error> {
         // Held tasks only, in chunks of `COMMIT_CHUNK`, one script call per chunk; each commit
         // is fenced on its own. The record is written as the writer encoded it (no re-encode);
         // only the fields that place it are decoded.
@@ -187,23 +188,23 @@ pub struct SharedHandles {
 /// ([`open_shared`]).
 ///
 /// # Errors
-/// [`StoreError::Unavailable`] if Redis cannot be reached.
-pub async fn open_hub(url: &str, hub_id: &str) -> Result<Opened, StoreError> {
+/// [`store::Error::Unavailable`] if Redis cannot be reached.
+pub async fn open_hub(url: &str, hub_id: &str) -> Result<Opened, store::Error> {
     open_hub_with(url, hub_id, DEFAULT_LEASE_TTL_MS).await
 }
 
 /// [`open_hub`] with a lease lifetime of `lease_ttl_ms` (config `shared_lease_ttl_ms`).
 ///
 /// # Errors
-/// [`StoreError::Unavailable`] if Redis cannot be reached.
+/// [`store::Error::Unavailable`] if Redis cannot be reached.
 pub async fn open_hub_with(
     url: &str,
     hub_id: &str,
     lease_ttl_ms: u64,
-) -> Result<Opened, StoreError> {
+) -> Result<Opened, store::Error> {
     let redis = SharedRedis::join(url, hub_id, lease_ttl_ms)
         .await
-        .map_err(|e| StoreError::Unavailable {
+        .map_err(|e| store::Error::Unavailable {
             what: crate::durable::redis::redacted(url),
             reason: e.to_string(),
         })?;
@@ -225,13 +226,13 @@ pub async fn open_hub_with(
 /// from claims).
 ///
 /// # Errors
-/// [`StoreError::Unavailable`] if Redis cannot be reached.
+/// [`store::Error::Unavailable`] if Redis cannot be reached.
 pub async fn open_shared(
     url: &str,
     hub: HubIdentity,
     claims: Claims,
     fenced: tokio::sync::mpsc::UnboundedSender<String>,
-) -> Result<Opened, StoreError> {
+) -> Result<Opened, store::Error> {
     let what = crate::durable::redis::redacted(url);
     let url = url.to_owned();
     crate::durable::start(

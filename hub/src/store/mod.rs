@@ -14,6 +14,47 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Task, TaskEvent, TaskId, TaskStatus};
 
+/// Why the store cannot be opened or written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Another hub holds the data directory.
+    #[error(
+        "data directory {dir} is in use by another apex-hub (lock file {lock} is held): give each hub its own --data-dir"
+    )]
+    Locked {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// The lock file.
+        lock: std::path::PathBuf,
+    },
+    /// The store exists but cannot be read (corrupt, wrong format, permissions).
+    #[error("task store {what} is unreadable: {reason}")]
+    Unreadable {
+        /// File or URL.
+        what: String,
+        /// The cause, one line.
+        reason: String,
+    },
+    /// Another hub owns the Redis store (one Redis store serves one hub).
+    #[error(
+        "task store {what} is owned by another hub ({owner}, key apex:store-owner): one Redis store serves one hub"
+    )]
+    Owned {
+        /// The Redis URL.
+        what: String,
+        /// The owning hub's id.
+        owner: String,
+    },
+    /// The store cannot be reached or written.
+    #[error("task store {what} is unavailable: {reason}")]
+    Unavailable {
+        /// File or URL.
+        what: String,
+        /// The cause, one line.
+        reason: String,
+    },
+}
+
 /// Filters of `GET /api/v1/tasks`.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
@@ -519,5 +560,4 @@ impl TaskStore for MemoryStore {
 }
 
 #[cfg(test)]
-#[path = "store_tests.rs"]
 mod tests;
