@@ -199,45 +199,48 @@ impl TaskService {
     /// # Errors
     /// [`Error::StoreUnavailable`] if the shared store cannot be read.
     pub async fn get(&self, id: &str, wait: Duration) -> Result<Option<Task>, Error> {
-        let wait = wait.min(MAX_WAIT);
-        if !wait.is_zero()
-            && let Some(rx) = self.cluster.wait(id)
-        {
-            let mut shutdown = self.shutdown.clone();
-            // Answer early on shutdown, so a long poll never holds the hub's exit.
-            tokio::select! {
-                _ = tokio::time::timeout(wait, rx) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        }
-        if let Some((t, ticket)) = self.cluster.get_with_ticket(id) {
-            self.barrier(ticket).await;
-            return Ok(Some(t));
-        }
-        let Mode::Shared(redis) = &self.mode else {
-            return Ok(None);
-        };
-        // A task this hub does not hold: read from the shared store, again at each change
-        // another hub publishes (`Wake::Task`) and every second as a safety net.
-        let mut wakes = redis.task_wakes();
-        let until = tokio::time::Instant::now() + wait;
+        let until = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         let mut shutdown = self.shutdown.clone();
+        // Shared mode: subscribed before the first read, so no change after it is missed.
+        let mut wakes = match &self.mode {
+            Mode::Shared(redis) => Some(redis.task_wakes()),
+            Mode::Local => None,
+        };
         loop {
+            let waiting = tokio::time::Instant::now() < until && !*shutdown.borrow();
+            // Held here (in shared mode perhaps adopted from the shared queue meanwhile, as a
+            // task pinned to a node of this hub is): wait for the engine to end it.
+            if waiting && let Some(rx) = self.cluster.wait(id) {
+                // Answer early on shutdown, so a long poll never holds the hub's exit.
+                tokio::select! {
+                    _ = tokio::time::timeout_at(until, rx) => {}
+                    _ = shutdown.wait_for(|s| *s) => {}
+                }
+            }
+            if let Some((t, ticket)) = self.cluster.get_with_ticket(id) {
+                let waiting = tokio::time::Instant::now() < until && !*shutdown.borrow();
+                // Shared mode: adopted between the wait and this read, so not waited on yet.
+                if t.status.is_terminal() || !waiting || wakes.is_none() {
+                    self.barrier(ticket).await;
+                    return Ok(Some(t));
+                }
+                continue;
+            }
+            let (Mode::Shared(redis), Some(wakes)) = (&self.mode, wakes.as_mut()) else {
+                return Ok(None);
+            };
+            // A task this hub does not hold: read from the shared store, again at each change
+            // another hub publishes (`Wake::Task`) and every second as a safety net.
             let t = redis.get(id).await.map_err(unavailable)?;
             let done = t.as_ref().is_none_or(|t| t.status.is_terminal());
             if done || tokio::time::Instant::now() >= until || *shutdown.borrow() {
                 return Ok(t);
             }
             tokio::select! {
-                _ = SharedRedis::task_woken(&mut wakes, id) => {}
+                _ = SharedRedis::task_woken(wakes, id) => {}
                 _ = tokio::time::sleep(SHARED_SAFETY_POLL) => {}
                 _ = tokio::time::sleep_until(until) => {}
                 _ = shutdown.wait_for(|s| *s) => {}
-            }
-            // Adopted by this hub meanwhile: the engine has it now.
-            if let Some((t, ticket)) = self.cluster.get_with_ticket(id) {
-                self.barrier(ticket).await;
-                return Ok(Some(t));
             }
         }
     }
