@@ -334,15 +334,8 @@ impl TaskService {
             {
                 self.barrier(ticket).await;
             }
-            for e in backlog.drain(..) {
-                if e.seq <= last {
-                    continue;
-                }
-                last = e.seq;
-                let end = e.kind.is_terminal();
-                if tx.send(e).await.is_err() || end {
-                    return;
-                }
+            if !send_newer(&tx, backlog.drain(..), &mut last).await {
+                return;
             }
             tokio::select! {
                 r = live.recv() => match r {
@@ -382,17 +375,10 @@ impl TaskService {
             let mut last = after;
             let mut task = Some(task);
             loop {
-                if let Some(t) = task.take() {
-                    for e in t.events {
-                        if e.seq <= last {
-                            continue;
-                        }
-                        last = e.seq;
-                        let end = e.kind.is_terminal();
-                        if tx.send(e).await.is_err() || end {
-                            return;
-                        }
-                    }
+                if let Some(t) = task.take()
+                    && !send_newer(&tx, t.events, &mut last).await
+                {
+                    return;
                 }
                 tokio::select! {
                     _ = SharedRedis::task_woken(&mut wakes, &id) => {}
@@ -458,6 +444,26 @@ async fn cancel_shared(redis: &SharedRedis, id: &str) -> Result<Task, Error> {
             _ = tokio::time::sleep_until(until) => {}
         }
     }
+}
+
+/// Sends the events of `events` newer than `last` (by `seq`), moving `last` on. False once the
+/// stream is over: the terminal event was sent, or the reader went away.
+async fn send_newer(
+    tx: &mpsc::Sender<TaskEvent>,
+    events: impl IntoIterator<Item = TaskEvent>,
+    last: &mut u32,
+) -> bool {
+    for e in events {
+        if e.seq <= *last {
+            continue;
+        }
+        *last = e.seq;
+        let end = e.kind.is_terminal();
+        if tx.send(e).await.is_err() || end {
+            return false;
+        }
+    }
+    true
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
