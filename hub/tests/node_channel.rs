@@ -559,7 +559,20 @@ async fn re_registering_on_a_new_connection_replaces_the_old_one() {
     old.recv_type("task_assign").await;
 
     let mut new = Client::connect(&hub).await;
-    new.register("n", &["work"]).await;
+    // The old connection is alive (it answered the hub's pings while it was read): the id is
+    // not taken from it.
+    new.send_json(json!({"type": "node_register", "data": {
+        "nodeId": "n", "name": "n", "type": "worker", "tools": ["work"],
+        "maxConcurrentTasks": 4,
+    }}))
+    .await;
+    let refused = new.recv_type("node_registered").await;
+    assert_eq!(refused["data"]["success"], false, "{refused}");
+    // Nothing reads the old connection now, so its pings go unanswered: once the hub declares
+    // it dead, the waiting connection takes the id over.
+    let taken = new.recv_type("node_registered").await;
+    assert_eq!(taken["data"]["success"], true, "{taken}");
+    assert_eq!(taken["data"]["nodeId"], "n");
     // The hub closes the replaced connection; that must not unbind the node.
     loop {
         match old.recv().await {

@@ -26,3 +26,13 @@ pub const NOT_REGISTERED: &str = "not_registered";
 pub const LLM_UNAVAILABLE: &str = "llm_unavailable";
 /// A node's `llm_request` failed (bad request or upstream error).
 pub const LLM_REQUEST_FAILED: &str = "llm_request_failed";
+/// A node-hosted chat call (`llm.chat@<model>` task) whose caller is gone: the HTTP stream
+/// that asked for it died with the hub process before a restart, so nobody can read its
+/// output. The restarted hub ends such a task `failed` with this code instead of running it
+/// again, and sends its node `task_cancel` with this reason.
+pub const CALLER_GONE: &str = "caller_gone";
+/// A `node_register` named a node id that a live connection already holds (two processes
+/// sharing one stored id). The registration is refused (`node_registered {success: false}`)
+/// and frames that need a registered node get an `error` frame with this code, until that
+/// other connection is lost and this one takes the id over.
+pub const NODE_ID_IN_USE: &str = "node_id_in_use";

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use apex_protocol::codec::{self, Frame};
 use apex_protocol::{Encoding, HubMessage, NodeMessage, NodeRegister, NodeRegistered};
 use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -53,6 +53,7 @@ pub enum Received {
 #[derive(Debug)]
 pub struct RawNode {
     out: mpsc::UnboundedSender<Message>,
+    silent: watch::Sender<bool>,
     inbox: mpsc::UnboundedReceiver<Received>,
     io: JoinHandle<()>,
     encoding: Encoding,
@@ -87,10 +88,19 @@ impl RawNode {
             })?;
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
         let (in_tx, inbox) = mpsc::unbounded_channel();
+        let (silent, mut silent_rx) = watch::channel(false);
         let io = tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
             loop {
                 tokio::select! {
+                    Ok(()) = silent_rx.changed() => {
+                        if *silent_rx.borrow() {
+                            // Keep the socket open but never touch it again (no pongs, no
+                            // frames) until the client is dropped.
+                            while out_rx.recv().await.is_some() {}
+                            break;
+                        }
+                    }
                     incoming = stream.next() => {
                         let item = match incoming {
                             Some(Ok(Message::Text(t))) => decode(Frame::Text(t.to_string())),
@@ -130,6 +140,7 @@ impl RawNode {
         });
         Ok(Self {
             out: out_tx,
+            silent,
             inbox,
             io,
             encoding: Encoding::Json,
@@ -353,6 +364,13 @@ impl RawNode {
     /// Closes the connection with a normal close handshake (dropping the client does too).
     pub fn close(self) {
         // Dropping the sender makes the I/O task send a close frame and end.
+    }
+
+    /// Stops reading and writing the socket while keeping it open, as a node behind a dead
+    /// network path looks to the hub: pings go unanswered and nothing more is received or
+    /// sent, so the hub declares the connection silent after its heartbeat timeout.
+    pub fn go_silent(&self) {
+        let _ = self.silent.send(true);
     }
 
     /// Drops the connection without a close frame, as a crashed node would.

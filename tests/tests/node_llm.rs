@@ -914,3 +914,66 @@ async fn a_node_advertises_models_once_its_local_server_comes_up() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], fake_text(8));
 }
+
+#[tokio::test]
+async fn a_chat_call_whose_caller_died_with_the_hub_ends_caller_gone_and_is_not_run_again() {
+    let fake = FakeLlm::start(FakeOptions {
+        models: vec!["house-model".to_owned()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    // A grace period far longer than the node's reconnect, so it reclaims what it runs.
+    let mut hub = Hub::start(HubOptions {
+        extra_args: vec![
+            "--store".into(),
+            "embedded".into(),
+            "--recovery-grace-ms".into(),
+            "60000".into(),
+        ],
+        ..HubOptions::default()
+    })
+    .await
+    .unwrap();
+    let _node = Node::start(&hub, node_with_upstream("chat-host", &fake))
+        .await
+        .unwrap();
+    let resp = start_stream(
+        &hub,
+        "house-model",
+        json!({"tokens": 600, "token_delay_ms": 50}),
+    )
+    .await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let reader = tokio::spawn(read_sse_full(resp, move |t| {
+        let _ = seen_tx.send(t.len());
+    }));
+    // Mid-stream: text has reached the caller.
+    tokio::time::timeout(DEFAULT_TIMEOUT, seen_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let task = running_llm_tasks(&hub, "house-model", 1).await.remove(0);
+
+    hub.kill_and_restart().await.unwrap();
+    let (_, done, _) = reader.await.unwrap();
+    assert!(!done, "the caller's stream died with the hub");
+
+    // Nobody can read the answer any more: the call ended instead of running on.
+    let t = hub.api().get(&task.task_id).await.unwrap();
+    assert_eq!(t.status, "failed", "{t:?}");
+    assert_eq!(t.error.as_ref().unwrap().code, "caller_gone", "{t:?}");
+    // The node, back on the restarted hub, is told to stop: its request to the model server
+    // is dropped, and the server gets no new request for the call.
+    wait_until(
+        "the node's upstream stream dropped",
+        Duration::from_secs(60),
+        || async { Ok((fake.stats().streams_dropped == 1).then_some(())) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(fake.requests().len(), 1, "{:?}", fake.requests());
+    assert_eq!(fake.stats().streams_completed, 0);
+    let again = hub.api().get(&task.task_id).await.unwrap();
+    assert_eq!((again.status.as_str(), again.attempt), ("failed", 1));
+}

@@ -19,7 +19,13 @@
 //!   recovery set, or a terminal state;
 //! - a result is committed only from the node and attempt the task is assigned to, once;
 //! - a node's in-flight tasks go back to the queue (attempt + 1 at next assignment) the moment
-//!   its connection is lost, or fail with `node_lost` after `max_attempts` assignments.
+//!   its connection is lost, or fail with `node_lost` after `max_attempts` assignments; unless
+//!   a live standby connection of the same node id takes the id over at that moment (`nodes`);
+//! - one node id is bound to one connection: a second registration while the bound
+//!   connection is alive is refused (native: it waits as standby) or, for VCP, gets its own
+//!   suffixed id; a closed or silent connection is replaced at once;
+//! - a node registering on a new connection without `inflight` keeps its tasks (same
+//!   attempt); they are sent again only if its first heartbeat reports no active task.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -57,11 +63,18 @@ pub fn llm_lane(model: &str) -> String {
     format!("{LLM_CHAT_TOOL}@{model}")
 }
 
+/// Whether `tool` is a lane of [`llm_lane`] (`llm.chat@<model>`).
+pub fn is_llm_lane(tool: &str) -> bool {
+    tool.strip_prefix(LLM_CHAT_TOOL)
+        .is_some_and(|rest| rest.starts_with('@'))
+}
+
 /// The tool name a node receives for a task's tool: lanes of [`llm_lane`] become `llm.chat`.
 pub(crate) fn wire_tool(tool: &str) -> &str {
-    match tool.strip_prefix(LLM_CHAT_TOOL) {
-        Some(rest) if rest.starts_with('@') => LLM_CHAT_TOOL,
-        _ => tool,
+    if is_llm_lane(tool) {
+        LLM_CHAT_TOOL
+    } else {
+        tool
     }
 }
 
@@ -152,15 +165,19 @@ struct Core {
     waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     next_seq: u64,
     /// Tasks loaded assigned or running at start, by node, until the node reclaims them or the
-    /// recovery grace period ends (`cluster_recovery.rs`).
+    /// recovery grace period ends (`recovery.rs`).
     recovering: HashMap<String, Vec<String>>,
+    /// Chat calls found unfinished at start and ended `caller_gone`, by the node they were on,
+    /// with their attempt: the node is told `task_cancel` when it registers again, until the
+    /// recovery grace period ends (`recovery.rs`).
+    caller_gone: HashMap<String, Vec<(String, u32)>>,
     /// `toolArgs.resume` makers of streamed tasks, by task id.
     resume: HashMap<String, ResumeFn>,
     /// W3C `traceparent` of the request that submitted each live task (only with OTel on).
     trace_parents: HashMap<String, String>,
     /// Shared mode only (`Some` once `enable_handover` ran): tasks a re-registered node says it
     /// holds that another hub claimed, until this hub takes their claims over
-    /// (`cluster_shared.rs`).
+    /// (`claims.rs`).
     handover: Option<HashMap<String, claims::Handover>>,
 }
 
@@ -226,6 +243,7 @@ impl Cluster {
                     waiters: HashMap::new(),
                     next_seq: 1,
                     recovering: HashMap::new(),
+                    caller_gone: HashMap::new(),
                     resume: HashMap::new(),
                     trace_parents: HashMap::new(),
                     handover: None,

@@ -36,6 +36,31 @@ impl ConnHandle {
     pub(crate) fn send(&self, msg: impl Into<HubMessage>) -> bool {
         self.tx.try_send(Outbound::Msg(msg.into())).is_ok()
     }
+
+    /// Whether the connection is alive: its queue is open and it sent a frame or a pong less
+    /// than `timeout_ms` ago (a live peer answers the session's pings, so this holds until
+    /// the session itself would declare it silent).
+    pub fn is_alive(&self, timeout_ms: u64) -> bool {
+        let silent_ms = now_ms().saturating_sub(self.last_seen_ms.load(Ordering::Relaxed));
+        !self.tx.is_closed() && silent_ms < i64::try_from(timeout_ms).unwrap_or(i64::MAX)
+    }
+}
+
+/// A native registration, decoded and ready to bind.
+pub(super) struct NativeReg {
+    node_id: String,
+    encoding: Encoding,
+    info: NodeInfo,
+    /// `node_register.inflight`: the tasks the node says it still runs (`None`: not sent).
+    inflight: Option<Vec<String>>,
+}
+
+/// A connection whose registration was refused because a live connection holds its node id
+/// (`node_id_in_use`). It waits, unbound, and takes the id over (registered as it asked) if
+/// that connection is lost while it is still alive itself.
+pub(super) struct Standby {
+    conn: ConnHandle,
+    reg: NativeReg,
 }
 
 pub(super) struct NodeEntry {
@@ -45,6 +70,12 @@ pub(super) struct NodeEntry {
     pub(super) state: NodeState,
     pub(super) conn: Option<ConnHandle>,
     pub(super) inflight: HashSet<String>,
+    /// A second connection for this node id, refused while `conn` is alive (see [`Standby`]).
+    pub(super) standby: Option<Standby>,
+    /// Kept tasks of a registration on a new connection without `inflight`, not sent again
+    /// yet: the node's first heartbeat decides ([`Cluster::heartbeat`]). They stay in
+    /// `inflight`, so they migrate if the connection is lost first.
+    pub(super) awaiting_heartbeat: Option<Vec<String>>,
     pub(super) ips: Option<ReportIp>,
     pub(super) connected_at: SystemTime,
     pub(super) last_heartbeat_at: Option<SystemTime>,
@@ -129,9 +160,69 @@ impl Cluster {
         }
     }
 
+    /// The silence timeout (ms) after which a connection is dead, as the sessions apply it.
+    fn liveness_timeout_ms(&self) -> u64 {
+        self.shared.liveness_ms[1].load(Ordering::Relaxed)
+    }
+
     /// Handles `node_register`: binds the node to `conn`, answers `node_registered` (and switches
     /// the connection's encoding if asked), then dispatches queued work. Returns the node id.
+    ///
+    /// If another connection that is still alive ([`ConnHandle::is_alive`]) holds the node id,
+    /// nothing is bound: `conn` gets `node_registered {success: false}` naming the conflict
+    /// (`node_id_in_use`) and waits as the id's standby; if the holding connection is lost
+    /// while `conn` is alive, `conn` takes the id over ([`Cluster::lose_node`]).
+    /// [`Cluster::is_bound`] tells which happened. A holder that is closed or silent past the
+    /// heartbeat timeout is replaced at once.
     pub fn register_native(&self, conn: &ConnHandle, reg: NodeRegister) -> String {
+        let reg = self.native_reg(reg);
+        let node_id = reg.node_id.clone();
+        let llm_available = self.llm_available();
+        let timeout = self.liveness_timeout_ms();
+        let mut core = self.shared.core.lock();
+        if let Some(e) = core.nodes.get_mut(&node_id)
+            && let Some(holder) = &e.conn
+            && holder.id != conn.id
+            && holder.is_alive(timeout)
+        {
+            tracing::warn!(
+                node_id,
+                holder = %holder.remote_addr,
+                refused = %conn.remote_addr,
+                "node id already held by a live connection; registration refused, the new connection waits"
+            );
+            conn.send(NodeRegistered {
+                node_id: node_id.clone(),
+                success: false,
+                message: format!(
+                    "{}: node id `{node_id}` is held by another live connection; this \
+                     connection stays unregistered and takes the id over if that one is lost",
+                    apex_protocol::codes::NODE_ID_IN_USE
+                ),
+                hub_info: None,
+            });
+            e.standby = Some(Standby {
+                conn: conn.clone(),
+                reg,
+            });
+            return node_id;
+        }
+        self.bind_native(&mut core, conn, reg, llm_available);
+        self.schedule(&mut core);
+        node_id
+    }
+
+    /// Whether connection `conn_id` holds node `node_id` (false for a standby connection).
+    pub fn is_bound(&self, node_id: &str, conn_id: u64) -> bool {
+        let core = self.shared.core.lock();
+        core.nodes
+            .get(node_id)
+            .and_then(|e| e.conn.as_ref())
+            .is_some_and(|c| c.id == conn_id)
+    }
+
+    /// Decodes a `node_register` (no lock needed).
+    fn native_reg(&self, reg: NodeRegister) -> NativeReg {
         let node_id = reg
             .node_id
             .clone()
@@ -164,21 +255,35 @@ impl Cluster {
             Vec::new()
         };
         tools.extend(models.iter().map(|m| llm_lane(m)));
-        let llm_available = self.llm_available();
-        let mut core = self.shared.core.lock();
         let info = NodeInfo {
             models,
             name,
             node_type: reg.node_type,
             dialect: Dialect::Native,
-            version: reg.version.clone(),
+            version: reg.version,
             tools,
-            tool_specs: reg.tools.clone(),
+            tool_specs: reg.tools,
             limit,
-            stats: reg.stats.clone(),
+            stats: reg.stats,
             cancel_tool: true,
         };
-        let resend = self.bind(&mut core, &node_id, conn, info, reg.inflight.as_deref());
+        NativeReg {
+            node_id,
+            encoding,
+            info,
+            inflight: reg.inflight,
+        }
+    }
+
+    /// Binds a native registration to `conn` and answers `node_registered` (no scheduling).
+    fn bind_native(&self, core: &mut Core, conn: &ConnHandle, reg: NativeReg, llm_available: bool) {
+        let NativeReg {
+            node_id,
+            encoding,
+            info,
+            inflight,
+        } = reg;
+        self.bind(core, &node_id, conn, info, inflight.as_deref());
         let mut hub_info = self.hub_info(encoding);
         // This node's own models count once it is bound.
         hub_info.llm_available = llm_available || !core.nodes[&node_id].info.models.is_empty();
@@ -189,20 +294,15 @@ impl Cluster {
             hub_info: Some(hub_info),
         });
         let _ = conn.tx.try_send(Outbound::SetEncoding(encoding));
-        for id in resend {
-            if let Some(t) = core.store.get(&id) {
-                let frame = self.assign_frame(&core, t, &node_id, Dialect::Native);
-                conn.send(frame);
-            }
-        }
-        self.schedule(&mut core);
-        node_id
+        // Chat calls ended `caller_gone` at a restart that this node may still run.
+        self.cancel_caller_gone(core, &node_id, conn, inflight.as_deref());
     }
 
     /// Handles VCP `register_tools` (a full replacement of the node's tools). Returns the node
-    /// id, `vcp-<serverName>`.
+    /// id: `vcp-<serverName>`, or `vcp-<serverName>-<n>` (n = 2, 3, ...) when live connections
+    /// of other servers with the same name hold the smaller ones (see `vcp_node_id`).
     pub fn register_vcp(&self, conn: &ConnHandle, reg: RegisterTools) -> String {
-        let node_id = format!("vcp-{}", reg.server_name);
+        let base = format!("vcp-{}", reg.server_name);
         let mut tools: Vec<String> = Vec::with_capacity(reg.tools.len());
         for t in &reg.tools {
             if !tools.contains(&t.name) {
@@ -224,6 +324,7 @@ impl Cluster {
             })
             .collect();
         let mut core = self.shared.core.lock();
+        let node_id = self.vcp_node_id(&core, &base, conn);
         let info = NodeInfo {
             models: Vec::new(),
             name: reg.server_name.clone(),
@@ -241,13 +342,62 @@ impl Cluster {
             cancel_tool: reg.capabilities.as_ref().is_some_and(|c| c.cancel_tool),
         };
         // A VCP node cannot deliver results across connections: a new connection holds nothing.
-        let _ = self.bind(&mut core, &node_id, conn, info, Some(&[]));
+        self.bind(&mut core, &node_id, conn, info, Some(&[]));
         self.schedule(&mut core);
         node_id
     }
 
-    /// Binds `node_id` to `conn`, replacing any earlier binding. `holds` lists the tasks the node
-    /// says it still runs (`None`: unknown, keep all).
+    /// The node id of a VCP server registering on `conn` whose plain id is `base`
+    /// (`vcp-<serverName>`). VCP servers have no id of their own, so two live servers with one
+    /// name must not take each other's binding: the id is the first of `base`, `base-2`,
+    /// `base-3`, ... that no other live connection holds (a closed or silent holder is replaced
+    /// as on any reconnect). A connection already bound to one of them keeps it, so the id is
+    /// stable while the server stays connected.
+    fn vcp_node_id(&self, core: &Core, base: &str, conn: &ConnHandle) -> String {
+        let timeout = self.liveness_timeout_ms();
+        let mut free: Option<String> = None;
+        let mut holder: Option<&str> = None;
+        let mut n = 0usize;
+        loop {
+            n += 1;
+            let id = if n == 1 {
+                base.to_owned()
+            } else {
+                format!("{base}-{n}")
+            };
+            let Some(e) = core.nodes.get(&id) else {
+                // Past the last id of this name: nothing bound to `conn` further on.
+                let id = free.unwrap_or(id);
+                if id != base {
+                    tracing::warn!(
+                        node_id = %id,
+                        holder = holder.unwrap_or(""),
+                        new = %conn.remote_addr,
+                        "a second VCP server registered with a serverName a live connection holds; registered under a suffixed id"
+                    );
+                }
+                return id;
+            };
+            match &e.conn {
+                Some(c) if c.id == conn.id => return id,
+                Some(c) if c.is_alive(timeout) => {
+                    if n == 1 {
+                        holder = Some(&c.remote_addr);
+                    }
+                }
+                _ => {
+                    free.get_or_insert(id);
+                }
+            }
+        }
+    }
+
+    /// Binds `node_id` to `conn`, replacing any earlier binding (the caller checked that it may).
+    /// `holds` lists the tasks the node says it still runs: on a new connection the node's
+    /// other tasks migrate. `None` (the node did not say): every kept task stays assigned,
+    /// same attempt, and waits for the node's first heartbeat, which decides whether it is
+    /// sent again ([`Cluster::heartbeat`]); so a node that kept running its tasks across the
+    /// reconnect does not run them twice.
     pub(super) fn bind(
         &self,
         core: &mut Core,
@@ -255,20 +405,27 @@ impl Cluster {
         conn: &ConnHandle,
         info: NodeInfo,
         holds: Option<&[String]>,
-    ) -> Vec<String> {
+    ) {
         let now = SystemTime::now();
         let mut to_migrate = Vec::new();
-        let mut resend = Vec::new();
+        let mut held = Vec::new();
+        let new_conn;
         let active;
         match core.nodes.get_mut(node_id) {
             Some(e) => {
                 let same_conn = e.conn.as_ref().is_some_and(|c| c.id == conn.id);
+                new_conn = !same_conn;
+                if e.standby.as_ref().is_some_and(|s| s.conn.id == conn.id) {
+                    e.standby = None;
+                }
                 if !same_conn {
                     if let Some(old) = e.conn.take() {
                         tracing::info!(
                             node_id,
                             old_conn = old.id,
                             new_conn = conn.id,
+                            old_addr = %old.remote_addr,
+                            new_addr = %conn.remote_addr,
                             "node re-registered on a new connection; closing the old one"
                         );
                         old.kill.notify_one();
@@ -284,10 +441,10 @@ impl Cluster {
                                 .cloned()
                                 .collect();
                         }
-                        // The node did not say what it holds: an assignment may have been lost
-                        // with the old connection, so send it again (same attempt; duplicate
-                        // results are fenced).
-                        None => resend = e.inflight.iter().cloned().collect(),
+                        // The node did not say what it holds: it may still run them (a
+                        // third-party agent keeps its tasks across a reconnect) or have lost
+                        // them (it restarted). Its first heartbeat tells.
+                        None => held = e.inflight.iter().cloned().collect(),
                     }
                     // A new connection is a fresh start; a node still draining says so again.
                     if e.state == NodeState::Draining {
@@ -304,6 +461,7 @@ impl Cluster {
                 active = e.inflight.len() as u32;
             }
             None => {
+                new_conn = true;
                 core.nodes.insert(
                     node_id.to_owned(),
                     NodeEntry {
@@ -312,6 +470,8 @@ impl Cluster {
                         state: NodeState::Online,
                         conn: Some(conn.clone()),
                         inflight: HashSet::new(),
+                        standby: None,
+                        awaiting_heartbeat: None,
                         ips: None,
                         connected_at: now,
                         last_heartbeat_at: None,
@@ -324,7 +484,17 @@ impl Cluster {
             }
         }
         // Tasks loaded from the store after a restart that this node still holds.
-        let active = self.reclaim(core, node_id, holds, &mut resend, &mut to_migrate, active);
+        let active = self.reclaim(core, node_id, holds, &mut held, &mut to_migrate, active);
+        if new_conn && let Some(e) = core.nodes.get_mut(node_id) {
+            if !held.is_empty() {
+                tracing::info!(
+                    node_id,
+                    kept = held.len(),
+                    "node registered on a new connection without inflight; its kept tasks wait for its first heartbeat"
+                );
+            }
+            e.awaiting_heartbeat = (!held.is_empty()).then_some(held);
+        }
         Self::note_handover(core, node_id, holds);
         let (tools, limit, state) = {
             let e = &core.nodes[node_id];
@@ -339,16 +509,35 @@ impl Cluster {
         }
         tracing::info!(node_id, tools = tools.len(), limit, "node registered");
         self.node_event(core, node_id, NodeEventKind::NodeRegistered, None);
-        resend
     }
 
     /// Handles `heartbeat` from the node bound to this session (`None`: not registered).
+    ///
+    /// The first heartbeat after a registration on a new connection without `inflight`
+    /// decides about the tasks the node kept (see `bind`): with `stats.activeTasks` 0
+    /// (or no `stats`) the node lost them, and they are sent again (same attempt, before this
+    /// heartbeat's answer); otherwise the node still runs them, and each is left to its
+    /// attempt (its result is accepted by the fence as usual).
     pub fn heartbeat(&self, node_id: Option<&str>, hb: apex_protocol::Heartbeat) -> HeartbeatAck {
         let mut core = self.shared.core.lock();
         let id = node_id.unwrap_or(&hb.node_id).to_owned();
+        let mut resend = Vec::new();
         let (success, status) = match (node_id, core.nodes.get_mut(&id)) {
             (Some(_), Some(e)) => {
                 e.last_heartbeat_at = Some(SystemTime::now());
+                if let Some(kept) = e.awaiting_heartbeat.take() {
+                    let active = hb.stats.as_ref().map_or(0, |s| s.active_tasks);
+                    if active == 0 {
+                        resend = kept;
+                    } else {
+                        tracing::info!(
+                            node_id = %id,
+                            active,
+                            kept = kept.len(),
+                            "node still runs tasks across its reconnect; not sending them again"
+                        );
+                    }
+                }
                 if hb.stats.is_some() {
                     e.info.stats = hb.stats;
                 }
@@ -356,12 +545,47 @@ impl Cluster {
             }
             _ => (false, "unknown"),
         };
+        if !resend.is_empty() {
+            self.resend_kept(&core, &id, resend);
+        }
         HeartbeatAck {
             node_id: id,
             success,
             status: status.to_owned(),
             timestamp: now_ms(),
         }
+    }
+
+    /// Sends the assignments of `kept` again (same attempt) to `node_id`'s connection, each
+    /// still assigned to it. Not gated: the assignment was durable when it was first sent.
+    fn resend_kept(&self, core: &Core, node_id: &str, kept: Vec<String>) {
+        let Some(e) = core.nodes.get(node_id) else {
+            return;
+        };
+        let Some(conn) = &e.conn else {
+            return;
+        };
+        let mut sent = 0usize;
+        for id in kept {
+            if !e.inflight.contains(&id) {
+                continue;
+            }
+            let Some(t) = core.store.get(&id) else {
+                continue;
+            };
+            if !matches!(t.status, TaskStatus::Assigned | TaskStatus::Running)
+                || t.node_id.as_deref() != Some(node_id)
+            {
+                continue;
+            }
+            conn.send(self.assign_frame(core, t, node_id, Dialect::Native));
+            sent += 1;
+        }
+        tracing::info!(
+            node_id,
+            sent,
+            "node runs no task after its reconnect; its kept tasks are sent again"
+        );
     }
 
     /// Handles VCP `report_ip`.
@@ -441,6 +665,13 @@ impl Cluster {
     }
 
     pub(super) fn forget_locked(&self, core: &mut Core, node_id: &str, reason: &str) {
+        if let Some(s) = core.nodes.get_mut(node_id).and_then(|e| e.standby.take()) {
+            let _ = s
+                .conn
+                .tx
+                .try_send(Outbound::Close(1000, "removed by operator".to_owned()));
+            s.conn.kill.notify_one();
+        }
         if let Some(c) = core.nodes.get(node_id).and_then(|e| e.conn.clone()) {
             let _ =
                 c.tx.try_send(Outbound::Close(1000, "removed by operator".to_owned()));
@@ -478,25 +709,68 @@ impl Cluster {
     /// The connection `conn_id` of `node_id` closed or went silent: the node goes offline and its
     /// in-flight tasks migrate at once. A stale connection (replaced by a newer one) changes
     /// nothing. Returns whether the node was bound to this connection.
+    ///
+    /// If a standby connection waits for the id (its registration was refused while this one
+    /// was alive, see [`Cluster::register_native`]) and is alive itself, it takes the id over
+    /// instead, as a re-registration on a new connection would: it gets
+    /// `node_registered {success: true}`, and the node's tasks stay assigned (same attempt)
+    /// under the rules for its registration's `inflight`. A standby connection that closes
+    /// just stops waiting (returns false).
     pub fn lose_node(&self, node_id: &str, conn_id: u64, reason: &str) -> bool {
+        let waiting = {
+            let core = self.shared.core.lock();
+            core.nodes.get(node_id).is_some_and(|e| e.standby.is_some())
+        };
+        // Asked without the lock (the probe may call into the engine).
+        let llm_available = waiting && self.llm_available();
+        let timeout = self.liveness_timeout_ms();
         let mut core = self.shared.core.lock();
         let Some(e) = core.nodes.get_mut(node_id) else {
             return false;
         };
+        if e.standby.as_ref().is_some_and(|s| s.conn.id == conn_id) {
+            e.standby = None;
+            return false;
+        }
         if e.conn.as_ref().is_none_or(|c| c.id != conn_id) {
             return false;
         }
-        self.lose_node_locked(&mut core, node_id, reason);
+        let takes_over = e.standby.as_ref().is_some_and(|s| s.conn.is_alive(timeout));
+        match e.standby.take() {
+            Some(s) if takes_over => {
+                tracing::warn!(
+                    node_id,
+                    lost = %e.conn.as_ref().map_or("", |c| c.remote_addr.as_str()),
+                    standby = %s.conn.remote_addr,
+                    reason,
+                    "node connection lost; the connection waiting with its id takes it over"
+                );
+                self.bind_native(&mut core, &s.conn, s.reg, llm_available);
+            }
+            standby => {
+                e.standby = standby;
+                self.lose_node_locked(&mut core, node_id, reason);
+            }
+        }
         self.schedule(&mut core);
         true
     }
 
-    /// Marks a node offline and migrates its in-flight tasks (no scheduling).
+    /// Marks a node offline and migrates its in-flight tasks (no scheduling). A standby
+    /// connection waiting for its id is closed (1013), so its client registers afresh.
     pub(super) fn lose_node_locked(&self, core: &mut Core, node_id: &str, reason: &str) {
         let Some(e) = core.nodes.get_mut(node_id) else {
             return;
         };
         e.conn = None;
+        e.awaiting_heartbeat = None;
+        if let Some(s) = e.standby.take() {
+            // It cannot take over a node that went offline: let it register afresh.
+            let _ = s.conn.tx.try_send(Outbound::Close(
+                1013,
+                "the node id is free again: register again".to_owned(),
+            ));
+        }
         e.state = NodeState::Offline;
         e.disconnected_at = Some(SystemTime::now());
         let inflight: Vec<String> = e.inflight.iter().cloned().collect();

@@ -1,14 +1,21 @@
-//! Recovery after a restart, and retention. A child module of `cluster`, so it works on the
-//! engine's state directly while keeping `cluster.rs` focused on the live task lifecycle.
+//! Recovery after a restart, and retention. A child module of the engine, so it works on the
+//! engine's state directly while `lifecycle` stays focused on the live task lifecycle.
 //!
 //! At start the hub loads every task from its store ([`Cluster::restore`]): queued tasks go
 //! back in the queue, terminal tasks stay readable, and tasks that were assigned or running
 //! wait in `Core::recovering` for their node. A node that registers listing a task in
 //! `inflight` reclaims it (same attempt: its result is accepted by `fence`); one that registers
-//! without `inflight` gets the assignment sent again (same attempt); one that lists `inflight`
-//! without it has it requeued. When the grace period ends
-//! ([`Cluster::end_recovery_grace`]) whatever is left is requeued for `attempt + 1` (or fails
-//! with `node_lost` after `max_attempts`).
+//! without `inflight` reclaims it too, and its first heartbeat decides whether the assignment
+//! is sent again (same attempt; only if the heartbeat's `stats.activeTasks` is 0, see
+//! [`Cluster::heartbeat`]); one that lists `inflight` without it has it requeued. When the
+//! grace period ends ([`Cluster::end_recovery_grace`]) whatever is left is requeued for
+//! `attempt + 1` (or fails with `node_lost` after `max_attempts`).
+//!
+//! Chat calls of node-hosted models (tasks on an `llm.chat@<model>` lane) are not recovered:
+//! their caller was an HTTP stream of the process that died, so nobody would read the answer.
+//! Every unfinished one ends `failed` with `caller_gone` at restore (its terminal event is
+//! stored), and the node it was on gets `task_cancel` (reason `caller_gone`) when it registers
+//! again within the grace period (unless its `inflight` leaves the task out).
 //!
 //! With a durable store, an assignment frame leaves only once the task's `assigned` state is
 //! durable (the gate below), so after a crash every task a node holds is one the store has as
@@ -18,12 +25,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use apex_protocol::HubMessage;
+use apex_protocol::{ErrorInfo, HubMessage, TaskCancel, codes};
 use tokio::sync::mpsc;
 
-use super::{Cluster, ConnHandle, Core, Dialect, NodeEntry, NodeInfo, NodeState, Outbound, Shared};
+use super::{
+    Cluster, ConnHandle, Core, Dialect, NodeEntry, NodeInfo, NodeState, Outbound, Shared,
+    is_llm_lane,
+};
 use crate::durable::{DURABLE_WAIT, Durability};
-use crate::model::{Task, TaskStatus};
+use crate::model::{Outcome, Task, TaskStatus};
 use crate::scheduler::QueueKey;
 use crate::store::NodeRecord;
 
@@ -36,6 +46,9 @@ pub struct Restored {
     pub awaiting_node: usize,
     /// Finished tasks kept for reading.
     pub finished: usize,
+    /// Unfinished chat calls ended `failed` with `caller_gone` (their caller died with the
+    /// previous process).
+    pub caller_gone: usize,
 }
 
 /// An assignment frame held until the store has the assignment.
@@ -145,6 +158,8 @@ impl Cluster {
                     state: NodeState::Offline,
                     conn: None,
                     inflight: Default::default(),
+                    standby: None,
+                    awaiting_heartbeat: None,
                     ips: None,
                     connected_at: now,
                     last_heartbeat_at: None,
@@ -181,7 +196,8 @@ impl Cluster {
     }
 
     /// Puts back tasks loaded from the store at start (before any node connects). Event
-    /// sequence numbers continue from the stored events.
+    /// sequence numbers continue from the stored events. Unfinished chat calls (tasks on an
+    /// `llm.chat@<model>` lane) end `failed` with `caller_gone` instead (see the module docs).
     pub fn restore(&self, mut tasks: Vec<Task>) -> Restored {
         if !tasks.is_sorted_by_key(|t| t.seq) {
             tasks.sort_unstable_by_key(|t| t.seq);
@@ -191,8 +207,23 @@ impl Cluster {
         let now_i = Instant::now();
         let now = SystemTime::now();
         let mut recovering: HashMap<String, Vec<String>> = HashMap::new();
+        let mut orphaned: Vec<String> = Vec::new();
         for t in tasks {
             core.next_seq = core.next_seq.max(t.seq + 1);
+            if !t.status.is_terminal() && is_llm_lane(&t.spec.tool) {
+                // A chat call: its caller's stream died with the previous process.
+                if matches!(t.status, TaskStatus::Assigned | TaskStatus::Running)
+                    && let Some(node) = &t.node_id
+                {
+                    core.caller_gone
+                        .entry(node.clone())
+                        .or_default()
+                        .push((t.id.clone(), t.attempt));
+                }
+                orphaned.push(t.id.clone());
+                core.store.restore(t);
+                continue;
+            }
             if !t.status.is_terminal() {
                 let due = Duration::try_from_secs_f64(t.spec.timeout_seconds)
                     .ok()
@@ -229,18 +260,63 @@ impl Cluster {
             core.store.restore(t);
         }
         core.recovering = recovering;
+        out.caller_gone = orphaned.len();
+        for id in orphaned {
+            let err = ErrorInfo::new(
+                codes::CALLER_GONE,
+                "the chat call's caller was lost with the hub process before a restart; not run again",
+            );
+            self.finish(&mut core, &id, Outcome::Failed(err));
+        }
+        if out.caller_gone > 0 {
+            tracing::info!(
+                tasks = out.caller_gone,
+                "unfinished chat calls ended caller_gone: their callers died with the previous hub process"
+            );
+        }
         out
     }
 
+    /// Called when native node `node_id` binds `conn`: sends `task_cancel` (reason
+    /// `caller_gone`) for each chat call ended `caller_gone` at restore that was on this node,
+    /// unless the node's `inflight` (`holds`) leaves it out.
+    pub(super) fn cancel_caller_gone(
+        &self,
+        core: &mut Core,
+        node_id: &str,
+        conn: &ConnHandle,
+        holds: Option<&[String]>,
+    ) {
+        let Some(calls) = core.caller_gone.remove(node_id) else {
+            return;
+        };
+        for (task_id, attempt) in calls {
+            if holds.is_some_and(|h| !h.contains(&task_id)) {
+                continue;
+            }
+            tracing::info!(
+                node_id,
+                task_id,
+                "telling the node to stop a chat call whose caller is gone"
+            );
+            conn.send(TaskCancel {
+                task_id,
+                attempt: Some(attempt),
+                reason: codes::CALLER_GONE.to_owned(),
+            });
+        }
+    }
+
     /// Called from `bind`: moves the tasks recovered for `node_id` onto the node when it holds
-    /// them (`holds` lists them, or is `None`: then they are sent again), and queues the others
-    /// for migration. Returns the node's in-flight count.
+    /// them (`holds` lists them, or is `None`: then they are also added to `held`, to wait for
+    /// the node's first heartbeat like any kept task), and queues the others for migration.
+    /// Returns the node's in-flight count.
     pub(super) fn reclaim(
         &self,
         core: &mut Core,
         node_id: &str,
         holds: Option<&[String]>,
-        resend: &mut Vec<String>,
+        held: &mut Vec<String>,
         to_migrate: &mut Vec<String>,
         active: u32,
     ) -> u32 {
@@ -263,7 +339,7 @@ impl Cluster {
             match holds {
                 None => {
                     e.inflight.insert(id.clone());
-                    resend.push(id);
+                    held.push(id);
                     reclaimed += 1;
                 }
                 Some(h) if h.contains(&id) => {
@@ -287,6 +363,8 @@ impl Cluster {
     /// queue for `attempt + 1` (or fails with `node_lost`). Returns how many.
     pub fn end_recovery_grace(&self) -> usize {
         let mut core = self.shared.core.lock();
+        // Nodes that come back later are not told about chat calls ended `caller_gone`.
+        core.caller_gone.clear();
         let left: Vec<(String, Vec<String>)> = core.recovering.drain().collect();
         let mut n = 0;
         for (node, ids) in left {

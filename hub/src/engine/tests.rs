@@ -140,6 +140,25 @@ impl FakeNode {
     fn killed(&self) -> bool {
         self.conn.kill.notified().now_or_never().is_some()
     }
+
+    /// The connection has sent nothing for longer than the heartbeat timeout (the session has
+    /// not declared it dead yet): a registration of its node id on another connection
+    /// replaces it at once.
+    fn go_silent(&self) {
+        self.conn.last_seen_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A heartbeat whose `stats.activeTasks` is `active`.
+fn heartbeat_with_active(active: u64) -> Heartbeat {
+    Heartbeat {
+        node_id: String::new(),
+        status: None,
+        stats: Some(apex_protocol::NodeStats {
+            active_tasks: active,
+            ..Default::default()
+        }),
+    }
 }
 
 /// Opens a connection, checks the `connection_ack` greeting, registers and checks that
@@ -485,6 +504,7 @@ fn a_stale_connection_cannot_unbind_a_re_registered_node() {
     let t = submit(&c, spec("echo"));
     old.assigns();
     assert!(!old.killed());
+    old.go_silent();
 
     let (conn2, mut rx2) = c.open_connection("second".into());
     assert_eq!(
@@ -495,9 +515,13 @@ fn a_stale_connection_cannot_unbind_a_re_registered_node() {
     let frames = drain(&mut rx2);
     assert!(matches!(frames[0], HubMessage::ConnectionAck(_)));
     assert!(matches!(frames[1], HubMessage::NodeRegistered(_)));
-    // The assignment may have died with the old connection: it is sent again, same attempt.
-    match &frames[2] {
-        HubMessage::TaskAssign(a) => {
+    // The assignment may have died with the old connection, or the node may still run it:
+    // nothing is sent until its first heartbeat says. It runs nothing: sent again, same
+    // attempt.
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    c.heartbeat(Some("n"), heartbeat_with_active(0));
+    match drain(&mut rx2).as_slice() {
+        [HubMessage::TaskAssign(a)] => {
             assert_eq!(a.task_id, t.id);
             assert_eq!(a.attempt, Some(1));
         }
@@ -543,6 +567,7 @@ fn re_registering_with_partial_inflight_migrates_the_tasks_not_listed() {
     let ts: Vec<Task> = (0..3).map(|_| submit(&c, spec("echo"))).collect();
     assert_eq!(old.assigns().len(), 3);
 
+    old.go_silent();
     let mut new = connect_with(
         &c,
         registration("n", &["echo"], 10, Some(vec![ts[0].id.clone()])),
@@ -1223,6 +1248,7 @@ fn a_node_lost_failure_on_re_registration_frees_exactly_one_slot() {
     let t2 = submit(&c, once());
     assert_eq!(old.assigns().len(), 2);
     // The node comes back holding only t2: t1 has used its only attempt and fails.
+    old.go_silent();
     let mut new = connect_with(
         &c,
         registration("n", &["echo"], 2, Some(vec![t2.id.clone()])),
@@ -1282,11 +1308,12 @@ fn a_task_returned_on_its_last_attempt_frees_exactly_one_slot() {
 #[test]
 fn a_drained_node_taking_a_new_connection_gets_work_again() {
     let c = new_cluster();
-    let _old = connect(&c, "n", &["echo"], 4);
+    let old = connect(&c, "n", &["echo"], 4);
     assert!(c.set_draining("n", true));
     let t = submit(&c, spec("echo"));
     assert_eq!(task(&c, &t.id).status, TaskStatus::Queued);
     // A restarted process registers before the hub noticed the old socket close.
+    old.go_silent();
     let mut new = connect(&c, "n", &["echo"], 4);
     assert_eq!(c.node("n").unwrap().status, NodeState::Online);
     assert_eq!(new.assigns().len(), 1);
@@ -1513,4 +1540,349 @@ fn a_task_handed_over_from_a_dead_hub_stays_on_its_node_and_its_held_result_coun
 
     // A later result for a task nobody hands over is refused at once, as before.
     assert!(!c.task_result_or_hold("n1", result("t-3")).unwrap().success);
+}
+
+// Re-registration without `inflight`: kept tasks wait for the node's first heartbeat.
+
+/// Registers `id` on a new connection (the old one silent past the timeout) without
+/// `inflight`, and checks that nothing but `node_registered` comes.
+fn reconnect_without_inflight(c: &Cluster, old: &FakeNode, tools: &[&str]) -> FakeNode {
+    old.go_silent();
+    let mut new = connect(c, &old.id, tools, 4);
+    let frames = new.frames();
+    assert!(
+        frames.is_empty(),
+        "nothing before the first heartbeat: {frames:?}"
+    );
+    new
+}
+
+#[test]
+fn a_node_still_running_its_kept_task_after_a_reconnect_is_not_sent_it_again() {
+    let c = new_cluster();
+    let mut old = connect(&c, "n", &["sleep"], 4);
+    let t = submit(&c, spec("sleep"));
+    assert_eq!(old.assigns().len(), 1);
+    let mut new = reconnect_without_inflight(&c, &old, &["sleep"]);
+    assert!(old.killed());
+    // The node says it still runs a task: it keeps running its attempt.
+    assert!(c.heartbeat(Some("n"), heartbeat_with_active(1)).success);
+    assert!(new.assigns().is_empty(), "the kept task is not sent again");
+    // Later heartbeats decide nothing either.
+    c.heartbeat(Some("n"), heartbeat_with_active(0));
+    assert!(new.assigns().is_empty());
+    // Its result (a third-party agent sends no attempt) is committed: one execution.
+    assert!(new.result(&c, &t.id, None, json!("slept")).success);
+    let done = task(&c, &t.id);
+    assert_eq!((done.status, done.attempt), (TaskStatus::Succeeded, 1));
+    assert!(!kinds(&done).contains(&EventKind::TaskMigrated));
+    check_events(&done);
+}
+
+#[test]
+fn a_node_running_nothing_after_a_reconnect_gets_its_kept_tasks_again_same_attempt() {
+    let c = new_cluster();
+    let mut old = connect(&c, "n", &["sleep"], 4);
+    let ts: Vec<Task> = (0..2).map(|_| submit(&c, spec("sleep"))).collect();
+    assert_eq!(old.assigns().len(), 2);
+    let mut new = reconnect_without_inflight(&c, &old, &["sleep"]);
+    // A heartbeat without stats counts as none running.
+    c.heartbeat(Some("n"), Heartbeat::default());
+    let mut again: Vec<(String, Option<u32>)> = new
+        .assigns()
+        .into_iter()
+        .map(|a| (a.task_id, a.attempt))
+        .collect();
+    again.sort();
+    let mut want: Vec<(String, Option<u32>)> = ts.iter().map(|t| (t.id.clone(), Some(1))).collect();
+    want.sort();
+    assert_eq!(again, want);
+    c.heartbeat(Some("n"), heartbeat_with_active(0));
+    assert!(new.assigns().is_empty(), "sent again once");
+    for t in &ts {
+        assert!(new.result(&c, &t.id, Some(1), json!("ok")).success);
+        assert_eq!(task(&c, &t.id).attempt, 1);
+    }
+}
+
+#[test]
+fn kept_tasks_migrate_if_the_new_connection_is_lost_before_the_first_heartbeat() {
+    let c = new_cluster();
+    let mut old = connect(&c, "n", &["sleep"], 4);
+    let t = submit(&c, spec("sleep"));
+    old.assigns();
+    let new = reconnect_without_inflight(&c, &old, &["sleep"]);
+    let mut b = connect(&c, "b", &["sleep"], 4);
+    assert!(c.lose_node("n", new.conn.id, "closed"));
+    let moved = b.assigns();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(
+        (moved[0].task_id.as_str(), moved[0].attempt),
+        (t.id.as_str(), Some(2))
+    );
+    // A heartbeat of the node on yet another connection sends nothing stale.
+    let mut third = connect(&c, "n", &["sleep"], 4);
+    c.heartbeat(Some("n"), heartbeat_with_active(0));
+    assert!(third.assigns().is_empty());
+}
+
+// One node id, one live connection.
+
+fn node_registered(rx: &mut mpsc::Receiver<Outbound>) -> apex_protocol::NodeRegistered {
+    match next_msg(rx) {
+        HubMessage::NodeRegistered(r) => r,
+        other => panic!("expected node_registered, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_live_connection_for_a_node_id_is_refused_and_waits_as_standby() {
+    let c = new_cluster();
+    let mut first = connect(&c, "twin", &["sleep"], 4);
+    let t = submit(&c, spec("sleep"));
+    assert_eq!(first.assigns().len(), 1);
+
+    let (conn2, mut rx2) = c.open_connection("10.0.0.2:5000".into());
+    assert!(matches!(next_msg(&mut rx2), HubMessage::ConnectionAck(_)));
+    assert_eq!(
+        c.register_native(&conn2, registration("twin", &["sleep"], 4, None)),
+        "twin"
+    );
+    let refused = node_registered(&mut rx2);
+    assert!(!refused.success);
+    assert!(
+        refused.message.contains("node_id_in_use"),
+        "{}",
+        refused.message
+    );
+    assert!(refused.message.contains("twin"), "{}", refused.message);
+    assert!(
+        drain(&mut rx2).is_empty(),
+        "a refused connection gets no work"
+    );
+    assert!(!c.is_bound("twin", conn2.id));
+    assert!(c.is_bound("twin", first.conn.id));
+    assert!(!first.killed(), "the live connection is not replaced");
+    assert_eq!(c.node("twin").unwrap().remote_addr.as_deref(), Some("test"));
+    // New work still goes to the first connection, and its results count.
+    let t2 = submit(&c, spec("sleep"));
+    assert_eq!(first.assigns()[0].task_id, t2.id);
+    assert!(first.result(&c, &t.id, Some(1), json!("a")).success);
+    assert_eq!(c.stats().migrations.load(Ordering::Relaxed), 0);
+
+    // The first connection is lost: the waiting one takes the id over, tasks kept.
+    assert!(c.lose_node("twin", first.conn.id, "closed"));
+    let taken = node_registered(&mut rx2);
+    assert!(taken.success);
+    assert!(c.is_bound("twin", conn2.id));
+    assert_eq!(c.node("twin").unwrap().status, NodeState::Online);
+    let kept = task(&c, &t2.id);
+    assert_eq!((kept.status, kept.attempt), (TaskStatus::Assigned, 1));
+    assert_eq!(c.stats().migrations.load(Ordering::Relaxed), 0);
+    // It registered without `inflight`: its first heartbeat decides (it runs nothing).
+    c.heartbeat(Some("twin"), heartbeat_with_active(0));
+    match drain(&mut rx2).as_slice() {
+        [HubMessage::TaskAssign(a)] => {
+            assert_eq!((a.task_id.as_str(), a.attempt), (t2.id.as_str(), Some(1)))
+        }
+        other => panic!("expected the kept task again, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_standby_connection_that_closes_stops_waiting() {
+    let c = new_cluster();
+    let first = connect(&c, "twin", &["sleep"], 4);
+    let (conn2, mut rx2) = c.open_connection("second".into());
+    assert!(matches!(next_msg(&mut rx2), HubMessage::ConnectionAck(_)));
+    c.register_native(&conn2, registration("twin", &["sleep"], 4, None));
+    assert!(!node_registered(&mut rx2).success);
+    // Its own close does not touch the node.
+    assert!(!c.lose_node("twin", conn2.id, "closed"));
+    assert!(c.is_bound("twin", first.conn.id));
+    // The first connection's loss then takes the node offline as usual.
+    assert!(c.lose_node("twin", first.conn.id, "closed"));
+    assert_eq!(c.node("twin").unwrap().status, NodeState::Offline);
+    assert!(drain(&mut rx2).is_empty());
+}
+
+#[test]
+fn a_closed_or_silent_connection_is_replaced_at_once() {
+    let c = new_cluster();
+    // Closed: its queue is gone.
+    let FakeNode { conn, rx, .. } = connect(&c, "n", &["echo"], 4);
+    drop(rx);
+    let _n2 = connect(&c, "n", &["echo"], 4);
+    assert!(conn.kill.notified().now_or_never().is_some());
+    // Silent past the heartbeat timeout.
+    let n2 = _n2;
+    n2.go_silent();
+    let n3 = connect(&c, "n", &["echo"], 4);
+    assert!(n2.killed());
+    assert!(c.is_bound("n", n3.conn.id));
+}
+
+#[test]
+fn vcp_servers_sharing_a_name_get_their_own_ids() {
+    let c = new_cluster();
+    let reg = || RegisterTools {
+        server_name: "desk".into(),
+        tools: vec![vcp_tool("Calc")],
+        capabilities: None,
+    };
+    let (a, mut rx_a) = c.open_connection("10.0.0.1:1".into());
+    let (b, mut rx_b) = c.open_connection("10.0.0.2:2".into());
+    assert_eq!(c.register_vcp(&a, reg()), "vcp-desk");
+    assert_eq!(c.register_vcp(&b, reg()), "vcp-desk-2");
+    assert!(
+        a.kill.notified().now_or_never().is_none(),
+        "nobody is evicted"
+    );
+    // Stable while connected: registering again on the same connection keeps the id.
+    assert_eq!(c.register_vcp(&b, reg()), "vcp-desk-2");
+    assert_eq!(c.register_vcp(&a, reg()), "vcp-desk");
+    let ids: Vec<String> = c.nodes().into_iter().map(|n| n.id).collect();
+    assert_eq!(ids, ["vcp-desk", "vcp-desk-2"]);
+    // Both run tasks.
+    drain(&mut rx_a);
+    drain(&mut rx_b);
+    let ts: Vec<Task> = (0..2).map(|_| submit(&c, spec("Calc"))).collect();
+    let mut on: Vec<String> = ts
+        .iter()
+        .map(|t| task(&c, &t.id).node_id.unwrap())
+        .collect();
+    on.sort();
+    assert_eq!(on, ["vcp-desk", "vcp-desk-2"]);
+    // The first server's connection dies silently; it comes back and takes its id again.
+    a.last_seen_ms.store(0, Ordering::Relaxed);
+    let (a2, _rx_a2) = c.open_connection("10.0.0.1:3".into());
+    assert_eq!(c.register_vcp(&a2, reg()), "vcp-desk");
+}
+
+// Chat calls after a restart.
+
+fn assigned(id: &str, seq: u64, tool: &str, node: &str) -> Task {
+    let now = SystemTime::now();
+    let mut t = Task::accept(id.to_owned(), seq, spec(tool), now);
+    t.assign(node, now).unwrap();
+    t
+}
+
+#[test]
+fn chat_calls_found_at_restore_end_caller_gone_and_their_node_is_told_to_cancel() {
+    let c = new_cluster();
+    let now = SystemTime::now();
+    let restored = c.restore(vec![
+        assigned("chat-running", 1, "llm.chat@m", "n"),
+        Task::accept("chat-queued".into(), 2, spec("llm.chat@m"), now),
+        assigned("work", 3, "sleep", "n"),
+    ]);
+    assert_eq!(
+        restored,
+        Restored {
+            queued: 0,
+            awaiting_node: 1,
+            finished: 0,
+            caller_gone: 2
+        }
+    );
+    for id in ["chat-running", "chat-queued"] {
+        let t = task(&c, id);
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert_eq!(t.error.as_ref().unwrap().code, "caller_gone");
+        check_events(&t);
+    }
+    assert_eq!(c.health().queue_depth, 0);
+
+    // The node comes back without `inflight`: told to stop the chat call, its other task kept.
+    let mut n = connect_with(
+        &c,
+        NodeRegister {
+            models: vec![apex_protocol::ModelSpec::Id("m".into())],
+            ..registration("n", &["sleep", "llm.chat"], 4, None)
+        },
+    );
+    match n.frames().as_slice() {
+        [HubMessage::TaskCancel(x)] => {
+            assert_eq!(x.task_id, "chat-running");
+            assert_eq!(x.attempt, Some(1));
+            assert_eq!(x.reason, "caller_gone");
+        }
+        other => panic!("expected one task_cancel, got {other:?}"),
+    }
+    // Its late result for the chat call changes nothing.
+    assert!(!n.result(&c, "chat-running", Some(1), json!("late")).success);
+    assert_eq!(task(&c, "chat-running").status, TaskStatus::Failed);
+    // The restart-recovered task waits for the first heartbeat like any kept task.
+    c.heartbeat(Some("n"), heartbeat_with_active(1));
+    assert!(n.assigns().is_empty());
+    assert!(n.result(&c, "work", None, json!("ok")).success);
+    assert_eq!(task(&c, "work").attempt, 1);
+}
+
+#[test]
+fn a_restart_recovered_task_is_sent_again_when_its_node_runs_nothing() {
+    let c = new_cluster();
+    c.restore(vec![assigned("work", 1, "sleep", "n")]);
+    let mut n = connect(&c, "n", &["sleep"], 4);
+    assert!(n.frames().is_empty());
+    c.heartbeat(Some("n"), heartbeat_with_active(0));
+    let again = n.assigns();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].task_id.as_str(), again[0].attempt),
+        ("work", Some(1))
+    );
+}
+
+#[test]
+fn a_node_listing_inflight_without_a_gone_chat_call_is_not_told_to_cancel_it() {
+    let c = new_cluster();
+    c.restore(vec![assigned("chat", 1, "llm.chat@m", "n")]);
+    let mut n = connect_with(&c, registration("n", &["llm.chat"], 4, Some(vec![])));
+    assert!(n.frames().is_empty());
+}
+
+#[test]
+fn an_adopted_llm_chat_task_without_a_stream_subscriber_runs_like_any_task() {
+    let c = new_cluster();
+    let mut n = connect_with(
+        &c,
+        NodeRegister {
+            models: vec![apex_protocol::ModelSpec::Id("m".into())],
+            ..registration("n", &["llm.chat"], 4, Some(vec![]))
+        },
+    );
+    let t = Task::accept("http-chat".into(), 0, spec("llm.chat@m"), SystemTime::now());
+    assert_eq!(c.adopt(vec![t]), 1);
+    let a = n.assigns();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].tool_name, "llm.chat");
+    assert!(
+        n.result(&c, "http-chat", Some(1), json!({"choices": []}))
+            .success
+    );
+    assert_eq!(task(&c, "http-chat").status, TaskStatus::Succeeded);
+}
+
+#[test]
+fn a_silent_standby_does_not_take_over_and_is_told_to_register_again() {
+    let c = new_cluster();
+    let mut first = connect(&c, "twin", &["sleep"], 4);
+    let t = submit(&c, spec("sleep"));
+    first.assigns();
+    let (conn2, mut rx2) = c.open_connection("second".into());
+    assert!(matches!(next_msg(&mut rx2), HubMessage::ConnectionAck(_)));
+    c.register_native(&conn2, registration("twin", &["sleep"], 4, None));
+    assert!(!node_registered(&mut rx2).success);
+    conn2.last_seen_ms.store(0, Ordering::Relaxed);
+    assert!(c.lose_node("twin", first.conn.id, "closed"));
+    assert!(!c.is_bound("twin", conn2.id));
+    assert_eq!(c.node("twin").unwrap().status, NodeState::Offline);
+    assert_eq!(
+        task(&c, &t.id).status,
+        TaskStatus::Queued,
+        "migrated as on any loss"
+    );
+    assert!(matches!(rx2.try_recv(), Ok(Outbound::Close(1013, _))));
 }

@@ -8,6 +8,11 @@
 //! ([`super::auth::node_key_refused`]); a last segment that is not a key is 404. The key is
 //! never logged: the request path is traced redacted ([`super::auth::redact_path`]).
 //!
+//! A session whose `node_register` was refused (its node id is held by another live
+//! connection, `node_id_in_use`) waits as that id's standby: its results are fenced as the
+//! node's, its progress, stream chunks and drain get an `error` frame, and it becomes the
+//! node's session once the engine hands it the id (checked at its next frame, and at its end).
+//!
 //! The session is generic over the socket's `Stream` and `Sink`, so it runs on any transport.
 
 use std::net::SocketAddr;
@@ -115,6 +120,9 @@ pub struct Session {
     cluster: Cluster,
     conn: ConnHandle,
     node: Option<(String, Dialect)>,
+    /// A native node id whose registration was refused here because another live connection
+    /// holds it (`node_id_in_use`); this connection takes it over if that one is lost.
+    standby: Option<String>,
     limits: apex_protocol::Limits,
     ops: Option<Ops>,
     llm: Option<Arc<NodeProxy>>,
@@ -127,6 +135,7 @@ impl Session {
             cluster,
             conn,
             node: None,
+            standby: None,
             limits: apex_protocol::Limits::default(),
             ops: None,
             llm: None,
@@ -227,6 +236,10 @@ impl Session {
         if let Some((node_id, _)) = self.node.take() {
             self.cluster.lose_node(&node_id, self.conn.id, &reason);
         }
+        // A standby (maybe bound meanwhile, before any later frame said so).
+        if let Some(node_id) = self.standby.take() {
+            self.cluster.lose_node(&node_id, self.conn.id, &reason);
+        }
         let _ = self.conn.tx.try_send(Outbound::Close(code, reason));
         drop(self.conn);
         // The writer ends after the close frame; don't wait on a peer that stopped reading.
@@ -301,11 +314,34 @@ impl Session {
         if let Err(e) = msg.validate(&self.limits) {
             return self.reject("invalid_payload", e.to_string());
         }
+        if self.node.is_none()
+            && let Some(id) = &self.standby
+        {
+            if self.cluster.is_bound(id, self.conn.id) {
+                // The connection holding the id was lost: this one took it over.
+                self.node = self.standby.take().map(|id| (id, Dialect::Native));
+            } else if matches!(
+                msg,
+                NodeMessage::TaskProgress(_)
+                    | NodeMessage::TaskStream(_)
+                    | NodeMessage::NodeDrain(_)
+            ) {
+                let message = format!(
+                    "node id `{id}` is held by another live connection; this connection is not registered"
+                );
+                return self.reject(apex_protocol::codes::NODE_ID_IN_USE, message);
+            }
+        }
         let node_id = self.node.as_ref().map(|(id, _)| id.clone());
         match msg {
             NodeMessage::NodeRegister(r) => {
                 let id = self.cluster.register_native(&self.conn, r);
-                self.rebind(id, Dialect::Native);
+                if self.cluster.is_bound(&id, self.conn.id) {
+                    self.standby = None;
+                    self.rebind(id, Dialect::Native);
+                } else {
+                    self.standby = Some(id);
+                }
             }
             NodeMessage::RegisterTools(r) => {
                 let id = self.cluster.register_vcp(&self.conn, r);
@@ -315,7 +351,9 @@ impl Session {
                 let ack = self.cluster.heartbeat(node_id.as_deref(), h);
                 self.send(ack);
             }
-            NodeMessage::TaskResult(r) => match node_id {
+            // A standby's results are fenced like any of its node id's (the same process may
+            // have reconnected before the hub saw its old connection die).
+            NodeMessage::TaskResult(r) => match node_id.or_else(|| self.standby.clone()) {
                 Some(id) => {
                     // Held without an answer while its claim is handed over (shared mode).
                     if let Some(ack) = self.cluster.task_result_or_hold(&id, r) {
