@@ -220,11 +220,19 @@ impl MirroredStore {
         ticket
     }
 
-    /// Queues the task's record and notes the ticket of this, its last write.
+    /// Queues the task's record and notes the ticket of this, its last write. Only this store
+    /// bumps the counter, and only through `&mut self`, so the next ticket is known before the
+    /// send; a task already written keeps its map entry (no key copy per change).
     fn put(&mut self, task: Box<Task>) {
-        let id = task.id.clone();
-        let ticket = self.send(Op::Put(task));
-        self.tickets.insert(id, ticket);
+        let ticket = self.durability.enqueued.load(Ordering::Acquire) + 1;
+        match self.tickets.get_mut(task.id.as_str()) {
+            Some(t) => *t = ticket,
+            None => {
+                self.tickets.insert(task.id.clone(), ticket);
+            }
+        }
+        let sent = self.send(Op::Put(task));
+        debug_assert_eq!(sent, ticket);
     }
 }
 
