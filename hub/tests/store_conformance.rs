@@ -18,35 +18,18 @@ use redis_server::RedisServer;
 use serde_json::json;
 
 fn task(seq: u64, tool: &str, key: Option<&str>) -> Task {
-    let now = SystemTime::now();
-    let id = uuid_like(seq);
-    Task {
-        id: id.clone(),
-        seq,
-        spec: TaskSpec {
-            tool: tool.to_owned(),
-            args: json!({"n": seq}),
-            description: Some(format!("task {seq}")),
-            priority: 5,
-            timeout_seconds: 60.0,
-            max_attempts: 3,
-            idempotency_key: key.map(str::to_owned),
-            pinned_node: None,
-            capability: None,
-        },
-        status: TaskStatus::Queued,
-        attempt: 0,
-        node_id: None,
-        progress: 0.0,
-        result: None,
-        error: None,
-        message: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        events: vec![event(&id, 1, EventKind::TaskCreated, TaskStatus::Queued)],
-    }
+    let spec = TaskSpec {
+        tool: tool.to_owned(),
+        args: json!({"n": seq}),
+        description: Some(format!("task {seq}")),
+        priority: 5,
+        timeout_seconds: 60.0,
+        max_attempts: 3,
+        idempotency_key: key.map(str::to_owned),
+        pinned_node: None,
+        capability: None,
+    };
+    Task::accept(uuid_like(seq), seq, spec, SystemTime::now())
 }
 
 fn uuid_like(seq: u64) -> String {

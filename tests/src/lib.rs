@@ -14,6 +14,7 @@ pub mod fake_llm;
 pub mod fixtures;
 pub mod process;
 pub mod redis;
+pub mod shared;
 pub mod stats;
 pub mod tls;
 pub mod wait;

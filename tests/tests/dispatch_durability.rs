@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use apex_tests::shared::{shared_hub, stored_record};
 use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, RedisServer, Task};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -46,36 +47,6 @@ async fn found(api: &Api, id: &str) -> Task {
     let (status, v) = apex_tests::api::json_of(resp).await.unwrap();
     assert_eq!(status, StatusCode::OK, "GET /api/v1/tasks/{id}: {v}");
     serde_json::from_value(v).unwrap()
-}
-
-/// Shared-mode hub options on `redis`, with the keys of `keys` when given.
-fn shared(redis: &RedisServer, keys: Option<&HubOptions>) -> HubOptions {
-    let base = keys.cloned().unwrap_or_default();
-    HubOptions {
-        extra_args: vec![
-            "--store".into(),
-            redis.url(),
-            "--hub-mode".into(),
-            "shared".into(),
-        ],
-        data_dir: None,
-        ..base
-    }
-}
-
-/// The stored record of a task in the shared store (`HGET apex:shared:task:<id> record`);
-/// `None` if there is none.
-fn stored_record(redis: &RedisServer, id: &str) -> Option<Value> {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "--raw", "HGET"])
-        .arg(format!("apex:shared:task:{id}"))
-        .arg("record")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "redis-cli failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let text = text.trim();
-    (!text.is_empty()).then(|| serde_json::from_str(text).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,8 +143,10 @@ async fn tasks_dispatched_to_a_node_survive_a_sigkill_right_after_the_201() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_dispatched_at_hub_a_is_in_redis_and_readable_and_listed_at_hub_b() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
-    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
     let node = Node::start(&a, NodeOptions::named("only-at-a"))
         .await
         .unwrap();
@@ -227,8 +200,10 @@ async fn a_task_dispatched_at_hub_a_is_in_redis_and_readable_and_listed_at_hub_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_dispatched_at_a_shared_hub_sigkilled_right_after_the_201_ends_at_the_other_hub() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
-    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
     // The node is connected to A and knows B as its fallback.
     let node = Node::start(
         &a,

@@ -5,30 +5,19 @@
 
 use std::time::Duration;
 
+use apex_tests::shared::{shared_hub, stored_record};
 use apex_tests::{Hub, HubOptions, Node, NodeOptions, RedisServer};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn shared(redis: &RedisServer, keys: Option<&HubOptions>) -> HubOptions {
-    let base = keys.cloned().unwrap_or_default();
-    HubOptions {
-        extra_args: vec![
-            "--store".into(),
-            redis.url(),
-            "--hub-mode".into(),
-            "shared".into(),
-        ],
-        data_dir: None,
-        ..base
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
-    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
     let node = Node::start(&b, NodeOptions::named("only-at-b"))
         .await
         .unwrap();
@@ -200,23 +189,13 @@ async fn a_task_submitted_at_hub_a_runs_on_a_node_of_hub_b_and_is_read_at_a() {
     assert_eq!(again["task_id"], first.task_id);
 }
 
-/// The stored record of a task in the shared store (read with `redis-cli`).
-fn stored_record(redis: &RedisServer, id: &str) -> serde_json::Value {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "--raw", "HGET"])
-        .arg(format!("apex:shared:task:{id}"))
-        .arg("record")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "redis-cli failed");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
-    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
     // Each node knows both hubs, listed in a different order: they start spread over both.
     // Their executors log each `task started` (debug), to count runs per task.
     let log = ["--log-level", "info,apex_node::executor=debug"];
@@ -289,7 +268,7 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
     // Committed once: each stored record has exactly one terminal event, the last.
     let mut retried = 0;
     for id in &ids {
-        let rec = stored_record(&redis, id);
+        let rec = stored_record(&redis, id).expect("a stored record");
         let kinds: Vec<&str> = rec["events"]
             .as_array()
             .unwrap()
@@ -336,8 +315,10 @@ async fn a_hub_sigkilled_mid_run_loses_nothing_and_no_task_completes_twice() {
 async fn shared_hubs_answer_503_while_redis_is_down_and_recover_by_themselves() {
     let redis_dir = tempfile::tempdir().unwrap();
     let mut redis = RedisServer::start_persistent(redis_dir.path()).unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
-    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
     let _node = Node::start(&b, NodeOptions::named("rb")).await.unwrap();
     let before = a
         .api()
@@ -383,11 +364,11 @@ async fn shared_hubs_answer_503_while_redis_is_down_and_recover_by_themselves() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_whose_node_left_go_back_to_the_shared_queue_for_another_hubs_node() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
     let b = Hub::start(HubOptions {
         heartbeat_interval_ms: Some(200),
         heartbeat_timeout_ms: Some(600),
-        ..shared(&redis, Some(a.options()))
+        ..shared_hub(&redis, Some(a.options()))
     })
     .await
     .unwrap();
@@ -444,7 +425,7 @@ async fn tasks_whose_node_left_go_back_to_the_shared_queue_for_another_hubs_node
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_stopped_with_sigterm_finishes_what_it_can_and_hands_the_rest_over_at_once() {
     let redis = RedisServer::start().unwrap();
-    let mut opts = shared(&redis, None);
+    let mut opts = shared_hub(&redis, None);
     opts.extra_args.extend(
         [
             "--shared-lease-ttl-ms",
@@ -455,7 +436,7 @@ async fn a_hub_stopped_with_sigterm_finishes_what_it_can_and_hands_the_rest_over
         .map(String::from),
     );
     let mut a = Hub::start(opts).await.unwrap();
-    let mut opts = shared(&redis, Some(a.options()));
+    let mut opts = shared_hub(&redis, Some(a.options()));
     opts.extra_args
         .extend(["--shared-lease-ttl-ms", "120000"].map(String::from));
     let b = Hub::start(opts).await.unwrap();
@@ -532,7 +513,7 @@ async fn a_hub_stopped_with_sigterm_finishes_what_it_can_and_hands_the_rest_over
         assert_eq!(t.status, "succeeded", "{t:?}");
     }
     for id in waiting.iter().chain([&short, &long]) {
-        let rec = stored_record(&redis, id);
+        let rec = stored_record(&redis, id).expect("a stored record");
         let events = rec["events"].as_array().unwrap();
         let kinds = apex_tests::api::completed_once(id, events).unwrap();
         assert_eq!(
@@ -568,8 +549,10 @@ async fn submitted_total(hub: &Hub) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_at_a_shared_hub_is_accepted_all_or_none_and_counted() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(shared(&redis, None)).await.unwrap();
-    let b = Hub::start(shared(&redis, Some(a.options()))).await.unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
     assert_eq!(submitted_total(&a).await, 0);
     let post = |body: serde_json::Value| {
         let api = a.api().clone();
