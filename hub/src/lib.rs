@@ -11,6 +11,7 @@ pub mod llm;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod principal;
 pub mod scheduler;
 pub mod shared;
 pub mod store;

@@ -17,6 +17,7 @@ use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
+use crate::principal::Principal;
 
 /// The prefixes of a key-in-path segment, as accepted (case-sensitive).
 const PATH_KEY_PREFIXES: [&str; 2] = ["VCP_Key=", "ABP_Key="];
@@ -110,17 +111,21 @@ fn hex(d: u8) -> Option<u8> {
 }
 
 /// Middleware of the API routes: the request goes on with a valid API key in
-/// `Authorization: Bearer <api key>`.
+/// `Authorization: Bearer <api key>`, carrying its [`Principal`] in the request's extensions
+/// (handlers take `Extension<Principal>`).
 ///
 /// # Errors
 /// 401 `invalid_api_key` ([`ApiError::unauthorized`]).
 pub(super) async fn require_api_key(
     State(state): State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     match bearer(req.headers()) {
-        Some(k) if key_matches(&state.config.api_keys, k) => Ok(next.run(req).await),
+        Some(k) if key_matches(&state.config.api_keys, k) => {
+            req.extensions_mut().insert(Principal::admin());
+            Ok(next.run(req).await)
+        }
         _ => Err(ApiError::unauthorized()),
     }
 }
