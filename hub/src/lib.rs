@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod principal;
+pub mod records;
 pub mod scheduler;
 pub mod shared;
 pub mod store;
@@ -114,6 +115,10 @@ pub async fn run_with(
     };
     let durability = opened.durability.clone();
     let shared = opened.shared;
+    // Users, keys and revocations live in the backend the tasks live in.
+    let records = records::RecordStore::open(&config.store_kind(), &config.data_dir)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
     let began = Instant::now();
     cluster.restore_nodes(opened.nodes);
@@ -161,6 +166,7 @@ pub async fn run_with(
         None => tasks::TaskService::local(cluster.clone(), stop_rx.clone()),
     };
     let state = AppState {
+        records,
         shared: shared_redis,
         tasks,
         cluster: cluster.clone(),

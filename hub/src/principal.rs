@@ -185,7 +185,7 @@ mod tests {
         for s in Scope::ALL {
             assert_eq!(s.as_str().parse::<Scope>(), Ok(s));
             assert_eq!(
-                serde_json::to_value(s).unwrap(),
+                serde_json::to_value(s).expect("a scope serialises"),
                 serde_json::Value::String(s.as_str().into())
             );
         }

@@ -55,6 +55,8 @@ pub struct AppState {
     pub ops: Ops,
     /// Shared mode's Redis handle (`hub_mode = "shared"`), `None` otherwise.
     pub shared: Option<Arc<crate::shared::SharedRedis>>,
+    /// Records other than tasks (users, keys, revocations), in the tasks' backend.
+    pub records: crate::records::RecordStore,
 }
 
 impl AppState {
@@ -86,6 +88,7 @@ impl AppState {
             config,
             shutdown,
             shared: None,
+            records: crate::records::RecordStore::memory(),
         }
     }
 }

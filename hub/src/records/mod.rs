@@ -1,0 +1,268 @@
+//! The record store: every kind of record that is not a task (users, refresh-token families,
+//! managed API keys, revoked token ids, and the conversations, profiles and sessions to come)
+//! in the same backend the hub keeps its tasks in: memory, the embedded redb database
+//! (`<data_dir>/records.redb`), or Redis (`apex:rec:<kind>` hashes, shared by every hub of a
+//! shared-mode cluster).
+//!
+//! A record is `kind` + `id` → bytes (JSON by convention), with an optional expiry. Writes are
+//! durable when the call returns (redb commits with fsync; Redis acknowledges). The one atomic
+//! primitive is [`RecordStore::compare_and_set`], enough for unique indexes (create if absent)
+//! and rotations (replace only the value that was read), exact across hubs on Redis (one Lua
+//! script). Every write of a kind bumps its [`RecordStore::version`], so hubs notice changes
+//! made elsewhere by polling one counter.
+//!
+//! Expired records read as absent everywhere; they are dropped when a write or a listing meets
+//! them.
+
+mod embedded;
+mod memory;
+mod redis;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::store;
+
+pub use embedded::FILE_NAME;
+
+/// A record kind: the namespace of ids. Lowercase ASCII letters, digits and `_`.
+pub type Kind = &'static str;
+
+/// One stored value: the bytes and when they expire (Unix ms, `None` never).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) expires_at_ms: Option<i64>,
+    pub(crate) data: Vec<u8>,
+}
+
+impl Stored {
+    fn live(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_none_or(|e| e > now_ms)
+    }
+
+    /// The envelope written by the embedded and Redis backends: `<expiry ms or 0>|<data>`
+    /// (decimal expiry, so the Redis scripts can read it).
+    fn encode(&self) -> Vec<u8> {
+        let mut v = format!("{}|", self.expires_at_ms.unwrap_or(0)).into_bytes();
+        v.extend_from_slice(&self.data);
+        v
+    }
+
+    fn decode(raw: &[u8]) -> Option<Self> {
+        let sep = raw.iter().position(|b| *b == b'|')?;
+        let exp: i64 = std::str::from_utf8(&raw[..sep]).ok()?.parse().ok()?;
+        Some(Self {
+            expires_at_ms: (exp != 0).then_some(exp),
+            data: raw[sep + 1..].to_vec(),
+        })
+    }
+}
+
+fn expiry(ttl: Option<Duration>) -> Option<i64> {
+    ttl.map(|t| {
+        apex_protocol::now_ms().saturating_add(i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
+/// The record store of this hub. Cheap to clone.
+#[derive(Clone)]
+pub struct RecordStore {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Memory(memory::Memory),
+    Embedded(embedded::Embedded),
+    Redis(redis::Redis),
+}
+
+impl std::fmt::Debug for RecordStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.backend {
+            Backend::Memory(_) => "memory",
+            Backend::Embedded(_) => "embedded",
+            Backend::Redis(_) => "redis",
+        };
+        f.debug_struct("RecordStore")
+            .field("backend", &what)
+            .finish()
+    }
+}
+
+impl RecordStore {
+    /// A store in memory (the `memory` task store, unit tests).
+    pub fn memory() -> Self {
+        Self {
+            backend: Backend::Memory(memory::Memory::default()),
+        }
+    }
+
+    /// Opens (or creates) `<data_dir>/records.redb`. The caller holds the data-dir lock.
+    ///
+    /// # Errors
+    /// [`store::Error::Unreadable`] for a file that is not a redb database.
+    pub fn embedded(data_dir: &Path) -> Result<Self, store::Error> {
+        Ok(Self {
+            backend: Backend::Embedded(embedded::Embedded::open(&data_dir.join(FILE_NAME))?),
+        })
+    }
+
+    /// Records in the Redis at `url` (`redis://` or `rediss://`).
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] if Redis cannot be reached.
+    pub async fn redis(url: &str) -> Result<Self, store::Error> {
+        Ok(Self {
+            backend: Backend::Redis(redis::Redis::connect(url).await?),
+        })
+    }
+
+    /// The record store that goes with a task store of `kind` (same backend).
+    ///
+    /// # Errors
+    /// As [`RecordStore::embedded`] and [`RecordStore::redis`].
+    pub async fn open(
+        kind: &crate::durable::StoreKind,
+        data_dir: &Path,
+    ) -> Result<Self, store::Error> {
+        match kind {
+            crate::durable::StoreKind::Memory => Ok(Self::memory()),
+            crate::durable::StoreKind::Embedded => Self::embedded(data_dir),
+            crate::durable::StoreKind::Redis(url) => Self::redis(url).await,
+        }
+    }
+
+    /// The value of `kind`/`id`, `None` if absent or expired.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn get(&self, kind: Kind, id: &str) -> Result<Option<Vec<u8>>, store::Error> {
+        let now = apex_protocol::now_ms();
+        let got = match &self.backend {
+            Backend::Memory(m) => m.get(kind, id),
+            Backend::Embedded(e) => e.get(kind, id).await?,
+            Backend::Redis(r) => r.get(kind, id).await?,
+        };
+        Ok(got.filter(|s| s.live(now)).map(|s| s.data))
+    }
+
+    /// Writes `value` (`None`: deletes) iff the current value is `expected` (`None`: absent or
+    /// expired), atomically (across hubs on Redis). `ttl` sets the new value's expiry. True if
+    /// it wrote.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails; nothing is written then.
+    pub async fn compare_and_set(
+        &self,
+        kind: Kind,
+        id: &str,
+        expected: Option<&[u8]>,
+        value: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, store::Error> {
+        let new = value.map(|v| Stored {
+            expires_at_ms: expiry(ttl),
+            data: v.to_vec(),
+        });
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.compare_and_set(kind, id, expected, new)),
+            Backend::Embedded(e) => e.compare_and_set(kind, id, expected, new).await,
+            Backend::Redis(r) => r.compare_and_set(kind, id, expected, new).await,
+        }
+    }
+
+    /// Creates `kind`/`id` unless it exists: false if it did (a unique index).
+    ///
+    /// # Errors
+    /// As [`RecordStore::compare_and_set`].
+    pub async fn create(
+        &self,
+        kind: Kind,
+        id: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, store::Error> {
+        self.compare_and_set(kind, id, None, Some(value), ttl).await
+    }
+
+    /// Writes `kind`/`id` whatever it held.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn put(
+        &self,
+        kind: Kind,
+        id: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), store::Error> {
+        let new = Stored {
+            expires_at_ms: expiry(ttl),
+            data: value.to_vec(),
+        };
+        match &self.backend {
+            Backend::Memory(m) => {
+                m.put(kind, id, Some(new));
+                Ok(())
+            }
+            Backend::Embedded(e) => e.put(kind, id, Some(new)).await,
+            Backend::Redis(r) => r.put(kind, id, Some(new)).await,
+        }
+    }
+
+    /// Deletes `kind`/`id`; true if a live record was there.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn delete(&self, kind: Kind, id: &str) -> Result<bool, store::Error> {
+        let now = apex_protocol::now_ms();
+        let old = match &self.backend {
+            Backend::Memory(m) => m.put(kind, id, None),
+            Backend::Embedded(e) => e.take(kind, id).await?,
+            Backend::Redis(r) => r.take(kind, id).await?,
+        };
+        Ok(old.is_some_and(|s| s.live(now)))
+    }
+
+    /// Every live record of `kind`, `(id, value)`, in id order.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn list(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, store::Error> {
+        let now = apex_protocol::now_ms();
+        let mut all = match &self.backend {
+            Backend::Memory(m) => m.list(kind),
+            Backend::Embedded(e) => e.list(kind).await?,
+            Backend::Redis(r) => r.list(kind).await?,
+        };
+        all.retain(|(_, s)| s.live(now));
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all.into_iter().map(|(id, s)| (id, s.data)).collect())
+    }
+
+    /// A counter of the writes of `kind` (0 before the first): a changed value means some
+    /// record of that kind changed, on this hub or another.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn version(&self, kind: Kind) -> Result<u64, store::Error> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.version(kind)),
+            Backend::Embedded(e) => e.version(kind).await,
+            Backend::Redis(r) => r.version(kind).await,
+        }
+    }
+}
+
+/// Whether a stored value's data equals `expected` (`None`: absent or expired).
+fn matches(current: Option<&Stored>, expected: Option<&[u8]>, now_ms: i64) -> bool {
+    let live = current.filter(|s| s.live(now_ms));
+    match (live, expected) {
+        (None, None) => true,
+        (Some(s), Some(e)) => s.data == e,
+        _ => false,
+    }
+}
+
+pub mod conformance;
