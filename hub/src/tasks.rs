@@ -25,6 +25,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::durable::DURABLE_WAIT;
 use crate::engine::{CancelError, Cluster, SubmitError};
 use crate::model::{Task, TaskEvent, TaskSpec};
+use crate::principal::Principal;
 use crate::shared::{SharedRedis, SubmittedTask};
 use crate::store::{Page, TaskFilter};
 
@@ -133,15 +134,23 @@ impl TaskService {
             .map_err(|e| Error::StoreUnavailable(e.to_string()))
     }
 
-    /// Accepts `specs` all or none and returns each task with whether it was created now
-    /// (false: an existing task with the same idempotency key). Returns once the store has
-    /// every task. A spec with `pinned_node` runs only on that node.
+    /// Accepts `specs` all or none for `caller` (recorded as each task's owner) and returns
+    /// each task with whether it was created now (false: an existing task of the caller with
+    /// the same idempotency key). Returns once the store has every task. A spec with
+    /// `pinned_node` runs only on that node.
     ///
     /// # Errors
     /// [`Error::Submit`] for a refused spec (nothing accepted); [`Error::StoreUnavailable`]
     /// while the store fails or if it does not confirm the write within [`DURABLE_WAIT`]
     /// (treat the tasks as not accepted; an idempotency key makes the retry safe).
-    pub async fn submit(&self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>, Error> {
+    pub async fn submit(
+        &self,
+        caller: &Principal,
+        mut specs: Vec<TaskSpec>,
+    ) -> Result<Vec<(Task, bool)>, Error> {
+        for s in &mut specs {
+            s.owner = Some(caller.owner().to_owned());
+        }
         match &self.mode {
             Mode::Local => {
                 let durability = self.cluster.durability();
@@ -192,13 +201,44 @@ impl TaskService {
         Ok(out)
     }
 
-    /// The task `id` as it is now, after waiting up to `wait` (at most [`MAX_WAIT`]; zero: not
-    /// at all) for it to end or for the hub to shut down. `None` for an unknown task. The state
-    /// returned is durable.
+    /// Whether `caller` may see task `id` (admins see every task; others their own). An
+    /// unknown task is not visible. Others' tasks are answered as unknown, so their existence
+    /// does not leak.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] if the shared store cannot be read.
-    pub async fn get(&self, id: &str, wait: Duration) -> Result<Option<Task>, Error> {
+    async fn visible(&self, caller: &Principal, id: &str) -> Result<bool, Error> {
+        if caller.is_admin() {
+            return Ok(true);
+        }
+        if let Some(t) = self.cluster.get(id) {
+            return Ok(caller.sees(t.spec.owner.as_deref()));
+        }
+        match &self.mode {
+            Mode::Local => Ok(false),
+            Mode::Shared(redis) => Ok(redis
+                .get(id)
+                .await
+                .map_err(unavailable)?
+                .is_some_and(|t| caller.sees(t.spec.owner.as_deref()))),
+        }
+    }
+
+    /// The task `id` as it is now, after waiting up to `wait` (at most [`MAX_WAIT`]; zero: not
+    /// at all) for it to end or for the hub to shut down. `None` for an unknown task and for
+    /// a task `caller` may not see. The state returned is durable.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] if the shared store cannot be read.
+    pub async fn get(
+        &self,
+        caller: &Principal,
+        id: &str,
+        wait: Duration,
+    ) -> Result<Option<Task>, Error> {
+        if !self.visible(caller, id).await? {
+            return Ok(None);
+        }
         let until = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         let mut shutdown = self.shutdown.clone();
         // Shared mode: subscribed before the first read, so no change after it is missed.
@@ -245,17 +285,30 @@ impl TaskService {
         }
     }
 
-    /// A page of the tasks matching `filter`, newest first (`page` from 1): every hub's in
-    /// shared mode, this hub's otherwise. Durable, like [`TaskService::get`].
+    /// A page of the tasks matching `filter` that `caller` may see (admins: all; others: their
+    /// own), newest first (`page` from 1): every hub's in shared mode, this hub's otherwise.
+    /// Durable, like [`TaskService::get`].
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] if the shared store cannot be read.
     pub async fn list(
         &self,
+        caller: &Principal,
         filter: &TaskFilter,
         page: usize,
         limit: usize,
     ) -> Result<Page, Error> {
+        let owned;
+        let filter = match caller.list_filter() {
+            None => filter,
+            Some(o) => {
+                owned = TaskFilter {
+                    owner: Some(o.to_owned()),
+                    ..filter.clone()
+                };
+                &owned
+            }
+        };
         match &self.mode {
             Mode::Shared(redis) => redis.list(filter, page, limit).await.map_err(unavailable),
             Mode::Local => {
@@ -270,9 +323,13 @@ impl TaskService {
     /// the cancelled task.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Terminal`] if it already ended, and in shared mode
-    /// [`Error::CancelUnconfirmed`] or [`Error::StoreUnavailable`].
-    pub async fn cancel(&self, id: &str) -> Result<Task, Error> {
+    /// [`Error::NotFound`] (also for a task `caller` may not see), [`Error::Terminal`] if it
+    /// already ended, and in shared mode [`Error::CancelUnconfirmed`] or
+    /// [`Error::StoreUnavailable`].
+    pub async fn cancel(&self, caller: &Principal, id: &str) -> Result<Task, Error> {
+        if !self.visible(caller, id).await? {
+            return Err(Error::NotFound(id.to_owned()));
+        }
         match self.cluster.cancel(id) {
             Ok(t) => {
                 if let Some(ticket) = self.cluster.ticket_of(id) {
@@ -293,8 +350,17 @@ impl TaskService {
     /// has ended and nothing is newer. Every event sent is durable.
     ///
     /// # Errors
-    /// [`Error::NotFound`]; [`Error::StoreUnavailable`] if the shared store cannot be read.
-    pub async fn events(&self, id: &str, after: u32) -> Result<Option<EventStream>, Error> {
+    /// [`Error::NotFound`] (also for a task `caller` may not see);
+    /// [`Error::StoreUnavailable`] if the shared store cannot be read.
+    pub async fn events(
+        &self,
+        caller: &Principal,
+        id: &str,
+        after: u32,
+    ) -> Result<Option<EventStream>, Error> {
+        if !self.visible(caller, id).await? {
+            return Err(Error::NotFound(id.to_owned()));
+        }
         // Subscribe before reading the past, so no event falls between the two.
         let live = self.cluster.subscribe();
         match self.cluster.get(id) {
@@ -468,4 +534,98 @@ async fn send_newer(
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
     Error::StoreUnavailable(e.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::engine::ClusterOptions;
+    use crate::store::MemoryStore;
+
+    fn service() -> TaskService {
+        let options = ClusterOptions {
+            version: "test".to_owned(),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(3),
+            default_node_max_concurrent_tasks: 16,
+            vcp_max_concurrent_tasks: 8,
+            allow_internal_request_file: false,
+            outbound_queue_frames: 64,
+        };
+        let cluster = Cluster::new(options, Box::new(MemoryStore::new()));
+        TaskService::local(cluster, watch::channel(false).1)
+    }
+
+    fn spec(key: Option<&str>) -> TaskSpec {
+        TaskSpec {
+            tool: "echo".to_owned(),
+            args: json!({}),
+            description: None,
+            priority: 0,
+            timeout_seconds: 60.0,
+            max_attempts: 1,
+            idempotency_key: key.map(str::to_owned),
+            pinned_node: None,
+            capability: None,
+            owner: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_user_reaches_only_their_own_tasks_and_admins_reach_all() {
+        let svc = service();
+        let alice = Principal::user("alice", "j-a");
+        let bob = Principal::user("bob", "j-b");
+        let admin = Principal::admin();
+        let (a, _) = svc.submit(&alice, vec![spec(None)]).await.unwrap()[0].clone();
+        assert_eq!(a.spec.owner.as_deref(), Some("user:alice"));
+        let (b, _) = svc.submit(&bob, vec![spec(None)]).await.unwrap()[0].clone();
+        let none = Duration::ZERO;
+
+        assert!(svc.get(&alice, &a.id, none).await.unwrap().is_some());
+        assert!(svc.get(&bob, &a.id, none).await.unwrap().is_none(), "read");
+        assert!(matches!(
+            svc.cancel(&bob, &a.id).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            svc.events(&bob, &a.id, 0).await,
+            Err(Error::NotFound(_))
+        ));
+        let ids = |p: Page| p.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        let all = TaskFilter::default();
+        assert_eq!(
+            ids(svc.list(&bob, &all, 1, 50).await.unwrap()),
+            vec![b.id.clone()]
+        );
+        assert_eq!(
+            ids(svc.list(&admin, &all, 1, 50).await.unwrap()),
+            [b.id.clone(), a.id.clone()]
+        );
+        assert!(svc.get(&admin, &a.id, none).await.unwrap().is_some());
+        // The one cancel that counts: the owner's.
+        assert_eq!(
+            svc.cancel(&alice, &a.id).await.unwrap().status,
+            crate::model::TaskStatus::Cancelled
+        );
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_are_scoped_to_their_owner() {
+        let svc = service();
+        let alice = Principal::user("alice", "j-a");
+        let bob = Principal::user("bob", "j-b");
+        let (a, new_a) = svc.submit(&alice, vec![spec(Some("k"))]).await.unwrap()[0].clone();
+        let (again, new_again) =
+            svc.submit(&alice, vec![spec(Some("k"))]).await.unwrap()[0].clone();
+        let (b, new_b) = svc.submit(&bob, vec![spec(Some("k"))]).await.unwrap()[0].clone();
+        assert!(new_a && !new_again && new_b);
+        assert_eq!(again.id, a.id, "the owner's retry finds their task");
+        assert_ne!(b.id, a.id, "another owner's same key is another task");
+    }
 }

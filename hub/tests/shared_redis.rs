@@ -30,6 +30,7 @@ fn task(n: u64, tool: &str, priority: i32) -> Task {
         idempotency_key: None,
         pinned_node: None,
         capability: None,
+        owner: None,
     };
     let mut t = apex_hub::shared::new_task(spec);
     t.id = format!("00000000-0000-4000-8000-{n:012}");
@@ -217,7 +218,12 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
     let mut ids = Vec::new();
     let mut batch = Vec::new();
     for n in 1..=14 {
-        let t = task(n, if n % 3 == 0 { "other" } else { "echo" }, 5);
+        let mut t = task(n, if n % 3 == 0 { "other" } else { "echo" }, 5);
+        // Owners: two principals and some tasks with none (the hub's own).
+        t.spec.owner = ["user:a", "key:b", "user:a", ""]
+            .get((n % 4) as usize)
+            .filter(|o| !o.is_empty())
+            .map(|o| (*o).to_owned());
         ids.push(t.id.clone());
         // The first half one by one, the rest as one batch: both paths keep the indexes.
         if n <= 7 {
@@ -288,13 +294,16 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
     for status in &statuses {
         for tool in tools {
             for node in nodes {
-                let f = TaskFilter {
-                    status: *status,
-                    tool: tool.map(str::to_owned),
-                    node_id: node.map(str::to_owned),
-                };
-                if check_listing(&b, &ids, &f, 3).await > 0 {
-                    nonempty += 1;
+                for owner in [None, Some("user:a"), Some("key:b"), Some("nope")] {
+                    let f = TaskFilter {
+                        status: *status,
+                        tool: tool.map(str::to_owned),
+                        node_id: node.map(str::to_owned),
+                        owner: owner.map(str::to_owned),
+                    };
+                    if check_listing(&b, &ids, &f, 3).await > 0 {
+                        nonempty += 1;
+                    }
                 }
             }
         }
@@ -306,6 +315,7 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
             status,
             tool: tool.map(str::to_owned),
             node_id: node.map(str::to_owned),
+            owner: None,
         };
         let b = &b;
         async move { b.list(&f, 1, 1).await.unwrap().total }
@@ -338,6 +348,13 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
     assert_eq!(count(None, None, None).await, 11);
     assert_eq!(count(Some(TaskStatus::Succeeded), None, None).await, 0);
     assert_eq!(count(None, Some("other"), Some("node-b")).await, 1);
+    for owner in ["user:a", "key:b"] {
+        let f = TaskFilter {
+            owner: Some(owner.to_owned()),
+            ..TaskFilter::default()
+        };
+        check_listing(&b, &ids, &f, 4).await;
+    }
     let keys: Vec<String> = {
         let client = redis::Client::open(redis.url()).unwrap();
         let mut c = client.get_multiplexed_async_connection().await.unwrap();

@@ -28,6 +28,7 @@ fn task(seq: u64, tool: &str, key: Option<&str>) -> Task {
         idempotency_key: key.map(str::to_owned),
         pinned_node: None,
         capability: None,
+        owner: None,
     };
     Task::accept(uuid_like(seq), seq, spec, SystemTime::now())
 }

@@ -30,8 +30,8 @@ impl Cluster {
         let traceparent = crate::telemetry::current_traceparent();
         let now_i = Instant::now();
         for spec in specs {
-            if let Some(key) = &spec.idempotency_key
-                && let Some(id) = core.store.find_by_idempotency_key(key)
+            if let Some(key) = spec.idempotency_index()
+                && let Some(id) = core.store.find_by_idempotency_key(&key)
             {
                 accepted.push((id, false));
                 continue;

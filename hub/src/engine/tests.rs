@@ -43,6 +43,7 @@ fn spec(tool: &str) -> TaskSpec {
         idempotency_key: None,
         pinned_node: None,
         capability: None,
+        owner: None,
     }
 }
 

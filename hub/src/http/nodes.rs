@@ -2,16 +2,17 @@
 //! see it and act on it: list with filters and pagination, one node, its tasks, drain and
 //! undrain, delete (disconnect and forget), and dispatch of a task to one node.
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::tasks::{TaskRequest, submit_one};
 use super::{ApiError, AppState, Pagination};
 use crate::model::NodeState;
+use crate::principal::Principal;
 use crate::store::TaskFilter;
 
 /// Query of `GET /v1/nodes`.
@@ -137,6 +138,7 @@ pub struct TasksParams {
 /// In shared mode: any hub's node, and its tasks from the shared store.
 pub async fn tasks(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     q: Result<Query<TasksParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -157,8 +159,9 @@ pub async fn tasks(
         status,
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: Some(id),
+        owner: None,
     };
-    super::tasks::list_page(&state, &filter, pages).await
+    super::tasks::list_page(&state, &caller, &filter, pages).await
 }
 
 /// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with
@@ -280,6 +283,7 @@ pub struct DispatchRequest {
 /// lacks the tool.
 pub async fn dispatch(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Json<DispatchRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -307,10 +311,14 @@ pub async fn dispatch(
     spec.pinned_node = Some(id);
     // Through the task service like any submission: durable before the answer, and in
     // shared mode written to the shared store (pinned queue), so any hub sees it.
-    let (task, created) = submit_one(&state, spec).await?;
+    let (task, created) = submit_one(&state, &caller, spec).await?;
     let task = if req.wait_for_result {
         let wait = std::time::Duration::from_millis(req.wait_ms.unwrap_or(60_000));
-        state.tasks.get(&task.id, wait).await?.unwrap_or(task)
+        state
+            .tasks
+            .get(&caller, &task.id, wait)
+            .await?
+            .unwrap_or(task)
     } else {
         task
     };

@@ -6,12 +6,12 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
@@ -21,6 +21,7 @@ use super::{ApiError, AppState, Pagination};
 use crate::config::Config;
 use crate::engine::SubmitError;
 use crate::model::{TaskEvent, TaskSpec, TaskStatus};
+use crate::principal::Principal;
 use crate::store::TaskFilter;
 use crate::tasks::Error as TaskError;
 
@@ -108,6 +109,7 @@ impl TaskRequest {
             idempotency_key: self.idempotency_key,
             pinned_node: self.node_id,
             capability: self.capability,
+            owner: None,
         })
     }
 }
@@ -132,17 +134,22 @@ impl From<TaskError> for ApiError {
 /// idempotency key. The 201 is sent once the task is durable.
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     body: Result<Json<TaskRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let spec = req.into_spec(&state.config, "")?;
-    created(&state, spec).await
+    created(&state, &caller, spec).await
 }
 
-/// Submits one task through the task service: 201 with it, or 200 with the existing task of
-/// the same idempotency key (`POST /api/v1/tasks`, `POST /v1/nodes/{id}/tasks`).
-pub(super) async fn created(state: &AppState, spec: TaskSpec) -> Result<Response, ApiError> {
-    let (task, created) = submit_one(state, spec).await?;
+/// Submits one task for `caller` through the task service: 201 with it, or 200 with the
+/// caller's existing task of the same idempotency key (`POST /api/v1/tasks`).
+pub(super) async fn created(
+    state: &AppState,
+    caller: &Principal,
+    spec: TaskSpec,
+) -> Result<Response, ApiError> {
+    let (task, created) = submit_one(state, caller, spec).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -151,14 +158,16 @@ pub(super) async fn created(state: &AppState, spec: TaskSpec) -> Result<Response
     Ok((status, Json(task.view())).into_response())
 }
 
-/// Submits one task through the task service; returns it and whether it was created now.
+/// Submits one task for `caller` through the task service; returns it and whether it was
+/// created now.
 pub(super) async fn submit_one(
     state: &AppState,
+    caller: &Principal,
     spec: TaskSpec,
 ) -> Result<(crate::model::Task, bool), ApiError> {
     state
         .tasks
-        .submit(vec![spec])
+        .submit(caller, vec![spec])
         .await?
         .pop()
         .ok_or_else(|| ApiError::internal("submit returned no task"))
@@ -174,6 +183,7 @@ pub struct BatchRequest {
 /// `{"data": [task, ...]}` in request order.
 pub async fn create_batch(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     body: Result<Json<BatchRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
@@ -192,7 +202,7 @@ pub async fn create_batch(
         .enumerate()
         .map(|(i, r)| r.into_spec(&state.config, &format!("tasks[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
-    let out = state.tasks.submit(specs).await?;
+    let out = state.tasks.submit(&caller, specs).await?;
     let data: Vec<_> = out.iter().map(|(t, _)| t.view()).collect();
     Ok((StatusCode::CREATED, Json(json!({ "data": data }))).into_response())
 }
@@ -207,6 +217,7 @@ pub struct GetParams {
 /// `GET /api/v1/tasks/{id}[?wait_ms=N]`.
 pub async fn get(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     q: Result<Query<GetParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -214,7 +225,7 @@ pub async fn get(
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0));
     let task = state
         .tasks
-        .get(&id, wait)
+        .get(&caller, &id, wait)
         .await?
         .ok_or_else(|| ApiError::not_found("task", &id))?;
     Ok(Json(task.view()).into_response())
@@ -250,6 +261,7 @@ pub(super) fn status_filter(status: Option<&str>) -> Result<Option<TaskStatus>, 
 /// `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
@@ -259,20 +271,26 @@ pub async fn list(
         status,
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
+        owner: None,
     };
-    list_page(&state, &filter, pages).await
+    list_page(&state, &caller, &filter, pages).await
 }
 
-/// One page of the tasks matching `filter` as a list body (every hub's tasks in shared mode).
+/// One page of the tasks matching `filter` that `caller` may see, as a list body (every hub's
+/// tasks in shared mode).
 ///
 /// # Errors
 /// 503 `store_unavailable` if the shared store cannot be read.
 pub(super) async fn list_page(
     state: &AppState,
+    caller: &Principal,
     filter: &TaskFilter,
     pages: Pagination,
 ) -> Result<Response, ApiError> {
-    let p = state.tasks.list(filter, pages.page, pages.limit).await?;
+    let p = state
+        .tasks
+        .list(caller, filter, pages.page, pages.limit)
+        .await?;
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
 }
@@ -280,9 +298,10 @@ pub(super) async fn list_page(
 /// `POST /api/v1/tasks/{id}/cancel`: 200 with the cancelled task; 409 if it already ended.
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let t = state.tasks.cancel(&id).await?;
+    let t = state.tasks.cancel(&caller, &id).await?;
     Ok(Json(t.view()).into_response())
 }
 
@@ -300,6 +319,7 @@ fn sse_event(e: &TaskEvent) -> Event {
 /// (which stops browser `EventSource` retries) once the task has ended and nothing is newer.
 pub async fn events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -308,7 +328,7 @@ pub async fn events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok())
         .unwrap_or(0);
-    let Some(rx) = state.tasks.events(&id, resume_after).await? else {
+    let Some(rx) = state.tasks.events(&caller, &id, resume_after).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let stream = ReceiverStream::new(rx).map(|e| Ok::<_, Infallible>(sse_event(&e)));

@@ -112,6 +112,7 @@ impl Backend for NodeModels {
                 idempotency_key: None,
                 pinned_node: None,
                 capability: None,
+                owner: None,
             };
             let (task, rx) = self
                 .cluster
@@ -563,6 +564,7 @@ mod tests {
             idempotency_key: None,
             pinned_node: None,
             capability: None,
+            owner: None,
         };
         let (task, mut chunks) = cluster.submit_streaming(spec).unwrap();
         let first = task.node_id.clone().unwrap();

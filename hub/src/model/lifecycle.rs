@@ -352,6 +352,7 @@ mod tests {
             idempotency_key: None,
             pinned_node: None,
             capability: None,
+            owner: None,
         }
     }
 

@@ -187,6 +187,24 @@ pub struct TaskSpec {
     pub pinned_node: Option<String>,
     /// Capability asked for (passed to the node).
     pub capability: Option<String>,
+    /// Who submitted it ([`crate::principal::Principal::owner`]: `user:<id>`, `key:<id>` or
+    /// `admin`); `None` for tasks stored before owners were recorded and for the hub's own
+    /// tasks (visible to admins only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl TaskSpec {
+    /// The key of the idempotency index: the client's key scoped to its owner
+    /// (`<owner>\u{1f}<key>`), so two owners using the same key get two tasks and neither
+    /// learns of the other's. `None` without a key.
+    pub fn idempotency_index(&self) -> Option<std::borrow::Cow<'_, str>> {
+        let key = self.idempotency_key.as_deref()?;
+        Some(match &self.owner {
+            Some(o) => std::borrow::Cow::Owned(format!("{o}\u{1f}{key}")),
+            None => std::borrow::Cow::Borrowed(key),
+        })
+    }
 }
 
 /// A task: its spec and everything that happened to it.
@@ -243,6 +261,7 @@ impl Task {
             pinned_node_id: self.spec.pinned_node.as_deref(),
             capability: self.spec.capability.as_deref(),
             idempotency_key: self.spec.idempotency_key.as_deref(),
+            owner: self.spec.owner.as_deref(),
             timeout_seconds: self.spec.timeout_seconds,
             created_at: Rfc3339(self.created_at),
             updated_at: Rfc3339(self.updated_at),
@@ -286,6 +305,9 @@ pub struct TaskView<'a> {
     pub capability: Option<&'a str>,
     /// Idempotency key.
     pub idempotency_key: Option<&'a str>,
+    /// Who submitted it (`user:<id>`, `key:<id>`, `admin`); absent for the hub's own tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<&'a str>,
     /// Budget in seconds.
     pub timeout_seconds: f64,
     /// RFC 3339.

@@ -285,13 +285,13 @@ impl SharedRedis {
     /// [`Error::Unavailable`].
     pub async fn submit(&self, task: &Task) -> Result<Submitted, Error> {
         let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
-        let idem = task.spec.idempotency_key.as_deref();
+        let idem = task.spec.idempotency_index();
         let mut c = self.conn.clone();
         let r: Vec<String> = scripts::SUBMIT
             .key(task_key(&task.id))
             .key(queue_key(task))
             .key(format!("{PREFIX}seq"))
-            .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
+            .key(format!("{PREFIX}idem:{}", idem.as_deref().unwrap_or("")))
             .key(format!("{PREFIX}index"))
             .key(format!("{PREFIX}deadlines"))
             .arg(&task.id)
@@ -301,6 +301,7 @@ impl SharedRedis {
             .arg(WAKE_CHANNEL)
             .arg(deadline_ms(task))
             .arg(index_fields(task))
+            .arg(task.spec.owner.as_deref().unwrap_or(""))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -335,17 +336,18 @@ impl SharedRedis {
             .arg(format!("{PREFIX}task:"));
         for task in tasks {
             let record = serde_json::to_vec(task).map_err(|e| self.unavailable(e))?;
-            let idem = task.spec.idempotency_key.as_deref();
+            let idem = task.spec.idempotency_index();
             script
                 .key(task_key(&task.id))
                 .key(queue_key(task))
-                .key(format!("{PREFIX}idem:{}", idem.unwrap_or("")))
+                .key(format!("{PREFIX}idem:{}", idem.as_deref().unwrap_or("")))
                 .arg(&task.id)
                 .arg(record)
                 .arg(score(task))
                 .arg(if idem.is_some() { "1" } else { "0" })
                 .arg(deadline_ms(task))
-                .arg(index_fields(task));
+                .arg(index_fields(task))
+                .arg(task.spec.owner.as_deref().unwrap_or(""));
         }
         let mut c = self.conn.clone();
         let flat: Vec<Vec<u8>> = script

@@ -23,6 +23,15 @@ impl SharedRedis {
         let skip = page.saturating_sub(1).saturating_mul(limit);
         let ix = |k: String| format!("{PREFIX}ix:{k}");
         let status = filter.status.map(TaskStatus::as_str);
+        if let Some(o) = filter.owner.as_deref() {
+            // An owner's own tasks: exact when alone, else walked and filtered.
+            let key = ix(format!("owner:{o}"));
+            let alone = status.is_none() && filter.tool.is_none() && filter.node_id.is_none();
+            if !alone {
+                return self.list_scan(filter, &key, &key, skip, limit).await;
+            }
+            return self.list_index(&key, skip, limit).await;
+        }
         let key = match (status, filter.tool.as_deref(), filter.node_id.as_deref()) {
             (None, None, None) => format!("{PREFIX}index"),
             (Some(s), None, None) => ix(format!("status:{s}")),
@@ -40,10 +49,20 @@ impl SharedRedis {
                     .await;
             }
         };
+        self.list_index(&key, skip, limit).await
+    }
+
+    /// A page of the listing index `key` (exact), newest first.
+    async fn list_index(
+        &self,
+        key: &str,
+        skip: usize,
+        limit: usize,
+    ) -> Result<crate::store::Page, Error> {
         let mut c = self.conn.clone();
         if limit == 0 {
             let total: u64 = redis::cmd("ZCARD")
-                .arg(&key)
+                .arg(key)
                 .query_async(&mut c)
                 .await
                 .map_err(|e| self.unavailable(e))?;
@@ -53,7 +72,7 @@ impl SharedRedis {
             });
         }
         let rows: Vec<Vec<u8>> = scripts::LIST
-            .key(&key)
+            .key(key)
             .arg(skip)
             .arg(skip.saturating_add(limit - 1))
             .arg(format!("{PREFIX}task:"))

@@ -64,6 +64,8 @@ pub struct TaskFilter {
     pub tool: Option<String>,
     /// Only tasks whose current or last node is this one.
     pub node_id: Option<String>,
+    /// Only tasks of this owner ([`TaskSpec::owner`](crate::model::TaskSpec::owner)).
+    pub owner: Option<String>,
 }
 
 impl TaskFilter {
@@ -75,6 +77,10 @@ impl TaskFilter {
                 .node_id
                 .as_ref()
                 .is_none_or(|n| t.node_id.as_deref() == Some(n.as_str()))
+            && self
+                .owner
+                .as_ref()
+                .is_none_or(|o| t.spec.owner.as_deref() == Some(o.as_str()))
     }
 }
 
@@ -119,7 +125,10 @@ pub trait TaskStore: Send + 'static {
     fn get(&self, id: &str) -> Option<&Task>;
     /// Applies `f` to a task and persists the change. Returns false for an unknown id.
     fn update(&mut self, id: &str, f: &mut dyn FnMut(&mut Task)) -> bool;
-    /// The task accepted under this idempotency key.
+    /// The task accepted under this idempotency index key ([`TaskSpec::idempotency_index`]:
+    /// the client's key scoped to its owner).
+    ///
+    /// [`TaskSpec::idempotency_index`]: crate::model::TaskSpec::idempotency_index
     fn find_by_idempotency_key(&self, key: &str) -> Option<TaskId>;
     /// A page of tasks matching `filter`, newest first; `page` counts from 1.
     fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page;
@@ -181,6 +190,8 @@ struct ListIndex {
     status_tool: [HashMap<String, SeqList>; 7],
     /// By status index, then node.
     status_node: [HashMap<String, SeqList>; 7],
+    /// By owner (an owner's own tasks; other filters are checked while walking it).
+    owner: HashMap<String, SeqList>,
 }
 
 /// What places a task in the indexes; compared before and after an update.
@@ -190,6 +201,7 @@ struct IndexKeys {
     status: TaskStatus,
     tool: String,
     node: Option<String>,
+    owner: Option<String>,
     /// Key in [`MemoryStore::finished`], for terminal tasks.
     finished: Option<(SystemTime, u64)>,
 }
@@ -201,6 +213,7 @@ impl IndexKeys {
             status: t.status,
             tool: t.spec.tool.clone(),
             node: t.node_id.clone(),
+            owner: t.spec.owner.clone(),
             finished: Self::finished_of(t),
         }
     }
@@ -217,6 +230,7 @@ impl IndexKeys {
             && self.status == t.status
             && self.tool == t.spec.tool
             && self.node == t.node_id
+            && self.owner == t.spec.owner
             && self.finished == Self::finished_of(t)
     }
 }
@@ -252,6 +266,9 @@ impl ListIndex {
             add_to(&mut self.node, n, k.seq);
             add_to(&mut self.status_node[s], n, k.seq);
         }
+        if let Some(o) = &k.owner {
+            add_to(&mut self.owner, o, k.seq);
+        }
     }
 
     fn remove(&mut self, k: &IndexKeys) {
@@ -264,13 +281,20 @@ impl ListIndex {
             remove_from(&mut self.node, n, k.seq);
             remove_from(&mut self.status_node[s], n, k.seq);
         }
+        if let Some(o) = &k.owner {
+            remove_from(&mut self.owner, o, k.seq);
+        }
     }
 
     /// The set holding exactly the tasks matching `f`, for no filter, one filter, or status
     /// with tool or with node: `Some(None)` when no task has that key. `None` for tool and node
-    /// together (no index has that pair).
+    /// together (no index has that pair), and for an owner with any other filter.
     fn exact(&self, f: &TaskFilter) -> Option<Option<&SeqList>> {
         let s = f.status.map(TaskStatus::index);
+        if let Some(o) = f.owner.as_deref() {
+            let alone = s.is_none() && f.tool.is_none() && f.node_id.is_none();
+            return alone.then(|| self.owner.get(o));
+        }
         match (s, f.tool.as_deref(), f.node_id.as_deref()) {
             (None, None, None) => Some(Some(&self.all)),
             (Some(s), None, None) => Some(Some(&self.status[s])),
@@ -282,9 +306,13 @@ impl ListIndex {
         }
     }
 
-    /// For tool and node together (status optional): the smaller of the two sets that contain
+    /// For an owner with other filters: the owner's tasks. For tool and node together (status
+    /// optional): the smaller of the two sets that contain
     /// every match, or `None` when either key has no task (then nothing matches).
     fn smallest_superset(&self, f: &TaskFilter) -> Option<&SeqList> {
+        if let Some(o) = f.owner.as_deref() {
+            return self.owner.get(o);
+        }
         let tool = f.tool.as_deref()?;
         let node = f.node_id.as_deref()?;
         let (by_tool, by_node) = match f.status.map(TaskStatus::index) {
@@ -412,10 +440,10 @@ impl MemoryStore {
         for ((_, seq), id) in gone {
             if let Some(t) = self.tasks.remove(&id) {
                 self.unindex(&IndexKeys::of(&t));
-                if let Some(k) = &t.spec.idempotency_key
-                    && self.idempotency.get(k) == Some(&id)
+                if let Some(k) = t.spec.idempotency_index()
+                    && self.idempotency.get(k.as_ref()) == Some(&id)
                 {
-                    self.idempotency.remove(k);
+                    self.idempotency.remove(k.as_ref());
                 }
             }
             ids.push((id, seq));
@@ -452,8 +480,8 @@ impl MemoryStore {
 
 impl TaskStore for MemoryStore {
     fn insert(&mut self, task: Task) {
-        if let Some(k) = &task.spec.idempotency_key {
-            self.idempotency.insert(k.clone(), task.id.clone());
+        if let Some(k) = task.spec.idempotency_index() {
+            self.idempotency.insert(k.into_owned(), task.id.clone());
         }
         if let Some(old) = self.tasks.remove(&task.id) {
             // The same id again: replace the record, leaving no stale index entry.
@@ -546,10 +574,10 @@ impl TaskStore for MemoryStore {
         let t = self.tasks.remove(id)?;
         self.by_seq.remove(&t.seq);
         self.counts[t.status.index()] -= 1;
-        if let Some(k) = &t.spec.idempotency_key
-            && self.idempotency.get(k).map(String::as_str) == Some(id)
+        if let Some(k) = t.spec.idempotency_index()
+            && self.idempotency.get(k.as_ref()).map(String::as_str) == Some(id)
         {
-            self.idempotency.remove(k);
+            self.idempotency.remove(k.as_ref());
         }
         if t.status.is_terminal() {
             let at = t.finished_at.unwrap_or(t.updated_at);

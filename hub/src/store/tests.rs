@@ -27,6 +27,8 @@ fn task(seq: u64, tool: &str, status: TaskStatus, node: Option<&str>, at: System
             idempotency_key: None,
             pinned_node: None,
             capability: None,
+            // Owners by seq: three of every four tasks have one of two owners.
+            owner: OWNERS.get((seq % 4) as usize).map(|o| (*o).to_owned()),
         },
         status,
         attempt: u32::from(node.is_some()),
@@ -89,6 +91,7 @@ fn list_timing() {
         status,
         tool: tool.map(str::to_owned),
         node_id: node.map(str::to_owned),
+        owner: None,
     };
     let cases: Vec<(&str, TaskFilter, usize, usize)> = vec![
         ("no filter, page 1 of 50", f(None, None, None), 1, 50),
@@ -206,6 +209,7 @@ enum Op {
 
 const TOOLS: [&str; 3] = ["echo", "sleep", "fetch"];
 const NODES: [&str; 4] = ["n0", "n1", "n2", "n3"];
+const OWNERS: [&str; 3] = ["user:a", "key:b", "user:a"];
 
 fn op() -> impl Strategy<Value = Op> {
     let status = 0..7usize;
@@ -254,17 +258,20 @@ fn check_all(s: &MemoryStore, model: &BTreeMap<u64, Task>) {
         for tool in std::iter::once(None).chain(TOOLS.iter().chain(&["nope"]).map(|t| Some(*t))) {
             for node in std::iter::once(None).chain(NODES.iter().chain(&["nope"]).map(|n| Some(*n)))
             {
-                let f = TaskFilter {
-                    status,
-                    tool: tool.map(str::to_owned),
-                    node_id: node.map(str::to_owned),
-                };
-                for (page, limit) in [(1, 1000), (1, 3), (2, 3), (5, 2), (40, 1), (1000, 7)] {
-                    let p = s.list(&f, page, limit);
-                    let got: Vec<TaskId> = p.tasks.iter().map(|t| t.id.clone()).collect();
-                    let (want, total) = naive(model, &f, page, limit);
-                    assert_eq!(p.total, total, "total of {f:?}");
-                    assert_eq!(got, want, "page {page} of {limit} of {f:?}");
+                for owner in [None, Some("user:a"), Some("key:b"), Some("nope")] {
+                    let f = TaskFilter {
+                        status,
+                        tool: tool.map(str::to_owned),
+                        node_id: node.map(str::to_owned),
+                        owner: owner.map(str::to_owned),
+                    };
+                    for (page, limit) in [(1, 1000), (1, 3), (2, 3), (5, 2), (40, 1), (1000, 7)] {
+                        let p = s.list(&f, page, limit);
+                        let got: Vec<TaskId> = p.tasks.iter().map(|t| t.id.clone()).collect();
+                        let (want, total) = naive(model, &f, page, limit);
+                        assert_eq!(p.total, total, "total of {f:?}");
+                        assert_eq!(got, want, "page {page} of {limit} of {f:?}");
+                    }
                 }
             }
         }

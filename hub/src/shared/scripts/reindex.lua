@@ -3,7 +3,9 @@
 -- (sorted sets under apex:shared:ix:, score = the task's seq in apex:shared:index, member =
 -- task id) in the same atomic step as the record: it moves the task from the indexes of the
 -- status, tool and node it had (task hash fields ix_s, ix_t, ix_n) to those of the new ones,
--- or out of all of them. Unchanged keys cost one HMGET.
+-- or out of all of them. Unchanged keys cost one HMGET. The owner index ix:owner:{o} (hash
+-- field ix_o) is written once by the submit scripts (an owner never changes) and removed here
+-- with the rest on deletion.
 --
 -- KEYS, ARGV: none (a function, called as apex_reindex(tk, id, s, t, n)):
 --   tk  the task hash key (apex:shared:task:{id})
@@ -31,6 +33,11 @@ local function apex_reindex(tk, id, s, t, n)
         redis.call('ZREM', P .. 'sn:' .. os .. ':' .. on, id)
       end
       redis.call('HDEL', tk, 'ix_s', 'ix_t', 'ix_n')
+    end
+    local owner = redis.call('HGET', tk, 'ix_o')
+    if owner then
+      redis.call('ZREM', P .. 'owner:' .. owner, id)
+      redis.call('HDEL', tk, 'ix_o')
     end
     return
   end

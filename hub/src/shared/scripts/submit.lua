@@ -17,6 +17,7 @@
 -- ARGV[7] the record's status (listing indexes)
 -- ARGV[8] its tool
 -- ARGV[9] its node ('' if none)
+-- ARGV[10] its owner ('' if none): listed in ix:owner:{owner}, kept in the hash as ix_o
 --
 -- Reply: {'1', id, seq} for a new task, {'0', existing id, ''} if the key was used before.
 
@@ -35,5 +36,9 @@ redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
 apex_reindex(KEYS[1], ARGV[1], ARGV[7], ARGV[8], ARGV[9])
+if ARGV[10] ~= '' then
+  redis.call('HSET', KEYS[1], 'ix_o', ARGV[10])
+  redis.call('ZADD', 'apex:shared:ix:owner:' .. ARGV[10], seq, ARGV[1])
+end
 redis.call('PUBLISH', ARGV[5], KEYS[2])
 return {'1', ARGV[1], tostring(seq)}

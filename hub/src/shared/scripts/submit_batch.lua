@@ -14,14 +14,15 @@
 -- ARGV[1] wake channel
 -- ARGV[2] the task key prefix (apex:shared:task:)
 -- then per task i (from 0):
--- ARGV[3+8i] task id
--- ARGV[4+8i] record
--- ARGV[5+8i] queue score (-priority)
--- ARGV[6+8i] '1' if its idempotency key is used
--- ARGV[7+8i] deadline (ms)
--- ARGV[8+8i] the record's status (listing indexes)
--- ARGV[9+8i] its tool
--- ARGV[10+8i] its node ('' if none)
+-- ARGV[3+9i] task id
+-- ARGV[4+9i] record
+-- ARGV[5+9i] queue score (-priority)
+-- ARGV[6+9i] '1' if its idempotency key is used
+-- ARGV[7+9i] deadline (ms)
+-- ARGV[8+9i] the record's status (listing indexes)
+-- ARGV[9+9i] its tool
+-- ARGV[10+9i] its node ('' if none)
+-- ARGV[11+9i] its owner ('' if none): listed in ix:owner:{owner}, kept in the hash as ix_o
 --
 -- Reply: per task, flattened, '1', id, seq (new) or '0', existing id, its record (key used
 -- before). Errors (nothing written): WRONGTYPE ..., task key ... exists already, task ... of
@@ -43,7 +44,7 @@ for i = 0, n - 1 do
   local tk, q, ik = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
   if redis.call('EXISTS', tk) == 1 then error('task key ' .. tk .. ' exists already') end
   if not queues[q] then want(q, {'none', 'zset'}); queues[q] = true end
-  if ARGV[6 + 8 * i] == '1' and existing[ik] == nil then
+  if ARGV[6 + 9 * i] == '1' and existing[ik] == nil then
     local id = redis.call('GET', ik)
     if id then
       existing[ik] = id
@@ -57,8 +58,8 @@ end
 local out = {}
 for i = 0, n - 1 do
   local tk, q, ik = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
-  local id, rec = ARGV[3 + 8 * i], ARGV[4 + 8 * i]
-  local idem = ARGV[6 + 8 * i] == '1'
+  local id, rec = ARGV[3 + 9 * i], ARGV[4 + 9 * i]
+  local idem = ARGV[6 + 9 * i] == '1'
   if idem and existing[ik] then
     local old = existing[ik]
     -- its record: read before the first write, or this batch's
@@ -74,10 +75,15 @@ for i = 0, n - 1 do
     redis.call('HSET', tk, 'record', rec, 'state', 'queued', 'queue', q, 'member', member,
       'claim', '0')
     if idem then redis.call('HSET', tk, 'idem', ik) end
-    redis.call('ZADD', q, ARGV[5 + 8 * i], member)
+    redis.call('ZADD', q, ARGV[5 + 9 * i], member)
     redis.call('ZADD', KEYS[2], seq, id)
-    redis.call('ZADD', KEYS[3], ARGV[7 + 8 * i], id)
-    apex_reindex(tk, id, ARGV[8 + 8 * i], ARGV[9 + 8 * i], ARGV[10 + 8 * i])
+    redis.call('ZADD', KEYS[3], ARGV[7 + 9 * i], id)
+    apex_reindex(tk, id, ARGV[8 + 9 * i], ARGV[9 + 9 * i], ARGV[10 + 9 * i])
+    local owner = ARGV[11 + 9 * i]
+    if owner ~= '' then
+      redis.call('HSET', tk, 'ix_o', owner)
+      redis.call('ZADD', 'apex:shared:ix:owner:' .. owner, seq, id)
+    end
     table.insert(out, '1'); table.insert(out, id); table.insert(out, tostring(seq))
   end
 end
