@@ -578,7 +578,8 @@ async fn a_batch_at_a_shared_hub_is_accepted_all_or_none_and_counted() {
 
     let out = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port().to_string()])
-        .args(["HSET", "apex:shared:idem:broken", "f", "v"])
+        // The idempotency index of the admin's key `broken` (keys are scoped to their owner).
+        .args(["HSET", "apex:shared:idem:admin\u{1f}broken", "f", "v"])
         .output()
         .unwrap();
     assert!(out.status.success(), "redis-cli failed");
