@@ -2,12 +2,16 @@
 //! (of a text or of a file).
 //!
 //! Confinement: a path is first normalised lexically (so `..` cannot climb out without touching
-//! the file system), then canonicalised (following symlinks), and both forms must lie under a
-//! root, compared component by component.
+//! the file system) and must lie under a root, compared component by component; then every
+//! file system access goes through a capability handle of that root (`cap_std::fs::Dir`, which
+//! resolves the rest beneath the root, with `openat2(RESOLVE_BENEATH)` on Linux). A symlink
+//! that leads outside is refused at the moment of the open itself, so swapping a symlink in
+//! between a check and the open cannot escape: there is no separate check.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use cap_std::fs::Dir;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,15 +27,61 @@ pub const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
 /// Most entries `file_list` returns.
 pub const MAX_LIST_ENTRIES: usize = 10_000;
 
+/// One root: its canonical path and a capability handle opened on it at start.
+#[derive(Debug)]
+struct Root {
+    path: PathBuf,
+    dir: Arc<Dir>,
+}
+
 /// The directories file tools may touch (canonical paths).
 #[derive(Debug, Clone, Default)]
 pub struct FileRoots {
-    roots: Arc<Vec<PathBuf>>,
+    roots: Arc<Vec<Root>>,
+}
+
+/// A path resolved under a root: what the tools open, list or hash, only through the root's
+/// capability handle.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    dir: Arc<Dir>,
+    /// Relative to the root (`.` for the root itself).
+    rel: PathBuf,
+    /// The absolute path shown to clients (root joined with `rel`).
+    shown: PathBuf,
+}
+
+/// Maps an I/O error of an access through a root: escapes (cap-std refuses them with
+/// `PermissionDenied`) are `access_denied`.
+fn io_error(e: &std::io::Error, what: &str, path: &str) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Error::Failed(format!("`{path}` does not exist")),
+        std::io::ErrorKind::PermissionDenied => {
+            Error::AccessDenied(format!("`{path}` is outside the allowed file roots ({e})"))
+        }
+        _ => Error::Failed(format!("cannot {what} `{path}`: {e}")),
+    }
 }
 
 impl FileRoots {
-    /// Roots from already canonical directories (as [`crate::config::Config`] holds them).
+    /// Roots from already canonical directories (as [`crate::config::Config`] holds them). A
+    /// root that cannot be opened now is left out, with a warning.
     pub fn new(roots: Vec<PathBuf>) -> Self {
+        let roots = roots
+            .into_iter()
+            .filter_map(
+                |path| match Dir::open_ambient_dir(&path, cap_std::ambient_authority()) {
+                    Ok(dir) => Some(Root {
+                        path,
+                        dir: Arc::new(dir),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(root = %path.display(), error = %e, "file root left out: cannot open it");
+                        None
+                    }
+                },
+            )
+            .collect();
         Self {
             roots: Arc::new(roots),
         }
@@ -42,17 +92,13 @@ impl FileRoots {
         self.roots.is_empty()
     }
 
-    fn under_a_root(&self, path: &Path) -> bool {
-        self.roots.iter().any(|r| path.starts_with(r))
-    }
-
-    /// Resolves `path` (absolute, or relative to the first root) to a canonical path under a
-    /// root.
+    /// Resolves `path` (absolute, or relative to the first root) under a root and checks that
+    /// it exists there (following symlinks only while they stay beneath the root).
     ///
     /// # Errors
     /// [`Error::AccessDenied`] if the path lies outside every root (also through a symlink),
     /// [`Error::InvalidArguments`] for an empty path, [`Error::Failed`] if it does not exist.
-    pub async fn resolve(&self, path: &str) -> Result<PathBuf, Error> {
+    pub async fn resolve(&self, path: &str) -> Result<Resolved, Error> {
         if path.is_empty() {
             return Err(Error::InvalidArguments("`path` must not be empty".into()));
         }
@@ -63,24 +109,105 @@ impl FileRoots {
         let joined = if given.is_absolute() {
             given.to_path_buf()
         } else {
-            first.join(given)
+            first.path.join(given)
         };
         let denied = || Error::AccessDenied(format!("`{path}` is outside the allowed file roots"));
         let lexical = normalize_lexically(&joined).ok_or_else(denied)?;
-        if !self.under_a_root(&lexical) {
-            return Err(denied());
-        }
-        let canonical = tokio::fs::canonicalize(&lexical).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Failed(format!("`{path}` does not exist"))
-            } else {
-                Error::Failed(format!("cannot resolve `{path}`: {e}"))
+        let (root, rel) = self
+            .roots
+            .iter()
+            .find_map(|r| lexical.strip_prefix(&r.path).ok().map(|rel| (r, rel)))
+            .ok_or_else(denied)?;
+        let rel = if rel.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            rel.to_path_buf()
+        };
+        let resolved = Resolved {
+            dir: root.dir.clone(),
+            rel,
+            shown: lexical.clone(),
+        };
+        let r = resolved.clone();
+        let owned = path.to_owned();
+        blocking(move || {
+            r.dir
+                .metadata(&r.rel)
+                .map(|_| ())
+                .map_err(|e| io_error(&e, "resolve", &owned))
+        })
+        .await?;
+        Ok(resolved)
+    }
+}
+
+/// Runs a blocking file system call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Failed(format!("file call failed: {e}")))?
+}
+
+impl Resolved {
+    /// The absolute path shown to clients.
+    pub fn path(&self) -> &Path {
+        &self.shown
+    }
+
+    /// Opens the file for reading, beneath the root.
+    ///
+    /// # Errors
+    /// [`Error::AccessDenied`] if it now leads outside the root, [`Error::Failed`] otherwise.
+    pub async fn open(&self, shown: &str) -> Result<tokio::fs::File, Error> {
+        let r = self.clone();
+        let shown = shown.to_owned();
+        blocking(move || {
+            r.dir
+                .open(&r.rel)
+                .map(|f| tokio::fs::File::from_std(f.into_std()))
+                .map_err(|e| io_error(&e, "open", &shown))
+        })
+        .await
+    }
+
+    /// The directory's entries, beneath the root: `(name, type, size)`, at most
+    /// [`MAX_LIST_ENTRIES`] (and whether there were more).
+    ///
+    /// # Errors
+    /// [`Error::AccessDenied`] if it leads outside the root, [`Error::Failed`] otherwise.
+    async fn entries(
+        &self,
+        shown: &str,
+    ) -> Result<(Vec<(String, &'static str, Option<u64>)>, bool), Error> {
+        let r = self.clone();
+        let shown = shown.to_owned();
+        blocking(move || {
+            let dir = r
+                .dir
+                .read_dir(&r.rel)
+                .map_err(|e| io_error(&e, "list", &shown))?;
+            let mut entries = Vec::new();
+            let mut truncated = false;
+            for entry in dir {
+                let entry = entry.map_err(|e| io_error(&e, "list", &shown))?;
+                if entries.len() == MAX_LIST_ENTRIES {
+                    truncated = true;
+                    break;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let (kind, size) = match entry.file_type() {
+                    Ok(t) if t.is_symlink() => ("symlink", None),
+                    Ok(t) if t.is_dir() => ("dir", None),
+                    Ok(t) if t.is_file() => ("file", entry.metadata().ok().map(|m| m.len())),
+                    _ => ("other", None),
+                };
+                entries.push((name, kind, size));
             }
-        })?;
-        if !self.under_a_root(&canonical) {
-            return Err(denied());
-        }
-        Ok(canonical)
+            Ok((entries, truncated))
+        })
+        .await
     }
 }
 
@@ -148,9 +275,7 @@ impl Tool for FileRead {
                 )));
             }
             let path = roots.resolve(&args.path).await?;
-            let file = tokio::fs::File::open(&path)
-                .await
-                .map_err(|e| Error::Failed(format!("cannot open `{}`: {e}", args.path)))?;
+            let file = path.open(&args.path).await?;
             let meta = file
                 .metadata()
                 .await
@@ -170,7 +295,7 @@ impl Tool for FileRead {
             buf.truncate(usize::try_from(max).unwrap_or(usize::MAX));
             let (content, encoding) = encode_bytes(&buf);
             Ok(json!({
-                "path": path.to_string_lossy(),
+                "path": path.path().to_string_lossy(),
                 "size": meta.len(),
                 "bytes": buf.len(),
                 "truncated": truncated,
@@ -216,36 +341,14 @@ impl Tool for FileList {
         Box::pin(async move {
             let args: FileListArgs = parse_args(args)?;
             let path = roots.resolve(&args.path).await?;
-            let mut dir = tokio::fs::read_dir(&path)
-                .await
-                .map_err(|e| Error::Failed(format!("cannot list `{}`: {e}", args.path)))?;
-            let mut entries = Vec::new();
-            let mut truncated = false;
-            while let Some(entry) = dir
-                .next_entry()
-                .await
-                .map_err(|e| Error::Failed(format!("cannot list `{}`: {e}", args.path)))?
-            {
-                if entries.len() == MAX_LIST_ENTRIES {
-                    truncated = true;
-                    break;
-                }
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let (kind, size) = match entry.file_type().await {
-                    Ok(t) if t.is_symlink() => ("symlink", None),
-                    Ok(t) if t.is_dir() => ("dir", None),
-                    Ok(t) if t.is_file() => ("file", entry.metadata().await.ok().map(|m| m.len())),
-                    _ => ("other", None),
-                };
-                entries.push((name, kind, size));
-            }
+            let (mut entries, truncated) = path.entries(&args.path).await?;
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             let entries: Vec<Value> = entries
                 .into_iter()
                 .map(|(name, kind, size)| json!({"name": name, "type": kind, "size": size}))
                 .collect();
             Ok(json!({
-                "path": path.to_string_lossy(),
+                "path": path.path().to_string_lossy(),
                 "entries": entries,
                 "truncated": truncated,
             }))
@@ -316,10 +419,7 @@ async fn hash_file(
     roots: &FileRoots,
     path: &str,
 ) -> Result<(sha2::digest::Output<Sha256Hasher>, u64), Error> {
-    let resolved = roots.resolve(path).await?;
-    let mut file = tokio::fs::File::open(&resolved)
-        .await
-        .map_err(|e| Error::Failed(format!("cannot open `{path}`: {e}")))?;
+    let mut file = roots.resolve(path).await?.open(path).await?;
     let mut hasher = Sha256Hasher::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
@@ -378,15 +478,15 @@ mod tests {
     async fn paths_inside_the_root_resolve() {
         let f = fixture();
         assert_eq!(
-            f.roots.resolve("hello.txt").await.unwrap(),
+            f.roots.resolve("hello.txt").await.unwrap().path(),
             f.root.join("hello.txt")
         );
         let abs = f.root.join("sub").join("..").join("hello.txt");
         assert_eq!(
-            f.roots.resolve(abs.to_str().unwrap()).await.unwrap(),
+            f.roots.resolve(abs.to_str().unwrap()).await.unwrap().path(),
             f.root.join("hello.txt")
         );
-        assert_eq!(f.roots.resolve(".").await.unwrap(), f.root);
+        assert_eq!(f.roots.resolve(".").await.unwrap().path(), f.root);
     }
 
     #[tokio::test]
@@ -508,5 +608,68 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), "access_denied");
+    }
+
+    /// A symlink to a file outside the root swapped in and out of place in a loop while the
+    /// tools read the same path: every read answers the inside file or an error, never the
+    /// outside file's content (there is no check-then-open window to race).
+    #[tokio::test]
+    async fn a_symlink_swapped_in_while_reading_never_escapes() {
+        let f = fixture();
+        let swap = f.root.join("swap");
+        let inside = f.root.join("inside.txt");
+        std::fs::write(&inside, "inside").unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, swap, inside) = (stop.clone(), swap.clone(), inside.clone());
+            let secret = f.outside.join("secret");
+            let staged = f.root.join("staged");
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Atomically replace `swap` with a hard copy of the inside file, then with
+                    // a symlink to the secret.
+                    let _ = std::fs::remove_file(&staged);
+                    if std::fs::hard_link(&inside, &staged).is_ok() {
+                        let _ = std::fs::rename(&staged, &swap);
+                    }
+                    let _ = std::fs::remove_file(&staged);
+                    if std::os::unix::fs::symlink(&secret, &staged).is_ok() {
+                        let _ = std::fs::rename(&staged, &swap);
+                    }
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let read = FileRead::new(f.roots.clone());
+        let hash = Sha256::new(f.roots.clone());
+        let inside_digest = hex::encode(Sha256Hasher::digest(b"inside"));
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..2000 {
+            match read
+                .call(json!({"path": "swap"}), ToolContext::detached())
+                .await
+            {
+                Ok(out) => {
+                    assert_eq!(out["content"], "inside", "read outside the root: {out}");
+                    ok += 1;
+                }
+                Err(_) => refused += 1,
+            }
+            if let Ok(out) = hash
+                .call(json!({"path": "swap"}), ToolContext::detached())
+                .await
+            {
+                assert_eq!(
+                    out["sha256"],
+                    inside_digest.as_str(),
+                    "hashed outside the root"
+                );
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        assert!(swaps > 0 && ok + refused == 2000);
     }
 }
