@@ -114,6 +114,21 @@ pub struct RawConfig {
     /// is set (default 1 MiB).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_fetch_max_body_bytes: Option<u64>,
+    /// Destinations `http_fetch` may reach although the defaults refuse them (loopback,
+    /// link-local and cloud metadata addresses): CIDRs, addresses, host names or
+    /// `*.domain` suffixes. See `tools::netpolicy`.
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub http_fetch_allow: Vec<String>,
+    /// Destinations `http_fetch` may never reach (wins over `http_fetch_allow`): CIDRs,
+    /// addresses, host names or `*.domain` suffixes.
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub http_fetch_deny: Vec<String>,
     /// Time budget of a task whose `task_assign` carries no `timeout`, in milliseconds
     /// (default 300000).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -160,6 +175,8 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// Cap of `http_fetch` bodies, in bytes.
     pub http_fetch_max_body_bytes: u64,
+    /// Where `http_fetch` may connect.
+    pub http_fetch_policy: crate::tools::netpolicy::NetPolicy,
     /// Budget of tasks assigned without a timeout, in milliseconds.
     pub default_task_timeout_ms: u64,
     /// Base URL of the local OpenAI-compatible server, without a trailing `/`.
@@ -182,6 +199,7 @@ impl fmt::Debug for Config {
             .field("log_level", &self.log_level)
             .field("drain_timeout_ms", &self.drain_timeout_ms)
             .field("http_fetch_max_body_bytes", &self.http_fetch_max_body_bytes)
+            .field("http_fetch_policy", &self.http_fetch_policy)
             .field("default_task_timeout_ms", &self.default_task_timeout_ms)
             .field("llm_upstream", &self.llm_upstream)
             .field("llm_model", &self.llm_model)
@@ -400,6 +418,10 @@ impl RawConfig {
             ));
         }
 
+        let http_fetch_policy =
+            crate::tools::netpolicy::NetPolicy::new(&self.http_fetch_allow, &self.http_fetch_deny)
+                .map_err(|e| invalid("http_fetch_allow/http_fetch_deny", e))?;
+
         let default_task_timeout_ms = self
             .default_task_timeout_ms
             .unwrap_or(DEFAULT_TASK_TIMEOUT_MS);
@@ -428,6 +450,7 @@ impl RawConfig {
             log_level,
             drain_timeout_ms,
             http_fetch_max_body_bytes,
+            http_fetch_policy,
             default_task_timeout_ms,
             llm_upstream,
             llm_model,
@@ -832,6 +855,25 @@ mod tests {
             PathBuf::from("/home/u/.local/share/apex-node")
         );
         assert_eq!(default_data_dir(None, None), PathBuf::from(".apex-node"));
+    }
+
+    #[test]
+    fn http_fetch_policy_entries_are_validated() {
+        let c = RawConfig {
+            http_fetch_allow: vec!["127.0.0.1".into(), "*.lan".into()],
+            http_fetch_deny: vec!["10.0.0.0/8".into()],
+            ..minimal()
+        }
+        .validate()
+        .unwrap();
+        assert!(c.http_fetch_policy.check_host("nas.lan").unwrap());
+        let e = RawConfig {
+            http_fetch_deny: vec!["10.0.0.0/33".into()],
+            ..minimal()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("http_fetch"), "{e}");
     }
 
     #[test]

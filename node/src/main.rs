@@ -75,6 +75,16 @@ struct Cli {
     #[arg(long, value_name = "BYTES")]
     http_fetch_max_body_bytes: Option<u64>,
 
+    /// A destination http_fetch may reach although refused by default (loopback, link-local,
+    /// cloud metadata): a CIDR, an address, a host or *.domain. Repeatable.
+    #[arg(long = "http-fetch-allow", value_name = "NET|HOST")]
+    http_fetch_allow: Vec<String>,
+
+    /// A destination http_fetch may never reach (wins over allow): a CIDR, an address, a host
+    /// or *.domain. Repeatable.
+    #[arg(long = "http-fetch-deny", value_name = "NET|HOST")]
+    http_fetch_deny: Vec<String>,
+
     /// Time budget of a task assigned without a timeout, in ms [default: 300000].
     #[arg(long, value_name = "MS")]
     default_task_timeout_ms: Option<u64>,
@@ -104,6 +114,8 @@ impl Cli {
             log_level: self.log_level,
             drain_timeout_ms: self.drain_timeout_ms,
             http_fetch_max_body_bytes: self.http_fetch_max_body_bytes,
+            http_fetch_allow: self.http_fetch_allow,
+            http_fetch_deny: self.http_fetch_deny,
             default_task_timeout_ms: self.default_task_timeout_ms,
             llm_upstream: self.llm_upstream,
             llm_model: self.llm_model,

@@ -1,4 +1,7 @@
-//! `http_fetch`: one HTTP request with reqwest, the response body capped in size.
+//! `http_fetch`: one HTTP request with reqwest, the response body capped in size, to the
+//! destinations the node's network policy permits ([`super::netpolicy`]: checked for the URL,
+//! for every address the host resolves to at connect time, and at every redirect hop, at most
+//! [`MAX_REDIRECTS`]).
 
 use std::collections::BTreeMap;
 
@@ -7,7 +10,11 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::netpolicy::{NetPolicy, PolicyResolver, denied_in};
 use super::{Error, Tool, ToolContext, ToolFuture, encode_bytes, parse_args, schema_of};
+
+/// Redirects followed at most.
+pub const MAX_REDIRECTS: usize = 10;
 
 /// Arguments of `http_fetch`.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -31,22 +38,45 @@ pub struct HttpFetchArgs {
 pub struct HttpFetch {
     client: reqwest::Client,
     max_body_bytes: u64,
+    policy: NetPolicy,
 }
 
 impl HttpFetch {
-    /// A fetcher returning at most `max_body_bytes` of each body.
+    /// A fetcher returning at most `max_body_bytes` of each body, reaching only what `policy`
+    /// permits.
     ///
     /// # Errors
     /// [`Error::Setup`] if the HTTP client cannot be built (TLS setup).
-    pub fn new(max_body_bytes: u64) -> Result<Self, Error> {
+    pub fn new(max_body_bytes: u64, policy: NetPolicy) -> Result<Self, Error> {
+        let hops = policy.clone();
         let client = reqwest::Client::builder()
             .user_agent(concat!("apex-node/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(std::sync::Arc::new(PolicyResolver::new(policy.clone())))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+                }
+                match hops.check_url(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(denied) => attempt.error(denied),
+                }
+            }))
             .build()
             .map_err(|e| Error::Setup(error_chain(&e)))?;
         Ok(Self {
             client,
             max_body_bytes,
+            policy,
         })
+    }
+}
+
+/// A request error as the task's error: `access_denied` when the policy refused a destination
+/// (at resolve time or at a redirect), else `task_execution_failed`.
+fn request_error(e: &reqwest::Error, what: &str) -> Error {
+    match denied_in(e) {
+        Some(d) => Error::AccessDenied(format!("http_fetch refused: {d}")),
+        None => Error::Failed(format!("{what} failed: {}", error_chain(e))),
     }
 }
 
@@ -62,14 +92,15 @@ impl Tool for HttpFetch {
     }
     fn call(&self, args: Value, _ctx: ToolContext) -> ToolFuture {
         let client = self.client.clone();
+        let policy = self.policy.clone();
         let cap = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         Box::pin(async move {
             let args: HttpFetchArgs = parse_args(args)?;
-            let request = build_request(&client, args)?;
+            let request = build_request(&client, &policy, args)?;
             let mut response = request
                 .send()
                 .await
-                .map_err(|e| Error::Failed(format!("request failed: {}", error_chain(&e))))?;
+                .map_err(|e| request_error(&e, "request"))?;
             let status = response.status().as_u16();
             let headers = headers_to_json(response.headers());
             let mut body: Vec<u8> = Vec::new();
@@ -77,7 +108,7 @@ impl Tool for HttpFetch {
             while let Some(chunk) = response
                 .chunk()
                 .await
-                .map_err(|e| Error::Failed(format!("reading body failed: {}", error_chain(&e))))?
+                .map_err(|e| request_error(&e, "reading body"))?
             {
                 let room = cap - body.len();
                 if chunk.len() > room {
@@ -102,6 +133,7 @@ impl Tool for HttpFetch {
 
 fn build_request(
     client: &reqwest::Client,
+    policy: &NetPolicy,
     args: HttpFetchArgs,
 ) -> Result<reqwest::RequestBuilder, Error> {
     let url = reqwest::Url::parse(&args.url)
@@ -112,6 +144,9 @@ fn build_request(
             url.scheme()
         )));
     }
+    policy
+        .check_url(&url)
+        .map_err(|d| Error::AccessDenied(format!("http_fetch refused: {d}")))?;
     let method = match args.method.as_deref() {
         None => reqwest::Method::GET,
         Some(m) => {
@@ -169,6 +204,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The test servers listen on loopback, which the default policy refuses.
+    fn loopback_allowed() -> NetPolicy {
+        NetPolicy::new(&["127.0.0.1/32".to_owned()], &[]).unwrap()
+    }
+
     /// Serves one canned response on 127.0.0.1 and returns the URL and the raw request.
     async fn one_shot_server(response: Vec<u8>) -> (String, tokio::task::JoinHandle<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -199,7 +239,7 @@ mod tests {
             body.len()
         );
         let (url, server) = one_shot_server(response.into_bytes()).await;
-        let tool = HttpFetch::new(10).unwrap();
+        let tool = HttpFetch::new(10, loopback_allowed()).unwrap();
         let out = tool
             .call(
                 json!({"url": url, "method": "post", "headers": {"X-Req": "1"}, "body": "hi"}),
@@ -218,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_bad_arguments() {
-        let tool = HttpFetch::new(10).unwrap();
+        let tool = HttpFetch::new(10, loopback_allowed()).unwrap();
         for (args, needle) in [
             (json!({"url": "ftp://x"}), "http or https"),
             (json!({"url": "not a url"}), "`url`"),
@@ -250,7 +290,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let tool = HttpFetch::new(10).unwrap();
+        let tool = HttpFetch::new(10, loopback_allowed()).unwrap();
         let err = tool
             .call(
                 json!({"url": format!("http://{addr}/")}),
@@ -259,5 +299,59 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), "task_execution_failed");
+    }
+
+    #[tokio::test]
+    async fn the_default_policy_refuses_loopback_and_metadata_addresses() {
+        let (url, _server) =
+            one_shot_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi".to_vec()).await;
+        let tool = HttpFetch::new(10, NetPolicy::default()).unwrap();
+        let port = url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_owned();
+        for target in [
+            url.clone(),
+            format!("http://localhost:{port}/"),
+            "http://169.254.169.254/latest/meta-data/".to_owned(),
+            "http://[fd00:ec2::254]/".to_owned(),
+        ] {
+            let err = tool
+                .call(json!({"url": target}), ToolContext::detached())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "access_denied", "{target}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_a_refused_address_is_refused() {
+        let (url, _server) = one_shot_server(
+            b"HTTP/1.1 302 Found\r\nlocation: http://169.254.169.254/latest/meta-data/\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        )
+        .await;
+        let tool = HttpFetch::new(10, loopback_allowed()).unwrap();
+        let err = tool
+            .call(json!({"url": url}), ToolContext::detached())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "access_denied", "{err}");
+        assert!(err.to_string().contains("169.254.169.254"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_denied_host_is_refused_before_any_lookup() {
+        let policy = NetPolicy::new(&[], &["*.internal.example".to_owned()]).unwrap();
+        let tool = HttpFetch::new(10, policy).unwrap();
+        let err = tool
+            .call(
+                json!({"url": "http://db.internal.example/"}),
+                ToolContext::detached(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "access_denied", "{err}");
     }
 }

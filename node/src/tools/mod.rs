@@ -18,6 +18,7 @@ pub mod basic;
 pub mod files;
 pub mod http;
 pub mod llm;
+pub mod netpolicy;
 pub mod shell;
 pub mod system;
 
@@ -154,7 +155,10 @@ impl Registry {
         r.add(basic::Echo);
         r.add(basic::Noop);
         r.add(basic::Sleep);
-        r.add(http::HttpFetch::new(config.http_fetch_max_body_bytes)?);
+        r.add(http::HttpFetch::new(
+            config.http_fetch_max_body_bytes,
+            config.http_fetch_policy.clone(),
+        )?);
         let roots = files::FileRoots::new(config.file_roots.clone());
         r.add(files::Sha256::new(roots.clone()));
         if !roots.is_empty() {

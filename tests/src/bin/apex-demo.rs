@@ -92,7 +92,14 @@ async fn run(args: Args) -> Result<bool> {
     for i in 1..=args.nodes {
         let opts = NodeOptions::named(&format!("demo-node-{i}"))
             .concurrency(args.concurrency)
-            .args(["--file-root".to_owned(), root.display().to_string()]);
+            .args([
+                "--file-root".to_owned(),
+                root.display().to_string(),
+                // The demo fetches the hub's own /health, on loopback, which http_fetch
+                // refuses by default.
+                "--http-fetch-allow".to_owned(),
+                "127.0.0.1".to_owned(),
+            ]);
         let node = Node::start(&hub, opts).await?;
         eprintln!(
             "node {} online as {} (pid {})",
