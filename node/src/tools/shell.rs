@@ -1,6 +1,15 @@
 //! `shell`: runs an allow-listed program directly (no shell interpretation) and captures its
 //! output. The child is killed when the task is cancelled or times out.
+//!
+//! The allow-list is of executables, not of names: each entry (a name looked up in the node's
+//! `PATH`, or a path) is resolved once at start to its canonical file, and a task's `command`
+//! is resolved the same way and must land on one of those files; the resolved file is what
+//! runs (with `argv[0]` as the task gave it), so a `PATH` entry or a symlink added later cannot
+//! swap in another program. Arguments go to the program as they are, never through a shell.
+//! The program's environment is cleared except for [`PASSED_ENV`] (taken from the node's
+//! own environment when set), and `PATH` is [`CHILD_PATH`] when the node has none.
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use schemars::JsonSchema;
@@ -9,7 +18,33 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{Error, Tool, ToolContext, ToolFuture, encode_bytes, parse_args, schema_of};
-use crate::config::ENV_PREFIX;
+
+/// The environment variables a program run by `shell` keeps from the node's environment;
+/// everything else (the node's key and settings among them) is removed.
+pub const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR"];
+
+/// `PATH` of the program when the node has none.
+pub const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The canonical executable file `program` names: a path (with a `/`) as it is, a bare name
+/// looked up in the directories of `path` (the node's `PATH`); `None` if there is no such
+/// executable regular file.
+pub fn resolve_program(program: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| -> Option<PathBuf> {
+        let c = std::fs::canonicalize(p).ok()?;
+        let m = std::fs::metadata(&c).ok()?;
+        (m.is_file() && m.permissions().mode() & 0o111 != 0).then_some(c)
+    };
+    if program.is_empty() {
+        return None;
+    }
+    if program.contains('/') {
+        return executable(Path::new(program));
+    }
+    let dirs = path.map_or_else(|| std::ffi::OsString::from(CHILD_PATH), ToOwned::to_owned);
+    std::env::split_paths(&dirs).find_map(|d| executable(&d.join(program)))
+}
 
 /// Most bytes kept of each of stdout and stderr (1 MiB); the rest is read and discarded.
 pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
@@ -32,13 +67,30 @@ pub struct ShellArgs {
 /// stderr_truncated}`. A program that exits non-zero is still a successful task: the caller
 /// reads `exit_code`.
 pub struct Shell {
-    allowed: Vec<String>,
+    /// Canonical executable files.
+    allowed: Vec<PathBuf>,
 }
 
 impl Shell {
-    /// A runner for the programs in `allowed` (exact match of `command`).
+    /// A runner for the programs in `allowed` (names or paths), each resolved now to its
+    /// canonical executable ([`resolve_program`]); an entry that resolves to nothing is left
+    /// out, with a warning.
     pub fn new(allowed: Vec<String>) -> Self {
-        Self { allowed }
+        let path = std::env::var_os("PATH");
+        let mut files = Vec::with_capacity(allowed.len());
+        for name in allowed {
+            match resolve_program(&name, path.as_deref()) {
+                Some(f) if !files.contains(&f) => files.push(f),
+                Some(_) => {}
+                None => tracing::warn!(program = %name, "allowed program not found: left out"),
+            }
+        }
+        Self { allowed: files }
+    }
+
+    /// The canonical executables this runner may start.
+    pub fn allowed(&self) -> &[PathBuf] {
+        &self.allowed
     }
 }
 
@@ -61,20 +113,24 @@ impl Tool for Shell {
                     "`command` must not be empty".into(),
                 ));
             }
-            if !allowed.contains(&args.command) {
+            let resolved = resolve_program(&args.command, std::env::var_os("PATH").as_deref())
+                .filter(|f| allowed.contains(f));
+            let Some(program) = resolved else {
                 return Err(Error::AccessDenied(format!(
                     "program `{}` is not on the node's allow-list",
                     args.command
                 )));
-            }
-            run(args).await
+            };
+            run(&program, args).await
         })
     }
 }
 
-async fn run(args: ShellArgs) -> Result<Value, Error> {
-    let mut cmd = tokio::process::Command::new(&args.command);
-    cmd.args(&args.args)
+async fn run(program: &Path, args: ShellArgs) -> Result<Value, Error> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg0(&args.command)
+        .args(&args.args)
+        .env_clear()
         .stdin(if args.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -83,11 +139,14 @@ async fn run(args: ShellArgs) -> Result<Value, Error> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // The node's own settings (its key among them) are not the program's business.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with(ENV_PREFIX) {
-            cmd.env_remove(k);
+    // Only the documented variables pass; the node's key and settings never do.
+    for k in PASSED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
         }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", CHILD_PATH);
     }
     let mut child = cmd
         .spawn()
@@ -259,5 +318,85 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(gone, "child {pid} still running");
+    }
+
+    #[tokio::test]
+    async fn the_allow_list_is_of_resolved_executables() {
+        let s = shell();
+        let sh = resolve_program("sh", std::env::var_os("PATH").as_deref()).unwrap();
+        assert!(
+            s.allowed().contains(&sh),
+            "names resolve to canonical files"
+        );
+        // The same executable by its path is the same program.
+        let out = s
+            .call(
+                json!({"command": sh.display().to_string(), "args": ["-c", "echo ok"]}),
+                ToolContext::detached(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["stdout"], "ok\n");
+        // A program of the same name elsewhere is not: a look-alike `echo` in a temp dir.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("echo");
+        std::fs::write(&fake, "#!/bin/sh\necho pwned\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let err = s
+            .call(
+                json!({"command": fake.display().to_string()}),
+                ToolContext::detached(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "access_denied");
+        // A symlink to an allowed program is that program (resolved), one to another is not.
+        let link = dir.path().join("my-sh");
+        std::os::unix::fs::symlink(&sh, &link).unwrap();
+        assert!(
+            s.call(
+                json!({"command": link.display().to_string(), "args": ["-c", "true"]}),
+                ToolContext::detached(),
+            )
+            .await
+            .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_environment_is_cleared_but_for_the_documented_list() {
+        // What `sh` sets by itself.
+        let shell_own = ["PWD", "SHLVL", "_", "OLDPWD"];
+        let parent: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| !PASSED_ENV.contains(&k.as_str()) && !shell_own.contains(&k.as_str()))
+            .collect();
+        assert!(
+            !parent.is_empty(),
+            "the test runs with variables beyond the list"
+        );
+        let out = shell()
+            .call(
+                json!({"command": "sh", "args": ["-c", "env"]}),
+                ToolContext::detached(),
+            )
+            .await
+            .unwrap();
+        let env = out["stdout"].as_str().unwrap();
+        for k in &parent {
+            assert!(
+                !env.lines().any(|l| l.starts_with(&format!("{k}="))),
+                "{k} leaked"
+            );
+        }
+        for line in env.lines() {
+            let name = line.split('=').next().unwrap();
+            assert!(
+                PASSED_ENV.contains(&name) || shell_own.contains(&name),
+                "unexpected variable {name} in {env}"
+            );
+        }
+        assert!(env.lines().any(|l| l.starts_with("PATH=")));
     }
 }
