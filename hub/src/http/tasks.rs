@@ -6,12 +6,12 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
@@ -21,6 +21,7 @@ use super::{ApiError, AppState, Pagination};
 use crate::config::Config;
 use crate::engine::SubmitError;
 use crate::model::{TaskEvent, TaskSpec, TaskStatus};
+use crate::principal::Principal;
 use crate::store::TaskFilter;
 use crate::tasks::Error as TaskError;
 
@@ -298,8 +299,10 @@ fn sse_event(e: &TaskEvent) -> Event {
 /// after the terminal event (or when the hub shuts down). Each event's SSE `id` is its `seq`:
 /// a reconnecting client sending `Last-Event-ID` gets only newer events, and 204 No Content
 /// (which stops browser `EventSource` retries) once the task has ended and nothing is newer.
+/// The stream also ends when the caller's credential is revoked (logout, key deleted).
 pub async fn events(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -312,6 +315,7 @@ pub async fn events(
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let stream = ReceiverStream::new(rx).map(|e| Ok::<_, Infallible>(sse_event(&e)));
+    let stream = super::auth::until_revoked(&state, principal, stream);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
