@@ -366,7 +366,7 @@ impl Config {
             .merge(
                 Env::prefixed("APEX_")
                     .split("__")
-                    .filter(move |k| known.iter().any(|x| k.as_str().starts_with(x.as_str()))),
+                    .filter(move |k| names_config_key(k.as_str(), &known)),
             )
             .merge(Serialized::defaults(cli));
         let cfg: Config = fig
@@ -550,6 +550,15 @@ impl Config {
     }
 }
 
+/// Whether an `APEX_` variable, prefix stripped and `__` already turned into `.` (as figment
+/// hands it over, in the case it was written: `HEARTBEAT_TIMEOUT_MS`, `AUTH.JWT_SECRET_ENV`),
+/// names a top-level key of `known` or a key nested in one. Compared ignoring ASCII case,
+/// since variables are upper case and keys lower case.
+fn names_config_key(var: &str, known: &[String]) -> bool {
+    let top = var.split('.').next().unwrap_or(var);
+    known.iter().any(|k| k.eq_ignore_ascii_case(top))
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -708,6 +717,17 @@ mod tests {
         with(1024).validate().unwrap();
         let e = with(1025).validate().unwrap_err().to_string();
         assert!(e.contains("worker_threads"), "{e}");
+    }
+
+    #[test]
+    fn environment_variables_are_matched_to_keys_whatever_their_case() {
+        let known = ["heartbeat_timeout_ms".to_owned(), "auth".to_owned()];
+        assert!(names_config_key("HEARTBEAT_TIMEOUT_MS", &known));
+        assert!(names_config_key("AUTH.JWT_SECRET_ENV", &known));
+        assert!(names_config_key("auth.access_token_ttl_secs", &known));
+        assert!(!names_config_key("HEARTBEAT", &known));
+        assert!(!names_config_key("AUTHOR", &known));
+        assert!(!names_config_key("BIN_DIR", &known));
     }
 
     #[test]
