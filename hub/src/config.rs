@@ -152,6 +152,9 @@ pub struct AuthConfig {
     pub refresh_token_ttl_secs: u64,
 }
 
+/// Shortest accepted HS256 secret, in bytes.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
@@ -191,6 +194,28 @@ impl AuthConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The HS256 secret from the variable `jwt_secret_env` names; `Ok(None)` when
+    /// `jwt_secret_env` is not set (the secret is then generated and stored).
+    ///
+    /// # Errors
+    /// One line naming the variable when it is not set or holds fewer than
+    /// [`MIN_JWT_SECRET_BYTES`] bytes (`main.rs` exits 64 with it, before listening).
+    pub fn env_secret(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(name) = &self.jwt_secret_env else {
+            return Ok(None);
+        };
+        let value = std::env::var(name).map_err(|_| {
+            format!("`auth.jwt_secret_env` names the environment variable {name}, which is not set")
+        })?;
+        if value.len() < MIN_JWT_SECRET_BYTES {
+            return Err(format!(
+                "the environment variable {name} (`auth.jwt_secret_env`) must hold at least \
+                 {MIN_JWT_SECRET_BYTES} bytes"
+            ));
+        }
+        Ok(Some(value.into_bytes()))
     }
 
     /// The access token lifetime.

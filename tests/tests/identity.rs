@@ -322,6 +322,33 @@ async fn expired_forged_foreign_and_unsigned_tokens_get_401() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_variable_that_is_missing_or_short_stops_the_hub_before_it_listens() {
+    for (var, value) in [
+        ("APEX_TEST_SURELY_UNSET", None),
+        ("APEX_TEST_SHORT", Some("short")),
+    ] {
+        let mut env = vec![("APEX_AUTH__JWT_SECRET_ENV".to_owned(), var.to_owned())];
+        if let Some(v) = value {
+            env.push((var.to_owned(), v.to_owned()));
+        }
+        let e = Hub::start(HubOptions {
+            env,
+            ..HubOptions::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        // The config error's line (exit 64), before the `listening on` line.
+        assert!(e.contains("before printing `listening on`"), "{e}");
+        assert!(e.contains("apex-hub: invalid configuration:"), "{e}");
+        assert!(
+            e.contains("`auth.jwt_secret_env`") && e.contains(var),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managed_keys_have_their_scopes_only_and_expire() {
     let hub = Hub::start_default().await.unwrap();
     let admin = Some(hub.api_key());

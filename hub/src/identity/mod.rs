@@ -67,7 +67,7 @@ pub const SECRET: Kind = "secret";
 const JWT_SECRET_ID: &str = "jwt_hs256";
 
 /// Shortest accepted HS256 secret, in bytes.
-const MIN_SECRET_BYTES: usize = 32;
+const MIN_SECRET_BYTES: usize = crate::config::MIN_JWT_SECRET_BYTES;
 
 /// Why an identity operation failed. `http::identity` maps each to its status.
 #[derive(Debug, thiserror::Error)]
@@ -236,19 +236,8 @@ impl Identity {
 /// The signing secret: from the variable `auth.jwt_secret_env` names, else the one in the
 /// records (generated and stored with `create` by the first hub, read by the others).
 async fn load_secret(records: &RecordStore, config: &AuthConfig) -> Result<Vec<u8>, Error> {
-    if let Some(name) = &config.jwt_secret_env {
-        let value = std::env::var(name).map_err(|_| {
-            Error::Setup(format!(
-                "`auth.jwt_secret_env` names the environment variable {name}, which is not set"
-            ))
-        })?;
-        if value.len() < MIN_SECRET_BYTES {
-            return Err(Error::Setup(format!(
-                "the environment variable {name} (`auth.jwt_secret_env`) must hold at least \
-                 {MIN_SECRET_BYTES} bytes"
-            )));
-        }
-        return Ok(value.into_bytes());
+    if let Some(secret) = config.env_secret().map_err(Error::Setup)? {
+        return Ok(secret);
     }
     let fresh = random_hex(MIN_SECRET_BYTES);
     if records
