@@ -125,6 +125,108 @@ pub struct Config {
     /// `tokens_per_day`, `max_concurrent_streams`; 0 is unlimited); see
     /// [`NodeLlmQuotas`](crate::llm::node_proxy::NodeLlmQuotas).
     pub node_llm: crate::llm::node_proxy::NodeLlmQuotas,
+    /// Users, access tokens and refresh tokens (`[auth]`: `jwt_secret_env`,
+    /// `access_token_ttl_secs`, `refresh_token_ttl_secs`; `APEX_AUTH__<KEY>`); see
+    /// [`AuthConfig`]. Not reloadable.
+    pub auth: AuthConfig,
+}
+
+/// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
+///
+/// The signing secret itself is never a config value (so `GET /v1/config` cannot show it):
+/// it comes from the environment variable `jwt_secret_env` names, or is generated once and
+/// kept in the record store, where every hub of a shared cluster finds the same one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Name of the environment variable holding the HS256 secret of access tokens (at least
+    /// 32 bytes), e.g. `APEX_JWT_SECRET`. The hub does not start if it is set and the variable
+    /// is missing or too short. Default none: a random secret generated once and kept in the
+    /// record store (`records.redb`, or Redis), so tokens survive restarts (not with the
+    /// `memory` store).
+    pub jwt_secret_env: Option<String>,
+    /// Lifetime of an access token (JWT), in seconds. 1 to 86400. Default 1800.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of a refresh token, in seconds; each refresh rotates it and starts a new
+    /// lifetime. At least `access_token_ttl_secs`, at most 31536000. Default 604800 (7 days).
+    pub refresh_token_ttl_secs: u64,
+}
+
+/// Shortest accepted HS256 secret, in bytes.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret_env: None,
+            access_token_ttl_secs: 1800,
+            refresh_token_ttl_secs: 604_800,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Checks the values (not the variable `jwt_secret_env` names: the hub reads it at start).
+    ///
+    /// # Errors
+    /// `(key, reason)` for a value out of range.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(name) = &self.jwt_secret_env
+            && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err((
+                "auth.jwt_secret_env",
+                "must be an environment variable name (letters, digits, `_`)".to_owned(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.access_token_ttl_secs) {
+            return Err((
+                "auth.access_token_ttl_secs",
+                "must be 1 to 86400 (one day)".to_owned(),
+            ));
+        }
+        if self.refresh_token_ttl_secs < self.access_token_ttl_secs
+            || self.refresh_token_ttl_secs > 31_536_000
+        {
+            return Err((
+                "auth.refresh_token_ttl_secs",
+                "must be at least access_token_ttl_secs and at most 31536000 (one year)".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The HS256 secret from the variable `jwt_secret_env` names; `Ok(None)` when
+    /// `jwt_secret_env` is not set (the secret is then generated and stored).
+    ///
+    /// # Errors
+    /// One line naming the variable when it is not set or holds fewer than
+    /// [`MIN_JWT_SECRET_BYTES`] bytes (`main.rs` exits 64 with it, before listening).
+    pub fn env_secret(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(name) = &self.jwt_secret_env else {
+            return Ok(None);
+        };
+        let value = std::env::var(name).map_err(|_| {
+            format!("`auth.jwt_secret_env` names the environment variable {name}, which is not set")
+        })?;
+        if value.len() < MIN_JWT_SECRET_BYTES {
+            return Err(format!(
+                "the environment variable {name} (`auth.jwt_secret_env`) must hold at least \
+                 {MIN_JWT_SECRET_BYTES} bytes"
+            ));
+        }
+        Ok(Some(value.into_bytes()))
+    }
+
+    /// The access token lifetime.
+    pub fn access_ttl(&self) -> Duration {
+        Duration::from_secs(self.access_token_ttl_secs)
+    }
+
+    /// The refresh token lifetime.
+    pub fn refresh_ttl(&self) -> Duration {
+        Duration::from_secs(self.refresh_token_ttl_secs)
+    }
 }
 
 impl Default for Config {
@@ -162,6 +264,7 @@ impl Default for Config {
             metrics_listen: None,
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -288,7 +391,7 @@ impl Config {
             .merge(
                 Env::prefixed("APEX_")
                     .split("__")
-                    .filter(move |k| known.iter().any(|x| k.as_str().starts_with(x.as_str()))),
+                    .filter(move |k| names_config_key(k.as_str(), &known)),
             )
             .merge(Serialized::defaults(cli));
         let cfg: Config = fig
@@ -430,6 +533,9 @@ impl Config {
         if let Err((field, reason)) = self.node_llm.validate() {
             return Err(Error::Invalid { field, reason });
         }
+        if let Err((field, reason)) = self.auth.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
         Ok(())
     }
 
@@ -467,6 +573,15 @@ impl Config {
     pub fn store_kind(&self) -> crate::durable::StoreKind {
         crate::durable::StoreKind::parse(&self.store).unwrap_or(crate::durable::StoreKind::Embedded)
     }
+}
+
+/// Whether an `APEX_` variable, prefix stripped and `__` already turned into `.` (as figment
+/// hands it over, in the case it was written: `HEARTBEAT_TIMEOUT_MS`, `AUTH.JWT_SECRET_ENV`),
+/// names a top-level key of `known` or a key nested in one. Compared ignoring ASCII case,
+/// since variables are upper case and keys lower case.
+fn names_config_key(var: &str, known: &[String]) -> bool {
+    let top = var.split('.').next().unwrap_or(var);
+    known.iter().any(|k| k.eq_ignore_ascii_case(top))
 }
 
 fn one_line(s: &str) -> String {
@@ -627,6 +742,71 @@ mod tests {
         with(1024).validate().unwrap();
         let e = with(1025).validate().unwrap_err().to_string();
         assert!(e.contains("worker_threads"), "{e}");
+    }
+
+    #[test]
+    fn environment_variables_are_matched_to_keys_whatever_their_case() {
+        let known = ["heartbeat_timeout_ms".to_owned(), "auth".to_owned()];
+        assert!(names_config_key("HEARTBEAT_TIMEOUT_MS", &known));
+        assert!(names_config_key("AUTH.JWT_SECRET_ENV", &known));
+        assert!(names_config_key("auth.access_token_ttl_secs", &known));
+        assert!(!names_config_key("HEARTBEAT", &known));
+        assert!(!names_config_key("AUTHOR", &known));
+        assert!(!names_config_key("BIN_DIR", &known));
+    }
+
+    #[test]
+    fn the_auth_section_has_documented_defaults_and_bounds() {
+        let a = AuthConfig::default();
+        assert_eq!(a.access_token_ttl_secs, 1800);
+        assert_eq!(a.refresh_token_ttl_secs, 604_800);
+        assert_eq!(a.jwt_secret_env, None);
+        let with = |auth: AuthConfig| Config {
+            auth,
+            ..Config::default()
+        };
+        for (bad, key) in [
+            (
+                AuthConfig {
+                    access_token_ttl_secs: 0,
+                    ..AuthConfig::default()
+                },
+                "auth.access_token_ttl_secs",
+            ),
+            (
+                AuthConfig {
+                    refresh_token_ttl_secs: 10,
+                    ..AuthConfig::default()
+                },
+                "auth.refresh_token_ttl_secs",
+            ),
+            (
+                AuthConfig {
+                    jwt_secret_env: Some("NOT A NAME".into()),
+                    ..AuthConfig::default()
+                },
+                "auth.jwt_secret_env",
+            ),
+        ] {
+            let e = with(bad).validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let dir = std::env::temp_dir().join(format!("apex-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hub.toml");
+        std::fs::write(
+            &f,
+            "[auth]\njwt_secret_env = \"APEX_JWT_SECRET\"\naccess_token_ttl_secs = 60\n",
+        )
+        .unwrap();
+        let c = Config::load(&Cli {
+            config: Some(f),
+            ..Cli::default()
+        })
+        .unwrap();
+        assert_eq!(c.auth.jwt_secret_env.as_deref(), Some("APEX_JWT_SECRET"));
+        assert_eq!(c.auth.access_ttl(), Duration::from_secs(60));
+        assert_eq!(c.auth.refresh_token_ttl_secs, 604_800);
     }
 
     #[test]

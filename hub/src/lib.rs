@@ -7,6 +7,7 @@ pub mod durable;
 pub mod engine;
 pub mod events;
 pub mod http;
+pub mod identity;
 pub mod llm;
 pub mod metrics;
 pub mod model;
@@ -119,6 +120,13 @@ pub async fn run_with(
     let records = records::RecordStore::open(&config.store_kind(), &config.data_dir)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let identity = identity::Identity::open(records.clone(), &config.auth)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    identity
+        .warm()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
     let began = Instant::now();
     cluster.restore_nodes(opened.nodes);
@@ -165,7 +173,9 @@ pub async fn run_with(
         Some(redis) => tasks::TaskService::shared(cluster.clone(), redis.clone(), stop_rx.clone()),
         None => tasks::TaskService::local(cluster.clone(), stop_rx.clone()),
     };
+    let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let state = AppState {
+        identity,
         records,
         shared: shared_redis,
         tasks,
@@ -177,6 +187,7 @@ pub async fn run_with(
         ops: ops.clone(),
     };
     let mut background = ops.start(&cluster, &stop_rx);
+    background.push(identity_sync);
     // Shared mode's graceful exit: hand back, drain, then leave (see `shared::drain`).
     let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));
     if let Some(h) = shared {

@@ -105,6 +105,12 @@ async fn serve(cli: Cli, mut config: Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The access-token secret's variable is read again by `run`; checked here so a missing
+    // one is a config error before the hub listens.
+    if let Err(e) = config.auth.env_secret() {
+        eprintln!("apex-hub: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let opened = match apex_hub::open_store(&config).await {
         Ok(o) => o,
         Err(e) => {

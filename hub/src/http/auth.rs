@@ -1,4 +1,5 @@
-//! Every key check of the HTTP surface: API keys on the API routes ([`require_api_key`]), node
+//! Every credential check of the HTTP surface: API keys, managed keys and access tokens on the
+//! API routes ([`authenticate`], then [`require_scope`] per route), node
 //! keys on the node channel and node or API keys on the log channel (their upgrade handlers
 //! call [`key_matches`] with the key of [`bearer`] or [`path_key`]), the 401 each answers, and
 //! [`redact_path`], which hides a key-in-path segment wherever a request path is logged,
@@ -17,7 +18,10 @@ use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::principal::Principal;
+use crate::identity::Refusal;
+#[cfg(doc)]
+use crate::identity::Session;
+use crate::principal::{Principal, Scope};
 
 /// The prefixes of a key-in-path segment, as accepted (case-sensitive).
 const PATH_KEY_PREFIXES: [&str; 2] = ["VCP_Key=", "ABP_Key="];
@@ -110,24 +114,92 @@ fn hex(d: u8) -> Option<u8> {
         .and_then(|v| u8::try_from(v).ok())
 }
 
-/// Middleware of the API routes: the request goes on with a valid API key in
-/// `Authorization: Bearer <api key>`, carrying its [`Principal`] in the request's extensions
-/// (handlers take `Extension<Principal>`).
+/// Middleware of the API routes, the one place a bearer credential becomes a [`Principal`]
+/// (put in the request's extensions; handlers take `Extension<Principal>`):
+/// - a key of the config file (`api_keys`, compared in constant time): [`Principal::admin`];
+/// - a managed key (`apex_<id>_<secret>`): its scopes, `key:<id>`;
+/// - an access token (JWT of `/api/v1/auth/*`): [`Principal::user`], with the token's
+///   [`Session`] as a second extension (`/auth/me`, `/auth/logout`).
+///
+/// Managed keys and tokens are checked in memory ([`crate::identity::Identity::authenticate`]),
+/// revocations included. Scopes are checked after this, per route ([`require_scope`]).
 ///
 /// # Errors
-/// 401 `invalid_api_key` ([`ApiError::unauthorized`]).
-pub(super) async fn require_api_key(
+/// 401 ([`refused`]) for a missing, unknown, expired or revoked credential.
+pub(super) async fn authenticate(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match bearer(req.headers()) {
-        Some(k) if key_matches(&state.config.api_keys, k) => {
-            req.extensions_mut().insert(Principal::admin());
-            Ok(next.run(req).await)
-        }
-        _ => Err(ApiError::unauthorized()),
+    let Some(credential) = bearer(req.headers()).filter(|c| !c.is_empty()) else {
+        return Err(ApiError::unauthorized());
+    };
+    if key_matches(&state.config.api_keys, credential) {
+        req.extensions_mut().insert(Principal::admin());
+        return Ok(next.run(req).await);
     }
+    let auth = state.identity.authenticate(credential).map_err(refused)?;
+    req.extensions_mut().insert(auth.principal);
+    if let Some(session) = auth.session {
+        req.extensions_mut().insert(session);
+    }
+    Ok(next.run(req).await)
+}
+
+/// The 401 of a refused credential: `invalid_api_key` (unknown or malformed; the message says
+/// to send a key or a token), `token_expired` (refresh it), `token_revoked` (log in again),
+/// `key_expired`.
+pub fn refused(why: Refusal) -> ApiError {
+    let (code, message) = match why {
+        Refusal::Invalid => return ApiError::unauthorized(),
+        Refusal::Expired => (
+            "token_expired",
+            "the access token has expired: get a new one at POST /api/v1/auth/refresh",
+        ),
+        Refusal::Revoked => (
+            "token_revoked",
+            "the access token was revoked (logout or refresh-token reuse): log in again",
+        ),
+        Refusal::KeyExpired => ("key_expired", "the API key has expired"),
+    };
+    ApiError::custom(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        code,
+        message,
+        None,
+    )
+}
+
+/// Route layer after [`authenticate`]: the request goes on if its principal has `scope`
+/// (`admin` has every scope). Used as `middleware::from_fn_with_state(scope, require_scope)`.
+///
+/// # Errors
+/// 403 `missing_scope` naming the scope ([`ApiError::missing_scope`]); 401 without a
+/// principal (a route that skipped authentication).
+pub(super) async fn require_scope(
+    State(scope): State<Scope>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    match req.extensions().get::<Principal>() {
+        Some(p) if p.has(scope) => Ok(next.run(req).await),
+        Some(_) => Err(ApiError::missing_scope(scope)),
+        None => Err(ApiError::unauthorized()),
+    }
+}
+
+/// `stream` until `principal`'s credential is revoked (logout, key deletion), at this hub or
+/// another: long-lived responses (SSE) of a revoked credential end within one revocation poll.
+pub fn until_revoked<S>(
+    state: &AppState,
+    principal: Principal,
+    stream: S,
+) -> impl futures::Stream<Item = S::Item> + Send + 'static
+where
+    S: futures::Stream + Send + 'static,
+{
+    futures::StreamExt::take_until(stream, state.identity.revoked(principal))
 }
 
 /// 401 `invalid_node_key` of the node channel at `prefix` (e.g. `/distributed-server`): the

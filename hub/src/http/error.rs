@@ -47,14 +47,26 @@ impl ApiError {
         }
     }
 
-    /// 401: missing or wrong API key.
+    /// 401: no credential, or one that is neither an API key nor a valid access token.
     pub fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
             kind: "authentication_error",
             code: "invalid_api_key",
-            message: "missing or invalid API key: send `Authorization: Bearer <api key>`"
+            message: "missing or invalid credential: send `Authorization: Bearer <api key or \
+                      access token>`"
                 .to_owned(),
+            param: None,
+        }
+    }
+
+    /// 403 `missing_scope`: the credential is valid but lacks `scope` for this route.
+    pub fn missing_scope(scope: crate::principal::Scope) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            code: "missing_scope",
+            message: format!("this route needs the `{scope}` scope, which the credential lacks"),
             param: None,
         }
     }

@@ -14,12 +14,14 @@
 //!   the lists).
 //!
 //! `?topics=nodes`, `?topics=tasks` or `?topics=nodes,tasks` (default) choose what to receive.
-//! The hub never waits for a slow client: each one reads bounded broadcast channels.
+//! The hub never waits for a slow client: each one reads bounded broadcast channels. A stream
+//! ends when the caller's credential is revoked (logout, key deleted), at this hub or another.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -32,6 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{ApiError, AppState};
 use crate::metrics;
 use crate::model::Rfc3339;
+use crate::principal::Principal;
 
 /// `/v1/events` streams open in this process.
 static OPEN: AtomicU64 = AtomicU64::new(0);
@@ -74,6 +77,7 @@ fn message(event: &str, payload: Value, at: SystemTime) -> Value {
 /// `GET /v1/events[?topics=nodes,tasks]`.
 pub async fn stream(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     q: Result<Query<EventsParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
@@ -135,7 +139,8 @@ pub async fn stream(
             }
         }
     });
-    Ok(Sse::new(ReceiverStream::new(rx))
+    let stream = super::auth::until_revoked(&state, principal, ReceiverStream::new(rx));
+    Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
 }

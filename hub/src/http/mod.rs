@@ -8,6 +8,8 @@ mod config;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod identity;
+pub mod keys;
 mod llm;
 pub mod log_channel;
 pub mod node_channel;
@@ -23,7 +25,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use serde_json::json;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
@@ -34,6 +36,7 @@ use crate::config::Config;
 use crate::engine::Cluster;
 use crate::model::TaskStatus;
 use crate::ops::Ops;
+use crate::principal::Scope;
 pub use error::ApiError;
 
 /// What every handler can reach.
@@ -57,6 +60,8 @@ pub struct AppState {
     pub shared: Option<Arc<crate::shared::SharedRedis>>,
     /// Records other than tasks (users, keys, revocations), in the tasks' backend.
     pub records: crate::records::RecordStore,
+    /// Users, tokens, managed keys and revocations (over `records`).
+    pub identity: crate::identity::Identity,
 }
 
 impl AppState {
@@ -79,6 +84,8 @@ impl AppState {
             config.node_llm.clone(),
             llm.clone(),
         ));
+        let records = crate::records::RecordStore::memory();
+        let identity = crate::identity::Identity::ephemeral(records.clone(), &config.auth);
         Self {
             tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone()),
             ops: Ops::new(config.clone(), None),
@@ -88,7 +95,8 @@ impl AppState {
             config,
             shutdown,
             shared: None,
-            records: crate::records::RecordStore::memory(),
+            records,
+            identity,
         }
     }
 }
@@ -252,46 +260,100 @@ async fn no_route(uri: Uri) -> ApiError {
     ApiError::no_route(uri.path())
 }
 
+/// `route` behind the scope check: only principals with `scope` reach it (403
+/// `missing_scope` otherwise). Every API route is wrapped in one of these or listed in
+/// [`router`] as needing no scope.
+fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    route.route_layer(middleware::from_fn_with_state(scope, auth::require_scope))
+}
+
 /// The hub's whole HTTP router (API routes, `/health`, and the node channel upgrades).
+///
+/// Every API route is authenticated ([`auth::authenticate`]) and declares its scope here:
+///
+/// | routes | scope |
+/// | --- | --- |
+/// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
+/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt` | `chat` |
+/// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
+/// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
+/// | `/v1/config…` (and `/api/admin/config…`) | `config` |
+/// | `/v1/keys…` | `admin` |
+/// | `/metrics`, `/api/v1/auth/me`, `/api/v1/auth/logout` | none (any credential) |
+///
+/// `/health`, `POST /api/v1/auth/{register,login,refresh}`, the node and log channels and the
+/// dashboard assets take no bearer credential.
 pub fn router(state: AppState) -> Router {
+    use Scope::{Admin, Chat, Config, NodesRead, NodesWrite, Tasks};
     let mut api = Router::new()
-        .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
-        .route("/api/v1/tasks/batch", post(tasks::create_batch))
-        .route("/api/v1/tasks/{id}", get(tasks::get))
-        .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
-        .route("/api/v1/tasks/{id}/events", get(tasks::events))
-        .route("/api/v1/system/status", get(system::status))
-        .route("/v1/events", get(events::stream))
+        .route(
+            "/api/v1/tasks",
+            needs(Tasks, post(tasks::create).get(tasks::list)),
+        )
+        .route(
+            "/api/v1/tasks/batch",
+            needs(Tasks, post(tasks::create_batch)),
+        )
+        .route("/api/v1/tasks/{id}", needs(Tasks, get(tasks::get)))
+        .route(
+            "/api/v1/tasks/{id}/cancel",
+            needs(Tasks, post(tasks::cancel)),
+        )
+        .route(
+            "/api/v1/tasks/{id}/events",
+            needs(Tasks, get(tasks::events)),
+        )
+        .route(
+            "/api/v1/system/status",
+            needs(NodesRead, get(system::status)),
+        )
+        .route("/v1/events", needs(NodesRead, get(events::stream)))
         .route("/metrics", get(metrics))
-        .route("/v1/chat/completions", post(llm::chat_completions))
-        .route("/v1/models", get(llm::models))
-        .route("/v1/models/{*id}", get(llm::model))
-        .route("/v1/interrupt", post(llm::interrupt));
+        .route(
+            "/v1/chat/completions",
+            needs(Chat, post(llm::chat_completions)),
+        )
+        .route("/v1/models", needs(Chat, get(llm::models)))
+        .route("/v1/models/{*id}", needs(Chat, get(llm::model)))
+        .route("/v1/interrupt", needs(Chat, post(llm::interrupt)))
+        .route("/v1/keys", needs(Admin, post(keys::create).get(keys::list)))
+        .route("/v1/keys/{id}", needs(Admin, delete(keys::remove)))
+        .merge(identity::user_routes());
     for base in ["/v1/nodes", "/api/admin/nodes"] {
         api = api
-            .route(base, get(nodes::list))
+            .route(base, needs(NodesRead, get(nodes::list)))
             .route(
                 &format!("{base}/{{id}}"),
-                get(nodes::get).delete(nodes::remove),
+                needs(NodesRead, get(nodes::get)).merge(needs(NodesWrite, delete(nodes::remove))),
             )
             .route(
                 &format!("{base}/{{id}}/tasks"),
-                get(nodes::tasks).post(nodes::dispatch),
+                needs(NodesRead, get(nodes::tasks)).merge(needs(Tasks, post(nodes::dispatch))),
             )
-            .route(&format!("{base}/{{id}}/drain"), post(nodes::drain))
-            .route(&format!("{base}/{{id}}/undrain"), post(nodes::undrain));
+            .route(
+                &format!("{base}/{{id}}/drain"),
+                needs(NodesWrite, post(nodes::drain)),
+            )
+            .route(
+                &format!("{base}/{{id}}/undrain"),
+                needs(NodesWrite, post(nodes::undrain)),
+            );
     }
     for base in ["/v1/config", "/api/admin/config"] {
         api = api
-            .route(base, get(config::get).put(config::put))
-            .route(&format!("{base}/reload"), post(config::reload));
+            .route(base, needs(Config, get(config::get).put(config::put)))
+            .route(
+                &format!("{base}/reload"),
+                needs(Config, post(config::reload)),
+            );
     }
     let api = api.route_layer(middleware::from_fn_with_state(
         state.clone(),
-        auth::require_api_key,
+        auth::authenticate,
     ));
     Router::new()
         .route("/health", get(health))
+        .merge(identity::public_routes())
         .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())

@@ -317,6 +317,7 @@ fn sse_event(e: &TaskEvent) -> Event {
 /// after the terminal event (or when the hub shuts down). Each event's SSE `id` is its `seq`:
 /// a reconnecting client sending `Last-Event-ID` gets only newer events, and 204 No Content
 /// (which stops browser `EventSource` retries) once the task has ended and nothing is newer.
+/// The stream also ends when the caller's credential is revoked (logout, key deleted).
 pub async fn events(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -332,6 +333,7 @@ pub async fn events(
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let stream = ReceiverStream::new(rx).map(|e| Ok::<_, Infallible>(sse_event(&e)));
+    let stream = super::auth::until_revoked(&state, caller, stream);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
