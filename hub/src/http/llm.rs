@@ -7,6 +7,7 @@
 //! the first chunk becomes a `data: {"error": {...}}` frame before `[DONE]`.
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -42,7 +43,7 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
 pub(super) async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let header_id = headers
         .get(X_REQUEST_ID)
@@ -50,6 +51,10 @@ pub(super) async fn chat_completions(
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
     let fallback_id = || header_id.clone().unwrap_or_else(new_id);
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return with_request_id(ApiError::from(e).into_response(), &fallback_id()),
+    };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -270,7 +275,14 @@ pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>)
 }
 
 /// `POST /v1/interrupt {"requestId"}` (or `messageId`).
-pub(super) async fn interrupt(State(state): State<AppState>, body: Bytes) -> Response {
+pub(super) async fn interrupt(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let id = ["requestId", "messageId", "request_id"]
         .iter()
@@ -293,10 +305,10 @@ pub(super) async fn interrupt(State(state): State<AppState>, body: Bytes) -> Res
         }))
         .into_response()
     } else {
-        (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"success": false, "requestId": id, "reason": "not_found"})),
-        )
+        // `requestId` and `reason` beside the common shape: VCP clients read them.
+        ApiError::not_found("call", id)
+            .with_field("requestId", id)
+            .with_field("reason", "not_found")
             .into_response()
     }
 }

@@ -244,6 +244,8 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .fallback(no_route)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn(error::shape))
         .with_state(state)
 }
 
@@ -302,7 +304,14 @@ pub fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                // 5xx answers are logged by `error::shape`, with the request id and an
+                // internal error's cause: not a second time here.
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_failure(()),
+                )
+                .layer(middleware::from_fn(error::shape))
                 .layer(middleware::from_fn(track_http))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )
