@@ -26,7 +26,7 @@ use crate::durable::DURABLE_WAIT;
 use crate::engine::{CancelError, Cluster, SubmitError};
 use crate::model::{Task, TaskEvent, TaskSpec};
 use crate::shared::{SharedRedis, SubmittedTask};
-use crate::store::{Page, TaskFilter};
+use crate::store::{Order, Page, TaskFilter};
 
 /// Why the service refused or could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +245,7 @@ impl TaskService {
         }
     }
 
-    /// A page of the tasks matching `filter`, newest first (`page` from 1): every hub's in
+    /// A page of the tasks matching `filter` in `order` (`page` from 1): every hub's in
     /// shared mode, this hub's otherwise. Durable, like [`TaskService::get`].
     ///
     /// # Errors
@@ -253,13 +253,17 @@ impl TaskService {
     pub async fn list(
         &self,
         filter: &TaskFilter,
+        order: Order,
         page: usize,
         limit: usize,
     ) -> Result<Page, Error> {
         match &self.mode {
-            Mode::Shared(redis) => redis.list(filter, page, limit).await.map_err(unavailable),
+            Mode::Shared(redis) => redis
+                .list(filter, order, page, limit)
+                .await
+                .map_err(unavailable),
             Mode::Local => {
-                let (p, ticket) = self.cluster.list_with_ticket(filter, page, limit);
+                let (p, ticket) = self.cluster.list_with_ticket(filter, order, page, limit);
                 self.barrier(ticket).await;
                 Ok(p)
             }

@@ -184,6 +184,65 @@ impl Pagination {
     }
 }
 
+/// The `sort` of a list route: one field the route sorts by, ascending (`sort=created_at`) or
+/// descending with a leading `-` (`sort=-created_at`). Ties keep the route's natural order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sort {
+    /// The field, one of the route's.
+    pub field: &'static str,
+    /// Whether the order is descending (`-field`).
+    pub descending: bool,
+}
+
+impl Sort {
+    /// Newest first: the default of task lists.
+    pub const NEWEST_FIRST: Sort = Sort {
+        field: "created_at",
+        descending: true,
+    };
+
+    /// Parses `sort` against the `fields` a route sorts by; `default` when absent or empty.
+    ///
+    /// # Errors
+    /// 400 naming `sort` for a field the route does not sort by.
+    pub fn parse(
+        value: Option<&str>,
+        fields: &[&'static str],
+        default: Sort,
+    ) -> Result<Self, ApiError> {
+        let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(default);
+        };
+        let (name, descending) = match v.strip_prefix('-') {
+            Some(name) => (name, true),
+            None => (v, false),
+        };
+        fields
+            .iter()
+            .find(|f| **f == name)
+            .map(|field| Sort { field, descending })
+            .ok_or_else(|| {
+                let allowed: Vec<String> = fields
+                    .iter()
+                    .flat_map(|f| [(*f).to_owned(), format!("-{f}")])
+                    .collect();
+                ApiError::invalid(
+                    "sort",
+                    format!("`sort` must be one of {}", allowed.join(", ")),
+                )
+            })
+    }
+
+    /// The store order of a sort by `created_at`.
+    pub fn order(self) -> crate::store::Order {
+        if self.descending {
+            crate::store::Order::NewestFirst
+        } else {
+            crate::store::Order::OldestFirst
+        }
+    }
+}
+
 /// Counts every request in `apex_http_requests_total` by method, matched route pattern (never
 /// the raw path, so no ids) and status.
 async fn track_http(req: Request, next: Next) -> Response {

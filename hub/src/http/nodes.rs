@@ -2,16 +2,19 @@
 //! see it and act on it: list with filters and pagination, one node, its tasks, drain and
 //! undrain, delete (disconnect and forget), and dispatch of a task to one node.
 
+use std::cmp::Ordering;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::tasks::{TaskRequest, submit_one};
-use super::{ApiError, AppState, Pagination};
-use crate::model::NodeState;
+use super::{ApiError, AppState, Pagination, Sort};
+use crate::model::{NodeState, NodeView};
 use crate::store::TaskFilter;
 
 /// Query of `GET /v1/nodes`.
@@ -23,12 +26,90 @@ pub struct ListParams {
     tool: Option<String>,
     page: Option<usize>,
     limit: Option<usize>,
+    sort: Option<String>,
 }
 
-/// `GET /v1/nodes?status=&type=&tool=&page=&limit=`: `{"data": [node, ...], "meta": {total,
-/// page, limit, pages}}`, by id. `status` is `online`, `draining` or `offline`; `type` is
-/// `worker`, `companion` or `custom`; `tool` keeps nodes offering that tool. `limit` defaults to
-/// 100 (at most 1000).
+/// What node lists sort by; each also as `-field` (descending). Ties go by id.
+const SORT_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "connected_at",
+    "last_seen_at",
+    "active_tasks",
+    "load",
+];
+
+/// The default order of node lists: by id.
+const BY_ID: Sort = Sort {
+    field: "id",
+    descending: false,
+};
+
+/// Orders two node views by `sort.field` (one of [`SORT_FIELDS`]), then by id.
+fn cmp_nodes(a: &NodeView, b: &NodeView, sort: Sort) -> Ordering {
+    let by_id = a.id.cmp(&b.id);
+    let primary = match sort.field {
+        "name" => a.name.cmp(&b.name),
+        "connected_at" => a.connected_at.0.cmp(&b.connected_at.0),
+        "last_seen_at" => a
+            .last_seen_at
+            .map(|t| t.0)
+            .cmp(&b.last_seen_at.map(|t| t.0)),
+        "active_tasks" => a.active_tasks.cmp(&b.active_tasks),
+        "load" => a.load.total_cmp(&b.load),
+        _ => by_id,
+    };
+    let primary = if sort.descending {
+        primary.reverse()
+    } else {
+        primary
+    };
+    primary.then(by_id)
+}
+
+/// [`cmp_nodes`] for the JSON views of shared mode (nodes of other hubs): numbers by value,
+/// strings (ids, names, RFC 3339 UTC times, which sort as the times do) by text, a missing or
+/// null field first.
+fn cmp_node_values(a: &Value, b: &Value, sort: Sort) -> Ordering {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Number(_) => 1,
+            Value::String(_) => 2,
+            _ => 0,
+        }
+    }
+    fn cmp_field(a: &Value, b: &Value) -> Ordering {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => x
+                .as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&y.as_f64().unwrap_or(0.0)),
+            (Value::String(x), Value::String(y)) => x.cmp(y),
+            _ => rank(a).cmp(&rank(b)),
+        }
+    }
+    let by_id = cmp_field(&a["id"], &b["id"]);
+    if sort.field == "id" {
+        return if sort.descending {
+            by_id.reverse()
+        } else {
+            by_id
+        };
+    }
+    let primary = cmp_field(&a[sort.field], &b[sort.field]);
+    let primary = if sort.descending {
+        primary.reverse()
+    } else {
+        primary
+    };
+    primary.then(by_id)
+}
+
+/// `GET /v1/nodes?status=&type=&tool=&page=&limit=&sort=`: `{"data": [node, ...], "meta":
+/// {total, page, limit, pages}}`, by id unless `sort` names another field (`name`,
+/// `connected_at`, `last_seen_at`, `active_tasks`, `load`, or `-field` descending). `status` is
+/// `online`, `draining` or `offline`; `type` is `worker`, `companion` or `custom`; `tool` keeps
+/// nodes offering that tool. `limit` defaults to 100 (at most 1000).
 pub async fn list(
     State(state): State<AppState>,
     q: Result<Query<ListParams>, QueryRejection>,
@@ -54,8 +135,9 @@ pub async fn list(
     }
     let tool = q.tool.as_deref().filter(|s| !s.is_empty());
     let pages = Pagination::new(q.page, q.limit, 100)?;
+    let sort = Sort::parse(q.sort.as_deref(), SORT_FIELDS, BY_ID)?;
     if let Some(shared) = &state.shared {
-        let all: Vec<_> = crate::shared::all_node_views(shared, &state.cluster)
+        let mut all: Vec<_> = crate::shared::all_node_views(shared, &state.cluster)
             .await
             .map_err(ApiError::store_unavailable)?
             .into_iter()
@@ -69,6 +151,9 @@ pub async fn list(
                     })
             })
             .collect();
+        if sort != BY_ID {
+            all.sort_by(|a, b| cmp_node_values(a, b, sort));
+        }
         let total = all.len();
         let data: Vec<_> = all
             .into_iter()
@@ -77,7 +162,7 @@ pub async fn list(
             .collect();
         return Ok(pages.body(&data, total).into_response());
     }
-    let all: Vec<_> = state
+    let mut all: Vec<_> = state
         .cluster
         .nodes()
         .into_iter()
@@ -93,6 +178,10 @@ pub async fn list(
                 && tool.is_none_or(|t| n.tools.iter().any(|x| x == t))
         })
         .collect();
+    // `Cluster::nodes` lists by id already.
+    if sort != BY_ID {
+        all.sort_by(|a, b| cmp_nodes(a, b, sort));
+    }
     let total = all.len();
     let data: Vec<_> = all
         .into_iter()
@@ -129,10 +218,12 @@ pub struct TasksParams {
     tool: Option<String>,
     page: Option<usize>,
     limit: Option<usize>,
+    sort: Option<String>,
 }
 
-/// `GET /v1/nodes/{id}/tasks?status=&tool=&page=&limit=`: tasks whose current or last attempt
-/// is on the node, newest first, in the paged list shape of `GET /api/v1/tasks`. 404 for a node
+/// `GET /v1/nodes/{id}/tasks?status=&tool=&page=&limit=&sort=`: tasks whose current or last
+/// attempt is on the node, newest first (or `sort=created_at`), in the paged list shape of
+/// `GET /api/v1/tasks`. 404 for a node
 /// the hub does not know (forgotten nodes' tasks stay listed under `GET /api/v1/tasks?node_id=`).
 /// In shared mode: any hub's node, and its tasks from the shared store.
 pub async fn tasks(
@@ -153,12 +244,17 @@ pub async fn tasks(
     }
     let status = super::tasks::status_filter(q.status.as_deref())?;
     let pages = Pagination::new(q.page, q.limit, 50)?;
+    let sort = Sort::parse(
+        q.sort.as_deref(),
+        super::tasks::SORT_FIELDS,
+        Sort::NEWEST_FIRST,
+    )?;
     let filter = TaskFilter {
         status,
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: Some(id),
     };
-    super::tasks::list_page(&state, &filter, pages).await
+    super::tasks::list_page(&state, &filter, sort, pages).await
 }
 
 /// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with

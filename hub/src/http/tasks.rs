@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ApiError, AppState, Pagination};
+use super::{ApiError, AppState, Pagination, Sort};
 use crate::config::Config;
 use crate::engine::SubmitError;
 use crate::model::{TaskEvent, TaskSpec, TaskStatus};
@@ -228,7 +228,12 @@ pub struct ListParams {
     node_id: Option<String>,
     page: Option<usize>,
     limit: Option<usize>,
+    sort: Option<String>,
 }
+
+/// What task lists sort by (`sort=created_at` oldest first, `sort=-created_at` newest first,
+/// the default).
+pub(super) const SORT_FIELDS: &[&str] = &["created_at"];
 
 /// The `?status=` filter of task lists: `None` when absent or empty.
 ///
@@ -246,8 +251,8 @@ pub(super) fn status_filter(status: Option<&str>) -> Result<Option<TaskStatus>, 
     }
 }
 
-/// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=`: newest first,
-/// `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
+/// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=&sort=`: newest first unless
+/// `sort=created_at`, `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
 pub async fn list(
     State(state): State<AppState>,
     q: Result<Query<ListParams>, QueryRejection>,
@@ -255,24 +260,30 @@ pub async fn list(
     let Query(q) = q?;
     let status = status_filter(q.status.as_deref())?;
     let pages = Pagination::new(q.page, q.limit, 50)?;
+    let sort = Sort::parse(q.sort.as_deref(), SORT_FIELDS, Sort::NEWEST_FIRST)?;
     let filter = TaskFilter {
         status,
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
     };
-    list_page(&state, &filter, pages).await
+    list_page(&state, &filter, sort, pages).await
 }
 
-/// One page of the tasks matching `filter` as a list body (every hub's tasks in shared mode).
+/// One page of the tasks matching `filter` in `sort` order (a field of [`SORT_FIELDS`]) as a
+/// list body (every hub's tasks in shared mode).
 ///
 /// # Errors
 /// 503 `store_unavailable` if the shared store cannot be read.
 pub(super) async fn list_page(
     state: &AppState,
     filter: &TaskFilter,
+    sort: Sort,
     pages: Pagination,
 ) -> Result<Response, ApiError> {
-    let p = state.tasks.list(filter, pages.page, pages.limit).await?;
+    let p = state
+        .tasks
+        .list(filter, sort.order(), pages.page, pages.limit)
+        .await?;
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
 }
