@@ -328,25 +328,32 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(llm::models))
         .route("/v1/models/{*id}", get(llm::model))
         .route("/v1/interrupt", post(llm::interrupt));
-    for base in ["/v1/nodes", "/api/admin/nodes"] {
-        api = api
-            .route(base, get(nodes::list))
-            .route(
-                &format!("{base}/{{id}}"),
-                get(nodes::get).delete(nodes::remove),
-            )
-            .route(
-                &format!("{base}/{{id}}/tasks"),
-                get(nodes::tasks).post(nodes::dispatch),
-            )
-            .route(&format!("{base}/{{id}}/drain"), post(nodes::drain))
-            .route(&format!("{base}/{{id}}/undrain"), post(nodes::undrain));
-    }
-    for base in ["/v1/config", "/api/admin/config"] {
-        api = api
-            .route(base, get(config::get).put(config::put))
-            .route(&format!("{base}/reload"), post(config::reload));
-    }
+    // Literal paths, one per line (the OpenAPI drift test reads them from this source):
+    // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.
+    api = api
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes/{id}", get(nodes::get).delete(nodes::remove))
+        .route(
+            "/v1/nodes/{id}/tasks",
+            get(nodes::tasks).post(nodes::dispatch),
+        )
+        .route("/v1/nodes/{id}/drain", post(nodes::drain))
+        .route("/v1/nodes/{id}/undrain", post(nodes::undrain))
+        .route("/api/admin/nodes", get(nodes::list))
+        .route(
+            "/api/admin/nodes/{id}",
+            get(nodes::get).delete(nodes::remove),
+        )
+        .route(
+            "/api/admin/nodes/{id}/tasks",
+            get(nodes::tasks).post(nodes::dispatch),
+        )
+        .route("/api/admin/nodes/{id}/drain", post(nodes::drain))
+        .route("/api/admin/nodes/{id}/undrain", post(nodes::undrain))
+        .route("/v1/config", get(config::get).put(config::put))
+        .route("/v1/config/reload", post(config::reload))
+        .route("/api/admin/config", get(config::get).put(config::put))
+        .route("/api/admin/config/reload", post(config::reload));
     let api = api.route_layer(middleware::from_fn_with_state(
         state.clone(),
         auth::require_api_key,

@@ -41,21 +41,17 @@ use crate::llm::node_proxy::NodeProxy;
 use crate::model::Dialect;
 use crate::ops::Ops;
 
-const PREFIXES: [&str; 3] = [
-    "/abp-distributed-server",
-    "/distributed-server",
-    "/vcp-distributed-server",
-];
-
 /// Upgrade routes of the node channel.
 pub fn routes() -> Router<AppState> {
-    let mut r = Router::new();
-    for p in PREFIXES {
-        r = r
-            .route(p, get(upgrade_bearer))
-            .route(&format!("{p}/{{key}}"), get(upgrade_path_key));
-    }
-    r
+    // Literal paths, a bare one (bearer key) and one with a key segment per prefix (the OpenAPI
+    // drift test reads them from this source).
+    Router::new()
+        .route("/abp-distributed-server", get(upgrade_bearer))
+        .route("/abp-distributed-server/{key}", get(upgrade_path_key))
+        .route("/distributed-server", get(upgrade_bearer))
+        .route("/distributed-server/{key}", get(upgrade_path_key))
+        .route("/vcp-distributed-server", get(upgrade_bearer))
+        .route("/vcp-distributed-server/{key}", get(upgrade_path_key))
 }
 
 async fn upgrade_path_key(
