@@ -15,6 +15,7 @@ use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::llm::{CallContext, Caller, ChatChunk, ChatRequest, ChatStream, LlmError, Usage};
 
@@ -40,6 +41,27 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "llm",
+    operation_id = "createChatCompletion",
+    request_body = super::openapi::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` Server-Sent Events of `chat.completion.chunk` objects ending `data: [DONE]` (an error after the first chunk is a `data: {\"error\": …}` event before it)",
+            content(
+                (super::openapi::ChatCompletion = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 400, description = "Invalid request (`error.param` names the field)", body = ErrorBody),
+        (status = 404, description = "No provider serves the model (`model_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+        (status = 429, description = "Every deployment was rate limited", body = ErrorBody),
+        (status = 502, description = "The upstream failed (`upstream_error`)", body = ErrorBody),
+        (status = 503, description = "No upstream could be reached in time (`upstream_unavailable`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -252,6 +274,14 @@ async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmE
 }
 
 /// `GET /v1/models`.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "llm",
+    operation_id = "listModels",
+    responses((status = 200, description = "Every model the gateway serves", body = super::openapi::ModelList)),
+    security(("bearer" = []))
+)]
 pub(super) async fn models(State(state): State<AppState>) -> Response {
     let data: Vec<Value> = state
         .llm
@@ -264,6 +294,18 @@ pub(super) async fn models(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /v1/models/{id}` (model ids may contain `/`).
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    tag = "llm",
+    operation_id = "getModel",
+    params(("id" = String, Path, description = "Model id (may contain `/`)")),
+    responses(
+        (status = 200, description = "The model", body = super::openapi::Model),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.llm.get().models().into_iter().find(|m| m.id == id) {
         Some(m) => axum::Json(
@@ -275,6 +317,20 @@ pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>)
 }
 
 /// `POST /v1/interrupt {"requestId"}` (or `messageId`).
+#[utoipa::path(
+    post,
+    path = "/v1/interrupt",
+    tag = "llm",
+    operation_id = "interruptChatCompletion",
+    request_body = super::openapi::InterruptRequest,
+    responses(
+        (status = 200, description = "The call was interrupted (its stream ends with `finish_reason: stop`)", body = super::openapi::Interrupted),
+        (status = 400, description = "No `requestId` or `messageId`", body = ErrorBody),
+        (status = 404, description = "No call in flight has that id; the body also has `requestId` and `reason: \"not_found\"`", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn interrupt(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,

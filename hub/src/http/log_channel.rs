@@ -52,10 +52,14 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// Query of the log channel.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogParams {
+    /// Only entries about this node.
     node: Option<String>,
+    /// At least this severe: `debug`, `info`, `warn` or `error`.
     level: Option<String>,
+    /// Replay at most the last N buffered entries (0: none).
     replay: Option<usize>,
 }
 
@@ -76,6 +80,20 @@ impl Filter {
 
 type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
+/// `GET /log/{key}` (and its prefixes): the key as `VCP_Key=<key>`.
+#[utoipa::path(
+    get,
+    path = "/log/{key}",
+    tag = "channels",
+    operation_id = "logChannelPathKey",
+    params(("key" = String, Path, description = "`VCP_Key=<key>` or `ABP_Key=<key>` (a node key or an API key); any other segment is 404"), LogParams),
+    responses(
+        (status = 101, description = "Switched to WebSocket: buffered then live log entries, one `{type, data}` text frame each"),
+        (status = 400, description = "Not a WebSocket upgrade, or an invalid query (`level`)", body = super::error::ErrorBody),
+        (status = 404, description = "The last segment is not a key", body = super::error::ErrorBody),
+        (status = 401, description = "Missing key, or neither a node key nor an API key (`invalid_key`)", body = super::error::ErrorBody),
+    ),
+)]
 async fn upgrade_path_key(
     State(state): State<AppState>,
     route: MatchedPath,
@@ -90,6 +108,20 @@ async fn upgrade_path_key(
     upgrade(state, channel_of(&route), key, peer, q, ws)
 }
 
+/// `GET /log` (and its prefixes): the key in `Authorization: Bearer`.
+#[utoipa::path(
+    get,
+    path = "/log",
+    tag = "channels",
+    operation_id = "logChannel",
+    params(LogParams),
+    responses(
+        (status = 101, description = "Switched to WebSocket: buffered then live log entries, one `{type, data}` text frame each"),
+        (status = 400, description = "Not a WebSocket upgrade, or an invalid query (`level`)", body = super::error::ErrorBody),
+        (status = 401, description = "Missing key, or neither a node key nor an API key (`invalid_key`)", body = super::error::ErrorBody),
+    ),
+    security(("node_key" = []), ("bearer" = []))
+)]
 async fn upgrade_bearer(
     State(state): State<AppState>,
     route: MatchedPath,

@@ -6,12 +6,14 @@
 pub mod auth;
 mod config;
 pub mod dashboard;
+pub mod docs;
 pub mod error;
 pub mod events;
 mod llm;
 pub mod log_channel;
 pub mod node_channel;
 mod nodes;
+pub mod openapi;
 mod system;
 mod tasks;
 
@@ -35,6 +37,7 @@ use crate::engine::Cluster;
 use crate::model::TaskStatus;
 use crate::ops::Ops;
 pub use error::ApiError;
+use error::ErrorBody;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -96,7 +99,18 @@ impl AppState {
 /// `GET /health` (no key): 200 with `status: "ok"` and `store: "ok"`; 503 with
 /// `status: "degraded"` and `store: "unavailable"` while the task store would refuse
 /// submissions (they answer 503 `store_unavailable`). Both carry the version, uptime, node and
-/// task counts, queue depth and node-channel counters.
+/// task counts, queue depth and node-channel counters; the 503 is also an error body
+/// (`store_unavailable`, category `unavailable`) beside them.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "system",
+    operation_id = "health",
+    responses(
+        (status = 200, description = "`status: ok`: the store accepts writes", body = openapi::Health),
+        (status = 503, description = "`status: degraded`: submissions would answer 503 `store_unavailable`. The error shape (`error.code` `store_unavailable`) with every field of the health body beside it", body = ErrorBody),
+    )
+)]
 async fn health(State(state): State<AppState>) -> Response {
     let store_ok = state.tasks.store_available().await;
     let h = state.cluster.health();
@@ -107,12 +121,12 @@ async fn health(State(state): State<AppState>) -> Response {
     tasks.insert("total".to_owned(), json!(h.tasks.iter().sum::<u64>()));
     let stats = state.cluster.stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let (status, code, store) = if store_ok {
-        ("ok", StatusCode::OK, "ok")
+    let (status, store) = if store_ok {
+        ("ok", "ok")
     } else {
-        ("degraded", StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        ("degraded", "unavailable")
     };
-    let body = axum::Json(json!({
+    let body = json!({
         "status": status,
         "store": store,
         "version": env!("CARGO_PKG_VERSION"),
@@ -127,8 +141,23 @@ async fn health(State(state): State<AppState>) -> Response {
             "migrations": load(&stats.migrations),
             "frames_shed": load(&stats.frames_shed),
         },
-    }));
-    (code, body).into_response()
+    });
+    if store_ok {
+        return axum::Json(body).into_response();
+    }
+    let mut e = ApiError::custom(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "store_unavailable",
+        "the task store is unavailable: submissions answer 503 until it is back",
+        None,
+    );
+    if let serde_json::Value::Object(fields) = body {
+        for (k, v) in fields {
+            e = e.with_field(&k, v);
+        }
+    }
+    e.into_response()
 }
 
 /// `page` and `limit` of a list route, validated: pages count from 1, `limit` is 1 to 1000.
@@ -174,14 +203,27 @@ impl Pagination {
     ) -> axum::Json<serde_json::Value> {
         axum::Json(json!({
             "data": data,
-            "meta": {
-                "total": total,
-                "page": self.page,
-                "limit": self.limit,
-                "pages": total.div_ceil(self.limit),
+            "meta": ListMeta {
+                total,
+                page: self.page,
+                limit: self.limit,
+                pages: total.div_ceil(self.limit),
             }
         }))
     }
+}
+
+/// The `meta` of every list body.
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+pub struct ListMeta {
+    /// Items matching the filters, over all pages.
+    pub total: usize,
+    /// This page, from 1.
+    pub page: usize,
+    /// Items per page.
+    pub limit: usize,
+    /// Pages in all (`total / limit`, rounded up).
+    pub pages: usize,
 }
 
 /// The `sort` of a list route: one field the route sorts by, ascending (`sort=created_at`) or
@@ -291,6 +333,14 @@ fn request_span(req: &Request) -> tracing::Span {
 }
 
 /// `GET /metrics`: the Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    operation_id = "metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4 (also on `metrics_listen` without a key, where configured)", content_type = "text/plain; version=0.0.4", body = String)),
+    security(("bearer" = []))
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match crate::metrics::render(&state.cluster.gauges()) {
         Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
@@ -363,6 +413,7 @@ pub fn router(state: AppState) -> Router {
         .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())
+        .merge(docs::routes())
         .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })

@@ -54,6 +54,20 @@ pub fn routes() -> Router<AppState> {
         .route("/vcp-distributed-server/{key}", get(upgrade_path_key))
 }
 
+/// `GET /distributed-server/{key}` (and its prefixes): the key as `VCP_Key=<node key>`.
+#[utoipa::path(
+    get,
+    path = "/distributed-server/{key}",
+    tag = "channels",
+    operation_id = "nodeChannelPathKey",
+    params(("key" = String, Path, description = "`VCP_Key=<node key>` or `ABP_Key=<node key>`; any other segment is 404")),
+    responses(
+        (status = 101, description = "Switched to WebSocket: the node channel (see PROTOCOL.md)"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = super::error::ErrorBody),
+        (status = 404, description = "The last segment is not a key", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong node key (`invalid_node_key`)", body = super::error::ErrorBody),
+    ),
+)]
 async fn upgrade_path_key(
     State(state): State<AppState>,
     route: MatchedPath,
@@ -67,6 +81,19 @@ async fn upgrade_path_key(
     upgrade(state, channel_of(&route), key, peer, ws)
 }
 
+/// `GET /distributed-server` (and its prefixes): the node key in `Authorization: Bearer`.
+#[utoipa::path(
+    get,
+    path = "/distributed-server",
+    tag = "channels",
+    operation_id = "nodeChannel",
+    responses(
+        (status = 101, description = "Switched to WebSocket: the node channel (see PROTOCOL.md)"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong node key (`invalid_node_key`)", body = super::error::ErrorBody),
+    ),
+    security(("node_key" = []))
+)]
 async fn upgrade_bearer(
     State(state): State<AppState>,
     route: MatchedPath,

@@ -11,21 +11,35 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
+use super::error::ErrorBody;
 use super::tasks::{TaskRequest, submit_one};
 use super::{ApiError, AppState, Pagination, Sort};
-use crate::model::{NodeState, NodeView};
+use crate::model::{NodeState, NodeView, TaskView};
 use crate::store::TaskFilter;
 
 /// Query of `GET /v1/nodes`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// `online`, `draining` or `offline`.
+    #[param(inline, value_type = Option<NodeState>)]
     status: Option<String>,
+    /// `worker`, `companion` or `custom`.
     #[serde(rename = "type")]
     node_type: Option<String>,
+    /// Only nodes offering this tool.
     tool: Option<String>,
+    /// Page number, from 1.
+    #[param(minimum = 1)]
     page: Option<usize>,
+    /// Nodes per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// `id` (the default), `name`, `connected_at`, `last_seen_at`, `active_tasks` or `load`;
+    /// `-field` for descending.
+    #[param(example = "-connected_at")]
     sort: Option<String>,
 }
 
@@ -110,6 +124,19 @@ fn cmp_node_values(a: &Value, b: &Value, sort: Sort) -> Ordering {
 /// `connected_at`, `last_seen_at`, `active_tasks`, `load`, or `-field` descending). `status` is
 /// `online`, `draining` or `offline`; `type` is `worker`, `companion` or `custom`; `tool` keeps
 /// nodes offering that tool. `limit` defaults to 100 (at most 1000).
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "nodes",
+    operation_id = "listNodes",
+    params(ListParams),
+    responses(
+        (status = 200, description = "One page of nodes", body = super::openapi::NodeList),
+        (status = 400, description = "Invalid query (`error.param`: `status`, `type`, `page`, `limit`, `sort`)", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     q: Result<Query<ListParams>, QueryRejection>,
@@ -193,6 +220,19 @@ pub async fn list(
 
 /// `GET /v1/nodes/{id}`: the node, or 404. In shared mode also a node connected to another
 /// hub (its published view, with a `hub` field), as `GET /v1/nodes` lists it.
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{id}",
+    tag = "nodes",
+    operation_id = "getNode",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The node", body = NodeView),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -212,12 +252,21 @@ pub async fn get(
 }
 
 /// Query of `GET /v1/nodes/{id}/tasks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TasksParams {
+    /// Only tasks in this state.
+    #[param(inline, value_type = Option<crate::model::TaskStatus>)]
     status: Option<String>,
+    /// Only tasks of this tool.
     tool: Option<String>,
+    /// Page number, from 1.
+    #[param(minimum = 1)]
     page: Option<usize>,
+    /// Tasks per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// `-created_at` (newest first, the default) or `created_at`.
     sort: Option<String>,
 }
 
@@ -226,6 +275,20 @@ pub struct TasksParams {
 /// `GET /api/v1/tasks`. 404 for a node
 /// the hub does not know (forgotten nodes' tasks stay listed under `GET /api/v1/tasks?node_id=`).
 /// In shared mode: any hub's node, and its tasks from the shared store.
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{id}/tasks",
+    tag = "nodes",
+    operation_id = "listNodeTasks",
+    params(("id" = String, Path, description = "Node id"), TasksParams),
+    responses(
+        (status = 200, description = "One page of the node's tasks", body = super::openapi::TaskList),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn tasks(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -260,6 +323,20 @@ pub async fn tasks(
 /// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with
 /// the node. Draining an offline node keeps it out of scheduling until it reconnects. In shared
 /// mode a node online at another hub is drained there (see [`forward_drain`]).
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{id}/drain",
+    tag = "nodes",
+    operation_id = "drainNode",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The node, draining", body = NodeView),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 409, description = "The hub holding the node did not confirm within 10 s", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn drain(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -272,6 +349,20 @@ pub async fn drain(
 
 /// `POST /v1/nodes/{id}/undrain`: the node takes work again; 200 with the node. In shared mode
 /// a node online at another hub is undrained there.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{id}/undrain",
+    tag = "nodes",
+    operation_id = "undrainNode",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The node, taking work again", body = NodeView),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 409, description = "The hub holding the node did not confirm within 10 s", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn undrain(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -348,6 +439,18 @@ fn set_draining(state: &AppState, id: &str, draining: bool) -> Result<Response, 
 /// the queued tasks pinned to it (`node_removed`) and forgets it. 200
 /// `{"id", "removed": true}`; 404 for an unknown node. A node process that reconnects registers
 /// again.
+#[utoipa::path(
+    delete,
+    path = "/v1/nodes/{id}",
+    tag = "nodes",
+    operation_id = "removeNode",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The node was disconnected and forgotten", body = super::openapi::NodeRemoved),
+        (status = 404, description = "No such node at this hub", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn remove(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -361,12 +464,15 @@ pub async fn remove(
 /// Body of `POST /v1/nodes/{id}/tasks`: a task as for `POST /api/v1/tasks` (without
 /// `node_id`), plus `waitForResult` (alias `wait_for_result`, default false) and `wait_ms`
 /// (how long to wait, default and at most 60000).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct DispatchRequest {
+    /// The task, as for `POST /api/v1/tasks` (its `node_id` is this node).
     #[serde(flatten)]
     task: TaskRequest,
+    /// Answer when the task ends (or after `wait_ms`) rather than at once.
     #[serde(rename = "waitForResult", alias = "wait_for_result", default)]
     wait_for_result: bool,
+    /// How long to wait with `waitForResult`, in ms (default and at most 60000).
     wait_ms: Option<u64>,
 }
 
@@ -374,6 +480,25 @@ pub struct DispatchRequest {
 /// `waitForResult: true`, the answer comes when the task ends (or after `wait_ms`, with the task
 /// as it is then). 404 for an unknown node; 409 if the node is offline or draining; 400 if it
 /// lacks the tool.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{id}/tasks",
+    tag = "nodes",
+    operation_id = "dispatchToNode",
+    params(("id" = String, Path, description = "Node id")),
+    request_body = DispatchRequest,
+    responses(
+        (status = 201, description = "The task, accepted (ended, with `waitForResult`)", body = TaskView),
+        (status = 200, description = "The task already accepted under this idempotency key", body = TaskView),
+        (status = 400, description = "Invalid body, or the node lacks the tool", body = ErrorBody),
+        (status = 404, description = "No such node at this hub", body = ErrorBody),
+        (status = 409, description = "The node is offline or draining", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "Body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The task store is unavailable; nothing was accepted", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn dispatch(
     State(state): State<AppState>,
     Path(id): Path<String>,
