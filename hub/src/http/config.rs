@@ -28,6 +28,8 @@ fn answer(state: &AppState, changed: Vec<String>) -> Response {
     .into_response()
 }
 
+/// Read the configuration.
+///
 /// `GET /v1/config`: `{"config": {...every key...}, "hot_reloadable": [...]}`; `api_keys` and
 /// `node_keys` entries read `<redacted>`.
 #[utoipa::path(
@@ -46,6 +48,8 @@ pub async fn get(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
+/// Change hot-reloadable keys.
+///
 /// `PUT /v1/config`: a JSON object of keys to change (a whole `GET` body's `config`, edited,
 /// works too: unchanged keys and `<redacted>` secrets are ignored). Applied all or nothing;
 /// 200 `{"changed": [keys], "config", "hot_reloadable"}`, or 400 naming the first key that is
@@ -80,6 +84,8 @@ pub async fn put(
     Ok(answer(&state, changed))
 }
 
+/// Re-read the config file.
+///
 /// `POST /v1/config/reload`: re-reads the config file, `APEX_*` variables and flags the hub was
 /// started with and applies them like `PUT`. 409 if the hub was started without `--config`.
 #[utoipa::path(

@@ -134,6 +134,8 @@ fn common_headers(h: &mut HeaderMap, etag: &str, cache: &'static str) {
     );
 }
 
+/// The dashboard page.
+///
 /// `GET /dashboard` (and `/dashboard/`): the page.
 #[utoipa::path(
     get,
@@ -166,6 +168,8 @@ async fn index(headers: HeaderMap) -> Response {
     resp
 }
 
+/// A dashboard asset.
+///
 /// `GET /dashboard/assets/{build}/{file}`: one embedded asset.
 #[utoipa::path(
     get,

@@ -9,7 +9,9 @@
 //!   `hub/assets/redoc/README.md`), served at `GET /redoc/redoc.standalone.js`.
 //!
 //! Both pages name the document and their assets by relative URLs, so they also work behind a
-//! proxy that mounts the hub under a path.
+//! proxy that mounts the hub under a path. Their HTML carries a Content-Security-Policy that
+//! allows nothing from another origin ([`CSP`]): ReDoc 2 shows a "powered by" logo from its CDN,
+//! which the browser then refuses without sending the request (the image hides itself).
 
 use std::sync::{Arc, LazyLock};
 
@@ -20,6 +22,13 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 
 use super::ApiError;
+
+/// Content-Security-Policy of the docs pages: everything from the hub, inline styles and
+/// `blob:` workers (both UIs inject styles; ReDoc runs its search in a worker), no other origin.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+                       img-src 'self' data:; font-src 'self' data:; connect-src 'self'; \
+                       worker-src 'self' blob:; base-uri 'none'; form-action 'none'; \
+                       frame-ancestors 'none'";
 
 /// The ReDoc release embedded (`hub/assets/redoc/`).
 pub const REDOC_VERSION: &str = "2.5.4";
@@ -55,6 +64,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/redoc/redoc.standalone.js", get(redoc_script))
 }
 
+/// This OpenAPI document.
+///
 /// `GET /openapi.json`.
 #[utoipa::path(
     get,
@@ -72,6 +83,8 @@ pub(super) async fn openapi_json() -> Response {
     resp
 }
 
+/// Swagger UI (redirect).
+///
 /// `GET /docs`: Swagger UI's files are named relative to `/docs/`.
 #[utoipa::path(
     get,
@@ -105,6 +118,12 @@ fn swagger(file: &str) -> Response {
             if let Ok(ct) = HeaderValue::from_str(&f.content_type) {
                 h.insert(header::CONTENT_TYPE, ct);
             }
+            if f.content_type.starts_with("text/html") {
+                h.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(CSP),
+                );
+            }
             if f.gzpipped {
                 h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             }
@@ -119,6 +138,8 @@ fn swagger(file: &str) -> Response {
     }
 }
 
+/// Swagger UI.
+///
 /// `GET /docs/`: Swagger UI.
 #[utoipa::path(
     get,
@@ -131,6 +152,8 @@ pub(super) async fn swagger_index() -> Response {
     swagger("")
 }
 
+/// A Swagger UI file.
+///
 /// `GET /docs/{file}`: a file of Swagger UI.
 #[utoipa::path(
     get,
@@ -147,6 +170,8 @@ pub(super) async fn swagger_file(Path(file): Path<String>) -> Response {
     swagger(&file)
 }
 
+/// ReDoc.
+///
 /// `GET /redoc`: ReDoc.
 #[utoipa::path(
     get,
@@ -157,13 +182,20 @@ pub(super) async fn swagger_file(Path(file): Path<String>) -> Response {
 )]
 pub(super) async fn redoc() -> Response {
     let mut resp = REDOC_HTML.into_response();
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
     );
     resp
 }
 
+/// ReDoc's script.
+///
 /// `GET /redoc/redoc.standalone.js`: ReDoc's script.
 #[utoipa::path(
     get,

@@ -74,6 +74,8 @@ fn message(event: &str, payload: Value, at: SystemTime) -> Value {
     })
 }
 
+/// Node and task changes (SSE).
+///
 /// `GET /v1/events[?topics=nodes,tasks]`.
 #[utoipa::path(
     get,

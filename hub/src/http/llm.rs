@@ -40,6 +40,8 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
     resp
 }
 
+/// Chat completion (OpenAI-compatible).
+///
 /// `POST /v1/chat/completions`.
 #[utoipa::path(
     post,
@@ -273,6 +275,8 @@ async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmE
     Ok(axum::Json(body).into_response())
 }
 
+/// List models.
+///
 /// `GET /v1/models`.
 #[utoipa::path(
     get,
@@ -293,6 +297,8 @@ pub(super) async fn models(State(state): State<AppState>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// Get a model.
+///
 /// `GET /v1/models/{id}` (model ids may contain `/`).
 #[utoipa::path(
     get,
@@ -316,6 +322,8 @@ pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>)
     }
 }
 
+/// Interrupt a chat completion.
+///
 /// `POST /v1/interrupt {"requestId"}` (or `messageId`).
 #[utoipa::path(
     post,

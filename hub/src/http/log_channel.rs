@@ -80,6 +80,8 @@ impl Filter {
 
 type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
+/// Log channel upgrade (key in the path).
+///
 /// `GET /log/{key}` (and its prefixes): the key as `VCP_Key=<key>`.
 #[utoipa::path(
     get,
@@ -108,6 +110,8 @@ async fn upgrade_path_key(
     upgrade(state, channel_of(&route), key, peer, q, ws)
 }
 
+/// Log channel upgrade (key in the header).
+///
 /// `GET /log` (and its prefixes): the key in `Authorization: Bearer`.
 #[utoipa::path(
     get,

@@ -96,6 +96,8 @@ impl AppState {
     }
 }
 
+/// Health and store state.
+///
 /// `GET /health` (no key): 200 with `status: "ok"` and `store: "ok"`; 503 with
 /// `status: "degraded"` and `store: "unavailable"` while the task store would refuse
 /// submissions (they answer 503 `store_unavailable`). Both carry the version, uptime, node and
@@ -332,6 +334,8 @@ fn request_span(req: &Request) -> tracing::Span {
     span
 }
 
+/// Prometheus metrics.
+///
 /// `GET /metrics`: the Prometheus text exposition.
 #[utoipa::path(
     get,

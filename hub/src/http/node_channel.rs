@@ -54,6 +54,8 @@ pub fn routes() -> Router<AppState> {
         .route("/vcp-distributed-server/{key}", get(upgrade_path_key))
 }
 
+/// Node channel upgrade (key in the path).
+///
 /// `GET /distributed-server/{key}` (and its prefixes): the key as `VCP_Key=<node key>`.
 #[utoipa::path(
     get,
@@ -81,6 +83,8 @@ async fn upgrade_path_key(
     upgrade(state, channel_of(&route), key, peer, ws)
 }
 
+/// Node channel upgrade (key in the header).
+///
 /// `GET /distributed-server` (and its prefixes): the node key in `Authorization: Bearer`.
 #[utoipa::path(
     get,

@@ -119,6 +119,8 @@ fn cmp_node_values(a: &Value, b: &Value, sort: Sort) -> Ordering {
     primary.then(by_id)
 }
 
+/// List nodes.
+///
 /// `GET /v1/nodes?status=&type=&tool=&page=&limit=&sort=`: `{"data": [node, ...], "meta":
 /// {total, page, limit, pages}}`, by id unless `sort` names another field (`name`,
 /// `connected_at`, `last_seen_at`, `active_tasks`, `load`, or `-field` descending). `status` is
@@ -218,6 +220,8 @@ pub async fn list(
     Ok(pages.body(&data, total).into_response())
 }
 
+/// Get a node.
+///
 /// `GET /v1/nodes/{id}`: the node, or 404. In shared mode also a node connected to another
 /// hub (its published view, with a `hub` field), as `GET /v1/nodes` lists it.
 #[utoipa::path(
@@ -270,6 +274,8 @@ pub struct TasksParams {
     sort: Option<String>,
 }
 
+/// List a node's tasks.
+///
 /// `GET /v1/nodes/{id}/tasks?status=&tool=&page=&limit=&sort=`: tasks whose current or last
 /// attempt is on the node, newest first (or `sort=created_at`), in the paged list shape of
 /// `GET /api/v1/tasks`. 404 for a node
@@ -320,6 +326,8 @@ pub async fn tasks(
     super::tasks::list_page(&state, &filter, sort, pages).await
 }
 
+/// Drain a node.
+///
 /// `POST /v1/nodes/{id}/drain`: the node gets no new work and finishes what it runs; 200 with
 /// the node. Draining an offline node keeps it out of scheduling until it reconnects. In shared
 /// mode a node online at another hub is drained there (see [`forward_drain`]).
@@ -347,6 +355,8 @@ pub async fn drain(
     set_draining(&state, &id, true)
 }
 
+/// Undrain a node.
+///
 /// `POST /v1/nodes/{id}/undrain`: the node takes work again; 200 with the node. In shared mode
 /// a node online at another hub is undrained there.
 #[utoipa::path(
@@ -435,6 +445,8 @@ fn set_draining(state: &AppState, id: &str, draining: bool) -> Result<Response, 
         .ok_or_else(|| ApiError::not_found("node", id))
 }
 
+/// Disconnect and forget a node.
+///
 /// `DELETE /v1/nodes/{id}`: closes the node's connection, migrates its in-flight tasks, fails
 /// the queued tasks pinned to it (`node_removed`) and forgets it. 200
 /// `{"id", "removed": true}`; 404 for an unknown node. A node process that reconnects registers
@@ -476,6 +488,8 @@ pub struct DispatchRequest {
     wait_ms: Option<u64>,
 }
 
+/// Run a task on this node.
+///
 /// `POST /v1/nodes/{id}/tasks`: submits a task pinned to this node. 201 with the task; with
 /// `waitForResult: true`, the answer comes when the task ends (or after `wait_ms`, with the task
 /// as it is then). 404 for an unknown node; 409 if the node is offline or draining; 400 if it

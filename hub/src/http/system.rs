@@ -10,6 +10,8 @@ use crate::metrics;
 use crate::model::NodeState;
 use crate::model::TaskStatus;
 
+/// Machine and cluster status.
+///
 /// `GET /api/v1/system/status`:
 /// `{cpu_usage, memory_usage, memory_used_bytes, memory_total_bytes, gpu_usage,
 /// active_sessions, sessions{node, log, events}, nodes{online, draining, offline, total},

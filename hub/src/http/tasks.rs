@@ -142,6 +142,8 @@ impl From<TaskError> for ApiError {
     }
 }
 
+/// Submit a task.
+///
 /// `POST /api/v1/tasks`: 201 with the task, or 200 with the existing task of the same
 /// idempotency key. The 201 is sent once the task is durable.
 #[utoipa::path(
@@ -202,6 +204,8 @@ pub struct BatchRequest {
     tasks: Vec<TaskRequest>,
 }
 
+/// Submit tasks, all or none.
+///
 /// `POST /api/v1/tasks/batch`: up to `max_batch_tasks` tasks, accepted all or none; 201 with
 /// `{"data": [task, ...]}` in request order.
 #[utoipa::path(
@@ -253,6 +257,8 @@ pub struct GetParams {
     wait_ms: Option<u64>,
 }
 
+/// Get a task (optionally waiting for its end).
+///
 /// `GET /api/v1/tasks/{id}[?wait_ms=N]`.
 #[utoipa::path(
     get,
@@ -325,6 +331,8 @@ pub(super) fn status_filter(status: Option<&str>) -> Result<Option<TaskStatus>, 
     }
 }
 
+/// List tasks.
+///
 /// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=&sort=`: newest first unless
 /// `sort=created_at`, `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
 #[utoipa::path(
@@ -375,6 +383,8 @@ pub(super) async fn list_page(
     Ok(pages.body(&data, p.total).into_response())
 }
 
+/// Cancel a task.
+///
 /// `POST /api/v1/tasks/{id}/cancel`: 200 with the cancelled task; 409 if it already ended.
 #[utoipa::path(
     post,
@@ -406,6 +416,8 @@ fn sse_event(e: &TaskEvent) -> Event {
         .unwrap_or_else(|_| Event::default().comment("unencodable event"))
 }
 
+/// Follow a task's events (SSE).
+///
 /// `GET /api/v1/tasks/{id}/events`: the task's past events, then live ones; the stream ends
 /// after the terminal event (or when the hub shuts down). Each event's SSE `id` is its `seq`:
 /// a reconnecting client sending `Last-Event-ID` gets only newer events, and 204 No Content
