@@ -556,3 +556,55 @@ pub async fn dispatch(
     };
     Ok((status, Json(task.view())).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn sorted(mut views: Vec<Value>, sort: &str) -> Vec<String> {
+        let sort = Sort::parse(Some(sort), SORT_FIELDS, BY_ID).unwrap();
+        views.sort_by(|a, b| cmp_node_values(a, b, sort));
+        views
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn shared_mode_views_sort_by_value_then_id() {
+        let views = vec![
+            json!({"id": "b", "name": "zeta", "load": 0.5, "active_tasks": 2,
+                   "connected_at": "2026-01-01T00:00:02.000Z", "last_seen_at": null}),
+            json!({"id": "a", "name": "alpha", "load": 0.5, "active_tasks": 10,
+                   "connected_at": "2026-01-01T00:00:03.000Z",
+                   "last_seen_at": "2026-01-01T00:00:09.000Z"}),
+            json!({"id": "c", "name": "mid", "load": 0.25, "active_tasks": 1,
+                   "connected_at": "2026-01-01T00:00:01.000Z",
+                   "last_seen_at": "2026-01-01T00:00:05.000Z"}),
+        ];
+        assert_eq!(sorted(views.clone(), "id"), ["a", "b", "c"]);
+        assert_eq!(sorted(views.clone(), "-id"), ["c", "b", "a"]);
+        assert_eq!(sorted(views.clone(), "name"), ["a", "c", "b"]);
+        // Numbers compare as numbers (10 > 2), ties go by id.
+        assert_eq!(sorted(views.clone(), "-active_tasks"), ["a", "b", "c"]);
+        assert_eq!(sorted(views.clone(), "load"), ["c", "a", "b"]);
+        assert_eq!(sorted(views.clone(), "-load"), ["a", "b", "c"]);
+        assert_eq!(sorted(views.clone(), "connected_at"), ["c", "b", "a"]);
+        // A node never seen (null) sorts first ascending.
+        assert_eq!(sorted(views, "last_seen_at"), ["b", "c", "a"]);
+    }
+
+    #[test]
+    fn unknown_sort_fields_name_the_param() {
+        for bad in ["cpu", "-", "--id", "created_at"] {
+            let e = Sort::parse(Some(bad), SORT_FIELDS, BY_ID).unwrap_err();
+            assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+        assert_eq!(Sort::parse(Some(""), SORT_FIELDS, BY_ID).unwrap(), BY_ID);
+        assert_eq!(Sort::parse(None, SORT_FIELDS, BY_ID).unwrap(), BY_ID);
+    }
+}
