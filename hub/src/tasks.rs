@@ -27,7 +27,7 @@ use crate::engine::{CancelError, Cluster, SubmitError};
 use crate::model::{Task, TaskEvent, TaskSpec};
 use crate::principal::Principal;
 use crate::shared::{SharedRedis, SubmittedTask};
-use crate::store::{Page, TaskFilter};
+use crate::store::{Order, Page, TaskFilter};
 
 /// Why the service refused or could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +286,7 @@ impl TaskService {
     }
 
     /// A page of the tasks matching `filter` that `caller` may see (admins: all; others: their
-    /// own), newest first (`page` from 1): every hub's in shared mode, this hub's otherwise.
+    /// own), in `order` (`page` from 1): every hub's in shared mode, this hub's otherwise.
     /// Durable, like [`TaskService::get`].
     ///
     /// # Errors
@@ -295,6 +295,7 @@ impl TaskService {
         &self,
         caller: &Principal,
         filter: &TaskFilter,
+        order: Order,
         page: usize,
         limit: usize,
     ) -> Result<Page, Error> {
@@ -310,9 +311,12 @@ impl TaskService {
             }
         };
         match &self.mode {
-            Mode::Shared(redis) => redis.list(filter, page, limit).await.map_err(unavailable),
+            Mode::Shared(redis) => redis
+                .list(filter, order, page, limit)
+                .await
+                .map_err(unavailable),
             Mode::Local => {
-                let (p, ticket) = self.cluster.list_with_ticket(filter, page, limit);
+                let (p, ticket) = self.cluster.list_with_ticket(filter, order, page, limit);
                 self.barrier(ticket).await;
                 Ok(p)
             }
@@ -600,11 +604,11 @@ mod tests {
         let ids = |p: Page| p.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
         let all = TaskFilter::default();
         assert_eq!(
-            ids(svc.list(&bob, &all, 1, 50).await.unwrap()),
+            ids(svc.list(&bob, &all, Order::NewestFirst, 1, 50).await.unwrap()),
             vec![b.id.clone()]
         );
         assert_eq!(
-            ids(svc.list(&admin, &all, 1, 50).await.unwrap()),
+            ids(svc.list(&admin, &all, Order::NewestFirst, 1, 50).await.unwrap()),
             [b.id.clone(), a.id.clone()]
         );
         assert!(svc.get(&admin, &a.id, none).await.unwrap().is_some());

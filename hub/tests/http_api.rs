@@ -853,3 +853,76 @@ async fn nodes_list_and_get() {
     assert_rfc3339(&n["last_seen_at"]);
     assert_rfc3339(&n["connected_at"]);
 }
+
+#[tokio::test]
+async fn lists_sort_newest_or_oldest_first_and_refuse_other_sorts() {
+    let h = hub();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(h.create(json!({"tool": "echo"})).await["task_id"].clone());
+    }
+    let ids_of = |v: &Value| -> Vec<Value> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].clone())
+            .collect()
+    };
+    let newest: Vec<Value> = ids.iter().rev().cloned().collect();
+    let (_, v) = h.get("/api/v1/tasks").await;
+    assert_eq!(ids_of(&v), newest, "newest first by default");
+    let (_, v) = h.get("/api/v1/tasks?sort=-created_at").await;
+    assert_eq!(ids_of(&v), newest);
+    let (s, v) = h.get("/api/v1/tasks?sort=created_at&limit=3&page=1").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(ids_of(&v), ids[..3].to_vec(), "oldest first");
+    assert_eq!(
+        v["meta"],
+        json!({"total": 4, "page": 1, "limit": 3, "pages": 2})
+    );
+    let (_, v) = h.get("/api/v1/tasks?sort=created_at&limit=3&page=2").await;
+    assert_eq!(ids_of(&v), ids[3..].to_vec());
+    for uri in [
+        "/api/v1/tasks?sort=priority",
+        "/api/v1/tasks?sort=--created_at",
+        "/v1/nodes?sort=created_at",
+        "/api/admin/nodes?sort=cpu",
+    ] {
+        let (s, v) = h.get(uri).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert_eq!(error_of(&v)["param"], "sort", "{uri}: {v}");
+        assert_eq!(v["category"], "validation", "{uri}: {v}");
+    }
+
+    // Nodes: by id unless asked otherwise; ties by id.
+    let (_c1, _r1) = register_node(&h.cluster, "n-b", &["echo"]);
+    let (_c2, _r2) = register_node(&h.cluster, "n-a", &["echo"]);
+    let (_c3, _r3) = register_node(&h.cluster, "n-c", &["echo"]);
+    let node_ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for base in ["/v1/nodes", "/api/admin/nodes"] {
+        let (_, v) = h.get(base).await;
+        assert_eq!(node_ids(&v), ["n-a", "n-b", "n-c"], "{base}");
+        let (_, v) = h.get(&format!("{base}?sort=-id")).await;
+        assert_eq!(node_ids(&v), ["n-c", "n-b", "n-a"], "{base}");
+        // Registered in the order b, a, c.
+        let (_, v) = h.get(&format!("{base}?sort=connected_at")).await;
+        assert_eq!(node_ids(&v), ["n-b", "n-a", "n-c"], "{base}: {v}");
+        let (_, v) = h.get(&format!("{base}?sort=-connected_at&limit=1")).await;
+        assert_eq!(node_ids(&v), ["n-c"], "{base}");
+        assert_eq!(v["meta"]["pages"], 3, "{base}");
+    }
+    // A node's task list sorts like the task list.
+    let (s, v) = h.get("/v1/nodes/n-a/tasks?sort=created_at").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = h.get("/v1/nodes/n-a/tasks?sort=name").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(error_of(&v)["param"], "sort");
+}

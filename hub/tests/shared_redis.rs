@@ -134,7 +134,7 @@ async fn claims_are_bounded_and_pop_higher_priority_then_older_first() {
 
 #[tokio::test]
 async fn every_hub_lists_every_task_newest_first_with_filters() {
-    use apex_hub::store::TaskFilter;
+    use apex_hub::store::{Order, TaskFilter};
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 5_000).await;
     let b = hub(&redis, "hub-b", 5_000).await;
@@ -150,7 +150,10 @@ async fn every_hub_lists_every_task_newest_first_with_filters() {
     succeed(&mut rec);
     a.commit(&rec, c.claim).await.unwrap();
 
-    let all = b.list(&TaskFilter::default(), 1, 10).await.unwrap();
+    let all = b
+        .list(&TaskFilter::default(), Order::NewestFirst, 1, 10)
+        .await
+        .unwrap();
     assert_eq!(all.total, 5);
     let ns: Vec<u64> = all
         .tasks
@@ -158,7 +161,20 @@ async fn every_hub_lists_every_task_newest_first_with_filters() {
         .map(|t| t.spec.args["n"].as_u64().unwrap())
         .collect();
     assert_eq!(ns, vec![5, 4, 3, 2, 1]);
-    let page2 = b.list(&TaskFilter::default(), 2, 2).await.unwrap();
+    let oldest = b
+        .list(&TaskFilter::default(), Order::OldestFirst, 1, 10)
+        .await
+        .unwrap();
+    let ns: Vec<u64> = oldest
+        .tasks
+        .iter()
+        .map(|t| t.spec.args["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, vec![1, 2, 3, 4, 5], "oldest first");
+    let page2 = b
+        .list(&TaskFilter::default(), Order::NewestFirst, 2, 2)
+        .await
+        .unwrap();
     assert_eq!(page2.total, 5);
     assert_eq!(page2.tasks.len(), 2);
     assert_eq!(page2.tasks[0].spec.args["n"], 3);
@@ -166,51 +182,64 @@ async fn every_hub_lists_every_task_newest_first_with_filters() {
         status: Some(TaskStatus::Succeeded),
         ..TaskFilter::default()
     };
-    let got = b.list(&done, 1, 10).await.unwrap();
+    let got = b.list(&done, Order::NewestFirst, 1, 10).await.unwrap();
     assert_eq!(got.total, 1);
     assert_eq!(got.tasks[0].id, rec.id);
     let other = TaskFilter {
         tool: Some("other".to_owned()),
         ..TaskFilter::default()
     };
-    assert_eq!(a.list(&other, 1, 10).await.unwrap().total, 1);
+    assert_eq!(
+        a.list(&other, Order::NewestFirst, 1, 10)
+            .await
+            .unwrap()
+            .total,
+        1
+    );
 }
 
-/// Every page of `filter` (`limit` per page) at `h`, checked against the records read one by
-/// one: the listed ids are exactly the matching tasks, newest first, and each page's total is
-/// exact.
+/// Every page of `filter` (`limit` per page) at `h`, in both orders, checked against the
+/// records read one by one (`all` in submission order): the listed ids are exactly the matching
+/// tasks, newest first or oldest first, and each page's total is exact.
 async fn check_listing(
     h: &SharedRedis,
     all: &[String],
     filter: &apex_hub::store::TaskFilter,
     limit: usize,
 ) -> usize {
-    let mut want = Vec::new();
-    for id in all.iter().rev() {
+    use apex_hub::store::Order;
+    let mut oldest_first = Vec::new();
+    for id in all {
         if let Some(t) = h.get(id).await.unwrap()
             && filter.matches(&t)
         {
-            want.push(t.id);
+            oldest_first.push(t.id);
         }
     }
-    let mut got = Vec::new();
-    for page in 1.. {
-        let p = h.list(filter, page, limit).await.unwrap();
-        assert_eq!(p.total, want.len(), "{filter:?} page {page}");
-        assert!(p.tasks.len() <= limit);
-        if p.tasks.is_empty() {
-            break;
+    for order in [Order::NewestFirst, Order::OldestFirst] {
+        let mut want = oldest_first.clone();
+        if order == Order::NewestFirst {
+            want.reverse();
         }
-        assert!(p.tasks.iter().all(|t| filter.matches(t)), "{filter:?}");
-        got.extend(p.tasks.into_iter().map(|t| t.id));
+        let mut got = Vec::new();
+        for page in 1.. {
+            let p = h.list(filter, order, page, limit).await.unwrap();
+            assert_eq!(p.total, want.len(), "{filter:?} {order:?} page {page}");
+            assert!(p.tasks.len() <= limit);
+            if p.tasks.is_empty() {
+                break;
+            }
+            assert!(p.tasks.iter().all(|t| filter.matches(t)), "{filter:?}");
+            got.extend(p.tasks.into_iter().map(|t| t.id));
+        }
+        assert_eq!(got, want, "{filter:?} {order:?}");
     }
-    assert_eq!(got, want, "{filter:?}");
-    want.len()
+    oldest_first.len()
 }
 
 #[tokio::test]
 async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages() {
-    use apex_hub::store::TaskFilter;
+    use apex_hub::store::{Order, TaskFilter};
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 60_000).await;
     let b = hub(&redis, "hub-b", 60_000).await;
@@ -318,7 +347,7 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
             owner: None,
         };
         let b = &b;
-        async move { b.list(&f, 1, 1).await.unwrap().total }
+        async move { b.list(&f, Order::NewestFirst, 1, 1).await.unwrap().total }
     };
     assert_eq!(count(None, None, None).await, 14);
     assert_eq!(
@@ -369,7 +398,7 @@ async fn listing_indexes_follow_every_state_change_with_exact_totals_and_pages()
 
 #[tokio::test]
 async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
-    use apex_hub::store::TaskFilter;
+    use apex_hub::store::{Order, TaskFilter};
     let redis = RedisServer::start().unwrap();
     let a = hub(&redis, "hub-a", 5_000).await;
     let b = hub(&redis, "hub-b", 5_000).await;
@@ -397,7 +426,10 @@ async fn retention_deletes_finished_tasks_with_their_idempotency_keys_only() {
     assert_eq!(b.collect_finished_before(later, 100).await.unwrap(), 2);
     assert!(a.get(&done.id).await.unwrap().is_none());
     assert!(a.get(&cancelled.id).await.unwrap().is_none());
-    let left = a.list(&TaskFilter::default(), 1, 10).await.unwrap();
+    let left = a
+        .list(&TaskFilter::default(), Order::NewestFirst, 1, 10)
+        .await
+        .unwrap();
     assert_eq!(left.total, 1);
     assert_eq!(left.tasks[0].id, waiting.id);
     // The keys can be used again.
@@ -1100,7 +1132,12 @@ async fn a_batch_is_accepted_all_or_none_and_keeps_idempotency_keys() {
     assert_eq!(a.queue_len(&tool_queue("echo")).await.unwrap(), 0);
     assert_eq!(a.queue_len(&tool_queue("other")).await.unwrap(), 0);
     let page = a
-        .list(&apex_hub::store::TaskFilter::default(), 1, 100)
+        .list(
+            &apex_hub::store::TaskFilter::default(),
+            apex_hub::store::Order::NewestFirst,
+            1,
+            100,
+        )
         .await
         .unwrap();
     assert_eq!(page.total, 3);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use apex_hub::durable::{self, Opened, StoreKind};
 use apex_hub::model::{EventKind, Task, TaskEvent, TaskSpec, TaskStatus};
 use apex_hub::store;
-use apex_hub::store::{NodeRecord, TaskFilter};
+use apex_hub::store::{NodeRecord, Order, TaskFilter};
 use redis_server::RedisServer;
 use serde_json::json;
 
@@ -175,19 +175,21 @@ async fn every_store_keeps_records_indexes_and_events() {
             st.find_by_idempotency_key("k1").as_deref(),
             Some(uuid_like(1).as_str())
         );
-        let all = st.list(&TaskFilter::default(), 1, 10);
+        let all = st.list(&TaskFilter::default(), Order::NewestFirst, 1, 10);
         assert_eq!(all.total, 3, "{:?}", s.kind);
         let ids: Vec<u64> = all.tasks.iter().map(|t| t.seq).collect();
         assert_eq!(ids, vec![3, 2, 1], "{:?}: newest first", s.kind);
-        let echo = st.list(
-            &TaskFilter {
-                tool: Some("echo".to_owned()),
-                ..TaskFilter::default()
-            },
-            2,
-            1,
-        );
+        let all = st.list(&TaskFilter::default(), Order::OldestFirst, 1, 10);
+        let ids: Vec<u64> = all.tasks.iter().map(|t| t.seq).collect();
+        assert_eq!(ids, vec![1, 2, 3], "{:?}: oldest first", s.kind);
+        let echo_only = TaskFilter {
+            tool: Some("echo".to_owned()),
+            ..TaskFilter::default()
+        };
+        let echo = st.list(&echo_only, Order::NewestFirst, 2, 1);
         assert_eq!((echo.total, echo.tasks[0].seq), (2, 1), "{:?}", s.kind);
+        let echo = st.list(&echo_only, Order::OldestFirst, 2, 1);
+        assert_eq!((echo.total, echo.tasks[0].seq), (2, 3), "{:?}", s.kind);
         let evs = st.events_after(&uuid_like(2), 1);
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].kind, EventKind::TaskCompleted);
@@ -260,7 +262,12 @@ async fn retention_collects_old_finished_tasks_from_memory_and_store() {
             assert_eq!(o.store.collect_finished_before(cutoff), 1, "{:?}", s.kind);
             assert!(o.store.get(&uuid_like(1)).is_none());
             assert!(o.store.find_by_idempotency_key("old").is_none());
-            assert_eq!(o.store.list(&TaskFilter::default(), 1, 10).total, 2);
+            assert_eq!(
+                o.store
+                    .list(&TaskFilter::default(), Order::NewestFirst, 1, 10)
+                    .total,
+                2
+            );
             assert_eq!(o.store.counts().iter().sum::<u64>(), 2);
             durable_now(&o).await;
         }

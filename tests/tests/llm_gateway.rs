@@ -489,10 +489,13 @@ async fn interrupt_ends_the_stream_with_stop_and_aborts_the_upstream() {
         .unwrap();
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(
-        v,
-        json!({"success": false, "requestId": "int-1", "reason": "not_found"})
-    );
+    // VCP's fields, inside the hub's one error shape.
+    assert_eq!(v["success"], false, "{v}");
+    assert_eq!(v["requestId"], "int-1", "{v}");
+    assert_eq!(v["reason"], "not_found", "{v}");
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    assert_eq!(v["category"], "not_found", "{v}");
+    assert_eq!(v["detail"], v["error"]["message"], "{v}");
     let r = s.post("/v1/interrupt", &json!({})).send().await.unwrap();
     assert_eq!(r.status(), 400);
 

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch};
 
 use crate::model::{Task, TaskEvent, TaskId};
-use crate::store::{self, MemoryStore, NodeRecord, Page, TaskFilter, TaskStore};
+use crate::store::{self, MemoryStore, NodeRecord, Order, Page, TaskFilter, TaskStore};
 
 /// Which store a hub uses: config key `store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,8 +261,8 @@ impl TaskStore for MirroredStore {
         self.inner.find_by_idempotency_key(key)
     }
 
-    fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page {
-        self.inner.list(filter, page, limit)
+    fn list(&self, filter: &TaskFilter, order: Order, page: usize, limit: usize) -> Page {
+        self.inner.list(filter, order, page, limit)
     }
 
     fn events_after(&self, id: &str, after: u32) -> Vec<TaskEvent> {

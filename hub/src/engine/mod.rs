@@ -47,7 +47,7 @@ use crate::events::{NodeEvent, NodeEventKind};
 use crate::metrics;
 use crate::model::{Dialect, NodeState, NodeView, Rfc3339, Task, TaskEvent, TaskSpec, TaskStatus};
 use crate::scheduler::{QueueKey, Scheduler};
-use crate::store::{Page, TaskFilter, TaskStore};
+use crate::store::{Order, Page, TaskFilter, TaskStore};
 
 /// Name of the VCP built-in tool that returns any file of the node; never dispatched unless the
 /// operator allows it.
@@ -342,10 +342,16 @@ impl Cluster {
         core.store.get(id).map(|_| core.store.ticket_of(id))
     }
 
-    /// A page of tasks with the highest durability ticket of their last writes.
-    pub fn list_with_ticket(&self, filter: &TaskFilter, page: usize, limit: usize) -> (Page, u64) {
+    /// A page of tasks in `order` with the highest durability ticket of their last writes.
+    pub fn list_with_ticket(
+        &self,
+        filter: &TaskFilter,
+        order: Order,
+        page: usize,
+        limit: usize,
+    ) -> (Page, u64) {
         let core = self.shared.core.lock();
-        let p = core.store.list(filter, page, limit);
+        let p = core.store.list(filter, order, page, limit);
         let ticket = p
             .tasks
             .iter()
@@ -355,9 +361,13 @@ impl Cluster {
         (p, ticket)
     }
 
-    /// A page of tasks.
+    /// A page of tasks, newest first.
     pub fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page {
-        self.shared.core.lock().store.list(filter, page, limit)
+        self.shared
+            .core
+            .lock()
+            .store
+            .list(filter, Order::NewestFirst, page, limit)
     }
 
     /// The state gauges of `/metrics`, read at scrape time.

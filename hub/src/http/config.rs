@@ -28,8 +28,18 @@ fn answer(state: &AppState, changed: Vec<String>) -> Response {
     .into_response()
 }
 
+/// Read the configuration.
+///
 /// `GET /v1/config`: `{"config": {...every key...}, "hot_reloadable": [...]}`; `api_keys` and
 /// `node_keys` entries read `<redacted>`.
+#[utoipa::path(
+    get,
+    path = "/v1/config",
+    tag = "config",
+    operation_id = "getConfig",
+    responses((status = 200, description = "The configuration in force, secrets redacted", body = super::openapi::ConfigView)),
+    security(("bearer" = []))
+)]
 pub async fn get(State(state): State<AppState>) -> Response {
     Json(json!({
         "config": state.ops.live.redacted(),
@@ -38,10 +48,26 @@ pub async fn get(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
+/// Change hot-reloadable keys.
+///
 /// `PUT /v1/config`: a JSON object of keys to change (a whole `GET` body's `config`, edited,
 /// works too: unchanged keys and `<redacted>` secrets are ignored). Applied all or nothing;
 /// 200 `{"changed": [keys], "config", "hot_reloadable"}`, or 400 naming the first key that is
 /// unknown, invalid, or cannot change while the hub runs.
+#[utoipa::path(
+    put,
+    path = "/v1/config",
+    tag = "config",
+    operation_id = "putConfig",
+    request_body(content = Object, description = "Keys to change (or a whole `GET` body, edited)", example = json!({"log_level": "debug"})),
+    responses(
+        (status = 200, description = "Applied: the keys changed and the configuration now", body = super::openapi::ConfigChanged),
+        (status = 400, description = "A key is unknown, invalid or not hot-reloadable (`error.param` names it)", body = super::error::ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = super::error::ErrorBody),
+        (status = 415, description = "Body is not `application/json`", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn put(
     State(state): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
@@ -58,8 +84,22 @@ pub async fn put(
     Ok(answer(&state, changed))
 }
 
+/// Re-read the config file.
+///
 /// `POST /v1/config/reload`: re-reads the config file, `APEX_*` variables and flags the hub was
 /// started with and applies them like `PUT`. 409 if the hub was started without `--config`.
+#[utoipa::path(
+    post,
+    path = "/v1/config/reload",
+    tag = "config",
+    operation_id = "reloadConfig",
+    responses(
+        (status = 200, description = "Re-read and applied", body = super::openapi::ConfigChanged),
+        (status = 400, description = "The new configuration is invalid or changes a key that is not hot-reloadable", body = super::error::ErrorBody),
+        (status = 409, description = "The hub was started without `--config`", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn reload(State(state): State<AppState>) -> Result<Response, ApiError> {
     let changed = state.ops.live.reload().map_err(change_error)?;
     Ok(answer(&state, changed))

@@ -134,6 +134,19 @@ fn common_headers(h: &mut HeaderMap, etag: &str, cache: &'static str) {
     );
 }
 
+/// The dashboard page.
+///
+/// `GET /dashboard` (and `/dashboard/`): the page.
+#[utoipa::path(
+    get,
+    path = "/dashboard",
+    tag = "dashboard",
+    operation_id = "dashboard",
+    responses(
+        (status = 200, description = "The dashboard page (it signs in with an API key)", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+    )
+)]
 async fn index(headers: HeaderMap) -> Response {
     let (html, etag) = &*INDEX;
     let mut resp = if not_modified(&headers, etag) {
@@ -155,6 +168,24 @@ async fn index(headers: HeaderMap) -> Response {
     resp
 }
 
+/// A dashboard asset.
+///
+/// `GET /dashboard/assets/{build}/{file}`: one embedded asset.
+#[utoipa::path(
+    get,
+    path = "/dashboard/assets/{build}/{file}",
+    tag = "dashboard",
+    operation_id = "dashboardAsset",
+    params(
+        ("build" = String, Path, description = "The build id written in the page (another one is served `no-cache`)"),
+        ("file" = String, Path, description = "Asset file name"),
+    ),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = String),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+        (status = 404, description = "No such asset", body = super::error::ErrorBody),
+    )
+)]
 async fn asset(Path((build, file)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let Some(a) = ASSETS.iter().find(|a| a.name == file) else {
         return ApiError::no_route(&format!("/dashboard/assets/{build}/{file}")).into_response();

@@ -60,8 +60,11 @@ impl Drop for OpenGuard {
 }
 
 /// Query of `GET /v1/events`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsParams {
+    /// `nodes`, `tasks` or `nodes,tasks` (the default).
+    #[param(example = "nodes,tasks")]
     topics: Option<String>,
 }
 
@@ -74,7 +77,21 @@ fn message(event: &str, payload: Value, at: SystemTime) -> Value {
     })
 }
 
+/// Node and task changes (SSE).
+///
 /// `GET /v1/events[?topics=nodes,tasks]`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    operation_id = "streamEvents",
+    params(EventsParams),
+    responses(
+        (status = 200, description = "Server-Sent Events, each `data: {\"type\": \"node_event\", \"event\", \"payload\", \"timestamp\"}` with an increasing `id`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Invalid `topics`", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn stream(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -7,6 +7,7 @@
 //! the first chunk becomes a `data: {"error": {...}}` frame before `[DONE]`.
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::llm::{CallContext, Caller, ChatChunk, ChatRequest, ChatStream, LlmError, Usage};
 
@@ -38,11 +40,34 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
     resp
 }
 
+/// Chat completion (OpenAI-compatible).
+///
 /// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "llm",
+    operation_id = "createChatCompletion",
+    request_body = super::openapi::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` Server-Sent Events of `chat.completion.chunk` objects ending `data: [DONE]` (an error after the first chunk is a `data: {\"error\": …}` event before it)",
+            content(
+                (super::openapi::ChatCompletion = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 400, description = "Invalid request (`error.param` names the field)", body = ErrorBody),
+        (status = 404, description = "No provider serves the model (`model_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+        (status = 429, description = "Every deployment was rate limited", body = ErrorBody),
+        (status = 502, description = "The upstream failed (`upstream_error`)", body = ErrorBody),
+        (status = 503, description = "No upstream could be reached in time (`upstream_unavailable`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let header_id = headers
         .get(X_REQUEST_ID)
@@ -50,6 +75,10 @@ pub(super) async fn chat_completions(
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
     let fallback_id = || header_id.clone().unwrap_or_else(new_id);
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return with_request_id(ApiError::from(e).into_response(), &fallback_id()),
+    };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -246,7 +275,17 @@ async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmE
     Ok(axum::Json(body).into_response())
 }
 
+/// List models.
+///
 /// `GET /v1/models`.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "llm",
+    operation_id = "listModels",
+    responses((status = 200, description = "Every model the gateway serves", body = super::openapi::ModelList)),
+    security(("bearer" = []))
+)]
 pub(super) async fn models(State(state): State<AppState>) -> Response {
     let data: Vec<Value> = state
         .llm
@@ -258,7 +297,21 @@ pub(super) async fn models(State(state): State<AppState>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// Get a model.
+///
 /// `GET /v1/models/{id}` (model ids may contain `/`).
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    tag = "llm",
+    operation_id = "getModel",
+    params(("id" = String, Path, description = "Model id (may contain `/`)")),
+    responses(
+        (status = 200, description = "The model", body = super::openapi::Model),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.llm.get().models().into_iter().find(|m| m.id == id) {
         Some(m) => axum::Json(
@@ -269,8 +322,31 @@ pub(super) async fn model(State(state): State<AppState>, Path(id): Path<String>)
     }
 }
 
+/// Interrupt a chat completion.
+///
 /// `POST /v1/interrupt {"requestId"}` (or `messageId`).
-pub(super) async fn interrupt(State(state): State<AppState>, body: Bytes) -> Response {
+#[utoipa::path(
+    post,
+    path = "/v1/interrupt",
+    tag = "llm",
+    operation_id = "interruptChatCompletion",
+    request_body = super::openapi::InterruptRequest,
+    responses(
+        (status = 200, description = "The call was interrupted (its stream ends with `finish_reason: stop`)", body = super::openapi::Interrupted),
+        (status = 400, description = "No `requestId` or `messageId`", body = ErrorBody),
+        (status = 404, description = "No call in flight has that id; the body also has `requestId` and `reason: \"not_found\"`", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn interrupt(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let id = ["requestId", "messageId", "request_id"]
         .iter()
@@ -293,10 +369,10 @@ pub(super) async fn interrupt(State(state): State<AppState>, body: Bytes) -> Res
         }))
         .into_response()
     } else {
-        (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"success": false, "requestId": id, "reason": "not_found"})),
-        )
+        // `requestId` and `reason` beside the common shape: VCP clients read them.
+        ApiError::not_found("call", id)
+            .with_field("requestId", id)
+            .with_field("reason", "not_found")
             .into_response()
     }
 }

@@ -35,27 +35,31 @@ use super::{ApiError, AppState};
 use crate::metrics::{self, ConnectionGauge};
 use crate::ops::logs::{Level, LogEntry};
 
-const PREFIXES: [&str; 3] = ["/ABPlog", "/log", "/VCPlog"];
-
 /// How long one write may take before the client is shed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upgrade routes of the log channel.
 pub fn routes() -> Router<AppState> {
-    let mut r = Router::new();
-    for p in PREFIXES {
-        r = r
-            .route(p, get(upgrade_bearer))
-            .route(&format!("{p}/{{key}}"), get(upgrade_path_key));
-    }
-    r
+    // Literal paths, a bare one (bearer key) and one with a key segment per prefix (the OpenAPI
+    // drift test reads them from this source).
+    Router::new()
+        .route("/ABPlog", get(upgrade_bearer))
+        .route("/ABPlog/{key}", get(upgrade_path_key))
+        .route("/log", get(upgrade_bearer))
+        .route("/log/{key}", get(upgrade_path_key))
+        .route("/VCPlog", get(upgrade_bearer))
+        .route("/VCPlog/{key}", get(upgrade_path_key))
 }
 
 /// Query of the log channel.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogParams {
+    /// Only entries about this node.
     node: Option<String>,
+    /// At least this severe: `debug`, `info`, `warn` or `error`.
     level: Option<String>,
+    /// Replay at most the last N buffered entries (0: none).
     replay: Option<usize>,
 }
 
@@ -76,6 +80,22 @@ impl Filter {
 
 type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
+/// Log channel upgrade (key in the path).
+///
+/// `GET /log/{key}` (and its prefixes): the key as `VCP_Key=<key>`.
+#[utoipa::path(
+    get,
+    path = "/log/{key}",
+    tag = "channels",
+    operation_id = "logChannelPathKey",
+    params(("key" = String, Path, description = "`VCP_Key=<key>` or `ABP_Key=<key>` (a node key or an API key); any other segment is 404"), LogParams),
+    responses(
+        (status = 101, description = "Switched to WebSocket: buffered then live log entries, one `{type, data}` text frame each"),
+        (status = 400, description = "Not a WebSocket upgrade, or an invalid query (`level`)", body = super::error::ErrorBody),
+        (status = 404, description = "The last segment is not a key", body = super::error::ErrorBody),
+        (status = 401, description = "Missing key, or neither a node key nor an API key (`invalid_key`)", body = super::error::ErrorBody),
+    ),
+)]
 async fn upgrade_path_key(
     State(state): State<AppState>,
     route: MatchedPath,
@@ -90,6 +110,22 @@ async fn upgrade_path_key(
     upgrade(state, channel_of(&route), key, peer, q, ws)
 }
 
+/// Log channel upgrade (key in the header).
+///
+/// `GET /log` (and its prefixes): the key in `Authorization: Bearer`.
+#[utoipa::path(
+    get,
+    path = "/log",
+    tag = "channels",
+    operation_id = "logChannel",
+    params(LogParams),
+    responses(
+        (status = 101, description = "Switched to WebSocket: buffered then live log entries, one `{type, data}` text frame each"),
+        (status = 400, description = "Not a WebSocket upgrade, or an invalid query (`level`)", body = super::error::ErrorBody),
+        (status = 401, description = "Missing key, or neither a node key nor an API key (`invalid_key`)", body = super::error::ErrorBody),
+    ),
+    security(("node_key" = []), ("bearer" = []))
+)]
 async fn upgrade_bearer(
     State(state): State<AppState>,
     route: MatchedPath,

@@ -6,6 +6,7 @@
 pub mod auth;
 mod config;
 pub mod dashboard;
+pub mod docs;
 pub mod error;
 pub mod events;
 pub mod identity;
@@ -14,6 +15,7 @@ mod llm;
 pub mod log_channel;
 pub mod node_channel;
 mod nodes;
+pub mod openapi;
 mod system;
 mod tasks;
 
@@ -38,6 +40,7 @@ use crate::model::TaskStatus;
 use crate::ops::Ops;
 use crate::principal::Scope;
 pub use error::ApiError;
+use error::ErrorBody;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -101,10 +104,23 @@ impl AppState {
     }
 }
 
+/// Health and store state.
+///
 /// `GET /health` (no key): 200 with `status: "ok"` and `store: "ok"`; 503 with
 /// `status: "degraded"` and `store: "unavailable"` while the task store would refuse
 /// submissions (they answer 503 `store_unavailable`). Both carry the version, uptime, node and
-/// task counts, queue depth and node-channel counters.
+/// task counts, queue depth and node-channel counters; the 503 is also an error body
+/// (`store_unavailable`, category `unavailable`) beside them.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "system",
+    operation_id = "health",
+    responses(
+        (status = 200, description = "`status: ok`: the store accepts writes", body = openapi::Health),
+        (status = 503, description = "`status: degraded`: submissions would answer 503 `store_unavailable`. The error shape (`error.code` `store_unavailable`) with every field of the health body beside it", body = ErrorBody),
+    )
+)]
 async fn health(State(state): State<AppState>) -> Response {
     let store_ok = state.tasks.store_available().await;
     let h = state.cluster.health();
@@ -115,12 +131,12 @@ async fn health(State(state): State<AppState>) -> Response {
     tasks.insert("total".to_owned(), json!(h.tasks.iter().sum::<u64>()));
     let stats = state.cluster.stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let (status, code, store) = if store_ok {
-        ("ok", StatusCode::OK, "ok")
+    let (status, store) = if store_ok {
+        ("ok", "ok")
     } else {
-        ("degraded", StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        ("degraded", "unavailable")
     };
-    let body = axum::Json(json!({
+    let body = json!({
         "status": status,
         "store": store,
         "version": env!("CARGO_PKG_VERSION"),
@@ -135,8 +151,23 @@ async fn health(State(state): State<AppState>) -> Response {
             "migrations": load(&stats.migrations),
             "frames_shed": load(&stats.frames_shed),
         },
-    }));
-    (code, body).into_response()
+    });
+    if store_ok {
+        return axum::Json(body).into_response();
+    }
+    let mut e = ApiError::custom(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "store_unavailable",
+        "the task store is unavailable: submissions answer 503 until it is back",
+        None,
+    );
+    if let serde_json::Value::Object(fields) = body {
+        for (k, v) in fields {
+            e = e.with_field(&k, v);
+        }
+    }
+    e.into_response()
 }
 
 /// `page` and `limit` of a list route, validated: pages count from 1, `limit` is 1 to 1000.
@@ -182,13 +213,85 @@ impl Pagination {
     ) -> axum::Json<serde_json::Value> {
         axum::Json(json!({
             "data": data,
-            "meta": {
-                "total": total,
-                "page": self.page,
-                "limit": self.limit,
-                "pages": total.div_ceil(self.limit),
+            "meta": ListMeta {
+                total,
+                page: self.page,
+                limit: self.limit,
+                pages: total.div_ceil(self.limit),
             }
         }))
+    }
+}
+
+/// The `meta` of every list body.
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+pub struct ListMeta {
+    /// Items matching the filters, over all pages.
+    pub total: usize,
+    /// This page, from 1.
+    pub page: usize,
+    /// Items per page.
+    pub limit: usize,
+    /// Pages in all (`total / limit`, rounded up).
+    pub pages: usize,
+}
+
+/// The `sort` of a list route: one field the route sorts by, ascending (`sort=created_at`) or
+/// descending with a leading `-` (`sort=-created_at`). Ties keep the route's natural order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sort {
+    /// The field, one of the route's.
+    pub field: &'static str,
+    /// Whether the order is descending (`-field`).
+    pub descending: bool,
+}
+
+impl Sort {
+    /// Newest first: the default of task lists.
+    pub const NEWEST_FIRST: Sort = Sort {
+        field: "created_at",
+        descending: true,
+    };
+
+    /// Parses `sort` against the `fields` a route sorts by; `default` when absent or empty.
+    ///
+    /// # Errors
+    /// 400 naming `sort` for a field the route does not sort by.
+    pub fn parse(
+        value: Option<&str>,
+        fields: &[&'static str],
+        default: Sort,
+    ) -> Result<Self, ApiError> {
+        let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(default);
+        };
+        let (name, descending) = match v.strip_prefix('-') {
+            Some(name) => (name, true),
+            None => (v, false),
+        };
+        fields
+            .iter()
+            .find(|f| **f == name)
+            .map(|field| Sort { field, descending })
+            .ok_or_else(|| {
+                let allowed: Vec<String> = fields
+                    .iter()
+                    .flat_map(|f| [(*f).to_owned(), format!("-{f}")])
+                    .collect();
+                ApiError::invalid(
+                    "sort",
+                    format!("`sort` must be one of {}", allowed.join(", ")),
+                )
+            })
+    }
+
+    /// The store order of a sort by `created_at`.
+    pub fn order(self) -> crate::store::Order {
+        if self.descending {
+            crate::store::Order::NewestFirst
+        } else {
+            crate::store::Order::OldestFirst
+        }
     }
 }
 
@@ -239,7 +342,17 @@ fn request_span(req: &Request) -> tracing::Span {
     span
 }
 
+/// Prometheus metrics.
+///
 /// `GET /metrics`: the Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    operation_id = "metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4 (also on `metrics_listen` without a key, where configured)", content_type = "text/plain; version=0.0.4", body = String)),
+    security(("bearer" = []))
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match crate::metrics::render(&state.cluster.gauges()) {
         Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
@@ -252,6 +365,8 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .fallback(no_route)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn(error::shape))
         .with_state(state)
 }
 
@@ -319,34 +434,56 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys", needs(Admin, post(keys::create).get(keys::list)))
         .route("/v1/keys/{id}", needs(Admin, delete(keys::remove)))
         .merge(identity::user_routes());
-    for base in ["/v1/nodes", "/api/admin/nodes"] {
-        api = api
-            .route(base, needs(NodesRead, get(nodes::list)))
-            .route(
-                &format!("{base}/{{id}}"),
-                needs(NodesRead, get(nodes::get)).merge(needs(NodesWrite, delete(nodes::remove))),
-            )
-            .route(
-                &format!("{base}/{{id}}/tasks"),
-                needs(NodesRead, get(nodes::tasks)).merge(needs(Tasks, post(nodes::dispatch))),
-            )
-            .route(
-                &format!("{base}/{{id}}/drain"),
-                needs(NodesWrite, post(nodes::drain)),
-            )
-            .route(
-                &format!("{base}/{{id}}/undrain"),
-                needs(NodesWrite, post(nodes::undrain)),
-            );
-    }
-    for base in ["/v1/config", "/api/admin/config"] {
-        api = api
-            .route(base, needs(Config, get(config::get).put(config::put)))
-            .route(
-                &format!("{base}/reload"),
-                needs(Config, post(config::reload)),
-            );
-    }
+    // Literal paths, one per line (the OpenAPI drift test reads them from this source):
+    // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.
+    api = api
+        .route("/v1/nodes", needs(NodesRead, get(nodes::list)))
+        .route(
+            "/v1/nodes/{id}",
+            needs(NodesRead, get(nodes::get)).merge(needs(NodesWrite, delete(nodes::remove))),
+        )
+        .route(
+            "/v1/nodes/{id}/tasks",
+            needs(NodesRead, get(nodes::tasks)).merge(needs(Tasks, post(nodes::dispatch))),
+        )
+        .route(
+            "/v1/nodes/{id}/drain",
+            needs(NodesWrite, post(nodes::drain)),
+        )
+        .route(
+            "/v1/nodes/{id}/undrain",
+            needs(NodesWrite, post(nodes::undrain)),
+        )
+        .route("/api/admin/nodes", needs(NodesRead, get(nodes::list)))
+        .route(
+            "/api/admin/nodes/{id}",
+            needs(NodesRead, get(nodes::get)).merge(needs(NodesWrite, delete(nodes::remove))),
+        )
+        .route(
+            "/api/admin/nodes/{id}/tasks",
+            needs(NodesRead, get(nodes::tasks)).merge(needs(Tasks, post(nodes::dispatch))),
+        )
+        .route(
+            "/api/admin/nodes/{id}/drain",
+            needs(NodesWrite, post(nodes::drain)),
+        )
+        .route(
+            "/api/admin/nodes/{id}/undrain",
+            needs(NodesWrite, post(nodes::undrain)),
+        )
+        .route(
+            "/v1/config",
+            needs(Config, get(config::get).put(config::put)),
+        )
+        .route("/v1/config/reload", needs(Config, post(config::reload)))
+        .route(
+            "/api/admin/config",
+            needs(Config, get(config::get).put(config::put)),
+        )
+        .route(
+            "/api/admin/config/reload",
+            needs(Config, post(config::reload)),
+        );
     let api = api.route_layer(middleware::from_fn_with_state(
         state.clone(),
         auth::authenticate,
@@ -357,6 +494,7 @@ pub fn router(state: AppState) -> Router {
         .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())
+        .merge(docs::routes())
         .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -364,7 +502,14 @@ pub fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                // 5xx answers are logged by `error::shape`, with the request id and an
+                // internal error's cause: not a second time here.
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_failure(()),
+                )
+                .layer(middleware::from_fn(error::shape))
                 .layer(middleware::from_fn(track_http))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )

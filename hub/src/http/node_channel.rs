@@ -41,23 +41,35 @@ use crate::llm::node_proxy::NodeProxy;
 use crate::model::Dialect;
 use crate::ops::Ops;
 
-const PREFIXES: [&str; 3] = [
-    "/abp-distributed-server",
-    "/distributed-server",
-    "/vcp-distributed-server",
-];
-
 /// Upgrade routes of the node channel.
 pub fn routes() -> Router<AppState> {
-    let mut r = Router::new();
-    for p in PREFIXES {
-        r = r
-            .route(p, get(upgrade_bearer))
-            .route(&format!("{p}/{{key}}"), get(upgrade_path_key));
-    }
-    r
+    // Literal paths, a bare one (bearer key) and one with a key segment per prefix (the OpenAPI
+    // drift test reads them from this source).
+    Router::new()
+        .route("/abp-distributed-server", get(upgrade_bearer))
+        .route("/abp-distributed-server/{key}", get(upgrade_path_key))
+        .route("/distributed-server", get(upgrade_bearer))
+        .route("/distributed-server/{key}", get(upgrade_path_key))
+        .route("/vcp-distributed-server", get(upgrade_bearer))
+        .route("/vcp-distributed-server/{key}", get(upgrade_path_key))
 }
 
+/// Node channel upgrade (key in the path).
+///
+/// `GET /distributed-server/{key}` (and its prefixes): the key as `VCP_Key=<node key>`.
+#[utoipa::path(
+    get,
+    path = "/distributed-server/{key}",
+    tag = "channels",
+    operation_id = "nodeChannelPathKey",
+    params(("key" = String, Path, description = "`VCP_Key=<node key>` or `ABP_Key=<node key>`; any other segment is 404")),
+    responses(
+        (status = 101, description = "Switched to WebSocket: the node channel (see PROTOCOL.md)"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = super::error::ErrorBody),
+        (status = 404, description = "The last segment is not a key", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong node key (`invalid_node_key`)", body = super::error::ErrorBody),
+    ),
+)]
 async fn upgrade_path_key(
     State(state): State<AppState>,
     route: MatchedPath,
@@ -71,6 +83,21 @@ async fn upgrade_path_key(
     upgrade(state, channel_of(&route), key, peer, ws)
 }
 
+/// Node channel upgrade (key in the header).
+///
+/// `GET /distributed-server` (and its prefixes): the node key in `Authorization: Bearer`.
+#[utoipa::path(
+    get,
+    path = "/distributed-server",
+    tag = "channels",
+    operation_id = "nodeChannel",
+    responses(
+        (status = 101, description = "Switched to WebSocket: the node channel (see PROTOCOL.md)"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong node key (`invalid_node_key`)", body = super::error::ErrorBody),
+    ),
+    security(("node_key" = []))
+)]
 async fn upgrade_bearer(
     State(state): State<AppState>,
     route: MatchedPath,

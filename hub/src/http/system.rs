@@ -10,6 +10,8 @@ use crate::metrics;
 use crate::model::NodeState;
 use crate::model::TaskStatus;
 
+/// Machine and cluster status.
+///
 /// `GET /api/v1/system/status`:
 /// `{cpu_usage, memory_usage, memory_used_bytes, memory_total_bytes, gpu_usage,
 /// active_sessions, sessions{node, log, events}, nodes{online, draining, offline, total},
@@ -18,6 +20,14 @@ use crate::model::TaskStatus;
 /// Usages are percent (0–100, whole machine), `null` until the first sample (2 s after start) or
 /// without a GPU. `active_sessions` counts open node-channel and log-channel WebSockets and
 /// `/v1/events` streams. `dispatch_rate` is task assignments per second over the last minute.
+#[utoipa::path(
+    get,
+    path = "/api/v1/system/status",
+    tag = "system",
+    operation_id = "systemStatus",
+    responses((status = 200, description = "The hub's machine and cluster", body = super::openapi::SystemStatus)),
+    security(("bearer" = []))
+)]
 pub async fn status(State(state): State<AppState>) -> Response {
     let s = state.ops.system.sample();
     let h = state.cluster.health();

@@ -16,30 +16,44 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState, Pagination};
+use super::error::ErrorBody;
+use super::{ApiError, AppState, Pagination, Sort};
 use crate::config::Config;
 use crate::engine::SubmitError;
-use crate::model::{TaskEvent, TaskSpec, TaskStatus};
+use crate::model::{TaskEvent, TaskSpec, TaskStatus, TaskView};
 use crate::principal::Principal;
 use crate::store::TaskFilter;
 use crate::tasks::Error as TaskError;
 
 /// Body of `POST /api/v1/tasks` (and each element of a batch).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"tool": "echo", "args": {"text": "hi"}, "priority": 5}))]
 pub struct TaskRequest {
+    /// The tool to run (1 to 256 characters); required unless `task_type` is given.
     tool: Option<String>,
     /// Seed API synonym of `tool`.
     task_type: Option<String>,
+    /// The tool's arguments, a JSON object (default `{}`).
+    #[schema(value_type = Option<Object>)]
     args: Option<Value>,
     /// Seed API synonym of `args`.
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
+    /// Free text.
     description: Option<String>,
+    /// Higher runs first (default from the config).
     priority: Option<i32>,
+    /// Budget from submission, greater than 0 and at most the config's maximum.
     timeout_seconds: Option<f64>,
+    /// Assignments allowed, 1 to 100.
     max_attempts: Option<u32>,
+    /// A second submission with the same key answers 200 with the first task.
     idempotency_key: Option<String>,
+    /// Run only on this node.
     node_id: Option<String>,
+    /// Run only on a node offering this capability.
     capability: Option<String>,
 }
 
@@ -130,8 +144,27 @@ impl From<TaskError> for ApiError {
     }
 }
 
+/// Submit a task.
+///
 /// `POST /api/v1/tasks`: 201 with the task, or 200 with the existing task of the same
 /// idempotency key. The 201 is sent once the task is durable.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tasks",
+    tag = "tasks",
+    operation_id = "createTask",
+    request_body = TaskRequest,
+    responses(
+        (status = 201, description = "The task, accepted and durable", body = TaskView),
+        (status = 200, description = "The task already accepted under this idempotency key", body = TaskView),
+        (status = 400, description = "Invalid body (`error.param` names the field)", body = ErrorBody),
+        (status = 403, description = "The tool is forbidden by the hub's policy", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "Body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The task store is unavailable; nothing was accepted", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -174,13 +207,32 @@ pub(super) async fn submit_one(
 }
 
 /// Body of `POST /api/v1/tasks/batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct BatchRequest {
+    /// 1 to `max_batch_tasks` tasks, accepted all or none.
     tasks: Vec<TaskRequest>,
 }
 
+/// Submit tasks, all or none.
+///
 /// `POST /api/v1/tasks/batch`: up to `max_batch_tasks` tasks, accepted all or none; 201 with
 /// `{"data": [task, ...]}` in request order.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tasks/batch",
+    tag = "tasks",
+    operation_id = "createTaskBatch",
+    request_body = BatchRequest,
+    responses(
+        (status = 201, description = "Every task, in request order", body = super::openapi::TaskBatch),
+        (status = 400, description = "Invalid body (`error.param` is e.g. `tasks[2].tool`)", body = ErrorBody),
+        (status = 403, description = "A tool is forbidden by the hub's policy", body = ErrorBody),
+        (status = 413, description = "Body larger than `max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "Body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The task store is unavailable; nothing was accepted", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -208,13 +260,30 @@ pub async fn create_batch(
 }
 
 /// Query of `GET /api/v1/tasks/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetParams {
     /// Wait up to this many milliseconds (at most 60000) for the task to end.
     wait_ms: Option<u64>,
 }
 
+/// Get a task (optionally waiting for its end).
+///
 /// `GET /api/v1/tasks/{id}[?wait_ms=N]`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}",
+    tag = "tasks",
+    operation_id = "getTask",
+    params(("id" = String, Path, description = "Task id"), GetParams),
+    responses(
+        (status = 200, description = "The task (when it ended, or when `wait_ms` ran out)", body = TaskView),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -232,14 +301,30 @@ pub async fn get(
 }
 
 /// Query of `GET /api/v1/tasks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only tasks in this state.
+    #[param(inline, value_type = Option<TaskStatus>)]
     status: Option<String>,
+    /// Only tasks of this tool.
     tool: Option<String>,
+    /// Only tasks whose current or last attempt is on this node.
     node_id: Option<String>,
+    /// Page number, from 1.
+    #[param(minimum = 1)]
     page: Option<usize>,
+    /// Tasks per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// `-created_at` (newest first, the default) or `created_at` (oldest first).
+    #[param(example = "-created_at")]
+    sort: Option<String>,
 }
+
+/// What task lists sort by (`sort=created_at` oldest first, `sort=-created_at` newest first,
+/// the default).
+pub(super) const SORT_FIELDS: &[&str] = &["created_at"];
 
 /// The `?status=` filter of task lists: `None` when absent or empty.
 ///
@@ -257,8 +342,23 @@ pub(super) fn status_filter(status: Option<&str>) -> Result<Option<TaskStatus>, 
     }
 }
 
-/// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=`: newest first,
-/// `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
+/// List tasks.
+///
+/// `GET /api/v1/tasks?status=&tool=&node_id=&page=&limit=&sort=`: newest first unless
+/// `sort=created_at`, `{"data": [...], "meta": {"total", "page", "limit", "pages"}}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks",
+    tag = "tasks",
+    operation_id = "listTasks",
+    params(ListParams),
+    responses(
+        (status = 200, description = "One page of tasks", body = super::openapi::TaskList),
+        (status = 400, description = "Invalid query (`error.param` names it: `status`, `page`, `limit`, `sort`)", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -267,17 +367,18 @@ pub async fn list(
     let Query(q) = q?;
     let status = status_filter(q.status.as_deref())?;
     let pages = Pagination::new(q.page, q.limit, 50)?;
+    let sort = Sort::parse(q.sort.as_deref(), SORT_FIELDS, Sort::NEWEST_FIRST)?;
     let filter = TaskFilter {
         status,
         tool: q.tool.filter(|s| !s.is_empty()),
         node_id: q.node_id.filter(|s| !s.is_empty()),
         owner: None,
     };
-    list_page(&state, &caller, &filter, pages).await
+    list_page(&state, &caller, &filter, sort, pages).await
 }
 
-/// One page of the tasks matching `filter` that `caller` may see, as a list body (every hub's
-/// tasks in shared mode).
+/// One page of the tasks matching `filter` that `caller` may see, in `sort` order (a field of
+/// [`SORT_FIELDS`]), as a list body (every hub's tasks in shared mode).
 ///
 /// # Errors
 /// 503 `store_unavailable` if the shared store cannot be read.
@@ -285,17 +386,34 @@ pub(super) async fn list_page(
     state: &AppState,
     caller: &Principal,
     filter: &TaskFilter,
+    sort: Sort,
     pages: Pagination,
 ) -> Result<Response, ApiError> {
     let p = state
         .tasks
-        .list(caller, filter, pages.page, pages.limit)
+        .list(caller, filter, sort.order(), pages.page, pages.limit)
         .await?;
     let data: Vec<_> = p.tasks.iter().map(|t| t.view()).collect();
     Ok(pages.body(&data, p.total).into_response())
 }
 
+/// Cancel a task.
+///
 /// `POST /api/v1/tasks/{id}/cancel`: 200 with the cancelled task; 409 if it already ended.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tasks/{id}/cancel",
+    tag = "tasks",
+    operation_id = "cancelTask",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The cancelled task", body = TaskView),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The task already ended (or another hub did not confirm)", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -313,11 +431,30 @@ fn sse_event(e: &TaskEvent) -> Event {
         .unwrap_or_else(|_| Event::default().comment("unencodable event"))
 }
 
+/// Follow a task's events (SSE).
+///
 /// `GET /api/v1/tasks/{id}/events`: the task's past events, then live ones; the stream ends
 /// after the terminal event (or when the hub shuts down). Each event's SSE `id` is its `seq`:
 /// a reconnecting client sending `Last-Event-ID` gets only newer events, and 204 No Content
 /// (which stops browser `EventSource` retries) once the task has ended and nothing is newer.
 /// The stream also ends when the caller's credential is revoked (logout, key deleted).
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}/events",
+    tag = "tasks",
+    operation_id = "streamTaskEvents",
+    params(
+        ("id" = String, Path, description = "Task id"),
+        ("Last-Event-ID" = Option<u32>, Header, description = "Resume after this event `seq`"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events: each event's `event` is its kind, `id` its `seq`, `data` the task event as JSON", content_type = "text/event-stream", body = String),
+        (status = 204, description = "The task has ended and no event is newer than `Last-Event-ID`"),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 503, description = "The shared store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn events(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,

@@ -20,7 +20,7 @@ pub type TaskId = String;
 
 /// Where a task is in its life. `queued → assigned → running → succeeded | failed | cancelled |
 /// timed_out`; a node loss sends `assigned`/`running` back to `queued`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     /// Stored, waiting for an eligible node.
@@ -272,8 +272,9 @@ impl Task {
     }
 }
 
-/// The task object of the HTTP API (`POST/GET /api/v1/tasks...`).
-#[derive(Debug, Serialize)]
+/// The task object of the HTTP API (`POST/GET /api/v1/tasks...`; OpenAPI schema `Task`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Task)]
 pub struct TaskView<'a> {
     /// Task id.
     pub task_id: &'a str,
@@ -282,6 +283,7 @@ pub struct TaskView<'a> {
     /// Tool.
     pub tool: &'a str,
     /// Arguments.
+    #[schema(value_type = Object)]
     pub args: &'a Value,
     /// Free text.
     pub description: Option<&'a str>,
@@ -289,9 +291,11 @@ pub struct TaskView<'a> {
     pub priority: i32,
     /// Percent done.
     pub progress: f64,
-    /// Tool output.
+    /// Tool output (any JSON).
+    #[schema(value_type = Option<Object>)]
     pub result: Option<&'a Value>,
     /// `{code, message, details?}`.
+    #[schema(value_type = Option<Object>)]
     pub error: Option<&'a ErrorInfo>,
     /// Assignments so far.
     pub attempt: u32,
@@ -311,12 +315,16 @@ pub struct TaskView<'a> {
     /// Budget in seconds.
     pub timeout_seconds: f64,
     /// RFC 3339.
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Rfc3339,
     /// RFC 3339.
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: Rfc3339,
     /// RFC 3339, first assignment.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<Rfc3339>,
     /// RFC 3339, terminal transition.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<Rfc3339>,
     /// Last status message.
     pub message: Option<&'a str>,

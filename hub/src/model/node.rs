@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::Rfc3339;
 
 /// Which dialect a node speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Dialect {
     /// `node_register` / `task_assign` / `task_result`.
@@ -18,7 +18,7 @@ pub enum Dialect {
 }
 
 /// Node state as the hub sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     /// Connected and taking work.
@@ -40,8 +40,9 @@ impl NodeState {
     }
 }
 
-/// A node as shown by `GET /v1/nodes`.
-#[derive(Debug, Clone, Serialize)]
+/// A node as shown by `GET /v1/nodes` (OpenAPI schema `Node`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Node)]
 pub struct NodeView {
     /// Node id.
     pub id: String,
@@ -49,6 +50,7 @@ pub struct NodeView {
     pub name: String,
     /// `worker`, `companion` or `custom`.
     #[serde(rename = "type")]
+    #[schema(value_type = String, example = "worker")]
     pub node_type: NodeType,
     /// `native` or `vcp`.
     pub dialect: Dialect,
@@ -57,6 +59,7 @@ pub struct NodeView {
     /// Tool names.
     pub tools: Vec<String>,
     /// Tool descriptions with argument schemas, where the node sent them.
+    #[schema(value_type = Vec<Object>)]
     pub tool_specs: Vec<ToolSpec>,
     /// Language models the node hosts (served by its `llm.chat` tool).
     pub models: Vec<String>,
@@ -75,6 +78,7 @@ pub struct NodeView {
     /// Last self-reported counters (heartbeat), with snake_case keys in HTTP bodies
     /// (`active_tasks`, `cpu_usage`, ...; the node sends them camelCase).
     #[serde(serialize_with = "snake_case_stats")]
+    #[schema(value_type = Option<Object>)]
     pub stats: Option<NodeStats>,
     /// VCP `report_ip` addresses.
     pub local_ips: Vec<String>,
@@ -83,12 +87,16 @@ pub struct NodeView {
     /// Peer address of the connection.
     pub remote_addr: Option<String>,
     /// Last `heartbeat` frame.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_heartbeat_at: Option<Rfc3339>,
     /// Last frame or pong of any kind.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_seen_at: Option<Rfc3339>,
     /// Start of the current (or last) connection.
+    #[schema(value_type = String, format = DateTime)]
     pub connected_at: Rfc3339,
     /// When the node went offline.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub disconnected_at: Option<Rfc3339>,
 }
 

@@ -1,13 +1,14 @@
 //! The task list of the shared store ([`SharedRedis::list`]): every task of every hub, newest
-//! first, from `index` and the listing indexes (`ix:*`) that every script writing a record
+//! or oldest first, from `index` and the listing indexes (`ix:*`) that every script writing a record
 //! keeps (`scripts/reindex.lua`).
 
 use super::{Error, PREFIX, SharedRedis, scripts, task_key};
 use crate::model::{Task, TaskStatus};
+use crate::store::Order;
 
 impl SharedRedis {
-    /// A page of every task in the shared store matching `filter`, newest first (`page` from
-    /// 1), and the exact number matching. No filter, one filter, or status with tool or with
+    /// A page of every task in the shared store matching `filter` in `order` (by `seq`, the
+    /// shared acceptance order; `page` from 1), and the exact number matching. No filter, one filter, or status with tool or with
     /// node read one sorted set (`index` or an `ix:*` listing index kept by the scripts): one
     /// script call reading the page's records, O(page + log n). Tool with node reads the
     /// smaller of the two indexes and filters the records (O(that index)).
@@ -17,6 +18,7 @@ impl SharedRedis {
     pub async fn list(
         &self,
         filter: &crate::store::TaskFilter,
+        order: Order,
         page: usize,
         limit: usize,
     ) -> Result<crate::store::Page, Error> {
@@ -28,9 +30,9 @@ impl SharedRedis {
             let key = ix(format!("owner:{o}"));
             let alone = status.is_none() && filter.tool.is_none() && filter.node_id.is_none();
             if !alone {
-                return self.list_scan(filter, &key, &key, skip, limit).await;
+                return self.list_scan(filter, order, &key, &key, skip, limit).await;
             }
-            return self.list_index(&key, skip, limit).await;
+            return self.list_index(&key, order, skip, limit).await;
         }
         let key = match (status, filter.tool.as_deref(), filter.node_id.as_deref()) {
             (None, None, None) => format!("{PREFIX}index"),
@@ -45,17 +47,18 @@ impl SharedRedis {
                     None => (ix(format!("tool:{t}")), ix(format!("node:{n}"))),
                 };
                 return self
-                    .list_scan(filter, &by_tool, &by_node, skip, limit)
+                    .list_scan(filter, order, &by_tool, &by_node, skip, limit)
                     .await;
             }
         };
-        self.list_index(&key, skip, limit).await
+        self.list_index(&key, order, skip, limit).await
     }
 
-    /// A page of the listing index `key` (exact), newest first.
+    /// A page of the listing index `key` (exact), in `order`.
     async fn list_index(
         &self,
         key: &str,
+        order: Order,
         skip: usize,
         limit: usize,
     ) -> Result<crate::store::Page, Error> {
@@ -76,6 +79,10 @@ impl SharedRedis {
             .arg(skip)
             .arg(skip.saturating_add(limit - 1))
             .arg(format!("{PREFIX}task:"))
+            .arg(match order {
+                Order::NewestFirst => "desc",
+                Order::OldestFirst => "asc",
+            })
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -90,11 +97,12 @@ impl SharedRedis {
         Ok(crate::store::Page { tasks, total })
     }
 
-    /// [`SharedRedis::list`] for tool with node: walks the smaller of two listing indexes,
-    /// newest first, reading records in batches of 500 and filtering them.
+    /// [`SharedRedis::list`] for tool with node: walks the smaller of two listing indexes in
+    /// `order`, reading records in batches of 500 and filtering them.
     async fn list_scan(
         &self,
         filter: &crate::store::TaskFilter,
+        order: Order,
         a: &str,
         b: &str,
         skip: usize,
@@ -109,11 +117,12 @@ impl SharedRedis {
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(if na <= nb { a } else { b })
-            .arg(0)
-            .arg(-1)
-            .arg("REV")
+        let mut range = redis::cmd("ZRANGE");
+        range.arg(if na <= nb { a } else { b }).arg(0).arg(-1);
+        if order == Order::NewestFirst {
+            range.arg("REV");
+        }
+        let ids: Vec<String> = range
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;

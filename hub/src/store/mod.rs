@@ -84,7 +84,17 @@ impl TaskFilter {
     }
 }
 
-/// One page of tasks, newest first.
+/// The order of a task list: by acceptance (`seq`), which is the order of `created_at`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Newest first (`sort=-created_at`, the default).
+    #[default]
+    NewestFirst,
+    /// Oldest first (`sort=created_at`).
+    OldestFirst,
+}
+
+/// One page of tasks, in the order asked for.
 #[derive(Debug, Clone)]
 pub struct Page {
     /// The tasks of the page.
@@ -130,8 +140,8 @@ pub trait TaskStore: Send + 'static {
     ///
     /// [`TaskSpec::idempotency_index`]: crate::model::TaskSpec::idempotency_index
     fn find_by_idempotency_key(&self, key: &str) -> Option<TaskId>;
-    /// A page of tasks matching `filter`, newest first; `page` counts from 1.
-    fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page;
+    /// A page of tasks matching `filter` in `order`; `page` counts from 1.
+    fn list(&self, filter: &TaskFilter, order: Order, page: usize, limit: usize) -> Page;
     /// Events of a task with `seq` greater than `after`.
     fn events_after(&self, id: &str, after: u32) -> Vec<TaskEvent>;
     /// How many tasks are in each state, indexed by [`TaskStatus::index`].
@@ -159,7 +169,7 @@ pub trait TaskStore: Send + 'static {
 /// Tasks in process memory: lost when the hub stops.
 ///
 /// Besides the records, the store keeps listing indexes so that [`TaskStore::list`] never walks
-/// every task: sets of task `seq`s (read newest first) for all tasks, per status, per tool, per
+/// every task: sets of task `seq`s (read from either end) for all tasks, per status, per tool, per
 /// node, per (status, tool) and per (status, node). Every mutation path (`insert`, `restore`,
 /// `update`, `remove_finished_before`) removes a task's old entries and adds its new ones, so
 /// each set holds exactly the tasks with that key and its length is the exact `total` of that
@@ -334,7 +344,7 @@ impl ListIndex {
 const SEQ_BLOCK: usize = 1024;
 
 /// A set of task `seq`s in ascending order, in blocks of at most [`SEQ_BLOCK`], so that insert
-/// and remove cost O(log n + block) and starting a read at the `k`-th newest costs
+/// and remove cost O(log n + block) and starting a read at the `k`-th newest (or oldest) costs
 /// O(n / block) steps over block lengths rather than `k` steps. New tasks (the largest seq)
 /// append to the last block.
 #[derive(Debug, Default, Clone)]
@@ -422,6 +432,31 @@ impl SeqList {
                 let upto = if k == 0 { b.len() - skip } else { b.len() };
                 b[..upto].iter().rev().copied()
             })
+    }
+
+    /// Seqs oldest first, after skipping the `skip` oldest.
+    fn oldest_after(&self, skip: usize) -> impl Iterator<Item = u64> + '_ {
+        let mut skip = skip;
+        let mut start = 0;
+        while start < self.blocks.len() && skip >= self.blocks[start].len() {
+            skip -= self.blocks[start].len();
+            start += 1;
+        }
+        self.blocks[start..]
+            .iter()
+            .enumerate()
+            .flat_map(move |(k, b)| {
+                let from = if k == 0 { skip } else { 0 };
+                b[from..].iter().copied()
+            })
+    }
+
+    /// Seqs in `order`, after skipping the first `skip` of that order.
+    fn in_order(&self, order: Order, skip: usize) -> Box<dyn Iterator<Item = u64> + '_> {
+        match order {
+            Order::NewestFirst => Box::new(self.newest_after(skip)),
+            Order::OldestFirst => Box::new(self.oldest_after(skip)),
+        }
     }
 }
 
@@ -517,9 +552,9 @@ impl TaskStore for MemoryStore {
     /// No filter, one filter, or status with tool or with node: read from the index whose
     /// length is the exact total, O(log n + n / 1024 + limit) at any page. Tool and node
     /// together (with or without status) scan the smaller of the two indexes that contain every
-    /// match (typically the node's tasks), newest first, checking the rest: O(that index), and
-    /// the total stays exact.
-    fn list(&self, filter: &TaskFilter, page: usize, limit: usize) -> Page {
+    /// match (typically the node's tasks), in order, checking the rest: O(that index), and
+    /// the total stays exact. Either order costs the same.
+    fn list(&self, filter: &TaskFilter, order: Order, page: usize, limit: usize) -> Page {
         let skip = page.saturating_sub(1).saturating_mul(limit);
         let empty = || Page {
             tasks: Vec::new(),
@@ -529,7 +564,7 @@ impl TaskStore for MemoryStore {
             Some(None) => empty(),
             Some(Some(seqs)) => Page {
                 tasks: seqs
-                    .newest_after(skip)
+                    .in_order(order, skip)
                     .take(limit)
                     .filter_map(|seq| self.at_seq(seq).cloned())
                     .collect(),
@@ -541,7 +576,7 @@ impl TaskStore for MemoryStore {
                 };
                 let mut total = 0;
                 let mut tasks = Vec::with_capacity(limit.min(1000));
-                for t in seqs.newest_after(0).filter_map(|seq| self.at_seq(seq)) {
+                for t in seqs.in_order(order, 0).filter_map(|seq| self.at_seq(seq)) {
                     if !filter.matches(t) {
                         continue;
                     }

@@ -163,7 +163,7 @@ fn list_timing() {
         let mut total = 0;
         for _ in 0..7 {
             let t = Instant::now();
-            let p = s.list(&filter, page, limit);
+            let p = s.list(&filter, Order::NewestFirst, page, limit);
             times.push(t.elapsed());
             total = p.total;
         }
@@ -238,10 +238,14 @@ fn op() -> impl Strategy<Value = Op> {
 fn naive(
     model: &BTreeMap<u64, Task>,
     f: &TaskFilter,
+    order: Order,
     page: usize,
     limit: usize,
 ) -> (Vec<TaskId>, usize) {
-    let all: Vec<&Task> = model.values().rev().filter(|t| f.matches(t)).collect();
+    let mut all: Vec<&Task> = model.values().filter(|t| f.matches(t)).collect();
+    if order == Order::NewestFirst {
+        all.reverse();
+    }
     let skip = (page - 1) * limit;
     let ids = all
         .iter()
@@ -265,18 +269,24 @@ fn check_all(s: &MemoryStore, model: &BTreeMap<u64, Task>) {
                         node_id: node.map(str::to_owned),
                         owner: owner.map(str::to_owned),
                     };
-                    for (page, limit) in [(1, 1000), (1, 3), (2, 3), (5, 2), (40, 1), (1000, 7)] {
-                        let p = s.list(&f, page, limit);
-                        let got: Vec<TaskId> = p.tasks.iter().map(|t| t.id.clone()).collect();
-                        let (want, total) = naive(model, &f, page, limit);
-                        assert_eq!(p.total, total, "total of {f:?}");
-                        assert_eq!(got, want, "page {page} of {limit} of {f:?}");
+                    for order in [Order::NewestFirst, Order::OldestFirst] {
+                        for (page, limit) in [(1, 1000), (1, 3), (2, 3), (5, 2), (40, 1), (1000, 7)]
+                        {
+                            let p = s.list(&f, order, page, limit);
+                            let got: Vec<TaskId> = p.tasks.iter().map(|t| t.id.clone()).collect();
+                            let (want, total) = naive(model, &f, order, page, limit);
+                            assert_eq!(p.total, total, "total of {f:?}");
+                            assert_eq!(got, want, "{order:?} page {page} of {limit} of {f:?}");
+                        }
                     }
                 }
             }
         }
     }
-    for p in s.list(&TaskFilter::default(), 1, 1000).tasks {
+    for p in s
+        .list(&TaskFilter::default(), Order::NewestFirst, 1, 1000)
+        .tasks
+    {
         assert_eq!(Some(&p), model.get(&p.seq), "stored record");
     }
 }
@@ -379,7 +389,7 @@ proptest! {
     }
 
     /// The block list keeps exactly the inserted seqs, in order, through splits and merges, and
-    /// reads from any rank newest first.
+    /// reads from any rank newest first and oldest first.
     #[test]
     fn seq_list_matches_btreeset(
         ops in proptest::collection::vec((any::<bool>(), 0..6000u64), 1..6000),
@@ -409,6 +419,13 @@ proptest! {
             }
             let all: Vec<u64> = l.newest_after(0).collect();
             prop_assert_eq!(all, want.iter().rev().copied().collect::<Vec<_>>());
+            for &skip in &skips {
+                let got: Vec<u64> = l.oldest_after(skip).take(50).collect();
+                let exp: Vec<u64> = want.iter().skip(skip).take(50).copied().collect();
+                prop_assert_eq!(got, exp);
+            }
+            let all: Vec<u64> = l.oldest_after(0).collect();
+            prop_assert_eq!(all, want.iter().copied().collect::<Vec<_>>());
             Ok(())
         };
         check(&l, &want)?;
