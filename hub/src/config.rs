@@ -125,6 +125,107 @@ pub struct Config {
     /// `tokens_per_day`, `max_concurrent_streams`; 0 is unlimited); see
     /// [`NodeLlmQuotas`](crate::llm::node_proxy::NodeLlmQuotas).
     pub node_llm: crate::llm::node_proxy::NodeLlmQuotas,
+    /// Per-caller rate limits of the API routes (`[rate_limits]`; `APEX_RATE_LIMITS__<KEY>`);
+    /// see [`RateLimits`]. Hot-reloadable.
+    pub rate_limits: RateLimits,
+}
+
+/// What `[rate_limits]` does when the rate-limit store (Redis, in shared mode) fails during a
+/// check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Let the request through, without rate-limit headers (availability first).
+    Allow,
+    /// Refuse it with 503 `rate_limit_unavailable`.
+    Deny,
+}
+
+/// Per-caller rate limits of the API routes (the `[rate_limits]` table, env
+/// `APEX_RATE_LIMITS__<KEY>`), counted per authenticated caller (`Principal::id`) and route
+/// class, with the generic cell rate algorithm: "N per minute" admits a burst of N from a full
+/// bucket, then one every 60/N s. A hub alone counts in memory; hubs in shared mode count in
+/// their Redis (one atomic script call per check, on Redis's clock), so a limit holds across
+/// every hub. Limited responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
+/// `X-RateLimit-Reset` (Unix seconds when the bucket is full again); refused ones answer 429
+/// `rate_limit_exceeded` with `Retry-After` (seconds). Each `*_per_minute` is 0 for unlimited,
+/// else at most 60000000 (one unit per µs). Hot-reloadable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    /// Whether limits apply at all. Default true.
+    pub enabled: bool,
+    /// Whether the config file's API keys (`api_keys`, the `admin` caller) are limited too.
+    /// Default false: those keys are the operator's own (scripts, dashboards, `scripts/bench.sh`,
+    /// the test suite), they all count as one caller, and throttling them would make the
+    /// operator's tooling fail under its own load; managed keys and users are limited.
+    pub apply_to_admin: bool,
+    /// Requests a minute per caller on every API route without a class of its own. A managed
+    /// key's own `rate_limit` replaces it for that key. Default 100.
+    pub standard_per_minute: u32,
+    /// Requests a minute per caller on routes that start research runs (class `execute`).
+    /// Default 10.
+    pub execute_per_minute: u32,
+    /// Requests a minute per caller on `/test` routes (class `test`). Default 20.
+    pub test_per_minute: u32,
+    /// Requests a minute per caller on `POST /v1/chat/completions` (class `llm`, instead of
+    /// `standard_per_minute`); its responses also carry OpenAI's `x-ratelimit-*-requests`
+    /// headers. Default 60.
+    pub llm_requests_per_minute: u32,
+    /// Tokens (prompt + completion, as the gateway reports the call's usage) a minute per
+    /// caller on `POST /v1/chat/completions`, charged after each call: a call is refused while
+    /// the caller has no token left, so the call that crosses the budget completes and the
+    /// next waits until it is paid back. Carried in `x-ratelimit-*-tokens`. Default 100000.
+    pub llm_tokens_per_minute: u32,
+    /// When the store of the counts (Redis, in shared mode) fails during a check: `allow`
+    /// (default; the request goes on, counted in `apex_rate_limit_store_errors_total`) or
+    /// `deny` (503 `rate_limit_unavailable`).
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            apply_to_admin: false,
+            standard_per_minute: 100,
+            execute_per_minute: 10,
+            test_per_minute: 20,
+            llm_requests_per_minute: 60,
+            llm_tokens_per_minute: 100_000,
+            on_store_error: OnStoreError::Allow,
+        }
+    }
+}
+
+impl RateLimits {
+    /// The largest `*_per_minute`: one unit per µs (the resolution of the counts).
+    pub const MAX_PER_MINUTE: u32 = 60_000_000;
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// `(key, reason)` for a rate above [`RateLimits::MAX_PER_MINUTE`].
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (key, v) in [
+            ("rate_limits.standard_per_minute", self.standard_per_minute),
+            ("rate_limits.execute_per_minute", self.execute_per_minute),
+            ("rate_limits.test_per_minute", self.test_per_minute),
+            (
+                "rate_limits.llm_requests_per_minute",
+                self.llm_requests_per_minute,
+            ),
+            (
+                "rate_limits.llm_tokens_per_minute",
+                self.llm_tokens_per_minute,
+            ),
+        ] {
+            if v > Self::MAX_PER_MINUTE {
+                return Err((key, "must be at most 60000000 (0: unlimited)".to_owned()));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -162,6 +263,7 @@ impl Default for Config {
             metrics_listen: None,
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -430,6 +532,9 @@ impl Config {
         if let Err((field, reason)) = self.node_llm.validate() {
             return Err(Error::Invalid { field, reason });
         }
+        if let Err((field, reason)) = self.rate_limits.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
         Ok(())
     }
 
@@ -627,6 +732,41 @@ mod tests {
         with(1024).validate().unwrap();
         let e = with(1025).validate().unwrap_err().to_string();
         assert!(e.contains("worker_threads"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_are_read_from_the_file_and_validated() {
+        let dir = std::env::temp_dir().join(format!("apex-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hub.toml");
+        std::fs::write(
+            &f,
+            "[rate_limits]\napply_to_admin = true\nstandard_per_minute = 7\non_store_error = \"deny\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&Cli {
+            config: Some(f.clone()),
+            ..Cli::default()
+        })
+        .unwrap();
+        assert!(c.rate_limits.enabled && c.rate_limits.apply_to_admin);
+        assert_eq!(c.rate_limits.standard_per_minute, 7);
+        assert_eq!(c.rate_limits.llm_tokens_per_minute, 100_000);
+        assert_eq!(c.rate_limits.on_store_error, OnStoreError::Deny);
+        std::fs::write(&f, "[rate_limits]\non_store_error = \"maybe\"\n").unwrap();
+        let e = Config::load(&Cli {
+            config: Some(f),
+            ..Cli::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let mut c = Config::default();
+        c.rate_limits.llm_tokens_per_minute = RateLimits::MAX_PER_MINUTE + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("rate_limits.llm_tokens_per_minute"), "{e}");
+        c.rate_limits.llm_tokens_per_minute = 0;
+        c.validate().unwrap();
     }
 
     #[test]

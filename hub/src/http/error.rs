@@ -1,5 +1,6 @@
 //! The one error shape of every HTTP route: the OpenAI error object
-//! `{"error": {"message", "type", "code", "param"?}}`, so OpenAI SDKs parse it.
+//! `{"error": {"message", "type", "code", "param"?}}`, so OpenAI SDKs parse it; a 429 of the
+//! rate limits adds a top-level `retry_after` (seconds) and the `Retry-After` header.
 //!
 //! Client errors are returned as they are; internal errors become a generic 500 whose cause is
 //! logged once here.
@@ -18,11 +19,16 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     param: Option<String>,
+    /// Seconds until a refused request may be retried (429): the body's top-level
+    /// `retry_after` and the `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
     error: Inner<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -44,6 +50,7 @@ impl ApiError {
             code: "invalid_request",
             message: message.into(),
             param: Some(param.into()),
+            retry_after: None,
         }
     }
 
@@ -56,6 +63,7 @@ impl ApiError {
             message: "missing or invalid API key: send `Authorization: Bearer <api key>`"
                 .to_owned(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -67,6 +75,7 @@ impl ApiError {
             code: "not_found",
             message: format!("{what} `{id}` not found"),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -79,6 +88,7 @@ impl ApiError {
             code: "unknown_route",
             message: format!("no route for {}", super::auth::redact_path(path)),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -90,6 +100,7 @@ impl ApiError {
             code: "method_not_allowed",
             message: "method not allowed on this route".to_owned(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -101,6 +112,7 @@ impl ApiError {
             code: "conflict",
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -112,6 +124,7 @@ impl ApiError {
             code: "forbidden",
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -126,6 +139,7 @@ impl ApiError {
                  (with an idempotency_key to retry safely): {cause}"
             ),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -144,6 +158,21 @@ impl ApiError {
             code,
             message: message.into(),
             param,
+            retry_after: None,
+        }
+    }
+
+    /// 429 `rate_limit_exceeded` (type `rate_limit_error`): the caller is over a rate limit and
+    /// may retry in `retry_after_secs` seconds, given as the `Retry-After` header and as the
+    /// body's top-level `retry_after`.
+    pub fn rate_limited(retry_after_secs: u64, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            code: "rate_limit_exceeded",
+            message: message.into(),
+            param: None,
+            retry_after: Some(retry_after_secs),
         }
     }
 
@@ -156,6 +185,7 @@ impl ApiError {
             code: "internal_error",
             message: "internal server error".to_owned(),
             param: None,
+            retry_after: None,
         }
     }
 }
@@ -169,8 +199,14 @@ impl IntoResponse for ApiError {
                 code: self.code,
                 param: self.param.as_deref(),
             },
+            retry_after: self.retry_after,
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 

@@ -12,6 +12,7 @@ mod llm;
 pub mod log_channel;
 pub mod node_channel;
 mod nodes;
+mod rate_limit;
 mod system;
 mod tasks;
 
@@ -57,6 +58,8 @@ pub struct AppState {
     pub shared: Option<Arc<crate::shared::SharedRedis>>,
     /// Records other than tasks (users, keys, revocations), in the tasks' backend.
     pub records: crate::records::RecordStore,
+    /// The rate limits of the API routes (in memory, or in Redis in shared mode).
+    pub limits: Arc<crate::limits::Limiter>,
 }
 
 impl AppState {
@@ -79,6 +82,7 @@ impl AppState {
             config.node_llm.clone(),
             llm.clone(),
         ));
+        let limits = Arc::new(crate::limits::Limiter::memory(config.rate_limits.clone()));
         Self {
             tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone()),
             ops: Ops::new(config.clone(), None),
@@ -89,6 +93,7 @@ impl AppState {
             shutdown,
             shared: None,
             records: crate::records::RecordStore::memory(),
+            limits,
         }
     }
 }
@@ -286,10 +291,17 @@ pub fn router(state: AppState) -> Router {
             .route(base, get(config::get).put(config::put))
             .route(&format!("{base}/reload"), post(config::reload));
     }
-    let api = api.route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::require_api_key,
-    ));
+    // Layers run outermost last-added first: authentication, then the rate limits (which
+    // read the principal authentication found).
+    let api = api
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::limit,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
     Router::new()
         .route("/health", get(health))
         .merge(node_channel::routes())
