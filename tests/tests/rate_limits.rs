@@ -356,3 +356,31 @@ async fn chat_completions_carry_openai_rate_limit_headers_and_charge_tokens() {
     assert_eq!(header_u64(&h, "x-ratelimit-remaining-tokens"), Some(0));
     assert!(header_u64(&h, "x-ratelimit-remaining-requests").unwrap() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_change_live_with_put_config() {
+    let hub = Hub::start_default().await.unwrap();
+    let http = client();
+    assert!(
+        get(&http, &hub, "/v1/models")
+            .await
+            .headers
+            .get("x-ratelimit-limit")
+            .is_none()
+    );
+    let r = http
+        .put(format!("{}/v1/config", hub.url()))
+        .bearer_auth(hub.api_key())
+        .json(&json!({"rate_limits": {"apply_to_admin": true, "standard_per_minute": 2}}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(get(&http, &hub, "/v1/models").await.status);
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+}
