@@ -43,9 +43,11 @@ pub(crate) struct LlmArgs {
 
 /// One side of a comparison: a URL and its headers.
 #[derive(Clone)]
-struct Target {
-    chat_url: String,
-    auth: Option<String>,
+pub(crate) struct Target {
+    /// `.../v1/chat/completions`.
+    pub chat_url: String,
+    /// The `Authorization` header, if any.
+    pub auth: Option<String>,
 }
 
 /// Runs the suite and returns its table rows.
@@ -178,7 +180,8 @@ pub(crate) async fn run(args: &LlmArgs) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-async fn start_fake(dir: &std::path::Path, threads: usize) -> Result<(Proc, String)> {
+/// Starts `apex-fake-llm` (model `fake-model`) with `threads` workers; the process and its URL.
+pub(crate) async fn start_fake(dir: &std::path::Path, threads: usize) -> Result<(Proc, String)> {
     let mut cmd = std::process::Command::new(bin_path("apex-fake-llm")?);
     cmd.args(["--no-record", "--model", "fake-model"]);
     if threads > 0 {
@@ -255,7 +258,7 @@ fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// `n` requests over `conc` closed-loop clients; the latencies.
-async fn closed_loop(
+pub(crate) async fn closed_loop(
     client: &reqwest::Client,
     t: &Target,
     stream: bool,
