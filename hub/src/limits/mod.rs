@@ -7,7 +7,7 @@
 //!   ([`Bucket`]): `standard`, `execute`, `test`, and for the LLM gateway `llm` (requests) with
 //!   `llm_tokens` (tokens, charged after each call from its usage: [`Limiter::charge_tokens`]).
 //!   The caller is [`Principal::id`]; a managed key's own `rate_limit` replaces
-//!   `standard_per_minute` for it. Config-file keys (the `admin` caller) are exempt unless
+//!   `standard_per_minute` for it (0, like every `*_per_minute`, is unlimited). Config-file keys (the `admin` caller) are exempt unless
 //!   `apply_to_admin` (see [`RateLimits`]).
 //! - **Stores** ([`Buckets`]): in memory ([`MemoryBuckets`]: a sharded map of caller → TAT per
 //!   bucket kind, stale entries swept by [`Limiter::sweep_loop`]) for a hub alone; in Redis
