@@ -238,3 +238,53 @@ async fn a_stopped_redis_is_an_error_not_an_answer() {
     let e = b.check(&c, Mode::Check, None).await.unwrap_err();
     assert!(e.to_string().contains("unavailable"), "{e}");
 }
+
+#[tokio::test]
+async fn token_charges_reach_redis_and_refuse_the_next_call_at_any_hub() {
+    use apex_hub::limits::{Admission, Limiter, RateLimits, RouteClass};
+    use apex_hub::principal::{Principal, PrincipalKind};
+    let redis = RedisServer::start().unwrap();
+    // 6 tokens a minute: one back every 10 s.
+    let cfg = RateLimits {
+        llm_requests_per_minute: 1000,
+        llm_tokens_per_minute: 6,
+        ..RateLimits::default()
+    };
+    let a = std::sync::Arc::new(Limiter::redis(&redis.url(), cfg.clone()).await.unwrap());
+    let b = Limiter::redis(&redis.url(), cfg).await.unwrap();
+    let key = |id: &str| Principal {
+        id: id.to_owned(),
+        kind: PrincipalKind::Key,
+        scopes: Vec::new(),
+        credential: None,
+        rate_limit: None,
+    };
+    let (k1, k2) = (key("key:one"), key("key:two"));
+    // Charges of two callers, many at once (they share script calls), at hub A.
+    for _ in 0..3 {
+        a.charge_tokens(&k1, 3);
+        a.charge_tokens(&k2, 1);
+    }
+    // Hub B sees them: k1 is 3 tokens in debt, k2 has 3 left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let seen = b.check(&k2, RouteClass::Llm).await;
+        let Admission::Admitted(d) = seen else {
+            panic!("{seen:?}")
+        };
+        if d.tokens.unwrap().remaining == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "charges not seen: {d:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let Admission::Refused(d) = b.check(&k1, RouteClass::Llm).await else {
+        panic!("k1 is over its budget")
+    };
+    assert_eq!(d.tokens.unwrap().remaining, 0);
+    // 3 tokens of debt and one to have something left: 40 s at most.
+    assert!((31..=40).contains(&d.retry_after_secs()), "{d:?}");
+}

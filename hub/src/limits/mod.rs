@@ -55,7 +55,7 @@ pub enum Error {
     /// The script answered something that is not its reply shape.
     #[error("rate-limit store answered an unexpected reply: {0}")]
     BadReply(String),
-    /// A check named one bucket twice.
+    /// A check named one bucket twice (in memory: one bucket kind twice).
     #[error("bucket `{0}` appears twice in one check")]
     DuplicateBucket(&'static str),
 }
@@ -241,8 +241,11 @@ pub enum Buckets {
 }
 
 impl Buckets {
-    /// Runs one check of `checks` (distinct buckets) in `mode`, at `now_us` (µs since the
-    /// epoch) or on the store's own clock when `None` (tests pass a clock).
+    /// Runs one check of `checks` in `mode`, at `now_us` (µs since the epoch) or on the
+    /// store's own clock when `None` (tests pass a clock). The buckets must be distinct; in
+    /// memory at most one of each kind (a check holds one entry of each kind's map, and two
+    /// entries of one map could share a lock), in Redis any distinct keys (token charges of
+    /// many callers go in one call).
     ///
     /// # Errors
     /// [`Error::Unavailable`] / [`Error::BadReply`] from Redis; [`Error::DuplicateBucket`].
@@ -353,8 +356,78 @@ pub enum Admission {
 pub struct Limiter {
     config: RwLock<Arc<RateLimits>>,
     buckets: Buckets,
-    /// Whether the last store operation failed (so an outage is logged once, and its end).
+    health: Arc<Health>,
+    /// Token charges to Redis, sent by [`charge_loop`] (`None` in memory).
+    charges: Option<tokio::sync::mpsc::UnboundedSender<Charge>>,
+}
+
+/// Whether the last store operation failed, so an outage is logged once, and its end.
+#[derive(Default)]
+struct Health {
     failing: AtomicBool,
+}
+
+impl Health {
+    fn ok(&self) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("rate-limit store available again");
+        }
+    }
+
+    /// Counts a failure; `action` says what requests get meanwhile.
+    fn failed(&self, e: &Error, action: &str) {
+        crate::metrics::get().rate_limit_store_errors.inc();
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "rate-limit store failed: {action} until it is back");
+        }
+    }
+}
+
+/// Tokens one call of `caller` used, to charge at `rate`.
+struct Charge {
+    caller: String,
+    rate: Rate,
+    tokens: u64,
+}
+
+/// Most callers charged by one script call of [`charge_loop`].
+const CHARGES_PER_CALL: usize = 256;
+
+/// Sends token charges to Redis: one script call at a time, carrying every charge that arrived
+/// while the previous one ran, summed per caller. Idle, a charge goes out at once; under load
+/// charges share calls, so a chat completion costs Redis one check and a fraction of a charge.
+/// Ends when the limiter (the sender) is dropped.
+async fn charge_loop(
+    buckets: RedisBuckets,
+    health: Arc<Health>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Charge>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut pending: Vec<Charge> = vec![first];
+        while pending.len() < CHARGES_PER_CALL {
+            let Ok(c) = rx.try_recv() else { break };
+            match pending.iter_mut().find(|p| p.caller == c.caller) {
+                Some(p) => {
+                    p.tokens = p.tokens.saturating_add(c.tokens);
+                    p.rate = c.rate;
+                }
+                None => pending.push(c),
+            }
+        }
+        let checks: Vec<BucketCheck<'_>> = pending
+            .iter()
+            .map(|c| BucketCheck {
+                bucket: Bucket::LlmTokens,
+                caller: &c.caller,
+                rate: c.rate,
+                cost: c.tokens,
+            })
+            .collect();
+        match buckets.check(&checks, Mode::Charge, None).await {
+            Ok(_) => health.ok(),
+            Err(e) => health.failed(&e, "token usage is not charged"),
+        }
+    }
 }
 
 impl Limiter {
@@ -367,19 +440,27 @@ impl Limiter {
     ///
     /// # Errors
     /// [`Error::Unavailable`] if Redis cannot be reached.
+    /// Token charges go out on a task of its own (see `charge_loop`), so this must run on a
+    /// Tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if Redis cannot be reached.
     pub async fn redis(url: &str, config: RateLimits) -> Result<Self, Error> {
-        Ok(Self::with(
-            config,
-            Buckets::Redis(RedisBuckets::connect(url).await?),
-        ))
+        let buckets = RedisBuckets::connect(url).await?;
+        let mut limiter = Self::with(config, Buckets::Redis(buckets.clone()));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(charge_loop(buckets, limiter.health.clone(), rx));
+        limiter.charges = Some(tx);
+        Ok(limiter)
     }
 
-    /// A limiter over `buckets`.
+    /// A limiter over `buckets` (token charges to Redis then go out one task each).
     pub fn with(config: RateLimits, buckets: Buckets) -> Self {
         Self {
             config: RwLock::new(Arc::new(config)),
             buckets,
-            failing: AtomicBool::new(false),
+            health: Arc::default(),
+            charges: None,
         }
     }
 
@@ -497,8 +578,9 @@ impl Limiter {
 
     /// Charges `tokens` used by one LLM call of `principal` to its token bucket, whatever is
     /// left (the call has happened): its next call is refused while the bucket is in debt.
-    /// In memory at once; in Redis on a task of its own (the caller is a stream being
-    /// polled). A failure is counted and logged like a check's.
+    /// In memory at once; in Redis by the charging task (the caller is a stream being
+    /// polled, which must not wait), usually within one Redis round trip. A failure is counted
+    /// and logged like a check's.
     pub fn charge_tokens(self: &Arc<Self>, principal: &Principal, tokens: u64) {
         if tokens == 0 {
             return;
@@ -509,6 +591,15 @@ impl Limiter {
         match &self.buckets {
             Buckets::Memory(m) => {
                 m.charge(Bucket::LlmTokens, &principal.id, rate, tokens, None);
+            }
+            Buckets::Redis(_) if self.charges.is_some() => {
+                if let Some(tx) = &self.charges {
+                    let _ = tx.send(Charge {
+                        caller: principal.id.clone(),
+                        rate,
+                        tokens,
+                    });
+                }
             }
             Buckets::Redis(_) => {
                 let (this, caller) = (self.clone(), principal.id.clone());
@@ -552,20 +643,15 @@ impl Limiter {
     }
 
     fn store_ok(&self) {
-        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
-            tracing::info!("rate-limit store available again");
-        }
+        self.health.ok();
     }
 
     fn store_failed(&self, e: &Error) {
-        crate::metrics::get().rate_limit_store_errors.inc();
-        if !self.failing.swap(true, Ordering::Relaxed) {
-            let action = match self.config().on_store_error {
-                OnStoreError::Allow => "allowing",
-                OnStoreError::Deny => "refusing",
-            };
-            tracing::warn!(error = %e, "rate-limit store failed: {action} requests it cannot count (on_store_error) until it is back");
-        }
+        let action = match self.config().on_store_error {
+            OnStoreError::Allow => "allowing requests it cannot count (on_store_error)",
+            OnStoreError::Deny => "refusing requests it cannot count (on_store_error)",
+        };
+        self.health.failed(e, action);
     }
 }
 

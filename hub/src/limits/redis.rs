@@ -19,7 +19,8 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Buckets in Redis, on a connection of their own: its short timeouts are the limiter's (a
 /// request should not wait seconds for a count while Redis is away), and checks do not queue
-/// behind the task store's batches.
+/// behind the task store's batches. Clones share the connection.
+#[derive(Clone)]
 pub struct RedisBuckets {
     conn: ConnectionManager,
     /// The URL without password, for errors.
@@ -60,7 +61,10 @@ impl RedisBuckets {
         now_us: Option<u64>,
     ) -> Result<Outcome, Error> {
         for (i, c) in checks.iter().enumerate() {
-            if checks[..i].iter().any(|o| o.bucket == c.bucket) {
+            if checks[..i]
+                .iter()
+                .any(|o| o.bucket == c.bucket && o.caller == c.caller)
+            {
                 return Err(Error::DuplicateBucket(c.bucket.as_str()));
             }
         }

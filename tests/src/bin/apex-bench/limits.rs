@@ -6,9 +6,10 @@
 //!   check at a time and 16 at once. Every check is admitted (limits far above the load), so
 //!   this is the cost of counting, not of refusing.
 //! - The gateway with limits off and on, at concurrency 16: non-stream chat completions
-//!   through a hub in front of the fake upstream (the `llm` suite's pieces), the hub started
-//!   three ways: `rate_limits.enabled = false`; limits on for its (admin) key, counted in
-//!   memory; and limits on in shared mode, counted in Redis. The two paths are interleaved in
+//!   through a hub in front of the fake upstream (the `llm` suite's pieces): a hub alone with
+//!   `rate_limits.enabled = false` against one with limits on for its (admin) key, counted in
+//!   memory; and the same two in shared mode on one Redis (limits counted in Redis), so the
+//!   difference is the limits, not shared mode. The two paths of a pair are interleaved in
 //!   halves like the `llm` suite does. "Added" is the on figure minus the off figure.
 //!
 //! The in-process figures run in this process, whose allocator is the system's (the hub's
@@ -244,28 +245,27 @@ async fn gateway(args: &LimitsArgs, redis: &RedisServer) -> Result<Vec<Row>> {
             ..HubOptions::default()
         })
     };
-    let off = start(off_cfg, Vec::new()).await?;
-    let mem = start(on_cfg.clone(), Vec::new()).await?;
-    let shared = start(
-        on_cfg,
+    let shared_args = || {
         vec![
-            "--store".into(),
+            "--store".to_owned(),
             redis.url(),
-            "--hub-mode".into(),
-            "shared".into(),
-        ],
-    )
-    .await?;
-    eprintln!(
-        "gateway: fake {fake_url} (pid {}); hubs limits off {} (pid {}), on in memory {} (pid {}), on in Redis {} (pid {})",
-        fake.pid(),
-        off.url(),
-        off.pid(),
-        mem.url(),
-        mem.pid(),
-        shared.url(),
-        shared.pid()
-    );
+            "--hub-mode".to_owned(),
+            "shared".to_owned(),
+        ]
+    };
+    let off = start(off_cfg.clone(), Vec::new()).await?;
+    let mem = start(on_cfg.clone(), Vec::new()).await?;
+    let shared_off = start(off_cfg, shared_args()).await?;
+    let shared = start(on_cfg, shared_args()).await?;
+    eprintln!("gateway: fake {fake_url} (pid {})", fake.pid());
+    for (what, h) in [
+        ("alone, limits off", &off),
+        ("alone, limits on in memory", &mem),
+        ("shared, limits off", &shared_off),
+        ("shared, limits on in Redis", &shared),
+    ] {
+        eprintln!("gateway: hub {what}: {} (pid {})", h.url(), h.pid());
+    }
     let target = |h: &Hub| Target {
         chat_url: format!("{}/v1/chat/completions", h.url()),
         auth: Some(format!("Bearer {}", h.api_key())),
@@ -274,19 +274,23 @@ async fn gateway(args: &LimitsArgs, redis: &RedisServer) -> Result<Vec<Row>> {
         .pool_max_idle_per_host(4096)
         .tcp_nodelay(true)
         .build()?;
-    let (t_off, t_mem, t_shared) = (target(&off), target(&mem), target(&shared));
+    let (t_off, t_mem) = (target(&off), target(&mem));
+    let (t_shared_off, t_shared) = (target(&shared_off), target(&shared));
     eprintln!("gateway: warming up");
-    for t in [&t_off, &t_mem, &t_shared] {
+    for t in [&t_off, &t_mem, &t_shared_off, &t_shared] {
         closed_loop(&client, t, false, 16, 2000).await?;
     }
     let mut rows = Vec::new();
     let n = args.samples.max(2);
-    for (name, t_on) in [("in memory", &t_mem), ("in Redis (shared mode)", &t_shared)] {
-        eprintln!("gateway, limits off vs on {name}, c=16: {n} requests each");
+    for (name, t_off, t_on) in [
+        ("alone: limits off / on in memory", &t_off, &t_mem),
+        ("shared: limits off / on in Redis", &t_shared_off, &t_shared),
+    ] {
+        eprintln!("gateway, {name}, c=16: {n} requests each");
         let half = n / 2;
-        let mut a = closed_loop(&client, &t_off, false, 16, half).await?;
+        let mut a = closed_loop(&client, t_off, false, 16, half).await?;
         let mut b = closed_loop(&client, t_on, false, 16, half).await?;
-        a.extend(closed_loop(&client, &t_off, false, 16, n - half).await?);
+        a.extend(closed_loop(&client, t_off, false, 16, n - half).await?);
         b.extend(closed_loop(&client, t_on, false, 16, n - half).await?);
         a.sort_unstable();
         b.sort_unstable();
@@ -296,13 +300,13 @@ async fn gateway(args: &LimitsArgs, redis: &RedisServer) -> Result<Vec<Row>> {
             };
             let added = bp.as_secs_f64() - ap.as_secs_f64();
             rows.push(Row {
-                metric: format!("gateway non-stream p{p:.0} @ c=16: limits off / on {name}"),
+                metric: format!("gateway non-stream p{p:.0} @ c=16, {name}"),
                 value: format!("{} / {} (added {:+.3} ms)", ms(ap), ms(bp), added * 1000.0),
                 target: if p == 50.0 { "added <= 0.3 ms" } else { "" },
             });
         }
     }
-    drop((off, mem, shared));
+    drop((off, mem, shared_off, shared));
     drop(fake);
     Ok(rows)
 }
