@@ -5,7 +5,8 @@
 //!   threads at once; then on a real `redis-server` (started like the store suite's), one
 //!   check at a time and 16 at once. Every check is admitted (limits far above the load), so
 //!   this is the cost of counting, not of refusing.
-//! - The gateway with limits off and on, at concurrency 16: non-stream chat completions
+//! - The gateway with limits off and on, at concurrency 1 and 16 (with the hubs' CPU per
+//!   request at 16, where this machine is saturated): non-stream chat completions
 //!   through a hub in front of the fake upstream (the `llm` suite's pieces): a hub alone with
 //!   `rate_limits.enabled = false` against one with limits on for its (admin) key, counted in
 //!   memory; and the same two in shared mode on one Redis (limits counted in Redis), so the
@@ -25,7 +26,7 @@ use apex_tests::stats::{ms, percentile};
 use apex_tests::{Hub, HubOptions, RedisServer};
 
 use super::Row;
-use super::llm::{Target, closed_loop, start_fake};
+use super::llm::{Target, closed_loop, cpu_ticks, start_fake};
 
 /// Settings of the suite (from the command line).
 pub(crate) struct LimitsArgs {
@@ -282,28 +283,59 @@ async fn gateway(args: &LimitsArgs, redis: &RedisServer) -> Result<Vec<Row>> {
     }
     let mut rows = Vec::new();
     let n = args.samples.max(2);
-    for (name, t_off, t_on) in [
-        ("alone: limits off / on in memory", &t_off, &t_mem),
-        ("shared: limits off / on in Redis", &t_shared_off, &t_shared),
+    for (name, (h_off, t_off), (h_on, t_on)) in [
+        (
+            "alone: limits off / on in memory",
+            (&off, &t_off),
+            (&mem, &t_mem),
+        ),
+        (
+            "shared: limits off / on in Redis",
+            (&shared_off, &t_shared_off),
+            (&shared, &t_shared),
+        ),
     ] {
-        eprintln!("gateway, {name}, c=16: {n} requests each");
-        let half = n / 2;
-        let mut a = closed_loop(&client, t_off, false, 16, half).await?;
-        let mut b = closed_loop(&client, t_on, false, 16, half).await?;
-        a.extend(closed_loop(&client, t_off, false, 16, n - half).await?);
-        b.extend(closed_loop(&client, t_on, false, 16, n - half).await?);
-        a.sort_unstable();
-        b.sort_unstable();
-        for p in [50.0, 99.0] {
-            let (Some(ap), Some(bp)) = (percentile(&a, p), percentile(&b, p)) else {
-                bail!("no samples");
-            };
-            let added = bp.as_secs_f64() - ap.as_secs_f64();
-            rows.push(Row {
-                metric: format!("gateway non-stream p{p:.0} @ c=16, {name}"),
-                value: format!("{} / {} (added {:+.3} ms)", ms(ap), ms(bp), added * 1000.0),
-                target: if p == 50.0 { "added <= 0.3 ms" } else { "" },
-            });
+        for conc in [1usize, 16] {
+            eprintln!("gateway, {name}, c={conc}: {n} requests each");
+            let half = n / 2;
+            // Each path's hub CPU over its own runs: what the limits cost per request.
+            let (mut cpu_off, mut cpu_on) = (0u64, 0u64);
+            let mut a = Vec::with_capacity(n);
+            let mut b = Vec::with_capacity(n);
+            for part in [half, n - half] {
+                let c0 = cpu_ticks(h_off.pid())?;
+                a.extend(closed_loop(&client, t_off, false, conc, part).await?);
+                cpu_off += cpu_ticks(h_off.pid())? - c0;
+                let c0 = cpu_ticks(h_on.pid())?;
+                b.extend(closed_loop(&client, t_on, false, conc, part).await?);
+                cpu_on += cpu_ticks(h_on.pid())? - c0;
+            }
+            a.sort_unstable();
+            b.sort_unstable();
+            for p in [50.0, 99.0] {
+                let (Some(ap), Some(bp)) = (percentile(&a, p), percentile(&b, p)) else {
+                    bail!("no samples");
+                };
+                let added = bp.as_secs_f64() - ap.as_secs_f64();
+                rows.push(Row {
+                    metric: format!("gateway non-stream p{p:.0} @ c={conc}, {name}"),
+                    value: format!("{} / {} (added {:+.3} ms)", ms(ap), ms(bp), added * 1000.0),
+                    target: if p == 50.0 && conc == 16 {
+                        "added <= 0.3 ms"
+                    } else {
+                        ""
+                    },
+                });
+            }
+            if conc == 16 {
+                // Clock ticks are 10 ms: per request in µs.
+                let per = |t: u64| t as f64 * 10_000.0 / n as f64;
+                rows.push(Row {
+                    metric: format!("  hub CPU per request @ c=16, {name}"),
+                    value: format!("{:.1} us / {:.1} us", per(cpu_off), per(cpu_on)),
+                    target: "",
+                });
+            }
         }
     }
     drop((off, mem, shared_off, shared));

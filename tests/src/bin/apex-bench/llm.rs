@@ -318,7 +318,7 @@ async fn saturate(
 }
 
 /// User + system CPU time of a process, in clock ticks (100 per second on Linux).
-fn cpu_ticks(pid: i32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: i32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
     let rest = s
