@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks the cluster on this machine (release build): no-op throughput, latency at half
 # load, SIGKILL/SIGSTOP detection and re-dispatch times. Prints a table.
-# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, store or llm)
+# Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, store, llm or
+#   limits: the rate limiter's cost per check in process and on Redis, and the gateway's
+#   latency with limits off and on)
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 

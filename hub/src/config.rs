@@ -129,6 +129,9 @@ pub struct Config {
     /// `access_token_ttl_secs`, `refresh_token_ttl_secs`; `APEX_AUTH__<KEY>`); see
     /// [`AuthConfig`]. Not reloadable.
     pub auth: AuthConfig,
+    /// Per-caller rate limits of the API routes (`[rate_limits]`; `APEX_RATE_LIMITS__<KEY>`);
+    /// see [`RateLimits`]. Hot-reloadable.
+    pub rate_limits: RateLimits,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -161,6 +164,74 @@ impl Default for AuthConfig {
             jwt_secret_env: None,
             access_token_ttl_secs: 1800,
             refresh_token_ttl_secs: 604_800,
+        }
+    }
+}
+
+/// What `[rate_limits]` does when the rate-limit store (Redis, in shared mode) fails during a
+/// check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Let the request through, without rate-limit headers (availability first).
+    Allow,
+    /// Refuse it with 503 `rate_limit_unavailable`.
+    Deny,
+}
+
+/// Per-caller rate limits of the API routes (the `[rate_limits]` table, env
+/// `APEX_RATE_LIMITS__<KEY>`), counted per authenticated caller (`Principal::id`) and route
+/// class, with the generic cell rate algorithm: "N per minute" admits a burst of N from a full
+/// bucket, then one every 60/N s. A hub alone counts in memory; hubs in shared mode count in
+/// their Redis (one atomic script call per check, on Redis's clock), so a limit holds across
+/// every hub. Limited responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
+/// `X-RateLimit-Reset` (Unix seconds when the bucket is full again); refused ones answer 429
+/// `rate_limit_exceeded` with `Retry-After` (seconds). Each `*_per_minute` is 0 for unlimited,
+/// else at most 60000000 (one unit per µs). Hot-reloadable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    /// Whether limits apply at all. Default true.
+    pub enabled: bool,
+    /// Whether the config file's API keys (`api_keys`, the `admin` caller) are limited too.
+    /// Default false: those keys are the operator's own (scripts, dashboards, `scripts/bench.sh`,
+    /// the test suite), they all count as one caller, and throttling them would make the
+    /// operator's tooling fail under its own load; managed keys and users are limited.
+    pub apply_to_admin: bool,
+    /// Requests a minute per caller on every API route without a class of its own. A managed
+    /// key's own `rate_limit` replaces it for that key. Default 100.
+    pub standard_per_minute: u32,
+    /// Requests a minute per caller on routes that start research runs (class `execute`).
+    /// Default 10.
+    pub execute_per_minute: u32,
+    /// Requests a minute per caller on `/test` routes (class `test`). Default 20.
+    pub test_per_minute: u32,
+    /// Requests a minute per caller on `POST /v1/chat/completions` (class `llm`, instead of
+    /// `standard_per_minute`); its responses also carry OpenAI's `x-ratelimit-*-requests`
+    /// headers. Default 60.
+    pub llm_requests_per_minute: u32,
+    /// Tokens (prompt + completion, as the gateway reports the call's usage) a minute per
+    /// caller on `POST /v1/chat/completions`, charged after each call: a call is refused while
+    /// the caller has no token left, so the call that crosses the budget completes and the
+    /// next waits until it is paid back. Carried in `x-ratelimit-*-tokens`. Default 100000.
+    pub llm_tokens_per_minute: u32,
+    /// When the store of the counts (Redis, in shared mode) fails during a check: `allow`
+    /// (default; the request goes on, counted in `apex_rate_limit_store_errors_total`) or
+    /// `deny` (503 `rate_limit_unavailable`).
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            apply_to_admin: false,
+            standard_per_minute: 100,
+            execute_per_minute: 10,
+            test_per_minute: 20,
+            llm_requests_per_minute: 60,
+            llm_tokens_per_minute: 100_000,
+            on_store_error: OnStoreError::Allow,
         }
     }
 }
@@ -229,6 +300,36 @@ impl AuthConfig {
     }
 }
 
+impl RateLimits {
+    /// The largest `*_per_minute`: one unit per µs (the resolution of the counts).
+    pub const MAX_PER_MINUTE: u32 = 60_000_000;
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// `(key, reason)` for a rate above [`RateLimits::MAX_PER_MINUTE`].
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (key, v) in [
+            ("rate_limits.standard_per_minute", self.standard_per_minute),
+            ("rate_limits.execute_per_minute", self.execute_per_minute),
+            ("rate_limits.test_per_minute", self.test_per_minute),
+            (
+                "rate_limits.llm_requests_per_minute",
+                self.llm_requests_per_minute,
+            ),
+            (
+                "rate_limits.llm_tokens_per_minute",
+                self.llm_tokens_per_minute,
+            ),
+        ] {
+            if v > Self::MAX_PER_MINUTE {
+                return Err((key, "must be at most 60000000 (0: unlimited)".to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -265,6 +366,7 @@ impl Default for Config {
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
             auth: AuthConfig::default(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -534,6 +636,9 @@ impl Config {
             return Err(Error::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.auth.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.rate_limits.validate() {
             return Err(Error::Invalid { field, reason });
         }
         Ok(())
@@ -807,6 +912,41 @@ mod tests {
         assert_eq!(c.auth.jwt_secret_env.as_deref(), Some("APEX_JWT_SECRET"));
         assert_eq!(c.auth.access_ttl(), Duration::from_secs(60));
         assert_eq!(c.auth.refresh_token_ttl_secs, 604_800);
+    }
+
+    #[test]
+    fn rate_limits_are_read_from_the_file_and_validated() {
+        let dir = std::env::temp_dir().join(format!("apex-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hub.toml");
+        std::fs::write(
+            &f,
+            "[rate_limits]\napply_to_admin = true\nstandard_per_minute = 7\non_store_error = \"deny\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&Cli {
+            config: Some(f.clone()),
+            ..Cli::default()
+        })
+        .unwrap();
+        assert!(c.rate_limits.enabled && c.rate_limits.apply_to_admin);
+        assert_eq!(c.rate_limits.standard_per_minute, 7);
+        assert_eq!(c.rate_limits.llm_tokens_per_minute, 100_000);
+        assert_eq!(c.rate_limits.on_store_error, OnStoreError::Deny);
+        std::fs::write(&f, "[rate_limits]\non_store_error = \"maybe\"\n").unwrap();
+        let e = Config::load(&Cli {
+            config: Some(f),
+            ..Cli::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let mut c = Config::default();
+        c.rate_limits.llm_tokens_per_minute = RateLimits::MAX_PER_MINUTE + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("rate_limits.llm_tokens_per_minute"), "{e}");
+        c.rate_limits.llm_tokens_per_minute = 0;
+        c.validate().unwrap();
     }
 
     #[test]

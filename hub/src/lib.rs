@@ -8,6 +8,7 @@ pub mod engine;
 pub mod events;
 pub mod http;
 pub mod identity;
+pub mod limits;
 pub mod llm;
 pub mod metrics;
 pub mod model;
@@ -168,6 +169,16 @@ pub async fn run_with(
         gateway.clone(),
         node_llm.clone(),
     ));
+    let limits = Arc::new(open_limiter(&config).await?);
+    // Registered last, so a change another hook refuses is not applied here either.
+    let reloaded = limits.clone();
+    ops.live.on_change(Box::new(move |c: &Config| {
+        if *reloaded.config() != c.rate_limits {
+            reloaded.set_config(c.rate_limits.clone());
+            tracing::info!("rate limits changed");
+        }
+        Ok(())
+    }));
     let shared_redis = shared.as_ref().map(|h| h.redis.clone());
     let tasks = match &shared_redis {
         Some(redis) => tasks::TaskService::shared(cluster.clone(), redis.clone(), stop_rx.clone()),
@@ -176,6 +187,7 @@ pub async fn run_with(
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let state = AppState {
         identity,
+        limits: limits.clone(),
         records,
         shared: shared_redis,
         tasks,
@@ -188,6 +200,7 @@ pub async fn run_with(
     };
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);
+    background.push(tokio::spawn(limits.sweep_loop()));
     // Shared mode's graceful exit: hand back, drain, then leave (see `shared::drain`).
     let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));
     if let Some(h) = shared {
@@ -261,6 +274,22 @@ pub async fn run_with(
         shared::leave(redis, claims).await;
     }
     result
+}
+
+/// The rate limiter the config asks for: counting in the shared Redis in shared mode (so a
+/// limit holds across hubs), else in this process.
+///
+/// # Errors
+/// Redis cannot be reached (as `io::Error`).
+async fn open_limiter(config: &Config) -> std::io::Result<limits::Limiter> {
+    if config.is_shared()
+        && let durable::StoreKind::Redis(url) = config.store_kind()
+    {
+        return limits::Limiter::redis(&url, config.rate_limits.clone())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()));
+    }
+    Ok(limits::Limiter::memory(config.rate_limits.clone()))
 }
 
 /// The config hook that applies `llm` (providers, aliases, fallbacks) and `node_llm` (quotas)

@@ -97,6 +97,12 @@ pub struct Metrics {
     pub llm_ttft: HistogramVec,
     /// `apex_llm_request_duration_seconds{provider, model}`.
     pub llm_duration: HistogramVec,
+    /// `apex_rate_limited_total{class}`: requests refused with 429 by the rate limits, by route
+    /// class (`standard`, `execute`, `test`, `llm`).
+    pub rate_limited: IntCounterVec,
+    /// `apex_rate_limit_store_errors_total`: rate-limit checks and token charges the store
+    /// (Redis, in shared mode) failed; `on_store_error` decided what the request got.
+    pub rate_limit_store_errors: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -268,6 +274,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
             ),
             &["provider", "model"]
         )?),
+        rate_limited: reg!(IntCounterVec::new(
+            Opts::new(
+                "apex_rate_limited_total",
+                "Requests refused with 429 by the rate limits, by route class."
+            ),
+            &["class"]
+        )?),
+        rate_limit_store_errors: reg!(IntCounter::new(
+            "apex_rate_limit_store_errors_total",
+            "Rate-limit checks and token charges the rate-limit store failed."
+        )?),
         registry,
         names,
     })
@@ -408,6 +425,9 @@ pub fn render(g: &ClusterGauges) -> Result<String, prometheus::Error> {
     }
     for s in ["sse", "log"] {
         m.stream_dropped.with_label_values(&[s]);
+    }
+    for c in ["standard", "execute", "test", "llm"] {
+        m.rate_limited.with_label_values(&[c]);
     }
     let mut out = String::new();
     TextEncoder::new().encode_utf8(&m.registry.gather(), &mut out)?;

@@ -604,11 +604,17 @@ mod tests {
         let ids = |p: Page| p.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
         let all = TaskFilter::default();
         assert_eq!(
-            ids(svc.list(&bob, &all, Order::NewestFirst, 1, 50).await.unwrap()),
+            ids(svc
+                .list(&bob, &all, Order::NewestFirst, 1, 50)
+                .await
+                .unwrap()),
             vec![b.id.clone()]
         );
         assert_eq!(
-            ids(svc.list(&admin, &all, Order::NewestFirst, 1, 50).await.unwrap()),
+            ids(svc
+                .list(&admin, &all, Order::NewestFirst, 1, 50)
+                .await
+                .unwrap()),
             [b.id.clone(), a.id.clone()]
         );
         assert!(svc.get(&admin, &a.id, none).await.unwrap().is_some());

@@ -5,7 +5,13 @@
 //! Streams are written as `data: <chunk JSON>\n\n` frames and a final `data: [DONE]\n\n`;
 //! chunks an upstream sent are forwarded as received (see [`ChatChunk::raw`]). An error after
 //! the first chunk becomes a `data: {"error": {...}}` frame before `[DONE]`.
+//!
+//! A caller with a token budget (`rate_limits.llm_tokens_per_minute`) is charged each call's
+//! usage as the gateway reports it; a stream is then asked for usage from its upstream even if
+//! the client did not ask (`stream_options.include_usage`), and the usage-only chunk is not
+//! forwarded to such a client.
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -17,7 +23,10 @@ use serde_json::{Value, json};
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
-use crate::llm::{CallContext, Caller, ChatChunk, ChatRequest, ChatStream, LlmError, Usage};
+use crate::llm::{
+    CallContext, Caller, ChatChunk, ChatRequest, ChatStream, LlmError, Usage, UsageHook,
+};
+use crate::principal::Principal;
 
 const X_REQUEST_ID: &str = "x-request-id";
 
@@ -66,6 +75,7 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
 )]
 pub(super) async fn chat_completions(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -86,7 +96,7 @@ pub(super) async fn chat_completions(
             return with_request_id(err.into_response(), &fallback_id());
         }
     };
-    let (req, body_id) = match ChatRequest::from_json(value) {
+    let (mut req, body_id) = match ChatRequest::from_json(value) {
         Ok(x) => x,
         Err(e) => return with_request_id(api_error(&e).into_response(), &fallback_id()),
     };
@@ -94,7 +104,20 @@ pub(super) async fn chat_completions(
     let stream = req.stream;
     let include_usage = req.include_usage;
     let gateway = state.llm.get();
-    let ctx = CallContext::new(id.clone(), Caller::Http);
+    let mut ctx = CallContext::new(id.clone(), Caller::Http);
+    // Usage the client did not ask for, asked of the upstream to charge the token budget.
+    let mut hidden_usage = false;
+    if state.limits.limits_tokens(&principal) {
+        let limits = state.limits.clone();
+        ctx = ctx.with_usage_hook(UsageHook::new(move |u: &Usage| {
+            let tokens = u
+                .total_tokens
+                .max(u.prompt_tokens.saturating_add(u.completion_tokens));
+            limits.charge_tokens(&principal, tokens);
+        }));
+        hidden_usage = stream && !include_usage;
+        req.include_usage |= stream;
+    }
     let chat = match gateway.chat(req, ctx).await {
         Ok(s) => s,
         Err(e) => {
@@ -103,7 +126,7 @@ pub(super) async fn chat_completions(
         }
     };
     let resp = if stream {
-        sse_response(chat, &id, include_usage)
+        sse_response(chat, &id, include_usage, hidden_usage)
     } else {
         match whole_response(chat, &id).await {
             Ok(r) => r,
@@ -166,7 +189,10 @@ fn error_frame(e: &LlmError) -> Bytes {
     frame(v.to_string().as_bytes())
 }
 
-fn sse_response(chat: ChatStream, id: &str, include_usage: bool) -> Response {
+/// The SSE answer of a streamed call. `include_usage`: the client asked for usage;
+/// `hidden_usage`: usage was asked of the upstream for the hub alone, so usage-only chunks are
+/// not forwarded.
+fn sse_response(chat: ChatStream, id: &str, include_usage: bool, hidden_usage: bool) -> Response {
     let chunk_id = format!("chatcmpl-{id}");
     let model = chat.model().to_owned();
     let created = crate::llm::unix_now();
@@ -183,7 +209,11 @@ fn sse_response(chat: ChatStream, id: &str, include_usage: bool) -> Response {
             let (chunk_id, model) = (chunk_id.clone(), model.clone());
             async move {
                 let chat = st.chat.as_mut()?;
-                match chat.next().await {
+                let mut next = chat.next().await;
+                while hidden_usage && matches!(&next, Some(Ok(c)) if usage_only(c)) {
+                    next = chat.next().await;
+                }
+                match next {
                     Some(Ok(c)) => {
                         let b = match &c.raw {
                             Some(raw) => frame(raw),
@@ -225,6 +255,15 @@ fn sse_response(chat: ChatStream, id: &str, include_usage: bool) -> Response {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// Whether a chunk carries only usage (OpenAI's last chunk with `include_usage`).
+fn usage_only(c: &ChatChunk) -> bool {
+    c.usage.is_some()
+        && c.text.is_empty()
+        && c.tool_calls.is_none()
+        && c.finish_reason.is_none()
+        && !c.interrupted
 }
 
 async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmError> {

@@ -16,6 +16,7 @@ pub mod log_channel;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
+mod rate_limit;
 mod system;
 mod tasks;
 
@@ -65,6 +66,8 @@ pub struct AppState {
     pub records: crate::records::RecordStore,
     /// Users, tokens, managed keys and revocations (over `records`).
     pub identity: crate::identity::Identity,
+    /// The rate limits of the API routes (in memory, or in Redis in shared mode).
+    pub limits: Arc<crate::limits::Limiter>,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
         ));
         let records = crate::records::RecordStore::memory();
         let identity = crate::identity::Identity::ephemeral(records.clone(), &config.auth);
+        let limits = Arc::new(crate::limits::Limiter::memory(config.rate_limits.clone()));
         Self {
             tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone()),
             ops: Ops::new(config.clone(), None),
@@ -100,6 +104,7 @@ impl AppState {
             shared: None,
             records,
             identity,
+            limits,
         }
     }
 }
@@ -484,10 +489,17 @@ pub fn router(state: AppState) -> Router {
             "/api/admin/config/reload",
             needs(Config, post(config::reload)),
         );
-    let api = api.route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::authenticate,
-    ));
+    // Layers run outermost last-added first: authentication, then the rate limits (which
+    // read the principal authentication found).
+    let api = api
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::limit,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .route("/health", get(health))
         .merge(identity::public_routes())

@@ -23,6 +23,8 @@
 //!   chunk whose `finish_reason` is `"stop"` and `interrupted` is true. Dropping the
 //!   [`ChatStream`] aborts the upstream call (the HTTP connection to the upstream is closed) and
 //!   unregisters the id.
+//! - Usage: each usage report of a call is passed, as the stream yields it, to the context's
+//!   [`UsageHook`] (the rate limits charge a caller's token budget this way).
 //!
 //! Nothing here holds a lock across an `.await`.
 
@@ -74,6 +76,8 @@ pub struct CallContext {
     pub cancel: CancellationToken,
     /// Who calls.
     pub caller: Caller,
+    /// Told each usage report of the call as its stream yields it (`None`: nobody).
+    pub on_usage: Option<UsageHook>,
 }
 
 impl CallContext {
@@ -83,7 +87,33 @@ impl CallContext {
             request_id: request_id.into(),
             cancel: CancellationToken::new(),
             caller,
+            on_usage: None,
         }
+    }
+
+    /// The context with `hook` told every usage report of the call.
+    pub fn with_usage_hook(mut self, hook: UsageHook) -> Self {
+        self.on_usage = Some(hook);
+        self
+    }
+}
+
+/// A function told each [`Usage`] a call reports, on the task polling its [`ChatStream`], as
+/// the chunk carrying it is yielded (usually once, at the end; never for a call that ended
+/// before its upstream reported usage). It must not block.
+#[derive(Clone)]
+pub struct UsageHook(Arc<dyn Fn(&Usage) + Send + Sync>);
+
+impl UsageHook {
+    /// A hook calling `f`.
+    pub fn new(f: impl Fn(&Usage) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for UsageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageHook")
     }
 }
 
@@ -839,6 +869,7 @@ impl Gateway {
                 .with_label_values(&[&record.provider, &record.model])
                 .observe(call_started.elapsed().as_secs_f64());
             return Ok(ChatStream {
+                on_usage: ctx.on_usage.clone(),
                 model: req.model,
                 deployment: format!("{}/{}", d.backend.name(), d.model),
                 head,
@@ -876,6 +907,7 @@ pub struct ChatStream {
     cancel: Pin<Box<WaitForCancellationFutureOwned>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     record: Option<CallRecord>,
+    on_usage: Option<UsageHook>,
     _registration: Registration,
 }
 
@@ -949,6 +981,7 @@ impl ChatStream {
             deadline: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             request_id: ctx.request_id,
             record: None,
+            on_usage: None,
             _registration: registration,
         }
     }
@@ -983,6 +1016,11 @@ impl Stream for ChatStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         let item = this.poll_inner(cx);
+        if let (Some(hook), Poll::Ready(Some(Ok(ChatChunk { usage: Some(u), .. })))) =
+            (&this.on_usage, &item)
+        {
+            (hook.0)(u);
+        }
         if let Some(r) = this.record.as_mut() {
             match &item {
                 Poll::Ready(Some(Ok(c))) => {

@@ -441,6 +441,7 @@ impl NodeProxy {
             request_id: format!("node:{node_id}:{request_id}"),
             cancel: token.clone(),
             caller: Caller::Node(node_id.clone()),
+            on_usage: None,
         };
         let gateway = self.gateway.get();
         let send = |msg: HubMessage| {

@@ -27,6 +27,7 @@ pub const HOT_RELOADABLE: &[&str] = &[
     "offline_node_retention_ms",
     "llm",
     "node_llm",
+    "rate_limits",
 ];
 
 /// Keys whose values are secrets: shown as [`REDACTED`] by `GET /v1/config`.

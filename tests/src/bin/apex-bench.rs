@@ -14,6 +14,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+#[path = "apex-bench/limits.rs"]
+mod limits;
 #[path = "apex-bench/llm.rs"]
 mod llm;
 
@@ -28,6 +30,9 @@ enum Suite {
     /// hubs sharing one Redis (`shared`); recovery time after SIGKILL with `--recovery-tasks`
     /// queued tasks.
     Store,
+    /// Rate limits: the limiter's cost per check in process and on Redis, and the gateway's
+    /// latency at c=16 with limits off and on (in memory, and in Redis in shared mode).
+    Limits,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -68,7 +73,8 @@ struct Args {
     /// Skip the SIGKILL/SIGSTOP measurements.
     #[arg(long)]
     skip_failover: bool,
-    /// llm suite: requests per latency measurement (each concurrency level and path).
+    /// llm and limits suites: requests per latency measurement (each concurrency level and
+    /// path).
     #[arg(long, default_value_t = 4000)]
     llm_samples: usize,
     /// llm suite: seconds of each saturation run.
@@ -77,13 +83,19 @@ struct Args {
     /// llm suite: concurrent open streams for the RSS figure.
     #[arg(long, default_value_t = 1000)]
     llm_streams: usize,
-    /// llm suite: worker threads of the load generator (this process) and of the fake upstream.
+    /// llm and limits suites: worker threads of the load generator (this process) and of the fake upstream.
     /// One each by default, so that on a small machine the two instruments do not
     /// oversubscribe the cores the hub is measured on (with one worker per core each, three
     /// processes contend for 2 cores and the figures measure that contention). Both paths,
     /// direct and via the hub, use the same instruments. 0: one per CPU.
     #[arg(long, default_value_t = 1)]
     llm_instrument_threads: usize,
+    /// limits suite: in-process checks per measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    limits_checks: usize,
+    /// limits suite: checks on Redis per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    limits_redis_checks: usize,
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
@@ -107,7 +119,7 @@ struct Row {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if args.suite == Suite::Llm && args.llm_instrument_threads > 0 {
+    if matches!(args.suite, Suite::Llm | Suite::Limits) && args.llm_instrument_threads > 0 {
         rt.worker_threads(args.llm_instrument_threads);
     }
     let rt = match rt.enable_all().build() {
@@ -135,6 +147,15 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             samples: args.llm_samples.max(2),
             saturation_secs: args.llm_saturation_secs.max(1),
             streams: args.llm_streams,
+            instrument_threads: args.llm_instrument_threads,
+        })
+        .await;
+    }
+    if args.suite == Suite::Limits {
+        return limits::run(&limits::LimitsArgs {
+            checks: args.limits_checks,
+            redis_checks: args.limits_redis_checks,
+            samples: args.llm_samples.max(2),
             instrument_threads: args.llm_instrument_threads,
         })
         .await;

@@ -43,9 +43,11 @@ pub(crate) struct LlmArgs {
 
 /// One side of a comparison: a URL and its headers.
 #[derive(Clone)]
-struct Target {
-    chat_url: String,
-    auth: Option<String>,
+pub(crate) struct Target {
+    /// `.../v1/chat/completions`.
+    pub chat_url: String,
+    /// The `Authorization` header, if any.
+    pub auth: Option<String>,
 }
 
 /// Runs the suite and returns its table rows.
@@ -178,7 +180,8 @@ pub(crate) async fn run(args: &LlmArgs) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-async fn start_fake(dir: &std::path::Path, threads: usize) -> Result<(Proc, String)> {
+/// Starts `apex-fake-llm` (model `fake-model`) with `threads` workers; the process and its URL.
+pub(crate) async fn start_fake(dir: &std::path::Path, threads: usize) -> Result<(Proc, String)> {
     let mut cmd = std::process::Command::new(bin_path("apex-fake-llm")?);
     cmd.args(["--no-record", "--model", "fake-model"]);
     if threads > 0 {
@@ -255,7 +258,7 @@ fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// `n` requests over `conc` closed-loop clients; the latencies.
-async fn closed_loop(
+pub(crate) async fn closed_loop(
     client: &reqwest::Client,
     t: &Target,
     stream: bool,
@@ -315,7 +318,7 @@ async fn saturate(
 }
 
 /// User + system CPU time of a process, in clock ticks (100 per second on Linux).
-fn cpu_ticks(pid: i32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: i32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
     let rest = s
