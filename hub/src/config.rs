@@ -215,6 +215,9 @@ pub struct RateLimits {
     /// the caller has no token left, so the call that crosses the budget completes and the
     /// next waits until it is paid back. Carried in `x-ratelimit-*-tokens`. Default 100000.
     pub llm_tokens_per_minute: u32,
+    /// Attempts a minute of `POST /api/v1/auth/login`, per email and per client address
+    /// (against password guessing; applies to everyone). Default 10.
+    pub login_per_minute: u32,
     /// When the store of the counts (Redis, in shared mode) fails during a check: `allow`
     /// (default; the request goes on, counted in `apex_rate_limit_store_errors_total`) or
     /// `deny` (503 `rate_limit_unavailable`).
@@ -231,6 +234,7 @@ impl Default for RateLimits {
             test_per_minute: 20,
             llm_requests_per_minute: 60,
             llm_tokens_per_minute: 100_000,
+            login_per_minute: 10,
             on_store_error: OnStoreError::Allow,
         }
     }
@@ -321,6 +325,7 @@ impl RateLimits {
                 "rate_limits.llm_tokens_per_minute",
                 self.llm_tokens_per_minute,
             ),
+            ("rate_limits.login_per_minute", self.login_per_minute),
         ] {
             if v > Self::MAX_PER_MINUTE {
                 return Err((key, "must be at most 60000000 (0: unlimited)".to_owned()));

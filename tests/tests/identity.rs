@@ -585,7 +585,13 @@ async fn in_shared_mode_a_logout_or_deleted_key_at_hub_a_holds_at_hub_b_within_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_with_unknown_and_known_emails_take_about_as_long() {
-    let hub = Hub::start_default().await.unwrap();
+    // 22 logins from one address: more than the default 10 a minute allows.
+    let hub = Hub::start(HubOptions {
+        env: vec![("APEX_RATE_LIMITS__LOGIN_PER_MINUTE".into(), "0".into())],
+        ..HubOptions::default()
+    })
+    .await
+    .unwrap();
     register(&hub, "known@example.com", "correct horse").await;
     // One of each first (connections, caches), then interleaved rounds.
     let _ = login(&hub, "known@example.com", "wrong horse").await;
@@ -612,4 +618,58 @@ async fn logins_with_unknown_and_known_emails_take_about_as_long() {
         (0.8..=1.2).contains(&ratio),
         "unknown email {unknown:?} against known email {known:?} (ratio {ratio:.2})"
     );
+}
+
+/// Password guessing is limited: 10 attempts a minute per email (whatever the address) and per
+/// client address (whatever the email), counted across two shared hubs; the 11th answers 429
+/// with `Retry-After`, and a correct password is refused too until the bucket refills.
+#[tokio::test]
+async fn logins_are_limited_per_email_and_per_address_across_hubs() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let b = Hub::start(shared_hub(&redis, Some(a.options())))
+        .await
+        .unwrap();
+    register(&a, "victim@example.com", "correct horse").await;
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let hub = if i % 2 == 0 { &a } else { &b };
+        let (st, body) = login(hub, "victim@example.com", &format!("guess {i}")).await;
+        statuses.push((st, body));
+    }
+    let refused: Vec<_> = statuses
+        .iter()
+        .filter(|(st, _)| *st == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|(st, _)| *st == StatusCode::UNAUTHORIZED)
+            .count(),
+        10,
+        "ten wrong guesses are answered: {statuses:?}"
+    );
+    assert_eq!(refused.len(), 2, "{statuses:?}");
+    let body = &refused[0].1;
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["category"], "rate_limit", "{body}");
+    assert!(body["retry_after"].as_u64().unwrap() >= 1, "{body}");
+    // The right password is refused as well now: the limit is on attempts.
+    let (st, _) = login(&a, "victim@example.com", "correct horse").await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    let resp = a
+        .api()
+        .http()
+        .post(format!("{}/api/v1/auth/login", a.url()))
+        .json(&json!({"email": "victim@example.com", "password": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(resp.headers()["x-ratelimit-remaining"], "0");
+    // Per address: other emails from the same address are limited too (this address has
+    // made 14 attempts by now).
+    let (st, _) = login(&b, "someone-else@example.com", "whatever").await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "the address is limited");
 }

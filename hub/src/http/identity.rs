@@ -2,8 +2,10 @@
 //! logout (a user's access token). Each handler maps its body to [`crate::identity`] and the
 //! answer (or [`identity::Error`]) to HTTP.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -103,14 +105,28 @@ pub async fn register(
 
 /// `POST /api/v1/auth/login {email, password}`: 200 with
 /// `{access_token, refresh_token, token_type, expires_in}`; 401 `invalid_credentials` for an
-/// unknown email or a wrong password alike.
+/// unknown email or a wrong password alike. Limited against password guessing to
+/// `rate_limits.login_per_minute` attempts (default 10) per email and per client address,
+/// across every hub in shared mode: 429 with `Retry-After` beyond, with the
+/// `X-RateLimit-*` headers of the tighter of the two.
 pub async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<Login>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(login) = body?;
-    let tokens = state.identity.login(login).await?;
-    Ok(Json(tokens).into_response())
+) -> Response {
+    let login = match body {
+        Ok(Json(login)) => login,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let addr = peer.ip().to_string();
+    let admission = state.limits.check_login(&login.email, &addr).await;
+    super::rate_limit::admit(admission, async move {
+        match state.identity.login(login).await {
+            Ok(tokens) => Json(tokens).into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        }
+    })
+    .await
 }
 
 /// Body of `POST /api/v1/auth/refresh`.

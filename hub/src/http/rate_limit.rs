@@ -35,7 +35,7 @@ const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-toke
 const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
-/// Middleware of the API routes, inside [`super::auth::require_api_key`] (it reads the
+/// Middleware of the API routes, inside [`super::auth::authenticate`] (it reads the
 /// [`Principal`] that one put in the request). See the module docs for what it answers.
 pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let class = req
@@ -47,8 +47,18 @@ pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Nex
         // Not behind authentication (a routing mistake): nobody to count.
         None => Admission::Unlimited,
     };
+    admit(admission, next.run(req)).await
+}
+
+/// The response for `admission`: `run`'s with the rate-limit headers when admitted, 429 when
+/// refused, 503 when the store failed and `on_store_error` is `deny` (see the module docs).
+/// Also used by `POST /api/v1/auth/login`, which is limited per email and client address.
+pub(super) async fn admit(
+    admission: Admission,
+    run: impl std::future::Future<Output = Response>,
+) -> Response {
     match admission {
-        Admission::Unlimited | Admission::StoreFailed(OnStoreError::Allow) => next.run(req).await,
+        Admission::Unlimited | Admission::StoreFailed(OnStoreError::Allow) => run.await,
         Admission::StoreFailed(OnStoreError::Deny) => ApiError::custom(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -59,7 +69,7 @@ pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Nex
         )
         .into_response(),
         Admission::Admitted(d) => {
-            let mut resp = next.run(req).await;
+            let mut resp = run.await;
             set_headers(resp.headers_mut(), &d);
             resp
         }

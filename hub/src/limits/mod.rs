@@ -113,19 +113,26 @@ pub enum Bucket {
     LlmRequests,
     /// Tokens used through [`RouteClass::Llm`] routes.
     LlmTokens,
+    /// Login attempts per email (`POST /api/v1/auth/login`, against password guessing).
+    LoginEmail,
+    /// Login attempts per client address.
+    LoginAddr,
 }
 
 impl Bucket {
     /// Every kind, in lock order (a check takes its buckets in this order).
-    pub const ALL: [Bucket; 5] = [
+    pub const ALL: [Bucket; 7] = [
         Bucket::Standard,
         Bucket::Execute,
         Bucket::Test,
         Bucket::LlmRequests,
         Bucket::LlmTokens,
+        Bucket::LoginEmail,
+        Bucket::LoginAddr,
     ];
 
-    /// The name in keys: `standard`, `execute`, `test`, `llm`, `llm_tokens`.
+    /// The name in keys: `standard`, `execute`, `test`, `llm`, `llm_tokens`, `login_email`,
+    /// `login_addr`.
     pub fn as_str(self) -> &'static str {
         match self {
             Bucket::Standard => "standard",
@@ -133,6 +140,8 @@ impl Bucket {
             Bucket::Test => "test",
             Bucket::LlmRequests => "llm",
             Bucket::LlmTokens => "llm_tokens",
+            Bucket::LoginEmail => "login_email",
+            Bucket::LoginAddr => "login_addr",
         }
     }
 
@@ -567,6 +576,70 @@ impl Limiter {
                 .with_label_values(&[class.as_str()])
                 .inc();
             Admission::Refused(decision)
+        }
+    }
+
+    /// Checks one login attempt (`POST /api/v1/auth/login`) against `login_per_minute` for
+    /// its lower-cased `email` and for the client address `addr` (both must admit it; a
+    /// refusal takes from neither). Applies to everyone, whatever `apply_to_admin` says:
+    /// logins carry no credential. `Unlimited` when limits are off or the rate is 0.
+    pub async fn check_login(&self, email: &str, addr: &str) -> Admission {
+        let cfg = self.config();
+        let Some(rate) = Rate::per_minute(cfg.login_per_minute).filter(|_| cfg.enabled) else {
+            return Admission::Unlimited;
+        };
+        let email = email.trim().to_lowercase();
+        let checks = [
+            BucketCheck {
+                bucket: Bucket::LoginEmail,
+                caller: &email,
+                rate,
+                cost: 1,
+            },
+            BucketCheck {
+                bucket: Bucket::LoginAddr,
+                caller: addr,
+                rate,
+                cost: 1,
+            },
+        ];
+        match self.buckets.check(&checks, Mode::Check, None).await {
+            Ok(out) => {
+                self.health.ok();
+                // The figures of the tighter of the two buckets.
+                let left = out
+                    .buckets
+                    .iter()
+                    .copied()
+                    .min_by_key(|l| (l.remaining, std::cmp::Reverse(l.retry_after_us)))
+                    .unwrap_or(Left {
+                        remaining: 0,
+                        reset_after_us: 0,
+                        retry_after_us: 0,
+                    });
+                let decision = Decision {
+                    class: RouteClass::Standard,
+                    requests: Some(Quota::new(rate, left, out.now_us)),
+                    tokens: None,
+                };
+                if out.admitted {
+                    Admission::Admitted(decision)
+                } else {
+                    crate::metrics::get()
+                        .rate_limited
+                        .with_label_values(&["login"])
+                        .inc();
+                    Admission::Refused(decision)
+                }
+            }
+            Err(e) => {
+                let action = match cfg.on_store_error {
+                    OnStoreError::Allow => "logins are let through",
+                    OnStoreError::Deny => "logins are refused",
+                };
+                self.health.failed(&e, action);
+                Admission::StoreFailed(cfg.on_store_error)
+            }
         }
     }
 
