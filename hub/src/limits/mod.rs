@@ -244,7 +244,7 @@ pub struct Outcome {
 /// Where the counts live: this process, or the Redis every hub shares.
 pub enum Buckets {
     /// In memory.
-    Memory(MemoryBuckets),
+    Memory(Box<MemoryBuckets>),
     /// In Redis.
     Redis(RedisBuckets),
 }
@@ -442,7 +442,7 @@ async fn charge_loop(
 impl Limiter {
     /// A limiter counting in this process.
     pub fn memory(config: RateLimits) -> Self {
-        Self::with(config, Buckets::Memory(MemoryBuckets::new()))
+        Self::with(config, Buckets::Memory(Box::new(MemoryBuckets::new())))
     }
 
     /// A limiter counting in the Redis at `url` (shared mode), on a connection of its own.
