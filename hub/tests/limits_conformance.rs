@@ -20,7 +20,7 @@ const NOW: u64 = 1_700_000_000_000_000;
 
 async fn stores(redis: &RedisServer) -> Vec<(&'static str, Buckets)> {
     vec![
-        ("memory", Buckets::Memory(Box::new(MemoryBuckets::new()))),
+        ("memory", Buckets::Memory(Box::default())),
         (
             "redis",
             Buckets::Redis(RedisBuckets::connect(&redis.url()).await.unwrap()),

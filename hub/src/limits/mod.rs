@@ -442,7 +442,7 @@ async fn charge_loop(
 impl Limiter {
     /// A limiter counting in this process.
     pub fn memory(config: RateLimits) -> Self {
-        Self::with(config, Buckets::Memory(Box::new(MemoryBuckets::new())))
+        Self::with(config, Buckets::Memory(Box::default()))
     }
 
     /// A limiter counting in the Redis at `url` (shared mode), on a connection of its own.
