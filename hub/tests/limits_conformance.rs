@@ -10,9 +10,7 @@
 #[allow(dead_code)]
 mod redis_server;
 
-use apex_hub::limits::{
-    Bucket, BucketCheck, Buckets, Left, MemoryBuckets, Mode, Outcome, Rate, RedisBuckets,
-};
+use apex_hub::limits::{Bucket, BucketCheck, Buckets, Left, Mode, Outcome, Rate, RedisBuckets};
 use redis_server::RedisServer;
 
 /// Some instant, µs since the epoch.
