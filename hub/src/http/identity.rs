@@ -88,6 +88,19 @@ fn user_token_required() -> ApiError {
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/register",
+    tag = "auth",
+    operation_id = "register",
+    request_body = Registration,
+    responses(
+        (status = 201, description = "The account and its first token pair", body = super::openapi::Registered),
+        (status = 400, description = "Malformed email, password under 8 characters, bad username (`error.param` names it)", body = super::error::ErrorBody),
+        (status = 409, description = "`email_taken`: the email is registered (compared lower-cased)", body = super::error::ErrorBody),
+        (status = 503, description = "The record store is unavailable", body = super::error::ErrorBody),
+    )
+)]
 /// `POST /api/v1/auth/register {email, password, username}`: 201 with
 /// `{access_token, refresh_token, token_type: "bearer", expires_in, user: {id, email,
 /// username}}`. 400 naming `email` (malformed), `password` (under 8 characters) or
@@ -103,6 +116,19 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    tag = "auth",
+    operation_id = "login",
+    request_body = Login,
+    responses(
+        (status = 200, description = "A new token pair", body = crate::identity::TokenPair),
+        (status = 401, description = "`invalid_credentials`: unknown email or wrong password (one answer for both)", body = super::error::ErrorBody),
+        (status = 429, description = "Over `rate_limits.login_per_minute` attempts for this email or this client address", body = super::error::ErrorBody),
+        (status = 503, description = "The record or rate-limit store is unavailable", body = super::error::ErrorBody),
+    )
+)]
 /// `POST /api/v1/auth/login {email, password}`: 200 with
 /// `{access_token, refresh_token, token_type, expires_in}`; 401 `invalid_credentials` for an
 /// unknown email or a wrong password alike. Limited against password guessing to
@@ -130,12 +156,24 @@ pub async fn login(
 }
 
 /// Body of `POST /api/v1/auth/refresh`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     refresh_token: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/refresh",
+    tag = "auth",
+    operation_id = "refreshToken",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "A new token pair; the refresh token sent is spent", body = crate::identity::TokenPair),
+        (status = 401, description = "`invalid_refresh_token`: unknown, expired, spent (which also revokes its family) or revoked", body = super::error::ErrorBody),
+        (status = 503, description = "The record store is unavailable", body = super::error::ErrorBody),
+    )
+)]
 /// `POST /api/v1/auth/refresh {refresh_token}`: 200 with a new pair (the old refresh token is
 /// spent); 401 `invalid_refresh_token` for an unknown, expired, spent or revoked one (a spent
 /// one also revokes its whole family).
@@ -148,6 +186,17 @@ pub async fn refresh(
     Ok(Json(tokens).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/auth/me",
+    tag = "auth",
+    operation_id = "me",
+    responses(
+        (status = 200, description = "The token's user", body = crate::identity::Profile),
+        (status = 403, description = "`user_token_required`: called with an API key", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 /// `GET /api/v1/auth/me`: `{id, email, username, created_at}` of the token's user. 403
 /// `user_token_required` with an API key.
 pub async fn me(
@@ -161,6 +210,18 @@ pub async fn me(
     Ok(Json(profile).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout",
+    tag = "auth",
+    operation_id = "logout",
+    responses(
+        (status = 200, description = "The access token and its refresh family are revoked at every hub", body = super::openapi::Message),
+        (status = 403, description = "`user_token_required`: called with an API key", body = super::error::ErrorBody),
+        (status = 503, description = "The record store is unavailable", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 /// `POST /api/v1/auth/logout`: 200 `{message}`. Revokes the token's refresh family and the
 /// access token itself at every hub (refused everywhere within about 250 ms; the user's
 /// streams opened with it end). 403 `user_token_required` with an API key.

@@ -93,6 +93,14 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::docs::swagger_file,
         super::docs::redoc,
         super::docs::redoc_script,
+        super::identity::register,
+        super::identity::login,
+        super::identity::refresh,
+        super::identity::me,
+        super::identity::logout,
+        super::keys::create,
+        super::keys::list,
+        super::keys::remove,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),
@@ -106,6 +114,8 @@ pub const ALIASES: &[(&str, &str)] = &[
         (name = "channels", description = "WebSocket upgrades of the node channel and the log channel"),
         (name = "dashboard", description = "The operator dashboard (public page; its data calls take a key)"),
         (name = "docs", description = "This document, Swagger UI and ReDoc, served by the hub"),
+        (name = "auth", description = "Users: register, log in, refresh and log out (JWT access tokens, rotated refresh tokens)"),
+        (name = "keys", description = "Managed API keys with scopes (the `admin` scope)"),
     )
 )]
 struct ApiDoc;
@@ -281,6 +291,46 @@ pub mod schemas {
         pub data: Vec<NodeView>,
         /// Totals and the page.
         pub meta: ListMeta,
+    }
+
+    /// `POST /api/v1/auth/register`: the first token pair and the user.
+    #[derive(ToSchema)]
+    pub struct Registered {
+        /// The JWT for `Authorization: Bearer`.
+        pub access_token: String,
+        /// The refresh token (used once).
+        pub refresh_token: String,
+        /// Always `bearer`.
+        pub token_type: String,
+        /// Seconds the access token lives (1800 by default).
+        pub expires_in: u64,
+        /// The new account.
+        pub user: crate::identity::UserView,
+    }
+
+    /// `POST /api/v1/auth/logout`.
+    #[derive(ToSchema)]
+    pub struct Message {
+        /// What happened.
+        pub message: String,
+    }
+
+    /// `GET /v1/keys`: one page of managed keys (never a secret).
+    #[derive(ToSchema)]
+    pub struct KeyList {
+        /// The keys of the page.
+        pub data: Vec<crate::identity::KeyView>,
+        /// Totals and the page.
+        pub meta: ListMeta,
+    }
+
+    /// `DELETE /v1/keys/{id}`.
+    #[derive(ToSchema)]
+    pub struct KeyDeleted {
+        /// The key id.
+        pub id: String,
+        /// Always `true`.
+        pub deleted: bool,
     }
 
     /// `DELETE /v1/nodes/{id}`.

@@ -63,7 +63,8 @@ fn system_time(ms: i64) -> Rfc3339 {
 }
 
 /// Body of `POST /v1/keys`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "ci", "scopes": ["tasks"], "expires_at": "2030-01-01T00:00:00Z", "rate_limit": 600}))]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// 1 to 128 characters, for people.
@@ -80,24 +81,27 @@ pub struct NewKey {
 }
 
 /// A managed key as `GET /v1/keys` shows it: never the secret.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyView {
     /// The key id (the `<id>` of `apex_<id>_<secret>`).
     pub id: String,
     /// Its name.
     pub name: String,
     /// Granted scopes, in wire order.
+    #[schema(value_type = Vec<String>, example = json!(["tasks", "chat"]))]
     pub scopes: Vec<Scope>,
     /// RFC 3339 expiry, `null` for none.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Rfc3339>,
     /// Requests a minute, `null` for the default.
     pub rate_limit: Option<u32>,
     /// RFC 3339 creation time.
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Rfc3339,
 }
 
 /// The answer of `POST /v1/keys`: the key's view and, this once, the key itself.
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     /// The key's fields.
     #[serde(flatten)]

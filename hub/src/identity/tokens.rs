@@ -78,13 +78,14 @@ pub(crate) fn family_of(jti: &str) -> Option<&str> {
 /// The body of a login, registration or refresh answer:
 /// `{access_token, refresh_token, token_type: "bearer", expires_in}` (`expires_in` in
 /// seconds, the access token's lifetime).
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenPair {
     /// The JWT for `Authorization: Bearer`.
     pub access_token: String,
     /// The opaque refresh token for `POST /api/v1/auth/refresh` (used once).
     pub refresh_token: String,
     /// Always `bearer`.
+    #[schema(value_type = String, example = "bearer")]
     pub token_type: &'static str,
     /// Seconds the access token lives.
     pub expires_in: u64,

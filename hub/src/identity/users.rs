@@ -41,7 +41,8 @@ struct UserRecord {
 }
 
 /// Body of `POST /api/v1/auth/register`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"email": "ada@example.com", "password": "correct horse", "username": "Ada"}))]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
     /// An email address (unique, compared lower-cased).
@@ -53,7 +54,7 @@ pub struct Registration {
 }
 
 /// Body of `POST /api/v1/auth/login`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Login {
     /// The email registered with.
@@ -63,7 +64,7 @@ pub struct Login {
 }
 
 /// A user as registration answers it: `{id, email, username}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     /// User id (UUID).
     pub id: String,
@@ -74,12 +75,13 @@ pub struct UserView {
 }
 
 /// `GET /api/v1/auth/me`: `{id, email, username, created_at}` (RFC 3339).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Profile {
     /// The user's fields.
     #[serde(flatten)]
     pub user: UserView,
     /// When the account was registered.
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Rfc3339,
 }
 
