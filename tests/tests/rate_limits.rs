@@ -384,3 +384,54 @@ async fn rate_limits_change_live_with_put_config() {
     }
     assert_eq!(statuses, [200, 200, 429]);
 }
+
+/// The case with a managed key: a key created with `rate_limit: 100` (at one hub),
+/// used for 300 requests at once spread over three shared hubs: exactly 100 answered 2xx, 200
+/// refused, its remaining count going down one shared bucket (99..=0, each once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_keys_own_limit_is_exact_across_three_shared_hubs() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::start(shared_hub(&redis, None)).await.unwrap();
+    let mut hubs = vec![a];
+    for _ in 0..2 {
+        let opts = shared_hub(&redis, Some(hubs[0].options()));
+        hubs.push(Hub::start(opts).await.unwrap());
+    }
+    let http = client();
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/keys", hubs[0].url()))
+        .bearer_auth(hubs[0].api_key())
+        .json(&serde_json::json!({"name": "limited", "scopes": ["tasks"], "rate_limit": 100}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    // Warm connections (`/health` is not limited), and give the other hubs the key: they
+    // load managed keys within one 250 ms poll of the records (probing with the key would
+    // spend its budget).
+    for hub in &hubs {
+        let url = format!("{}/health", hub.url());
+        assert_eq!(http.get(url).send().await.unwrap().status(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let burst = (0..300).map(|i| {
+        let (http, key) = (http.clone(), key.clone());
+        let url = format!("{}/api/v1/tasks?limit=1", hubs[i % 3].url());
+        async move {
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, header_u64(r.headers(), "x-ratelimit-remaining"))
+        }
+    });
+    let answers = futures::future::join_all(burst).await;
+    let ok: Vec<_> = answers.iter().filter(|(s, _)| *s == 200).collect();
+    let refused = answers.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!(ok.len(), 100, "{answers:?}");
+    assert_eq!(refused, 200);
+    let mut remaining: Vec<u64> = ok.iter().map(|(_, r)| r.unwrap()).collect();
+    remaining.sort_unstable();
+    assert_eq!(remaining, (0..100).collect::<Vec<u64>>());
+}
