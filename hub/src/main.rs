@@ -47,6 +47,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if cli.check_config {
+        return check_config(&config);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.effective_worker_threads())
         .enable_all()
@@ -147,13 +150,23 @@ async fn serve(cli: Cli, mut config: Config) -> ExitCode {
         println!("metrics on http://{m}/metrics");
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "apex-hub started");
+    let status = format!("serving on http://{addr}");
     let options = RunOptions {
         cli: Some(cli),
         on_config_change: vec![log_hook],
         metrics_listener,
         store: Some(opened),
+        on_ready: Some(Box::new(move || apex_hub::systemd::ready(&status))),
     };
-    let served = apex_hub::run_with(config, listener, shutdown_signal(), options).await;
+    let watchdog = apex_hub::systemd::spawn_watchdog();
+    let shutdown = async {
+        shutdown_signal().await;
+        apex_hub::systemd::stopping();
+    };
+    let served = apex_hub::run_with(config, listener, shutdown, options).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     if let Some(t) = telemetry {
         // Export buffered spans before exiting; the exporter blocks, so off the runtime.
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
@@ -165,6 +178,18 @@ async fn serve(cli: Cli, mut config: Config) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--check-config`: what `Config::load` accepted must also build (the LLM gateway's
+/// providers); prints `configuration ok` and exits 0, else one line and 64. Opens no store,
+/// writes no key and binds nothing.
+fn check_config(config: &Config) -> ExitCode {
+    if let Err(e) = apex_hub::llm::Gateway::from_config(&config.llm) {
+        eprintln!("apex-hub: invalid configuration: `llm` {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("configuration ok");
+    ExitCode::SUCCESS
 }
 
 async fn shutdown_signal() {

@@ -178,8 +178,16 @@ fn serve(config: apex_node::Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal().context("cannot listen for signals")?;
+        let signal = shutdown_signal().context("cannot listen for signals")?;
+        let shutdown = async move {
+            signal.await;
+            apex_node::systemd::stopping();
+        };
+        let watchdog = apex_node::systemd::spawn_watchdog();
         apex_node::run(config, shutdown).await?;
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         Ok(())
     })
 }

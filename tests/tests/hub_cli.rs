@@ -131,3 +131,52 @@ async fn sigterm_stops_the_hub_cleanly() -> Result<()> {
     assert!(status.success(), "hub exited with {status} on SIGTERM");
     Ok(())
 }
+
+#[tokio::test]
+async fn check_config_validates_and_exits_without_touching_anything() -> Result<()> {
+    let bin = bin_path("apex-hub")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let good = dir.path().join("good.toml");
+    // Redis is not running: --check-config connects to nothing.
+    std::fs::write(
+        &good,
+        "listen = \"0.0.0.0:8088\"\nstore = \"redis://127.0.0.1:1/0\"\nhub_mode = \"shared\"\n\
+         shutdown_delay_ms = 7000\ndiscovery = true\n",
+    )?;
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "shutdown_delay = 7000\n")?;
+    let run = |file: &std::path::Path| {
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg("--check-config")
+            .arg("--config")
+            .arg(file)
+            .arg("--data-dir")
+            .arg(&data);
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), cmd.output())
+                .await
+                .context("--check-config did not exit")?
+                .context("running apex-hub")
+        }
+    };
+    let out = run(&good).await?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration ok"
+    );
+    assert!(!data.exists(), "--check-config created the data directory");
+
+    let out = run(&typo).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("shutdown_delay"), "{stderr:?}");
+    Ok(())
+}

@@ -12,6 +12,7 @@ mod llm;
 pub mod log_channel;
 pub mod node_channel;
 mod nodes;
+mod probes;
 mod system;
 mod tasks;
 
@@ -292,6 +293,8 @@ pub fn router(state: AppState) -> Router {
     ));
     Router::new()
         .route("/health", get(health))
+        .route("/livez", get(probes::livez))
+        .route("/readyz", get(probes::readyz))
         .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())

@@ -89,6 +89,10 @@ async fn run(args: ShellArgs) -> Result<Value, Error> {
             cmd.env_remove(k);
         }
     }
+    // Nor is systemd's notification socket: a program must not report for the node.
+    for k in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        cmd.env_remove(k);
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::Failed(format!("cannot start `{}`: {e}", args.command)))?;
