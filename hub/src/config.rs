@@ -271,6 +271,12 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip)]
     pub check_config: bool,
+    /// `GET /livez` on this configuration's `listen` address (loopback when it listens on
+    /// every address) and exit 0 on 200, else 1: the container image's `HEALTHCHECK`, which
+    /// has no shell or curl.
+    #[arg(long)]
+    #[serde(skip)]
+    pub healthcheck: bool,
     /// Tokio worker threads; 0: half the CPUs, at least 1 [default: 0].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -314,7 +320,11 @@ impl Config {
             .merge(
                 Env::prefixed("APEX_")
                     .split("__")
-                    .filter(move |k| known.iter().any(|x| k.as_str().starts_with(x.as_str()))),
+                    // `k` keeps the variable's case (figment compares keys uncased).
+                    .filter(move |k| {
+                        let k = k.as_str().to_ascii_lowercase();
+                        known.iter().any(|x| k.starts_with(x.as_str()))
+                    }),
             )
             .merge(Serialized::defaults(cli));
         let cfg: Config = fig

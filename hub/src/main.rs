@@ -50,6 +50,9 @@ fn main() -> ExitCode {
     if cli.check_config {
         return check_config(&config);
     }
+    if cli.healthcheck {
+        return healthcheck(config.listen);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.effective_worker_threads())
         .enable_all()
@@ -190,6 +193,44 @@ fn check_config(config: &Config) -> ExitCode {
     }
     println!("configuration ok");
     ExitCode::SUCCESS
+}
+
+/// `--healthcheck`: one `GET /livez` on `listen` (loopback for an unspecified address) with
+/// a 3 s budget; exit 0 on a 200, else 1 with one line on stderr.
+fn healthcheck(listen: std::net::SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let budget = std::time::Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, budget)?;
+        s.set_read_timeout(Some(budget))?;
+        s.set_write_timeout(Some(budget))?;
+        write!(
+            s,
+            "GET /livez HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    })();
+    match answer {
+        Ok(a) if a.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(a) => {
+            let line = a.lines().next().unwrap_or("no answer");
+            eprintln!("apex-hub: /livez on {addr} answered {line}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("apex-hub: /livez on {addr}: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -180,3 +180,61 @@ async fn check_config_validates_and_exits_without_touching_anything() -> Result<
     assert!(stderr.contains("shutdown_delay"), "{stderr:?}");
     Ok(())
 }
+
+/// `--healthcheck` (the image's `HEALTHCHECK`): exit 0 while the hub on `listen` answers
+/// `/livez`, 1 with one line once it is gone.
+#[tokio::test]
+async fn healthcheck_probes_livez_on_the_configured_address() -> Result<()> {
+    let hub = Hub::start(HubOptions::default()).await?;
+    let check = |listen: String| {
+        let bin = bin_path("apex-hub");
+        async move {
+            let out = tokio::process::Command::new(bin?)
+                .arg("--healthcheck")
+                .env("APEX_LISTEN", listen)
+                .output()
+                .await?;
+            anyhow::Ok(out)
+        }
+    };
+    let out = check(hub.addr().to_string()).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addr = hub.addr();
+    drop(hub);
+    let out = check(addr.to_string()).await?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
+    Ok(())
+}
+
+/// `APEX_*` variables are a config layer: a bad one is refused naming its key, a good one
+/// applies (the container image and the chart configure the hub this way).
+#[tokio::test]
+async fn apex_environment_variables_configure_the_hub() -> Result<()> {
+    let bin = bin_path("apex-hub")?;
+    let out = tokio::process::Command::new(&bin)
+        .arg("--check-config")
+        .env("APEX_SHUTDOWN_DELAY_MS", "600001")
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("shutdown_delay_ms"), "{stderr}");
+    let out = tokio::process::Command::new(&bin)
+        .arg("--check-config")
+        .env("APEX_SHUTDOWN_DELAY_MS", "600000")
+        .env("APEX_API_KEYS", r#"["env-api-key-1"]"#)
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
