@@ -100,10 +100,6 @@ pub struct Config {
     /// `shared_shutdown_drain_ms`). Kubernetes' `terminationGracePeriodSeconds` must exceed
     /// this plus the drain. At most 600000. Default 5000.
     pub shutdown_delay_ms: u64,
-    /// Advertise the hub on the local network over mDNS/DNS-SD (`_apex._tcp`, TXT `version`
-    /// and `path`, the node-channel path) so `apex-node --hub auto` finds it. For a home
-    /// hub on a trusted network; nodes still need the node key. Default false.
-    pub discovery: bool,
     /// Tokio worker threads running HTTP, the node channel and the engine. 0 (the default):
     /// half the CPUs, at least one ([`Config::effective_worker_threads`]). The hub is I/O
     /// bound, and on a machine it shares with nodes, model servers or clients, fewer workers
@@ -165,7 +161,6 @@ impl Default for Config {
             shared_lease_ttl_ms: crate::shared::DEFAULT_LEASE_TTL_MS,
             shared_shutdown_drain_ms: 10_000,
             shutdown_delay_ms: 5_000,
-            discovery: false,
             worker_threads: 0,
             task_retention_hours: 168,
             recovery_grace_ms: 10_000,
@@ -262,10 +257,6 @@ pub struct Cli {
     #[arg(long, value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_delay_ms: Option<u64>,
-    /// Advertise the hub on the local network over mDNS (`_apex._tcp`) [default: false].
-    #[arg(long, value_name = "BOOL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub discovery: Option<bool>,
     /// Validate the configuration (file, environment, flags), print `configuration ok` and
     /// exit 0, or print one line and exit 64; touches no data directory, store or port.
     #[arg(long)]

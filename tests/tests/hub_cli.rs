@@ -142,7 +142,7 @@ async fn check_config_validates_and_exits_without_touching_anything() -> Result<
     std::fs::write(
         &good,
         "listen = \"0.0.0.0:8088\"\nstore = \"redis://127.0.0.1:1/0\"\nhub_mode = \"shared\"\n\
-         shutdown_delay_ms = 7000\ndiscovery = true\n",
+         shutdown_delay_ms = 7000\n",
     )?;
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "shutdown_delay = 7000\n")?;
