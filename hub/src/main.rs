@@ -47,6 +47,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if cli.check_config {
+        return check_config(&config);
+    }
+    if cli.healthcheck {
+        return healthcheck(config.listen);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.effective_worker_threads())
         .enable_all()
@@ -153,13 +159,23 @@ async fn serve(cli: Cli, mut config: Config) -> ExitCode {
         println!("metrics on http://{m}/metrics");
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "apex-hub started");
+    let status = format!("serving on http://{addr}");
     let options = RunOptions {
         cli: Some(cli),
         on_config_change: vec![log_hook],
         metrics_listener,
         store: Some(opened),
+        on_ready: Some(Box::new(move || apex_hub::systemd::ready(&status))),
     };
-    let served = apex_hub::run_with(config, listener, shutdown_signal(), options).await;
+    let watchdog = apex_hub::systemd::spawn_watchdog();
+    let shutdown = async {
+        shutdown_signal().await;
+        apex_hub::systemd::stopping();
+    };
+    let served = apex_hub::run_with(config, listener, shutdown, options).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     if let Some(t) = telemetry {
         // Export buffered spans before exiting; the exporter blocks, so off the runtime.
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
@@ -168,6 +184,56 @@ async fn serve(cli: Cli, mut config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apex-hub: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `--check-config`: what `Config::load` accepted must also build (the LLM gateway's
+/// providers); prints `configuration ok` and exits 0, else one line and 64. Opens no store,
+/// writes no key and binds nothing.
+fn check_config(config: &Config) -> ExitCode {
+    if let Err(e) = apex_hub::llm::Gateway::from_config(&config.llm) {
+        eprintln!("apex-hub: invalid configuration: `llm` {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("configuration ok");
+    ExitCode::SUCCESS
+}
+
+/// `--healthcheck`: one `GET /livez` on `listen` (loopback for an unspecified address) with
+/// a 3 s budget; exit 0 on a 200, else 1 with one line on stderr.
+fn healthcheck(listen: std::net::SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let budget = std::time::Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, budget)?;
+        s.set_read_timeout(Some(budget))?;
+        s.set_write_timeout(Some(budget))?;
+        write!(
+            s,
+            "GET /livez HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    })();
+    match answer {
+        Ok(a) if a.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(a) => {
+            let line = a.lines().next().unwrap_or("no answer");
+            eprintln!("apex-hub: /livez on {addr} answered {line}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("apex-hub: /livez on {addr}: {e}");
             ExitCode::from(1)
         }
     }

@@ -48,6 +48,20 @@ pub enum Error {
     /// The store cannot confirm the write or answer the read; nothing was accepted.
     #[error("{0}")]
     StoreUnavailable(String),
+    /// The hub is shutting down (its stop signal flipped, `shutdown_delay_ms` after SIGTERM):
+    /// the submission was not accepted; another hub (or this one restarted) takes it.
+    #[error("the hub is shutting down; the task was not accepted, retry at another hub")]
+    ShuttingDown,
+}
+
+/// What `GET /readyz` needs of the store (see [`TaskService::probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreProbe {
+    /// Whether a submission would be accepted rather than answered 503 `store_unavailable`.
+    pub available: bool,
+    /// Shared mode: whether this hub's lease in Redis still holds its epoch (`false` too when
+    /// Redis did not answer). `None` in single mode.
+    pub lease_held: Option<bool>,
 }
 
 /// How long a long poll (`wait`) may wait at most.
@@ -123,6 +137,30 @@ impl TaskService {
         }
     }
 
+    /// The store's state for `/readyz`: [`TaskService::store_available`] and, in shared mode,
+    /// whether the hub's lease is held, from one Redis round trip given at most
+    /// [`STORE_PROBE_TIMEOUT`].
+    pub async fn probe(&self) -> StoreProbe {
+        match &self.mode {
+            Mode::Local => StoreProbe {
+                available: self.check_store().is_ok(),
+                lease_held: None,
+            },
+            Mode::Shared(redis) => {
+                match tokio::time::timeout(STORE_PROBE_TIMEOUT, redis.lease_alive()).await {
+                    Ok(Ok(held)) => StoreProbe {
+                        available: true,
+                        lease_held: Some(held),
+                    },
+                    _ => StoreProbe {
+                        available: false,
+                        lease_held: Some(false),
+                    },
+                }
+            }
+        }
+    }
+
     /// Whether submissions would be refused because the store is failing now.
     ///
     /// # Errors
@@ -148,6 +186,10 @@ impl TaskService {
         caller: &Principal,
         mut specs: Vec<TaskSpec>,
     ) -> Result<Vec<(Task, bool)>, Error> {
+        // After SIGTERM's `shutdown_delay_ms` the hub refuses new work before it drains.
+        if *self.shutdown.borrow() {
+            return Err(Error::ShuttingDown);
+        }
         for s in &mut specs {
             s.owner = Some(caller.owner().to_owned());
         }

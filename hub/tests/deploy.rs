@@ -146,3 +146,31 @@ fn the_scanner_finds_metric_names() {
         ["apex_x", "apex_z_total"]
     );
 }
+
+/// `helm/apex/values.schema.json` lists exactly the hub's config keys for `hub.config`, so a
+/// typo fails the install and a new key is not refused by the chart.
+#[test]
+fn the_chart_schema_names_every_hub_config_key() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("helm/apex/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let listed = schema["properties"]["hub"]["properties"]["config"]["propertyNames"]["enum"]
+        .as_array()
+        .unwrap();
+    let mut listed: Vec<&str> = listed.iter().map(|v| v.as_str().unwrap()).collect();
+    listed.sort_unstable();
+    let config = serde_json::to_value(apex_hub::config::Config::default()).unwrap();
+    let mut keys: Vec<&str> = config
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        listed, keys,
+        "update hub.config's propertyNames in values.schema.json"
+    );
+}

@@ -926,3 +926,62 @@ async fn lists_sort_newest_or_oldest_first_and_refuse_other_sorts() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(error_of(&v)["param"], "sort");
 }
+
+/// `/livez` and `/readyz` need no key; `/readyz` turns 503 once the hub drains (SIGTERM)
+/// while submissions are still accepted, and once the stop signal flips (`shutdown_delay_ms`
+/// later) submissions answer 503 `shutting_down` and `/livez` still answers 200.
+#[tokio::test]
+async fn probes_are_public_and_follow_the_shutdown_order() {
+    let config = Config {
+        api_keys: vec![API_KEY.to_owned()],
+        node_keys: vec![NODE_KEY.to_owned()],
+        ..Config::default()
+    };
+    config.validate().unwrap();
+    let cluster = apex_hub::cluster_for(&config);
+    let (tx, rx) = watch::channel(false);
+    let state = AppState::new(cluster.clone(), config, rx);
+    let h = Hub {
+        app: router(state.clone()),
+        cluster,
+        _shutdown: tx.clone(),
+    };
+    let probe = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    let (code, v) = h.call(probe("/livez")).await;
+    assert_eq!((code, v), (StatusCode::OK, json!({"status": "ok"})));
+    let (code, v) = h.call(probe("/readyz")).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({"status": "ready", "store": "ok", "draining": false})
+    );
+
+    state.ops.lifecycle.begin_draining();
+    let (code, v) = h.call(probe("/readyz")).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(
+        v,
+        json!({"status": "not_ready", "store": "ok", "draining": true})
+    );
+    assert_eq!(h.call(probe("/livez")).await.0, StatusCode::OK);
+    // Still serving during the delay: load balancers have not taken the hub out yet.
+    let (code, v) = h
+        .call(request(
+            Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"tool": "echo"})),
+        ))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+
+    tx.send(true).unwrap();
+    for (path, body) in [
+        ("/api/v1/tasks", json!({"tool": "echo"})),
+        ("/api/v1/tasks/batch", json!({"tasks": [{"tool": "echo"}]})),
+    ] {
+        let (code, v) = h.call(request(Method::POST, path, Some(body))).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "shutting_down", "{path}: {v}");
+    }
+    assert_eq!(h.call(probe("/livez")).await.0, StatusCode::OK);
+}

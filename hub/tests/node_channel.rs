@@ -41,6 +41,8 @@ async fn start_hub(f: impl FnOnce(&mut Config)) -> TestHub {
         data_dir: std::env::temp_dir().join("apex-hub-node-channel-tests"),
         // Many hubs run at once in this process: the embedded store would lock the dir.
         store: "memory".to_owned(),
+        // Shutdown tests expect the drain at once, not after the load-balancer delay.
+        shutdown_delay_ms: 0,
         ..Config::default()
     };
     f(&mut config);

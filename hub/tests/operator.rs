@@ -50,6 +50,8 @@ async fn start_hub_with(f: impl FnOnce(&mut Config), mut cli: Option<Cli>) -> Te
             data_dir: std::env::temp_dir().join("apex-hub-operator-tests"),
             // Tests run in parallel in one process: the embedded store would lock the dir.
             store: "memory".to_owned(),
+            // Hubs stop when the test ends: no load-balancer delay.
+            shutdown_delay_ms: 0,
             ..Config::default()
         },
     };

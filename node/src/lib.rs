@@ -12,7 +12,8 @@
 //! - [`llm`]: the client of the hub's LLM gateway and the local model server (`--llm-upstream`);
 //! - [`stats`]: task counters and machine load for heartbeats;
 //! - [`backoff`]: reconnect delays;
-//! - [`telemetry`]: OpenTelemetry export and the per-task span.
+//! - [`telemetry`]: OpenTelemetry export and the per-task span;
+//! - [`systemd`]: `Type=notify` readiness, stopping and watchdog notifications.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod llm;
 pub mod outbox;
 pub mod stats;
+pub mod systemd;
 pub mod telemetry;
 pub mod tools;
 
@@ -75,11 +77,13 @@ pub async fn run(
         max_concurrent_tasks = config.max_concurrent_tasks,
         "apex-node starting"
     );
+    let config_hubs = config.hubs.join(", ");
     let mut node =
         connection::Node::new(config, node_id, registry).with_llm_client(llm_client, llm_requests);
     if let Some(models) = models {
         node = node.with_models(models);
     }
+    systemd::ready(&format!("connecting to {}", config_hubs));
     node.run(shutdown).await;
     Ok(())
 }

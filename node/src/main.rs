@@ -97,11 +97,17 @@ struct Cli {
     /// Model tools ask the hub for (llm.summarize) when they name none [default: the hub's].
     #[arg(long, value_name = "MODEL")]
     llm_model: Option<String>,
+
+    /// Validate the configuration (file, environment, flags), print `configuration ok` and
+    /// exit 0, or print one line and exit 64; connects to nothing.
+    #[arg(long)]
+    check_config: bool,
 }
 
 impl Cli {
     /// The flags as the last configuration layer (unset flags leave lower layers alone).
     fn into_layer(self) -> (Option<PathBuf>, RawConfig) {
+        // `check_config` is not a setting; `main` reads it first.
         let layer = RawConfig {
             hub: self.hub,
             key: self.key,
@@ -139,6 +145,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let check_only = cli.check_config;
     let (file, flags) = cli.into_layer();
     let config = match config::load(file.as_deref(), flags) {
         Ok(c) => c,
@@ -147,6 +154,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if check_only {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
     let telemetry = match apex_node::telemetry::init_from_env() {
         Ok(t) => t,
         Err(e) => {
@@ -190,8 +201,16 @@ fn serve(config: apex_node::Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal().context("cannot listen for signals")?;
+        let signal = shutdown_signal().context("cannot listen for signals")?;
+        let shutdown = async move {
+            signal.await;
+            apex_node::systemd::stopping();
+        };
+        let watchdog = apex_node::systemd::spawn_watchdog();
         apex_node::run(config, shutdown).await?;
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         Ok(())
     })
 }

@@ -281,6 +281,9 @@ pub struct HubOptions {
     pub env: Vec<(String, String)>,
     /// `--data-dir` (default: a fresh directory of the hub's own).
     pub data_dir: Option<PathBuf>,
+    /// `--shutdown-delay-ms`: 0 by default here, so a SIGTERM starts the drain at once (the
+    /// hub's own default, 5000, is for load balancers; `tests/tests/lifecycle.rs` tests it).
+    pub shutdown_delay_ms: u64,
 }
 
 impl Default for HubOptions {
@@ -294,6 +297,7 @@ impl Default for HubOptions {
             extra_args: Vec::new(),
             env: Vec::new(),
             data_dir: None,
+            shutdown_delay_ms: 0,
         }
     }
 }
@@ -400,7 +404,9 @@ impl Hub {
             .arg("--api-key")
             .arg(&opts.api_key)
             .arg("--node-key")
-            .arg(&opts.node_key);
+            .arg(&opts.node_key)
+            .arg("--shutdown-delay-ms")
+            .arg(opts.shutdown_delay_ms.to_string());
         if let Some(ms) = opts.heartbeat_interval_ms {
             cmd.arg("--heartbeat-interval-ms").arg(ms.to_string());
         }

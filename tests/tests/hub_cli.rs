@@ -131,3 +131,110 @@ async fn sigterm_stops_the_hub_cleanly() -> Result<()> {
     assert!(status.success(), "hub exited with {status} on SIGTERM");
     Ok(())
 }
+
+#[tokio::test]
+async fn check_config_validates_and_exits_without_touching_anything() -> Result<()> {
+    let bin = bin_path("apex-hub")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let good = dir.path().join("good.toml");
+    // Redis is not running: --check-config connects to nothing.
+    std::fs::write(
+        &good,
+        "listen = \"0.0.0.0:8088\"\nstore = \"redis://127.0.0.1:1/0\"\nhub_mode = \"shared\"\n\
+         shutdown_delay_ms = 7000\n",
+    )?;
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "shutdown_delay = 7000\n")?;
+    let run = |file: &std::path::Path| {
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg("--check-config")
+            .arg("--config")
+            .arg(file)
+            .arg("--data-dir")
+            .arg(&data);
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), cmd.output())
+                .await
+                .context("--check-config did not exit")?
+                .context("running apex-hub")
+        }
+    };
+    let out = run(&good).await?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration ok"
+    );
+    assert!(!data.exists(), "--check-config created the data directory");
+
+    let out = run(&typo).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("shutdown_delay"), "{stderr:?}");
+    Ok(())
+}
+
+/// `--healthcheck` (the image's `HEALTHCHECK`): exit 0 while the hub on `listen` answers
+/// `/livez`, 1 with one line once it is gone.
+#[tokio::test]
+async fn healthcheck_probes_livez_on_the_configured_address() -> Result<()> {
+    let hub = Hub::start(HubOptions::default()).await?;
+    let check = |listen: String| {
+        let bin = bin_path("apex-hub");
+        async move {
+            let out = tokio::process::Command::new(bin?)
+                .arg("--healthcheck")
+                .env("APEX_LISTEN", listen)
+                .output()
+                .await?;
+            anyhow::Ok(out)
+        }
+    };
+    let out = check(hub.addr().to_string()).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addr = hub.addr();
+    drop(hub);
+    let out = check(addr.to_string()).await?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
+    Ok(())
+}
+
+/// `APEX_*` variables are a config layer: a bad one is refused naming its key, a good one
+/// applies (the container image and the chart configure the hub this way).
+#[tokio::test]
+async fn apex_environment_variables_configure_the_hub() -> Result<()> {
+    let bin = bin_path("apex-hub")?;
+    let out = tokio::process::Command::new(&bin)
+        .arg("--check-config")
+        .env("APEX_SHUTDOWN_DELAY_MS", "600001")
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("shutdown_delay_ms"), "{stderr}");
+    let out = tokio::process::Command::new(&bin)
+        .arg("--check-config")
+        .env("APEX_SHUTDOWN_DELAY_MS", "600000")
+        .env("APEX_API_KEYS", r#"["env-api-key-1"]"#)
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -16,6 +16,7 @@ pub mod log_channel;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
+mod probes;
 mod rate_limit;
 mod system;
 mod tasks;
@@ -503,6 +504,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(identity::public_routes())
+        .route("/livez", get(probes::livez))
+        .route("/readyz", get(probes::readyz))
         .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())

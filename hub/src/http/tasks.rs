@@ -140,6 +140,13 @@ impl From<TaskError> for ApiError {
                 ApiError::conflict(e.to_string())
             }
             TaskError::StoreUnavailable(cause) => ApiError::store_unavailable(cause),
+            e @ TaskError::ShuttingDown => ApiError::custom(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                e.to_string(),
+                None,
+            ),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The operator surface's shared parts: the live configuration, the log channel's buffer, the
-//! machine sampler, and the background loops that feed them ([`Ops::start`]).
+//! machine sampler, the hub's lifecycle (draining for `/readyz`), and the background loops that feed them ([`Ops::start`]).
 
+pub mod lifecycle;
 pub mod live;
 pub mod logs;
 pub mod system;
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Cli, Config};
 use crate::engine::Cluster;
+pub use lifecycle::Lifecycle;
 pub use live::LiveConfig;
 pub use logs::LogHub;
 pub use system::SystemSampler;
@@ -26,6 +28,8 @@ pub struct Ops {
     pub logs: Arc<LogHub>,
     /// CPU, memory, GPU and dispatch-rate figures.
     pub system: Arc<SystemSampler>,
+    /// Serving or draining (`/readyz`, the shutdown sequence).
+    pub lifecycle: Lifecycle,
 }
 
 impl Ops {
@@ -40,6 +44,7 @@ impl Ops {
             live: LiveConfig::new(config, cli),
             logs,
             system: Arc::new(SystemSampler::new()),
+            lifecycle: Lifecycle::new(),
         }
     }
 
