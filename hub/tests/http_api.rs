@@ -960,9 +960,15 @@ async fn probes_are_public_and_follow_the_shutdown_order() {
     let (code, v) = h.call(probe("/readyz")).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(
-        v,
-        json!({"status": "not_ready", "store": "ok", "draining": true})
+        (&v["status"], &v["store"], &v["draining"]),
+        (&json!("not_ready"), &json!("ok"), &json!(true)),
+        "{v}"
     );
+    assert_eq!(
+        v["error"]["code"], "not_ready",
+        "the one error shape too: {v}"
+    );
+    assert_eq!(v["category"], "unavailable", "{v}");
     assert_eq!(h.call(probe("/livez")).await.0, StatusCode::OK);
     // Still serving during the delay: load balancers have not taken the hub out yet.
     let (code, v) = h

@@ -16,7 +16,7 @@ pub mod log_channel;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
-mod probes;
+pub mod probes;
 mod rate_limit;
 mod system;
 mod tasks;

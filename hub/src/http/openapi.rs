@@ -101,6 +101,8 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::keys::create,
         super::keys::list,
         super::keys::remove,
+        super::probes::livez,
+        super::probes::readyz,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),

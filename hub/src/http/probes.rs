@@ -9,14 +9,32 @@ use serde_json::json;
 
 use super::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "system",
+    operation_id = "livez",
+    responses((status = 200, description = "`{status: \"ok\"}`: the process serves requests (also while draining)", body = Object))
+)]
 /// `GET /livez`: 200 `{"status": "ok"}` while the process serves requests, draining included
 /// (a liveness probe must not restart a hub that is shutting down).
 pub async fn livez() -> Response {
     (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "system",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "`{status: \"ready\", store: \"ok\", draining: false}` (shared mode adds `lease`)", body = Object),
+        (status = 503, description = "Not ready (store unavailable, draining, or lease lost): the error shape with `status`, `store`, `draining` (and `lease`) beside it", body = super::error::ErrorBody),
+    )
+)]
 /// `GET /readyz`: 200 `{"status": "ready", "store": "ok", "draining": false}` when the hub
-/// should get traffic; 503 with `"status": "not_ready"` while the task store refuses writes
+/// should get traffic; 503 (the error shape, code `not_ready`, with the same fields beside
+/// it) with `"status": "not_ready"` while the task store refuses writes
 /// (`store: "unavailable"`), from SIGTERM on (`draining: true`, see
 /// [`crate::ops::Lifecycle`]), or in shared mode while the hub's lease is lost. Shared-mode
 /// bodies add `"lease": "held" | "lost"`. Answers within about a second even when Redis
@@ -33,10 +51,28 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     if let Some(held) = probe.lease_held {
         body["lease"] = json!(if held { "held" } else { "lost" });
     }
-    let code = if ready {
-        StatusCode::OK
+    if ready {
+        return (StatusCode::OK, Json(body)).into_response();
+    }
+    // Not ready: the one error shape, with the probe's fields beside it (as `/health`'s 503).
+    let why = if draining {
+        "the hub is shutting down"
+    } else if !probe.available {
+        "the task store is unavailable"
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        "this hub lost its shared-mode lease"
     };
-    (code, Json(body)).into_response()
+    let mut e = super::ApiError::custom(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "not_ready",
+        format!("not ready: {why}"),
+        None,
+    );
+    if let serde_json::Value::Object(fields) = body {
+        for (k, v) in fields {
+            e = e.with_field(&k, v);
+        }
+    }
+    e.into_response()
 }
