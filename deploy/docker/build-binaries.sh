@@ -6,12 +6,12 @@
 set -eu
 out="${1:?usage: build-binaries.sh OUT_DIR}"
 cd "$(dirname "$0")/../.."
-cargo build --release --locked -p apex-hub -p apex-node --bins
+cargo build --profile image --locked -p apex-hub -p apex-node --bins
 target="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$out"
 for bin in apex-hub apex-node; do
-    cp "$target/release/$bin" "$out/$bin"
-    # The release profile keeps line tables for backtraces; the image drops them and the
-    # symbols (about 70 MB per binary) to stay small: its backtraces show addresses only.
+    cp "$target/image/$bin" "$out/$bin"
+    # The image profile (Cargo.toml) drops line tables; strip removes the symbols too, so
+    # the image stays small: its backtraces show addresses only.
     strip --strip-all "$out/$bin"
 done

@@ -80,8 +80,8 @@ fn the_dockerfile_passes_hadolint_and_keeps_the_image_rules() -> Result<()> {
     // The dependency layer: cargo-chef cooks before the sources are copied in.
     let cook = builder
         .iter()
-        .position(|(k, a)| k == "RUN" && a.contains("cargo chef cook --release"))
-        .context("no `cargo chef cook --release` in the build stage")?;
+        .position(|(k, a)| k == "RUN" && a.contains("cargo chef cook --profile image"))
+        .context("no `cargo chef cook --profile image` in the build stage")?;
     let copy_src = builder
         .iter()
         .position(|(k, a)| k == "COPY" && a == ". .")
