@@ -16,6 +16,7 @@ use super::Backend;
 use crate::model::Task;
 use crate::store;
 use crate::store::NodeRecord;
+use crate::store::one_line;
 
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "tasks.redb";
@@ -27,13 +28,6 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 pub struct Embedded {
     db: redb::Database,
     path: PathBuf,
-}
-
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 impl Embedded {

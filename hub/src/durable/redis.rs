@@ -17,6 +17,7 @@ use super::Backend;
 use crate::model::Task;
 use crate::store;
 use crate::store::NodeRecord;
+use crate::store::one_line;
 
 /// The hash holding every task record.
 pub const TASKS_KEY: &str = "apex:tasks";
@@ -75,13 +76,6 @@ pub fn redacted(url: &str) -> String {
         (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
         _ => url.to_owned(),
     }
-}
-
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The Redis backend.

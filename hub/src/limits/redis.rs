@@ -8,6 +8,7 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{BucketCheck, Error, Left, Mode, Outcome, key};
+use crate::store::one_line;
 
 /// `scripts/gcra.lua` (hashed once; `EVALSHA`, falling back to `EVAL` the first time a Redis
 /// has not seen it).
@@ -116,13 +117,6 @@ fn parse(reply: &[i64], n: usize) -> Result<Outcome, Error> {
             })
             .collect(),
     })
-}
-
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Kind, Stored, matches};
 use crate::store;
+use crate::store::one_line;
 
 /// File name of the records database inside the data directory.
 pub const FILE_NAME: &str = "records.redb";
@@ -26,13 +27,6 @@ pub(super) struct Embedded {
 
 fn key(kind: Kind, id: &str) -> String {
     format!("{kind}\0{id}")
-}
-
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 impl Embedded {

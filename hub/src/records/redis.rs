@@ -9,6 +9,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Kind, Stored};
 use crate::store;
+use crate::store::one_line;
 
 static CAS: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/cas.lua")));
@@ -26,13 +27,6 @@ fn hash(kind: Kind) -> String {
 
 fn counter(kind: Kind) -> String {
     format!("apex:rec:{kind}:v")
-}
-
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 impl Redis {

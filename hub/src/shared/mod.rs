@@ -80,6 +80,7 @@ pub use pubsub::{Wake, subscribe, subscribe_cancels};
 pub use reaper::{Reaped, TakeOver, requeue_record};
 
 use crate::model::Task;
+use crate::store::one_line;
 
 /// Prefix of every shared-mode key.
 pub const PREFIX: &str = "apex:shared:";
@@ -173,14 +174,6 @@ fn index_fields(task: &Task) -> Vec<String> {
         task.spec.tool.clone(),
         task.node_id.clone().unwrap_or_default(),
     ]
-}
-
-/// An error's text on one line.
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Milliseconds since the Unix epoch.

@@ -14,6 +14,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Task, TaskEvent, TaskId, TaskStatus};
 
+/// An error's text on one line (whitespace runs, newlines included, become one space), for
+/// the one-line reasons of [`Error`] and of the backends' logs.
+pub fn one_line(e: impl std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Why the store cannot be opened or written.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
