@@ -79,6 +79,16 @@ for mod in helm_python:helm-python-sdk kubernetes_validate:kubernetes-validate; 
     fi
 done
 
+# CI builds once in a fresh clone: incremental caches would only take disk (tens of GB here).
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+# The build needs room: a clean run writes about 10 GB under target/. Say so before it fails.
+avail_kb=$(df -Pk "${CARGO_TARGET_DIR:-$PWD}" | awk 'NR==2 {print $4}')
+if [ -n "$avail_kb" ] && [ "$avail_kb" -lt 8000000 ]; then
+    log "warning: only $((avail_kb / 1024)) MiB free for the build; a clean run needs about 10 GB"
+fi
+
 log "cargo fmt --check"
 cargo fmt --all --check
 

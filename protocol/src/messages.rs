@@ -188,6 +188,69 @@ pub struct ToolDescription {
     /// JSON Schema of the tool's arguments (`toolArgs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Value>,
+    /// Example calls (each an object, e.g. `{"description", "example"}` from a VCP manifest's
+    /// `invocationCommands`); shown by `GET /api/v1/tools/{name}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<Value>,
+    /// Set when the tool is a plugin the node loaded: its manifest's metadata. Hubs that
+    /// predate it ignore the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PluginInfo>,
+}
+
+impl ToolDescription {
+    /// A described tool with no examples and no plugin metadata.
+    pub fn new(
+        name: impl Into<String>,
+        description: Option<String>,
+        parameters: Option<Value>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            description,
+            parameters,
+            examples: Vec::new(),
+            plugin: None,
+        }
+    }
+}
+
+/// How a plugin answers: at once, or later through the hub's `/plugin-callback` route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginType {
+    /// The answer is the plugin process's output.
+    #[default]
+    Synchronous,
+    /// The process answers `{"status":"success","result":{"taskId",…,"status":"pending"}}` at
+    /// once and the result comes later by a signed callback.
+    Asynchronous,
+}
+
+/// A plugin's manifest metadata, in `ToolDescription.plugin`: the fields of the nex
+/// assistant's `plugin.json` (`version`, `author`, `capabilities`, `config_schema`,
+/// `dependencies`) and the VCP `plugin-manifest.json` (`pluginType`). camelCase on the wire.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PluginInfo {
+    /// The plugin's version string, as its manifest gives it.
+    pub version: Option<String>,
+    /// Who wrote it.
+    pub author: Option<String>,
+    /// Capability names (`plugin.json`'s `capabilities`, or the VCP manifest's
+    /// `invocationCommands[].commandIdentifier`).
+    pub capabilities: Vec<String>,
+    /// JSON Schema of the plugin's configuration (`config_schema` / `configSchema`).
+    pub config_schema: Option<Value>,
+    /// What the plugin needs installed (`plugin.json`'s `dependencies`).
+    pub dependencies: Vec<String>,
+    /// Synchronous or asynchronous.
+    pub plugin_type: PluginType,
+    /// `"signature"` (default: callbacks must carry `X-Apex-Signature`) or `"token"` (the
+    /// per-task token in the callback URL is enough, for plugins that cannot sign).
+    pub callback_auth: Option<String>,
+    /// The manifest format: `"plugin.json"` or `"plugin-manifest.json"`.
+    pub format: Option<String>,
 }
 
 /// Load counters a node reports in `node_register.stats` and `heartbeat.stats`.
@@ -726,6 +789,9 @@ pub struct VcpToolManifest {
     /// Plugin version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Who wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
     /// What it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,

@@ -94,11 +94,11 @@ async fn native_registration_and_heartbeat() -> Result<()> {
         version: Some("9.9.9".into()),
         tools: vec![
             ToolSpec::Name("echo".into()),
-            ToolSpec::Described(ToolDescription {
-                name: "sleep".into(),
-                description: Some("waits".into()),
-                parameters: Some(json!({"type": "object"})),
-            }),
+            ToolSpec::Described(ToolDescription::new(
+                "sleep",
+                Some("waits".into()),
+                Some(json!({"type": "object"})),
+            )),
         ],
         max_concurrent_tasks: Some(3),
         ..NodeRegister::default()

@@ -315,13 +315,7 @@ impl Cluster {
         let tool_specs = reg
             .tools
             .iter()
-            .map(|t| {
-                ToolSpec::Described(apex_protocol::ToolDescription {
-                    name: t.name.clone(),
-                    description: t.description.clone().or_else(|| t.display_name.clone()),
-                    parameters: None,
-                })
-            })
+            .map(|t| ToolSpec::Described(vcp_tool_description(t)))
             .collect();
         let mut core = self.shared.core.lock();
         let node_id = self.vcp_node_id(&core, &base, conn);
@@ -884,5 +878,50 @@ pub(super) fn node_view(e: &NodeEntry) -> NodeView {
         last_seen_at: last_seen,
         connected_at: Rfc3339(e.connected_at),
         disconnected_at: e.disconnected_at.map(Rfc3339),
+    }
+}
+
+/// A VCP plugin manifest (`register_tools.tools[]`) as a described tool: its description (or
+/// display name), its `invocationCommands` as capabilities and examples, and the plugin's
+/// version, author and type. `basePath` and `pluginSpecificEnvConfig` are never read.
+fn vcp_tool_description(t: &apex_protocol::VcpToolManifest) -> apex_protocol::ToolDescription {
+    let commands = t
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.get("invocationCommands"))
+        .and_then(Value::as_array);
+    let capabilities = commands
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("commandIdentifier").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect();
+    let examples = commands
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let description = c.get("description").cloned().unwrap_or(Value::Null);
+            let example = c.get("example").cloned().unwrap_or(Value::Null);
+            (!description.is_null() || !example.is_null())
+                .then(|| serde_json::json!({"description": description, "example": example}))
+        })
+        .collect();
+    let plugin_type = match t.plugin_type.as_deref() {
+        Some("asynchronous") => apex_protocol::PluginType::Asynchronous,
+        _ => apex_protocol::PluginType::Synchronous,
+    };
+    apex_protocol::ToolDescription {
+        name: t.name.clone(),
+        description: t.description.clone().or_else(|| t.display_name.clone()),
+        parameters: None,
+        examples,
+        plugin: Some(apex_protocol::PluginInfo {
+            version: t.version.clone(),
+            author: t.author.clone(),
+            capabilities,
+            plugin_type,
+            format: Some("plugin-manifest.json".into()),
+            ..apex_protocol::PluginInfo::default()
+        }),
     }
 }

@@ -86,14 +86,24 @@ impl ToolContext {
     }
 }
 
-/// A tool the node offers.
+/// A tool the node offers: a built-in, or one loaded at start (a plugin, an MCP server's
+/// tool), so names are not static.
 pub trait Tool: Send + Sync + 'static {
     /// Name, unique within the node.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
     /// What it does, one sentence.
-    fn description(&self) -> &'static str;
+    fn description(&self) -> &str;
     /// JSON Schema of the arguments.
     fn parameters(&self) -> Value;
+    /// Example calls, declared in `ToolDescription.examples`. Default: none.
+    fn examples(&self) -> Vec<Value> {
+        Vec::new()
+    }
+    /// The manifest metadata of a plugin tool, declared in `ToolDescription.plugin`.
+    /// Default: not a plugin.
+    fn plugin(&self) -> Option<apex_protocol::PluginInfo> {
+        None
+    }
     /// Runs the tool. Dropping the future aborts the work (and kills any child process).
     fn call(&self, args: Value, ctx: ToolContext) -> ToolFuture;
 }
@@ -136,7 +146,7 @@ pub fn schema_of<T: JsonSchema>() -> Value {
 /// The tools a node offers, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
-    tools: BTreeMap<&'static str, Arc<dyn Tool>>,
+    tools: BTreeMap<String, Arc<dyn Tool>>,
 }
 
 impl Registry {
@@ -174,7 +184,12 @@ impl Registry {
 
     /// Adds (or replaces) a tool.
     pub fn add(&mut self, tool: impl Tool) {
-        self.tools.insert(tool.name(), Arc::new(tool));
+        self.add_shared(Arc::new(tool));
+    }
+
+    /// Adds (or replaces) a tool already behind an `Arc`.
+    pub fn add_shared(&mut self, tool: Arc<dyn Tool>) {
+        self.tools.insert(tool.name().to_owned(), tool);
     }
 
     /// The tool named `name`.
@@ -184,7 +199,7 @@ impl Registry {
 
     /// Tool names, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.tools.keys().map(|k| (*k).to_owned()).collect()
+        self.tools.keys().cloned().collect()
     }
 
     /// Tool declarations for `node_register.tools`.
@@ -193,9 +208,13 @@ impl Registry {
             .values()
             .map(|t| {
                 ToolSpec::Described(ToolDescription {
-                    name: t.name().to_owned(),
-                    description: Some(t.description().to_owned()),
-                    parameters: Some(t.parameters()),
+                    examples: t.examples(),
+                    plugin: t.plugin(),
+                    ..ToolDescription::new(
+                        t.name(),
+                        Some(t.description().to_owned()),
+                        Some(t.parameters()),
+                    )
                 })
             })
             .collect()
