@@ -195,7 +195,7 @@ pub struct ToolDescription {
     /// Set when the tool is a plugin the node loaded: its manifest's metadata. Hubs that
     /// predate it ignore the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub plugin: Option<PluginInfo>,
+    pub plugin: Option<Box<PluginInfo>>,
 }
 
 impl ToolDescription {

@@ -915,13 +915,13 @@ fn vcp_tool_description(t: &apex_protocol::VcpToolManifest) -> apex_protocol::To
         description: t.description.clone().or_else(|| t.display_name.clone()),
         parameters: None,
         examples,
-        plugin: Some(apex_protocol::PluginInfo {
+        plugin: Some(Box::new(apex_protocol::PluginInfo {
             version: t.version.clone(),
             author: t.author.clone(),
             capabilities,
             plugin_type,
             format: Some("plugin-manifest.json".into()),
             ..apex_protocol::PluginInfo::default()
-        }),
+        })),
     }
 }

@@ -209,7 +209,7 @@ impl Registry {
             .map(|t| {
                 ToolSpec::Described(ToolDescription {
                     examples: t.examples(),
-                    plugin: t.plugin(),
+                    plugin: t.plugin().map(Box::new),
                     ..ToolDescription::new(
                         t.name(),
                         Some(t.description().to_owned()),
