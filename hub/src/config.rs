@@ -125,6 +125,11 @@ pub struct Config {
     /// Optional second listener serving only `GET /metrics`, without an API key (for a
     /// Prometheus scraper on an internal network), e.g. `127.0.0.1:9090`. Default none.
     pub metrics_listen: Option<SocketAddr>,
+    /// The hub's URL as nodes' plugins reach it (`http://` or `https://`, no path), the
+    /// base of asynchronous plugins' callback URLs. Default: `http://<listen address>`
+    /// (`127.0.0.1` for an unspecified address): set it when plugins run on other machines
+    /// or behind a proxy.
+    pub public_url: Option<String>,
     /// LLM gateway (`[llm]`: `providers`, `aliases`, `fallbacks`); see
     /// [`LlmConfig`](crate::llm::LlmConfig). Off (no models) by default.
     pub llm: crate::llm::LlmConfig,
@@ -376,6 +381,7 @@ impl Default for Config {
             log_buffer_entries: 1000,
             stream_buffer_events: 1024,
             metrics_listen: None,
+            public_url: None,
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
             auth: AuthConfig::default(),
@@ -645,6 +651,16 @@ impl Config {
             .is_some_and(|m| m == self.listen && m.port() != 0)
         {
             return bad("metrics_listen", "must differ from listen");
+        }
+        if let Some(u) = &self.public_url
+            && !((u.starts_with("http://") || u.starts_with("https://"))
+                && u.len() > "https://".len()
+                && !u.contains(char::is_whitespace))
+        {
+            return bad(
+                "public_url",
+                "must be an http:// or https:// URL, e.g. http://hub.local:8088",
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(Error::Invalid {

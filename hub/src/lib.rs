@@ -13,6 +13,7 @@ pub mod llm;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod plugins;
 pub mod principal;
 pub mod records;
 pub mod scheduler;
@@ -60,6 +61,7 @@ pub async fn open_store(config: &Config) -> Result<Opened, store::Error> {
 
 fn cluster_options(config: &Config) -> ClusterOptions {
     ClusterOptions {
+        callbacks: None,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         heartbeat_interval: config.heartbeat_interval(),
         heartbeat_timeout: config.heartbeat_timeout(),
@@ -131,7 +133,27 @@ pub async fn run_with(
         .warm()
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let cluster = Cluster::new_durable(cluster_options(&config), opened.store, opened.durability);
+    let public_url = match &config.public_url {
+        Some(u) => u.clone(),
+        None => {
+            let mut addr = listener.local_addr()?;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+    };
+    let plugins = plugins::Plugins::open(records.clone(), &public_url)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let cluster = Cluster::new_durable(
+        ClusterOptions {
+            callbacks: Some(Arc::new(plugins.signer().clone())),
+            ..cluster_options(&config)
+        },
+        opened.store,
+        opened.durability,
+    );
     let began = Instant::now();
     cluster.restore_nodes(opened.nodes);
     let restored = cluster.restore(opened.recovered);
@@ -188,8 +210,11 @@ pub async fn run_with(
         Some(redis) => tasks::TaskService::shared(cluster.clone(), redis.clone(), stop_rx.clone()),
         None => tasks::TaskService::local(cluster.clone(), stop_rx.clone()),
     };
+    let tasks = tasks.with_plugins(plugins.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
+    let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
     let state = AppState {
+        plugins,
         identity,
         limits: limits.clone(),
         records,
@@ -204,6 +229,7 @@ pub async fn run_with(
     };
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);
+    background.push(plugins_sync);
     background.push(tokio::spawn(limits.sweep_loop()));
     // Shared mode's graceful exit: hand back, drain, then leave (see `shared::drain`).
     let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));

@@ -52,6 +52,19 @@ pub enum Error {
     /// the submission was not accepted; another hub (or this one restarted) takes it.
     #[error("the hub is shutting down; the task was not accepted, retry at another hub")]
     ShuttingDown,
+    /// The tool is a plugin switched off with `POST /api/v1/plugins/{name}/disable`.
+    #[error("plugin `{0}` is disabled: enable it with POST /api/v1/plugins/{0}/enable")]
+    PluginDisabled(String),
+}
+
+/// What a plugin's callback did to its task ([`TaskService::complete_by_callback`]).
+#[derive(Debug, Clone)]
+pub enum Settled {
+    /// The callback ended the task with its outcome.
+    Completed(Task),
+    /// The task had ended already (an earlier callback, a timeout, a cancel): nothing
+    /// changed.
+    AlreadyFinished(Task),
 }
 
 /// What `GET /readyz` needs of the store (see [`TaskService::probe`]).
@@ -98,6 +111,8 @@ pub struct TaskService {
     /// engine's own check).
     allow_internal_request_file: bool,
     shutdown: watch::Receiver<bool>,
+    /// Plugin switches: tasks of a disabled plugin's tool are refused.
+    plugins: Option<crate::plugins::Plugins>,
 }
 
 impl TaskService {
@@ -109,6 +124,65 @@ impl TaskService {
             mode: Mode::Local,
             allow_internal_request_file: allow,
             shutdown,
+            plugins: None,
+        }
+    }
+
+    /// The same service, refusing tasks of plugins `plugins` has switched off.
+    pub fn with_plugins(self, plugins: crate::plugins::Plugins) -> Self {
+        Self {
+            plugins: Some(plugins),
+            ..self
+        }
+    }
+
+    /// Every node of the cluster as its `GET /v1/nodes` JSON object (shared mode: the nodes
+    /// of every hub, each with its `hub`), by id.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] if the shared store cannot be read.
+    pub async fn node_views(&self) -> Result<Vec<serde_json::Value>, Error> {
+        match &self.mode {
+            Mode::Local => Ok(self
+                .cluster
+                .nodes()
+                .iter()
+                .filter_map(|n| serde_json::to_value(n).ok())
+                .collect()),
+            Mode::Shared(redis) => crate::shared::all_node_views(redis, &self.cluster)
+                .await
+                .map_err(unavailable),
+        }
+    }
+
+    /// Ends task `id` with the `outcome` its asynchronous plugin posted to
+    /// `/plugin-callback` (already authenticated by the callback's token). The node still
+    /// waiting on it is told to stop (`task_cancel`). Idempotent: a task that has ended is
+    /// left as it is ([`Settled::AlreadyFinished`]).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::CancelUnconfirmed`] if the hub holding it did not answer
+    /// in time; [`Error::StoreUnavailable`].
+    pub async fn complete_by_callback(
+        &self,
+        id: &str,
+        outcome: crate::model::Outcome,
+    ) -> Result<Settled, Error> {
+        match self.cluster.complete_by_callback(id, outcome.clone()) {
+            Ok(t) => {
+                if let Some(ticket) = self.cluster.ticket_of(id) {
+                    self.barrier(ticket).await;
+                }
+                Ok(Settled::Completed(t))
+            }
+            Err(CancelError::Terminal(_)) => match self.cluster.get(id) {
+                Some(t) => Ok(Settled::AlreadyFinished(t)),
+                None => Err(Error::NotFound(id.to_owned())),
+            },
+            Err(CancelError::NotFound) => match &self.mode {
+                Mode::Local => Err(Error::NotFound(id.to_owned())),
+                Mode::Shared(redis) => end_shared(redis, id, Some(outcome)).await,
+            },
         }
     }
 
@@ -189,6 +263,11 @@ impl TaskService {
         // After SIGTERM's `shutdown_delay_ms` the hub refuses new work before it drains.
         if *self.shutdown.borrow() {
             return Err(Error::ShuttingDown);
+        }
+        if let Some(p) = &self.plugins
+            && let Some(s) = specs.iter().find(|s| p.is_disabled(&s.tool))
+        {
+            return Err(Error::PluginDisabled(s.tool.clone()));
         }
         for s in &mut specs {
             s.owner = Some(caller.owner().to_owned());
@@ -386,7 +465,10 @@ impl TaskService {
             Err(CancelError::Terminal(s)) => Err(Error::Terminal(s)),
             Err(CancelError::NotFound) => match &self.mode {
                 Mode::Local => Err(Error::NotFound(id.to_owned())),
-                Mode::Shared(redis) => cancel_shared(redis, id).await,
+                Mode::Shared(redis) => match end_shared(redis, id, None).await? {
+                    Settled::Completed(t) => Ok(t),
+                    Settled::AlreadyFinished(t) => Err(Error::Terminal(t.status.as_str())),
+                },
             },
         }
     }
@@ -526,27 +608,42 @@ impl TaskService {
 /// Shared mode, a task this hub does not hold: a queued one is cancelled in the shared store;
 /// for one another hub holds, that hub is asked (pub/sub) and the answer waits up to 10 s for
 /// the shared record to show the end.
-async fn cancel_shared(redis: &SharedRedis, id: &str) -> Result<Task, Error> {
+/// Shared mode: ends task `id`, which this hub does not hold, with `outcome` (`None`: a
+/// user's cancel). A queued task is ended in the shared store directly; one held by a hub is
+/// ended by that hub (asked on the cancel channel), and the answer waits until the shared
+/// record shows it ended.
+async fn end_shared(
+    redis: &SharedRedis,
+    id: &str,
+    outcome: Option<crate::model::Outcome>,
+) -> Result<Settled, Error> {
     let Some(mut t) = redis.get(id).await.map_err(unavailable)? else {
         return Err(Error::NotFound(id.to_owned()));
     };
     if t.status.is_terminal() {
-        return Err(Error::Terminal(t.status.as_str()));
+        return Ok(Settled::AlreadyFinished(t));
     }
+    let ended = |t: &mut Task| match &outcome {
+        None => t.cancel(SystemTime::now()).is_ok(),
+        Some(o) => t.finish(o.clone(), SystemTime::now()).is_ok(),
+    };
     if t.status == crate::model::TaskStatus::Queued
-        && t.cancel(SystemTime::now()).is_ok()
+        && ended(&mut t)
         && redis.finish_queued(&t).await.map_err(unavailable)?
     {
-        return Ok(t);
+        return Ok(Settled::Completed(t));
     }
     // Held by a hub (perhaps claimed just now): ask the holder, and answer once the shared
     // record shows the task ended, waking on its change notices.
     let mut wakes = redis.task_wakes();
-    redis.request_cancel(id).await.map_err(unavailable)?;
+    redis
+        .request_end(id, outcome.as_ref())
+        .await
+        .map_err(unavailable)?;
     let until = tokio::time::Instant::now() + SHARED_CANCEL_WAIT;
     loop {
         match redis.get(id).await.map_err(unavailable)? {
-            Some(t) if t.status.is_terminal() => return Ok(t),
+            Some(t) if t.status.is_terminal() => return Ok(Settled::Completed(t)),
             Some(_) if tokio::time::Instant::now() < until => {}
             _ => return Err(Error::CancelUnconfirmed(id.to_owned())),
         }
@@ -602,6 +699,7 @@ mod tests {
             vcp_max_concurrent_tasks: 8,
             allow_internal_request_file: false,
             outbound_queue_frames: 64,
+            callbacks: None,
         };
         let cluster = Cluster::new(options, Box::new(MemoryStore::new()));
         TaskService::local(cluster, watch::channel(false).1)

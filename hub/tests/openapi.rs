@@ -380,6 +380,9 @@ fn the_route_reader_reads_methods_and_refuses_what_it_cannot_check() {
 /// past routing with.
 fn concrete(path: &str) -> String {
     path.replace("{id}", "drift-check")
+        .replace("{name}", "drift-check")
+        .replace("{plugin}", "drift-check")
+        .replace("{taskId}", "drift-check")
         .replace("{key}", "VCP_Key=wrong-key")
         .replace("{build}", "0000")
         .replace(

@@ -123,6 +123,27 @@ impl Cluster {
         }
     }
 
+    /// `task_assign.metadata`: the W3C `traceparent`, and the signed `callback` `{url,
+    /// secret}` when the tool is an asynchronous plugin of that node.
+    fn assign_metadata(&self, core: &Core, t: &Task, node_id: &str) -> Option<Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(tp) = core.trace_parents.get(&t.id) {
+            m.insert("traceparent".to_owned(), tp.clone().into());
+        }
+        if let Some(signer) = &self.shared.opts.callbacks
+            && let Some(token_only) = core
+                .nodes
+                .get(node_id)
+                .and_then(|e| e.info.async_tools.get(&t.spec.tool))
+        {
+            m.insert(
+                "callback".to_owned(),
+                signer.callback(&t.spec.tool, &t.id, *token_only),
+            );
+        }
+        (!m.is_empty()).then_some(Value::Object(m))
+    }
+
     /// The frame that assigns task `t` to a node of `dialect`.
     pub(super) fn assign_frame(
         &self,
@@ -160,10 +181,7 @@ impl Cluster {
                     timeout: remaining_ms,
                     priority: Some(t.spec.priority),
                     attempt: Some(t.attempt),
-                    metadata: core
-                        .trace_parents
-                        .get(&t.id)
-                        .map(|tp| serde_json::json!({ "traceparent": tp })),
+                    metadata: self.assign_metadata(core, t, node_id),
                 })
             }
         }

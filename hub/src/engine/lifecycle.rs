@@ -105,6 +105,20 @@ impl Cluster {
         self.end_early(task_id, Outcome::cancelled(), "cancelled")
     }
 
+    /// Ends task `task_id` with the outcome its asynchronous plugin posted to the hub (see
+    /// `TaskService::complete_by_callback`); the node still waiting on it gets `task_cancel`
+    /// with the reason `completed by the plugin's callback`.
+    ///
+    /// # Errors
+    /// [`CancelError::NotFound`] if this hub does not hold it; [`CancelError::Terminal`].
+    pub fn complete_by_callback(
+        &self,
+        task_id: &str,
+        outcome: Outcome,
+    ) -> Result<Task, CancelError> {
+        self.end_early(task_id, outcome, "completed by the plugin's callback")
+    }
+
     pub(super) fn end_early(
         &self,
         task_id: &str,

@@ -95,6 +95,8 @@ pub struct ClusterOptions {
     pub allow_internal_request_file: bool,
     /// Capacity of each node's outbound frame queue.
     pub outbound_queue_frames: usize,
+    /// Issues the callback URLs of asynchronous plugins' tasks (none: not issued).
+    pub callbacks: Option<Arc<crate::plugins::CallbackSigner>>,
 }
 
 /// Counts for `/health`.

@@ -97,6 +97,9 @@ pub(super) struct NodeInfo {
     pub(super) limit: u32,
     pub(super) stats: Option<NodeStats>,
     pub(super) cancel_tool: bool,
+    /// The node's asynchronous plugins → whether their callbacks may go unsigned: their
+    /// `task_assign` carries `metadata.callback` (native nodes only).
+    pub(super) async_tools: HashMap<String, bool>,
 }
 
 impl Cluster {
@@ -262,6 +265,11 @@ impl Cluster {
             dialect: Dialect::Native,
             version: reg.version,
             tools,
+            async_tools: reg
+                .tools
+                .iter()
+                .filter_map(|s| Some((s.name().to_owned(), crate::plugins::async_plugin(s)?)))
+                .collect(),
             tool_specs: reg.tools,
             limit,
             stats: reg.stats,
@@ -334,6 +342,7 @@ impl Cluster {
                 .min(self.max_node_limit()),
             stats: None,
             cancel_tool: reg.capabilities.as_ref().is_some_and(|c| c.cancel_tool),
+            async_tools: HashMap::new(),
         };
         // A VCP node cannot deliver results across connections: a new connection holds nothing.
         self.bind(&mut core, &node_id, conn, info, Some(&[]));

@@ -147,6 +147,8 @@ impl Cluster {
                 limit: n.limit,
                 stats: None,
                 cancel_tool: n.cancel_tool,
+                // Declared again at registration; an offline node runs nothing.
+                async_tools: Default::default(),
                 // Hosted models are announced again at registration; an offline node serves none.
                 models: Vec::new(),
             };

@@ -25,6 +25,7 @@ fn options(outbound_queue_frames: usize) -> ClusterOptions {
         vcp_max_concurrent_tasks: 8,
         allow_internal_request_file: false,
         outbound_queue_frames,
+        callbacks: None,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod log_channel;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
+mod plugins;
 pub mod probes;
 mod rate_limit;
 mod system;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub identity: crate::identity::Identity,
     /// The rate limits of the API routes (in memory, or in Redis in shared mode).
     pub limits: Arc<crate::limits::Limiter>,
+    /// Plugin switches and the callback signer.
+    pub plugins: crate::plugins::Plugins,
 }
 
 impl AppState {
@@ -94,8 +97,11 @@ impl AppState {
         let records = crate::records::RecordStore::memory();
         let identity = crate::identity::Identity::ephemeral(records.clone(), &config.auth);
         let limits = Arc::new(crate::limits::Limiter::memory(config.rate_limits.clone()));
+        let plugins = crate::plugins::Plugins::ephemeral(records.clone(), "http://127.0.0.1");
         Self {
-            tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone()),
+            tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
+                .with_plugins(plugins.clone()),
+            plugins,
             ops: Ops::new(config.clone(), None),
             llm,
             node_llm,
@@ -399,10 +405,12 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
-/// | `/v1/keys…` | `admin` |
+/// | `/v1/keys…`, `POST /api/v1/plugins/{name}/enable\|disable` | `admin` |
+/// | `GET /api/v1/plugins`, `/api/v1/tools…` | `tasks` |
 /// | `/metrics`, `/api/v1/auth/me`, `/api/v1/auth/logout` | none (any credential) |
 ///
-/// `/health`, `POST /api/v1/auth/{register,login,refresh}`, the node and log channels and the
+/// `/health`, `POST /api/v1/auth/{register,login,refresh}`, `POST /plugin-callback/…` (its
+/// per-task token and signature), the node and log channels and the
 /// dashboard assets take no bearer credential.
 pub fn router(state: AppState) -> Router {
     use Scope::{Admin, Chat, Config, NodesRead, NodesWrite, Tasks};
@@ -439,6 +447,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/interrupt", needs(Chat, post(llm::interrupt)))
         .route("/v1/keys", needs(Admin, post(keys::create).get(keys::list)))
         .route("/v1/keys/{id}", needs(Admin, delete(keys::remove)))
+        .route("/api/v1/plugins", needs(Tasks, get(plugins::list)))
+        .route(
+            "/api/v1/plugins/{name}/enable",
+            needs(Admin, post(plugins::enable)),
+        )
+        .route(
+            "/api/v1/plugins/{name}/disable",
+            needs(Admin, post(plugins::disable)),
+        )
+        .route("/api/v1/tools", needs(Tasks, get(plugins::list_tools)))
+        .route("/api/v1/tools/{name}", needs(Tasks, get(plugins::get_tool)))
         .merge(identity::user_routes());
     // Literal paths, one per line (the OpenAPI drift test reads them from this source):
     // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.
@@ -506,6 +525,10 @@ pub fn router(state: AppState) -> Router {
         .merge(identity::public_routes())
         .route("/livez", get(probes::livez))
         .route("/readyz", get(probes::readyz))
+        .route(
+            "/plugin-callback/{plugin}/{taskId}",
+            post(plugins::callback),
+        )
         .merge(node_channel::routes())
         .merge(log_channel::routes())
         .merge(dashboard::routes())

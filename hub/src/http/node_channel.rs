@@ -137,6 +137,7 @@ fn upgrade(
             Session::new(state.cluster.clone(), conn)
                 .with_ops(state.ops.clone())
                 .with_llm(state.node_llm.clone())
+                .with_plugin_callbacks(state.clone())
                 .run(stream, sink, rx)
                 .await;
         })
@@ -153,6 +154,8 @@ pub struct Session {
     limits: apex_protocol::Limits,
     ops: Option<Ops>,
     llm: Option<Arc<NodeProxy>>,
+    /// Where VCP nodes' `plugin_callback_forward`s are applied (without it: logged, dropped).
+    callbacks: Option<super::AppState>,
 }
 
 impl Session {
@@ -166,7 +169,14 @@ impl Session {
             limits: apex_protocol::Limits::default(),
             ops: None,
             llm: None,
+            callbacks: None,
         }
+    }
+
+    /// Applies the node's `plugin_callback_forward`s through `state`'s task service.
+    pub fn with_plugin_callbacks(mut self, state: super::AppState) -> Self {
+        self.callbacks = Some(state);
+        self
     }
 
     /// Takes liveness timings from the live config (changes apply to open sessions) and feeds
@@ -487,12 +497,18 @@ impl Session {
                 }
             }
             NodeMessage::UpdateStaticPlaceholders(_) => {}
-            NodeMessage::PluginCallbackForward(_) => {
-                tracing::debug!(
+            NodeMessage::PluginCallbackForward(f) => match (&self.callbacks, node_id) {
+                (Some(state), Some(id)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        super::plugins::forwarded(&state, &id, &f.callback_data).await;
+                    });
+                }
+                _ => tracing::warn!(
                     conn = self.conn.id,
-                    "plugin_callback_forward received; plugin callbacks are not handled yet"
-                );
-            }
+                    "plugin_callback_forward from an unregistered connection dropped"
+                ),
+            },
         }
     }
 

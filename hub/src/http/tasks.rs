@@ -140,6 +140,13 @@ impl From<TaskError> for ApiError {
                 ApiError::conflict(e.to_string())
             }
             TaskError::StoreUnavailable(cause) => ApiError::store_unavailable(cause),
+            e @ TaskError::PluginDisabled(_) => ApiError::custom(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "plugin_disabled",
+                e.to_string(),
+                None,
+            ),
             e @ TaskError::ShuttingDown => ApiError::custom(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

@@ -240,19 +240,18 @@ async fn load_secret(records: &RecordStore, config: &AuthConfig) -> Result<Vec<u
         return Ok(secret);
     }
     let fresh = random_hex(MIN_SECRET_BYTES);
-    if records
-        .create(SECRET, JWT_SECRET_ID, fresh.as_bytes(), None)
-        .await?
-    {
+    let (secret, created) = records
+        .generated_secret(SECRET, JWT_SECRET_ID, fresh.as_bytes())
+        .await?;
+    if created {
         tracing::info!("access-token signing secret generated and stored");
-        return Ok(fresh.into_bytes());
     }
-    match records.get(SECRET, JWT_SECRET_ID).await? {
-        Some(s) if s.len() >= MIN_SECRET_BYTES => Ok(s),
-        _ => Err(Error::Setup(
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(Error::Setup(
             "the stored access-token signing secret is unreadable".to_owned(),
-        )),
+        ));
     }
+    Ok(secret)
 }
 
 /// `n` random bytes (thread-local ChaCha, seeded from the OS) as lowercase hex.

@@ -33,7 +33,7 @@ use crate::principal::{Principal, PrincipalKind};
 use crate::store;
 
 /// How often each hub looks for revocations made elsewhere.
-pub const POLL: Duration = Duration::from_millis(250);
+pub const POLL: Duration = crate::records::POLL;
 
 /// A deny-list record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,31 +176,9 @@ impl Identity {
 
 /// Starts the poll that keeps this hub's deny list and key cache current ([`POLL`]); it
 /// stops when `stop` turns true.
-pub fn spawn_sync(identity: Identity, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            match identity.sync().await {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("revocations and API keys read from the store again");
-                }
-                Ok(()) => {}
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(
-                        error = %e,
-                        "revocations and API keys not read from the store: the last copy is used"
-                    );
-                }
-                Err(_) => {}
-            }
-        }
+pub fn spawn_sync(identity: Identity, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    crate::records::spawn_poll("revocations and API keys", stop, move || {
+        let identity = identity.clone();
+        async move { identity.sync().await }
     })
 }

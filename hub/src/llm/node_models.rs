@@ -487,6 +487,7 @@ mod tests {
                 vcp_max_concurrent_tasks: 4,
                 allow_internal_request_file: false,
                 outbound_queue_frames: 64,
+                callbacks: None,
             },
             Box::new(crate::store::MemoryStore::default()),
         )

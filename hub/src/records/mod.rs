@@ -265,4 +265,71 @@ fn matches(current: Option<&Stored>, expected: Option<&[u8]>, now_ms: i64) -> bo
     }
 }
 
+/// How often hubs poll a record kind's version to reload their in-memory copy of it
+/// ([`spawn_poll`]): revocations, API keys, plugin switches.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// Starts a loop that calls `sync` every [`POLL`] until `stop` turns true. `sync` reloads a
+/// cache when a kind's [`RecordStore::version`] moved. While it fails the last copy stays in
+/// use; the first failure and the recovery are logged once each, naming `what`.
+pub fn spawn_poll<F, Fut>(
+    what: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut sync: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), store::Error>> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match sync().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("{what} read from the store again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "{what} not read from the store: the last copy is used");
+                }
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+impl RecordStore {
+    /// A secret generated once for the whole cluster: the first hub creates `kind`/`id` with
+    /// `fresh` (create-if-absent), the others read it. Returns the stored bytes.
+    ///
+    /// # Errors
+    /// [`store::Error`] when the store cannot be reached, or the record vanished between the
+    /// two steps.
+    pub async fn generated_secret(
+        &self,
+        kind: Kind,
+        id: &str,
+        fresh: &[u8],
+    ) -> Result<(Vec<u8>, bool), store::Error> {
+        if self.create(kind, id, fresh, None).await? {
+            return Ok((fresh.to_vec(), true));
+        }
+        match self.get(kind, id).await? {
+            Some(s) => Ok((s, false)),
+            None => Err(store::Error::Unreadable {
+                what: format!("record {kind}/{id}"),
+                reason: "the generated secret vanished while it was read".to_owned(),
+            }),
+        }
+    }
+}
+
 pub mod conformance;

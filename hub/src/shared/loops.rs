@@ -13,8 +13,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{
-    Claims, Commit, Error, NextState, SharedHandles, SharedRedis, TakeOver, WAKE_ALL, Wake,
-    pinned_queue, subscribe, subscribe_cancels, subscribe_node_actions, tool_queue,
+    Claims, Commit, EndRequest, Error, NextState, SharedHandles, SharedRedis, TakeOver, WAKE_ALL,
+    Wake, pinned_queue, subscribe, subscribe_cancels, subscribe_node_actions, tool_queue,
 };
 use crate::engine::Cluster;
 use crate::model::Task;
@@ -259,7 +259,10 @@ async fn cancel_loop(url: String, cluster: Cluster, mut stop: watch::Receiver<bo
                     tokio::select! {
                         id = stream.next() => match id {
                             // Not held here: another hub's business.
-                            Some(id) => { let _ = cluster.cancel(&id); }
+                            Some(EndRequest { id, outcome: None }) => { let _ = cluster.cancel(&id); }
+                            Some(EndRequest { id, outcome: Some(o) }) => {
+                                let _ = cluster.complete_by_callback(&id, o);
+                            }
                             None => break,
                         },
                         _ = stop.wait_for(|s| *s) => return,

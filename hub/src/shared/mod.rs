@@ -76,7 +76,7 @@ pub use client::{
 };
 pub use loops::{CLAIM_TICK, HANDOVER_TICK, LEASE_TICK, drain, leave, renew_interval, spawn};
 pub use nodes::{NodeAction, SharedNode, all_node_views, node_view, subscribe_node_actions};
-pub use pubsub::{Wake, subscribe, subscribe_cancels};
+pub use pubsub::{EndRequest, Wake, subscribe, subscribe_cancels};
 pub use reaper::{Reaped, TakeOver, requeue_record};
 
 use crate::model::Task;
