@@ -148,6 +148,14 @@ pub struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub llm_model: Option<String>,
+    /// Directories of plugins: every subdirectory holding a `plugin.json` or
+    /// `plugin-manifest.json` is loaded as a tool at start (see `plugins`). Each must be a
+    /// directory. Empty: no plugins.
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub plugin_dirs: Vec<PathBuf>,
 }
 
 /// The validated configuration the node runs with.
@@ -183,6 +191,8 @@ pub struct Config {
     pub llm_upstream: Option<String>,
     /// Model tools ask the hub for by default.
     pub llm_model: Option<String>,
+    /// Canonical plugin directories, in the order given.
+    pub plugin_dirs: Vec<PathBuf>,
 }
 
 impl fmt::Debug for Config {
@@ -203,6 +213,7 @@ impl fmt::Debug for Config {
             .field("default_task_timeout_ms", &self.default_task_timeout_ms)
             .field("llm_upstream", &self.llm_upstream)
             .field("llm_model", &self.llm_model)
+            .field("plugin_dirs", &self.plugin_dirs)
             .finish()
     }
 }
@@ -438,6 +449,22 @@ impl RawConfig {
             other => other,
         };
 
+        let mut plugin_dirs = Vec::with_capacity(self.plugin_dirs.len());
+        for dir in &self.plugin_dirs {
+            let canonical = std::fs::canonicalize(dir).map_err(|e| {
+                invalid("plugin_dirs", format!("cannot use {}: {e}", dir.display()))
+            })?;
+            if !canonical.is_dir() {
+                return Err(invalid(
+                    "plugin_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+            if !plugin_dirs.contains(&canonical) {
+                plugin_dirs.push(canonical);
+            }
+        }
+
         Ok(Config {
             hubs,
             key,
@@ -454,6 +481,7 @@ impl RawConfig {
             default_task_timeout_ms,
             llm_upstream,
             llm_model,
+            plugin_dirs,
         })
     }
 }

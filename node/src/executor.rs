@@ -169,6 +169,8 @@ impl Executor {
                     events: this.inner.events.clone(),
                     next_seq: AtomicU64::new(0),
                 }),
+                task_id: task.task_id.clone(),
+                callback: tools::Callback::from_metadata(task.metadata.as_ref()),
             };
             let start = Instant::now();
             let permits = this.inner.permits.clone();

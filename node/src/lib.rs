@@ -25,6 +25,7 @@ pub mod executor;
 pub mod identity;
 pub mod llm;
 pub mod outbox;
+pub mod plugins;
 pub mod stats;
 pub mod systemd;
 pub mod telemetry;
@@ -67,6 +68,18 @@ pub async fn run(
         let upstream = llm::Upstream::new(base).map_err(tools::Error::Setup)?;
         registry.add(tools::llm::Chat::new(upstream.clone()));
         models = Some(watch_models(upstream).await);
+    }
+    if !config.plugin_dirs.is_empty() {
+        let loaded = plugins::load(&config.plugin_dirs, &registry.names());
+        tracing::info!(
+            loaded = loaded.tools.len(),
+            disabled = loaded.disabled.len(),
+            skipped = loaded.skipped.len(),
+            "plugins"
+        );
+        for tool in loaded.tools {
+            registry.add(tool);
+        }
     }
     let registry = Arc::new(registry);
     tracing::info!(

@@ -39,7 +39,7 @@ struct Cli {
     max_concurrent_tasks: Option<u32>,
 
     /// TOML configuration file (keys as in the flags, with underscores: max_concurrent_tasks,
-    /// file_roots, allow_programs, drain_timeout_ms, ...).
+    /// file_roots, allow_programs, plugin_dirs, drain_timeout_ms, ...).
     #[arg(long, value_name = "FILE", env = "APEX_NODE_CONFIG")]
     config: Option<PathBuf>,
 
@@ -98,6 +98,12 @@ struct Cli {
     #[arg(long, value_name = "MODEL")]
     llm_model: Option<String>,
 
+    /// A directory of plugins: each subdirectory with a plugin.json (nex format) or a
+    /// plugin-manifest.json (VCP format) becomes a tool, run over stdio in any language; a
+    /// bad manifest is skipped with a warning naming the file and field. Repeatable.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dir: Vec<PathBuf>,
+
     /// Validate the configuration (file, environment, flags), print `configuration ok` and
     /// exit 0, or print one line and exit 64; connects to nothing.
     #[arg(long)]
@@ -125,6 +131,7 @@ impl Cli {
             default_task_timeout_ms: self.default_task_timeout_ms,
             llm_upstream: self.llm_upstream,
             llm_model: self.llm_model,
+            plugin_dirs: self.plugin_dir,
         };
         (self.config, layer)
     }

@@ -35,6 +35,10 @@ pub enum Error {
     /// The tool ran and failed.
     #[error("{0}")]
     Failed(String),
+    /// The tool ran past a budget of its own (a plugin's manifest timeout); the task ends
+    /// `timed_out`.
+    #[error("{0}")]
+    Timeout(String),
     /// The registry could not be built.
     #[error("cannot set up tools: {0}")]
     Setup(String),
@@ -46,6 +50,7 @@ impl Error {
         match self {
             Error::InvalidArguments(_) => apex_protocol::codes::INVALID_ARGUMENTS,
             Error::AccessDenied(_) => "access_denied",
+            Error::Timeout(_) => apex_protocol::codes::TASK_TIMEOUT,
             Error::Failed(_) | Error::Setup(_) => apex_protocol::codes::TASK_EXECUTION_FAILED,
         }
     }
@@ -71,10 +76,16 @@ pub trait ProgressSink: Send + Sync {
 pub struct ToolContext {
     /// Where to report progress.
     pub progress: Arc<dyn ProgressSink>,
+    /// The task's id (`task_assign.taskId`; empty in a detached context).
+    pub task_id: String,
+    /// Where an asynchronous plugin sends its result: `task_assign.metadata.callback`, when
+    /// the hub set a well-formed one.
+    pub callback: Option<Callback>,
 }
 
 impl ToolContext {
-    /// A context whose progress reports go nowhere (tests, benchmarks).
+    /// A context whose progress reports go nowhere (tests, benchmarks), with no task id and no
+    /// callback.
     pub fn detached() -> Self {
         struct Nowhere;
         impl ProgressSink for Nowhere {
@@ -82,7 +93,47 @@ impl ToolContext {
         }
         Self {
             progress: Arc::new(Nowhere),
+            task_id: String::new(),
+            callback: None,
         }
+    }
+}
+
+/// The callback of an asynchronous plugin's task, as the hub puts it in
+/// `task_assign.metadata.callback`: `{"url": "http://…/plugin-callback/<plugin>/<taskId>?token=…",
+/// "secret": "<hex signing key>"}`. The plugin gets them as `APEX_CALLBACK_URL` and
+/// `APEX_CALLBACK_SECRET`. The secret is never logged (`Debug` hides it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Callback {
+    /// Where the plugin `POST`s its result.
+    pub url: String,
+    /// The key the plugin signs its callback with (HMAC-SHA256 over `<timestamp>.<body>`).
+    pub secret: String,
+}
+
+impl Callback {
+    /// Reads `metadata.callback`: `None` if absent or ill-formed (`url` not an `http://` or
+    /// `https://` string, `secret` not a string, either holding a NUL byte).
+    pub fn from_metadata(metadata: Option<&Value>) -> Option<Self> {
+        let cb = metadata?.get("callback")?;
+        let url = cb.get("url")?.as_str()?;
+        let secret = cb.get("secret")?.as_str()?;
+        let ok = (url.starts_with("http://") || url.starts_with("https://"))
+            && !url.contains('\0')
+            && !secret.contains('\0');
+        ok.then(|| Self {
+            url: url.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Callback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callback")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .finish()
     }
 }
 
@@ -301,6 +352,25 @@ mod tests {
         assert_eq!(p["properties"]["ms"]["maximum"], 3_600_000);
         assert_eq!(p["additionalProperties"], false);
         assert_eq!(p["required"], serde_json::json!(["ms"]));
+    }
+
+    #[test]
+    fn the_callback_is_read_from_the_metadata() {
+        let md = serde_json::json!({"traceparent": "x", "callback": {"url": "http://h:1/plugin-callback/p/t?token=a", "secret": "beef"}});
+        let cb = Callback::from_metadata(Some(&md)).unwrap();
+        assert_eq!(cb.url, "http://h:1/plugin-callback/p/t?token=a");
+        assert_eq!(cb.secret, "beef");
+        assert!(!format!("{cb:?}").contains("beef"));
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({"callback": "http://h"}),
+            serde_json::json!({"callback": {"url": "ftp://h", "secret": "s"}}),
+            serde_json::json!({"callback": {"url": "http://h"}}),
+            serde_json::json!({"callback": {"url": "http://h", "secret": 5}}),
+        ] {
+            assert_eq!(Callback::from_metadata(Some(&bad)), None, "{bad}");
+        }
+        assert_eq!(Callback::from_metadata(None), None);
     }
 
     #[test]
