@@ -805,3 +805,45 @@ pub fn task_starts<'a>(
     }
     started
 }
+
+/// Processes that still exist with `KEY=VALUE` (e.g. `APEX_PLUGIN_NAME=word_count`, which
+/// `apex-node` sets for a plugin's process and its children inherit) in their environment,
+/// and zombies whose parent is `parent`: what a plugin run left behind. Reads `/proc`
+/// (Linux); processes that vanish while being read are skipped.
+///
+/// Returns `(alive, zombies)`, process ids in no particular order.
+pub fn leftover_processes(env_marker: &str, parent: i32) -> (Vec<i32>, Vec<i32>) {
+    let mut alive = Vec::new();
+    let mut zombies = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (alive, zombies);
+    };
+    for entry in dir.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if state == "Z" {
+            if ppid == parent {
+                zombies.push(pid);
+            }
+            continue;
+        }
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == env_marker.as_bytes()) {
+            alive.push(pid);
+        }
+    }
+    (alive, zombies)
+}

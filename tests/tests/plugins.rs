@@ -246,38 +246,9 @@ async fn plugins_of_both_formats_and_languages_run_as_tasks_and_bad_ones_are_ski
     assert!(t.error.unwrap().message.contains("no such city"));
 }
 
-/// Processes started for plugin `name` that still exist (their environment says so: the node
-/// sets `APEX_PLUGIN_NAME` and children inherit it), and zombies left under `parent`.
+/// Processes of plugin `name`'s runs still alive, and zombies left under `parent`.
 fn leftovers(name: &str, parent: i32) -> (Vec<i32>, Vec<i32>) {
-    let marker = format!("APEX_PLUGIN_NAME={name}");
-    let mut alive = Vec::new();
-    let mut zombies = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let state = f.next().unwrap_or("");
-        let ppid: i32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if state == "Z" && ppid == parent {
-            zombies.push(pid);
-            continue;
-        }
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()) {
-            alive.push(pid);
-        }
-    }
-    (alive, zombies)
+    apex_tests::process::leftover_processes(&format!("APEX_PLUGIN_NAME={name}"), parent)
 }
 
 #[tokio::test]

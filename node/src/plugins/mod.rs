@@ -121,7 +121,7 @@ pub fn load(dirs: &[PathBuf], taken: &[String]) -> Loaded {
                         file = %skipped.file.display(),
                         field = %skipped.error.field,
                         "plugin skipped: {}",
-                        skipped.error.reason
+                        skipped.error
                     );
                     loaded.skipped.push(skipped);
                 }

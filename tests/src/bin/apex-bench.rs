@@ -18,6 +18,8 @@ use tokio::sync::Mutex;
 mod limits;
 #[path = "apex-bench/llm.rs"]
 mod llm;
+#[path = "apex-bench/plugins.rs"]
+mod plugins;
 
 /// Which measurements to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,6 +35,9 @@ enum Suite {
     /// Rate limits: the limiter's cost per check in process and on Redis, and the gateway's
     /// latency at c=16 with limits off and on (in memory, and in Redis in shared mode).
     Limits,
+    /// Plugins: `--plugin-calls` stdio plugin runs on one node, a fraction of them killed at
+    /// their manifest's timeout; runs/s, latency, and processes, zombies and fds left behind.
+    Plugins,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -107,6 +112,15 @@ struct Args {
         default_value = "memory,embedded,redis,shared"
     )]
     stores: Vec<String>,
+    /// plugins suite: plugin calls in all.
+    #[arg(long, default_value_t = 10_000)]
+    plugin_calls: usize,
+    /// plugins suite: fraction of the calls that hang until their timeout (300 ms).
+    #[arg(long, default_value_t = 0.1)]
+    plugin_timeout_fraction: f64,
+    /// plugins suite: plugin runs the node runs at once.
+    #[arg(long, default_value_t = 32)]
+    plugin_concurrency: u32,
 }
 
 /// One row of the result table.
@@ -157,6 +171,14 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             redis_checks: args.limits_redis_checks,
             samples: args.llm_samples.max(2),
             instrument_threads: args.llm_instrument_threads,
+        })
+        .await;
+    }
+    if args.suite == Suite::Plugins {
+        return plugins::run(&plugins::PluginArgs {
+            calls: args.plugin_calls,
+            timeout_fraction: args.plugin_timeout_fraction,
+            concurrency: args.plugin_concurrency,
         })
         .await;
     }

@@ -1,7 +1,9 @@
 //! `apex-demo`: the main job. Starts a hub and three `apex-node` processes, submits a few
 //! thousand real tasks (`http_fetch` of the hub's own `/health`, `sha256` of the repository's
 //! files, `sleep`), kills one node with SIGKILL mid-run, shows progress, prints a summary and
-//! leaves the cluster running until Ctrl-C.
+//! leaves the cluster running until Ctrl-C. The nodes load the repository's example plugins
+//! (`examples/plugins`): after the main job the demo runs a synchronous one in each manifest
+//! format and an asynchronous one that ends its task by a signed callback.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use apex_tests::stats::{parse_rfc3339_ms, percentile};
-use apex_tests::{Hub, HubOptions, Node, NodeOptions, Task};
+use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, Task};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -39,6 +41,10 @@ struct Args {
     /// [default: the current directory].
     #[arg(long)]
     file_root: Option<PathBuf>,
+    /// Plugin directory the nodes load [default: examples/plugins under the file root, when it
+    /// exists].
+    #[arg(long)]
+    plugin_dir: Option<PathBuf>,
     /// Address the hub listens on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
@@ -79,6 +85,13 @@ async fn run(args: Args) -> Result<bool> {
         bail!("no files to hash under {}", root.display());
     }
 
+    let plugin_dir = match &args.plugin_dir {
+        Some(d) => {
+            Some(std::fs::canonicalize(d).with_context(|| format!("plugin dir {}", d.display()))?)
+        }
+        None => Some(root.join("examples/plugins")).filter(|d| d.is_dir()),
+    };
+
     let hub = Hub::start(HubOptions {
         listen: args.listen.clone(),
         api_key: format!("demo-{}", uuid::Uuid::new_v4().simple()),
@@ -90,7 +103,7 @@ async fn run(args: Args) -> Result<bool> {
 
     let mut nodes = Vec::new();
     for i in 1..=args.nodes {
-        let opts = NodeOptions::named(&format!("demo-node-{i}"))
+        let mut opts = NodeOptions::named(&format!("demo-node-{i}"))
             .concurrency(args.concurrency)
             .args([
                 "--file-root".to_owned(),
@@ -100,6 +113,9 @@ async fn run(args: Args) -> Result<bool> {
                 "--http-fetch-allow".to_owned(),
                 "127.0.0.1".to_owned(),
             ]);
+        if let Some(d) = &plugin_dir {
+            opts = opts.args(["--plugin-dir".to_owned(), d.display().to_string()]);
+        }
         let node = Node::start(&hub, opts).await?;
         eprintln!(
             "node {} online as {} (pid {})",
@@ -206,7 +222,10 @@ async fn run(args: Args) -> Result<bool> {
     let tasks = api
         .wait_all_terminal(&ids, Duration::from_secs(60), 32)
         .await?;
-    let all_ok = summarize(&tasks, elapsed, &nodes);
+    let mut all_ok = summarize(&tasks, elapsed, &nodes);
+    if plugin_dir.is_some() {
+        all_ok &= plugin_tour(&api).await?;
+    }
 
     if args.no_wait {
         return Ok(all_ok);
@@ -227,6 +246,58 @@ async fn run(args: Args) -> Result<bool> {
     drop(nodes);
     drop(hub);
     Ok(all_ok)
+}
+
+/// Runs the example plugins once each and prints what they answered; `Ok(false)` when one
+/// did not succeed.
+async fn plugin_tour(api: &Api) -> Result<bool> {
+    println!();
+    println!("plugins (examples/plugins, loaded by every node)");
+    let catalogue: Value = api.get_json("/api/v1/plugins").await?;
+    for p in catalogue.as_array().into_iter().flatten() {
+        println!(
+            "  {:<12} {:<8} {:<13} on {} node(s): {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["version"].as_str().unwrap_or("-"),
+            p["plugin_type"].as_str().unwrap_or("-"),
+            p["nodes"].as_array().map_or(0, Vec::len),
+            p["description"].as_str().unwrap_or("")
+        );
+    }
+    let calls = [
+        (
+            "word_count",
+            json!({"text": "apex runs plugins in any language on its nodes, and the hub lists them all"}),
+        ),
+        ("disk_free", json!({})),
+        (
+            "slow_report",
+            json!({"topic": "the demo cluster", "seconds": 2}),
+        ),
+    ];
+    let mut ok = true;
+    for (tool, args) in calls {
+        let started = Instant::now();
+        let t = api
+            .submit(&json!({"tool": tool, "args": args, "timeout": 60}))
+            .await?;
+        let t = api
+            .wait_terminal(&t.task_id, Duration::from_secs(90))
+            .await?;
+        let shown = if t.status == "succeeded" {
+            t.result.to_string()
+        } else {
+            ok = false;
+            format!("{:?}", t.error)
+        };
+        println!(
+            "  {tool:<12} {} in {} ms: {shown}",
+            t.status,
+            started.elapsed().as_millis()
+        );
+    }
+    println!("  (slow_report answered `pending` at once and ended its task by a signed callback)");
+    Ok(ok)
 }
 
 /// Prints a line above the progress bar, or to stderr when the bar is hidden (no terminal).
