@@ -520,4 +520,62 @@ async fn a_vcp_nodes_plugin_callback_forward_ends_its_task_once() {
     node.send_json(&forward("failed", "late")).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(hub.api().get(&t.task_id).await.unwrap().status, "succeeded");
+
+    // As VCP plugins do it: the plugin's `tool_result` is its "accepted" answer with an id of
+    // its own; the task keeps running until the forward naming that id, whose fields are the
+    // result.
+    let t = hub
+        .api()
+        .submit(&json!({"tool": "VideoGen", "args": {"prompt": "dog"}}))
+        .await
+        .unwrap();
+    let exec = node
+        .expect("execute_tool", |m| match m {
+            HubMessage::ExecuteTool(e) => Some(e.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    node.send_json(
+        &json!({"type": "tool_result", "data": {"requestId": exec.request_id,
+        "status": "success", "result": "Video task vid-42 submitted; the result follows."}}),
+    )
+    .unwrap();
+    let running = wait_until_status(&hub, &t.task_id, "running").await;
+    assert!(
+        running.extra["message"]
+            .as_str()
+            .unwrap()
+            .contains("vid-42"),
+        "{running:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hub.api().get(&t.task_id).await.unwrap().status, "running");
+    node.send_json(
+        &json!({"type": "plugin_callback_forward", "data": {"serverName": "VcpAsync",
+        "callbackData": {"pluginName": "VideoGen", "taskId": "vid-42", "status": "Succeed",
+                         "videoUrl": "https://cdn.example/vid-42.mp4"}}}),
+    )
+    .unwrap();
+    let done = hub.api().wait_terminal(&t.task_id, WAIT).await.unwrap();
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert_eq!(
+        done.result,
+        json!({"videoUrl": "https://cdn.example/vid-42.mp4"})
+    );
+}
+
+async fn wait_until_status(hub: &Hub, id: &str, status: &str) -> apex_tests::Task {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let t = hub.api().get(id).await.unwrap();
+        if t.status == status {
+            return t;
+        }
+        assert!(
+            !t.is_terminal() && tokio::time::Instant::now() < deadline,
+            "{t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -134,6 +134,7 @@ impl Cluster {
             && let Some(token_only) = core
                 .nodes
                 .get(node_id)
+                .filter(|e| e.info.dialect == Dialect::Native)
                 .and_then(|e| e.info.async_tools.get(&t.spec.tool))
         {
             m.insert(

@@ -62,9 +62,40 @@ impl Cluster {
     }
 
     /// Handles VCP `tool_result` (correlated by `requestId` = `<taskId>.<attempt>`).
+    ///
+    /// For an asynchronous plugin of that node (`pluginType: asynchronous`) a successful
+    /// `tool_result` is the plugin's "accepted" answer, not its result: the task stays
+    /// `running` with the answer (as compact JSON, at most [`PENDING_ANSWER_CHARS`]) in its
+    /// message after [`VCP_PENDING_PREFIX`], and ends when the node forwards the plugin's
+    /// callback (`plugin_callback_forward`, whose `taskId` is the plugin's own id, found in
+    /// that answer) or at its timeout.
     pub fn tool_result(&self, node_id: &str, res: ToolResult) {
         let (task_id, attempt) = parse_vcp_request_id(&res.request_id);
         let success = res.status == "success";
+        if success && self.is_async_plugin_task(node_id, task_id) {
+            let mut answer = res
+                .result
+                .as_ref()
+                .map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .unwrap_or_default();
+            if let Some((cut, _)) = answer.char_indices().nth(PENDING_ANSWER_CHARS) {
+                answer.truncate(cut);
+            }
+            self.task_progress(
+                node_id,
+                TaskProgress {
+                    task_id: task_id.to_owned(),
+                    node_id: Some(node_id.to_owned()),
+                    attempt,
+                    progress: 0.0,
+                    message: Some(format!("{VCP_PENDING_PREFIX}{answer}")),
+                },
+            );
+            return;
+        }
         let error = (!success).then(|| {
             let message = match &res.error {
                 Some(Value::String(s)) => s.clone(),
@@ -85,6 +116,17 @@ impl Cluster {
                 execution_time: None,
             },
         );
+    }
+
+    /// Whether task `task_id` runs a tool that node `node_id` declared as an asynchronous plugin.
+    fn is_async_plugin_task(&self, node_id: &str, task_id: &str) -> bool {
+        let core = self.shared.core.lock();
+        let Some(t) = core.store.get(task_id) else {
+            return false;
+        };
+        core.nodes
+            .get(node_id)
+            .is_some_and(|e| e.info.async_tools.contains_key(&t.spec.tool))
     }
 
     /// Handles `task_progress`: records it if it belongs to the current attempt.
@@ -330,6 +372,12 @@ impl Cluster {
 }
 
 /// Checks that a result or progress report comes from the task's current node and attempt.
+/// Start of the message of a VCP asynchronous plugin's task between its "accepted" answer and
+/// its callback; the answer follows.
+pub const VCP_PENDING_PREFIX: &str = "waiting for the plugin's callback; it answered: ";
+/// Most characters of the "accepted" answer kept in the task's message.
+pub const PENDING_ANSWER_CHARS: usize = 512;
+
 pub(super) fn fence(
     core: &Core,
     task_id: &str,

@@ -431,6 +431,7 @@ mod streams;
 mod tests;
 
 pub use claims::FreeSlots;
+pub use lifecycle::{PENDING_ANSWER_CHARS, VCP_PENDING_PREFIX};
 pub use nodes::{ConnHandle, Outbound};
 pub use recovery::Restored;
 pub use streams::{ResumeFn, StreamChunk};

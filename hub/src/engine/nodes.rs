@@ -97,8 +97,9 @@ pub(super) struct NodeInfo {
     pub(super) limit: u32,
     pub(super) stats: Option<NodeStats>,
     pub(super) cancel_tool: bool,
-    /// The node's asynchronous plugins → whether their callbacks may go unsigned: their
-    /// `task_assign` carries `metadata.callback` (native nodes only).
+    /// The node's asynchronous plugins → whether their callbacks may go unsigned. On native
+    /// nodes their `task_assign` carries `metadata.callback`; on VCP nodes their `tool_result`
+    /// is an "accepted" answer and the result comes by `plugin_callback_forward`.
     pub(super) async_tools: HashMap<String, bool>,
 }
 
@@ -320,10 +321,14 @@ impl Cluster {
         if !self.shared.opts.allow_internal_request_file {
             tools.retain(|t| t != INTERNAL_REQUEST_FILE);
         }
-        let tool_specs = reg
+        let tool_specs: Vec<ToolSpec> = reg
             .tools
             .iter()
             .map(|t| ToolSpec::Described(vcp_tool_description(t)))
+            .collect();
+        let async_tools = tool_specs
+            .iter()
+            .filter_map(|s| Some((s.name().to_owned(), crate::plugins::async_plugin(s)?)))
             .collect();
         let mut core = self.shared.core.lock();
         let node_id = self.vcp_node_id(&core, &base, conn);
@@ -342,7 +347,7 @@ impl Cluster {
                 .min(self.max_node_limit()),
             stats: None,
             cancel_tool: reg.capabilities.as_ref().is_some_and(|c| c.cancel_tool),
-            async_tools: HashMap::new(),
+            async_tools,
         };
         // A VCP node cannot deliver results across connections: a new connection holds nothing.
         self.bind(&mut core, &node_id, conn, info, Some(&[]));

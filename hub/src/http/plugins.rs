@@ -166,8 +166,8 @@ pub struct CallbackQuery {
     token: Option<String>,
 }
 
-/// The callback body (the Apex Bridge's): `status` `success` or `failed` (`error` is taken
-/// as `failed`), the result as `output` or `result`, and an `error` (a string or an object
+/// The callback body (the Apex Bridge's): `status` `success` or `failed` (any case; `succeed`
+/// and `succeeded` are taken as `success`, `error` and `failure` as `failed`), the result as `output` or `result`, and an `error` (a string or an object
 /// with `message`).
 #[derive(Debug, Deserialize)]
 struct CallbackBody {
@@ -182,8 +182,8 @@ struct CallbackBody {
 
 impl CallbackBody {
     fn outcome(self) -> Result<Outcome, ApiError> {
-        match self.status.as_str() {
-            "success" | "succeeded" => Ok(Outcome::Succeeded(
+        match self.status.to_ascii_lowercase().as_str() {
+            "success" | "succeeded" | "succeed" => Ok(Outcome::Succeeded(
                 self.output.or(self.result).unwrap_or(Value::Null),
             )),
             "failed" | "error" | "failure" => {
@@ -317,39 +317,103 @@ async fn settle(
 
 /// A VCP node's `plugin_callback_forward` (`callbackData` holding `pluginName`, `taskId` and
 /// the callback's own fields): ended like a `/plugin-callback` whose credentials are the
-/// node's authenticated channel. Logs and drops a forward naming no known task.
+/// node's authenticated channel.
+///
+/// `taskId` is either the apex task id or, as VCP plugins make their own, the plugin's id: then
+/// the task is the running task of that plugin on that node whose "accepted" answer (its
+/// message, see [`crate::engine::VCP_PENDING_PREFIX`]) holds that id, or the only running
+/// task of that plugin on that node. When the data has neither `output` nor `result`, the
+/// result is `callbackData` without `pluginName`, `taskId` and `status` (VCP plugins post
+/// their fields at the top level). Logs and drops a forward naming no such task.
 pub async fn forwarded(state: &AppState, node_id: &str, data: &Value) {
     let plugin = data.get("pluginName").and_then(Value::as_str).unwrap_or("");
-    let task_id = data.get("taskId").and_then(Value::as_str).unwrap_or("");
-    let known = match state
-        .tasks
-        .get(&Principal::admin(), task_id, std::time::Duration::ZERO)
-        .await
-    {
-        Ok(Some(t)) => t.spec.tool == plugin && t.node_id.as_deref() == Some(node_id),
-        _ => false,
-    };
-    if !known {
+    let given = data.get("taskId").and_then(Value::as_str).unwrap_or("");
+    let Some(task_id) = forwarded_task(state, node_id, plugin, given).await else {
         tracing::warn!(
             node_id,
             plugin,
-            task_id,
+            task_id = given,
             "plugin_callback_forward names no task of this plugin on this node; dropped"
         );
         return;
+    };
+    let mut data = data.clone();
+    if let Value::Object(m) = &mut data
+        && !m.contains_key("output")
+        && !m.contains_key("result")
+    {
+        let mut rest = m.clone();
+        for k in ["pluginName", "taskId", "status", "error"] {
+            rest.remove(k);
+        }
+        m.insert("result".to_owned(), Value::Object(rest));
     }
-    let outcome = serde_json::from_value::<CallbackBody>(data.clone())
+    let outcome = serde_json::from_value::<CallbackBody>(data)
         .map_err(|e| e.to_string())
         .and_then(|b| b.outcome().map_err(|e| format!("{e:?}")));
     match outcome {
         Ok(o) => {
-            if let Err(e) = settle(state, plugin, task_id, o).await {
+            if let Err(e) = settle(state, plugin, &task_id, o).await {
                 tracing::warn!(node_id, plugin, task_id, error = ?e, "plugin_callback_forward not applied");
             }
         }
         Err(e) => {
             tracing::warn!(node_id, plugin, task_id, error = %e, "plugin_callback_forward unreadable; dropped")
         }
+    }
+}
+
+/// The apex task a forward means (see [`forwarded`]).
+async fn forwarded_task(
+    state: &AppState,
+    node_id: &str,
+    plugin: &str,
+    given: &str,
+) -> Option<String> {
+    if plugin.is_empty() {
+        return None;
+    }
+    let admin = Principal::admin();
+    if !given.is_empty()
+        && let Ok(Some(t)) = state
+            .tasks
+            .get(&admin, given, std::time::Duration::ZERO)
+            .await
+        && t.spec.tool == plugin
+        && t.node_id.as_deref() == Some(node_id)
+    {
+        return Some(t.id);
+    }
+    let filter = crate::store::TaskFilter {
+        status: Some(crate::model::TaskStatus::Running),
+        tool: Some(plugin.to_owned()),
+        node_id: Some(node_id.to_owned()),
+        owner: None,
+    };
+    let page = state
+        .tasks
+        .list(&admin, &filter, crate::store::Order::OldestFirst, 1, 1000)
+        .await
+        .ok()?;
+    let pending: Vec<_> = page
+        .tasks
+        .iter()
+        .filter(|t| {
+            t.message
+                .as_deref()
+                .is_some_and(|m| m.starts_with(crate::engine::VCP_PENDING_PREFIX))
+        })
+        .collect();
+    if !given.is_empty()
+        && let Some(t) = pending
+            .iter()
+            .find(|t| t.message.as_deref().is_some_and(|m| m.contains(given)))
+    {
+        return Some(t.id.clone());
+    }
+    match pending.as_slice() {
+        [only] => Some(only.id.clone()),
+        _ => None,
     }
 }
 
