@@ -148,6 +148,11 @@ pub struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub llm_model: Option<String>,
+    /// MCP servers the node starts and talks to over stdio; each server's tools are offered
+    /// as `<name>.<tool>` (see [`crate::mcp`]). Config file (`[[mcp_servers]]`) or
+    /// `APEX_NODE_MCP_SERVERS` only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<crate::mcp::ServerConfig>,
 }
 
 /// The validated configuration the node runs with.
@@ -183,6 +188,8 @@ pub struct Config {
     pub llm_upstream: Option<String>,
     /// Model tools ask the hub for by default.
     pub llm_model: Option<String>,
+    /// MCP servers to mount, validated (names unique).
+    pub mcp_servers: Vec<crate::mcp::ServerConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -203,6 +210,7 @@ impl fmt::Debug for Config {
             .field("default_task_timeout_ms", &self.default_task_timeout_ms)
             .field("llm_upstream", &self.llm_upstream)
             .field("llm_model", &self.llm_model)
+            .field("mcp_servers", &self.mcp_servers)
             .finish()
     }
 }
@@ -437,6 +445,7 @@ impl RawConfig {
             Some(m) if m.is_empty() => return Err(invalid("llm_model", "must not be empty")),
             other => other,
         };
+        let mcp_servers = crate::mcp::validate(self.mcp_servers)?;
 
         Ok(Config {
             hubs,
@@ -454,6 +463,7 @@ impl RawConfig {
             default_task_timeout_ms,
             llm_upstream,
             llm_model,
+            mcp_servers,
         })
     }
 }

@@ -9,6 +9,7 @@
 //! - [`executor`]: task running, concurrency, timeouts, cancellation, draining;
 //! - [`outbox`]: results held until the hub acknowledges them;
 //! - [`tools`]: the built-in tools and their registry;
+//! - [`mcp`]: MCP servers mounted over stdio, their tools offered as `<server>.<tool>`;
 //! - [`llm`]: the client of the hub's LLM gateway and the local model server (`--llm-upstream`);
 //! - [`stats`]: task counters and machine load for heartbeats;
 //! - [`backoff`]: reconnect delays;
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod executor;
 pub mod identity;
 pub mod llm;
+pub mod mcp;
 pub mod outbox;
 pub mod stats;
 pub mod systemd;
@@ -67,6 +69,9 @@ pub async fn run(
         let upstream = llm::Upstream::new(base).map_err(tools::Error::Setup)?;
         registry.add(tools::llm::Chat::new(upstream.clone()));
         models = Some(watch_models(upstream).await);
+    }
+    for tool in mcp::start(&config.mcp_servers).await {
+        registry.add_shared(tool);
     }
     let registry = Arc::new(registry);
     tracing::info!(

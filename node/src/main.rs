@@ -125,6 +125,7 @@ impl Cli {
             default_task_timeout_ms: self.default_task_timeout_ms,
             llm_upstream: self.llm_upstream,
             llm_model: self.llm_model,
+            mcp_servers: Vec::new(), // config file or environment only
         };
         (self.config, layer)
     }
