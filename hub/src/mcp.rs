@@ -86,13 +86,7 @@ impl McpServer {
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
         Ok(crate::plugins::tool_list(&views)
             .into_iter()
-            .map(|t| {
-                let schema = match t.parameters {
-                    Value::Object(o) => o,
-                    _ => serde_json::Map::from_iter([("type".to_owned(), json!("object"))]),
-                };
-                Tool::new(t.name, t.description, schema)
-            })
+            .map(|t| Tool::new(t.name, t.description, input_schema(t.parameters)))
             .collect())
     }
 
@@ -116,15 +110,17 @@ impl McpServer {
             capability: None,
             owner: None,
         };
-        let deadline = Instant::now()
-            + Duration::from_secs_f64(spec.timeout_seconds.max(0.0))
-            + TIMEOUT_GRACE;
+        let deadline =
+            Instant::now() + Duration::from_secs_f64(spec.timeout_seconds.max(0.0)) + TIMEOUT_GRACE;
         let submitted = match self.tasks.submit(caller, vec![spec]).await {
             Ok(mut v) => v.pop().map(|(t, _)| t),
             Err(e) => return Ok(error_result(format!("task not accepted: {e}"), None)),
         };
         let Some(task) = submitted else {
-            return Err(ErrorData::internal_error("the task service accepted no task", None));
+            return Err(ErrorData::internal_error(
+                "the task service accepted no task",
+                None,
+            ));
         };
         let id = task.id.clone();
         loop {
@@ -175,6 +171,25 @@ impl McpServer {
     }
 }
 
+/// A tool's parameters as an MCP `inputSchema`, which must be an object schema with
+/// `"type": "object"` (MCP arguments are always an object): a schema without `type` (e.g. the
+/// "any value" schema of `echo`) gets it, one of another type or not an object at all becomes
+/// the plain `{"type": "object"}`.
+fn input_schema(parameters: Value) -> serde_json::Map<String, Value> {
+    let object = || serde_json::Map::from_iter([("type".to_owned(), json!("object"))]);
+    match parameters {
+        Value::Object(mut o) => match o.get("type") {
+            Some(t) if t == "object" => o,
+            None => {
+                o.insert("type".to_owned(), json!("object"));
+                o
+            }
+            Some(_) => object(),
+        },
+        _ => object(),
+    }
+}
+
 /// A tool-level error the caller's client shows (`isError: true`), naming the task if any.
 fn error_result(message: String, task: Option<&str>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(message)]).with_meta(task.map(task_meta))
@@ -205,10 +220,9 @@ fn outcome(task: &Task) -> CallToolResult {
             let why = match (&task.error, status) {
                 (Some(e), _) => format!("{}: {}", e.code, e.message),
                 (None, TaskStatus::Cancelled) => "the task was cancelled".to_owned(),
-                (None, TaskStatus::TimedOut) => format!(
-                    "the task timed out after {} s",
-                    task.spec.timeout_seconds
-                ),
+                (None, TaskStatus::TimedOut) => {
+                    format!("the task timed out after {} s", task.spec.timeout_seconds)
+                }
                 (None, s) => format!("the task ended {}", s.as_str()),
             };
             CallToolResult::error(vec![ContentBlock::text(why)]).with_meta(meta)
@@ -281,4 +295,28 @@ pub fn service(
         std::sync::Arc::new(NeverSessionManager::default()),
         config,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_schemas_are_object_schemas() {
+        let any =
+            json!({"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "AnyValue"});
+        let got = input_schema(any);
+        assert_eq!(got["type"], "object");
+        assert_eq!(got["title"], "AnyValue");
+        let typed = json!({"type": "object", "properties": {"ms": {"type": "integer"}}});
+        assert_eq!(Value::Object(input_schema(typed.clone())), typed);
+        assert_eq!(
+            Value::Object(input_schema(json!({"type": "string"}))),
+            json!({"type": "object"})
+        );
+        assert_eq!(
+            Value::Object(input_schema(json!(true))),
+            json!({"type": "object"})
+        );
+    }
 }
