@@ -20,8 +20,9 @@
 //!   [`RESTART_INITIAL`] to [`RESTART_MAX`] (back to the start once a run lasted
 //!   [`STABLE_AFTER`]). A call that arrives while the server is down **waits** up to
 //!   [`RESTART_WAIT`] for it to be back, then fails with `task_execution_failed` naming the
-//!   server and why it is down. A call in flight when the process dies fails at once (it may
-//!   or may not have run: execution is at-least-once anyway).
+//!   server and why it is down. A call in flight when the process dies is sent once more, to
+//!   the restarted server (it may have run on the dead one: execution is at-least-once); if
+//!   that one dies under it too, the task fails.
 //! - **Environment.** A server inherits the node's environment without its `APEX_NODE_*`
 //!   variables (the node key), plus its own `env`; it runs in a process group of its own (a
 //!   terminal's Ctrl-C reaches the node, which then stops it) and is killed when the node stops.
@@ -33,7 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rmcp::model::{CallToolRequestParams, CallToolResult, ClientConfig, Implementation, JsonObject};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientConfig, Implementation, JsonObject,
+};
 use rmcp::service::{Peer, RunningService, ServiceError};
 use rmcp::transport::TokioChildProcess;
 use rmcp::{RoleClient, ServiceExt as _};
@@ -114,8 +117,7 @@ pub fn validate(servers: Vec<ServerConfig>) -> Result<Vec<ServerConfig>, crate::
         s.command = s.command.trim().to_owned();
         let name_ok = !s.name.is_empty()
             && s.name.chars().count() <= MAX_SERVER_NAME
-            && s
-                .name
+            && s.name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !name_ok {
@@ -141,7 +143,10 @@ pub fn validate(servers: Vec<ServerConfig>) -> Result<Vec<ServerConfig>, crate::
             )));
         }
         if s.env.values().any(|v| v.contains('\0')) || s.args.iter().any(|a| a.contains('\0')) {
-            return Err(bad(format!("server `{}` has a NUL byte in args or env", s.name)));
+            return Err(bad(format!(
+                "server `{}` has a NUL byte in args or env",
+                s.name
+            )));
         }
         out.push(s);
     }
@@ -199,21 +204,21 @@ impl Server {
     /// Launches the server, lists its tools and starts its supervisor.
     async fn start(cfg: ServerConfig) -> Result<(Self, Vec<McpTool>), String> {
         let running = launch(&cfg).await?;
-        let listed = match tokio::time::timeout(
-            STARTUP_TIMEOUT,
-            running.service.peer().list_all_tools(),
-        )
-        .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(explain(&format!("tools/list failed: {e}"), &running.stderr)),
-            Err(_) => {
-                return Err(explain(
-                    &format!("tools/list unanswered after {STARTUP_TIMEOUT:?}"),
-                    &running.stderr,
-                ));
-            }
-        };
+        let listed =
+            match tokio::time::timeout(STARTUP_TIMEOUT, running.service.peer().list_all_tools())
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    return Err(explain(&format!("tools/list failed: {e}"), &running.stderr));
+                }
+                Err(_) => {
+                    return Err(explain(
+                        &format!("tools/list unanswered after {STARTUP_TIMEOUT:?}"),
+                        &running.stderr,
+                    ));
+                }
+            };
         let version = running
             .service
             .peer()
@@ -285,29 +290,41 @@ impl Server {
         }
     }
 
-    /// One `tools/call` of the server's tool `tool`.
+    /// One `tools/call` of the server's tool `tool`; sent once more to the restarted server
+    /// when the process dies during the call.
     async fn call(&self, tool: String, args: Option<JsonObject>) -> Result<Value, Error> {
-        let peer = self.peer().await?;
         let mut params = CallToolRequestParams::new(tool);
         if let Some(args) = args {
             params = params.with_arguments(args);
         }
-        match peer.call_tool(params).await {
-            Ok(r) => result_value(r).map_err(Error::Failed),
-            Err(ServiceError::McpError(e)) if e.code == rmcp::model::ErrorCode::INVALID_PARAMS => {
-                Err(Error::InvalidArguments(e.message.into_owned()))
-            }
-            Err(ServiceError::McpError(e)) => Err(Error::Failed(format!(
-                "MCP server `{}` answered error {}: {}",
-                self.name, e.code.0, e.message
-            ))),
-            Err(ServiceError::TransportClosed | ServiceError::TransportSend(_)) => {
-                Err(Error::Failed(format!(
-                    "MCP server `{}` exited during the call; it is being restarted",
-                    self.name
-                )))
-            }
-            Err(e) => Err(Error::Failed(format!("MCP server `{}`: {e}", self.name))),
+        let mut retried = false;
+        loop {
+            let peer = self.peer().await?;
+            return match peer.call_tool(params.clone()).await {
+                Ok(r) => result_value(r).map_err(Error::Failed),
+                Err(ServiceError::McpError(e))
+                    if e.code == rmcp::model::ErrorCode::INVALID_PARAMS =>
+                {
+                    Err(Error::InvalidArguments(e.message.into_owned()))
+                }
+                Err(ServiceError::McpError(e)) => Err(Error::Failed(format!(
+                    "MCP server `{}` answered error {}: {}",
+                    self.name, e.code.0, e.message
+                ))),
+                Err(ServiceError::TransportClosed | ServiceError::TransportSend(_)) if !retried => {
+                    // The process died under the call (it may or may not have run it; tasks
+                    // are at-least-once): once more on the restarted one.
+                    retried = true;
+                    continue;
+                }
+                Err(ServiceError::TransportClosed | ServiceError::TransportSend(_)) => {
+                    Err(Error::Failed(format!(
+                        "MCP server `{}` exited during the call, twice; it is being restarted",
+                        self.name
+                    )))
+                }
+                Err(e) => Err(Error::Failed(format!("MCP server `{}`: {e}", self.name))),
+            };
         }
     }
 }
@@ -615,7 +632,11 @@ mod tests {
         let tools = start(&[missing, dies]).await;
         assert!(tools.is_empty());
         assert!(started.elapsed() < Duration::from_secs(10));
-        let e = match launch(&server_cmd("sh", &["-c", "echo bad interpreter >&2; exit 3"])).await
+        let e = match launch(&server_cmd(
+            "sh",
+            &["-c", "echo bad interpreter >&2; exit 3"],
+        ))
+        .await
         {
             Ok(_) => panic!("started"),
             Err(e) => e,
@@ -639,7 +660,10 @@ mod tests {
             ..server("a")
         };
         let shown = format!("{s:?}");
-        assert!(shown.contains("TOKEN") && !shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("TOKEN") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     fn result(content: Vec<ContentBlock>, error: bool) -> CallToolResult {
@@ -664,7 +688,10 @@ mod tests {
             Ok(json!({"a": 1}))
         );
         // Only objects and arrays are parsed: a number-looking text stays text.
-        assert_eq!(result_value(result(vec![text("42")], false)), Ok(json!("42")));
+        assert_eq!(
+            result_value(result(vec![text("42")], false)),
+            Ok(json!("42"))
+        );
         assert_eq!(
             result_value(result(vec![text("{not json")], false)),
             Ok(json!("{not json"))
