@@ -37,11 +37,8 @@ use super::error::ErrorBody;
     security(("bearer" = []))
 )]
 pub(super) async fn serve(State(state): State<AppState>, req: Request) -> Response {
-    let server = crate::mcp::McpServer::new(
-        state.tasks.clone(),
-        &state.config,
-        state.shutdown.clone(),
-    );
+    let server =
+        crate::mcp::McpServer::new(state.tasks.clone(), &state.config, state.shutdown.clone());
     let service = crate::mcp::service(server, state.config.max_body_bytes);
     let resp = match service.oneshot(req).await {
         Ok(r) => r,
