@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use apex_tests::shared::shared_hub;
-use apex_tests::{Hub, HubOptions, Node, NodeOptions, RedisServer, wait_until};
+use apex_tests::{Hub, Node, NodeOptions, RedisServer, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
