@@ -60,8 +60,9 @@ pub const RESTART_MAX: Duration = Duration::from_secs(30);
 pub const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Longest server name, in characters.
 pub const MAX_SERVER_NAME: usize = 64;
-/// Longest node tool name (`<server>.<tool>`), in bytes: the hub's limit on ids.
-const MAX_TOOL_NAME: usize = 128;
+/// Longest node tool name (`<server>.<tool>`), in bytes: the hub's limit on tool names
+/// (`apex_protocol` validation, `Limits::max_name_len`).
+const MAX_TOOL_NAME: usize = 256;
 /// Lines of a server's stderr kept to explain why it failed.
 const STDERR_TAIL_LINES: usize = 5;
 /// The `PluginInfo.format` of an MCP server's tools.
@@ -165,11 +166,10 @@ pub async fn start(servers: &[ServerConfig]) -> Vec<Arc<dyn Tool>> {
     let mut tools: Vec<Arc<dyn Tool>> = Vec::new();
     for (name, result) in started {
         match result {
-            Ok((server, listed)) => {
+            Ok(listed) => {
                 let count = listed.len();
                 tools.extend(listed.into_iter().map(|t| Arc::new(t) as Arc<dyn Tool>));
                 tracing::info!(server = %name, tools = count, "MCP server started");
-                drop(server);
             }
             Err(reason) => {
                 tracing::warn!(server = %name, error = %reason, "MCP server not started; its tools are not offered");
@@ -201,8 +201,9 @@ struct Running {
 }
 
 impl Server {
-    /// Launches the server, lists its tools and starts its supervisor.
-    async fn start(cfg: ServerConfig) -> Result<(Self, Vec<McpTool>), String> {
+    /// Launches the server, lists its tools and starts its supervisor, which runs as long as
+    /// one of the returned tools is alive (a server with no tools is stopped at once).
+    async fn start(cfg: ServerConfig) -> Result<Vec<McpTool>, String> {
         let running = launch(&cfg).await?;
         let listed =
             match tokio::time::timeout(STARTUP_TIMEOUT, running.service.peer().list_all_tools())
@@ -253,7 +254,7 @@ impl Server {
             });
         }
         tokio::spawn(supervise(cfg, running, tx));
-        Ok((server, tools))
+        Ok(tools)
     }
 
     /// The session to call, waiting up to [`RESTART_WAIT`] while the server is down.
