@@ -33,7 +33,10 @@ fn python_with_mcp() -> Option<String> {
             )
         }
         _ => {
-            eprintln!(
+            // Straight to stderr: libtest captures `eprintln!` of passing tests.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED: python3 with the `mcp` package (MCP Python SDK 2.x) is not installed; \
                  run `pip install mcp` or scripts/test.sh"
             );
