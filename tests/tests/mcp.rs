@@ -250,6 +250,16 @@ async fn a_node_mounted_mcp_server_runs_tasks_and_is_restarted_when_it_dies() {
     assert_eq!(t.result["apex_env"], json!([]), "{t:?}");
     let first_pid = t.result["pid"].as_i64().unwrap();
 
+    // The mounted tool through the hub's MCP server, with the Python SDK: MCP both ways.
+    let out = python_client(
+        &python,
+        &[format!("{}/mcp", hub.url())],
+        hub.api_key(),
+        &["sha256", "pytools.reverse"],
+    )
+    .await;
+    assert!(out.contains("mounted tool call ok"), "{out}");
+
     // Kill the server: the node restarts it, and a task right after succeeds on the new one
     // (it waits for the restart rather than failing).
     kill(
