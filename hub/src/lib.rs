@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod llm;
+pub mod mcp;
 pub mod metrics;
 pub mod model;
 pub mod ops;

@@ -156,6 +156,11 @@ pub struct RawConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub plugin_dirs: Vec<PathBuf>,
+    /// MCP servers the node starts and talks to over stdio; each server's tools are offered
+    /// as `<name>.<tool>` (see [`crate::mcp`]). Config file (`[[mcp_servers]]`) or
+    /// `APEX_NODE_MCP_SERVERS` only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<crate::mcp::ServerConfig>,
 }
 
 /// The validated configuration the node runs with.
@@ -193,6 +198,8 @@ pub struct Config {
     pub llm_model: Option<String>,
     /// Canonical plugin directories, in the order given.
     pub plugin_dirs: Vec<PathBuf>,
+    /// MCP servers to mount, validated (names unique).
+    pub mcp_servers: Vec<crate::mcp::ServerConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -214,6 +221,7 @@ impl fmt::Debug for Config {
             .field("llm_upstream", &self.llm_upstream)
             .field("llm_model", &self.llm_model)
             .field("plugin_dirs", &self.plugin_dirs)
+            .field("mcp_servers", &self.mcp_servers)
             .finish()
     }
 }
@@ -448,6 +456,7 @@ impl RawConfig {
             Some(m) if m.is_empty() => return Err(invalid("llm_model", "must not be empty")),
             other => other,
         };
+        let mcp_servers = crate::mcp::validate(self.mcp_servers)?;
 
         let mut plugin_dirs = Vec::with_capacity(self.plugin_dirs.len());
         for dir in &self.plugin_dirs {
@@ -482,6 +491,7 @@ impl RawConfig {
             llm_upstream,
             llm_model,
             plugin_dirs,
+            mcp_servers,
         })
     }
 }

@@ -9,6 +9,7 @@
 //! - [`executor`]: task running, concurrency, timeouts, cancellation, draining;
 //! - [`outbox`]: results held until the hub acknowledges them;
 //! - [`tools`]: the built-in tools and their registry;
+//! - [`mcp`]: MCP servers mounted over stdio, their tools offered as `<server>.<tool>`;
 //! - [`llm`]: the client of the hub's LLM gateway and the local model server (`--llm-upstream`);
 //! - [`stats`]: task counters and machine load for heartbeats;
 //! - [`backoff`]: reconnect delays;
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod executor;
 pub mod identity;
 pub mod llm;
+pub mod mcp;
 pub mod outbox;
 pub mod plugins;
 pub mod stats;
@@ -80,6 +82,9 @@ pub async fn run(
         for tool in loaded.tools {
             registry.add(tool);
         }
+    }
+    for tool in mcp::start(&config.mcp_servers).await {
+        registry.add_shared(tool);
     }
     let registry = Arc::new(registry);
     tracing::info!(

@@ -132,6 +132,7 @@ impl Cli {
             llm_upstream: self.llm_upstream,
             llm_model: self.llm_model,
             plugin_dirs: self.plugin_dir,
+            mcp_servers: Vec::new(), // config file or environment only
         };
         (self.config, layer)
     }

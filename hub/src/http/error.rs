@@ -167,6 +167,12 @@ pub struct ErrorObject<'a> {
 #[derive(Clone, Copy)]
 struct Shaped;
 
+/// Marks `resp` as already in its final shape, so [`shape`] leaves it as it is (the JSON-RPC
+/// error bodies of `/mcp`, which MCP clients read).
+pub fn keep_shape(resp: &mut Response) {
+    resp.extensions_mut().insert(Shaped);
+}
+
 /// An internal error's cause, carried from [`ApiError::into_response`] to [`shape`] (which
 /// removes it) in the response's extensions.
 #[derive(Clone)]

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod keys;
 mod llm;
 pub mod log_channel;
+mod mcp;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
@@ -406,7 +407,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
 /// | `/v1/keys…`, `POST /api/v1/plugins/{name}/enable\|disable` | `admin` |
-/// | `GET /api/v1/plugins`, `/api/v1/tools…` | `tasks` |
+/// | `GET /api/v1/plugins`, `/api/v1/tools…`, `POST /mcp` | `tasks` |
 /// | `/metrics`, `/api/v1/auth/me`, `/api/v1/auth/logout` | none (any credential) |
 ///
 /// `/health`, `POST /api/v1/auth/{register,login,refresh}`, `POST /plugin-callback/…` (its
@@ -458,6 +459,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/tools", needs(Tasks, get(plugins::list_tools)))
         .route("/api/v1/tools/{name}", needs(Tasks, get(plugins::get_tool)))
+        .route("/mcp", needs(Tasks, post(mcp::serve)))
         .merge(identity::user_routes());
     // Literal paths, one per line (the OpenAPI drift test reads them from this source):
     // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.

@@ -109,6 +109,7 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::plugins::list_tools,
         super::plugins::get_tool,
         super::plugins::callback,
+        super::mcp::serve,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),
@@ -125,6 +126,7 @@ pub const ALIASES: &[(&str, &str)] = &[
         (name = "docs", description = "This document, Swagger UI and ReDoc, served by the hub"),
         (name = "auth", description = "Users: register, log in, refresh and log out (JWT access tokens, rotated refresh tokens)"),
         (name = "keys", description = "Managed API keys with scopes (the `admin` scope)"),
+        (name = "mcp", description = "The Model Context Protocol server (Streamable HTTP, stateless): the cluster's tools for MCP clients"),
     )
 )]
 struct ApiDoc;
