@@ -66,10 +66,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The tracing filter of `log_level`: as written, plus `rmcp=warn` unless it names `rmcp`
+/// (the MCP library logs three info lines per `/mcp` request).
+fn log_filter(level: &str) -> String {
+    if level.contains("rmcp") {
+        level.to_owned()
+    } else {
+        format!("{level},rmcp=warn")
+    }
+}
+
 /// Everything after the config is loaded: logging, keys, store, listeners, then the hub until
 /// it stops. Returns the process exit code.
 async fn serve(cli: Cli, mut config: Config) -> ExitCode {
-    let filter = match EnvFilter::try_new(&config.log_level) {
+    let filter = match EnvFilter::try_new(log_filter(&config.log_level)) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("apex-hub: invalid configuration: `log_level` {e}");
@@ -95,7 +105,7 @@ async fn serve(cli: Cli, mut config: Config) -> ExitCode {
         registry.with(fmt).init();
     }
     let log_hook: ApplyHook = Box::new(move |c: &Config| {
-        let f = EnvFilter::try_new(&c.log_level)
+        let f = EnvFilter::try_new(log_filter(&c.log_level))
             .map_err(|e| ("log_level".to_owned(), e.to_string()))?;
         filter_handle
             .reload(f)
