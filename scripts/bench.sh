@@ -3,7 +3,8 @@
 # load, SIGKILL/SIGSTOP detection and re-dispatch times. Prints a table.
 # Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, store, llm or
 #   limits: the rate limiter's cost per check in process and on Redis, and the gateway's
-#   latency with limits off and on)
+#   latency with limits off and on; or tool-hop: the hub → node → hub hop of one server-side
+#   tool call of a chat completion, excluding model time)
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 

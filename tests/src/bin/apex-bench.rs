@@ -18,6 +18,8 @@ use tokio::sync::Mutex;
 mod limits;
 #[path = "apex-bench/llm.rs"]
 mod llm;
+#[path = "apex-bench/tool_hop.rs"]
+mod tool_hop;
 
 /// Which measurements to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,6 +35,9 @@ enum Suite {
     /// Rate limits: the limiter's cost per check in process and on Redis, and the gateway's
     /// latency at c=16 with limits off and on (in memory, and in Redis in shared mode).
     Limits,
+    /// Server-side tools: the hub → node → hub hop of one tool call of a chat completion,
+    /// excluding model time (the built-in mock model), with the embedded and memory stores.
+    ToolHop,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -96,6 +101,9 @@ struct Args {
     /// limits suite: checks on Redis per measurement.
     #[arg(long, default_value_t = 20_000)]
     limits_redis_checks: usize,
+    /// tool-hop suite: measured chat completions (one tool call each) per store.
+    #[arg(long, default_value_t = 2000)]
+    tool_hop_samples: usize,
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
@@ -157,6 +165,12 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             redis_checks: args.limits_redis_checks,
             samples: args.llm_samples.max(2),
             instrument_threads: args.llm_instrument_threads,
+        })
+        .await;
+    }
+    if args.suite == Suite::ToolHop {
+        return tool_hop::run(&tool_hop::ToolHopArgs {
+            samples: args.tool_hop_samples.max(2),
         })
         .await;
     }
