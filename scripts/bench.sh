@@ -3,8 +3,9 @@
 # load, SIGKILL/SIGSTOP detection and re-dispatch times. Prints a table.
 # Usage: scripts/bench.sh [SUITE] [apex-bench flags]   (SUITE: core, the default, store, llm or
 #   limits: the rate limiter's cost per check in process and on Redis, and the gateway's
-#   latency with limits off and on, or plugins: 10,000 stdio plugin runs, 10 % killed at their
-#   timeout, and the processes, zombies and fds left behind)
+#   latency with limits off and on; plugins: 10,000 stdio plugin runs, 10 % killed at their
+#   timeout, and the processes, zombies and fds left behind; or tool-hop: the hub → node → hub
+#   hop of one server-side tool call of a chat completion, excluding model time)
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 

@@ -130,6 +130,15 @@ pub struct Config {
     /// (`127.0.0.1` for an unspecified address): set it when plugins run on other machines
     /// or behind a proxy.
     pub public_url: Option<String>,
+    /// Server-side tools (`"server_tools"` in `POST /v1/chat/completions`): most rounds of
+    /// tool runs in one chat completion; when the model still calls server tools after them,
+    /// its last answer goes to the client with `apex_tool_rounds_exhausted: true`. 1 to 100.
+    /// Default 8.
+    pub max_tool_rounds: u32,
+    /// Server-side tools: the timeout of each tool call's task, in seconds (greater than 0,
+    /// at most `max_task_timeout_seconds`); a call that times out answers the model with an
+    /// error. Default 60.
+    pub tool_call_timeout_seconds: f64,
     /// LLM gateway (`[llm]`: `providers`, `aliases`, `fallbacks`); see
     /// [`LlmConfig`](crate::llm::LlmConfig). Off (no models) by default.
     pub llm: crate::llm::LlmConfig,
@@ -382,6 +391,8 @@ impl Default for Config {
             stream_buffer_events: 1024,
             metrics_listen: None,
             public_url: None,
+            max_tool_rounds: crate::llm::tool_loop::DEFAULT_MAX_TOOL_ROUNDS,
+            tool_call_timeout_seconds: 60.0,
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
             auth: AuthConfig::default(),
@@ -675,6 +686,17 @@ impl Config {
                     "keys must be at least 8 characters, without spaces or '/'",
                 );
             }
+        }
+        if !(1..=100).contains(&self.max_tool_rounds) {
+            return bad("max_tool_rounds", "must be 1 to 100");
+        }
+        if !(self.tool_call_timeout_seconds > 0.0
+            && self.tool_call_timeout_seconds <= self.max_task_timeout_seconds)
+        {
+            return bad(
+                "tool_call_timeout_seconds",
+                "must be positive and at most max_task_timeout_seconds",
+            );
         }
         if let Err((field, reason)) = self.llm.validate() {
             return Err(Error::Invalid { field, reason });

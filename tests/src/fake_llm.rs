@@ -26,6 +26,13 @@
 //! - `continue_prefix`: streaming only; when the last message is an assistant message holding
 //!   `fake_text(k)`, the answer continues from token `k` (as a server honouring an assistant
 //!   prefix does).
+//! - `calls`: a script of tool calls, one list per round, each call `{"name", "arguments"}`
+//!   (`arguments` a JSON object, or a string sent as is). The round is the number of
+//!   assistant messages with `tool_calls` in the request: round `r` answers with the calls of
+//!   `calls[r]` (ids `call_<r>_<i>`, `finish_reason: "tool_calls"`; streamed as a first delta
+//!   with id and name, then the arguments in two pieces); past the script the answer is the
+//!   text [`tool_results_text`] of the trailing `tool` messages. With `calls_repeat: true`
+//!   the last round of the script repeats forever. `calls` wins over the `tools` rule above.
 //!
 //! # Hooks
 //! - `GET /fake/stats`: [`FakeStats`] as JSON (`requests`, `streams_started`,
@@ -58,6 +65,20 @@ pub const DEFAULT_TOKENS: u64 = 8;
 /// The text of an answer of `n` tokens: `"t0 t1 … t(n-1) "`.
 pub fn fake_text(n: u64) -> String {
     (0..n).map(|i| format!("t{i} ")).collect()
+}
+
+/// The fake's answer after tool results (the `calls` knob): `"tool results: "` and the
+/// `content` of each trailing `tool` message, joined by `" | "`.
+pub fn tool_results_text(messages: &[Value]) -> String {
+    let start = messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) != Some("tool"))
+        .map_or(0, |i| i + 1);
+    let parts: Vec<&str> = messages[start..]
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .collect();
+    format!("tool results: {}", parts.join(" | "))
 }
 
 /// Counters of the fake, as `GET /fake/stats` returns them.
@@ -280,6 +301,67 @@ struct Knobs {
     fail_after: Option<u64>,
     error_after: Option<u64>,
     continue_prefix: bool,
+    calls: Option<Vec<Vec<ScriptedCall>>>,
+    calls_repeat: bool,
+}
+
+/// One call of the `calls` knob.
+#[derive(Debug, Clone, Deserialize)]
+struct ScriptedCall {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+impl ScriptedCall {
+    fn arguments_text(&self) -> String {
+        match &self.arguments {
+            Value::String(s) => s.clone(),
+            Value::Null => "{}".to_owned(),
+            v => v.to_string(),
+        }
+    }
+}
+
+/// What the `calls` knob makes of a request: the calls `(id, name, arguments)` of this round,
+/// or the text answering tool results.
+fn scripted(knobs: &Knobs, req: &Value) -> Option<Result<Vec<(String, String, String)>, String>> {
+    let script = knobs.calls.as_ref()?;
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let round = messages
+        .iter()
+        .filter(|m| {
+            m.get("role").and_then(Value::as_str) == Some("assistant")
+                && m.get("tool_calls")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty())
+        })
+        .count();
+    let pick = if round < script.len() {
+        Some(round)
+    } else if knobs.calls_repeat && !script.is_empty() {
+        Some(script.len() - 1)
+    } else {
+        None
+    };
+    Some(match pick {
+        Some(i) => Ok(script[i]
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                (
+                    format!("call_{round}_{j}"),
+                    c.name.clone(),
+                    c.arguments_text(),
+                )
+            })
+            .collect()),
+        None => Err(tool_results_text(&messages)),
+    })
 }
 
 /// With the `continue_prefix` knob: how many tokens of the answer a final assistant message
@@ -385,6 +467,9 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let usage = json!({"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n});
     let id = "chatcmpl-fake";
     let created = 1_700_000_000u64;
+    if let Some(plan) = scripted(&knobs, &req) {
+        return scripted_answer(plan, &model, stream, include_usage, &usage, s.clone());
+    }
     if !stream {
         let message = match &tool {
             Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [
@@ -483,6 +568,89 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             }
         },
     );
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp
+}
+
+/// The answer of the `calls` knob: this round's calls, or the tool results' text.
+fn scripted_answer(
+    plan: Result<Vec<(String, String, String)>, String>,
+    model: &str,
+    stream: bool,
+    include_usage: bool,
+    usage: &Value,
+    shared: Arc<Shared>,
+) -> Response {
+    let (id, created) = ("chatcmpl-fake", 1_700_000_000u64);
+    let finish = if plan.is_ok() { "tool_calls" } else { "stop" };
+    if !stream {
+        let message = match &plan {
+            Ok(calls) => json!({"role": "assistant", "content": null, "tool_calls":
+                calls.iter().map(|(cid, name, args)| json!({"id": cid, "type": "function",
+                    "function": {"name": name, "arguments": args}})).collect::<Vec<_>>()}),
+            Err(text) => json!({"role": "assistant", "content": text}),
+        };
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        });
+        return axum::Json(body).into_response();
+    }
+    shared
+        .counters
+        .streams_started
+        .fetch_add(1, Ordering::Relaxed);
+    let chunk = |delta: Value, finish: Option<&str>| -> String {
+        let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": null,
+            "finish_reason": finish}]});
+        format!("data: {v}\n\n")
+    };
+    let mut frames = vec![chunk(json!({"role": "assistant", "content": null}), None)];
+    match &plan {
+        Ok(calls) => {
+            for (i, (cid, name, args)) in calls.iter().enumerate() {
+                frames.push(chunk(
+                    json!({"tool_calls": [{"index": i, "id": cid, "type": "function",
+                        "function": {"name": name, "arguments": ""}}]}),
+                    None,
+                ));
+                let cut = args.len() / 2;
+                let cut = (0..=cut)
+                    .rev()
+                    .find(|c| args.is_char_boundary(*c))
+                    .unwrap_or(0);
+                for part in [&args[..cut], &args[cut..]] {
+                    frames.push(chunk(
+                        json!({"tool_calls": [{"index": i, "function": {"arguments": part}}]}),
+                        None,
+                    ));
+                }
+            }
+        }
+        Err(text) => {
+            for w in text.split_inclusive(' ') {
+                frames.push(chunk(json!({"content": w}), None));
+            }
+        }
+    }
+    frames.push(chunk(json!({}), Some(finish)));
+    if include_usage {
+        let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [], "usage": usage});
+        frames.push(format!("data: {v}\n\n"));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    let guard = StreamGuard { shared, done: true };
+    let body = futures::stream::iter(frames.into_iter().map(move |f| {
+        let _keep = &guard;
+        Ok::<Bytes, std::io::Error>(Bytes::from(f))
+    }));
     let mut resp = Response::new(Body::from_stream(body));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -17,16 +17,19 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
+use crate::llm::tool_loop::{Selection, ServerTools, TaskRunner, ToolLoop};
 use crate::llm::{
-    CallContext, Caller, ChatChunk, ChatRequest, ChatStream, LlmError, Usage, UsageHook,
+    CallContext, Caller, ChatChunk, ChatRequest, ChunkStream, LlmError, Usage, UsageHook,
 };
-use crate::principal::Principal;
+use crate::principal::{Principal, Scope};
 
 const X_REQUEST_ID: &str = "x-request-id";
 
@@ -109,6 +112,7 @@ pub(super) async fn chat_completions(
     let mut hidden_usage = false;
     if state.limits.limits_tokens(&principal) {
         let limits = state.limits.clone();
+        let principal = principal.clone();
         ctx = ctx.with_usage_hook(UsageHook::new(move |u: &Usage| {
             let tokens = u
                 .total_tokens
@@ -118,22 +122,92 @@ pub(super) async fn chat_completions(
         hidden_usage = stream && !include_usage;
         req.include_usage |= stream;
     }
-    let chat = match gateway.chat(req, ctx).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(request_id = %id, error = %e, "chat completion failed");
-            return with_request_id(api_error(&e).into_response(), &id);
-        }
+    let model = req.model.clone();
+    let server_tools = req.extra.remove("server_tools");
+    let chat: ChunkStream = match server_tools {
+        Some(sel) => match start_tool_loop(&state, &principal, &id, sel, req, ctx).await {
+            Ok(s) => s,
+            Err(resp) => return with_request_id(resp, &id),
+        },
+        None => match gateway.chat(req, ctx).await {
+            Ok(s) => s.boxed(),
+            Err(e) => {
+                tracing::debug!(request_id = %id, error = %e, "chat completion failed");
+                return with_request_id(api_error(&e).into_response(), &id);
+            }
+        },
     };
     let resp = if stream {
-        sse_response(chat, &id, include_usage, hidden_usage)
+        sse_response(chat, &id, &model, include_usage, hidden_usage)
     } else {
-        match whole_response(chat, &id).await {
+        match whole_response(chat, &id, &model).await {
             Ok(r) => r,
             Err(e) => api_error(&e).into_response(),
         }
     };
     with_request_id(resp, &id)
+}
+
+/// Starts the server-side tool loop of a request with `server_tools` (see
+/// [`crate::llm::tool_loop`]); without any tool selected (`[]`, `null`) the plain gateway call.
+/// Errors are the gateway's error responses: 400 on `server_tools`, 403 without the `tasks`
+/// scope, 503 when the node views cannot be read, then those of the first model call.
+async fn start_tool_loop(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    selection: Value,
+    req: ChatRequest,
+    ctx: CallContext,
+) -> Result<ChunkStream, Response> {
+    let gateway = state.llm.get();
+    let fail = |e: LlmError| {
+        tracing::debug!(request_id = %id, error = %e, "chat completion failed");
+        api_error(&e).into_response()
+    };
+    let Some(selection) = Selection::parse(&selection).map_err(fail)? else {
+        return gateway
+            .chat(req, ctx)
+            .await
+            .map(|s| s.boxed())
+            .map_err(fail);
+    };
+    if !principal.has(Scope::Tasks) {
+        return Err(ApiError::forbidden(
+            "`server_tools` runs tasks: the credential needs the `tasks` scope",
+        )
+        .into_response());
+    }
+    let views = state
+        .tasks
+        .node_views()
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    let allow_internal = state.config.allow_internal_request_file;
+    let plugins = state.plugins.clone();
+    let excluded = |name: &str| {
+        name == crate::engine::LLM_CHAT_TOOL
+            || name.starts_with("llm.chat@")
+            || (name == crate::engine::INTERNAL_REQUEST_FILE && !allow_internal)
+            || plugins.is_disabled(name)
+    };
+    let tools = ServerTools::resolve(
+        &selection,
+        &crate::plugins::tool_list(&views),
+        req.tools.as_ref(),
+        excluded,
+    )
+    .map_err(fail)?;
+    let runner = TaskRunner::new(state.tasks.clone(), principal.clone(), id, &state.config);
+    ToolLoop::new(
+        gateway,
+        tools,
+        Arc::new(runner),
+        state.config.max_tool_rounds,
+    )
+    .start(req, ctx)
+    .await
+    .map_err(fail)
 }
 
 fn new_id() -> String {
@@ -152,8 +226,10 @@ fn chunk_json(c: &ChatChunk, id: &str, model: &str, created: u64, first: bool) -
     if let Some(tc) = &c.tool_calls {
         delta.insert("tool_calls".into(), tc.clone());
     }
-    let choices = if c.usage.is_some() && c.text.is_empty() && c.finish_reason.is_none() {
-        // A usage-only chunk, as OpenAI sends it with include_usage.
+    let bare = c.text.is_empty() && c.finish_reason.is_none() && c.tool_calls.is_none();
+    let choices = if bare && (c.usage.is_some() || c.apex.is_some()) {
+        // A usage-only chunk, as OpenAI sends it with include_usage (or the tool loop's last
+        // chunk carrying only `apex_tool_runs`).
         json!([])
     } else {
         json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": c.finish_reason}])
@@ -168,7 +244,17 @@ fn chunk_json(c: &ChatChunk, id: &str, model: &str, created: u64, first: bool) -
     if let Some(u) = &c.usage {
         v["usage"] = json!(u);
     }
+    merge_apex(&mut v, c);
     v
+}
+
+/// Adds a chunk's `apex_*` fields to the response object rendered from it.
+fn merge_apex(v: &mut Value, c: &ChatChunk) {
+    if let (Some(apex), Some(obj)) = (&c.apex, v.as_object_mut()) {
+        for (k, x) in apex {
+            obj.insert(k.clone(), x.clone());
+        }
+    }
 }
 
 fn frame(payload: &[u8]) -> Bytes {
@@ -192,12 +278,19 @@ fn error_frame(e: &LlmError) -> Bytes {
 /// The SSE answer of a streamed call. `include_usage`: the client asked for usage;
 /// `hidden_usage`: usage was asked of the upstream for the hub alone, so usage-only chunks are
 /// not forwarded.
-fn sse_response(chat: ChatStream, id: &str, include_usage: bool, hidden_usage: bool) -> Response {
+fn sse_response(
+    chat: ChunkStream,
+    id: &str,
+    model: &str,
+    include_usage: bool,
+    hidden_usage: bool,
+) -> Response {
     let chunk_id = format!("chatcmpl-{id}");
-    let model = chat.model().to_owned();
+    let model = model.to_owned();
+    let request_id = id.to_owned();
     let created = crate::llm::unix_now();
     struct St {
-        chat: Option<ChatStream>,
+        chat: Option<ChunkStream>,
         first: bool,
     }
     let body = futures::stream::unfold(
@@ -207,6 +300,7 @@ fn sse_response(chat: ChatStream, id: &str, include_usage: bool, hidden_usage: b
         },
         move |mut st| {
             let (chunk_id, model) = (chunk_id.clone(), model.clone());
+            let request_id = request_id.clone();
             async move {
                 let chat = st.chat.as_mut()?;
                 let mut next = chat.next().await;
@@ -231,7 +325,7 @@ fn sse_response(chat: ChatStream, id: &str, include_usage: bool, hidden_usage: b
                         Some((Ok::<Bytes, std::convert::Infallible>(b), st))
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(request_id = %chat.request_id(), error = %e,
+                        tracing::warn!(request_id = %request_id, error = %e,
                             "llm stream failed after its first chunk");
                         st.chat = None;
                         let mut b = BytesMut::new();
@@ -257,16 +351,22 @@ fn sse_response(chat: ChatStream, id: &str, include_usage: bool, hidden_usage: b
     resp
 }
 
-/// Whether a chunk carries only usage (OpenAI's last chunk with `include_usage`).
+/// Whether a chunk carries only usage (OpenAI's last chunk with `include_usage`); one with
+/// `apex_*` fields is sent anyway (without its usage when that was hidden).
 fn usage_only(c: &ChatChunk) -> bool {
     c.usage.is_some()
+        && c.apex.is_none()
         && c.text.is_empty()
         && c.tool_calls.is_none()
         && c.finish_reason.is_none()
         && !c.interrupted
 }
 
-async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmError> {
+async fn whole_response(
+    mut chat: ChunkStream,
+    id: &str,
+    model: &str,
+) -> Result<Response, LlmError> {
     let mut chunks = Vec::with_capacity(1);
     while let Some(c) = chat.next().await {
         chunks.push(c?);
@@ -286,7 +386,11 @@ async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmE
     let mut tool_calls: Option<Value> = None;
     let mut finish = None;
     let mut usage: Option<Usage> = None;
+    let mut apex = None;
     for c in chunks {
+        if c.apex.is_some() {
+            apex = c.apex;
+        }
         text.push_str(&c.text);
         if let Some(tc) = c.tool_calls {
             tool_calls = Some(tc);
@@ -302,15 +406,18 @@ async fn whole_response(mut chat: ChatStream, id: &str) -> Result<Response, LlmE
     if let Some(tc) = tool_calls {
         message["tool_calls"] = tc;
     }
-    let body = json!({
+    let mut body = json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
         "created": crate::llm::unix_now(),
-        "model": chat.model(),
+        "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": null,
                      "finish_reason": finish.unwrap_or_else(|| "stop".to_owned())}],
         "usage": usage.unwrap_or_default(),
     });
+    if let (Some(apex), Some(obj)) = (apex, body.as_object_mut()) {
+        obj.extend(apex);
+    }
     Ok(axum::Json(body).into_response())
 }
 

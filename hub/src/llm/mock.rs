@@ -4,11 +4,28 @@
 //! The answer is [`MOCK_WORDS`] repeated, one word per token, `max_tokens` tokens (or the
 //! provider's `mock_tokens`); `finish_reason` is `length` when `max_tokens` cut it short,
 //! else `stop`. Usage counts whitespace-separated words of the prompt's text contents.
+//!
+//! # Tool calls
+//! So demos and tests can show tool use without a real model ([`tool_call`], [`tool_answer`]):
+//! - when the request offers `tools` and the last message is a `user` message whose text
+//!   names one of them (its function name, or that name with `__` read as `.`, as a whole
+//!   word, any case), the answer is one call of the tool named first, `finish_reason:
+//!   "tool_calls"`, with arguments taken from the prompt: the tool's string parameter
+//!   (`text` if it has one, else the first required string, else the first string) gets the
+//!   text after the first `:` following the name (else everything after the name), trimmed
+//!   and unquoted; a tool without string parameters gets its first integer parameter set to
+//!   the first whole number after the name; otherwise the arguments are `{}`.
+//!   `"sha256: hello"` → `sha256 {"text": "hello"}`; `"sleep 3000"` → `sleep {"ms": 3000}`.
+//! - when the last message is a `tool` message, the answer (`stop`) reports the trailing tool
+//!   messages: ``The tool `sha256` returned {"sha256":"…","bytes":5}.`` (one sentence per
+//!   result, the tool named from the assistant message that called it).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use serde_json::{Value, json};
 
 use super::{
     Backend, CallContext, ChatChunk, ChatRequest, ChunkStream, LlmError, ModelInfo, ProviderConfig,
@@ -101,12 +118,25 @@ impl Backend for Mock {
         req: &'a ChatRequest,
         _ctx: &'a CallContext,
     ) -> BoxFuture<'a, Result<ChunkStream, LlmError>> {
-        let n = req.max_tokens.map_or(self.tokens, |m| m.min(self.tokens));
-        let finish = if n < self.tokens { "length" } else { "stop" };
+        let (words, tool_calls, finish): (Vec<String>, Option<Value>, &'static str) =
+            if let Some(call) = tool_call(req) {
+                (Vec::new(), Some(call), "tool_calls")
+            } else if let Some(text) = tool_answer(req) {
+                let words = split_words(&text);
+                (words, None, "stop")
+            } else {
+                let n = req.max_tokens.map_or(self.tokens, |m| m.min(self.tokens));
+                let finish = if n < self.tokens { "length" } else { "stop" };
+                let words = (0..n)
+                    .map(|i| MOCK_WORDS[i as usize % MOCK_WORDS.len()].to_owned())
+                    .collect();
+                (words, None, finish)
+            };
+        let n = words.len() as u64;
         let usage = Usage {
             prompt_tokens: prompt_tokens(req),
-            completion_tokens: n,
-            total_tokens: prompt_tokens(req) + n,
+            completion_tokens: n.max(u64::from(tool_calls.is_some())),
+            total_tokens: prompt_tokens(req) + n.max(u64::from(tool_calls.is_some())),
         };
         let gap = if self.tokens_per_second > 0.0 {
             Duration::from_secs_f64(1.0 / self.tokens_per_second)
@@ -121,7 +151,8 @@ impl Backend for Mock {
                 let s = futures::stream::once(async move {
                     tokio::time::sleep(delay + gap * (n.saturating_sub(1) as u32)).await;
                     Ok(ChatChunk {
-                        text: Mock::text(n),
+                        text: words.concat(),
+                        tool_calls,
                         finish_reason: Some(finish.to_owned()),
                         usage: Some(usage),
                         ..ChatChunk::default()
@@ -129,12 +160,33 @@ impl Backend for Mock {
                 });
                 return Ok(s.boxed());
             }
-            // Items: tokens 0..n, then (n) the finish chunk, then (n+1) usage if asked.
-            let last = if include_usage { n + 1 } else { n };
-            let s = futures::stream::unfold(0u64, move |i| async move {
-                if i > last {
-                    return None;
-                }
+            // Items: words 0..n, then (n) the tool calls (if any), then the finish chunk, then
+            // usage if asked.
+            let mut items: VecDeque<ChatChunk> = words
+                .into_iter()
+                .map(|w| ChatChunk {
+                    text: w,
+                    ..ChatChunk::default()
+                })
+                .collect();
+            if let Some(tc) = tool_calls {
+                items.push_back(ChatChunk {
+                    tool_calls: Some(tc),
+                    ..ChatChunk::default()
+                });
+            }
+            items.push_back(ChatChunk {
+                finish_reason: Some(finish.to_owned()),
+                ..ChatChunk::default()
+            });
+            if include_usage {
+                items.push_back(ChatChunk {
+                    usage: Some(usage),
+                    ..ChatChunk::default()
+                });
+            }
+            let s = futures::stream::unfold((0u64, items), move |(i, mut items)| async move {
+                let c = items.pop_front()?;
                 let wait = if i == 0 {
                     delay
                 } else if i < n {
@@ -145,26 +197,197 @@ impl Backend for Mock {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
-                let c = if i < n {
-                    ChatChunk {
-                        text: MOCK_WORDS[i as usize % MOCK_WORDS.len()].to_owned(),
-                        ..ChatChunk::default()
-                    }
-                } else if i == n {
-                    ChatChunk {
-                        finish_reason: Some(finish.to_owned()),
-                        ..ChatChunk::default()
-                    }
-                } else {
-                    ChatChunk {
-                        usage: Some(usage),
-                        ..ChatChunk::default()
-                    }
-                };
-                Some((Ok(c), i + 1))
+                Some((Ok(c), (i + 1, items)))
             });
             Ok(s.boxed())
         }
         .boxed()
     }
+}
+
+/// Splits text into stream tokens: each word with the whitespace before it.
+fn split_words(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for c in text.chars() {
+        if c.is_whitespace() && !cur.trim().is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Byte offset just past the first whole-word, case-insensitive occurrence of `word` in
+/// `text`, and where it starts.
+fn find_word(text: &str, word: &str) -> Option<(usize, usize)> {
+    if word.is_empty() {
+        return None;
+    }
+    let lower = text.to_lowercase();
+    let word = word.to_lowercase();
+    // Lowercasing can change byte lengths outside ASCII: only use it when it does not.
+    if lower.len() != text.len() {
+        return None;
+    }
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut from = 0;
+    while let Some(at) = lower[from..].find(&word) {
+        let start = from + at;
+        let end = start + word.len();
+        let before = lower[..start].chars().next_back();
+        let after = lower[end..].chars().next();
+        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
+            return Some((start, end));
+        }
+        from = end;
+    }
+    None
+}
+
+/// The mock's tool call for `req`, if its rule applies (see the [module docs](self)): a
+/// `tool_calls` array of one call.
+pub fn tool_call(req: &ChatRequest) -> Option<Value> {
+    let tools = req.tools.as_ref()?.as_array()?;
+    let last = req.messages.last()?;
+    if last.get("role").and_then(Value::as_str) != Some("user") {
+        return None;
+    }
+    let text = message_text(last);
+    // The tool named first in the prompt.
+    let (tool, end) = tools
+        .iter()
+        .filter_map(|t| {
+            let f = t.get("function")?;
+            let name = f.get("name")?.as_str()?;
+            let dotted = name.replace("__", ".");
+            let hit = [name, dotted.as_str()]
+                .iter()
+                .filter_map(|n| find_word(&text, n))
+                .min()?;
+            Some((f, hit))
+        })
+        .min_by_key(|(_, (start, _))| *start)
+        .map(|(f, (_, end))| (f, end))?;
+    let name = tool.get("name")?.as_str()?;
+    let rest = &text[end..];
+    let args = derive_arguments(tool.get("parameters"), rest);
+    let k = req
+        .messages
+        .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
+        .count();
+    Some(
+        json!([{"index": 0, "id": format!("call_mock_{k}"), "type": "function",
+                 "function": {"name": name, "arguments": args.to_string()}}]),
+    )
+}
+
+/// A message's text: a string `content`, or the `text` parts of an array of parts.
+fn message_text(m: &Value) -> String {
+    match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// Arguments for a tool with JSON Schema `parameters` from the prompt text after its name.
+fn derive_arguments(parameters: Option<&Value>, rest: &str) -> Value {
+    let props = parameters
+        .and_then(|p| p.get("properties"))
+        .and_then(Value::as_object);
+    let Some(props) = props else {
+        return json!({});
+    };
+    let required: Vec<&str> = parameters
+        .and_then(|p| p.get("required"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let of_type = |k: &str, ty: &str| {
+        props.get(k).and_then(|p| p.get("type")).is_some_and(|t| {
+            t.as_str() == Some(ty) || t.as_array().is_some_and(|a| a.iter().any(|x| x == ty))
+        })
+    };
+    let string_prop = ["text"]
+        .into_iter()
+        .filter(|k| of_type(k, "string"))
+        .chain(required.iter().copied().filter(|k| of_type(k, "string")))
+        .chain(
+            props
+                .keys()
+                .map(String::as_str)
+                .filter(|k| of_type(k, "string")),
+        )
+        .next();
+    if let Some(k) = string_prop {
+        let value = match rest.find(':') {
+            Some(i) => &rest[i + 1..],
+            None => rest,
+        };
+        let value = value
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'' || c == '`');
+        return json!({ k: value });
+    }
+    let int_prop = required
+        .iter()
+        .copied()
+        .filter(|k| of_type(k, "integer") || of_type(k, "number"))
+        .chain(
+            props
+                .keys()
+                .map(String::as_str)
+                .filter(|k| of_type(k, "integer") || of_type(k, "number")),
+        )
+        .next();
+    if let Some(k) = int_prop {
+        let digits: String = rest
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(n) = digits.parse::<u64>() {
+            return json!({ k: n });
+        }
+    }
+    json!({})
+}
+
+/// The mock's answer after tool results, if the last message is a `tool` message.
+pub fn tool_answer(req: &ChatRequest) -> Option<String> {
+    let last = req.messages.last()?;
+    if last.get("role").and_then(Value::as_str) != Some("tool") {
+        return None;
+    }
+    let start = req
+        .messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) != Some("tool"))
+        .map_or(0, |i| i + 1);
+    let name_of = |id: &str| {
+        req.messages[..start].iter().rev().find_map(|m| {
+            m.get("tool_calls")?.as_array()?.iter().find_map(|c| {
+                (c.get("id")?.as_str()? == id)
+                    .then(|| c.pointer("/function/name")?.as_str().map(str::to_owned))?
+            })
+        })
+    };
+    let sentences: Vec<String> = req.messages[start..]
+        .iter()
+        .map(|m| {
+            let id = m.get("tool_call_id").and_then(Value::as_str).unwrap_or("");
+            let name = name_of(id).unwrap_or_else(|| "tool".to_owned());
+            format!("The tool `{name}` returned {}.", message_text(m))
+        })
+        .collect();
+    Some(sentences.join(" "))
 }

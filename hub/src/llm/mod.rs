@@ -34,6 +34,7 @@ pub mod node_models;
 pub mod node_proxy;
 mod openai;
 mod sse;
+pub mod tool_loop;
 mod upstream_http;
 
 use std::collections::{HashMap, VecDeque};
@@ -404,6 +405,10 @@ pub struct ChatChunk {
     /// `model` already set to the requested name. `None` for chunks the gateway or a backend
     /// made itself; the HTTP layer then serialises the normalized fields.
     pub raw: Option<Bytes>,
+    /// Top-level fields the hub adds to the response object this chunk is rendered into
+    /// (`apex_tool_runs`, `apex_tool_rounds_exhausted` of the server-side tool loop,
+    /// [`tool_loop`]); only on chunks without `raw`. `None` for everything else.
+    pub apex: Option<Map<String, Value>>,
 }
 
 impl ChatChunk {

@@ -20,6 +20,8 @@ mod limits;
 mod llm;
 #[path = "apex-bench/plugins.rs"]
 mod plugins;
+#[path = "apex-bench/tool_hop.rs"]
+mod tool_hop;
 
 /// Which measurements to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,6 +40,9 @@ enum Suite {
     /// Plugins: `--plugin-calls` stdio plugin runs on one node, a fraction of them killed at
     /// their manifest's timeout; runs/s, latency, and processes, zombies and fds left behind.
     Plugins,
+    /// Server-side tools: the hub → node → hub hop of one tool call of a chat completion,
+    /// excluding model time (the built-in mock model), with the embedded and memory stores.
+    ToolHop,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -101,6 +106,9 @@ struct Args {
     /// limits suite: checks on Redis per measurement.
     #[arg(long, default_value_t = 20_000)]
     limits_redis_checks: usize,
+    /// tool-hop suite: measured chat completions (one tool call each) per store.
+    #[arg(long, default_value_t = 2000)]
+    tool_hop_samples: usize,
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
@@ -179,6 +187,12 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             calls: args.plugin_calls,
             timeout_fraction: args.plugin_timeout_fraction,
             concurrency: args.plugin_concurrency,
+        })
+        .await;
+    }
+    if args.suite == Suite::ToolHop {
+        return tool_hop::run(&tool_hop::ToolHopArgs {
+            samples: args.tool_hop_samples.max(2),
         })
         .await;
     }
