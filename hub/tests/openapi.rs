@@ -493,3 +493,24 @@ async fn every_error_response_is_the_shared_error_body() {
         );
     }
 }
+
+#[tokio::test]
+async fn server_tools_fields_are_documented() {
+    let doc = served_document().await;
+    let schemas = &doc["components"]["schemas"];
+    assert!(
+        schemas["ChatCompletionRequest"]["properties"]["server_tools"].is_object(),
+        "{}",
+        schemas["ChatCompletionRequest"]
+    );
+    let completion = &schemas["ChatCompletion"]["properties"];
+    assert!(completion["apex_tool_runs"].is_object(), "{completion}");
+    assert!(completion["apex_tool_rounds_exhausted"].is_object());
+    for field in ["task_id", "tool", "tool_call_id", "duration_ms", "status"] {
+        assert!(
+            schemas["ToolRun"]["properties"][field].is_object(),
+            "ToolRun.{field}: {}",
+            schemas["ToolRun"]
+        );
+    }
+}

@@ -323,9 +323,12 @@ impl ScriptedCall {
     }
 }
 
-/// What the `calls` knob makes of a request: the calls `(id, name, arguments)` of this round,
-/// or the text answering tool results.
-fn scripted(knobs: &Knobs, req: &Value) -> Option<Result<Vec<(String, String, String)>, String>> {
+/// The calls `(id, name, arguments)` of a scripted round, or the text answering tool results.
+type Plan = Result<Vec<(String, String, String)>, String>;
+
+/// What the `calls` knob makes of a request: the calls of this round, or the text answering
+/// tool results.
+fn scripted(knobs: &Knobs, req: &Value) -> Option<Plan> {
     let script = knobs.calls.as_ref()?;
     let messages = req
         .get("messages")
@@ -578,7 +581,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
 
 /// The answer of the `calls` knob: this round's calls, or the tool results' text.
 fn scripted_answer(
-    plan: Result<Vec<(String, String, String)>, String>,
+    plan: Plan,
     model: &str,
     stream: bool,
     include_usage: bool,

@@ -379,6 +379,27 @@ pub mod schemas {
         /// Synonym of `requestId`.
         #[schema(rename = "messageId")]
         pub message_id: Option<String>,
+        /// Cluster tools the model may call, run by the hub as tasks on nodes: `"all"`, or
+        /// tool names of `GET /api/v1/tools`. An unknown name is 400 on `server_tools`; the
+        /// credential needs the `tasks` scope. See the README, "Server-side tools".
+        #[schema(value_type = Option<Object>, example = json!(["sha256"]))]
+        pub server_tools: Option<Value>,
+    }
+
+    /// One entry of `apex_tool_runs`: a server-tool call the hub handled.
+    #[derive(ToSchema)]
+    pub struct ToolRun {
+        /// The task that ran it (`GET /api/v1/tasks/{id}`); `null` when none was made.
+        pub task_id: Option<String>,
+        /// The tool.
+        pub tool: String,
+        /// The `id` of the model's call.
+        pub tool_call_id: String,
+        /// From submitting the task to having its result, milliseconds (fractional).
+        pub duration_ms: f64,
+        /// `succeeded`, `failed`, `timed_out`, `cancelled`, `refused`, `invalid_arguments`
+        /// or `skipped` (not run).
+        pub status: String,
     }
 
     /// A `chat.completion` object (OpenAI's shape).
@@ -398,6 +419,12 @@ pub mod schemas {
         /// `{prompt_tokens, completion_tokens, total_tokens}`.
         #[schema(value_type = Object)]
         pub usage: Value,
+        /// With `server_tools`: the calls the hub handled, in order (in a stream: on its
+        /// last chunk).
+        pub apex_tool_runs: Option<Vec<ToolRun>>,
+        /// With `server_tools`: `true` when the model still called server tools after
+        /// `max_tool_rounds` rounds (its last answer is returned without those calls).
+        pub apex_tool_rounds_exhausted: Option<bool>,
     }
 
     /// `GET /v1/models`.

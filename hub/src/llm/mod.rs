@@ -711,6 +711,24 @@ impl Gateway {
         }
     }
 
+    /// Registers `ctx`'s request id for interrupts while no model call of it runs (the tool
+    /// loop between two model calls, [`tool_loop`]): [`Gateway::interrupt`] then cancels
+    /// `ctx.cancel`. The id is freed when the returned guard drops; `None` if the id is in
+    /// flight already.
+    pub(crate) fn hold_request_id(&self, ctx: &CallContext) -> Option<impl Drop + Send + use<>> {
+        let mut calls = self.registry.calls.lock();
+        if calls.contains_key(&ctx.request_id) {
+            return None;
+        }
+        let token = self.registry.next.fetch_add(1, Ordering::Relaxed);
+        calls.insert(ctx.request_id.clone(), (token, ctx.cancel.clone()));
+        Some(Registration {
+            registry: self.registry.clone(),
+            id: ctx.request_id.clone(),
+            token,
+        })
+    }
+
     /// Number of calls in flight.
     pub fn in_flight(&self) -> usize {
         self.registry.calls.lock().len()

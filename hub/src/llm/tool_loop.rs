@@ -856,6 +856,8 @@ impl LoopState {
                 self.req
                     .messages
                     .push(assistant_message(&round_text, &plain));
+                // Interrupts by request id reach the loop while the tools run, too.
+                let held = self.lp.gateway.hold_request_id(&self.ctx);
                 let runner = self.lp.runner.clone();
                 let runs = futures::future::join_all(
                     calls
@@ -867,6 +869,7 @@ impl LoopState {
                     _ = self.ctx.cancel.cancelled() => None,
                     o = runs => Some(o),
                 };
+                drop(held);
                 let Some(outcomes) = outcomes else {
                     // Interrupted while tools ran (the runs are dropped: their tasks cancelled).
                     self.finish_with(Vec::new(), false, true);

@@ -507,3 +507,49 @@ async fn client_tools_pass_through_and_unknown_models_fail_at_once() {
         .unwrap();
     assert_eq!(e.status(), 404);
 }
+
+/// Never finishes a call; tells when one started.
+struct Hangs(tokio::sync::mpsc::Sender<()>);
+
+impl ToolRunner for Hangs {
+    fn run<'a>(
+        &'a self,
+        _tool: &'a str,
+        _arguments: &'a str,
+        _call_id: &'a str,
+    ) -> BoxFuture<'a, RunOutcome> {
+        let tx = self.0.clone();
+        async move {
+            let _ = tx.send(()).await;
+            futures::future::pending().await
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test]
+async fn an_interrupt_reaches_the_loop_while_tools_run() {
+    let tools = ServerTools::resolve(&Selection::All, &catalogue(), None, |_| false).unwrap();
+    let (tx, mut started) = tokio::sync::mpsc::channel(1);
+    let gw = mock_gateway();
+    let lp = ToolLoop::new(gw.clone(), tools, Arc::new(Hangs(tx)), 8);
+    let req = mock_request(&ServerTools::default(), "sha256: x");
+    let s = lp
+        .start(req, CallContext::new("int", crate::llm::Caller::Http))
+        .await
+        .unwrap();
+    let all = tokio::spawn(collect(s));
+    started.recv().await.unwrap();
+    assert!(
+        gw.interrupt("int"),
+        "the id is registered while the tool runs"
+    );
+    let chunks = tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .unwrap()
+        .unwrap();
+    let last = chunks.last().unwrap();
+    assert!(last.interrupted);
+    assert_eq!(last.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(gw.in_flight(), 0);
+}
