@@ -385,21 +385,7 @@ impl RawConfig {
             None => default_data_dir(std::env::var_os("XDG_DATA_HOME"), std::env::var_os("HOME")),
         };
 
-        let mut file_roots = Vec::with_capacity(self.file_roots.len());
-        for root in &self.file_roots {
-            let canonical = std::fs::canonicalize(root).map_err(|e| {
-                invalid("file_roots", format!("cannot use {}: {e}", root.display()))
-            })?;
-            if !canonical.is_dir() {
-                return Err(invalid(
-                    "file_roots",
-                    format!("{} is not a directory", root.display()),
-                ));
-            }
-            if !file_roots.contains(&canonical) {
-                file_roots.push(canonical);
-            }
-        }
+        let file_roots = canonical_dirs("file_roots", &self.file_roots)?;
 
         let mut allow_programs: Vec<String> = Vec::with_capacity(self.allow_programs.len());
         for p in &self.allow_programs {
@@ -458,21 +444,7 @@ impl RawConfig {
         };
         let mcp_servers = crate::mcp::validate(self.mcp_servers)?;
 
-        let mut plugin_dirs = Vec::with_capacity(self.plugin_dirs.len());
-        for dir in &self.plugin_dirs {
-            let canonical = std::fs::canonicalize(dir).map_err(|e| {
-                invalid("plugin_dirs", format!("cannot use {}: {e}", dir.display()))
-            })?;
-            if !canonical.is_dir() {
-                return Err(invalid(
-                    "plugin_dirs",
-                    format!("{} is not a directory", dir.display()),
-                ));
-            }
-            if !plugin_dirs.contains(&canonical) {
-                plugin_dirs.push(canonical);
-            }
-        }
+        let plugin_dirs = canonical_dirs("plugin_dirs", &self.plugin_dirs)?;
 
         Ok(Config {
             hubs,
@@ -494,6 +466,29 @@ impl RawConfig {
             mcp_servers,
         })
     }
+}
+
+/// `dirs` made canonical, each checked to be a directory, duplicates dropped (first kept).
+///
+/// # Errors
+/// [`Error::Invalid`] on `field` naming the first path that cannot be resolved or is not a
+/// directory.
+fn canonical_dirs(field: &'static str, dirs: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
+    let mut out = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let canonical = std::fs::canonicalize(dir)
+            .map_err(|e| invalid(field, format!("cannot use {}: {e}", dir.display())))?;
+        if !canonical.is_dir() {
+            return Err(invalid(
+                field,
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        if !out.contains(&canonical) {
+            out.push(canonical);
+        }
+    }
+    Ok(out)
 }
 
 /// Checks an `llm_upstream` URL: absolute `http://` or `https://` with a host, no credentials;
