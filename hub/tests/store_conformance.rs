@@ -427,6 +427,7 @@ async fn redis_records_conform_and_compare_and_set_is_atomic_across_connections(
         .unwrap();
     apex_hub::records::conformance::check(&a).await;
     apex_hub::records::conformance::check_race(&a, &b).await;
+    apex_hub::records::conformance::check_log_race(&a, &b).await;
     a.put("conf_seen", "k", b"from a", None).await.unwrap();
     assert_eq!(
         b.get("conf_seen", "k").await.unwrap().as_deref(),

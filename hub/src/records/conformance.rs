@@ -17,6 +17,7 @@ pub async fn check(store: &RecordStore) {
     compare_and_set(store).await;
     expiry(store).await;
     versions(store).await;
+    logs(store).await;
 }
 
 /// Races `store_a` and `store_b` (handles of one backend, as two hubs hold) on one
@@ -162,6 +163,103 @@ async fn versions(s: &RecordStore) {
     assert!(s.version("conf_v").await.unwrap() > v1, "a delete bumps it");
 }
 
+async fn logs(s: &RecordStore) {
+    assert_eq!(s.log_len("conf_l", "a").await.unwrap(), 0, "absent log");
+    assert!(s.read_log("conf_l", "a", 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.append("conf_l", "a", vec![b"one".to_vec(), b"tw|o\0".to_vec()])
+            .await
+            .unwrap(),
+        2,
+        "append returns the last sequence number"
+    );
+    assert_eq!(
+        s.append("conf_l", "a", vec![b"three".to_vec()])
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(s.append("conf_l", "a", Vec::new()).await.unwrap(), 3);
+    assert_eq!(
+        s.append("conf_l", "a:b", vec![b"other".to_vec()])
+            .await
+            .unwrap(),
+        1,
+        "logs are apart"
+    );
+    assert_eq!(s.log_len("conf_l", "a").await.unwrap(), 3);
+    let all = s.read_log("conf_l", "a", 0, 10).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (1, b"one".to_vec()),
+            (2, b"tw|o\0".to_vec()),
+            (3, b"three".to_vec())
+        ],
+        "entries in order, bytes as given"
+    );
+    assert_eq!(
+        s.read_log("conf_l", "a", 1, 1).await.unwrap(),
+        vec![(2, b"tw|o\0".to_vec())],
+        "after and limit"
+    );
+    assert!(s.read_log("conf_l", "a", 3, 10).await.unwrap().is_empty());
+    assert!(
+        s.log_footprint("conf_l", "a")
+            .await
+            .unwrap()
+            .is_some_and(|b| b > 0)
+    );
+    assert!(s.delete_log("conf_l", "a").await.unwrap(), "a hit");
+    assert!(!s.delete_log("conf_l", "a").await.unwrap(), "then a miss");
+    assert_eq!(s.log_len("conf_l", "a").await.unwrap(), 0);
+    assert_eq!(
+        s.append("conf_l", "a", vec![b"again".to_vec()])
+            .await
+            .unwrap(),
+        1,
+        "a deleted log starts again at 1"
+    );
+    assert_eq!(
+        s.read_log("conf_l", "a:b", 0, 10).await.unwrap(),
+        vec![(1, b"other".to_vec())],
+        "deleting one log leaves another"
+    );
+}
+
+/// Races `store_a` and `store_b` on one log: 40 concurrent appends of 2 entries each get
+/// distinct, gapless sequence numbers, each pair kept together.
+///
+/// # Panics
+/// If a number repeats or a pair is split.
+pub async fn check_log_race(store_a: &RecordStore, store_b: &RecordStore) {
+    let mut tries = Vec::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 { store_a } else { store_b }.clone();
+        tries.push(tokio::spawn(async move {
+            let e = vec![format!("{i}-a").into_bytes(), format!("{i}-b").into_bytes()];
+            s.append("conf_lrace", "l", e).await.unwrap()
+        }));
+    }
+    let mut lasts = Vec::new();
+    for t in tries {
+        lasts.push(t.await.unwrap());
+    }
+    lasts.sort_unstable();
+    assert_eq!(lasts, (1..=40).map(|n| n * 2).collect::<Vec<u64>>());
+    let all = store_a.read_log("conf_lrace", "l", 0, 1000).await.unwrap();
+    assert_eq!(all.len(), 80);
+    for pair in all.chunks(2) {
+        let a = String::from_utf8(pair[0].1.clone()).unwrap();
+        let b = String::from_utf8(pair[1].1.clone()).unwrap();
+        assert_eq!(
+            a.replace("-a", "-b"),
+            b,
+            "an append's entries stay together"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +269,7 @@ mod tests {
         let s = RecordStore::memory();
         check(&s).await;
         check_race(&s, &s.clone()).await;
+        check_log_race(&s, &s.clone()).await;
     }
 
     #[tokio::test]
@@ -180,12 +279,21 @@ mod tests {
             let s = RecordStore::embedded(dir.path()).unwrap();
             check(&s).await;
             check_race(&s, &s.clone()).await;
+            check_log_race(&s, &s.clone()).await;
+            s.append("conf_keep", "l", vec![b"kept".to_vec()])
+                .await
+                .unwrap();
             s.put("conf_keep", "k", b"kept", None).await.unwrap();
         }
         let s = RecordStore::embedded(dir.path()).unwrap();
         assert_eq!(
             s.get("conf_keep", "k").await.unwrap().as_deref(),
             Some(&b"kept"[..])
+        );
+        assert_eq!(
+            s.read_log("conf_keep", "l", 0, 5).await.unwrap(),
+            vec![(1, b"kept".to_vec())],
+            "logs survive reopening"
         );
     }
 

@@ -1,5 +1,7 @@
 //! Records in `<data_dir>/records.redb`: table `records` (`<kind>\0<id>` → envelope, see
-//! [`Stored::encode`]) and table `versions` (`<kind>` → write counter). Every write is one
+//! [`Stored::encode`]) and table `versions` (`<kind>` → write counter). Logs: table `log_ids`
+//! (`<kind>\0<key>` → log number, the next number kept in `versions` under `\0logs`) and table
+//! `logs` ((log number, sequence) → entry), so an entry costs its bytes plus a 16-byte key. Every write is one
 //! redb write transaction committed with fsync; redb serialises write transactions, which
 //! makes [`Embedded::compare_and_set`] atomic. Calls run on Tokio's blocking pool.
 
@@ -17,6 +19,10 @@ pub const FILE_NAME: &str = "records.redb";
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("versions");
+const LOG_IDS: TableDefinition<&str, u64> = TableDefinition::new("log_ids");
+const LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("logs");
+/// The `versions` row holding the next log number.
+const NEXT_LOG: &str = "\0logs";
 
 /// The redb backend. Clones share the database.
 #[derive(Clone)]
@@ -42,6 +48,9 @@ impl Embedded {
             .map_err(|e| unreadable(one_line(e)))?;
         txn.open_table(VERSIONS)
             .map_err(|e| unreadable(one_line(e)))?;
+        txn.open_table(LOG_IDS)
+            .map_err(|e| unreadable(one_line(e)))?;
+        txn.open_table(LOGS).map_err(|e| unreadable(one_line(e)))?;
         txn.commit().map_err(|e| unreadable(one_line(e)))?;
         Ok(Self {
             db: Arc::new(db),
@@ -169,6 +178,148 @@ impl Embedded {
             let txn = db.begin_read().map_err(one_line)?;
             let t = txn.open_table(VERSIONS).map_err(one_line)?;
             Ok(t.get(kind).map_err(one_line)?.map_or(0, |g| g.value()))
+        })
+        .await
+    }
+
+    pub(super) async fn append(
+        &self,
+        kind: Kind,
+        key: &str,
+        entries: Vec<Vec<u8>>,
+    ) -> Result<u64, store::Error> {
+        let name = self::key(kind, key);
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(one_line)?;
+            let last;
+            {
+                let mut ids = txn.open_table(LOG_IDS).map_err(one_line)?;
+                let existing = ids.get(name.as_str()).map_err(one_line)?.map(|g| g.value());
+                let log = match existing {
+                    Some(n) => n,
+                    None => {
+                        let mut v = txn.open_table(VERSIONS).map_err(one_line)?;
+                        let n = v.get(NEXT_LOG).map_err(one_line)?.map_or(1, |g| g.value());
+                        v.insert(NEXT_LOG, n + 1).map_err(one_line)?;
+                        ids.insert(name.as_str(), n).map_err(one_line)?;
+                        n
+                    }
+                };
+                let mut t = txn.open_table(LOGS).map_err(one_line)?;
+                let mut seq = t
+                    .range((log, 0)..=(log, u64::MAX))
+                    .map_err(one_line)?
+                    .next_back()
+                    .transpose()
+                    .map_err(one_line)?
+                    .map_or(0, |(k, _)| k.value().1);
+                for e in &entries {
+                    seq += 1;
+                    t.insert((log, seq), e.as_slice()).map_err(one_line)?;
+                }
+                last = seq;
+            }
+            txn.commit().map_err(one_line)?;
+            Ok(last)
+        })
+        .await
+    }
+
+    /// The log number of `kind`/`key`, if it was ever appended to.
+    fn log_id(txn: &redb::ReadTransaction, name: &str) -> Result<Option<u64>, String> {
+        let ids = txn.open_table(LOG_IDS).map_err(one_line)?;
+        Ok(ids.get(name).map_err(one_line)?.map(|g| g.value()))
+    }
+
+    pub(super) async fn read_log(
+        &self,
+        kind: Kind,
+        key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, store::Error> {
+        let name = self::key(kind, key);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(one_line)?;
+            let Some(log) = Self::log_id(&txn, &name)? else {
+                return Ok(Vec::new());
+            };
+            let t = txn.open_table(LOGS).map_err(one_line)?;
+            let mut out = Vec::new();
+            let start = after.saturating_add(1);
+            for row in t.range((log, start)..=(log, u64::MAX)).map_err(one_line)? {
+                let (k, v) = row.map_err(one_line)?;
+                out.push((k.value().1, v.value().to_vec()));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(super) async fn log_len(&self, kind: Kind, key: &str) -> Result<u64, store::Error> {
+        let name = self::key(kind, key);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(one_line)?;
+            let Some(log) = Self::log_id(&txn, &name)? else {
+                return Ok(0);
+            };
+            let t = txn.open_table(LOGS).map_err(one_line)?;
+            let last = t
+                .range((log, 0)..=(log, u64::MAX))
+                .map_err(one_line)?
+                .next_back()
+                .transpose()
+                .map_err(one_line)?
+                .map_or(0, |(k, _)| k.value().1);
+            Ok(last)
+        })
+        .await
+    }
+
+    pub(super) async fn delete_log(&self, kind: Kind, key: &str) -> Result<bool, store::Error> {
+        let name = self::key(kind, key);
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(one_line)?;
+            let had;
+            {
+                let ids = txn.open_table(LOG_IDS).map_err(one_line)?;
+                let log = ids.get(name.as_str()).map_err(one_line)?.map(|g| g.value());
+                drop(ids);
+                let Some(log) = log else {
+                    return Ok(false);
+                };
+                let mut t = txn.open_table(LOGS).map_err(one_line)?;
+                had = t
+                    .range((log, 0)..=(log, u64::MAX))
+                    .map_err(one_line)?
+                    .next()
+                    .is_some();
+                t.retain_in((log, 0)..=(log, u64::MAX), |_, _| false)
+                    .map_err(one_line)?;
+            }
+            txn.commit().map_err(one_line)?;
+            Ok(had)
+        })
+        .await
+    }
+
+    pub(super) async fn log_footprint(&self, kind: Kind, key: &str) -> Result<u64, store::Error> {
+        let name = self::key(kind, key);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(one_line)?;
+            let Some(log) = Self::log_id(&txn, &name)? else {
+                return Ok(0);
+            };
+            let t = txn.open_table(LOGS).map_err(one_line)?;
+            let mut bytes = 0u64;
+            for row in t.range((log, 0)..=(log, u64::MAX)).map_err(one_line)? {
+                let (_, v) = row.map_err(one_line)?;
+                bytes += 16 + v.value().len() as u64;
+            }
+            Ok(bytes)
         })
         .await
     }

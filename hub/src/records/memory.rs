@@ -12,6 +12,7 @@ use super::{Kind, Stored, matches};
 struct Kinds {
     records: HashMap<Kind, BTreeMap<String, Stored>>,
     versions: HashMap<Kind, u64>,
+    logs: HashMap<(Kind, String), Vec<Vec<u8>>>,
 }
 
 /// The memory backend. Clones share the records.
@@ -59,6 +60,56 @@ impl Memory {
 
     pub(super) fn version(&self, kind: Kind) -> u64 {
         self.inner.lock().versions.get(kind).copied().unwrap_or(0)
+    }
+}
+
+impl Memory {
+    pub(super) fn append(&self, kind: Kind, key: &str, entries: Vec<Vec<u8>>) -> u64 {
+        let mut k = self.inner.lock();
+        let log = k.logs.entry((kind, key.to_owned())).or_default();
+        log.extend(entries);
+        log.len() as u64
+    }
+
+    pub(super) fn read_log(
+        &self,
+        kind: Kind,
+        key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let k = self.inner.lock();
+        let Some(log) = k.logs.get(&(kind, key.to_owned())) else {
+            return Vec::new();
+        };
+        let from = usize::try_from(after).unwrap_or(usize::MAX);
+        log.iter()
+            .enumerate()
+            .skip(from)
+            .take(limit)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect()
+    }
+
+    pub(super) fn log_len(&self, kind: Kind, key: &str) -> u64 {
+        let k = self.inner.lock();
+        k.logs
+            .get(&(kind, key.to_owned()))
+            .map_or(0, |l| l.len() as u64)
+    }
+
+    pub(super) fn delete_log(&self, kind: Kind, key: &str) -> bool {
+        let mut k = self.inner.lock();
+        k.logs
+            .remove(&(kind, key.to_owned()))
+            .is_some_and(|l| !l.is_empty())
+    }
+
+    pub(super) fn log_bytes(&self, kind: Kind, key: &str) -> u64 {
+        let k = self.inner.lock();
+        k.logs
+            .get(&(kind, key.to_owned()))
+            .map_or(0, |l| l.iter().map(|e| e.len() as u64).sum())
     }
 }
 

@@ -13,6 +13,12 @@
 //!
 //! Expired records read as absent everywhere; they are dropped when a write or a listing meets
 //! them.
+//!
+//! Beside records, the store keeps **append-only logs** (`kind` + `key` → entries numbered from
+//! 1): a conversation's messages, the memory index's feed. An append is one durable write of
+//! every entry given, whatever the log's length, so storage grows with the bytes appended (not
+//! with the log's length times the number of writes, as rewriting one record per change would).
+//! redb table `logs` keyed by (log number, sequence), Redis lists `apex:log:<kind>:<key>`.
 
 mod embedded;
 mod memory;
@@ -251,6 +257,92 @@ impl RecordStore {
             Backend::Memory(m) => Ok(m.version(kind)),
             Backend::Embedded(e) => e.version(kind).await,
             Backend::Redis(r) => r.version(kind).await,
+        }
+    }
+}
+
+impl RecordStore {
+    /// Appends `entries` to the log `kind`/`key` in one durable write (one redb transaction, one
+    /// `RPUSH`), atomically: every entry or none. Returns the sequence number of the last entry
+    /// (entries are numbered from 1 in append order; concurrent appenders, on other hubs too,
+    /// get distinct numbers). An empty `entries` appends nothing and returns the current length.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails; nothing is appended then.
+    pub async fn append(
+        &self,
+        kind: Kind,
+        key: &str,
+        entries: Vec<Vec<u8>>,
+    ) -> Result<u64, store::Error> {
+        if entries.is_empty() {
+            return self.log_len(kind, key).await;
+        }
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.append(kind, key, entries)),
+            Backend::Embedded(e) => e.append(kind, key, entries).await,
+            Backend::Redis(r) => r.append(kind, key, entries).await,
+        }
+    }
+
+    /// Up to `limit` entries of the log `kind`/`key` after sequence number `after` (0: from the
+    /// first), as `(seq, bytes)` in order. An absent log reads as empty.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn read_log(
+        &self,
+        kind: Kind,
+        key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, store::Error> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.read_log(kind, key, after, limit)),
+            Backend::Embedded(e) => e.read_log(kind, key, after, limit).await,
+            Backend::Redis(r) => r.read_log(kind, key, after, limit).await,
+        }
+    }
+
+    /// The sequence number of the log's last entry (0 when empty or absent).
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn log_len(&self, kind: Kind, key: &str) -> Result<u64, store::Error> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.log_len(kind, key)),
+            Backend::Embedded(e) => e.log_len(kind, key).await,
+            Backend::Redis(r) => r.log_len(kind, key).await,
+        }
+    }
+
+    /// Deletes the whole log `kind`/`key`; true if it had entries. A later append starts again
+    /// at sequence number 1.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn delete_log(&self, kind: Kind, key: &str) -> Result<bool, store::Error> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.delete_log(kind, key)),
+            Backend::Embedded(e) => e.delete_log(kind, key).await,
+            Backend::Redis(r) => r.delete_log(kind, key).await,
+        }
+    }
+
+    /// The bytes the backend spends on the log `kind`/`key` (redb: its entries' keys and
+    /// values; Redis: `MEMORY USAGE` of the list; memory: the entries' bytes). For the storage
+    /// benchmark; `None` where it cannot be told.
+    ///
+    /// # Errors
+    /// [`store::Error::Unavailable`] when the backend fails.
+    pub async fn log_footprint(&self, kind: Kind, key: &str) -> Result<Option<u64>, store::Error> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(Some(m.log_bytes(kind, key))),
+            Backend::Embedded(e) => e.log_footprint(kind, key).await.map(Some),
+            Backend::Redis(r) => r.log_footprint(kind, key).await,
         }
     }
 }

@@ -25,6 +25,11 @@ fn hash(kind: Kind) -> String {
     format!("apex:rec:{kind}")
 }
 
+/// The list holding the log `kind`/`key` (entry `n` at index `n - 1`).
+fn log_list(kind: Kind, key: &str) -> String {
+    format!("apex:log:{kind}:{key}")
+}
+
 fn counter(kind: Kind) -> String {
     format!("apex:rec:{kind}:v")
 }
@@ -152,5 +157,80 @@ impl Redis {
             .await
             .map_err(|e| self.unavailable(e))?;
         Ok(v.unwrap_or(0))
+    }
+
+    pub(super) async fn append(
+        &self,
+        kind: Kind,
+        key: &str,
+        entries: Vec<Vec<u8>>,
+    ) -> Result<u64, store::Error> {
+        let mut c = self.conn.clone();
+        let len: u64 = redis::cmd("RPUSH")
+            .arg(log_list(kind, key))
+            .arg(entries)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(len)
+    }
+
+    pub(super) async fn read_log(
+        &self,
+        kind: Kind,
+        key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, store::Error> {
+        let mut c = self.conn.clone();
+        let start = i64::try_from(after).unwrap_or(i64::MAX);
+        let stop = start.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX) - 1);
+        let got: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(log_list(kind, key))
+            .arg(start)
+            .arg(stop)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(got
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (after + i as u64 + 1, e))
+            .collect())
+    }
+
+    pub(super) async fn log_len(&self, kind: Kind, key: &str) -> Result<u64, store::Error> {
+        let mut c = self.conn.clone();
+        redis::cmd("LLEN")
+            .arg(log_list(kind, key))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    pub(super) async fn delete_log(&self, kind: Kind, key: &str) -> Result<bool, store::Error> {
+        let mut c = self.conn.clone();
+        let n: i64 = redis::cmd("DEL")
+            .arg(log_list(kind, key))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(n > 0)
+    }
+
+    pub(super) async fn log_footprint(
+        &self,
+        kind: Kind,
+        key: &str,
+    ) -> Result<Option<u64>, store::Error> {
+        let mut c = self.conn.clone();
+        redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(log_list(kind, key))
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
     }
 }
