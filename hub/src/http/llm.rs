@@ -17,7 +17,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
@@ -25,11 +24,10 @@ use serde_json::{Value, json};
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
-use crate::llm::tool_loop::{Selection, ServerTools, TaskRunner, ToolLoop};
 use crate::llm::{
     CallContext, Caller, ChatChunk, ChatRequest, ChunkStream, LlmError, Usage, UsageHook,
 };
-use crate::principal::{Principal, Scope};
+use crate::principal::Principal;
 
 const X_REQUEST_ID: &str = "x-request-id";
 
@@ -149,9 +147,7 @@ pub(super) async fn chat_completions(
 }
 
 /// Starts the server-side tool loop of a request with `server_tools` (see
-/// [`crate::llm::tool_loop`]); without any tool selected (`[]`, `null`) the plain gateway call.
-/// Errors are the gateway's error responses: 400 on `server_tools`, 403 without the `tasks`
-/// scope, 503 when the node views cannot be read, then those of the first model call.
+/// [`crate::llm::tool_loop::start_for`]), errors rendered as the gateway's error responses.
 async fn start_tool_loop(
     state: &AppState,
     principal: &Principal,
@@ -160,54 +156,33 @@ async fn start_tool_loop(
     req: ChatRequest,
     ctx: CallContext,
 ) -> Result<ChunkStream, Response> {
-    let gateway = state.llm.get();
-    let fail = |e: LlmError| {
-        tracing::debug!(request_id = %id, error = %e, "chat completion failed");
-        api_error(&e).into_response()
-    };
-    let Some(selection) = Selection::parse(&selection).map_err(fail)? else {
-        return gateway
-            .chat(req, ctx)
-            .await
-            .map(|s| s.boxed())
-            .map_err(fail);
-    };
-    if !principal.has(Scope::Tasks) {
-        return Err(ApiError::forbidden(
-            "`server_tools` runs tasks: the credential needs the `tasks` scope",
-        )
-        .into_response());
-    }
-    let views = state
-        .tasks
-        .node_views()
-        .await
-        .map_err(|e| ApiError::from(e).into_response())?;
-    let allow_internal = state.config.allow_internal_request_file;
-    let plugins = state.plugins.clone();
-    let excluded = |name: &str| {
-        name == crate::engine::LLM_CHAT_TOOL
-            || name.starts_with("llm.chat@")
-            || (name == crate::engine::INTERNAL_REQUEST_FILE && !allow_internal)
-            || plugins.is_disabled(name)
-    };
-    let tools = ServerTools::resolve(
+    crate::llm::tool_loop::start_for(
+        &crate::llm::tool_loop::Cluster {
+            gateway: state.llm.get(),
+            tasks: &state.tasks,
+            plugins: &state.plugins,
+            config: &state.config,
+        },
+        principal,
         &selection,
-        &crate::plugins::tool_list(&views),
-        req.tools.as_ref(),
-        excluded,
+        req,
+        ctx,
     )
-    .map_err(fail)?;
-    let runner = TaskRunner::new(state.tasks.clone(), principal.clone(), id, &state.config);
-    ToolLoop::new(
-        gateway,
-        tools,
-        Arc::new(runner),
-        state.config.max_tool_rounds,
-    )
-    .start(req, ctx)
     .await
-    .map_err(fail)
+    .map_err(|e| {
+        tracing::debug!(request_id = %id, error = %e, "chat completion failed");
+        start_error(e).into_response()
+    })
+}
+
+/// The response of a tool loop that did not start.
+pub(super) fn start_error(e: crate::llm::tool_loop::StartError) -> ApiError {
+    use crate::llm::tool_loop::StartError;
+    match e {
+        StartError::Llm(e) => api_error(&e),
+        StartError::Forbidden(m) => ApiError::forbidden(m),
+        StartError::Tasks(e) => ApiError::from(e),
+    }
 }
 
 fn new_id() -> String {

@@ -682,6 +682,88 @@ pub fn apex_fields(runs: &[ToolRun], exhausted: bool) -> Map<String, Value> {
     m
 }
 
+/// What [`start_for`] needs of the hub.
+pub struct Cluster<'a> {
+    /// The gateway in force.
+    pub gateway: Arc<Gateway>,
+    /// The task service the tool calls run through.
+    pub tasks: &'a crate::tasks::TaskService,
+    /// Plugin switches (a disabled plugin's tools are not offered).
+    pub plugins: &'a crate::plugins::Plugins,
+    /// The hub's config (`max_tool_rounds`, `tool_call_timeout_seconds`,
+    /// `allow_internal_request_file`).
+    pub config: &'a crate::config::Config,
+}
+
+/// Why [`start_for`] did not start a call.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `server_tools` was invalid, or the first model call failed.
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    /// The caller lacks the `tasks` scope that tool runs need.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The node views could not be read.
+    #[error(transparent)]
+    Tasks(#[from] crate::tasks::Error),
+}
+
+/// Starts a chat call of `principal` offering the cluster tools `selection` names (the
+/// `server_tools` value: `"all"`, a list of names, or `null`/`[]` for none, then a plain
+/// gateway call). Tool calls run as tasks of `principal`. Used by `/v1/chat/completions` and
+/// the conversations of `/api/v1/chat`.
+///
+/// # Errors
+/// [`StartError::Llm`] for a bad `selection` (400) or the first call's failure,
+/// [`StartError::Forbidden`] without the `tasks` scope, [`StartError::Tasks`] when the node
+/// views cannot be read.
+pub async fn start_for(
+    hub: &Cluster<'_>,
+    principal: &crate::principal::Principal,
+    selection: &Value,
+    req: ChatRequest,
+    ctx: CallContext,
+) -> Result<ChunkStream, StartError> {
+    let Some(selection) = Selection::parse(selection)? else {
+        return Ok(hub.gateway.chat(req, ctx).await?.boxed());
+    };
+    if !principal.has(crate::principal::Scope::Tasks) {
+        return Err(StartError::Forbidden(
+            "`server_tools` runs tasks: the credential needs the `tasks` scope".to_owned(),
+        ));
+    }
+    let views = hub.tasks.node_views().await?;
+    let allow_internal = hub.config.allow_internal_request_file;
+    let plugins = hub.plugins.clone();
+    let excluded = |name: &str| {
+        name == crate::engine::LLM_CHAT_TOOL
+            || name.starts_with("llm.chat@")
+            || (name == crate::engine::INTERNAL_REQUEST_FILE && !allow_internal)
+            || plugins.is_disabled(name)
+    };
+    let tools = ServerTools::resolve(
+        &selection,
+        &crate::plugins::tool_list(&views),
+        req.tools.as_ref(),
+        excluded,
+    )?;
+    let runner = TaskRunner::new(
+        hub.tasks.clone(),
+        principal.clone(),
+        &ctx.request_id,
+        hub.config,
+    );
+    Ok(ToolLoop::new(
+        hub.gateway.clone(),
+        tools,
+        Arc::new(runner),
+        hub.config.max_tool_rounds,
+    )
+    .start(req, ctx)
+    .await?)
+}
+
 /// A chat completion with server tools. Built per request; see the [module docs](self).
 pub struct ToolLoop {
     gateway: Arc<Gateway>,
