@@ -153,6 +153,9 @@ pub struct Config {
     /// Per-caller rate limits of the API routes (`[rate_limits]`; `APEX_RATE_LIMITS__<KEY>`);
     /// see [`RateLimits`]. Hot-reloadable.
     pub rate_limits: RateLimits,
+    /// Conversations of `/api/v1/chat` (`[chat]`; `APEX_CHAT__<KEY>`); see
+    /// [`ChatConfig`](crate::chat::ChatConfig). Not reloadable.
+    pub chat: crate::chat::ChatConfig,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -396,6 +399,7 @@ impl Default for Config {
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
             auth: AuthConfig::default(),
+            chat: crate::chat::ChatConfig::default(),
             rate_limits: RateLimits::default(),
         }
     }
@@ -708,6 +712,9 @@ impl Config {
             return Err(Error::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.rate_limits.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.chat.validate() {
             return Err(Error::Invalid { field, reason });
         }
         Ok(())

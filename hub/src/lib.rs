@@ -2,6 +2,7 @@
 //! already-bound listener until a shutdown future completes. `main.rs` only parses flags,
 //! loads config and calls it; tests call it directly.
 
+pub mod chat;
 pub mod config;
 pub mod durable;
 pub mod engine;
@@ -214,7 +215,16 @@ pub async fn run_with(
     let tasks = tasks.with_plugins(plugins.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
+    let chat = chat::ChatService::new(
+        records.clone(),
+        gateway.clone(),
+        tasks.clone(),
+        plugins.clone(),
+        config.clone(),
+    );
+    chat.spawn_retention(stop_rx.clone());
     let state = AppState {
+        chat,
         plugins,
         identity,
         limits: limits.clone(),

@@ -383,6 +383,7 @@ fn concrete(path: &str) -> String {
         .replace("{name}", "drift-check")
         .replace("{plugin}", "drift-check")
         .replace("{taskId}", "drift-check")
+        .replace("{session_id}", "drift-check")
         .replace("{key}", "VCP_Key=wrong-key")
         .replace("{build}", "0000")
         .replace(

@@ -413,6 +413,12 @@ impl ApiError {
         }
     }
 
+    /// The error shape as JSON (for errors sent inside a stream: `event: error`, WebSocket
+    /// `error` frames).
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self.body()).unwrap_or(Value::Null)
+    }
+
     /// The body this error is sent as.
     fn body(&self) -> ErrorBody<'_> {
         ErrorBody {

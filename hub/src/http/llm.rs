@@ -32,7 +32,7 @@ use crate::principal::Principal;
 const X_REQUEST_ID: &str = "x-request-id";
 
 /// The OpenAI error response for a gateway error.
-fn api_error(e: &LlmError) -> ApiError {
+pub(super) fn api_error(e: &LlmError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
     ApiError::custom(
         status,

@@ -4,6 +4,7 @@
 //! Only this module tree imports axum (and `crate::run`, which serves the router).
 
 pub mod auth;
+mod chat;
 mod config;
 pub mod dashboard;
 pub mod docs;
@@ -73,6 +74,8 @@ pub struct AppState {
     pub limits: Arc<crate::limits::Limiter>,
     /// Plugin switches and the callback signer.
     pub plugins: crate::plugins::Plugins,
+    /// Conversations (`/api/v1/chat…`).
+    pub chat: crate::chat::ChatService,
 }
 
 impl AppState {
@@ -99,9 +102,18 @@ impl AppState {
         let identity = crate::identity::Identity::ephemeral(records.clone(), &config.auth);
         let limits = Arc::new(crate::limits::Limiter::memory(config.rate_limits.clone()));
         let plugins = crate::plugins::Plugins::ephemeral(records.clone(), "http://127.0.0.1");
+        let tasks = crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
+            .with_plugins(plugins.clone());
+        let chat = crate::chat::ChatService::new(
+            records.clone(),
+            llm.clone(),
+            tasks.clone(),
+            plugins.clone(),
+            config.clone(),
+        );
         Self {
-            tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
-                .with_plugins(plugins.clone()),
+            tasks,
+            chat,
             plugins,
             ops: Ops::new(config.clone(), None),
             llm,
@@ -460,6 +472,22 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tools", needs(Tasks, get(plugins::list_tools)))
         .route("/api/v1/tools/{name}", needs(Tasks, get(plugins::get_tool)))
         .route("/mcp", needs(Tasks, post(mcp::serve)))
+        .route("/api/v1/chat", needs(Chat, post(chat::chat)))
+        .route("/api/v1/chat/stream", needs(Chat, post(chat::chat_stream)))
+        .route("/api/v1/chat/sessions", needs(Chat, get(chat::sessions)))
+        .route("/api/v1/chat/interrupt", needs(Chat, post(chat::interrupt)))
+        .route(
+            "/api/v1/chat/history/{session_id}",
+            needs(Chat, get(chat::history).delete(chat::delete_history)),
+        )
+        .route(
+            "/api/v1/chat/context/{session_id}/stats",
+            needs(Chat, get(chat::context_stats)),
+        )
+        .route(
+            "/api/v1/chat/context/{session_id}",
+            needs(Chat, delete(chat::clear_context)),
+        )
         .merge(identity::user_routes());
     // Literal paths, one per line (the OpenAPI drift test reads them from this source):
     // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.
