@@ -63,6 +63,14 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     pip3 install --quiet openai || pip3 install --quiet --break-system-packages openai
 fi
 
+# The conversation tests (tests/tests/chat.rs) run the nex and Kiki platforms' client snippets
+# (`aiohttp`, `requests`) against /api/v1/chat/stream.
+if ! python3 -c 'import aiohttp, requests' >/dev/null 2>&1; then
+    need pip3 python3-pip
+    log "installing the aiohttp and requests Python packages"
+    pip3 install --quiet aiohttp requests || pip3 install --quiet --break-system-packages aiohttp requests
+fi
+
 # The MCP tests (tests/tests/mcp.rs) use the official MCP Python SDK, 2.x, both as the client
 # of the hub's /mcp and for the server a node mounts (tests/fixtures/mcp_server.py).
 if ! python3 -c 'import mcp.server.mcpserver, httpx2' >/dev/null 2>&1; then

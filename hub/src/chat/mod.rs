@@ -59,7 +59,9 @@ pub const MAX_SESSION_ID: usize = 128;
 /// the conversation's storage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredMessage {
-    /// Message id (12 hex digits), unique within the owner's messages.
+    /// Message id: its sequence number in the session's log (not stored: derived on read, so
+    /// the log holds only what was said).
+    #[serde(skip)]
     pub id: String,
     /// `user`, `assistant`, `system` or `tool`.
     pub role: String,
@@ -341,11 +343,6 @@ fn validate_session_id(id: &str) -> Result<(), Error> {
     }
 }
 
-fn short_id() -> String {
-    let u = uuid::Uuid::new_v4();
-    u.simple().to_string()[..12].to_owned()
-}
-
 /// RFC 3339 of Unix ms.
 pub fn rfc3339(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
@@ -514,7 +511,10 @@ impl ChatService {
             for (seq, raw) in page {
                 from = seq;
                 match serde_json::from_slice::<StoredMessage>(&raw) {
-                    Ok(m) => out.push((seq, m)),
+                    Ok(mut m) => {
+                        m.id = seq.to_string();
+                        out.push((seq, m));
+                    }
                     Err(e) => {
                         tracing::warn!(session = %name, seq, error = %e, "a stored chat message does not decode; skipped");
                     }
@@ -1038,7 +1038,7 @@ impl Run {
             .unwrap_or_else(|| tokens::count(tokens::encoding_for(&model), &text));
         let now = apex_protocol::now_ms();
         let user = StoredMessage {
-            id: short_id(),
+            id: String::new(),
             role: "user".to_owned(),
             content: std::mem::take(&mut self.message),
             ts: self.started_ms,
@@ -1047,7 +1047,7 @@ impl Run {
             cut: false,
         };
         let assistant = StoredMessage {
-            id: short_id(),
+            id: String::new(),
             role: "assistant".to_owned(),
             content: text.clone(),
             ts: now,
@@ -1055,14 +1055,18 @@ impl Run {
             model: Some(model.clone()),
             cut: interrupted,
         };
-        let stored = [user, assistant];
+        let mut stored = [user, assistant];
         let entries: Vec<Vec<u8>> = stored
             .iter()
             .filter_map(|m| serde_json::to_vec(m).ok())
             .collect();
         let records = &self.svc.inner.records;
         let last = match records.append(LOG_KIND, &self.name, entries).await {
-            Ok(n) => n,
+            Ok(n) => {
+                stored[0].id = (n - 1).to_string();
+                stored[1].id = n.to_string();
+                n
+            }
             Err(e) => {
                 let _ = tx.send(TurnEvent::Error(Error::Store(e))).await;
                 return;

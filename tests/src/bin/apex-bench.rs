@@ -14,6 +14,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+#[path = "apex-bench/chat.rs"]
+mod chat;
 #[path = "apex-bench/limits.rs"]
 mod limits;
 #[path = "apex-bench/llm.rs"]
@@ -43,6 +45,9 @@ enum Suite {
     /// Server-side tools: the hub → node → hub hop of one tool call of a chat completion,
     /// excluding model time (the built-in mock model), with the embedded and memory stores.
     ToolHop,
+    /// Conversations: the store's bytes for a session of `--chat-turns` turns against the raw
+    /// message bytes (embedded and Redis), and the turn latency with the mock model.
+    Chat,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -109,6 +114,9 @@ struct Args {
     /// tool-hop suite: measured chat completions (one tool call each) per store.
     #[arg(long, default_value_t = 2000)]
     tool_hop_samples: usize,
+    /// `chat`: turns of the measured session.
+    #[arg(long, default_value_t = 1000)]
+    chat_turns: usize,
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
@@ -187,6 +195,12 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             calls: args.plugin_calls,
             timeout_fraction: args.plugin_timeout_fraction,
             concurrency: args.plugin_concurrency,
+        })
+        .await;
+    }
+    if args.suite == Suite::Chat {
+        return chat::run(&chat::ChatArgs {
+            turns: args.chat_turns.max(1),
         })
         .await;
     }
