@@ -745,6 +745,7 @@ impl ChatService {
             message: input.message,
             user_tokens,
             kept,
+            fixed_tokens,
             dropped,
             messages,
             mode: input.stream_mode.unwrap_or_default(),
@@ -941,6 +942,8 @@ struct Run {
     message: String,
     user_tokens: u64,
     kept: Vec<StoredMessage>,
+    /// Tokens of the prompt's fixed part (system prompt, context, summary).
+    fixed_tokens: u64,
     dropped: Vec<StoredMessage>,
     messages: Vec<Value>,
     mode: StreamMode,
@@ -1077,10 +1080,28 @@ impl Run {
         s.updated_at_ms = now;
         s.message_count += 2;
         s.history_tokens += stored.iter().map(|m| m.tok).sum::<u64>();
-        s.context_count = self.kept.len() as u64 + 2;
-        s.context_tokens = self.kept.iter().chain(&stored).map(|m| m.tok).sum();
+        // The answer may push the context past the budget: the oldest turns leave it now, so
+        // the statistics (and the next turn) stay within `context_max_tokens`.
+        let all: Vec<&StoredMessage> = self.kept.iter().chain(stored.iter()).collect();
+        let items: Vec<context::Item> = all
+            .iter()
+            .map(|m| context::Item {
+                role: m.role.clone(),
+                tokens: m.tok,
+                calls: Vec::new(),
+                answers: None,
+            })
+            .collect();
+        let budget = self.svc.cfg().context_max_tokens;
+        let start = context::window_start(&items, self.fixed_tokens, budget).unwrap_or(all.len());
+        if start > 0 {
+            s.context_after = all[start - 1].id.parse().unwrap_or(s.context_after);
+        }
+        let window = &all[start..];
+        s.context_count = window.len() as u64;
+        s.context_tokens = window.iter().map(|m| m.tok).sum();
         let mut roles = Roles::default();
-        for m in self.kept.iter().chain(&stored) {
+        for m in window {
             roles.add(&m.role);
         }
         s.context_roles = roles;
