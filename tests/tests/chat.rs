@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Conversations end to end (`/api/v1/chat…`), with the real `apex-hub` (and `apex-node` for a
 //! node-hosted model): both platforms' client snippets (`tests/python/test_chat_clients.py`),
 //! stream modes, model choice, durability across a SIGKILL, ownership, trimming, busy

@@ -66,7 +66,7 @@ pub struct Choice {
 /// none), for "the smallest online".
 fn stated_size(model: &str) -> Option<f64> {
     model
-        .split(|c: char| matches!(c, '-' | ':' | '_' | '/' | ' '))
+        .split(['-', ':', '_', '/', ' '])
         .filter_map(|part| {
             let p = part.to_ascii_lowercase();
             let (num, mult) = if let Some(n) = p.strip_suffix('b') {
@@ -201,6 +201,7 @@ pub fn choose(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

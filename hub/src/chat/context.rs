@@ -60,6 +60,7 @@ pub fn window_start(items: &[Item], fixed: u64, budget: u64) -> Option<usize> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use proptest::prelude::*;
 

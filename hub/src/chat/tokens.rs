@@ -95,6 +95,7 @@ pub fn message_tokens(model: &str, text: &str) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
