@@ -108,29 +108,6 @@ impl Backend for Mock {
         self.first_token_timeout
     }
 
-    fn embeddings<'a>(
-        &'a self,
-        _model: &'a str,
-        req: &'a super::embeddings::EmbeddingRequest,
-    ) -> BoxFuture<'a, Result<super::embeddings::Embeddings, LlmError>> {
-        let vectors = req
-            .input
-            .iter()
-            .map(|t| super::embeddings::mock_vector(t, req.dimensions))
-            .collect();
-        let prompt_tokens = req
-            .input
-            .iter()
-            .map(|t| t.split_whitespace().count() as u64)
-            .sum();
-        let out = super::embeddings::Embeddings {
-            model: req.model.clone(),
-            vectors,
-            prompt_tokens,
-        };
-        async move { Ok(out) }.boxed()
-    }
-
     fn total_timeout(&self) -> Duration {
         self.total_timeout
     }

@@ -29,7 +29,6 @@
 //! Nothing here holds a lock across an `.await`.
 
 pub mod config;
-pub mod embeddings;
 mod mock;
 pub mod node_models;
 pub mod node_proxy;
@@ -590,21 +589,6 @@ pub trait Backend: Send + Sync + 'static {
         req: &'a ChatRequest,
         ctx: &'a CallContext,
     ) -> BoxFuture<'a, Result<ChunkStream, LlmError>>;
-
-    /// Embeds `req.input` with `model` (the name at this backend). Default: 400, the backend
-    /// does not embed.
-    fn embeddings<'a>(
-        &'a self,
-        model: &'a str,
-        req: &'a embeddings::EmbeddingRequest,
-    ) -> BoxFuture<'a, Result<embeddings::Embeddings, LlmError>> {
-        let _ = req;
-        let e = LlmError::invalid(
-            "model",
-            format!("`{model}` at `{}` does not support embeddings", self.name()),
-        );
-        Box::pin(async move { Err(e) })
-    }
 }
 
 /// One place a model can be served: a backend and the model's name there.
