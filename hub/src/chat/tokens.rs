@@ -1,6 +1,7 @@
 //! Token counts of messages: OpenAI's BPE encodings (`o200k_base` for GPT-4o, GPT-4.1, GPT-5
 //! and the o-series; `cl100k_base` for GPT-4 and GPT-3.5) through `tiktoken-rs`, each loaded
-//! once on first use; for every other model an estimate (a token per 4 bytes of ASCII text,
+//! once on first use from the compact copy `build.rs` packs (tiktoken-rs's own embedded text
+//! is four times the size); for every other model an estimate (a token per 4 bytes of ASCII text,
 //! a token per other character, the density of CJK text in common BPEs). Counts are made once
 //! per message when it is stored and kept with it, so context statistics are O(1).
 
@@ -57,12 +58,71 @@ fn bpe(enc: Encoding) -> Option<&'static CoreBPE> {
     static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
     match enc {
         Encoding::O200k => O200K
-            .get_or_init(|| tiktoken_rs::o200k_base().ok())
+            .get_or_init(|| {
+                unpack(
+                    O200K_PACKED,
+                    &[("<|endoftext|>", 199_999), ("<|endofprompt|>", 200_018)],
+                    tiktoken_rs::O200K_BASE_PAT_STR,
+                )
+            })
             .as_ref(),
         Encoding::Cl100k => CL100K
-            .get_or_init(|| tiktoken_rs::cl100k_base().ok())
+            .get_or_init(|| {
+                unpack(
+                    CL100K_PACKED,
+                    &[
+                        ("<|endoftext|>", 100_257),
+                        ("<|fim_prefix|>", 100_258),
+                        ("<|fim_middle|>", 100_259),
+                        ("<|fim_suffix|>", 100_260),
+                        ("<|endofprompt|>", 100_276),
+                    ],
+                    CL100K_PAT_STR,
+                )
+            })
             .as_ref(),
         Encoding::Estimate => None,
+    }
+}
+
+/// `o200k_base` as `build.rs` packs it: gzip of every token's bytes in rank order, each
+/// preceded by its length in one byte.
+const O200K_PACKED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.bpe.gz"));
+/// `cl100k_base`, packed the same way.
+const CL100K_PACKED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.bpe.gz"));
+
+/// `cl100k_base`'s split pattern (as in tiktoken and tiktoken-rs, which has no constant for it).
+const CL100K_PAT_STR: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+/// A tiktoken-rs BPE from a packed vocabulary, its special tokens and split pattern; `None`
+/// (and a warning) if the data does not unpack, so counts fall back to the estimate.
+fn unpack(packed: &[u8], specials: &[(&str, u32)], pattern: &str) -> Option<CoreBPE> {
+    let mut raw = Vec::new();
+    let built = std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(packed), &mut raw)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            let mut tokens = Vec::new();
+            let mut rest = raw.as_slice();
+            while let Some((&len, tail)) = rest.split_first() {
+                let (token, tail) = tail
+                    .split_at_checked(usize::from(len))
+                    .ok_or("a token runs past the end")?;
+                tokens.push(token.to_vec());
+                rest = tail;
+            }
+            let encoder = tokens.into_iter().zip(0..).collect();
+            let specials = specials
+                .iter()
+                .map(|(s, r)| ((*s).to_owned(), *r))
+                .collect();
+            CoreBPE::new(encoder, specials, pattern).map_err(|e| e.to_string())
+        });
+    match built {
+        Ok(bpe) => Some(bpe),
+        Err(e) => {
+            tracing::warn!(error = %e, "a packed BPE vocabulary did not load; estimating tokens");
+            None
+        }
     }
 }
 
@@ -109,6 +169,33 @@ mod tests {
         assert_eq!(count(Encoding::O200k, "hello world"), 2);
         assert_eq!(count(Encoding::Cl100k, "hello world"), 2);
         assert_eq!(count(Encoding::O200k, ""), 0);
+    }
+
+    /// The packed vocabularies tokenize exactly as tiktoken-rs's own (linked into this test
+    /// binary only).
+    #[test]
+    fn the_packed_vocabularies_agree_with_tiktoken_rs() {
+        let texts = [
+            "hello world",
+            "The quick brown fox jumps over the lazy dog's back, 1234567 times!\n\n  ok",
+            "fn main() { println!(\"{}\", 42_u64.pow(3)); }\r\n\t// comment",
+            "春天来了，花开了。東京は晴れです。안녕하세요",
+            "emoji 🦀🚀 and accents: naïve café ÆØÅ — “quotes”",
+            "<|endoftext|> is ordinary text here",
+        ];
+        for (enc, reference) in [
+            (Encoding::O200k, tiktoken_rs::o200k_base().unwrap()),
+            (Encoding::Cl100k, tiktoken_rs::cl100k_base().unwrap()),
+        ] {
+            let packed = bpe(enc).expect("the packed vocabulary loads");
+            for t in texts {
+                assert_eq!(
+                    packed.encode_ordinary(t),
+                    reference.encode_ordinary(t),
+                    "{enc:?}: {t}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //!   `hub/assets/redoc/redoc.standalone.js` (version, checksum and licence in
 //!   `hub/assets/redoc/README.md`), served at `GET /redoc/redoc.standalone.js`.
 //!
+//! The scripts are embedded gzipped (Swagger UI's by its crate's `gzip` feature, ReDoc's by
+//! `build.rs`): 5 MB less in the binary. They are sent as they are, with
+//! `Content-Encoding: gzip`, to clients whose `Accept-Encoding` takes gzip (every browser),
+//! and inflated for the others ([`encoded`]).
+//!
 //! Both pages name the document and their assets by relative URLs, so they also work behind a
 //! proxy that mounts the hub under a path. Their HTML carries a Content-Security-Policy that
 //! allows nothing from another origin ([`CSP`]): ReDoc 2 shows a "powered by" logo from its CDN,
@@ -17,7 +22,7 @@ use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use axum::extract::Path;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 
@@ -33,8 +38,8 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' '
 /// The ReDoc release embedded (`hub/assets/redoc/`).
 pub const REDOC_VERSION: &str = "2.5.4";
 
-/// ReDoc's standalone bundle.
-const REDOC_JS: &[u8] = include_bytes!("../../assets/redoc/redoc.standalone.js");
+/// ReDoc's standalone bundle, gzipped by `build.rs`.
+const REDOC_JS_GZ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/redoc.standalone.js.gz"));
 
 /// The ReDoc page: the script and the document by relative URL; no font or script from
 /// elsewhere.
@@ -109,11 +114,15 @@ static SWAGGER: LazyLock<Arc<utoipa_swagger_ui::Config<'static>>> = LazyLock::ne
     )
 });
 
-/// One Swagger UI file (`""` is `index.html`).
-fn swagger(file: &str) -> Response {
+/// One Swagger UI file (`""` is `index.html`), answered to a request with `headers`.
+fn swagger(file: &str, headers: &HeaderMap) -> Response {
     match utoipa_swagger_ui::serve(file, SWAGGER.clone()) {
         Ok(Some(f)) => {
-            let mut resp = f.bytes.into_owned().into_response();
+            let mut resp = if f.gzpipped {
+                encoded(&f.bytes, headers)
+            } else {
+                f.bytes.into_owned().into_response()
+            };
             let h = resp.headers_mut();
             if let Ok(ct) = HeaderValue::from_str(&f.content_type) {
                 h.insert(header::CONTENT_TYPE, ct);
@@ -123,9 +132,6 @@ fn swagger(file: &str) -> Response {
                     header::CONTENT_SECURITY_POLICY,
                     HeaderValue::from_static(CSP),
                 );
-            }
-            if f.gzpipped {
-                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             }
             h.insert(
                 header::X_CONTENT_TYPE_OPTIONS,
@@ -138,6 +144,48 @@ fn swagger(file: &str) -> Response {
     }
 }
 
+/// The answer with an embedded gzipped file `gz`: as it is, with `Content-Encoding: gzip`,
+/// when the request's `Accept-Encoding` takes gzip (`gzip` or `*`, without `;q=0`); else
+/// inflated (a 500 if the embedded data were corrupt). Either way `Vary: Accept-Encoding`.
+fn encoded(gz: &[u8], headers: &HeaderMap) -> Response {
+    let mut resp = if accepts_gzip(headers) {
+        let mut resp = gz.to_vec().into_response();
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        resp
+    } else {
+        let mut plain = Vec::new();
+        match std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut plain) {
+            Ok(_) => plain.into_response(),
+            Err(e) => return ApiError::internal(format!("an embedded file: {e}")).into_response(),
+        }
+    };
+    resp.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    resp
+}
+
+/// Whether `Accept-Encoding` in `headers` takes gzip (RFC 9110 §12.5.3: `gzip` or `*`, and
+/// not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    == Some(0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
 /// Swagger UI.
 ///
 /// `GET /docs/`: Swagger UI.
@@ -148,8 +196,8 @@ fn swagger(file: &str) -> Response {
     operation_id = "swaggerUi",
     responses((status = 200, description = "Swagger UI on `/openapi.json`", content_type = "text/html", body = String))
 )]
-pub(super) async fn swagger_index() -> Response {
-    swagger("")
+pub(super) async fn swagger_index(headers: HeaderMap) -> Response {
+    swagger("", &headers)
 }
 
 /// A Swagger UI file.
@@ -166,8 +214,8 @@ pub(super) async fn swagger_index() -> Response {
         (status = 404, description = "No such file", body = super::error::ErrorBody),
     )
 )]
-pub(super) async fn swagger_file(Path(file): Path<String>) -> Response {
-    swagger(&file)
+pub(super) async fn swagger_file(Path(file): Path<String>, headers: HeaderMap) -> Response {
+    swagger(&file, &headers)
 }
 
 /// ReDoc.
@@ -204,8 +252,8 @@ pub(super) async fn redoc() -> Response {
     operation_id = "redocScript",
     responses((status = 200, description = "ReDoc's standalone bundle", content_type = "text/javascript", body = String))
 )]
-pub(super) async fn redoc_script() -> Response {
-    let mut resp = REDOC_JS.into_response();
+pub(super) async fn redoc_script(headers: HeaderMap) -> Response {
+    let mut resp = encoded(REDOC_JS_GZ, &headers);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -216,4 +264,36 @@ pub(super) async fn redoc_script() -> Response {
         HeaderValue::from_static("public, max-age=86400"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(accept: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_str(accept).unwrap_or(HeaderValue::from_static("")),
+        );
+        h
+    }
+
+    #[test]
+    fn gzip_is_sent_only_where_accepted() {
+        assert!(accepts_gzip(&with("gzip, deflate, br, zstd")));
+        assert!(accepts_gzip(&with("br;q=1.0, GZIP;q=0.5")));
+        assert!(accepts_gzip(&with("*")));
+        assert!(!accepts_gzip(&with("gzip;q=0, br")));
+        assert!(!accepts_gzip(&with("identity")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn redoc_inflates_for_clients_without_gzip() {
+        let resp = encoded(REDOC_JS_GZ, &HeaderMap::new());
+        assert!(resp.headers().get(header::CONTENT_ENCODING).is_none());
+        let resp = encoded(REDOC_JS_GZ, &with("gzip"));
+        assert_eq!(resp.headers()[header::CONTENT_ENCODING], "gzip");
+    }
 }
