@@ -103,17 +103,7 @@ async fn stats(api: &Api, session: &str) -> Value {
 
 /// Registers a user and returns a client with their access token.
 async fn user(hub: &Hub, email: &str) -> Api {
-    let resp = hub
-        .api()
-        .http()
-        .post(format!("{}/api/v1/auth/register", hub.url()))
-        .json(&json!({"email": email, "password": "correct horse battery", "username": email}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let body: Value = resp.json().await.unwrap();
-    Api::new(&hub.url(), body["access_token"].as_str().unwrap()).unwrap()
+    hub.api().register_user(email).await.unwrap()
 }
 
 #[tokio::test]

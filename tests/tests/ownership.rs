@@ -13,18 +13,7 @@ use serde_json::{Value, json};
 
 /// Registers a user at `hub` and returns an API client carrying their access token.
 async fn user(hub: &Hub, email: &str) -> Api {
-    let resp = hub
-        .api()
-        .http()
-        .post(format!("{}/api/v1/auth/register", hub.url()))
-        .json(&json!({"email": email, "password": "correct horse battery", "username": email}))
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json_of(resp).await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let token = body["access_token"].as_str().unwrap().to_owned();
-    Api::new(&hub.url(), &token).unwrap()
+    hub.api().register_user(email).await.unwrap()
 }
 
 async fn status_of(api: &Api, method: Method, path: &str) -> (StatusCode, Value) {

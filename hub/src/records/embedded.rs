@@ -206,13 +206,7 @@ impl Embedded {
                     }
                 };
                 let mut t = txn.open_table(LOGS).map_err(one_line)?;
-                let mut seq = t
-                    .range((log, 0)..=(log, u64::MAX))
-                    .map_err(one_line)?
-                    .next_back()
-                    .transpose()
-                    .map_err(one_line)?
-                    .map_or(0, |(k, _)| k.value().1);
+                let mut seq = last_seq(&t, log)?;
                 for e in &entries {
                     seq += 1;
                     t.insert((log, seq), e.as_slice()).map_err(one_line)?;
@@ -267,14 +261,7 @@ impl Embedded {
                 return Ok(0);
             };
             let t = txn.open_table(LOGS).map_err(one_line)?;
-            let last = t
-                .range((log, 0)..=(log, u64::MAX))
-                .map_err(one_line)?
-                .next_back()
-                .transpose()
-                .map_err(one_line)?
-                .map_or(0, |(k, _)| k.value().1);
-            Ok(last)
+            last_seq(&t, log)
         })
         .await
     }
@@ -323,4 +310,14 @@ impl Embedded {
         })
         .await
     }
+}
+
+/// The sequence number of log `log`'s last entry in `t` (the `logs` table), 0 when empty.
+fn last_seq(t: &impl ReadableTable<(u64, u64), &'static [u8]>, log: u64) -> Result<u64, String> {
+    Ok(t.range((log, 0)..=(log, u64::MAX))
+        .map_err(one_line)?
+        .next_back()
+        .transpose()
+        .map_err(one_line)?
+        .map_or(0, |(k, _)| k.value().1))
 }
