@@ -3,6 +3,10 @@
 //! runner.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
 
 use super::*;
 use crate::llm::{Backend, Mock, ModelInfo, ProviderConfig, ProviderKind};
