@@ -17,13 +17,9 @@ use apex_tests::{DEFAULT_TIMEOUT, Hub, HubOptions, Node, NodeOptions, RawNode, w
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-/// The mock provider's words (`hub/src/llm/mock.rs`).
-const MOCK_WORDS: [&str; 8] = [
-    "This", " is", " a", " mock", " answer", " from", " apex", ".",
-];
-
-fn mock_text(n: usize) -> String {
-    (0..n).map(|i| MOCK_WORDS[i % MOCK_WORDS.len()]).collect()
+/// The mock provider's answer of `n` tokens (`hub/src/llm/mock.rs`).
+fn mock_text(n: u64) -> String {
+    apex_hub::llm::Mock::text(n)
 }
 
 /// A hub whose config file is `toml` (plus `extra` flags).

@@ -37,6 +37,17 @@ pub const MOCK_WORDS: [&str; 8] = [
     "This", " is", " a", " mock", " answer", " from", " apex", ".",
 ];
 
+/// Token `i` of a mock answer: [`MOCK_WORDS`] in turn, a space before each repetition's
+/// first word (`… from apex. This is …`).
+fn word(i: u64) -> &'static str {
+    let n = MOCK_WORDS.len() as u64;
+    if i > 0 && i.is_multiple_of(n) {
+        " This"
+    } else {
+        MOCK_WORDS[(i % n) as usize]
+    }
+}
+
 /// The `mock` provider.
 #[derive(Debug, Clone)]
 pub struct Mock {
@@ -69,9 +80,7 @@ impl Mock {
 
     /// The whole text of an answer of `n` tokens.
     pub fn text(n: u64) -> String {
-        (0..n)
-            .map(|i| MOCK_WORDS[i as usize % MOCK_WORDS.len()])
-            .collect()
+        (0..n).map(word).collect()
     }
 }
 
@@ -127,9 +136,7 @@ impl Backend for Mock {
             } else {
                 let n = req.max_tokens.map_or(self.tokens, |m| m.min(self.tokens));
                 let finish = if n < self.tokens { "length" } else { "stop" };
-                let words = (0..n)
-                    .map(|i| MOCK_WORDS[i as usize % MOCK_WORDS.len()].to_owned())
-                    .collect();
+                let words = (0..n).map(|i| word(i).to_owned()).collect();
                 (words, None, finish)
             };
         let n = words.len() as u64;

@@ -3,7 +3,9 @@
 //! files, `sleep`), kills one node with SIGKILL mid-run, shows progress, prints a summary and
 //! leaves the cluster running until Ctrl-C. The nodes load the repository's example plugins
 //! (`examples/plugins`): after the main job the demo runs a synchronous one in each manifest
-//! format and an asynchronous one that ends its task by a signed callback.
+//! format and an asynchronous one that ends its task by a signed callback. Last, a short
+//! conversation (`/api/v1/chat`, on the hub's built-in `mock` provider) and a memory query
+//! over it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,9 +94,14 @@ async fn run(args: Args) -> Result<bool> {
         None => Some(root.join("examples/plugins")).filter(|d| d.is_dir()),
     };
 
+    // The hub's config: the built-in `mock` provider, so the conversation needs no network.
+    let config_dir = tempfile::tempdir()?;
+    let config = config_dir.path().join("hub.toml");
+    std::fs::write(&config, DEMO_HUB_TOML)?;
     let hub = Hub::start(HubOptions {
         listen: args.listen.clone(),
         api_key: format!("demo-{}", uuid::Uuid::new_v4().simple()),
+        extra_args: vec!["--config".to_owned(), config.display().to_string()],
         ..HubOptions::default()
     })
     .await?;
@@ -226,6 +233,7 @@ async fn run(args: Args) -> Result<bool> {
     if plugin_dir.is_some() {
         all_ok &= plugin_tour(&api).await?;
     }
+    all_ok &= conversation(&api).await?;
 
     if args.no_wait {
         return Ok(all_ok);
@@ -297,6 +305,59 @@ async fn plugin_tour(api: &Api) -> Result<bool> {
         );
     }
     println!("  (slow_report answered `pending` at once and ended its task by a signed callback)");
+    Ok(ok)
+}
+
+/// The demo hub's config file: the built-in `mock` provider (deterministic text, no network)
+/// answers the conversation.
+const DEMO_HUB_TOML: &str = r#"[[llm.providers]]
+name = "mock"
+kind = "mock"
+models = ["mock"]
+mock_tokens = 16
+"#;
+
+/// A short conversation in one session (`POST /api/v1/chat`, then the session's history and
+/// context statistics); `Ok(false)` when a turn failed.
+async fn conversation(api: &Api) -> Result<bool> {
+    println!();
+    println!("a conversation (POST /api/v1/chat, the built-in mock provider)");
+    let session = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    let mut ok = true;
+    for message in [
+        "Hello! My favourite fruit is the persimmon.",
+        "What can an apex cluster run for me?",
+        "Thanks, that is all for now.",
+    ] {
+        let resp = api
+            .request(reqwest::Method::POST, "/api/v1/chat")
+            .json(&json!({"message": message, "session_id": session}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            println!("  you: {message}\n  hub: {status} {body}");
+            ok = false;
+            continue;
+        }
+        println!("  you: {message}");
+        println!(
+            "  {}: {}  ({} tokens, {} ms; {})",
+            body["model_used"].as_str().unwrap_or("?"),
+            body["content"].as_str().unwrap_or(""),
+            body["token_count"],
+            body["latency_ms"],
+            body["reasoning"].as_str().unwrap_or("")
+        );
+    }
+    let stats: Value = api
+        .get_json(&format!("/api/v1/chat/context/{session}/stats"))
+        .await?;
+    println!(
+        "  session {session}: {} messages, about {} tokens of context",
+        stats["message_count"], stats["token_estimate"]
+    );
     Ok(ok)
 }
 
