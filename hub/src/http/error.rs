@@ -414,6 +414,11 @@ impl ApiError {
     }
 
     /// The body this error is sent as.
+    /// The error shape as JSON (the `data` of a WebSocket `error` frame).
+    pub fn body_json(&self) -> Value {
+        serde_json::to_value(self.body()).unwrap_or(Value::Null)
+    }
+
     fn body(&self) -> ErrorBody<'_> {
         ErrorBody {
             error: ErrorObject {

@@ -4,6 +4,7 @@
 //! Only this module tree imports axum (and `crate::run`, which serves the router).
 
 pub mod auth;
+pub mod client_ws;
 mod config;
 pub mod dashboard;
 pub mod docs;
@@ -20,6 +21,7 @@ pub mod openapi;
 mod plugins;
 pub mod probes;
 mod rate_limit;
+mod schedules;
 mod system;
 mod tasks;
 
@@ -73,6 +75,10 @@ pub struct AppState {
     pub limits: Arc<crate::limits::Limiter>,
     /// Plugin switches and the callback signer.
     pub plugins: crate::plugins::Plugins,
+    /// The notifications bus of client WebSockets (`GET /ws`).
+    pub notifier: crate::notify::Notifier,
+    /// Schedules (`/api/v1/schedules`), over `records`, firing through `tasks`.
+    pub schedules: crate::schedules::Schedules,
 }
 
 impl AppState {
@@ -99,9 +105,15 @@ impl AppState {
         let identity = crate::identity::Identity::ephemeral(records.clone(), &config.auth);
         let limits = Arc::new(crate::limits::Limiter::memory(config.rate_limits.clone()));
         let plugins = crate::plugins::Plugins::ephemeral(records.clone(), "http://127.0.0.1");
+        let tasks = crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
+            .with_plugins(plugins.clone());
+        let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
+        let schedules =
+            crate::schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
         Self {
-            tasks: crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
-                .with_plugins(plugins.clone()),
+            tasks,
+            notifier,
+            schedules,
             plugins,
             ops: Ops::new(config.clone(), None),
             llm,
@@ -402,7 +414,8 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | routes | scope |
 /// | --- | --- |
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
-/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt` | `chat` |
+/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `GET /ws` | `chat` |
+/// | `/api/v1/schedules…` | `tasks` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
@@ -433,6 +446,15 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/tasks/{id}/events",
             needs(Tasks, get(tasks::events)),
         )
+        .route(
+            "/api/v1/schedules",
+            needs(Tasks, post(schedules::create).get(schedules::list)),
+        )
+        .route(
+            "/api/v1/schedules/{id}",
+            needs(Tasks, get(schedules::get).delete(schedules::remove)),
+        )
+        .route("/ws", needs(Chat, get(client_ws::upgrade)))
         .route(
             "/api/v1/system/status",
             needs(NodesRead, get(system::status)),
