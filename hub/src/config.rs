@@ -135,6 +135,9 @@ pub struct Config {
     /// its last answer goes to the client with `apex_tool_rounds_exhausted: true`. 1 to 100.
     /// Default 8.
     pub max_tool_rounds: u32,
+    /// Capacity of each client WebSocket's (`GET /ws`) outbound queue, in frames; a client
+    /// that lets it fill (it stopped reading) is disconnected. 1 to 65536. Default 256.
+    pub ws_queue_len: usize,
     /// Server-side tools: the timeout of each tool call's task, in seconds (greater than 0,
     /// at most `max_task_timeout_seconds`); a call that times out answers the model with an
     /// error. Default 60.
@@ -395,6 +398,7 @@ impl Default for Config {
             metrics_listen: None,
             public_url: None,
             max_tool_rounds: crate::llm::tool_loop::DEFAULT_MAX_TOOL_ROUNDS,
+            ws_queue_len: 256,
             tool_call_timeout_seconds: 60.0,
             llm: crate::llm::LlmConfig::default(),
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
@@ -693,6 +697,9 @@ impl Config {
         }
         if !(1..=100).contains(&self.max_tool_rounds) {
             return bad("max_tool_rounds", "must be 1 to 100");
+        }
+        if !(1..=65_536).contains(&self.ws_queue_len) {
+            return bad("ws_queue_len", "must be 1 to 65536");
         }
         if !(self.tool_call_timeout_seconds > 0.0
             && self.tool_call_timeout_seconds <= self.max_task_timeout_seconds)

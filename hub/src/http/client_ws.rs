@@ -1,0 +1,314 @@
+//! `GET /ws`: the client WebSocket of users and API clients (scope `chat`), authenticated like
+//! every API route by [`super::auth::authenticate`] before the upgrade (bearer header, or
+//! `?token=` for browsers, which cannot set headers on a WebSocket).
+//!
+//! Frames are JSON text, `{"type", "data"?}`:
+//! - hub → client: `notification` `{title, body, task_id?}`, `alert` `{level, message}`
+//!   (admins), `error` (the API error shape), `pong`; later `chat.chunk` / `chat.completed`;
+//! - client → hub: `ping` (answered `pong`), `chat` and `interrupt` (handled by [`on_chat`] and
+//!   [`on_interrupt`]); anything else gets an `error` frame naming the problem and the
+//!   connection stays open.
+//!
+//! One connection = one [`crate::notify::Connection`]: a bounded queue (`ws_queue_len`)
+//! written by the bus and by this session's replies, drained by the writer. A client that lets
+//! it fill is shed. The connection ends when the client closes it, when it is shed, when its
+//! credential is revoked (close 1008) or when the hub shuts down (close 1001).
+//!
+//! The session is generic over the socket's `Sink`/`Stream` ([`run`]), so it is tested with
+//! channels.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Error as AxumError, Extension};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::notify::{Connection, Outbox};
+use crate::principal::Principal;
+
+/// How long a closing frame may take to leave before the socket is dropped anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Open the client WebSocket.
+///
+/// `GET /ws` (WebSocket upgrade; `Authorization: Bearer <token>` or `?token=<token>`).
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "channels",
+    operation_id = "clientWebSocket",
+    params(("token" = Option<String>, Query, description = "The credential, for clients that cannot set `Authorization` on an upgrade (browsers). Only `/ws` takes it; it is never logged")),
+    responses(
+        (status = 101, description = "Switched to WebSocket. Frames are JSON text `{type, data}`.\n\n\
+            Hub → client: `{\"type\":\"notification\",\"data\":{\"title\",\"body\",\"task_id\"?}}` (a task of the caller ended, a schedule fired), \
+            `{\"type\":\"alert\",\"data\":{\"level\",\"message\"}}` (admins: a node was lost), \
+            `{\"type\":\"error\",\"data\":<ErrorBody>}` (a frame the hub could not take; the connection stays open), `{\"type\":\"pong\"}`.\n\n\
+            Client → hub: `{\"type\":\"ping\"}`; `{\"type\":\"chat\",\"data\":{\"message\",\"session_id\"?}}` and `{\"type\":\"interrupt\",\"data\":{\"session_id\"}}` \
+            (answered `error` `not_available` until chat over `/ws` is wired).\n\n\
+            A client that stops reading is disconnected once `ws_queue_len` frames wait; close 1008 when the credential is revoked, 1001 when the hub shuts down."),
+        (status = 400, description = "Not a WebSocket upgrade", body = super::error::ErrorBody),
+        (status = 401, description = "Missing, unknown, expired or revoked credential (before the upgrade)", body = super::error::ErrorBody),
+        (status = 403, description = "The credential lacks the `chat` scope", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::invalid("upgrade", format!("not a WebSocket upgrade: {e}"))
+                .into_response();
+        }
+    };
+    ws.on_upgrade(move |socket| async move {
+        let conn = state.notifier.connect(&principal);
+        let session = Session {
+            outbox: conn.outbox.clone(),
+            state,
+            principal,
+        };
+        let (sink, stream) = socket.split();
+        run(session, conn, sink, stream).await;
+    })
+}
+
+/// What a connection's handlers can reach.
+#[derive(Clone)]
+pub struct Session {
+    /// The hub's state (task service, gateway, identity, …).
+    pub state: AppState,
+    /// Who is connected.
+    pub principal: Principal,
+    /// This connection's outbound queue: [`Outbox::send_json`] a frame, without waiting
+    /// (false once the client is gone or shed).
+    pub outbox: Outbox,
+}
+
+impl Session {
+    /// Queues an `error` frame carrying `e`'s error shape.
+    pub fn send_error(&self, e: &ApiError) -> bool {
+        self.outbox
+            .send_json(&json!({"type": "error", "data": e.to_json()}))
+    }
+}
+
+/// 400-class `error` frame of a frame the hub cannot take.
+fn bad_frame(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::custom(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        code,
+        message,
+        None,
+    )
+}
+
+/// Serves one connection until the client leaves, is shed, is revoked or the hub stops.
+pub async fn run<Si, St>(session: Session, mut conn: Connection, mut sink: Si, mut stream: St)
+where
+    Si: Sink<Message> + Unpin + Send,
+    St: Stream<Item = Result<Message, AxumError>> + Unpin + Send,
+{
+    // `conn` unregisters from the bus when this returns.
+    let outbox = conn.outbox.clone();
+    let rx = &mut conn.rx;
+    let revoked = session
+        .state
+        .identity
+        .revoked(session.principal.clone());
+    let mut shutdown = session.state.shutdown.clone();
+    let writer = async {
+        tokio::pin!(revoked);
+        let close = loop {
+            let frame = tokio::select! {
+                biased;
+                _ = outbox.shed() => return,
+                _ = &mut revoked => break Some((1008, "credential revoked")),
+                _ = shutdown.wait_for(|s| *s) => break Some((1001, "hub shutting down")),
+                f = rx.recv() => f,
+            };
+            let Some(frame) = frame else { break None };
+            let sent = tokio::select! {
+                r = sink.send(Message::Text(frame.as_ref().into())) => r.is_ok(),
+                _ = outbox.shed() => false,
+            };
+            if !sent {
+                return;
+            }
+        };
+        if let Some((code, reason)) = close {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(frame)).await;
+        }
+    };
+    let reader = async {
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(Message::Text(t)) => dispatch(&session, t.as_str()).await,
+                Ok(Message::Binary(_)) => {
+                    session.send_error(&bad_frame(
+                        "unsupported_frame",
+                        "binary frames are not supported: send JSON text frames",
+                    ));
+                }
+                Ok(Message::Close(_)) | Err(_) => return,
+                // Pings are answered by the WebSocket layer itself.
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+    }
+}
+
+/// Handles one text frame from the client: the one dispatch on `type`.
+pub async fn dispatch(session: &Session, text: &str) {
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            session.send_error(&bad_frame(
+                "invalid_json",
+                format!("the frame is not JSON: {e}"),
+            ));
+            return;
+        }
+    };
+    let Some(kind) = v.get("type").and_then(Value::as_str) else {
+        session.send_error(&bad_frame(
+            "invalid_frame",
+            "a frame is a JSON object with a string `type` (ping, chat, interrupt)",
+        ));
+        return;
+    };
+    let data = v.get("data").cloned().unwrap_or(Value::Null);
+    match kind {
+        "ping" => {
+            session.outbox.send_json(&json!({"type": "pong"}));
+        }
+        "chat" => on_chat(session, data).await,
+        "interrupt" => on_interrupt(session, data).await,
+        other => {
+            session.send_error(&bad_frame(
+                "unknown_type",
+                format!("unknown frame type `{other}`: expected ping, chat or interrupt"),
+            ));
+        }
+    }
+}
+
+/// `{"type": "chat", "data": {message, session_id?, …}}`. To be replaced by the chat service:
+/// it may spawn the turn and stream `chat.chunk` / `chat.completed` frames through
+/// `session.outbox` (a clone of [`Session`] is cheap) while this connection keeps reading.
+async fn on_chat(session: &Session, _data: Value) {
+    session.send_error(&not_available());
+}
+
+/// `{"type": "interrupt", "data": {session_id}}`. To be replaced by the chat service.
+async fn on_interrupt(session: &Session, _data: Value) {
+    session.send_error(&not_available());
+}
+
+fn not_available() -> ApiError {
+    ApiError::custom(
+        StatusCode::NOT_IMPLEMENTED,
+        "server_error",
+        "not_available",
+        "chat over /ws is not wired yet",
+        None,
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use futures::channel::mpsc;
+    use tokio::sync::watch;
+
+    use super::*;
+
+    /// A session over channels: the frames the hub writes, and a sender of client frames.
+    fn session() -> (
+        mpsc::UnboundedReceiver<Message>,
+        mpsc::UnboundedSender<Result<Message, AxumError>>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let config = crate::config::Config {
+            api_keys: vec!["api-key-123".into()],
+            node_keys: vec!["node-key-123".into()],
+            ..crate::config::Config::default()
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        let state = AppState::new(crate::cluster_for(&config), config, stop);
+        let principal = Principal::user("a", "j");
+        let conn = state.notifier.connect(&principal);
+        let s = Session {
+            outbox: conn.outbox.clone(),
+            state,
+            principal,
+        };
+        let (out_tx, out_rx) = mpsc::unbounded();
+        let (in_tx, in_rx) = mpsc::unbounded();
+        let task = tokio::spawn(run(
+            s,
+            conn,
+            out_tx.sink_map_err(|_| ()),
+            in_rx,
+        ));
+        (out_rx, in_tx, stop_tx, task)
+    }
+
+    async fn next_json(rx: &mut mpsc::UnboundedReceiver<Message>) -> Value {
+        match rx.next().await.unwrap() {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            other => Value::String(format!("{other:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn ping_pong_bad_frames_and_chat_placeholders() {
+        let (mut out, input, stop, task) = session();
+        let send = |t: &str| input.unbounded_send(Ok(Message::Text(t.into()))).unwrap();
+        send(r#"{"type":"ping"}"#);
+        assert_eq!(next_json(&mut out).await, json!({"type": "pong"}));
+        send("{not json");
+        let e = next_json(&mut out).await;
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["data"]["error"]["code"], "invalid_json");
+        send(r#"{"type":"dance"}"#);
+        let e = next_json(&mut out).await;
+        assert_eq!(e["data"]["error"]["code"], "unknown_type");
+        assert!(e["data"]["error"]["message"].as_str().unwrap().contains("dance"));
+        send(r#"[1]"#);
+        assert_eq!(next_json(&mut out).await["data"]["error"]["code"], "invalid_frame");
+        send(r#"{"type":"chat","data":{"message":"hi"}}"#);
+        let e = next_json(&mut out).await;
+        assert_eq!(e["data"]["error"]["code"], "not_available");
+        send(r#"{"type":"interrupt","data":{"session_id":"s"}}"#);
+        assert_eq!(next_json(&mut out).await["data"]["error"]["code"], "not_available");
+        // Still open: a ping is answered after all of that.
+        send(r#"{"type":"ping"}"#);
+        assert_eq!(next_json(&mut out).await["type"], "pong");
+        stop.send(true).unwrap();
+        match out.next().await.unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.code, 1001),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+        task.await.unwrap();
+    }
+}
