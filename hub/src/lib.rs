@@ -255,7 +255,10 @@ pub async fn run_with(
         shared_url,
         stop_rx.clone(),
     ));
-    background.push(tokio::spawn(schedules::run_loop(schedules, stop_rx.clone())));
+    background.push(tokio::spawn(schedules::run_loop(
+        schedules,
+        stop_rx.clone(),
+    )));
     // Shared mode's graceful exit: hand back, drain, then leave (see `shared::drain`).
     let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));
     if let Some(h) = shared {

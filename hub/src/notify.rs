@@ -205,7 +205,8 @@ impl Notifier {
                     Some(o) => c.owner == *o,
                     None => c.admin,
                 };
-                if wanted && let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(text.clone())
+                if wanted
+                    && let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(text.clone())
                 {
                     full.push(*id);
                 }
@@ -336,7 +337,10 @@ async fn task_loop(notifier: Notifier, cluster: Cluster, mut stop: watch::Receiv
         let e = match e {
             Ok(e) => e,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(skipped = n, "task-end notifications skipped: the bus fell behind");
+                tracing::warn!(
+                    skipped = n,
+                    "task-end notifications skipped: the bus fell behind"
+                );
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -344,9 +348,9 @@ async fn task_loop(notifier: Notifier, cluster: Cluster, mut stop: watch::Receiv
         if !e.status.is_terminal() {
             continue;
         }
-        let Some((owner, tool)) = cluster.with_task(&e.task_id, |t| {
-            (t.spec.owner.clone(), t.spec.tool.clone())
-        }) else {
+        let Some((owner, tool)) =
+            cluster.with_task(&e.task_id, |t| (t.spec.owner.clone(), t.spec.tool.clone()))
+        else {
             continue;
         };
         let Some(owner) = owner else { continue };
@@ -464,8 +468,7 @@ mod tests {
         assert!(got["data"].get("task_id").is_none());
         assert!(a.rx.try_recv().is_err(), "alice gets no alert");
         assert!(b.rx.try_recv().is_err(), "bob gets nothing");
-        let got: serde_json::Value =
-            serde_json::from_str(&admin.rx.try_recv().unwrap()).unwrap();
+        let got: serde_json::Value = serde_json::from_str(&admin.rx.try_recv().unwrap()).unwrap();
         assert_eq!(got["type"], "alert");
         assert_eq!(got["data"]["level"], "warning");
         drop(b);

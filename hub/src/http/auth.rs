@@ -300,9 +300,17 @@ mod tests {
 
     #[test]
     fn only_the_client_websocket_takes_a_query_token() {
-        let req = |uri: &str| Request::builder().uri(uri).body(axum::body::Body::empty()).unwrap();
+        let req = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .expect("a request")
+        };
         assert_eq!(query_token(&req("/ws?token=abc")).as_deref(), Some("abc"));
-        assert_eq!(query_token(&req("/ws?x=1&token=a%2Eb")).as_deref(), Some("a.b"));
+        assert_eq!(
+            query_token(&req("/ws?x=1&token=a%2Eb")).as_deref(),
+            Some("a.b")
+        );
         assert_eq!(query_token(&req("/ws?token=")), None);
         assert_eq!(query_token(&req("/ws?token=%zz")), None);
         assert_eq!(query_token(&req("/api/v1/tasks?token=abc")), None);

@@ -3,16 +3,24 @@
 //! `?token=` for browsers, which cannot set headers on a WebSocket).
 //!
 //! Frames are JSON text, `{"type", "data"?}`:
-//! - hub → client: `notification` `{title, body, task_id?}`, `alert` `{level, message}`
-//!   (admins), `error` (the API error shape), `pong`; later `chat.chunk` / `chat.completed`;
-//! - client → hub: `ping` (answered `pong`), `chat` and `interrupt` (handled by [`on_chat`] and
-//!   [`on_interrupt`]); anything else gets an `error` frame naming the problem and the
-//!   connection stays open.
+//! - client → hub: `ping` (answered `pong`); `chat` `{message, session_id?, …}` (the body of
+//!   `POST /api/v1/chat`: a turn through [`crate::chat::ChatService`]); `interrupt`
+//!   `{session_id}` (ends that session's turn in progress; what was said is stored). Anything
+//!   else gets an `error` frame naming the problem and the connection stays open.
+//! - hub → client: `chat.chunk` `{content, session_id}` per piece of the answer, then
+//!   `chat.completed` `{content, session_id, token_count, model_used, reasoning, latency_ms,
+//!   confidence, timestamp, interrupted?}` once the turn is stored, or `error` (the API error
+//!   shape, with the turn's `session_id` when there is one); `notification` `{title, body,
+//!   task_id?}`; `alert` `{level, message}` (admins); `pong`.
+//!
+//! Turns run concurrently, one task each (two for one session are serialised by the chat
+//! service, as over HTTP); closing the connection (or being shed) cancels every turn it
+//! started: the model call and its tool tasks are dropped and nothing of the turn is stored.
 //!
 //! One connection = one [`crate::notify::Connection`]: a bounded queue (`ws_queue_len`)
-//! written by the bus and by this session's replies, drained by the writer. A client that lets
-//! it fill is shed. The connection ends when the client closes it, when it is shed, when its
-//! credential is revoked (close 1008) or when the hub shuts down (close 1001).
+//! written by the bus and by this session's replies and turns, drained by the writer. A client
+//! that lets it fill is shed. The connection ends when the client closes it, when it is shed,
+//! when its credential is revoked (close 1008) or when the hub shuts down (close 1001).
 //!
 //! The session is generic over the socket's `Sink`/`Stream` ([`run`]), so it is tested with
 //! channels.
@@ -28,7 +36,10 @@ use axum::{Error as AxumError, Extension};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 
+use tokio_util::sync::CancellationToken;
+
 use super::{ApiError, AppState};
+use crate::chat::{ChatInput, TurnEvent};
 use crate::notify::{Connection, Outbox};
 use crate::principal::Principal;
 
@@ -46,11 +57,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
     params(("token" = Option<String>, Query, description = "The credential, for clients that cannot set `Authorization` on an upgrade (browsers). Only `/ws` takes it; it is never logged")),
     responses(
         (status = 101, description = "Switched to WebSocket. Frames are JSON text `{type, data}`.\n\n\
-            Hub → client: `{\"type\":\"notification\",\"data\":{\"title\",\"body\",\"task_id\"?}}` (a task of the caller ended, a schedule fired), \
+            Client → hub: `{\"type\":\"chat\",\"data\":{\"message\",\"session_id\"?, …the fields of POST /api/v1/chat}}` (a turn; several may run at once for different sessions), \
+            `{\"type\":\"interrupt\",\"data\":{\"session_id\"}}` (ends that session's turn; `error` `not_found` when none runs at this hub), `{\"type\":\"ping\"}`.\n\n\
+            Hub → client: `{\"type\":\"chat.chunk\",\"data\":{\"content\",\"session_id\"}}` per piece of an answer, then `{\"type\":\"chat.completed\",\"data\":{\"content\",\"session_id\",\"token_count\",\"model_used\",\"reasoning\",\"latency_ms\",\"confidence\",\"timestamp\",\"interrupted\"?}}` once the turn is stored; \
+            `{\"type\":\"notification\",\"data\":{\"title\",\"body\",\"task_id\"?}}` (a task of the caller ended, a schedule of theirs fired), \
             `{\"type\":\"alert\",\"data\":{\"level\",\"message\"}}` (admins: a node was lost), \
-            `{\"type\":\"error\",\"data\":<ErrorBody>}` (a frame the hub could not take; the connection stays open), `{\"type\":\"pong\"}`.\n\n\
-            Client → hub: `{\"type\":\"ping\"}`; `{\"type\":\"chat\",\"data\":{\"message\",\"session_id\"?}}` and `{\"type\":\"interrupt\",\"data\":{\"session_id\"}}` \
-            (answered `error` `not_available` until chat over `/ws` is wired).\n\n\
+            `{\"type\":\"error\",\"data\":<ErrorBody and session_id?>}` (a frame the hub could not take or a turn that failed; the connection stays open), `{\"type\":\"pong\"}`.\n\n\
+            Closing the connection cancels its turns.\n\n\
             A client that stops reading is disconnected once `ws_queue_len` frames wait; close 1008 when the credential is revoked, 1001 when the hub shuts down."),
         (status = 400, description = "Not a WebSocket upgrade", body = super::error::ErrorBody),
         (status = 401, description = "Missing, unknown, expired or revoked credential (before the upgrade)", body = super::error::ErrorBody),
@@ -72,11 +85,7 @@ pub async fn upgrade(
     };
     ws.on_upgrade(move |socket| async move {
         let conn = state.notifier.connect(&principal);
-        let session = Session {
-            outbox: conn.outbox.clone(),
-            state,
-            principal,
-        };
+        let session = Session::new(state, principal, conn.outbox.clone());
         let (sink, stream) = socket.split();
         run(session, conn, sink, stream).await;
     })
@@ -92,13 +101,36 @@ pub struct Session {
     /// This connection's outbound queue: [`Outbox::send_json`] a frame, without waiting
     /// (false once the client is gone or shed).
     pub outbox: Outbox,
+    /// Cancelled when the connection ends: its turns stop.
+    closed: CancellationToken,
 }
 
 impl Session {
+    /// The session of `principal`'s connection whose queue is `outbox`.
+    pub fn new(state: AppState, principal: Principal, outbox: Outbox) -> Self {
+        Self {
+            state,
+            principal,
+            outbox,
+            closed: CancellationToken::new(),
+        }
+    }
+
     /// Queues an `error` frame carrying `e`'s error shape.
     pub fn send_error(&self, e: &ApiError) -> bool {
         self.outbox
             .send_json(&json!({"type": "error", "data": e.to_json()}))
+    }
+
+    /// Queues the `error` frame of a turn of `session_id`: the error shape with `session_id`
+    /// beside it (when the turn had one).
+    fn send_turn_error(&self, session_id: Option<&str>, e: &ApiError) -> bool {
+        let mut data = e.to_json();
+        if let Some(sid) = session_id {
+            data["session_id"] = json!(sid);
+        }
+        self.outbox
+            .send_json(&json!({"type": "error", "data": data}))
     }
 }
 
@@ -119,13 +151,11 @@ where
     Si: Sink<Message> + Unpin + Send,
     St: Stream<Item = Result<Message, AxumError>> + Unpin + Send,
 {
-    // `conn` unregisters from the bus when this returns.
+    // `conn` unregisters from the bus when this returns; the guard cancels the turns.
+    let _turns = session.closed.clone().drop_guard();
     let outbox = conn.outbox.clone();
     let rx = &mut conn.rx;
-    let revoked = session
-        .state
-        .identity
-        .revoked(session.principal.clone());
+    let revoked = session.state.identity.revoked(session.principal.clone());
     let mut shutdown = session.state.shutdown.clone();
     let writer = async {
         tokio::pin!(revoked);
@@ -211,26 +241,98 @@ pub async fn dispatch(session: &Session, text: &str) {
     }
 }
 
-/// `{"type": "chat", "data": {message, session_id?, …}}`. To be replaced by the chat service:
-/// it may spawn the turn and stream `chat.chunk` / `chat.completed` frames through
-/// `session.outbox` (a clone of [`Session`] is cheap) while this connection keeps reading.
-async fn on_chat(session: &Session, _data: Value) {
-    session.send_error(&not_available());
+/// `{"type": "chat", "data": {message, session_id?, …}}`: checks `data` like the body of
+/// `POST /api/v1/chat` (an `error` frame naming the field otherwise), then runs the turn in a
+/// task of its own so the connection keeps reading (more turns, interrupts, pings).
+async fn on_chat(session: &Session, data: Value) {
+    let mut input = match super::chat::parse_value(data) {
+        Ok(i) => i,
+        Err(e) => {
+            session.send_error(&e);
+            return;
+        }
+    };
+    // The frames of a turn are chunks and the end: `/chat`'s `stream` and `stream_mode`
+    // (updates, values) do not apply.
+    input.stream = None;
+    input.stream_mode = None;
+    let s = session.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            // The connection ended: dropping the turn cancels the model call.
+            () = s.closed.cancelled() => {}
+            () = chat_turn(&s, input) => {}
+        }
+    });
 }
 
-/// `{"type": "interrupt", "data": {session_id}}`. To be replaced by the chat service.
-async fn on_interrupt(session: &Session, _data: Value) {
-    session.send_error(&not_available());
+/// Runs one turn, sending its `chat.chunk`s, then `chat.completed` or `error`. Returns (and
+/// so drops the turn, cancelling the model call) as soon as the client cannot take a frame.
+async fn chat_turn(s: &Session, input: ChatInput) {
+    let asked = input.session_id.clone();
+    let mut turn = match s.state.chat.turn(&s.principal, input).await {
+        Ok(t) => t,
+        Err(e) => {
+            s.send_turn_error(asked.as_deref(), &ApiError::from(e));
+            return;
+        }
+    };
+    let sid = turn.session_id.clone();
+    while let Some(ev) = turn.events.recv().await {
+        match ev {
+            TurnEvent::Token(content) => {
+                let frame = json!({"type": "chat.chunk",
+                    "data": {"content": content, "session_id": sid}});
+                if !s.outbox.send_json(&frame) {
+                    return;
+                }
+            }
+            TurnEvent::Done(answer) => {
+                let mut data = serde_json::to_value(&answer).unwrap_or_else(|_| json!({}));
+                if let Some(m) = data.as_object_mut() {
+                    // Always null in an answer; errors are `error` frames.
+                    m.remove("error");
+                }
+                s.outbox
+                    .send_json(&json!({"type": "chat.completed", "data": data}));
+                return;
+            }
+            TurnEvent::Error(e) => {
+                s.send_turn_error(Some(&sid), &ApiError::from(e));
+                return;
+            }
+            TurnEvent::Update(_) | TurnEvent::Values(_) => {}
+        }
+    }
+    s.send_turn_error(
+        Some(&sid),
+        &ApiError::internal("the turn ended without an answer"),
+    );
 }
 
-fn not_available() -> ApiError {
-    ApiError::custom(
-        StatusCode::NOT_IMPLEMENTED,
-        "server_error",
-        "not_available",
-        "chat over /ws is not wired yet",
-        None,
-    )
+/// `{"type": "interrupt", "data": {session_id}}`: interrupts the caller's turn of that session
+/// in progress at this hub (its `chat.completed` then says `interrupted: true`); an `error`
+/// frame `not_found` when none runs.
+async fn on_interrupt(session: &Session, data: Value) {
+    let Some(sid) = data.get("session_id").and_then(Value::as_str) else {
+        session.send_error(&ApiError::invalid(
+            "session_id",
+            "`interrupt` needs `data.session_id`, the session whose turn to end",
+        ));
+        return;
+    };
+    if !session.state.chat.interrupt(&session.principal, sid) {
+        session.send_turn_error(
+            Some(sid),
+            &ApiError::custom(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                format!("no turn of session `{sid}` is in progress on this connection's hub"),
+                Some("session_id".to_owned()),
+            ),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -241,13 +343,16 @@ mod tests {
 
     use super::*;
 
-    /// A session over channels: the frames the hub writes, and a sender of client frames.
-    fn session() -> (
+    /// A session over channels: the frames the hub writes, a sender of client frames, the
+    /// hub's shutdown switch and the session's task.
+    type Harness = (
         mpsc::UnboundedReceiver<Message>,
         mpsc::UnboundedSender<Result<Message, AxumError>>,
         watch::Sender<bool>,
         tokio::task::JoinHandle<()>,
-    ) {
+    );
+
+    fn session() -> Harness {
         let config = crate::config::Config {
             api_keys: vec!["api-key-123".into()],
             node_keys: vec!["node-key-123".into()],
@@ -257,19 +362,10 @@ mod tests {
         let state = AppState::new(crate::cluster_for(&config), config, stop);
         let principal = Principal::user("a", "j");
         let conn = state.notifier.connect(&principal);
-        let s = Session {
-            outbox: conn.outbox.clone(),
-            state,
-            principal,
-        };
+        let s = Session::new(state, principal, conn.outbox.clone());
         let (out_tx, out_rx) = mpsc::unbounded();
         let (in_tx, in_rx) = mpsc::unbounded();
-        let task = tokio::spawn(run(
-            s,
-            conn,
-            out_tx.sink_map_err(|_| ()),
-            in_rx,
-        ));
+        let task = tokio::spawn(run(s, conn, out_tx.sink_map_err(|_| ()), in_rx));
         (out_rx, in_tx, stop_tx, task)
     }
 
@@ -281,7 +377,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ping_pong_bad_frames_and_chat_placeholders() {
+    async fn ping_pong_bad_frames_and_chat_errors_keep_the_connection_open() {
         let (mut out, input, stop, task) = session();
         let send = |t: &str| input.unbounded_send(Ok(Message::Text(t.into()))).unwrap();
         send(r#"{"type":"ping"}"#);
@@ -293,14 +389,35 @@ mod tests {
         send(r#"{"type":"dance"}"#);
         let e = next_json(&mut out).await;
         assert_eq!(e["data"]["error"]["code"], "unknown_type");
-        assert!(e["data"]["error"]["message"].as_str().unwrap().contains("dance"));
+        assert!(
+            e["data"]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("dance")
+        );
         send(r#"[1]"#);
-        assert_eq!(next_json(&mut out).await["data"]["error"]["code"], "invalid_frame");
-        send(r#"{"type":"chat","data":{"message":"hi"}}"#);
+        assert_eq!(
+            next_json(&mut out).await["data"]["error"]["code"],
+            "invalid_frame"
+        );
+        send(r#"{"type":"chat","data":{"session_id":"s"}}"#);
         let e = next_json(&mut out).await;
-        assert_eq!(e["data"]["error"]["code"], "not_available");
+        assert_eq!(e["data"]["error"]["param"], "message", "{e}");
+        // No provider and no node-hosted model in this state: the turn fails, named.
+        send(r#"{"type":"chat","data":{"message":"hi","session_id":"s"}}"#);
+        let e = next_json(&mut out).await;
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["data"]["error"]["code"], "no_model", "{e}");
+        assert_eq!(e["data"]["session_id"], "s");
         send(r#"{"type":"interrupt","data":{"session_id":"s"}}"#);
-        assert_eq!(next_json(&mut out).await["data"]["error"]["code"], "not_available");
+        let e = next_json(&mut out).await;
+        assert_eq!(e["data"]["error"]["code"], "not_found", "{e}");
+        assert_eq!(e["data"]["session_id"], "s");
+        send(r#"{"type":"interrupt","data":{}}"#);
+        assert_eq!(
+            next_json(&mut out).await["data"]["error"]["param"],
+            "session_id"
+        );
         // Still open: a ping is answered after all of that.
         send(r#"{"type":"ping"}"#);
         assert_eq!(next_json(&mut out).await["type"], "pong");

@@ -86,10 +86,16 @@ pub async fn create(
     let when = match (req.cron, req.run_at) {
         (Some(c), None) => When::Cron(c),
         (None, Some(r)) => When::RunAt(r),
-        _ => {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "run_at",
+                "give either `cron` (recurring) or `run_at` (once), not both",
+            ));
+        }
+        (None, None) => {
             return Err(ApiError::invalid(
                 "cron",
-                "give exactly one of `cron` (recurring) and `run_at` (once)",
+                "`cron` (recurring) or `run_at` (once) is required",
             ));
         }
     };
@@ -101,10 +107,16 @@ pub async fn create(
             title: n.title,
             body: n.body,
         },
-        _ => {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "notification",
+                "give either `task` or `notification`, not both",
+            ));
+        }
+        (None, None) => {
             return Err(ApiError::invalid(
                 "task",
-                "give exactly one of `task` and `notification`",
+                "`task` (a task to submit) or `notification` (a notification to send) is required",
             ));
         }
     };

@@ -210,9 +210,10 @@ impl Schedule {
                 })),
                 None,
             ),
-            Action::Notification { title, body } => {
-                (None, Some(serde_json::json!({"title": title, "body": body})))
-            }
+            Action::Notification { title, body } => (
+                None,
+                Some(serde_json::json!({"title": title, "body": body})),
+            ),
         };
         ScheduleView {
             id: self.id.clone(),
@@ -265,8 +266,12 @@ pub struct NewSchedule {
 /// # Errors
 /// [`Error::Invalid`] naming `cron`.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, Error> {
-    croner::Cron::from_str(expr.trim())
-        .map_err(|e| invalid("cron", format!("`cron` is not a valid cron expression: {e}")))
+    croner::Cron::from_str(expr.trim()).map_err(|e| {
+        invalid(
+            "cron",
+            format!("`cron` is not a valid cron expression: {e}"),
+        )
+    })
 }
 
 /// The first time of `cron` in `tz` strictly after `after_ms`; `None` if there is none.
@@ -376,9 +381,8 @@ impl Schedules {
         let (cron, run_at_ms, next) = match new.when {
             When::Cron(expr) => {
                 let c = parse_cron(&expr)?;
-                let next = next_after(&c, tz, now).ok_or_else(|| {
-                    invalid("cron", "`cron` has no future time")
-                })?;
+                let next = next_after(&c, tz, now)
+                    .ok_or_else(|| invalid("cron", "`cron` has no future time"))?;
                 (Some(expr.trim().to_owned()), None, next)
             }
             When::RunAt(at) => {
@@ -700,7 +704,10 @@ mod tests {
     #[test]
     fn cron_takes_seconds_and_time_zones() {
         let every_second = parse_cron("* * * * * *").unwrap();
-        assert_eq!(next_after(&every_second, chrono_tz::UTC, 1_500), Some(2_000));
+        assert_eq!(
+            next_after(&every_second, chrono_tz::UTC, 1_500),
+            Some(2_000)
+        );
         let nine = parse_cron("0 9 * * *").unwrap();
         let paris: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
         // 2026-01-01T00:00:00Z → 09:00 in Paris is 08:00 UTC (winter).
