@@ -16,7 +16,9 @@
 //!   it is connected to. Without Redis (or when publishing fails) it is delivered here.
 //!
 //! Sources ([`spawn`]): a task of an owner ending (the hub whose engine ran it sees the
-//! terminal event, once), schedule fires (`crate::schedules`), and node loss (an alert).
+//! terminal event, once; in shared mode a task finished in the store while no engine held
+//! it, by the hub that finished it), schedule fires (`crate::schedules`), and node loss (an
+//! alert, from the hub the node was connected to).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -318,6 +320,13 @@ pub fn spawn(
         tokio::spawn(task_loop(notifier.clone(), cluster.clone(), stop.clone())),
         tokio::spawn(node_loop(notifier.clone(), cluster, stop.clone())),
     ];
+    if let Some(redis) = notifier.inner.shared.clone() {
+        out.push(tokio::spawn(store_end_loop(
+            notifier.clone(),
+            redis,
+            stop.clone(),
+        )));
+    }
     if let Some(url) = redis_url {
         out.push(tokio::spawn(subscription_loop(notifier, url, stop)));
     }
@@ -353,27 +362,85 @@ async fn task_loop(notifier: Notifier, cluster: Cluster, mut stop: watch::Receiv
         else {
             continue;
         };
-        let Some(owner) = owner else { continue };
-        if tool.starts_with("llm.chat@") {
-            continue;
-        }
         let detail = e
             .error
             .as_ref()
             .map(|x| x.message.clone())
             .or_else(|| e.message.clone());
-        let (title, body) = task_ended(&tool, e.status.as_str(), detail.as_deref());
-        notifier
-            .notify(
-                &owner,
-                Notification {
-                    title,
-                    body,
-                    task_id: Some(e.task_id.to_string()),
-                },
-            )
-            .await;
+        notify_task_end(
+            &notifier,
+            owner.as_deref(),
+            &tool,
+            e.status.as_str(),
+            detail.as_deref(),
+            &e.task_id,
+        )
+        .await;
     }
+}
+
+/// Shared mode: notifies the owner of each task this hub finished in the shared store while
+/// no engine held it (cancelled while queued, timed out unclaimed: [`SharedRedis::ended`]).
+async fn store_end_loop(
+    notifier: Notifier,
+    redis: Arc<SharedRedis>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ended = redis.ended();
+    loop {
+        let t = tokio::select! {
+            t = ended.recv() => t,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let t = match t {
+            Ok(t) => t,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    skipped = n,
+                    "task-end notifications skipped: the bus fell behind"
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let detail = t.error.as_ref().map(|x| x.message.clone());
+        notify_task_end(
+            &notifier,
+            t.spec.owner.as_deref(),
+            &t.spec.tool,
+            t.status.as_str(),
+            detail.as_deref(),
+            &t.id,
+        )
+        .await;
+    }
+}
+
+/// The notification of task `id` of `tool` ending `status`, to its owner (none for internal
+/// chat lanes or tasks without an owner).
+async fn notify_task_end(
+    notifier: &Notifier,
+    owner: Option<&str>,
+    tool: &str,
+    status: &str,
+    detail: Option<&str>,
+    id: &impl std::fmt::Display,
+) {
+    let Some(owner) = owner else { return };
+    if tool.starts_with("llm.chat@") {
+        return;
+    }
+    let (title, body) = task_ended(tool, status, detail);
+    notifier
+        .notify(
+            owner,
+            Notification {
+                title,
+                body,
+                task_id: Some(id.to_string()),
+            },
+        )
+        .await;
 }
 
 /// Alerts admins when one of this hub's nodes is lost.

@@ -341,6 +341,19 @@ async fn notifications_cross_shared_hubs_once() {
         no_notification(ws).await;
     }
     no_notification(&mut bob_b).await;
+
+    // A task no hub ever claims (no node offers its tool) times out in the shared store:
+    // its owner is told too, once, and nobody else.
+    let bob_a = Api::new(&a.url(), bob.api_key()).unwrap();
+    let t = bob_a
+        .submit(&json!({"tool": "no_such_tool", "timeout_seconds": 1}))
+        .await
+        .unwrap();
+    let n = notification(&mut bob_b).await;
+    assert_eq!(n["task_id"], t.task_id.as_str(), "{n}");
+    assert_eq!(n["title"], "task no_such_tool timed out", "{n}");
+    no_notification(&mut bob_b).await;
+    no_notification(&mut at_a).await;
 }
 
 /// `apex_ws_clients_shed_total` in the hub's `/metrics`.

@@ -13,6 +13,8 @@
 //!   shape, with the turn's `session_id` when there is one); `notification` `{title, body,
 //!   task_id?}`; `alert` `{level, message}` (admins); `pong`.
 //!
+//! Each `chat` frame counts as one request of the `standard` rate-limit class, like
+//! `POST /api/v1/chat` (refused: an `error` frame `rate_limit_exceeded` with `retry_after`).
 //! Turns run concurrently, one task each (two for one session are serialised by the chat
 //! service, as over HTTP); closing the connection (or being shed) cancels every turn it
 //! started: the model call and its tool tasks are dropped and nothing of the turn is stored.
@@ -40,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState};
 use crate::chat::{ChatInput, TurnEvent};
+use crate::limits::{Admission, OnStoreError, RouteClass};
 use crate::notify::{Connection, Outbox};
 use crate::principal::Principal;
 
@@ -270,6 +273,37 @@ async fn on_chat(session: &Session, data: Value) {
 /// so drops the turn, cancelling the model call) as soon as the client cannot take a frame.
 async fn chat_turn(s: &Session, input: ChatInput) {
     let asked = input.session_id.clone();
+    // Each turn counts as one request of `POST /api/v1/chat` (the `standard` class).
+    match s
+        .state
+        .limits
+        .check(&s.principal, RouteClass::Standard)
+        .await
+    {
+        Admission::Unlimited
+        | Admission::Admitted(_)
+        | Admission::StoreFailed(OnStoreError::Allow) => {}
+        Admission::Refused(d) => {
+            s.send_turn_error(
+                asked.as_deref(),
+                &ApiError::rate_limited(d.retry_after_secs(), d.message()),
+            );
+            return;
+        }
+        Admission::StoreFailed(OnStoreError::Deny) => {
+            s.send_turn_error(
+                asked.as_deref(),
+                &ApiError::custom(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "rate_limit_unavailable",
+                    "the rate-limit store is unavailable and this hub refuses turns it cannot count",
+                    None,
+                ),
+            );
+            return;
+        }
+    }
     let mut turn = match s.state.chat.turn(&s.principal, input).await {
         Ok(t) => t,
         Err(e) => {
