@@ -5,7 +5,10 @@
 //! Rules:
 //! - **Never blocks.** Frames go to a connection's queue (`ws_queue_len` frames) with
 //!   `try_send`; a connection whose queue is full is disconnected ("shed", counted in
-//!   `apex_ws_clients_shed_total`) and nobody else waits for it. The registry's lock is never
+//!   `apex_ws_clients_shed_total`) and nobody else waits for it. Streams the client asked for
+//!   (chat chunks) are paced instead ([`Outbox::send_paced`]): they wait while the queue is
+//!   more than half full, so a burst of tokens does not shed a client that reads, and a
+//!   client that reads nothing for [`PACED_MAX_WAIT`] is shed. The registry's lock is never
 //!   held across an `.await`.
 //! - **Who gets what.** A notification for owner `o` (a [`Principal::id`]: `user:<uuid>`,
 //!   `key:<id>`, `admin`) reaches every connection of `o`; an alert reaches every connection
@@ -36,6 +39,10 @@ use crate::engine::Cluster;
 use crate::events::NodeEventKind;
 use crate::principal::Principal;
 use crate::shared::SharedRedis;
+
+/// How long a paced frame ([`Outbox::send_paced`]) waits for room before its connection is
+/// shed: a client that reads nothing for this long has stopped reading.
+pub const PACED_MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// A notification for a user: `{"type": "notification", "data": {title, body, task_id?}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -276,6 +283,29 @@ impl Outbox {
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues `frame` once the queue is at most half full, waiting (without blocking anyone)
+    /// while the writer drains it: the pace of a stream the client asked for (chat chunks),
+    /// which leaves the other half to notifications. A client that frees no room for
+    /// `max_wait` is shed. False when the connection is gone or shed.
+    pub async fn send_paced(&self, frame: Frame, max_wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if self.tx.is_closed() || self.is_shed() {
+                return false;
+            }
+            if self.tx.capacity() > self.tx.max_capacity() / 2 {
+                return self.send(frame);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.notifier.shed(self.id);
+                return false;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -557,6 +587,37 @@ mod tests {
         assert!(crate::metrics::get().ws_clients_shed.get() > before);
         assert_eq!(bus.connections(), 1);
         assert!(!slow.outbox.send("x".into()) || slow.outbox.is_shed());
+    }
+
+    #[tokio::test]
+    async fn paced_frames_wait_for_half_the_queue_and_shed_a_client_that_never_reads() {
+        let bus = Notifier::new(4, None);
+        let mut c = bus.connect(&Principal::user("a", "j1"));
+        for i in 0..2 {
+            assert!(
+                c.outbox
+                    .send_paced(i.to_string().into(), PACED_MAX_WAIT)
+                    .await
+            );
+        }
+        // Half full: the next one waits until the writer takes a frame.
+        let outbox = c.outbox.clone();
+        let paced =
+            tokio::spawn(async move { outbox.send_paced("2".into(), PACED_MAX_WAIT).await });
+        tokio::task::yield_now().await;
+        assert_eq!(&*c.rx.recv().await.unwrap(), "0");
+        assert!(paced.await.unwrap());
+        // Notifications still find room in the other half.
+        bus.notify("user:a", note("n")).await;
+        assert!(!c.outbox.is_shed());
+        // Nobody reads: after the wait, the client is shed.
+        assert!(
+            !c.outbox
+                .send_paced("x".into(), Duration::from_millis(30))
+                .await
+        );
+        assert!(c.outbox.is_shed());
+        assert_eq!(bus.connections(), 0);
     }
 
     #[test]

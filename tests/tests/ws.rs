@@ -8,11 +8,10 @@
 
 use apex_tests::client_ws::{ClientWs, Frame};
 use apex_tests::shared::shared_hub;
-use apex_tests::{
-    Api, DEFAULT_TIMEOUT, Hub, HubOptions, Node, NodeOptions, RedisServer, wait_until,
-};
+use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, RedisServer, wait_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use std::time::Duration;
 
 const MOCK: &str = "[[llm.providers]]\nname = \"mock\"\nkind = \"mock\"\nmodels = [\"mock\"]\n";
 
@@ -392,9 +391,12 @@ async fn a_client_that_stops_reading_is_disconnected_and_counted_and_nobody_else
     )
     .await
     .unwrap();
-    wait_until("the stalled client to be shed", DEFAULT_TIMEOUT, || async {
-        Ok((shed_total(&hub).await >= 1).then_some(()))
-    })
+    // Its chunks wait for room while it reads nothing; after 10 s without room it is shed.
+    wait_until(
+        "the stalled client to be shed",
+        Duration::from_secs(60),
+        || async { Ok((shed_total(&hub).await >= 1).then_some(())) },
+    )
     .await
     .unwrap();
     // The other connection of the same user was never held up, and the flood turn was
@@ -411,7 +413,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_counted_and_nobody_else
     stalled.abort();
     let msgs = history(&alice, "flood").await;
     assert_eq!(msgs.len(), 2, "the cut-off turn stored nothing");
-    match other.next(std::time::Duration::from_millis(10)).await {
+    match other.next(Duration::from_millis(10)).await {
         Err(_) | Ok(Frame::Json(_)) => {}
         Ok(Frame::Closed { code, reason }) => {
             panic!("the other client was closed: {code:?} {reason}")

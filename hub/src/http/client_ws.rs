@@ -21,7 +21,8 @@
 //!
 //! One connection = one [`crate::notify::Connection`]: a bounded queue (`ws_queue_len`)
 //! written by the bus and by this session's replies and turns, drained by the writer. A client
-//! that lets it fill is shed. The connection ends when the client closes it, when it is shed,
+//! that lets it fill is shed; chat chunks wait while it is more than half full (the pace of
+//! the client's reading) and shed a client that frees no room for 10 s. The connection ends when the client closes it, when it is shed,
 //! when its credential is revoked (close 1008) or when the hub shuts down (close 1001).
 //!
 //! The session is generic over the socket's `Sink`/`Stream` ([`run`]), so it is tested with
@@ -43,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ApiError, AppState};
 use crate::chat::{ChatInput, TurnEvent};
 use crate::limits::{Admission, OnStoreError, RouteClass};
-use crate::notify::{Connection, Outbox};
+use crate::notify::{Connection, Outbox, PACED_MAX_WAIT};
 use crate::principal::Principal;
 
 /// How long a closing frame may take to leave before the socket is dropped anyway.
@@ -317,7 +318,12 @@ async fn chat_turn(s: &Session, input: ChatInput) {
             TurnEvent::Token(content) => {
                 let frame = json!({"type": "chat.chunk",
                     "data": {"content": content, "session_id": sid}});
-                if !s.outbox.send_json(&frame) {
+                // Paced by the client's reading; shed if it reads nothing for a while.
+                if !s
+                    .outbox
+                    .send_paced(frame.to_string().into(), PACED_MAX_WAIT)
+                    .await
+                {
                     return;
                 }
             }
