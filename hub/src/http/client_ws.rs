@@ -68,7 +68,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
             `{\"type\":\"alert\",\"data\":{\"level\",\"message\"}}` (admins: a node was lost), \
             `{\"type\":\"error\",\"data\":<ErrorBody and session_id?>}` (a frame the hub could not take or a turn that failed; the connection stays open), `{\"type\":\"pong\"}`.\n\n\
             Closing the connection cancels its turns.\n\n\
-            A client that stops reading is disconnected once `ws_queue_len` frames wait; close 1008 when the credential is revoked, 1001 when the hub shuts down."),
+            A client that stops reading is disconnected once `ws_queue_len` frames wait (chat chunks wait for room instead, up to 10 s); close 1008 when the credential is revoked, 1001 when the hub shuts down."),
         (status = 400, description = "Not a WebSocket upgrade", body = super::error::ErrorBody),
         (status = 401, description = "Missing, unknown, expired or revoked credential (before the upgrade)", body = super::error::ErrorBody),
         (status = 403, description = "The credential lacks the `chat` scope", body = super::error::ErrorBody),
