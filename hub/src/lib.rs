@@ -14,11 +14,13 @@ pub mod llm;
 pub mod mcp;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod ops;
 pub mod plugins;
 pub mod principal;
 pub mod records;
 pub mod scheduler;
+pub mod schedules;
 pub mod shared;
 pub mod store;
 pub mod systemd;
@@ -213,6 +215,9 @@ pub async fn run_with(
         None => tasks::TaskService::local(cluster.clone(), stop_rx.clone()),
     };
     let tasks = tasks.with_plugins(plugins.clone());
+    let notifier = notify::Notifier::new(config.ws_queue_len, shared_redis.clone());
+    let schedules = schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+    let shared_url = shared.as_ref().map(|h| h.url.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
     let chat = chat::ChatService::new(
@@ -237,11 +242,23 @@ pub async fn run_with(
         config,
         shutdown: stop_rx.clone(),
         ops: ops.clone(),
+        notifier: notifier.clone(),
+        schedules: schedules.clone(),
     };
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);
     background.push(plugins_sync);
     background.push(tokio::spawn(limits.sweep_loop()));
+    background.extend(notify::spawn(
+        notifier,
+        cluster.clone(),
+        shared_url,
+        stop_rx.clone(),
+    ));
+    background.push(tokio::spawn(schedules::run_loop(
+        schedules,
+        stop_rx.clone(),
+    )));
     // Shared mode's graceful exit: hand back, drain, then leave (see `shared::drain`).
     let shared_exit = shared.as_ref().map(|h| (h.redis.clone(), h.claims.clone()));
     if let Some(h) = shared {

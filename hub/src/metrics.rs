@@ -103,6 +103,15 @@ pub struct Metrics {
     /// `apex_rate_limit_store_errors_total`: rate-limit checks and token charges the store
     /// (Redis, in shared mode) failed; `on_store_error` decided what the request got.
     pub rate_limit_store_errors: IntCounter,
+    /// `apex_ws_clients`: open client WebSocket connections (`GET /ws`) at this hub.
+    pub ws_clients: IntGauge,
+    /// `apex_ws_clients_shed_total`: client WebSocket connections closed because their
+    /// outbound queue (`ws_queue_len` frames) was full: the client stopped reading.
+    pub ws_clients_shed: IntCounter,
+    /// `apex_schedule_fires_total{action, outcome}`: schedule fires claimed by this hub;
+    /// `action` is `task` or `notification`, `outcome` `fired`, `skipped` (a missed fire of a
+    /// `catch_up: false` schedule) or `failed` (the task was not accepted).
+    pub schedule_fires: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -284,6 +293,21 @@ fn build() -> Result<Metrics, prometheus::Error> {
         rate_limit_store_errors: reg!(IntCounter::new(
             "apex_rate_limit_store_errors_total",
             "Rate-limit checks and token charges the rate-limit store failed."
+        )?),
+        ws_clients: reg!(IntGauge::new(
+            "apex_ws_clients",
+            "Open client WebSocket connections (GET /ws) at this hub."
+        )?),
+        ws_clients_shed: reg!(IntCounter::new(
+            "apex_ws_clients_shed_total",
+            "Client WebSocket connections closed because their outbound queue was full."
+        )?),
+        schedule_fires: reg!(IntCounterVec::new(
+            Opts::new(
+                "apex_schedule_fires_total",
+                "Schedule fires claimed by this hub, by action and outcome."
+            ),
+            &["action", "outcome"]
         )?),
         registry,
         names,

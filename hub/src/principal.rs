@@ -149,6 +149,28 @@ impl Principal {
         }
     }
 
+    /// The principal the hub acts as on behalf of `owner` (a stored [`Principal::id`]), for
+    /// work it does later in that owner's name (a schedule's fire): `admin` is the admin
+    /// principal; `user:<id>` a user with the `user` role; `key:<id>` a managed key with the
+    /// `tasks` scope. No credential: nothing of it can be revoked mid-way.
+    pub fn acting_for(owner: &str) -> Self {
+        if owner == "admin" {
+            return Self::admin();
+        }
+        let (kind, scopes) = if owner.starts_with("user:") {
+            (PrincipalKind::User, Scope::USER_ROLE.to_vec())
+        } else {
+            (PrincipalKind::Key, vec![Scope::Tasks])
+        };
+        Self {
+            id: owner.to_owned(),
+            kind,
+            scopes,
+            credential: None,
+            rate_limit: None,
+        }
+    }
+
     /// Whether the caller may use routes that need `scope` (`admin` implies every scope).
     pub fn has(&self, scope: Scope) -> bool {
         self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
@@ -202,5 +224,10 @@ mod tests {
         assert!(!alice.sees(Some("user:b")) && !alice.sees(None));
         assert_eq!(alice.list_filter(), Some("user:a"));
         assert_eq!(admin.list_filter(), None);
+        let acting = Principal::acting_for("user:a");
+        assert_eq!(acting.owner(), "user:a");
+        assert!(!acting.is_admin() && acting.sees(Some("user:a")));
+        assert!(Principal::acting_for("admin").is_admin());
+        assert!(!Principal::acting_for("key:k").is_admin());
     }
 }

@@ -199,6 +199,32 @@ impl Api {
             .bearer_auth(&self.key)
     }
 
+    /// Registers the user `email` (`POST /api/v1/auth/register`, a fixed password) at the hub
+    /// at `base` and returns a client with their access token (also [`Api::api_key`]).
+    ///
+    /// # Errors
+    /// On a transport error or a refused registration (the error has the body).
+    pub async fn register_user(base: &str, email: &str) -> Result<Self> {
+        let http = reqwest::Client::new();
+        let resp = http
+            .post(format!(
+                "{}/api/v1/auth/register",
+                base.trim_end_matches('/')
+            ))
+            .json(&json!({"email": email, "password": "correct horse battery",
+                "username": email}))
+            .send()
+            .await?;
+        let (status, body) = json_of(resp).await?;
+        if status != StatusCode::CREATED {
+            bail!("registering {email}: HTTP {status}: {body}");
+        }
+        let token = body["access_token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no access_token in {body}"))?;
+        Self::new(base, token)
+    }
+
     /// `POST /api/v1/tasks`: the status code and body as received.
     ///
     /// # Errors

@@ -10,6 +10,7 @@
 //! Build them first: `cargo build --workspace`.
 
 pub mod api;
+pub mod client_ws;
 pub mod fake_llm;
 pub mod fixtures;
 pub mod process;
@@ -21,6 +22,7 @@ pub mod wait;
 pub mod ws;
 
 pub use api::{Api, NodeInfo, Page, PageMeta, Task, TaskError};
+pub use client_ws::ClientWs;
 pub use process::{Hub, HubOptions, Node, NodeOptions, bin_dir};
 pub use redis::RedisServer;
 pub use wait::{DEFAULT_TIMEOUT, wait_until};

@@ -1,7 +1,8 @@
 //! Keys never reach the hub's logs: a hub at `--log-level debug` (every target, request spans
 //! with their path) sees keys in paths of every kind (a real `apex-node` and a raw node with
 //! the node key in the path, a wrong node key, the log channel with the API key, unknown
-//! routes holding keys), and its whole output holds none of them, only the redacted form.
+//! routes holding keys, `/ws?token=`), and its whole output holds none of them, only the
+//! redacted form.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -50,6 +51,14 @@ async fn keys_in_paths_never_reach_the_debug_log() -> Result<()> {
     ] {
         let status = RawNode::upgrade_status(&format!("ws://{host}{path}"), &[]).await?;
         assert_eq!(status, want, "upgrade on {path}");
+    }
+
+    // The client WebSocket with its credential in the query (browsers): accepted with the
+    // API key, refused with a wrong one; neither is logged.
+    for (key, want) in [(&api_key, 101), (&wrong_key, 401)] {
+        let (status, body) = apex_tests::ClientWs::upgrade_status(&hub.url(), key, true).await?;
+        assert_eq!(status, want, "/ws?token=: {body}");
+        assert!(!body.to_string().contains(key.as_str()), "{body}");
     }
 
     // Unknown routes holding keys: 404, and the answer does not repeat the key.

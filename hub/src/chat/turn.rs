@@ -81,6 +81,13 @@ impl Run {
                     }
                     if !c.text.is_empty() {
                         text.push_str(&c.text);
+                        // The client went away (a closed stream or WebSocket): stop here,
+                        // dropping the model call; nothing of the turn is stored. Checked on
+                        // every chunk because a stream that is always ready (the mock at full
+                        // speed) never lets the caller's `closed()` branch run.
+                        if tx.is_closed() {
+                            return;
+                        }
                         if self.mode == StreamMode::Messages {
                             let _ = tx.send(TurnEvent::Token(c.text)).await;
                         }

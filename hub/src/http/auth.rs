@@ -121,6 +121,9 @@ fn hex(d: u8) -> Option<u8> {
 /// - an access token (JWT of `/api/v1/auth/*`): [`Principal::user`], with the token's
 ///   [`Session`] as a second extension (`/auth/me`, `/auth/logout`).
 ///
+/// The credential comes from `Authorization: Bearer`, or, on [`QUERY_TOKEN_PATH`] (`/ws`)
+/// only, from `?token=` when there is no header.
+///
 /// Managed keys and tokens are checked in memory ([`crate::identity::Identity::authenticate`]),
 /// revocations included. Scopes are checked after this, per route ([`require_scope`]).
 ///
@@ -131,8 +134,16 @@ pub(super) async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let Some(credential) = bearer(req.headers()).filter(|c| !c.is_empty()) else {
-        return Err(ApiError::unauthorized());
+    let from_query;
+    let credential = match bearer(req.headers()).filter(|c| !c.is_empty()) {
+        Some(c) => c,
+        None => {
+            from_query = query_token(&req);
+            match from_query.as_deref() {
+                Some(c) => c,
+                None => return Err(ApiError::unauthorized()),
+            }
+        }
     };
     if key_matches(&state.config.api_keys, credential) {
         req.extensions_mut().insert(Principal::admin());
@@ -144,6 +155,45 @@ pub(super) async fn authenticate(
         req.extensions_mut().insert(session);
     }
     Ok(next.run(req).await)
+}
+
+/// The only path that takes its credential as `?token=<token>` (the client WebSocket: browsers
+/// cannot set headers on an upgrade). Request spans and errors show paths without the query,
+/// so the token is never logged.
+pub const QUERY_TOKEN_PATH: &str = "/ws";
+
+/// The `token` query parameter of a request to [`QUERY_TOKEN_PATH`] (percent-decoded,
+/// non-empty); `None` for every other path.
+fn query_token(req: &Request) -> Option<String> {
+    if req.uri().path() != QUERY_TOKEN_PATH {
+        return None;
+    }
+    let q = req.uri().query()?;
+    q.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "token")
+        .and_then(|(_, v)| percent_decode(v))
+        .filter(|v| !v.is_empty())
+}
+
+/// `%XX` and `+` decoding of one query value; `None` if it is not UTF-8 or a `%` is broken.
+fn percent_decode(v: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut b = v.as_bytes();
+    while let Some((&c, rest)) = b.split_first() {
+        match (c, rest) {
+            (b'%', [h, l, tail @ ..]) => {
+                out.push(hex(*h)? << 4 | hex(*l)?);
+                b = tail;
+                continue;
+            }
+            (b'%', _) => return None,
+            (b'+', _) => out.push(b' '),
+            _ => out.push(c),
+        }
+        b = rest;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The 401 of a refused credential: `invalid_api_key` (unknown or malformed; the message says
@@ -246,6 +296,27 @@ mod tests {
         assert_eq!(path_key("vcp_key=abc"), None);
         assert_eq!(path_key("garbage"), None);
         assert_eq!(path_key(""), None);
+    }
+
+    #[test]
+    fn only_the_client_websocket_takes_a_query_token() {
+        let req = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .expect("a request")
+        };
+        assert_eq!(query_token(&req("/ws?token=abc")).as_deref(), Some("abc"));
+        assert_eq!(
+            query_token(&req("/ws?x=1&token=a%2Eb")).as_deref(),
+            Some("a.b")
+        );
+        assert_eq!(query_token(&req("/ws?token=")), None);
+        assert_eq!(query_token(&req("/ws?token=%zz")), None);
+        assert_eq!(query_token(&req("/api/v1/tasks?token=abc")), None);
+        assert_eq!(query_token(&req("/ws/x?token=abc")), None);
+        // Request spans log the path only, never the query.
+        assert_eq!(redact_path(req("/ws?token=abc").uri().path()), "/ws");
     }
 
     #[test]

@@ -77,6 +77,15 @@ fn parse(body: Result<Bytes, BytesRejection>) -> Result<ChatInput, ApiError> {
     let body = body?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    parse_value(v)
+}
+
+/// A chat request (the body of `/api/v1/chat`, the `data` of a `/ws` `chat` frame) checked
+/// field by field.
+///
+/// # Errors
+/// 400 naming the field (`body` when `v` is not an object, `message`, `model_type`, …).
+pub(super) fn parse_value(v: Value) -> Result<ChatInput, ApiError> {
     if !v.is_object() {
         return Err(ApiError::invalid("body", "the body must be a JSON object"));
     }

@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod chat;
+pub mod client_ws;
 mod config;
 pub mod dashboard;
 pub mod docs;
@@ -21,6 +22,7 @@ pub mod openapi;
 mod plugins;
 pub mod probes;
 mod rate_limit;
+mod schedules;
 mod system;
 mod tasks;
 
@@ -76,6 +78,10 @@ pub struct AppState {
     pub plugins: crate::plugins::Plugins,
     /// Conversations (`/api/v1/chat…`).
     pub chat: crate::chat::ChatService,
+    /// The notifications bus of client WebSockets (`GET /ws`).
+    pub notifier: crate::notify::Notifier,
+    /// Schedules (`/api/v1/schedules`), over `records`, firing through `tasks`.
+    pub schedules: crate::schedules::Schedules,
 }
 
 impl AppState {
@@ -111,9 +117,14 @@ impl AppState {
             plugins.clone(),
             config.clone(),
         );
+        let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
+        let schedules =
+            crate::schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
         Self {
             tasks,
             chat,
+            notifier,
+            schedules,
             plugins,
             ops: Ops::new(config.clone(), None),
             llm,
@@ -414,7 +425,8 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | routes | scope |
 /// | --- | --- |
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
-/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt` | `chat` |
+/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `GET /ws` | `chat` |
+/// | `/api/v1/schedules…` | `tasks` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
@@ -445,6 +457,15 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/tasks/{id}/events",
             needs(Tasks, get(tasks::events)),
         )
+        .route(
+            "/api/v1/schedules",
+            needs(Tasks, post(schedules::create).get(schedules::list)),
+        )
+        .route(
+            "/api/v1/schedules/{id}",
+            needs(Tasks, get(schedules::get).delete(schedules::remove)),
+        )
+        .route("/ws", needs(Chat, get(client_ws::upgrade)))
         .route(
             "/api/v1/system/status",
             needs(NodesRead, get(system::status)),

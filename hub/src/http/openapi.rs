@@ -118,6 +118,11 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::chat::sessions,
         super::chat::interrupt,
         super::mcp::serve,
+        super::schedules::create,
+        super::schedules::list,
+        super::schedules::get,
+        super::schedules::remove,
+        super::client_ws::upgrade,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),
@@ -135,6 +140,7 @@ pub const ALIASES: &[(&str, &str)] = &[
         (name = "docs", description = "This document, Swagger UI and ReDoc, served by the hub"),
         (name = "auth", description = "Users: register, log in, refresh and log out (JWT access tokens, rotated refresh tokens)"),
         (name = "keys", description = "Managed API keys with scopes (the `admin` scope)"),
+        (name = "schedules", description = "Tasks and notifications at cron times or once, fired exactly once across hubs"),
         (name = "mcp", description = "The Model Context Protocol server (Streamable HTTP, stateless): the cluster's tools for MCP clients"),
     )
 )]

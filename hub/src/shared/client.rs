@@ -35,6 +35,8 @@ pub struct SharedRedis {
     /// Task ids whose shared record changed, fanned out from the hub's one subscription
     /// ([`SharedRedis::wake_task`]) to readers following a task ([`SharedRedis::task_wakes`]).
     task_wakes: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Tasks this handle finished in the store without an engine ([`SharedRedis::ended`]).
+    ended: tokio::sync::broadcast::Sender<Arc<Task>>,
 }
 
 impl SharedRedis {
@@ -95,7 +97,16 @@ impl SharedRedis {
             epoch,
             lease_ttl_ms,
             task_wakes: tokio::sync::broadcast::channel(1024).0,
+            ended: tokio::sync::broadcast::channel(256).0,
         })
+    }
+
+    /// The terminal records of tasks this handle finished in the shared store while no engine
+    /// held them ([`SharedRedis::finish_queued`]: cancelled while queued, timed out unclaimed),
+    /// each once, at the hub that finished it (task ends in an engine are that engine's
+    /// events). Bounded: a lagging receiver skips some.
+    pub fn ended(&self) -> tokio::sync::broadcast::Receiver<Arc<Task>> {
+        self.ended.subscribe()
     }
 
     /// Wake-ups of readers following task records (SSE and `wait_ms` at a hub that does not
@@ -550,6 +561,10 @@ impl SharedRedis {
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))?;
+        if r == 1 {
+            // Nobody listening is fine.
+            let _ = self.ended.send(Arc::new(task.clone()));
+        }
         Ok(r == 1)
     }
 }

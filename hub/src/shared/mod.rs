@@ -76,7 +76,7 @@ pub use client::{
 };
 pub use loops::{CLAIM_TICK, HANDOVER_TICK, LEASE_TICK, drain, leave, renew_interval, spawn};
 pub use nodes::{NodeAction, SharedNode, all_node_views, node_view, subscribe_node_actions};
-pub use pubsub::{EndRequest, Wake, subscribe, subscribe_cancels};
+pub use pubsub::{EndRequest, Wake, subscribe, subscribe_cancels, subscribe_notifications};
 pub use reaper::{Reaped, TakeOver, requeue_record};
 
 use crate::model::Task;
@@ -93,6 +93,9 @@ pub const CANCEL_CHANNEL: &str = "apex:shared:cancel";
 /// Pub/sub channel carrying operator actions on a node connected to another hub
 /// ([`NodeAction`] JSON); the hub named in it applies them.
 pub const NODE_ACTIONS_CHANNEL: &str = "apex:shared:node-actions";
+/// Pub/sub channel carrying notifications and alerts for client WebSockets (`crate::notify`
+/// JSON envelopes); every hub delivers each to its own connections of the addressee.
+pub const NOTIFY_CHANNEL: &str = "apex:shared:notify";
 /// Default lifetime of a hub lease, in milliseconds (renewed every second).
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
 /// How long after a node re-registers at a live hub the reapers leave the tasks a dead hub

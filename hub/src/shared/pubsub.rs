@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Outcome;
 
-use super::{CANCEL_CHANNEL, EVENTS_CHANNEL, Error, SharedRedis, WAKE_CHANNEL, one_line};
+use super::{
+    CANCEL_CHANNEL, EVENTS_CHANNEL, Error, NOTIFY_CHANNEL, SharedRedis, WAKE_CHANNEL, one_line,
+};
 
 /// A wake-up published by some hub (see the module docs for the channels).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +133,18 @@ pub async fn subscribe_cancels(
         .filter_map(|payload| async move { EndRequest::decode(&payload) }))
 }
 
+/// Subscribes to [`NOTIFY_CHANNEL`] on a connection of its own; the stream yields each
+/// payload (a `crate::notify` envelope) and ends when the connection drops (subscribe again;
+/// notifications published meanwhile are lost).
+///
+/// # Errors
+/// [`Error::Unavailable`] if Redis cannot be reached.
+pub async fn subscribe_notifications(
+    url: &str,
+) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, Error> {
+    subscribe_channel(url, NOTIFY_CHANNEL).await
+}
+
 /// The payloads published on `channel`, on a pub/sub connection of its own; the stream ends
 /// when the connection drops.
 ///
@@ -164,6 +178,23 @@ impl SharedRedis {
         redis::cmd("PUBLISH")
             .arg(CANCEL_CHANNEL)
             .arg(EndRequest::encode(id, outcome))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+}
+
+impl SharedRedis {
+    /// Publishes a notification envelope on [`NOTIFY_CHANNEL`] for every hub to deliver to its
+    /// connections. Returns how many hubs heard it.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`].
+    pub async fn publish_notification(&self, payload: &[u8]) -> Result<u64, Error> {
+        let mut c = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(NOTIFY_CHANNEL)
+            .arg(payload)
             .query_async(&mut c)
             .await
             .map_err(|e| self.unavailable(e))
