@@ -165,33 +165,6 @@ impl Api {
         &self.http
     }
 
-    /// Registers a user with `POST /api/v1/auth/register` (password `correct horse battery`,
-    /// username = `email`) and returns a client holding the user's access token.
-    ///
-    /// # Errors
-    /// On a transport error or any status but 201 (the body is in the error).
-    pub async fn register_user(&self, email: &str) -> Result<Api> {
-        let resp = self
-            .http
-            .post(format!("{}/api/v1/auth/register", self.base))
-            .json(&json!({
-                "email": email,
-                "password": "correct horse battery",
-                "username": email,
-            }))
-            .send()
-            .await?;
-        let (status, body) = json_of(resp).await?;
-        anyhow::ensure!(
-            status == StatusCode::CREATED,
-            "register {email}: {status} {body}"
-        );
-        let token = body["access_token"]
-            .as_str()
-            .ok_or_else(|| anyhow!("register {email}: no access_token in {body}"))?;
-        Api::new(&self.base, token)
-    }
-
     /// A request to `path` (starting with `/`) with the API key.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http

@@ -103,7 +103,7 @@ async fn stats(api: &Api, session: &str) -> Value {
 
 /// Registers a user and returns a client with their access token.
 async fn user(hub: &Hub, email: &str) -> Api {
-    hub.api().register_user(email).await.unwrap()
+    Api::register_user(&hub.url(), email).await.unwrap()
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 /// Registers a user at `hub` and returns an API client carrying their access token.
 async fn user(hub: &Hub, email: &str) -> Api {
-    hub.api().register_user(email).await.unwrap()
+    Api::register_user(&hub.url(), email).await.unwrap()
 }
 
 async fn status_of(api: &Api, method: Method, path: &str) -> (StatusCode, Value) {
