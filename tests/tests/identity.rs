@@ -597,7 +597,7 @@ async fn logins_with_unknown_and_known_emails_take_about_as_long() {
     let _ = login(&hub, "known@example.com", "wrong horse").await;
     let _ = login(&hub, "unknown@example.com", "wrong horse").await;
     const ROUNDS: u32 = 10;
-    let (mut known, mut unknown) = (Duration::ZERO, Duration::ZERO);
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
     for i in 0..ROUNDS {
         for email in ["known@example.com", "unknown@example.com"] {
             let start = Instant::now();
@@ -605,17 +605,24 @@ async fn logins_with_unknown_and_known_emails_take_about_as_long() {
             let took = start.elapsed();
             assert_eq!(st, StatusCode::UNAUTHORIZED);
             if email.starts_with("known") {
-                known += took;
+                known.push(took);
             } else {
-                unknown += took;
+                unknown.push(took);
             }
         }
     }
-    let (known, unknown) = (known / ROUNDS, unknown / ROUNDS);
+    // Medians, and a wide band: an unknown email that skipped the password hash would answer
+    // in a small fraction of the time (the hash is most of a login), while a loaded machine
+    // (other builds, CI) only adds noise to both.
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (known, unknown) = (median(&mut known), median(&mut unknown));
     let ratio = unknown.as_secs_f64() / known.as_secs_f64();
-    eprintln!("login: unknown email {unknown:?}, known email {known:?}, ratio {ratio:.2}");
+    eprintln!("login medians: unknown email {unknown:?}, known email {known:?}, ratio {ratio:.2}");
     assert!(
-        (0.8..=1.2).contains(&ratio),
+        (0.5..=2.0).contains(&ratio),
         "unknown email {unknown:?} against known email {known:?} (ratio {ratio:.2})"
     );
 }
