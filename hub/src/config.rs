@@ -156,6 +156,9 @@ pub struct Config {
     /// Conversations of `/api/v1/chat` (`[chat]`; `APEX_CHAT__<KEY>`); see
     /// [`ChatConfig`](crate::chat::ChatConfig). Not reloadable.
     pub chat: crate::chat::ChatConfig,
+    /// Memory search of `/api/v1/memory…` (`[memory]`; `APEX_MEMORY__<KEY>`); see
+    /// [`MemoryConfig`](crate::memory::MemoryConfig). Not reloadable.
+    pub memory: crate::memory::MemoryConfig,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -400,6 +403,7 @@ impl Default for Config {
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
             auth: AuthConfig::default(),
             chat: crate::chat::ChatConfig::default(),
+            memory: crate::memory::MemoryConfig::default(),
             rate_limits: RateLimits::default(),
         }
     }
@@ -715,6 +719,9 @@ impl Config {
             return Err(Error::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.chat.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.memory.validate() {
             return Err(Error::Invalid { field, reason });
         }
         Ok(())

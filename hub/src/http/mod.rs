@@ -8,6 +8,7 @@ mod chat;
 mod config;
 pub mod dashboard;
 pub mod docs;
+mod embeddings;
 pub mod error;
 pub mod events;
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod keys;
 mod llm;
 pub mod log_channel;
 mod mcp;
+mod memory;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
@@ -76,6 +78,8 @@ pub struct AppState {
     pub plugins: crate::plugins::Plugins,
     /// Conversations (`/api/v1/chat…`).
     pub chat: crate::chat::ChatService,
+    /// Memory search (`/api/v1/memory…`).
+    pub memory: crate::memory::Memory,
 }
 
 impl AppState {
@@ -104,16 +108,20 @@ impl AppState {
         let plugins = crate::plugins::Plugins::ephemeral(records.clone(), "http://127.0.0.1");
         let tasks = crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
             .with_plugins(plugins.clone());
+        let memory = crate::memory::Memory::ram(records.clone(), llm.clone(), &config);
+        memory.spawn(shutdown.clone());
         let chat = crate::chat::ChatService::new(
             records.clone(),
             llm.clone(),
             tasks.clone(),
             plugins.clone(),
             config.clone(),
+            memory.chat_hooks(),
         );
         Self {
             tasks,
             chat,
+            memory,
             plugins,
             ops: Ops::new(config.clone(), None),
             llm,
@@ -488,7 +496,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/chat/context/{session_id}",
             needs(Chat, delete(chat::clear_context)),
         )
-        .merge(identity::user_routes());
+        .merge(identity::user_routes())
+        .merge(memory::routes());
     // Literal paths, one per line (the OpenAPI drift test reads them from this source):
     // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.
     api = api

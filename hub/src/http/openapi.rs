@@ -118,6 +118,10 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::chat::sessions,
         super::chat::interrupt,
         super::mcp::serve,
+        super::embeddings::create,
+        super::memory::query,
+        super::memory::save,
+        super::memory::remove,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),
@@ -136,6 +140,7 @@ pub const ALIASES: &[(&str, &str)] = &[
         (name = "auth", description = "Users: register, log in, refresh and log out (JWT access tokens, rotated refresh tokens)"),
         (name = "keys", description = "Managed API keys with scopes (the `admin` scope)"),
         (name = "mcp", description = "The Model Context Protocol server (Streamable HTTP, stateless): the cluster's tools for MCP clients"),
+        (name = "memory", description = "Memory search over the caller's conversations and saved memories (BM25, hybrid with embeddings)"),
     )
 )]
 struct ApiDoc;

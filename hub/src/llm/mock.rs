@@ -112,6 +112,15 @@ impl Backend for Mock {
         self.total_timeout
     }
 
+    fn embeddings<'a>(
+        &'a self,
+        _model: &'a str,
+        req: &'a super::embeddings::EmbeddingRequest,
+    ) -> BoxFuture<'a, Result<super::embeddings::Embeddings, LlmError>> {
+        let out = super::embeddings::mock_embeddings(req);
+        async move { Ok(out) }.boxed()
+    }
+
     fn call<'a>(
         &'a self,
         _model: &'a str,
