@@ -17,6 +17,8 @@
 //!   `chat.context_max_tokens` the oldest turns leave the context ([`context`]; a tool call is
 //!   never cut from its result), optionally summarised by an `llm.summarize` task on a node.
 //! - **Model choice**: [`choose`].
+//! - **Hooks** ([`ChatHooks`], a constructor argument): told of each stored turn and deleted
+//!   session; [`crate::memory`] indexes them.
 
 pub mod choose;
 pub mod config;

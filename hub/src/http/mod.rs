@@ -422,7 +422,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | routes | scope |
 /// | --- | --- |
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
-/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt` | `chat` |
+/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `/v1/embeddings`, `/api/v1/chat…`, `/api/v1/memory…` | `chat` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |

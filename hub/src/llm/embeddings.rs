@@ -498,8 +498,44 @@ mod tests {
         let near = mock_vector("budget meeting notes", 256);
         let far = mock_vector("写一首关于春天的诗", 256);
         assert!(cos(&a, &near) > cos(&a, &far) + 0.2, "{}", cos(&a, &near));
-        assert!(cos(&mock_vector("春天", 64), &far) > 0.2);
+        let spring = mock_vector("春天", 256);
+        assert!(cos(&spring, &far) > 0.2, "{}", cos(&spring, &far));
         assert_eq!(mock_vector("!!!", 4), vec![1.0, 0.0, 0.0, 0.0]);
+    }
+
+    /// A backend that only chats: the trait's default embeddings.
+    struct ChatOnly;
+
+    impl Backend for ChatOnly {
+        fn name(&self) -> &str {
+            "chat-only"
+        }
+        fn models(&self) -> Vec<super::super::ModelInfo> {
+            Vec::new()
+        }
+        fn serves(&self, model: &str) -> bool {
+            model == "talker"
+        }
+        fn call<'a>(
+            &'a self,
+            _model: &'a str,
+            _req: &'a super::super::ChatRequest,
+            _ctx: &'a super::super::CallContext,
+        ) -> futures::future::BoxFuture<'a, Result<super::super::ChunkStream, LlmError>> {
+            Box::pin(async { Err(LlmError::Unavailable("unused".to_owned())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_only_chats_answers_400_and_an_unknown_model_404() {
+        let g = Gateway::empty().with_backend(std::sync::Arc::new(ChatOnly));
+        let req = |m: &str| EmbeddingRequest::texts(m, vec!["x".to_owned()]);
+        let e = g.embeddings(&req("talker")).await.unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.param(), Some("model"));
+        assert!(e.to_string().contains("does not serve embeddings"), "{e}");
+        let e = g.embeddings(&req("nope")).await.unwrap_err();
+        assert_eq!(e.status(), 404);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`OpenAiUpstream`]: a provider speaking the OpenAI Chat Completions API over HTTP, with one
 //! pooled hyper client per provider for chat calls ([`super::upstream_http`]) and reqwest for
-//! model discovery.
+//! model discovery. Embeddings go to `<base_url>/embeddings` (always asking for floats).
 //!
 //! Streams are passed through with minimal work: each upstream `data:` line is parsed once
 //! (borrowed) for the normalized fields and forwarded as received, except that `model` is

@@ -134,7 +134,7 @@ fn schema() -> (Schema, Fields) {
     );
     let f = Fields {
         key: b.add_text_field("key", STRING),
-        owner: b.add_text_field("owner", STRING),
+        owner: b.add_text_field("owner", STRING | STORED),
         session: b.add_text_field("session", STRING),
         sid: b.add_text_field("sid", STORED),
         role: b.add_text_field("role", STORED),
