@@ -133,7 +133,7 @@ fn schema() -> (Schema, Fields) {
             .set_index_option(IndexRecordOption::WithFreqs),
     );
     let f = Fields {
-        key: b.add_text_field("key", STRING),
+        key: b.add_text_field("key", STRING | STORED),
         owner: b.add_text_field("owner", STRING | STORED),
         session: b.add_text_field("session", STRING),
         sid: b.add_text_field("sid", STORED),
@@ -461,6 +461,7 @@ mod tests {
             .unwrap();
         assert_eq!(hits.len(), 1, "tags are searchable");
         assert_eq!(hits[0].sid, None);
+        assert_eq!(hits[0].key, memory_key("a", "mem_1"));
         assert_eq!(hits[0].role, "memory");
         assert_eq!(hits[0].vector.as_deref(), Some(&[0.5f32, 0.25][..]));
         ix.apply(vec![Op::DropSession(session_term("a", "s"))], 3)
