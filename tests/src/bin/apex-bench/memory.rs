@@ -91,8 +91,10 @@ pub(crate) async fn run(args: &MemoryArgs) -> Result<Vec<Row>> {
 }
 
 async fn hook_cost(calls: usize, rows: &mut Vec<Row>) -> Result<()> {
-    let mut config = apex_hub::config::Config::default();
-    config.store = "memory".to_owned();
+    let config = apex_hub::config::Config {
+        store: "memory".to_owned(),
+        ..Default::default()
+    };
     let gateway = Arc::new(apex_hub::llm::GatewayHandle::new(
         apex_hub::llm::Gateway::empty(),
     ));
@@ -156,12 +158,12 @@ async fn hub(dir: &std::path::Path, memory_enabled: bool) -> Result<Hub> {
              [chat]\ncontext_max_tokens = 256\n[memory]\nenabled = {memory_enabled}\n"
         ),
     )?;
-    Ok(Hub::start(HubOptions {
+    Hub::start(HubOptions {
         extra_args: vec!["--config".into(), cfg.display().to_string()],
         data_dir: Some(dir.join("data")),
         ..HubOptions::default()
     })
-    .await?)
+    .await
 }
 
 async fn turn(
