@@ -65,3 +65,36 @@ impl MemoryConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_ranges_are_checked() {
+        assert_eq!(MemoryConfig::default().validate(), Ok(()));
+        let bad = |f: fn(&mut MemoryConfig)| {
+            let mut c = MemoryConfig::default();
+            f(&mut c);
+            c.validate().map_err(|(k, _)| k)
+        };
+        assert_eq!(bad(|c| c.vector_weight = 1.5), Err("memory.vector_weight"));
+        assert_eq!(bad(|c| c.candidates = 0), Err("memory.candidates"));
+        assert_eq!(
+            bad(|c| c.query_wait_ms = 60_001),
+            Err("memory.query_wait_ms")
+        );
+        assert_eq!(
+            bad(|c| c.embedding_model = Some(" ".to_owned())),
+            Err("memory.embedding_model")
+        );
+        let c: crate::config::Config =
+            toml_like(r#"{"memory": {"embedding_model": "mock", "vector_weight": 0.3}}"#);
+        assert_eq!(c.memory.embedding_model.as_deref(), Some("mock"));
+        assert!(c.validate().is_ok());
+    }
+
+    fn toml_like(json: &str) -> crate::config::Config {
+        serde_json::from_str(json).unwrap_or_default()
+    }
+}
