@@ -5,7 +5,9 @@
 #   limits: the rate limiter's cost per check in process and on Redis, and the gateway's
 #   latency with limits off and on; plugins: 10,000 stdio plugin runs, 10 % killed at their
 #   timeout, and the processes, zombies and fds left behind; or tool-hop: the hub → node → hub
-#   hop of one server-side tool call of a chat completion, excluding model time)
+#   hop of one server-side tool call of a chat completion, excluding model time; chat: a
+#   session's storage; memory: the memory index's cost on a turn's hot path, and query
+#   p50/p99 over 100,000 stored messages)
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod limits;
 pub mod llm;
 pub mod mcp;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod notify;
@@ -220,16 +221,22 @@ pub async fn run_with(
     let shared_url = shared.as_ref().map(|h| h.url.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
+    let memory = memory::Memory::open(records.clone(), gateway.clone(), &config)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let chat = chat::ChatService::new(
         records.clone(),
         gateway.clone(),
         tasks.clone(),
         plugins.clone(),
         config.clone(),
+        memory.chat_hooks(),
     );
     chat.spawn_retention(stop_rx.clone());
+    let memory_loops = memory.spawn(stop_rx.clone());
     let state = AppState {
         chat,
+        memory,
         plugins,
         identity,
         limits: limits.clone(),
@@ -248,6 +255,7 @@ pub async fn run_with(
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);
     background.push(plugins_sync);
+    background.extend(memory_loops);
     background.push(tokio::spawn(limits.sweep_loop()));
     background.extend(notify::spawn(
         notifier,

@@ -34,6 +34,11 @@
 //!   text [`tool_results_text`] of the trailing `tool` messages. With `calls_repeat: true`
 //!   the last round of the script repeats forever. `calls` wins over the `tools` rule above.
 //!
+//! # Embeddings
+//! `POST /v1/embeddings` answers [`fake_embedding`] of each input (a string, strings, token
+//! ids as `t<id>` words), always as floats, `model` as sent, counted in `embeddings`;
+//! `status-<code>-` and `slow-<ms>-` models behave as for chat.
+//!
 //! # Hooks
 //! - `GET /fake/stats`: [`FakeStats`] as JSON (`requests`, `streams_started`,
 //!   `streams_completed`, `streams_dropped`, `errors_sent`, `waits_dropped`, `unauthorized`);
@@ -81,6 +86,26 @@ pub fn tool_results_text(messages: &[Value]) -> String {
     format!("tool results: {}", parts.join(" | "))
 }
 
+/// The fake's vector of `text`: 8 numbers from a hash of the text, L2-normalised (the same
+/// text always gets the same vector; different texts almost surely differ).
+pub fn fake_embedding(text: &str) -> Vec<f32> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let v: Vec<f32> = (0..8)
+        .map(|i| ((h >> (8 * i)) & 0xff) as f32 / 255.0 - 0.5)
+        .collect();
+    let n = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
+    v.into_iter().map(|x| x / n).collect()
+}
+
 /// Counters of the fake, as `GET /fake/stats` returns them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FakeStats {
@@ -99,6 +124,9 @@ pub struct FakeStats {
     pub waits_dropped: u64,
     /// Requests refused for a missing or wrong API key.
     pub unauthorized: u64,
+    /// Embeddings requests answered (any outcome but 401).
+    #[serde(default)]
+    pub embeddings: u64,
 }
 
 #[derive(Default)]
@@ -110,6 +138,7 @@ struct Counters {
     errors_sent: AtomicU64,
     waits_dropped: AtomicU64,
     unauthorized: AtomicU64,
+    embeddings: AtomicU64,
 }
 
 impl Counters {
@@ -123,6 +152,7 @@ impl Counters {
             errors_sent: l(&self.errors_sent),
             waits_dropped: l(&self.waits_dropped),
             unauthorized: l(&self.unauthorized),
+            embeddings: l(&self.embeddings),
         }
     }
 }
@@ -220,6 +250,7 @@ impl FakeLlm {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/fake/stats", get(stats))
         .route("/fake/requests", get(requests))
@@ -290,6 +321,85 @@ fn check_key(s: &Shared, headers: &HeaderMap) -> Option<Response> {
         "invalid api key",
         "invalid_request_error",
     ))
+}
+
+async fn embeddings(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = check_key(&s, &headers) {
+        return r;
+    }
+    s.counters.embeddings.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "body is not JSON",
+            "invalid_request_error",
+        );
+    };
+    if s.opts.record {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut q = s.requests.lock();
+        if q.len() >= 100 {
+            q.pop_front();
+        }
+        q.push_back(json!({"authorization": auth, "body": req}));
+    }
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if let Some(code) = model
+        .strip_prefix("status-")
+        .and_then(|r| r.split('-').next())
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        s.counters.errors_sent.fetch_add(1, Ordering::Relaxed);
+        return error_response(
+            code,
+            &format!("fake failure {}", code.as_u16()),
+            "server_error",
+        );
+    }
+    if let Some(ms) = model
+        .strip_prefix("slow-")
+        .and_then(|r| r.split('-').next())
+        .and_then(|c| c.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let as_text = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(t) => Some(t.clone()),
+            Value::Array(ids) => Some(
+                ids.iter()
+                    .map(|i| format!("t{}", i.as_u64().unwrap_or(0)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            _ => None,
+        }
+    };
+    let input = req.get("input").cloned().unwrap_or(Value::Null);
+    let texts: Vec<String> = match &input {
+        Value::Array(a) if a.iter().all(Value::is_u64) => as_text(&input).into_iter().collect(),
+        Value::Array(a) => a.iter().filter_map(as_text).collect(),
+        v => as_text(v).into_iter().collect(),
+    };
+    let data: Vec<Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": fake_embedding(t)}))
+        .collect();
+    let tokens: usize = texts.iter().map(|t| t.split_whitespace().count()).sum();
+    axum::Json(json!({
+        "object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }
 
 #[derive(Debug, Default, Deserialize)]

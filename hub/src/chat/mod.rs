@@ -17,6 +17,8 @@
 //!   `chat.context_max_tokens` the oldest turns leave the context ([`context`]; a tool call is
 //!   never cut from its result), optionally summarised by an `llm.summarize` task on a node.
 //! - **Model choice**: [`choose`].
+//! - **Hooks** ([`ChatHooks`], a constructor argument): told of each stored turn and deleted
+//!   session; [`crate::memory`] indexes them.
 
 pub mod choose;
 pub mod config;
@@ -317,19 +319,35 @@ struct Inner {
     shared: bool,
     /// The request id of each session's turn in progress (interrupts by session).
     running: DashMap<String, String>,
-    /// Called with the messages of each stored turn (memory indexing).
-    on_stored: Option<StoredHook>,
+    /// Told of stored turns and deleted sessions (memory indexing).
+    hooks: ChatHooks,
 }
 
-/// The hook of [`ChatService::with_on_stored`].
-type StoredHook = Arc<dyn Fn(&Session, &[StoredMessage]) + Send + Sync>;
+/// Told each stored turn's session and messages (ids set), after they are durable.
+pub type StoredHook = Arc<dyn Fn(&Session, &[StoredMessage]) + Send + Sync>;
+/// Told `(owner, session_id)` of each deleted session (history delete, retention).
+pub type DeletedHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// What a [`ChatService`] tells others about conversations ([`crate::memory`] indexes them).
+/// Hooks run on the turn's task and must not block (queue and return).
+#[derive(Clone, Default)]
+pub struct ChatHooks {
+    /// Each stored turn.
+    pub on_stored: Option<StoredHook>,
+    /// Each deleted session.
+    pub on_deleted: Option<DeletedHook>,
+}
 
 /// `<owner>|<session_id>`: the name of a session's record, log and lock.
-fn session_name(owner: &str, session_id: &str) -> String {
+pub fn session_name(owner: &str, session_id: &str) -> String {
     format!("{owner}|{session_id}")
 }
 
-fn validate_session_id(id: &str) -> Result<(), Error> {
+/// Checks a `session_id`: 1 to [`MAX_SESSION_ID`] characters of letters, digits and `-_.:@`.
+///
+/// # Errors
+/// [`Error::Invalid`] on `session_id`.
+pub fn validate_session_id(id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= MAX_SESSION_ID
         && id
@@ -384,13 +402,15 @@ impl Drop for TurnLock {
 
 impl ChatService {
     /// The service over `records` (the tasks' backend), the gateway, the task service (tool
-    /// calls, summaries) and the plugin switches. `config.chat` configures it.
+    /// calls, summaries) and the plugin switches, telling `hooks` of stored turns and deleted
+    /// sessions. `config.chat` configures it.
     pub fn new(
         records: RecordStore,
         llm: Arc<crate::llm::GatewayHandle>,
         tasks: crate::tasks::TaskService,
         plugins: crate::plugins::Plugins,
         config: Arc<crate::config::Config>,
+        hooks: ChatHooks,
     ) -> Self {
         let shared = config.is_shared();
         Self {
@@ -403,32 +423,7 @@ impl ChatService {
                 locks: DashMap::new(),
                 shared,
                 running: DashMap::new(),
-                on_stored: None,
-            }),
-        }
-    }
-
-    /// The same service calling `hook` with each stored turn's session and messages (after
-    /// they are durable), e.g. to index them for memory search. Must not block.
-    pub fn with_on_stored(
-        self,
-        hook: impl Fn(&Session, &[StoredMessage]) + Send + Sync + 'static,
-    ) -> Self {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
-            records: arc.records.clone(),
-            llm: arc.llm.clone(),
-            tasks: arc.tasks.clone(),
-            plugins: arc.plugins.clone(),
-            config: arc.config.clone(),
-            locks: DashMap::new(),
-            shared: arc.shared,
-            running: DashMap::new(),
-            on_stored: None,
-        });
-        Self {
-            inner: Arc::new(Inner {
-                on_stored: Some(Arc::new(hook)),
-                ..inner
+                hooks,
             }),
         }
     }
@@ -826,6 +821,9 @@ impl ChatService {
         if !had_log && !had_record {
             return Err(Error::NotFound(session_id.to_owned()));
         }
+        if let Some(hook) = &self.inner.hooks.on_deleted {
+            hook(caller.owner(), session_id);
+        }
         Ok(())
     }
 
@@ -906,6 +904,9 @@ impl ChatService {
             if s.updated_at_ms < cutoff {
                 self.inner.records.delete_log(LOG_KIND, &name).await?;
                 self.inner.records.delete(SESSION_KIND, &name).await?;
+                if let Some(hook) = &self.inner.hooks.on_deleted {
+                    hook(&s.owner, &s.session_id);
+                }
                 n += 1;
             }
         }

@@ -205,7 +205,7 @@ impl Run {
             // The messages are stored; the record is recounted from the log on next read.
             tracing::warn!(session = %self.name, error = %e, "chat session record not updated; it is recounted from the log");
         }
-        if let Some(hook) = &self.svc.inner.on_stored {
+        if let Some(hook) = &self.svc.inner.hooks.on_stored {
             hook(&self.session, &stored);
         }
         if self.mode == StreamMode::Values {

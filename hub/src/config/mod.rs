@@ -159,6 +159,9 @@ pub struct Config {
     /// Conversations of `/api/v1/chat` (`[chat]`; `APEX_CHAT__<KEY>`); see
     /// [`ChatConfig`](crate::chat::ChatConfig). Not reloadable.
     pub chat: crate::chat::ChatConfig,
+    /// Memory search of `/api/v1/memory…` (`[memory]`; `APEX_MEMORY__<KEY>`); see
+    /// [`MemoryConfig`](crate::memory::MemoryConfig). Not reloadable.
+    pub memory: crate::memory::MemoryConfig,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -404,6 +407,7 @@ impl Default for Config {
             node_llm: crate::llm::node_proxy::NodeLlmQuotas::default(),
             auth: AuthConfig::default(),
             chat: crate::chat::ChatConfig::default(),
+            memory: crate::memory::MemoryConfig::default(),
             rate_limits: RateLimits::default(),
         }
     }
@@ -722,6 +726,9 @@ impl Config {
             return Err(Error::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.chat.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.memory.validate() {
             return Err(Error::Invalid { field, reason });
         }
         Ok(())

@@ -9,6 +9,7 @@ pub mod client_ws;
 mod config;
 pub mod dashboard;
 pub mod docs;
+mod embeddings;
 pub mod error;
 pub mod events;
 pub mod identity;
@@ -16,6 +17,7 @@ pub mod keys;
 mod llm;
 pub mod log_channel;
 mod mcp;
+mod memory;
 pub mod node_channel;
 mod nodes;
 pub mod openapi;
@@ -82,6 +84,8 @@ pub struct AppState {
     pub notifier: crate::notify::Notifier,
     /// Schedules (`/api/v1/schedules`), over `records`, firing through `tasks`.
     pub schedules: crate::schedules::Schedules,
+    /// Memory search (`/api/v1/memory…`).
+    pub memory: crate::memory::Memory,
 }
 
 impl AppState {
@@ -110,12 +114,15 @@ impl AppState {
         let plugins = crate::plugins::Plugins::ephemeral(records.clone(), "http://127.0.0.1");
         let tasks = crate::tasks::TaskService::local(cluster.clone(), shutdown.clone())
             .with_plugins(plugins.clone());
+        let memory = crate::memory::Memory::ram(records.clone(), llm.clone(), &config);
+        memory.spawn(shutdown.clone());
         let chat = crate::chat::ChatService::new(
             records.clone(),
             llm.clone(),
             tasks.clone(),
             plugins.clone(),
             config.clone(),
+            memory.chat_hooks(),
         );
         let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
         let schedules =
@@ -125,6 +132,7 @@ impl AppState {
             chat,
             notifier,
             schedules,
+            memory,
             plugins,
             ops: Ops::new(config.clone(), None),
             llm,
@@ -425,7 +433,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | routes | scope |
 /// | --- | --- |
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
-/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `GET /ws` | `chat` |
+/// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `/v1/embeddings`, `/api/v1/chat…`, `/api/v1/memory…`, `GET /ws` | `chat` |
 /// | `/api/v1/schedules…` | `tasks` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
@@ -509,7 +517,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/chat/context/{session_id}",
             needs(Chat, delete(chat::clear_context)),
         )
-        .merge(identity::user_routes());
+        .merge(identity::user_routes())
+        .merge(memory::routes());
     // Literal paths, one per line (the OpenAPI drift test reads them from this source):
     // `/api/admin/nodes` and `/api/admin/config` are aliases of `/v1/nodes` and `/v1/config`.
     api = api

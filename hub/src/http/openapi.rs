@@ -123,6 +123,10 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::schedules::get,
         super::schedules::remove,
         super::client_ws::upgrade,
+        super::embeddings::create,
+        super::memory::query,
+        super::memory::save,
+        super::memory::remove,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),
@@ -142,6 +146,7 @@ pub const ALIASES: &[(&str, &str)] = &[
         (name = "keys", description = "Managed API keys with scopes (the `admin` scope)"),
         (name = "schedules", description = "Tasks and notifications at cron times or once, fired exactly once across hubs"),
         (name = "mcp", description = "The Model Context Protocol server (Streamable HTTP, stateless): the cluster's tools for MCP clients"),
+        (name = "memory", description = "Memory search over the caller's conversations and saved memories (BM25, hybrid with embeddings)"),
     )
 )]
 struct ApiDoc;

@@ -5,6 +5,11 @@
 //! provider's `mock_tokens`); `finish_reason` is `length` when `max_tokens` cut it short,
 //! else `stop`. Usage counts whitespace-separated words of the prompt's text contents.
 //!
+//! # Embeddings
+//! `POST /v1/embeddings` with a mock model answers
+//! [`mock_vector`](super::embeddings::mock_vector)s: deterministic, L2-normalised, 256
+//! dimensions (or `dimensions`), texts sharing words near each other.
+//!
 //! # Tool calls
 //! So demos and tests can show tool use without a real model ([`tool_call`], [`tool_answer`]):
 //! - when the request offers `tools` and the last message is a `user` message whose text
@@ -119,6 +124,15 @@ impl Backend for Mock {
 
     fn total_timeout(&self) -> Duration {
         self.total_timeout
+    }
+
+    fn embeddings<'a>(
+        &'a self,
+        _model: &'a str,
+        req: &'a super::embeddings::EmbeddingRequest,
+    ) -> BoxFuture<'a, Result<super::embeddings::Embeddings, LlmError>> {
+        let out = super::embeddings::mock_embeddings(req);
+        async move { Ok(out) }.boxed()
     }
 
     fn call<'a>(

@@ -29,6 +29,7 @@
 //! Nothing here holds a lock across an `.await`.
 
 pub mod config;
+pub mod embeddings;
 mod mock;
 pub mod node_models;
 pub mod node_proxy;
@@ -589,6 +590,18 @@ pub trait Backend: Send + Sync + 'static {
         req: &'a ChatRequest,
         ctx: &'a CallContext,
     ) -> BoxFuture<'a, Result<ChunkStream, LlmError>>;
+
+    /// Embeds `req.texts` with `model` (the name at this backend): one vector per input, in
+    /// order ([`embeddings`]). Default: 400 on `model`, the backend does not serve embeddings.
+    fn embeddings<'a>(
+        &'a self,
+        model: &'a str,
+        req: &'a embeddings::EmbeddingRequest,
+    ) -> BoxFuture<'a, Result<embeddings::Embeddings, LlmError>> {
+        let _ = req;
+        let e = embeddings::unsupported(self.name(), model);
+        Box::pin(async move { Err(e) })
+    }
 }
 
 /// One place a model can be served: a backend and the model's name there.

@@ -1,6 +1,6 @@
 //! [`OpenAiUpstream`]: a provider speaking the OpenAI Chat Completions API over HTTP, with one
 //! pooled hyper client per provider for chat calls ([`super::upstream_http`]) and reqwest for
-//! model discovery.
+//! model discovery. Embeddings go to `<base_url>/embeddings` (always asking for floats).
 //!
 //! Streams are passed through with minimal work: each upstream `data:` line is parsed once
 //! (borrowed) for the normalized fields and forwarded as received, except that `model` is
@@ -29,6 +29,8 @@ pub struct OpenAiUpstream {
     name: String,
     /// `<base_url>/chat/completions`, parsed once.
     chat_url: http::Uri,
+    /// `<base_url>/embeddings`.
+    embeddings_url: http::Uri,
     models_url: String,
     /// `Bearer <key>`, read from `api_key_env` at build time. Never logged: `Debug` is not
     /// derived for this type.
@@ -99,6 +101,11 @@ impl OpenAiUpstream {
                 .map_err(|e| {
                     LlmError::Unavailable(format!("provider `{}`: bad base_url: {e}", cfg.name))
                 })?,
+            embeddings_url: format!("{base}/embeddings")
+                .parse::<http::Uri>()
+                .map_err(|e| {
+                    LlmError::Unavailable(format!("provider `{}`: bad base_url: {e}", cfg.name))
+                })?,
             models_url: format!("{base}/models"),
             auth,
             http,
@@ -151,9 +158,18 @@ impl OpenAiUpstream {
         let body = req
             .upstream_json(model)
             .map_err(|e| LlmError::invalid("body", e.to_string()))?;
+        self.post(&self.chat_url, body).await
+    }
+
+    /// `POST url` with a JSON body; a non-2xx answer is the error it maps to.
+    async fn post(
+        &self,
+        url: &http::Uri,
+        body: Vec<u8>,
+    ) -> Result<http::Response<hyper::body::Incoming>, LlmError> {
         let resp = self
             .http
-            .post_json(&self.chat_url, self.auth.as_ref(), body)
+            .post_json(url, self.auth.as_ref(), body)
             .await
             .map_err(|e| LlmError::Unavailable(format!("provider `{}`: {e}", self.name)))?;
         let status = resp.status();
@@ -374,6 +390,14 @@ impl Backend for OpenAiUpstream {
         self.total_timeout
     }
 
+    fn embeddings<'a>(
+        &'a self,
+        model: &'a str,
+        req: &'a super::embeddings::EmbeddingRequest,
+    ) -> BoxFuture<'a, Result<super::embeddings::Embeddings, LlmError>> {
+        self.embed(model, req).boxed()
+    }
+
     fn call<'a>(
         &'a self,
         model: &'a str,
@@ -465,6 +489,63 @@ impl Backend for OpenAiUpstream {
             Ok(s.boxed())
         }
         .boxed()
+    }
+}
+
+/// An OpenAI embeddings response (`data[].embedding` as floats or base64).
+#[derive(Deserialize)]
+struct WireEmbeddings {
+    data: Vec<WireEmbedding>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbedding {
+    #[serde(default)]
+    index: usize,
+    embedding: WireVector,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WireVector {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+impl OpenAiUpstream {
+    async fn embed(
+        &self,
+        model: &str,
+        req: &super::embeddings::EmbeddingRequest,
+    ) -> Result<super::embeddings::Embeddings, LlmError> {
+        let body = serde_json::to_vec(&req.upstream_body(model))
+            .map_err(|e| LlmError::invalid("body", e.to_string()))?;
+        let resp = self.post(&self.embeddings_url, body).await?;
+        let bad = |m: String| LlmError::Upstream {
+            status: None,
+            message: format!("provider `{}`: {m}", self.name),
+        };
+        let bytes = upstream_http::read_all(resp.into_body())
+            .await
+            .map_err(&bad)?;
+        let mut w: WireEmbeddings = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("malformed embeddings response: {e}")))?;
+        w.data.sort_by_key(|d| d.index);
+        let vectors = w
+            .data
+            .into_iter()
+            .map(|d| match d.embedding {
+                WireVector::Floats(v) => Some(v),
+                WireVector::Base64(s) => super::embeddings::floats_of_base64(&s),
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("an embedding is neither floats nor base64".to_owned()))?;
+        Ok(super::embeddings::Embeddings {
+            vectors,
+            prompt_tokens: w.usage.map_or(0, |u| u.prompt_tokens),
+        })
     }
 }
 

@@ -20,6 +20,8 @@ mod chat;
 mod limits;
 #[path = "apex-bench/llm.rs"]
 mod llm;
+#[path = "apex-bench/memory.rs"]
+mod memory;
 #[path = "apex-bench/plugins.rs"]
 mod plugins;
 #[path = "apex-bench/tool_hop.rs"]
@@ -48,6 +50,9 @@ enum Suite {
     /// Conversations: the store's bytes for a session of `--chat-turns` turns against the raw
     /// message bytes (embedded and Redis), and the turn latency with the mock model.
     Chat,
+    /// Memory search: the chat hook's cost on a turn's hot path, turn latency with memory on
+    /// and off, and query p50/p99 over `--memory-messages` stored messages.
+    Memory,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -117,6 +122,21 @@ struct Args {
     /// `chat`: turns of the measured session.
     #[arg(long, default_value_t = 1000)]
     chat_turns: usize,
+    /// `memory`: messages stored before the queries.
+    #[arg(long, default_value_t = 100_000)]
+    memory_messages: usize,
+    /// `memory`: sessions the messages are sent in at once.
+    #[arg(long, default_value_t = 16)]
+    memory_sessions: usize,
+    /// `memory`: queries measured.
+    #[arg(long, default_value_t = 2000)]
+    memory_queries: usize,
+    /// `memory`: turns measured with memory on and off.
+    #[arg(long, default_value_t = 2000)]
+    memory_turns: usize,
+    /// `memory`: in-process chat-hook calls measured.
+    #[arg(long, default_value_t = 100_000)]
+    memory_hook_calls: usize,
     /// Store suite: queued tasks in the hub killed for the recovery measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     recovery_tasks: usize,
@@ -201,6 +221,16 @@ async fn run(args: Args) -> Result<Vec<Row>> {
     if args.suite == Suite::Chat {
         return chat::run(&chat::ChatArgs {
             turns: args.chat_turns.max(1),
+        })
+        .await;
+    }
+    if args.suite == Suite::Memory {
+        return memory::run(&memory::MemoryArgs {
+            messages: args.memory_messages.max(2),
+            sessions: args.memory_sessions.max(1),
+            queries: args.memory_queries.max(1),
+            turns: args.memory_turns.max(1),
+            hook_calls: args.memory_hook_calls.max(1),
         })
         .await;
     }
