@@ -317,8 +317,9 @@ models = ["mock"]
 mock_tokens = 16
 "#;
 
-/// A short conversation in one session (`POST /api/v1/chat`, then the session's history and
-/// context statistics); `Ok(false)` when a turn failed.
+/// A short conversation in one session (`POST /api/v1/chat`, then the session's context
+/// statistics) and a memory query that finds a word said in it; `Ok(false)` when a turn or
+/// the query failed.
 async fn conversation(api: &Api) -> Result<bool> {
     println!();
     println!("a conversation (POST /api/v1/chat, the built-in mock provider)");
@@ -358,6 +359,33 @@ async fn conversation(api: &Api) -> Result<bool> {
         "  session {session}: {} messages, about {} tokens of context",
         stats["message_count"], stats["token_estimate"]
     );
+
+    // Memory: the conversation is indexed asynchronously; the query waits for the index to
+    // take in what the store holds (memory.query_wait_ms).
+    println!();
+    println!("a memory query (POST /api/v1/memory/query)");
+    let resp = api
+        .request(reqwest::Method::POST, "/api/v1/memory/query")
+        .json(&json!({"query": "persimmon", "limit": 3}))
+        .send()
+        .await?;
+    let status = resp.status();
+    let found: Value = resp.json().await?;
+    let results = found["results"].as_array().cloned().unwrap_or_default();
+    println!("  \"persimmon\": {} result(s)", results.len());
+    for r in &results {
+        println!(
+            "  {:.3}  {} in {}: {}",
+            r["score"].as_f64().unwrap_or(0.0),
+            r["role"].as_str().unwrap_or("?"),
+            r["session_id"].as_str().unwrap_or("-"),
+            r["content"].as_str().unwrap_or("")
+        );
+    }
+    if !status.is_success() || results.is_empty() {
+        println!("  memory query failed: {status} {found}");
+        ok = false;
+    }
     Ok(ok)
 }
 
