@@ -361,8 +361,17 @@ async fn two_shared_hubs_each_find_every_message() {
     let bob_b = user(&b, "bob@example.com").await;
 
     chat(&alice_a, "s1", "the capybara sleeps at noon").await;
-    // A query at B waits for B's index to take in what the feed holds (A's turn included).
-    let got = find(&alice_b, "capybara").await;
+    // A's turn reaches the feed just after its answer; a query at B waits for B's index to
+    // take in what the feed holds then. So B finds it within moments, not necessarily at once.
+    let got = wait_until("B to find A's message", DEFAULT_TIMEOUT, || {
+        let api = alice_b.clone();
+        async move {
+            let got = find(&api, "capybara").await;
+            Ok((!got.is_empty()).then_some(got))
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(contents(&got), ["the capybara sleeps at noon"]);
     assert!(find(&bob_b, "capybara").await.is_empty());
 
@@ -400,8 +409,14 @@ async fn two_shared_hubs_each_find_every_message() {
         };
         chat(who, session, &format!("wombat fact {i}")).await;
     }
-    assert_eq!(find(&alice_a, "wombat").await.len(), 4);
-    assert_eq!(find(&alice_b, "wombat").await.len(), 4);
+    for api in [&alice_a, &alice_b] {
+        wait_until("every hub to find every turn", DEFAULT_TIMEOUT, || {
+            let api = api.clone();
+            async move { Ok((find(&api, "wombat").await.len() == 4).then_some(())) }
+        })
+        .await
+        .unwrap();
+    }
 }
 
 #[tokio::test]

@@ -7,8 +7,9 @@
 //!   session log or the memory record when it indexes (what is gone by then is not indexed),
 //!   so the feed costs tens of bytes per turn beside the conversation it points at.
 //! - The **feeder** takes this hub's entries off a bounded queue (the chat hook only queues:
-//!   nothing on a turn's path waits for the feed) and appends whatever is queued in one write
-//!   (group commit), retrying while the store fails.
+//!   nothing on a turn's path waits for the feed), gathers them for up to [`WINDOW`] with the embedded
+//!   store (less when a query, save or delete waits for them) and appends them in one write (group
+//!   commit), retrying while the store fails.
 //! - The **tailer** reads the feed after the index's last commit, resolves a batch, embeds its
 //!   texts when an embedding model is configured, applies it and commits with the batch's last
 //!   sequence number ([`MemoryIndex::apply`]). It wakes when this hub appended, when a query
@@ -34,6 +35,12 @@ pub const FEED_KEY: &str = "all";
 const BATCH: usize = 512;
 /// Entries the feeder appends in one write at most.
 const APPEND_BATCH: usize = 256;
+/// With the embedded store, how long the feeder gathers entries before one append (unless a
+/// query, save or delete asks for them at once): one store write (and one index commit) for
+/// every turn in the window instead of one per turn, so the feed's writes do not queue in
+/// front of the turns' own (redb's write transactions are serialised, each an fsync). Redis
+/// appends (no fsync, no shared write lock) go at once, so other hubs see a turn sooner.
+pub(super) const WINDOW: Duration = Duration::from_millis(50);
 /// Texts embedded in one call.
 const EMBED_BATCH: usize = 64;
 /// Characters of a text sent to the embedding model.
@@ -90,6 +97,19 @@ pub(super) async fn feeder(inner: Arc<Inner>, mut rx: mpsc::Receiver<Entry>) {
     let mut failing = false;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
+        let window = tokio::time::sleep(inner.window);
+        tokio::pin!(window);
+        while batch.len() < APPEND_BATCH {
+            tokio::select! {
+                biased;
+                () = inner.flush.notified() => break,
+                () = &mut window => break,
+                e = rx.recv() => match e {
+                    Some(e) => batch.push(e),
+                    None => break,
+                },
+            }
+        }
         while batch.len() < APPEND_BATCH {
             match rx.try_recv() {
                 Ok(e) => batch.push(e),

@@ -153,6 +153,10 @@ pub(crate) struct Inner {
     applied: watch::Sender<u64>,
     /// Wakes the tailer.
     wake: Notify,
+    /// Tells the feeder to append what it gathered now.
+    flush: Notify,
+    /// How long the feeder gathers entries ([`feed::WINDOW`] with the embedded store, else 0).
+    window: Duration,
 }
 
 /// `<owner>|<id>`: a saved memory's record id.
@@ -258,6 +262,12 @@ impl Memory {
                 }),
                 applied: watch::Sender::new(applied),
                 wake: Notify::new(),
+                flush: Notify::new(),
+                window: if config.store_kind() == crate::durable::StoreKind::Embedded {
+                    feed::WINDOW
+                } else {
+                    Duration::ZERO
+                },
             })),
         }
     }
@@ -554,6 +564,9 @@ impl Inner {
     async fn caught_up(&self, deadline: tokio::time::Instant) -> bool {
         let want = self.queued.load(Ordering::Acquire);
         let mut fed = self.fed.subscribe();
+        if fed.borrow().count < want {
+            self.flush.notify_one();
+        }
         if tokio::time::timeout_at(deadline, fed.wait_for(|f| f.count >= want))
             .await
             .is_err()
