@@ -9,7 +9,9 @@
 --         request (the LLM class: requests, then tokens)
 -- ARGV[1] mode: `check` (take each bucket's cost only if every bucket admits it; otherwise
 --         nothing changes) or `charge` (take each cost whatever is left: usage already spent)
--- ARGV[2] now in µs since the Unix epoch, or '' for the Redis clock (tests pass a clock)
+-- ARGV[2] now in µs since the Unix epoch, or '' for the Redis clock (tests pass a clock; a key's
+--         expiry still runs on Redis's clock, so with a given clock it is an hour longer and
+--         cannot fire between two of the caller's instants: a stale key is a full bucket anyway)
 -- ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2] for bucket i (1-based): its emission interval
 --         (µs per unit), burst (units) and cost (units; 0 asks whether one unit is left and
 --         takes nothing)
@@ -27,6 +29,7 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local charge = ARGV[1] == 'charge'
+local ttl_slack_ms = ARGV[2] ~= '' and 3600000 or 0
 local n = #KEYS
 
 -- The GCRA check of one bucket: admitted, TAT to store, remaining, reset after, retry after.
@@ -68,7 +71,8 @@ for i = 1, n do
   local r = results[i]
   if admitted then
     if r[1] > now and r[1] ~= tats[i] then
-      redis.call('SET', KEYS[i], string.format('%.0f', r[1]), 'PX', math.ceil((r[1] - now) / 1000))
+      redis.call('SET', KEYS[i], string.format('%.0f', r[1]), 'PX',
+        math.ceil((r[1] - now) / 1000) + ttl_slack_ms)
     end
   elseif r[5] then
     -- Admitted by itself but not taken (another bucket refused): its state as it is.
