@@ -20,6 +20,7 @@ pub mod ops;
 pub mod plugins;
 pub mod principal;
 pub mod records;
+pub mod research;
 pub mod scheduler;
 pub mod schedules;
 pub mod shared;
@@ -218,6 +219,13 @@ pub async fn run_with(
     let tasks = tasks.with_plugins(plugins.clone());
     let notifier = notify::Notifier::new(config.ws_queue_len, shared_redis.clone());
     let schedules = schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+    let research = research::Research::new(
+        records.clone(),
+        tasks.clone(),
+        Arc::new(research::NoAgents),
+        config.research.clone(),
+        stop_rx.clone(),
+    );
     let shared_url = shared.as_ref().map(|h| h.url.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
@@ -251,6 +259,7 @@ pub async fn run_with(
         ops: ops.clone(),
         notifier: notifier.clone(),
         schedules: schedules.clone(),
+        research: research.clone(),
     };
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);
@@ -263,6 +272,7 @@ pub async fn run_with(
         shared_url,
         stop_rx.clone(),
     ));
+    background.push(tokio::spawn(research::resume_loop(research)));
     background.push(tokio::spawn(schedules::run_loop(
         schedules,
         stop_rx.clone(),

@@ -186,6 +186,13 @@ impl TaskService {
         }
     }
 
+    /// Whether this hub is alone on its store (the data-dir lock or Redis's single-owner
+    /// key): no other hub can be acting on the store's records, so work another process left
+    /// behind (a run's lease) may be taken over at once.
+    pub fn exclusive(&self) -> bool {
+        matches!(self.mode, Mode::Local)
+    }
+
     /// A service for a hub in shared mode over `redis`.
     pub fn shared(
         cluster: Cluster,

@@ -162,6 +162,10 @@ pub struct Config {
     /// Memory search of `/api/v1/memory…` (`[memory]`; `APEX_MEMORY__<KEY>`); see
     /// [`MemoryConfig`](crate::memory::MemoryConfig). Not reloadable.
     pub memory: crate::memory::MemoryConfig,
+    /// Research sessions of `/api/research/sessions…` (`[research]`;
+    /// `APEX_RESEARCH__<KEY>`); see [`ResearchConfig`](crate::research::ResearchConfig). Not
+    /// reloadable.
+    pub research: crate::research::ResearchConfig,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -408,6 +412,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             chat: crate::chat::ChatConfig::default(),
             memory: crate::memory::MemoryConfig::default(),
+            research: crate::research::ResearchConfig::default(),
             rate_limits: RateLimits::default(),
         }
     }
@@ -729,6 +734,9 @@ impl Config {
             return Err(Error::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.memory.validate() {
+            return Err(Error::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.research.validate() {
             return Err(Error::Invalid { field, reason });
         }
         Ok(())

@@ -24,6 +24,7 @@ pub mod openapi;
 mod plugins;
 pub mod probes;
 mod rate_limit;
+mod research;
 mod schedules;
 mod system;
 mod tasks;
@@ -84,6 +85,8 @@ pub struct AppState {
     pub notifier: crate::notify::Notifier,
     /// Schedules (`/api/v1/schedules`), over `records`, firing through `tasks`.
     pub schedules: crate::schedules::Schedules,
+    /// Research sessions (`/api/research/sessions…`), their runs driven through `tasks`.
+    pub research: crate::research::Research,
     /// Memory search (`/api/v1/memory…`).
     pub memory: crate::memory::Memory,
 }
@@ -127,7 +130,15 @@ impl AppState {
         let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
         let schedules =
             crate::schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+        let research = crate::research::Research::new(
+            records.clone(),
+            tasks.clone(),
+            Arc::new(crate::research::NoAgents),
+            config.research.clone(),
+            shutdown.clone(),
+        );
         Self {
+            research,
             tasks,
             chat,
             notifier,
@@ -435,6 +446,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
 /// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `/v1/embeddings`, `/api/v1/chat…`, `/api/v1/memory…`, `GET /ws` | `chat` |
 /// | `/api/v1/schedules…` | `tasks` |
+/// | `/api/research/sessions…` | `agents` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
@@ -446,7 +458,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// per-task token and signature), the node and log channels and the
 /// dashboard assets take no bearer credential.
 pub fn router(state: AppState) -> Router {
-    use Scope::{Admin, Chat, Config, NodesRead, NodesWrite, Tasks};
+    use Scope::{Admin, Agents, Chat, Config, NodesRead, NodesWrite, Tasks};
     let mut api = Router::new()
         .route(
             "/api/v1/tasks",
@@ -472,6 +484,39 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/schedules/{id}",
             needs(Tasks, get(schedules::get).delete(schedules::remove)),
+        )
+        .route(
+            "/api/research/sessions",
+            needs(Agents, post(research::create).get(research::list)),
+        )
+        .route(
+            "/api/research/sessions/{id}",
+            needs(
+                Agents,
+                get(research::get)
+                    .put(research::update)
+                    .delete(research::remove),
+            ),
+        )
+        .route(
+            "/api/research/sessions/{id}/execute",
+            needs(Agents, post(research::execute)),
+        )
+        .route(
+            "/api/research/sessions/{id}/tasks",
+            needs(Agents, get(research::tasks)),
+        )
+        .route(
+            "/api/research/sessions/{id}/executions",
+            needs(Agents, get(research::executions)),
+        )
+        .route(
+            "/api/research/sessions/{id}/memory",
+            needs(Agents, get(research::memory)),
+        )
+        .route(
+            "/api/research/sessions/{id}/memory/content",
+            needs(Agents, get(research::memory_content)),
         )
         .route("/ws", needs(Chat, get(client_ws::upgrade)))
         .route(
