@@ -168,6 +168,11 @@ pub struct FakeOptions {
     pub api_key: Option<String>,
     /// Keep the last request bodies for `GET /fake/requests` (off for benchmarks).
     pub record: bool,
+    /// Answers to structured-output requests (`response_format: {type: "json_schema"}`): the
+    /// first entry whose key is a top-level property of the requested schema answers, as its
+    /// JSON text with every `{seq}` replaced by the request's number (so each answer differs).
+    /// A schema no entry matches gets the normal text answer (not JSON).
+    pub structured: Vec<(String, Value)>,
 }
 
 impl Default for FakeOptions {
@@ -177,6 +182,7 @@ impl Default for FakeOptions {
             models: vec!["fake-model".to_owned()],
             api_key: None,
             record: true,
+            structured: Vec::new(),
         }
     }
 }
@@ -477,6 +483,22 @@ fn scripted(knobs: &Knobs, req: &Value) -> Option<Plan> {
     })
 }
 
+/// The scripted answer of [`FakeOptions::structured`] to a `json_schema` request, if any.
+fn structured_answer(opts: &FakeOptions, req: &Value, seq: u64) -> Option<String> {
+    let format = req.get("response_format")?;
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return None;
+    }
+    let props = format
+        .pointer("/json_schema/schema/properties")?
+        .as_object()?;
+    let (_, answer) = opts
+        .structured
+        .iter()
+        .find(|(k, _)| props.contains_key(k))?;
+    Some(answer.to_string().replace("{seq}", &seq.to_string()))
+}
+
 /// With the `continue_prefix` knob: how many tokens of the answer a final assistant message
 /// already holds (`fake_text(k)` exactly), so the answer goes on from token `k`.
 fn prefix_tokens(req: &Value) -> u64 {
@@ -496,7 +518,7 @@ fn prefix_tokens(req: &Value) -> u64 {
 }
 
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let seq = s.counters.requests.fetch_add(1, Ordering::Relaxed) + 1;
     if let Some(r) = check_key(&s, &headers) {
         return r;
     }
@@ -580,6 +602,9 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let usage = json!({"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n});
     let id = "chatcmpl-fake";
     let created = 1_700_000_000u64;
+    if let Some(text) = structured_answer(&s.opts, &req, seq) {
+        return scripted_answer(Err(text), &model, stream, include_usage, &usage, s.clone());
+    }
     if let Some(plan) = scripted(&knobs, &req) {
         return scripted_answer(plan, &model, stream, include_usage, &usage, s.clone());
     }
