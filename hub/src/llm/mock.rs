@@ -555,7 +555,7 @@ mod tests {
             if stream {
                 assert!(cs.len() > 3, "{} chunks", cs.len());
             }
-            let usage = cs.iter().find_map(|c| c.usage.clone()).unwrap();
+            let usage = cs.iter().find_map(|c| c.usage).unwrap();
             assert_eq!(usage.prompt_tokens, 3);
             assert_eq!(
                 usage.completion_tokens,

@@ -47,10 +47,10 @@
 //!   passes the upper bound). In a `uniqueItems` array item *i* gets that + *i*·*m* (*m* = 1
 //!   without `multipleOf`), or the base value again when that would pass the upper bound.
 //! - **number**: the midpoint of the lower and upper bound when both are given (`minimum` or
-//!   `exclusiveMinimum`, `maximum` or `exclusiveMaximum`); else `minimum` (`exclusiveMinimum`
-//!   + 1); else `maximum` (`exclusiveMaximum` - 1); else 0.5. `multipleOf` *m* rounds it up to
-//!   a multiple of *m* (down, if that passes the upper bound). In a `uniqueItems` array item
-//!   *i* gets that + *i* while within the bounds.
+//!   `exclusiveMinimum`, `maximum` or `exclusiveMaximum`); else `minimum` (or
+//!   `exclusiveMinimum` + 1); else `maximum` (or `exclusiveMaximum` - 1); else 0.5.
+//!   `multipleOf` *m* rounds it up to a multiple of *m* (down, if that passes the upper
+//!   bound). In a `uniqueItems` array item *i* gets that + *i* while within the bounds.
 //! - **boolean** → `true` (item *i* of a `uniqueItems` array: `i == 0`).
 //! - **string**, first rule that applies:
 //!   - `format`: `date-time` → `2025-01-01T00:00:00Z`, `date` → `2025-01-01`, `time` →
