@@ -10,9 +10,27 @@
 //! [`mock_vector`](super::embeddings::mock_vector)s: deterministic, L2-normalised, 256
 //! dimensions (or `dimensions`), texts sharing words near each other.
 //!
+//! # Structured outputs
+//! So flows that need JSON run without an API key ([`structured`]): with `response_format:
+//! {"type": "json_schema", "json_schema": {"schema": S, …}}` the content is the compact JSON
+//! text of [`mock_schema::instance`]`(S)`, a deterministic instance that validates against S
+//! (the rules are in [`mock_schema`]'s docs; without `schema`, the `json_object` answer);
+//! with `{"type": "json_object"}` it is `{"answer": "<the mock text>"}` (`mock_tokens` words).
+//! `finish_reason` is `stop` (`max_tokens` does not cut it), streamed in chunks split at
+//! whitespace like any mock answer, usage counting its whitespace-separated words. A forced
+//! or name-matched tool call (below) comes first; a structured answer comes before the
+//! answer after tool results. `{"type": "text"}` changes nothing.
+//!
 //! # Tool calls
-//! So demos and tests can show tool use without a real model ([`tool_call`], [`tool_answer`]):
-//! - when the request offers `tools` and the last message is a `user` message whose text
+//! So demos and tests can show tool use without a real model ([`forced_tool_call`],
+//! [`tool_call`], [`tool_answer`]):
+//! - when `tool_choice` forces a call, `"required"` (or `"any"`) the first tool offered,
+//!   `{"type": "function", "function": {"name": X}}` the tool `X` (if offered; else no forced
+//!   call), the answer is one call of that tool, whatever the messages are, `finish_reason:
+//!   "tool_calls"`, with arguments [`mock_schema::instance`] of its `parameters` (`{}` if it
+//!   has none, or if that instance is not an object).
+//! - `tool_choice: "none"` never calls a tool; with `tool_choice` absent or `"auto"`:
+//!   when the request offers `tools` and the last message is a `user` message whose text
 //!   names one of them (its function name, or that name with `__` read as `.`, as a whole
 //!   word, any case), the answer is one call of the tool named first, `finish_reason:
 //!   "tool_calls"`, with arguments taken from the prompt: the tool's string parameter
@@ -34,7 +52,7 @@ use serde_json::{Value, json};
 
 use super::{
     Backend, CallContext, ChatChunk, ChatRequest, ChunkStream, LlmError, ModelInfo, ProviderConfig,
-    Usage, unix_now,
+    Usage, mock_schema, unix_now,
 };
 
 /// The words the mock cycles through.
@@ -44,7 +62,7 @@ pub const MOCK_WORDS: [&str; 8] = [
 
 /// Token `i` of a mock answer: [`MOCK_WORDS`] in turn, a space before each repetition's
 /// first word (`… from apex. This is …`).
-fn word(i: u64) -> &'static str {
+pub(super) fn word(i: u64) -> &'static str {
     let n = MOCK_WORDS.len() as u64;
     if i > 0 && i.is_multiple_of(n) {
         " This"
@@ -142,8 +160,10 @@ impl Backend for Mock {
         _ctx: &'a CallContext,
     ) -> BoxFuture<'a, Result<ChunkStream, LlmError>> {
         let (words, tool_calls, finish): (Vec<String>, Option<Value>, &'static str) =
-            if let Some(call) = tool_call(req) {
+            if let Some(call) = forced_tool_call(req).or_else(|| tool_call(req)) {
                 (Vec::new(), Some(call), "tool_calls")
+            } else if let Some(content) = structured(req, self.tokens) {
+                (split_words(&content), None, "stop")
             } else if let Some(text) = tool_answer(req) {
                 let words = split_words(&text);
                 (words, None, "stop")
@@ -272,6 +292,14 @@ fn find_word(text: &str, word: &str) -> Option<(usize, usize)> {
 /// The mock's tool call for `req`, if its rule applies (see the [module docs](self)): a
 /// `tool_calls` array of one call.
 pub fn tool_call(req: &ChatRequest) -> Option<Value> {
+    // Only a free choice: `none` never calls, a forced choice is [`forced_tool_call`]'s.
+    if req
+        .tool_choice
+        .as_ref()
+        .is_some_and(|c| c.as_str() != Some("auto"))
+    {
+        return None;
+    }
     let tools = req.tools.as_ref()?.as_array()?;
     let last = req.messages.last()?;
     if last.get("role").and_then(Value::as_str) != Some("user") {
@@ -296,15 +324,66 @@ pub fn tool_call(req: &ChatRequest) -> Option<Value> {
     let name = tool.get("name")?.as_str()?;
     let rest = &text[end..];
     let args = derive_arguments(tool.get("parameters"), rest);
+    Some(one_call(req, name, &args))
+}
+
+/// A `tool_calls` array of one call of `name` with `args`, its id `call_mock_<k>` for the
+/// `k` tool messages already in the conversation.
+fn one_call(req: &ChatRequest, name: &str, args: &Value) -> Value {
     let k = req
         .messages
         .iter()
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
         .count();
-    Some(
-        json!([{"index": 0, "id": format!("call_mock_{k}"), "type": "function",
-                 "function": {"name": name, "arguments": args.to_string()}}]),
-    )
+    json!([{"index": 0, "id": format!("call_mock_{k}"), "type": "function",
+             "function": {"name": name, "arguments": args.to_string()}}])
+}
+
+/// The mock's call when `tool_choice` forces one (see the [module docs](self)): `required`
+/// (or `any`) → the first tool, `{"type": "function", "function": {"name": X}}` (or
+/// `{"type": "function", "name": X}`) → the tool `X` if it is offered; the arguments are
+/// [`mock_schema::instance`] of the tool's `parameters`.
+pub fn forced_tool_call(req: &ChatRequest) -> Option<Value> {
+    let tools = req.tools.as_ref()?.as_array()?;
+    let functions = tools.iter().filter_map(|t| t.get("function"));
+    let tool = match req.tool_choice.as_ref()? {
+        Value::String(s) if s == "required" || s == "any" => functions.into_iter().next()?,
+        Value::Object(c) => {
+            let name = c
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or_else(|| c.get("name"))?
+                .as_str()?;
+            functions
+                .into_iter()
+                .find(|f| f.get("name").and_then(Value::as_str) == Some(name))?
+        }
+        _ => return None,
+    };
+    let name = tool.get("name")?.as_str()?;
+    let args = match tool.get("parameters") {
+        Some(p) => mock_schema::instance(p),
+        None => json!({}),
+    };
+    // A tool's arguments are an object: a schema whose instance is not one gives `{}`.
+    let args = if args.is_object() { args } else { json!({}) };
+    Some(one_call(req, name, &args))
+}
+
+/// The mock's structured answer when `response_format` asks for JSON (see the [module
+/// docs](self)): the JSON text of [`mock_schema::instance`] of a `json_schema`'s `schema`, or
+/// `{"answer": <the mock text of tokens words>}` for `json_object`.
+pub fn structured(req: &ChatRequest, tokens: u64) -> Option<String> {
+    let format = req.extra.get("response_format")?;
+    let value = match format.get("type").and_then(Value::as_str)? {
+        "json_schema" => match format.pointer("/json_schema/schema") {
+            Some(schema) => mock_schema::instance(schema),
+            None => json!({"answer": Mock::text(tokens)}),
+        },
+        "json_object" => json!({"answer": Mock::text(tokens)}),
+        _ => return None,
+    };
+    Some(value.to_string())
 }
 
 /// A message's text: a string `content`, or the `text` parts of an array of parts.
@@ -411,4 +490,169 @@ pub fn tool_answer(req: &ChatRequest) -> Option<String> {
         })
         .collect();
     Some(sentences.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use futures::StreamExt;
+    use serde_json::{Value, json};
+
+    use super::super::{Backend, CallContext, Caller, ChatChunk, ChatRequest, ProviderConfig};
+    use super::Mock;
+
+    fn mock() -> Mock {
+        Mock::new(&ProviderConfig {
+            name: "mock".to_owned(),
+            ..ProviderConfig::default()
+        })
+    }
+
+    async fn chunks(body: Value) -> Vec<ChatChunk> {
+        let (req, _) = ChatRequest::from_json(body).unwrap();
+        let ctx = CallContext::new("r", Caller::Http);
+        let s = mock().call("mock", &req, &ctx).await.unwrap();
+        s.map(Result::unwrap).collect().await
+    }
+
+    fn content(cs: &[ChatChunk]) -> String {
+        cs.iter().map(|c| c.text.as_str()).collect()
+    }
+
+    fn finish(cs: &[ChatChunk]) -> Option<&str> {
+        cs.iter().find_map(|c| c.finish_reason.as_deref())
+    }
+
+    const PLAN: &str = r#"{"type": "object", "additionalProperties": false,
+        "properties": {"title": {"type": "string"},
+                       "steps": {"type": "array", "items": {"type": "string"}}},
+        "required": ["title", "steps"]}"#;
+
+    #[tokio::test]
+    async fn a_json_schema_response_format_gets_an_instance_streamed_or_not() {
+        let schema: Value = serde_json::from_str(PLAN).unwrap();
+        let format = json!({"type": "json_schema",
+            "json_schema": {"name": "plan", "schema": schema, "strict": true}});
+        let want = json!({"title": "title: This is a mock answer from apex.",
+            "steps": ["item 0: This is a mock answer from apex.",
+                      "item 1: This is a mock answer from apex.",
+                      "item 2: This is a mock answer from apex."]});
+        for stream in [false, true] {
+            let cs = chunks(json!({"model": "mock", "stream": stream, "max_tokens": 2,
+                "stream_options": {"include_usage": true},
+                "messages": [{"role": "user", "content": "plan a trip"}],
+                "response_format": format}))
+            .await;
+            let text = content(&cs);
+            assert_eq!(
+                serde_json::from_str::<Value>(&text).unwrap(),
+                want,
+                "{text}"
+            );
+            assert_eq!(finish(&cs), Some("stop"));
+            assert!(cs.iter().all(|c| c.tool_calls.is_none()));
+            if stream {
+                assert!(cs.len() > 3, "{} chunks", cs.len());
+            }
+            let usage = cs.iter().find_map(|c| c.usage).unwrap();
+            assert_eq!(usage.prompt_tokens, 3);
+            assert_eq!(
+                usage.completion_tokens,
+                text.split_whitespace().count() as u64
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_json_object_response_format_gets_an_answer_object() {
+        let cs = chunks(
+            json!({"model": "mock", "response_format": {"type": "json_object"},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        let v: Value = serde_json::from_str(&content(&cs)).unwrap();
+        assert_eq!(v, json!({"answer": Mock::text(16)}));
+        assert_eq!(finish(&cs), Some("stop"));
+        // `text` is the plain answer.
+        let cs = chunks(json!({"model": "mock", "response_format": {"type": "text"},
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+        assert_eq!(content(&cs), Mock::text(16));
+    }
+
+    fn tools() -> Value {
+        json!([
+            {"type": "function", "function": {"name": "sha256",
+                "parameters": {"type": "object", "properties": {"text": {"type": "string"}},
+                               "required": ["text"]}}},
+            {"type": "function", "function": {"name": "plan",
+                "parameters": serde_json::from_str::<Value>(PLAN).unwrap()}}
+        ])
+    }
+
+    fn the_call(cs: &[ChatChunk]) -> (String, Value) {
+        let calls = cs.iter().find_map(|c| c.tool_calls.clone()).unwrap();
+        let calls = calls.as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        let f = &calls[0]["function"];
+        (
+            f["name"].as_str().unwrap().to_owned(),
+            serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_forced_tool_choice_calls_the_tool_with_an_instance_of_its_parameters() {
+        let named = json!({"type": "function", "function": {"name": "plan"}});
+        for stream in [false, true] {
+            let cs = chunks(json!({"model": "mock", "stream": stream, "tools": tools(),
+                "tool_choice": named, "messages": [{"role": "user", "content": "sha256: x"}]}))
+            .await;
+            assert_eq!(finish(&cs), Some("tool_calls"));
+            let (name, args) = the_call(&cs);
+            assert_eq!(name, "plan");
+            assert_eq!(args["title"], "title: This is a mock answer from apex.");
+            assert_eq!(args["steps"].as_array().unwrap().len(), 3);
+        }
+        let cs = chunks(
+            json!({"model": "mock", "tools": tools(), "tool_choice": "required",
+            "messages": [{"role": "user", "content": "anything"}]}),
+        )
+        .await;
+        assert_eq!(
+            the_call(&cs),
+            (
+                "sha256".to_owned(),
+                json!({"text": "text: This is a mock answer from apex."})
+            )
+        );
+        // A tool not offered: no forced call.
+        let cs = chunks(json!({"model": "mock", "tools": tools(),
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            "messages": [{"role": "user", "content": "anything"}]}))
+        .await;
+        assert_eq!(finish(&cs), Some("stop"));
+    }
+
+    #[tokio::test]
+    async fn tool_choice_none_never_calls_and_auto_keeps_the_name_rule() {
+        let ask = |choice: Value| {
+            json!({"model": "mock", "tools": tools(), "tool_choice": choice,
+                   "messages": [{"role": "user", "content": "sha256: hello"}]})
+        };
+        let cs = chunks(ask(json!("none"))).await;
+        assert_eq!(finish(&cs), Some("stop"));
+        assert!(cs.iter().all(|c| c.tool_calls.is_none()));
+        let cs = chunks(ask(json!("auto"))).await;
+        assert_eq!(
+            the_call(&cs),
+            ("sha256".to_owned(), json!({"text": "hello"}))
+        );
+        let cs = chunks(ask(Value::Null)).await;
+        assert_eq!(
+            the_call(&cs),
+            ("sha256".to_owned(), json!({"text": "hello"}))
+        );
+    }
 }

@@ -31,6 +31,7 @@
 pub mod config;
 pub mod embeddings;
 mod mock;
+pub mod mock_schema;
 pub mod node_models;
 pub mod node_proxy;
 mod openai;
