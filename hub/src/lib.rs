@@ -219,13 +219,6 @@ pub async fn run_with(
     let tasks = tasks.with_plugins(plugins.clone());
     let notifier = notify::Notifier::new(config.ws_queue_len, shared_redis.clone());
     let schedules = schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
-    let research = research::Research::new(
-        records.clone(),
-        tasks.clone(),
-        Arc::new(research::NoAgents),
-        config.research.clone(),
-        stop_rx.clone(),
-    );
     let shared_url = shared.as_ref().map(|h| h.url.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
@@ -242,6 +235,14 @@ pub async fn run_with(
     );
     chat.spawn_retention(stop_rx.clone());
     let memory_loops = memory.spawn(stop_rx.clone());
+    let research = research::Research::new(
+        records.clone(),
+        tasks.clone(),
+        Arc::new(research::NoAgents),
+        Some(memory.clone()),
+        config.research.clone(),
+        stop_rx.clone(),
+    );
     let state = AppState {
         chat,
         memory,

@@ -538,8 +538,11 @@ pub struct SseParser {
     buf: Vec<u8>,
     name: String,
     data: String,
+    id: String,
     /// Events parsed so far.
     pub events: Vec<(String, Value)>,
+    /// The SSE `id` of each of [`SseParser::events`] (empty when it had none).
+    pub ids: Vec<String>,
 }
 
 impl SseParser {
@@ -576,8 +579,10 @@ impl SseParser {
                 let v: Value = serde_json::from_str(&data)
                     .with_context(|| format!("event data is not JSON: {data}"))?;
                 self.events.push((std::mem::take(&mut self.name), v));
+                self.ids.push(std::mem::take(&mut self.id));
             }
             self.name.clear();
+            self.id.clear();
             return Ok(());
         }
         if line.starts_with(':') {
@@ -589,6 +594,7 @@ impl SseParser {
         };
         match field {
             "event" => self.name = value.to_owned(),
+            "id" => self.id = value.to_owned(),
             "data" => {
                 if !self.data.is_empty() {
                     self.data.push('\n');

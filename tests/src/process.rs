@@ -455,6 +455,30 @@ impl Hub {
         Self::start(HubOptions::default()).await
     }
 
+    /// Starts a hub with `toml` as its config file (`--config`), then `extra` arguments, over
+    /// `base` options (default ones when `None`).
+    ///
+    /// # Errors
+    /// As [`Hub::start`], or if the file cannot be written.
+    pub async fn start_with_config(
+        toml: &str,
+        extra: &[&str],
+        base: Option<HubOptions>,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?.keep();
+        let path = dir.join("hub.toml");
+        std::fs::write(&path, toml)?;
+        let base = base.unwrap_or_default();
+        let mut args = base.extra_args.clone();
+        args.extend(["--config".to_owned(), path.display().to_string()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Self::start(HubOptions {
+            extra_args: args,
+            ..base
+        })
+        .await
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

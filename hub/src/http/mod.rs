@@ -134,6 +134,7 @@ impl AppState {
             records.clone(),
             tasks.clone(),
             Arc::new(crate::research::NoAgents),
+            Some(memory.clone()),
             config.research.clone(),
             shutdown.clone(),
         );
@@ -446,7 +447,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
 /// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `/v1/embeddings`, `/api/v1/chat…`, `/api/v1/memory…`, `GET /ws` | `chat` |
 /// | `/api/v1/schedules…` | `tasks` |
-/// | `/api/research/sessions…` | `agents` |
+/// | `/api/research/sessions…`, `POST /api/v2/query` | `agents` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
@@ -518,6 +519,7 @@ pub fn router(state: AppState) -> Router {
             "/api/research/sessions/{id}/memory/content",
             needs(Agents, get(research::memory_content)),
         )
+        .route("/api/v2/query", needs(Agents, post(research::query)))
         .route("/ws", needs(Chat, get(client_ws::upgrade)))
         .route(
             "/api/v1/system/status",

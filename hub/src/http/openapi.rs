@@ -137,6 +137,7 @@ pub const ALIASES: &[(&str, &str)] = &[
         super::research::executions,
         super::research::memory,
         super::research::memory_content,
+        super::research::query,
     ),
     components(schemas(ErrorBody, ErrorObject, Category, super::ListMeta)),
     modifiers(&Finish),

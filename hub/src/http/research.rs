@@ -415,3 +415,60 @@ pub async fn memory_content(
     let file = state.research.memory_content(&caller, &id, &q.path).await?;
     Ok(Json(file).into_response())
 }
+
+/// Body of `POST /api/v2/query`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"query": "How are state space models used in finance?"}))]
+pub struct QueryRequest {
+    /// The question, 1 to 20000 characters.
+    query: String,
+}
+
+/// Ask the knowledge agent (SSE, the knowledge platform's plan-executor protocol).
+///
+/// `POST /api/v2/query`: a run of three stages on the research engine — `planning` (the
+/// planner agent), `retrieval` (the caller's memory and every search tool of the cluster),
+/// `summary` (the writer agent) — streamed as `data: {"event_type", "context": {"mode":
+/// "plan-executor", …}, "messages"}`: `PLAN_DECLARED`, `PLAN_CHANGE`, `STREAM_THING`,
+/// `INVOCATION_DECLARED` / `INVOCATION_CHANGE`, `ARTIFACT_DECLARED` / `ARTIFACT_CHANGE`,
+/// `STREAM_CONTENT`, `END`. A failure is a `STREAM_THING` starting `❌ 错误: `, then `END`.
+/// Rate-limited as `execute`.
+#[utoipa::path(
+    post,
+    path = "/api/v2/query",
+    tag = "research",
+    operation_id = "planExecutorQuery",
+    request_body = QueryRequest,
+    responses(
+        (status = 200, description = "Server-Sent Events of the plan-executor protocol", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`query` is missing, empty or too long", body = ErrorBody),
+        (status = 429, description = "Too many runs started this minute", body = ErrorBody),
+        (status = 503, description = "The record store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn query(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
+    body: Result<Json<QueryRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let rx = state.research.query(&caller, &req.query).await?;
+    let stream = ReceiverStream::new(rx).flat_map(|(_, e)| {
+        futures::stream::iter(
+            crate::research::query::plan_executor(&e)
+                .into_iter()
+                .map(|m| {
+                    Ok::<_, Infallible>(
+                        Event::default()
+                            .json_data(m)
+                            .unwrap_or_else(|_| Event::default().comment("unencodable event")),
+                    )
+                }),
+        )
+    });
+    let stream = super::auth::until_revoked(&state, caller, stream);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

@@ -197,6 +197,7 @@ fn levels(deps: &mut [Vec<usize>], ids: &[String], repairs: &mut Vec<String>) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -542,6 +542,7 @@ pub fn digest(group: usize, s: &RunState) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -570,7 +571,7 @@ mod tests {
 
     #[test]
     fn the_fold_tracks_tasks_groups_tokens_and_the_end() {
-        let log = vec![
+        let log = [
             ev(
                 Kind::SessionStarted,
                 json!({"session_id": "s"}),
@@ -625,7 +626,7 @@ mod tests {
 
     #[test]
     fn an_error_fails_what_was_running_and_ends_the_run() {
-        let log = vec![
+        let log = [
             ev(Kind::SessionStarted, json!({}), Value::Null),
             plan_event(),
             ev(

@@ -20,6 +20,7 @@
 pub mod config;
 pub mod graph;
 pub mod log;
+pub mod query;
 mod run;
 
 pub use run::{LEASE_MS, plan_schema, resume_loop};
@@ -134,11 +135,24 @@ impl Roster for NoAgents {
     }
 }
 
+/// [`SessionRecord::mode`] of a research session.
+pub const MODE_RESEARCH: &str = "research";
+/// [`SessionRecord::mode`] of a plan-executor query (`POST /api/v2/query`, [`query`]).
+pub const MODE_QUERY: &str = "query";
+
+fn research_mode() -> String {
+    MODE_RESEARCH.to_owned()
+}
+
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// `<uuid>`.
     pub id: String,
+    /// [`MODE_RESEARCH`] (default) or [`MODE_QUERY`]: what its run does. Queries are not
+    /// listed nor served by the research routes.
+    #[serde(default = "research_mode")]
+    pub mode: String,
     /// The owner ([`Principal::owner`]).
     pub owner: String,
     /// A label.
@@ -241,6 +255,8 @@ struct Inner {
     records: RecordStore,
     tasks: TaskService,
     roster: Arc<dyn Roster>,
+    /// Memory search, for the retrieval stage of queries (`None`: nothing is searched there).
+    memory: Option<crate::memory::Memory>,
     config: ResearchConfig,
     /// This hub's name in run leases.
     hub_id: String,
@@ -260,11 +276,12 @@ pub(crate) fn now_ms() -> i64 {
 
 impl Research {
     /// The service over `records`, running agent steps through `tasks` with `roster`'s
-    /// agents.
+    /// agents; queries search `memory`.
     pub fn new(
         records: RecordStore,
         tasks: TaskService,
         roster: Arc<dyn Roster>,
+        memory: Option<crate::memory::Memory>,
         config: ResearchConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -273,6 +290,7 @@ impl Research {
                 records,
                 tasks,
                 roster,
+                memory,
                 config,
                 hub_id: uuid::Uuid::new_v4().to_string(),
                 appended: DashMap::new(),
@@ -302,6 +320,7 @@ impl Research {
         let now = now_ms();
         let rec = SessionRecord {
             id: uuid::Uuid::new_v4().to_string(),
+            mode: MODE_RESEARCH.to_owned(),
             owner: caller.owner().to_owned(),
             name,
             task: task.trim().to_owned(),
@@ -326,7 +345,7 @@ impl Research {
     /// [`Error::NotFound`], [`Error::Store`].
     pub async fn session(&self, caller: &Principal, id: &str) -> Result<SessionRecord, Error> {
         let (rec, _) = self.read(id).await?.ok_or_else(|| not_found(id))?;
-        if !caller.sees(Some(&rec.owner)) {
+        if !caller.sees(Some(&rec.owner)) || rec.mode != MODE_RESEARCH {
             return Err(not_found(id));
         }
         Ok(rec)
@@ -363,7 +382,7 @@ impl Research {
             .await?
             .into_iter()
             .filter_map(|(_, b)| serde_json::from_slice::<SessionRecord>(&b).ok())
-            .filter(|r| caller.sees(Some(&r.owner)))
+            .filter(|r| r.mode == MODE_RESEARCH && caller.sees(Some(&r.owner)))
             .filter(|r| status.is_none_or(|s| r.status == s))
             .collect();
         all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.id.cmp(&a.id)));
@@ -538,6 +557,46 @@ impl Research {
             }
         }
         Ok(self.follow(id.to_owned(), after))
+    }
+
+    /// `POST /api/v2/query`: starts a plan-executor query of `question` for `caller` and
+    /// returns its events from the start (render them with [`query::plan_executor`]).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] (`query`), [`Error::Store`].
+    pub async fn query(&self, caller: &Principal, question: &str) -> Result<EventStream, Error> {
+        if question.trim().is_empty() || question.chars().count() > MAX_TASK_CHARS {
+            return Err(invalid(
+                "query",
+                format!("`query` must be 1 to {MAX_TASK_CHARS} characters"),
+            ));
+        }
+        let now = now_ms();
+        let rec = SessionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            mode: MODE_QUERY.to_owned(),
+            owner: caller.owner().to_owned(),
+            name: question.trim().chars().take(MAX_NAME_CHARS).collect(),
+            task: question.trim().to_owned(),
+            status: "running".to_owned(),
+            current_stage: "planning".to_owned(),
+            progress: 0,
+            total_tokens: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+            completed_at_ms: None,
+        };
+        self.inner
+            .records
+            .create(SESSION, &rec.id, &encode(&rec), None)
+            .await?;
+        let lease = run::Lease::fresh(&self.inner.hub_id);
+        self.inner
+            .records
+            .create(RUN, &rec.id, &lease.encode(), None)
+            .await?;
+        self.spawn_driver(rec.id.clone(), lease);
+        Ok(self.follow(rec.id, 0))
     }
 
     fn notify_of(&self, id: &str) -> Arc<Notify> {
@@ -816,6 +875,7 @@ fn session_relative(id: &str, path: &str) -> Result<String, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

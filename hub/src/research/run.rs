@@ -160,7 +160,7 @@ async fn resume_once(r: &Research, exclusive: bool) -> Result<(), Error> {
 
 /// Why the driver stopped before the run ended.
 #[derive(Debug)]
-enum Stop {
+pub(super) enum Stop {
     /// The lease is gone or the hub shuts down: another driver continues.
     Yield,
     /// The store failed: the lease expires and the run is taken over.
@@ -244,14 +244,18 @@ enum Msg {
     },
 }
 
-struct Driver {
-    r: Research,
-    id: String,
+/// The driver of one run (a research run, or a query run: `query.rs`).
+pub(super) struct Driver {
+    pub(super) r: Research,
+    pub(super) id: String,
     lease: Lease,
-    owner: Principal,
-    task: String,
-    state: RunState,
-    started_ms: i64,
+    pub(super) owner: Principal,
+    /// The research task, or the query's question.
+    pub(super) task: String,
+    /// `research` or `query`.
+    mode: String,
+    pub(super) state: RunState,
+    pub(super) started_ms: i64,
 }
 
 impl Driver {
@@ -263,6 +267,7 @@ impl Driver {
         Ok(Driver {
             owner: Principal::acting_for(&rec.owner),
             task: rec.task,
+            mode: rec.mode,
             started_ms: state.started_at_ms.unwrap_or_else(now_ms),
             state,
             r,
@@ -276,7 +281,7 @@ impl Driver {
     }
 
     /// Appends `events` (one durable write), folds them in and wakes the streams.
-    async fn append(&mut self, events: Vec<RunEvent>) -> Result<(), Stop> {
+    pub(super) async fn append(&mut self, events: Vec<RunEvent>) -> Result<(), Stop> {
         if events.is_empty() {
             return Ok(());
         }
@@ -300,6 +305,9 @@ impl Driver {
     }
 
     async fn run(&mut self) -> Result<(), Stop> {
+        if self.mode == super::MODE_QUERY {
+            return self.run_query().await;
+        }
         if self.state.ended.is_some() {
             return Ok(());
         }
@@ -326,10 +334,10 @@ impl Driver {
             self.group(g, members).await?;
             self.report().await;
         }
-        if self.state.synthesis.is_none() {
-            if let Err(message) = self.synthesize().await? {
-                return self.fail(message).await;
-            }
+        if self.state.synthesis.is_none()
+            && let Err(message) = self.synthesize().await?
+        {
+            return self.fail(message).await;
         }
         let e = RunEvent::new(
             Kind::SessionCompleted,
@@ -346,7 +354,7 @@ impl Driver {
     }
 
     /// Records the run's failure (an `error` event ends it).
-    async fn fail(&mut self, message: String) -> Result<(), Stop> {
+    pub(super) async fn fail(&mut self, message: String) -> Result<(), Stop> {
         let e = RunEvent::new(Kind::Error, json!({"error": message}), now_ms());
         self.append(vec![e]).await?;
         self.report().await;
@@ -355,7 +363,7 @@ impl Driver {
 
     /// Copies status, stage, progress and tokens into the session record (best effort: the
     /// log is the truth, the record what listings show).
-    async fn report(&self) {
+    pub(super) async fn report(&self) {
         let s = &self.state;
         let status = match s.ended {
             Some(Kind::SessionCompleted) => "completed",
@@ -395,7 +403,7 @@ impl Driver {
         groups
     }
 
-    async fn agent(&self, agent_type: &str) -> Result<Option<Agent>, Stop> {
+    pub(super) async fn agent(&self, agent_type: &str) -> Result<Option<Agent>, Stop> {
         self.r
             .inner
             .roster
@@ -413,9 +421,22 @@ impl Driver {
         description: String,
         priority: i32,
     ) -> Result<Result<Task, String>, Stop> {
+        self.submit_tool(key, AGENT_TOOL, args, description, priority)
+            .await
+    }
+
+    /// [`Driver::submit`] of any tool.
+    async fn submit_tool(
+        &self,
+        key: &str,
+        tool: &str,
+        args: Value,
+        description: String,
+        priority: i32,
+    ) -> Result<Result<Task, String>, Stop> {
         let cfg = &self.r.inner.config;
         let spec = TaskSpec {
-            tool: AGENT_TOOL.to_owned(),
+            tool: tool.to_owned(),
             args,
             description: Some(description),
             priority,
@@ -454,7 +475,7 @@ impl Driver {
 
     /// Runs one step to its end (for the plan and the synthesis, which have no progress
     /// events).
-    async fn step(
+    pub(super) async fn step(
         &self,
         key: &str,
         agent: &Agent,
@@ -463,10 +484,18 @@ impl Driver {
         schema: Option<Value>,
     ) -> Result<Result<Task, String>, Stop> {
         let args = run_args(agent, &task, inputs, schema);
-        let t = match self
-            .submit(key, args, format!("research {}: {key}", self.id), 5)
-            .await?
-        {
+        self.run_tool(key, AGENT_TOOL, args).await
+    }
+
+    /// Runs `tool` with `args` as the step `key` to its end.
+    pub(super) async fn run_tool(
+        &self,
+        key: &str,
+        tool: &str,
+        args: Value,
+    ) -> Result<Result<Task, String>, Stop> {
+        let description = format!("research {}: {key}", self.id);
+        let t = match self.submit_tool(key, tool, args, description, 5).await? {
             Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
@@ -1017,14 +1046,14 @@ pub fn plan_schema(assignable: &[String], max: usize) -> Value {
     })
 }
 
+/// One task as the coordinator planned it: `(description, agent type, priority,
+/// dependencies)`.
+type Planned = (String, String, String, Vec<String>);
+
 /// `(description, agent type, priority, dependencies)` of each planned task, from the
 /// `agent.run` result (`structured`, else `result` parsed as JSON). Unknown agent types become
 /// the first assignable one; a plan longer than `max` is cut.
-fn parse_plan(
-    result: &Value,
-    assignable: &[String],
-    max: usize,
-) -> Option<Vec<(String, String, String, Vec<String>)>> {
+fn parse_plan(result: &Value, assignable: &[String], max: usize) -> Option<Vec<Planned>> {
     let parsed;
     let plan = match result.get("structured").filter(|s| s.is_object()) {
         Some(s) => s,
@@ -1091,7 +1120,7 @@ fn extract_json(text: &str) -> &str {
 }
 
 /// What the views need of a finished step.
-fn step_details(t: &Task, result: &Value) -> Value {
+pub(super) fn step_details(t: &Task, result: &Value) -> Value {
     json!({
         "apex_task_id": t.id,
         "structured": result.get("structured").cloned().unwrap_or(Value::Null),
@@ -1105,7 +1134,7 @@ fn step_details(t: &Task, result: &Value) -> Value {
 }
 
 /// The text of an `agent.run` result.
-fn result_text(result: &Value) -> String {
+pub(super) fn result_text(result: &Value) -> String {
     match result.get("result") {
         Some(Value::String(s)) => s.clone(),
         Some(v) => v.to_string(),
@@ -1113,7 +1142,7 @@ fn result_text(result: &Value) -> String {
     }
 }
 
-fn task_error(t: &Task) -> String {
+pub(super) fn task_error(t: &Task) -> String {
     match &t.error {
         Some(e) => format!("{} ({})", e.message, e.code),
         None => format!("the agent task ended {}", t.status.as_str()),
@@ -1136,6 +1165,7 @@ fn cut(s: &str, max: usize) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
