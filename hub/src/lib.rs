@@ -22,6 +22,7 @@ pub mod principal;
 pub mod records;
 pub mod scheduler;
 pub mod schedules;
+pub mod agents;
 pub mod shared;
 pub mod store;
 pub mod systemd;
@@ -218,6 +219,12 @@ pub async fn run_with(
     let tasks = tasks.with_plugins(plugins.clone());
     let notifier = notify::Notifier::new(config.ws_queue_len, shared_redis.clone());
     let schedules = schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+    let agents = agents::Agents::new(
+        records.clone(),
+        tasks.clone(),
+        gateway.clone(),
+        config.clone(),
+    );
     let shared_url = shared.as_ref().map(|h| h.url.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
@@ -251,6 +258,7 @@ pub async fn run_with(
         ops: ops.clone(),
         notifier: notifier.clone(),
         schedules: schedules.clone(),
+        agents,
     };
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);

@@ -162,6 +162,23 @@ pub struct Config {
     /// Memory search of `/api/v1/memory…` (`[memory]`; `APEX_MEMORY__<KEY>`); see
     /// [`MemoryConfig`](crate::memory::MemoryConfig). Not reloadable.
     pub memory: crate::memory::MemoryConfig,
+    /// Agent profiles of `/api/agents/profiles` (`[agents]`; `APEX_AGENTS__<KEY>`); see
+    /// [`AgentsConfig`]. Not reloadable.
+    pub agents: AgentsConfig,
+}
+
+/// The `[agents]` table: the models of the default agent profiles (`/api/agents/profiles`).
+/// Environment: `APEX_AGENTS__<KEY>`. Not reloadable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// The gateway model (`provider/model`, an alias or a model name) of the default
+    /// profiles, and of any profile whose `role_model` is empty. Default empty: the gateway's
+    /// first model at run time (the built-in `mock` on a fresh machine).
+    pub role_model: String,
+    /// The model asked when the role model fails, for the default profiles and any profile
+    /// whose `fallback_model` is empty. Default empty: no fallback.
+    pub fallback_model: String,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -408,6 +425,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             chat: crate::chat::ChatConfig::default(),
             memory: crate::memory::MemoryConfig::default(),
+            agents: AgentsConfig::default(),
             rate_limits: RateLimits::default(),
         }
     }
@@ -730,6 +748,18 @@ impl Config {
         }
         if let Err((field, reason)) = self.memory.validate() {
             return Err(Error::Invalid { field, reason });
+        }
+        for (field, model) in [
+            ("agents.role_model", &self.agents.role_model),
+            ("agents.fallback_model", &self.agents.fallback_model),
+        ] {
+            if model.chars().count() > 256 || model.chars().any(char::is_whitespace) {
+                return Err(Error::Invalid {
+                    field,
+                    reason: "must be a model name of at most 256 characters, without spaces"
+                        .to_owned(),
+                });
+            }
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ mod plugins;
 pub mod probes;
 mod rate_limit;
 mod schedules;
+mod agents;
 mod system;
 mod tasks;
 
@@ -86,6 +87,8 @@ pub struct AppState {
     pub schedules: crate::schedules::Schedules,
     /// Memory search (`/api/v1/memory…`).
     pub memory: crate::memory::Memory,
+    /// Agent profiles (`/api/agents/profiles…`), over `records`, run through `tasks`.
+    pub agents: crate::agents::Agents,
 }
 
 impl AppState {
@@ -127,7 +130,14 @@ impl AppState {
         let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
         let schedules =
             crate::schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+        let agents = crate::agents::Agents::new(
+            records.clone(),
+            tasks.clone(),
+            llm.clone(),
+            config.clone(),
+        );
         Self {
+            agents,
             tasks,
             chat,
             notifier,
@@ -435,6 +445,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | `/api/v1/tasks…`, `POST /v1/nodes/{id}/tasks` | `tasks` |
 /// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `/v1/embeddings`, `/api/v1/chat…`, `/api/v1/memory…`, `GET /ws` | `chat` |
 /// | `/api/v1/schedules…` | `tasks` |
+/// | `/api/agents/profiles…` | `agents` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
@@ -446,7 +457,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// per-task token and signature), the node and log channels and the
 /// dashboard assets take no bearer credential.
 pub fn router(state: AppState) -> Router {
-    use Scope::{Admin, Chat, Config, NodesRead, NodesWrite, Tasks};
+    use Scope::{Admin, Agents, Chat, Config, NodesRead, NodesWrite, Tasks};
     let mut api = Router::new()
         .route(
             "/api/v1/tasks",
@@ -472,6 +483,35 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/schedules/{id}",
             needs(Tasks, get(schedules::get).delete(schedules::remove)),
+        )
+        .route(
+            "/api/agents/profiles",
+            needs(Agents, get(agents::list).post(agents::create)),
+        )
+        .route(
+            "/api/agents/profiles/defaults",
+            needs(Agents, get(agents::defaults)),
+        )
+        .route(
+            "/api/agents/profiles/init-defaults",
+            needs(Agents, post(agents::init_defaults)),
+        )
+        .route(
+            "/api/agents/profiles/{id}",
+            needs(
+                Agents,
+                get(agents::get)
+                    .put(agents::update)
+                    .delete(agents::remove),
+            ),
+        )
+        .route(
+            "/api/agents/profiles/{id}/clone",
+            needs(Agents, post(agents::clone)),
+        )
+        .route(
+            "/api/agents/profiles/{id}/test",
+            needs(Agents, post(agents::test)),
         )
         .route("/ws", needs(Chat, get(client_ws::upgrade)))
         .route(
