@@ -974,4 +974,5 @@ impl Agents {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -210,7 +210,13 @@ async fn resolve_prefers_the_owners_enabled_profile_then_the_template() {
 
 #[tokio::test]
 async fn an_empty_configured_model_is_the_gateways_first() {
-    let a = agents(Config::default());
+    let mut config = Config::default();
+    config.llm.providers = vec![crate::llm::ProviderConfig {
+        name: "mock".into(),
+        kind: crate::llm::ProviderKind::Mock,
+        ..Default::default()
+    }];
+    let a = agents(config);
     let p = a.resolve("admin", "writer").await.unwrap().unwrap();
     let (role, fallback) = a.models(&p);
     assert_eq!(role, "mock", "the built-in mock provider");
