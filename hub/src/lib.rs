@@ -2,6 +2,7 @@
 //! already-bound listener until a shutdown future completes. `main.rs` only parses flags,
 //! loads config and calls it; tests call it directly.
 
+pub mod agents;
 pub mod chat;
 pub mod config;
 pub mod durable;
@@ -22,7 +23,6 @@ pub mod principal;
 pub mod records;
 pub mod scheduler;
 pub mod schedules;
-pub mod agents;
 pub mod shared;
 pub mod store;
 pub mod systemd;

@@ -62,7 +62,13 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
     assert_eq!(s, StatusCode::OK, "{d}");
     let agents = d["agents"].as_array().unwrap();
     assert_eq!(agents.len(), 14);
-    for t in ["meta_coordinator", "explorer", "critic", "synthesizer", "writer"] {
+    for t in [
+        "meta_coordinator",
+        "explorer",
+        "critic",
+        "synthesizer",
+        "writer",
+    ] {
         assert!(agents.iter().any(|a| a["agent_type"] == t), "{t}");
     }
     let (_, empty) = call(&alice, Method::GET, P, None).await;
@@ -71,7 +77,10 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
     // init-defaults: 14, then 0.
     let (s, v) = call(&alice, Method::POST, &format!("{P}/init-defaults"), None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(v, json!({"message": "Default agents initialized", "created_count": 14}));
+    assert_eq!(
+        v,
+        json!({"message": "Default agents initialized", "created_count": 14})
+    );
     let (_, v) = call(&alice, Method::POST, &format!("{P}/init-defaults"), None).await;
     assert_eq!(v["created_count"], 0);
     let (_, list) = call(&alice, Method::GET, P, None).await;
@@ -103,13 +112,25 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
     let id = explorer["id"].as_str().unwrap();
 
     // Filters.
-    let (_, info) = call(&alice, Method::GET, &format!("{P}?cluster=information"), None).await;
+    let (_, info) = call(
+        &alice,
+        Method::GET,
+        &format!("{P}?cluster=information"),
+        None,
+    )
+    .await;
     let info = info["profiles"].as_array().unwrap().clone();
     assert!(!info.is_empty() && info.iter().all(|p| p["cluster"] == "information"));
     let (s, bad) = call(&alice, Method::GET, &format!("{P}?cluster=kitchen"), None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(bad["error"]["param"], "cluster");
-    assert!(bad["detail"].as_str().unwrap().contains("reasoning, information, production, coordination"), "{bad}");
+    assert!(
+        bad["detail"]
+            .as_str()
+            .unwrap()
+            .contains("reasoning, information, production, coordination"),
+        "{bad}"
+    );
     let (_, off) = call(&alice, Method::GET, &format!("{P}?is_enabled=false"), None).await;
     assert_eq!(off["total"], 0);
 
@@ -129,14 +150,32 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
     let (_, off) = call(&alice, Method::GET, &format!("{P}?is_enabled=false"), None).await;
     assert_eq!(off["total"], 1);
     assert_eq!(off["profiles"][0]["id"], id);
-    let (_, on) = call(&alice, Method::GET, &format!("{P}?is_enabled=true&cluster=information"), None).await;
+    let (_, on) = call(
+        &alice,
+        Method::GET,
+        &format!("{P}?is_enabled=true&cluster=information"),
+        None,
+    )
+    .await;
     assert_eq!(on["total"].as_u64().unwrap(), info.len() as u64 - 1);
-    let (s, bad) = call(&alice, Method::PUT, &format!("{P}/{id}"), Some(json!({"max_tokens": 0}))).await;
+    let (s, bad) = call(
+        &alice,
+        Method::PUT,
+        &format!("{P}/{id}"),
+        Some(json!({"max_tokens": 0})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
     assert_eq!(bad["error"]["param"], "max_tokens");
 
     // Errors: unknown type, bad values, deleting a default.
-    let (s, bad) = call(&alice, Method::POST, P, Some(json!({"agent_type": "wizard"}))).await;
+    let (s, bad) = call(
+        &alice,
+        Method::POST,
+        P,
+        Some(json!({"agent_type": "wizard"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(
         bad["detail"]
@@ -163,12 +202,14 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
         &alice,
         Method::POST,
         P,
-        Some(json!({"agent_type": "custom_explorer", "display_name": "Custom Explorer",
+        Some(
+            json!({"agent_type": "custom_explorer", "display_name": "Custom Explorer",
             "display_name_cn": "自定义探索者", "cluster": "information",
             "role_model": "openai/gpt-4o", "temperature": 0.8, "max_tokens": 6000,
             "persona": "You explore deep learning.", "traits": {"creativity": "very_high"},
             "responsibilities": ["deep learning literature"], "data_sources": ["arxiv"],
-            "enabled_skills": ["/survey"]})),
+            "enabled_skills": ["/survey"]}),
+        ),
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{custom}");
@@ -196,10 +237,18 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
     assert_eq!(theirs["total"], 0);
     for (method, path, body) in [
         (Method::GET, format!("{P}/{cid}"), None),
-        (Method::PUT, format!("{P}/{cid}"), Some(json!({"temperature": 1.0}))),
+        (
+            Method::PUT,
+            format!("{P}/{cid}"),
+            Some(json!({"temperature": 1.0})),
+        ),
         (Method::DELETE, format!("{P}/{cid}"), None),
         (Method::POST, format!("{P}/{cid}/clone"), None),
-        (Method::POST, format!("{P}/{cid}/test"), Some(json!({"task": "x"}))),
+        (
+            Method::POST,
+            format!("{P}/{cid}/test"),
+            Some(json!({"task": "x"})),
+        ),
     ] {
         let (s, v) = call(&bob, method.clone(), &path, body).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{method} {path}: {v}");
@@ -212,7 +261,13 @@ async fn profiles_are_initialised_once_edited_cloned_and_kept_to_their_owner() {
 
     // The test route is limited to 20 a minute per caller (class `test`).
     for i in 0..20 {
-        let (s, v) = call(&bob, Method::POST, &format!("{P}/nope/test"), Some(json!({"task": "x"}))).await;
+        let (s, v) = call(
+            &bob,
+            Method::POST,
+            &format!("{P}/nope/test"),
+            Some(json!({"task": "x"})),
+        )
+        .await;
         assert_eq!(s, StatusCode::NOT_FOUND, "call {i}: {v}");
     }
     let resp = bob
@@ -256,12 +311,22 @@ async fn the_test_route_runs_agent_run_on_a_node_and_the_fallback_answers_when_t
     let id = explorer["id"].as_str().unwrap().to_owned();
 
     let task = "Briefly analyse the core innovations of the Transformer";
-    let (s, r) = call(&alice, Method::POST, &format!("{P}/{id}/test"), Some(json!({"task": task}))).await;
+    let (s, r) = call(
+        &alice,
+        Method::POST,
+        &format!("{P}/{id}/test"),
+        Some(json!({"task": task})),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["agent_id"], id.as_str());
     assert_eq!(r["agent_type"], "explorer");
     assert_eq!(r["task"], task);
-    assert_eq!(r["result"], fake_text(8).trim(), "the structured answer's `result`");
+    assert_eq!(
+        r["result"],
+        fake_text(8).trim(),
+        "the structured answer's `result`"
+    );
     assert_eq!(r["model_used"], "json-a");
     assert_eq!(r["tokens_used"], 13, "5 prompt + 8 completion tokens");
     assert!(r["duration_ms"].is_u64());
@@ -270,14 +335,25 @@ async fn the_test_route_runs_agent_run_on_a_node_and_the_fallback_answers_when_t
     assert_eq!(body["model"], "json-a");
     assert_eq!(body["messages"][0]["role"], "system");
     assert_eq!(body["messages"][0]["content"], explorer["persona"]);
-    assert!(body["messages"][1]["content"].as_str().unwrap().contains(task));
+    assert!(
+        body["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .contains(task)
+    );
     assert_eq!(body["temperature"], explorer["temperature"]);
     assert_eq!(body["response_format"]["type"], "json_schema");
     assert_eq!(body["response_format"]["json_schema"]["strict"], true);
     let required = &body["response_format"]["json_schema"]["schema"]["required"];
     assert_eq!(
         required,
-        &json!(["result", "key_findings", "uncertainties", "suggestions", "confidence"])
+        &json!([
+            "result",
+            "key_findings",
+            "uncertainties",
+            "suggestions",
+            "confidence"
+        ])
     );
 
     // The role model's upstream fails: the fallback answers (plain text, kept as is).
@@ -289,7 +365,13 @@ async fn the_test_route_runs_agent_run_on_a_node_and_the_fallback_answers_when_t
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{up}");
-    let (s, r) = call(&alice, Method::POST, &format!("{P}/{id}/test"), Some(json!({"task": task}))).await;
+    let (s, r) = call(
+        &alice,
+        Method::POST,
+        &format!("{P}/{id}/test"),
+        Some(json!({"task": task})),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["model_used"], "plain-a");
     assert_eq!(r["result"], fake_text(8));
@@ -309,14 +391,29 @@ async fn the_test_route_runs_agent_run_on_a_node_and_the_fallback_answers_when_t
         Some(json!({"fallback_model": "status-503-down"})),
     )
     .await;
-    let (s, e) = call(&alice, Method::POST, &format!("{P}/{id}/test"), Some(json!({"task": task}))).await;
+    let (s, e) = call(
+        &alice,
+        Method::POST,
+        &format!("{P}/{id}/test"),
+        Some(json!({"task": task})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_GATEWAY, "{e}");
     assert_eq!(e["error"]["code"], "agent_run_failed");
     let detail = e["detail"].as_str().unwrap();
-    assert!(detail.contains("status-500-down") && detail.contains("status-503-down"), "{detail}");
+    assert!(
+        detail.contains("status-500-down") && detail.contains("status-503-down"),
+        "{detail}"
+    );
 
     // An empty task is refused before anything runs.
-    let (s, e) = call(&alice, Method::POST, &format!("{P}/{id}/test"), Some(json!({"task": " "}))).await;
+    let (s, e) = call(
+        &alice,
+        Method::POST,
+        &format!("{P}/{id}/test"),
+        Some(json!({"task": " "})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
     assert_eq!(e["error"]["param"], "task");
 }

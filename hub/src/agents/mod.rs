@@ -380,7 +380,10 @@ fn check_len(param: &'static str, v: &str, min: usize, max: usize) -> Result<(),
         return Err(if min == 0 {
             invalid(param, format!("`{param}` must be at most {max} characters"))
         } else {
-            invalid(param, format!("`{param}` must be {min} to {max} characters"))
+            invalid(
+                param,
+                format!("`{param}` must be {min} to {max} characters"),
+            )
         });
     }
     Ok(())
@@ -391,7 +394,9 @@ fn check_model(param: &'static str, v: &str) -> Result<(), Error> {
     if v.chars().any(char::is_whitespace) {
         return Err(invalid(
             param,
-            format!("`{param}` must be a model name without spaces (`provider/model`, an alias, or a model)"),
+            format!(
+                "`{param}` must be a model name without spaces (`provider/model`, an alias, or a model)"
+            ),
         ));
     }
     Ok(())
@@ -404,8 +409,7 @@ fn check_list(param: &'static str, v: &[String]) -> Result<(), Error> {
             format!("`{param}` must have at most {MAX_LIST_ITEMS} items"),
         ));
     }
-    if v
-        .iter()
+    if v.iter()
         .any(|s| s.trim().is_empty() || s.chars().count() > MAX_ITEM_CHARS)
     {
         return Err(invalid(
@@ -634,7 +638,11 @@ impl Agents {
         for t in self.defaults() {
             let id = default_id(owner, &t.agent_type);
             let p = AgentProfile::from_template(t, id, owner, &now);
-            if self.records.create(PROFILE, &p.id, &encode(&p)?, None).await? {
+            if self
+                .records
+                .create(PROFILE, &p.id, &encode(&p)?, None)
+                .await?
+            {
                 created += 1;
             }
         }
@@ -705,7 +713,11 @@ impl Agents {
         Ok(p)
     }
 
-    async fn get_raw(&self, caller: &Principal, id: &str) -> Result<(Vec<u8>, AgentProfile), Error> {
+    async fn get_raw(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<(Vec<u8>, AgentProfile), Error> {
         let raw = self
             .records
             .get(PROFILE, id)
@@ -927,7 +939,8 @@ impl Agents {
             capability: None,
             owner: None,
         };
-        let deadline = began + Duration::from_secs_f64(spec.timeout_seconds.max(0.0)) + TIMEOUT_GRACE;
+        let deadline =
+            began + Duration::from_secs_f64(spec.timeout_seconds.max(0.0)) + TIMEOUT_GRACE;
         let submitted = self.tasks.submit(caller, vec![spec]).await?;
         let Some((task_row, _)) = submitted.into_iter().next() else {
             return Err(Error::RunFailed("the task service accepted no task".into()));

@@ -34,7 +34,10 @@ fn the_defaults_span_the_clusters_with_the_required_types() {
     ] {
         assert!(AGENT_TYPES.contains(&need), "{need}");
     }
-    let mc = t.iter().find(|a| a.agent_type == "meta_coordinator").unwrap();
+    let mc = t
+        .iter()
+        .find(|a| a.agent_type == "meta_coordinator")
+        .unwrap();
     assert_eq!(mc.cluster, "coordination");
     let ex = t.iter().find(|a| a.agent_type == "explorer").unwrap();
     assert_eq!(ex.cluster, "information");
@@ -72,9 +75,18 @@ fn agent_types_are_the_defaults_or_custom_snake_case() {
 
 #[test]
 fn default_ids_are_stable_per_owner_and_type() {
-    assert_eq!(default_id("user:a", "explorer"), default_id("user:a", "explorer"));
-    assert_ne!(default_id("user:a", "explorer"), default_id("user:b", "explorer"));
-    assert_ne!(default_id("user:a", "explorer"), default_id("user:a", "critic"));
+    assert_eq!(
+        default_id("user:a", "explorer"),
+        default_id("user:a", "explorer")
+    );
+    assert_ne!(
+        default_id("user:a", "explorer"),
+        default_id("user:b", "explorer")
+    );
+    assert_ne!(
+        default_id("user:a", "explorer"),
+        default_id("user:a", "critic")
+    );
     assert!(uuid::Uuid::parse_str(&default_id("user:a", "explorer")).is_ok());
 }
 
@@ -91,7 +103,10 @@ async fn init_defaults_is_idempotent_and_profiles_are_owned() {
     assert_eq!(a.list(&admin, None, None).await.unwrap().len(), 14);
     let first = &a.list(&alice, None, None).await.unwrap()[0];
     assert_eq!(first.agent_type, "meta_coordinator");
-    assert!(matches!(a.get(&bob, &first.id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        a.get(&bob, &first.id).await,
+        Err(Error::NotFound(_))
+    ));
     assert!(matches!(
         a.delete(&alice, &first.id).await,
         Err(Error::Forbidden(_))
@@ -100,7 +115,10 @@ async fn init_defaults_is_idempotent_and_profiles_are_owned() {
     assert!(info.iter().all(|p| p.cluster == "information") && !info.is_empty());
     assert!(matches!(
         a.list(&alice, Some("nope"), None).await,
-        Err(Error::Invalid { param: "cluster", .. })
+        Err(Error::Invalid {
+            param: "cluster",
+            ..
+        })
     ));
 }
 
@@ -118,10 +136,19 @@ async fn create_update_clone_and_validation() {
         "{bad}"
     );
     let missing = a
-        .create(&u, fields(json!({"agent_type": "custom_x", "display_name": "X", "cluster": "reasoning"})))
+        .create(
+            &u,
+            fields(json!({"agent_type": "custom_x", "display_name": "X", "cluster": "reasoning"})),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(missing, Error::Invalid { param: "persona", .. }));
+    assert!(matches!(
+        missing,
+        Error::Invalid {
+            param: "persona",
+            ..
+        }
+    ));
     for (body, param) in [
         (json!({"temperature": 2.5}), "temperature"),
         (json!({"max_tokens": 0}), "max_tokens"),
@@ -142,16 +169,22 @@ async fn create_update_clone_and_validation() {
     let p = a
         .create(
             &u,
-            fields(json!({"agent_type": "custom_explorer", "display_name": "Custom Explorer",
+            fields(
+                json!({"agent_type": "custom_explorer", "display_name": "Custom Explorer",
                 "cluster": "information", "persona": "You explore.", "temperature": 0.8,
-                "max_tokens": 6000})),
+                "max_tokens": 6000}),
+            ),
         )
         .await
         .unwrap();
     assert!(p.is_custom && p.is_enabled);
     assert_eq!(p.max_tokens, 6000);
     let q = a
-        .update(&u, &p.id, fields(json!({"temperature": 0.5, "is_enabled": false, "id": "ignored"})))
+        .update(
+            &u,
+            &p.id,
+            fields(json!({"temperature": 0.5, "is_enabled": false, "id": "ignored"})),
+        )
         .await
         .unwrap();
     assert_eq!(q.temperature, 0.5);
@@ -180,21 +213,39 @@ async fn resolve_prefers_the_owners_enabled_profile_then_the_template() {
     let t = a.resolve(u.owner(), "critic").await.unwrap().unwrap();
     assert!(t.id.is_empty());
     assert_eq!(t.role_model, "up/big");
-    assert!(a.resolve(u.owner(), "custom_nothing").await.unwrap().is_none());
+    assert!(
+        a.resolve(u.owner(), "custom_nothing")
+            .await
+            .unwrap()
+            .is_none()
+    );
     a.init_defaults(&u).await.unwrap();
     let stored = a.resolve(u.owner(), "critic").await.unwrap().unwrap();
     assert_eq!(stored.id, default_id(u.owner(), "critic"));
     let mine = a
-        .create(&u, fields(json!({"agent_type": "critic", "persona": "Be harsh."})))
+        .create(
+            &u,
+            fields(json!({"agent_type": "critic", "persona": "Be harsh."})),
+        )
         .await
         .unwrap();
-    assert_eq!(a.resolve(u.owner(), "critic").await.unwrap().unwrap().id, mine.id);
+    assert_eq!(
+        a.resolve(u.owner(), "critic").await.unwrap().unwrap().id,
+        mine.id
+    );
     a.update(&u, &mine.id, fields(json!({"is_enabled": false})))
         .await
         .unwrap();
-    assert_eq!(a.resolve(u.owner(), "critic").await.unwrap().unwrap().id, stored.id);
+    assert_eq!(
+        a.resolve(u.owner(), "critic").await.unwrap().unwrap().id,
+        stored.id
+    );
 
-    let args = a.run_args(&stored, "check this", vec![json!({"task_id": "t1", "output": "x"})]);
+    let args = a.run_args(
+        &stored,
+        "check this",
+        vec![json!({"task_id": "t1", "output": "x"})],
+    );
     assert_eq!(args["model"], "up/big");
     assert_eq!(args["fallback_model"], "up/small");
     assert_eq!(args["task"], "check this");
@@ -204,7 +255,10 @@ async fn resolve_prefers_the_owners_enabled_profile_then_the_template() {
     own.role_model = "up/small".into();
     let args = a.run_args(&own, "x", Vec::new());
     assert_eq!(args["model"], "up/small");
-    assert!(args.get("fallback_model").is_none(), "a fallback equal to the model is dropped");
+    assert!(
+        args.get("fallback_model").is_none(),
+        "a fallback equal to the model is dropped"
+    );
     assert!(args.get("inputs").is_none());
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Only this module tree imports axum (and `crate::run`, which serves the router).
 
+mod agents;
 pub mod auth;
 mod chat;
 pub mod client_ws;
@@ -25,7 +26,6 @@ mod plugins;
 pub mod probes;
 mod rate_limit;
 mod schedules;
-mod agents;
 mod system;
 mod tasks;
 
@@ -130,12 +130,8 @@ impl AppState {
         let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
         let schedules =
             crate::schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
-        let agents = crate::agents::Agents::new(
-            records.clone(),
-            tasks.clone(),
-            llm.clone(),
-            config.clone(),
-        );
+        let agents =
+            crate::agents::Agents::new(records.clone(), tasks.clone(), llm.clone(), config.clone());
         Self {
             agents,
             tasks,
@@ -500,9 +496,7 @@ pub fn router(state: AppState) -> Router {
             "/api/agents/profiles/{id}",
             needs(
                 Agents,
-                get(agents::get)
-                    .put(agents::update)
-                    .delete(agents::remove),
+                get(agents::get).put(agents::update).delete(agents::remove),
             ),
         )
         .route(

@@ -609,8 +609,10 @@ mod tests {
         let snake = proxy
             .parse(
                 "n1",
-                request(serde_json::json!({"response_format": {"type": "json_object"},
-                    "tool_choice": "none"})),
+                request(
+                    serde_json::json!({"response_format": {"type": "json_object"},
+                    "tool_choice": "none"}),
+                ),
             )
             .map_err(|_| "refused")
             .unwrap();

@@ -264,7 +264,8 @@ impl Tool for AgentRun {
             let messages = messages(&args);
             let options = options(&args);
             let model = non_empty(args.model.clone());
-            let fallback = non_empty(args.fallback_model.clone()).filter(|f| Some(f) != model.as_ref());
+            let fallback =
+                non_empty(args.fallback_model.clone()).filter(|f| Some(f) != model.as_ref());
             let shown = |m: &Option<String>| m.clone().unwrap_or_else(|| "the hub's model".into());
             ctx.progress
                 .report(10.0, Some(format!("asking {}", shown(&model))));
@@ -274,18 +275,13 @@ impl Tool for AgentRun {
             let (answer, used) = match (first, fallback) {
                 (Ok(a), _) => (a, model),
                 (Err(e), None) => {
-                    return Err(Error::Failed(format!(
-                        "{} failed: {e}",
-                        shown(&model)
-                    )));
+                    return Err(Error::Failed(format!("{} failed: {e}", shown(&model))));
                 }
                 (Err(e), Some(f)) => {
                     tracing::info!(agent_type = %args.agent_type, model = %shown(&model),
                         fallback = %f, error = %e, "agent model failed; asking the fallback");
-                    ctx.progress.report(
-                        50.0,
-                        Some(format!("{} failed; asking {f}", shown(&model))),
-                    );
+                    ctx.progress
+                        .report(50.0, Some(format!("{} failed; asking {f}", shown(&model))));
                     match client.complete(Some(f.clone()), messages, options).await {
                         Ok(a) => (a, Some(f)),
                         Err(e2) => {
@@ -331,7 +327,12 @@ mod tests {
         assert_eq!(m[0].content, "You criticise.");
         let user = m[1].content.as_str().unwrap();
         assert!(user.starts_with("## Task\n\nJudge the claim.\n"), "{user}");
-        assert!(user.contains("## Input 1 from explorer (task t1)\n\nTask: find papers\n\nThree papers."), "{user}");
+        assert!(
+            user.contains(
+                "## Input 1 from explorer (task t1)\n\nTask: find papers\n\nThree papers."
+            ),
+            "{user}"
+        );
         assert!(user.contains("## Input 2 (task t2)"), "{user}");
         assert!(user.contains("\"n\": 2"), "{user}");
         assert!(user.contains("`confidence`"), "{user}");
@@ -345,11 +346,17 @@ mod tests {
         assert_eq!(o["maxTokens"], 100);
         assert_eq!(o["responseFormat"]["type"], "json_schema");
         assert_eq!(o["responseFormat"]["json_schema"]["strict"], true);
-        assert_eq!(o["responseFormat"]["json_schema"]["schema"], default_schema());
+        assert_eq!(
+            o["responseFormat"]["json_schema"]["schema"],
+            default_schema()
+        );
         let b = args(json!({"task": "x", "response_format": {"type": "object",
             "properties": {"plan": {"type": "array"}}}}));
         let o = options(&b);
-        assert_eq!(o["responseFormat"]["json_schema"]["schema"]["properties"]["plan"]["type"], "array");
+        assert_eq!(
+            o["responseFormat"]["json_schema"]["schema"]["properties"]["plan"]["type"],
+            "array"
+        );
         assert!(o.get("temperature").is_none());
         assert!(messages(&b).len() == 1, "no persona, no system message");
     }
@@ -362,10 +369,16 @@ mod tests {
             json!({"task": "x", "max_tokens": 0}),
         ] {
             let a = args(bad.clone());
-            assert!(matches!(check(&a), Err(Error::InvalidArguments(_))), "{bad}");
+            assert!(
+                matches!(check(&a), Err(Error::InvalidArguments(_))),
+                "{bad}"
+            );
         }
         assert!(parse_args::<RunArgs>(json!({"task": "x", "colour": 1})).is_err());
-        assert!(parse_args::<RunArgs>(json!({"persona": "p"})).is_err(), "task is required");
+        assert!(
+            parse_args::<RunArgs>(json!({"persona": "p"})).is_err(),
+            "task is required"
+        );
     }
 
     #[test]
