@@ -2,6 +2,7 @@
 //! already-bound listener until a shutdown future completes. `main.rs` only parses flags,
 //! loads config and calls it; tests call it directly.
 
+pub mod agents;
 pub mod chat;
 pub mod config;
 pub mod durable;
@@ -219,6 +220,12 @@ pub async fn run_with(
     let tasks = tasks.with_plugins(plugins.clone());
     let notifier = notify::Notifier::new(config.ws_queue_len, shared_redis.clone());
     let schedules = schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+    let agents = agents::Agents::new(
+        records.clone(),
+        tasks.clone(),
+        gateway.clone(),
+        config.clone(),
+    );
     let shared_url = shared.as_ref().map(|h| h.url.clone());
     let identity_sync = identity::spawn_sync(identity.clone(), stop_rx.clone());
     let plugins_sync = plugins::spawn_sync(plugins.clone(), stop_rx.clone());
@@ -238,7 +245,7 @@ pub async fn run_with(
     let research = research::Research::new(
         records.clone(),
         tasks.clone(),
-        Arc::new(research::NoAgents),
+        Arc::new(agents.clone()),
         Some(memory.clone()),
         config.research.clone(),
         stop_rx.clone(),
@@ -261,6 +268,7 @@ pub async fn run_with(
         notifier: notifier.clone(),
         schedules: schedules.clone(),
         research: research.clone(),
+        agents,
     };
     let mut background = ops.start(&cluster, &stop_rx);
     background.push(identity_sync);

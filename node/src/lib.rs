@@ -65,6 +65,7 @@ pub async fn run(
     let mut registry = tools::Registry::builtin(&config)?;
     let (llm_client, llm_requests) = llm::LlmClient::new(config.llm_model.clone());
     registry.add(tools::llm::Summarize::new(llm_client.clone()));
+    registry.add(tools::agent::AgentRun::new(llm_client.clone()));
     let mut models = None;
     if let Some(base) = &config.llm_upstream {
         let upstream = llm::Upstream::new(base).map_err(tools::Error::Setup)?;

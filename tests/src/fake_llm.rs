@@ -13,6 +13,8 @@
 //! - `slow-<ms>-…` (e.g. `slow-5000-a`): waits `<ms>` milliseconds before answering.
 //! - `cut-…` (e.g. `cut-a`): a stream sends its opening role-only chunk, then the connection is
 //!   cut 100 ms later (as `fail_after: 0`), counted in `errors_sent`.
+//! - `json-…` (e.g. `json-a`), not streamed: the answer's content is the JSON object
+//!   [`fake_structured`]`(n)` (what an agent's default structured output looks like).
 //! - any other name: a normal answer.
 //!
 //! # Knobs in the request body: `"fake": {...}` (an unknown field to the hub, passed through)
@@ -66,6 +68,15 @@ use tokio::net::TcpListener;
 
 /// Tokens in an answer when the request sets none.
 pub const DEFAULT_TOKENS: u64 = 8;
+
+/// The content a `json-` model answers: `{"result": fake_text(n) trimmed, "key_findings":
+/// ["finding one", "finding two"], "uncertainties": ["one doubt"], "suggestions": [],
+/// "confidence": 0.75}` as JSON text.
+pub fn fake_structured(n: u64) -> String {
+    json!({"result": fake_text(n).trim(), "key_findings": ["finding one", "finding two"],
+        "uncertainties": ["one doubt"], "suggestions": [], "confidence": 0.75})
+    .to_string()
+}
 
 /// The text of an answer of `n` tokens: `"t0 t1 … t(n-1) "`.
 pub fn fake_text(n: u64) -> String {
@@ -613,6 +624,9 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [
                 {"id": "call_1", "type": "function",
                  "function": {"name": name, "arguments": "{\"city\":\"Paris\"}"}}]}),
+            None if model.starts_with("json-") => {
+                json!({"role": "assistant", "content": fake_structured(n)})
+            }
             None => json!({"role": "assistant", "content": fake_text(n)}),
         };
         let finish = if tool.is_some() { "tool_calls" } else { "stop" };

@@ -166,6 +166,23 @@ pub struct Config {
     /// `APEX_RESEARCH__<KEY>`); see [`ResearchConfig`](crate::research::ResearchConfig). Not
     /// reloadable.
     pub research: crate::research::ResearchConfig,
+    /// Agent profiles of `/api/agents/profiles` (`[agents]`; `APEX_AGENTS__<KEY>`); see
+    /// [`AgentsConfig`]. Not reloadable.
+    pub agents: AgentsConfig,
+}
+
+/// The `[agents]` table: the models of the default agent profiles (`/api/agents/profiles`).
+/// Environment: `APEX_AGENTS__<KEY>`. Not reloadable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// The gateway model (`provider/model`, an alias or a model name) of the default
+    /// profiles, and of any profile whose `role_model` is empty. Default empty: the gateway's
+    /// first model at run time (the built-in `mock` on a fresh machine).
+    pub role_model: String,
+    /// The model asked when the role model fails, for the default profiles and any profile
+    /// whose `fallback_model` is empty. Default empty: no fallback.
+    pub fallback_model: String,
 }
 
 /// The `[auth]` table: how `/api/v1/auth/*` signs access tokens and how long tokens live.
@@ -413,6 +430,7 @@ impl Default for Config {
             chat: crate::chat::ChatConfig::default(),
             memory: crate::memory::MemoryConfig::default(),
             research: crate::research::ResearchConfig::default(),
+            agents: AgentsConfig::default(),
             rate_limits: RateLimits::default(),
         }
     }
@@ -738,6 +756,18 @@ impl Config {
         }
         if let Err((field, reason)) = self.research.validate() {
             return Err(Error::Invalid { field, reason });
+        }
+        for (field, model) in [
+            ("agents.role_model", &self.agents.role_model),
+            ("agents.fallback_model", &self.agents.fallback_model),
+        ] {
+            if model.chars().count() > 256 || model.chars().any(char::is_whitespace) {
+                return Err(Error::Invalid {
+                    field,
+                    reason: "must be a model name of at most 256 characters, without spaces"
+                        .to_owned(),
+                });
+            }
         }
         Ok(())
     }

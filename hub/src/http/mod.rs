@@ -3,6 +3,7 @@
 //!
 //! Only this module tree imports axum (and `crate::run`, which serves the router).
 
+mod agents;
 pub mod auth;
 mod chat;
 pub mod client_ws;
@@ -89,6 +90,8 @@ pub struct AppState {
     pub research: crate::research::Research,
     /// Memory search (`/api/v1/memory…`).
     pub memory: crate::memory::Memory,
+    /// Agent profiles (`/api/agents/profiles…`), over `records`, run through `tasks`.
+    pub agents: crate::agents::Agents,
 }
 
 impl AppState {
@@ -130,16 +133,19 @@ impl AppState {
         let notifier = crate::notify::Notifier::new(config.ws_queue_len, None);
         let schedules =
             crate::schedules::Schedules::new(records.clone(), tasks.clone(), notifier.clone());
+        let agents =
+            crate::agents::Agents::new(records.clone(), tasks.clone(), llm.clone(), config.clone());
         let research = crate::research::Research::new(
             records.clone(),
             tasks.clone(),
-            Arc::new(crate::research::NoAgents),
+            Arc::new(agents.clone()),
             Some(memory.clone()),
             config.research.clone(),
             shutdown.clone(),
         );
         Self {
             research,
+            agents,
             tasks,
             chat,
             notifier,
@@ -448,6 +454,7 @@ fn needs(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState> 
 /// | `/v1/chat/completions`, `/v1/models…`, `/v1/interrupt`, `/v1/embeddings`, `/api/v1/chat…`, `/api/v1/memory…`, `GET /ws` | `chat` |
 /// | `/api/v1/schedules…` | `tasks` |
 /// | `/api/research/sessions…`, `POST /api/v2/query` | `agents` |
+/// | `/api/agents/profiles…` | `agents` |
 /// | `GET /v1/nodes…` (and `/api/admin/nodes…`), `/v1/events`, `/api/v1/system/status` | `nodes:read` |
 /// | node `DELETE`, `drain`, `undrain` | `nodes:write` |
 /// | `/v1/config…` (and `/api/admin/config…`) | `config` |
@@ -520,6 +527,33 @@ pub fn router(state: AppState) -> Router {
             needs(Agents, get(research::memory_content)),
         )
         .route("/api/v2/query", needs(Agents, post(research::query)))
+        .route(
+            "/api/agents/profiles",
+            needs(Agents, get(agents::list).post(agents::create)),
+        )
+        .route(
+            "/api/agents/profiles/defaults",
+            needs(Agents, get(agents::defaults)),
+        )
+        .route(
+            "/api/agents/profiles/init-defaults",
+            needs(Agents, post(agents::init_defaults)),
+        )
+        .route(
+            "/api/agents/profiles/{id}",
+            needs(
+                Agents,
+                get(agents::get).put(agents::update).delete(agents::remove),
+            ),
+        )
+        .route(
+            "/api/agents/profiles/{id}/clone",
+            needs(Agents, post(agents::clone)),
+        )
+        .route(
+            "/api/agents/profiles/{id}/test",
+            needs(Agents, post(agents::test)),
+        )
         .route("/ws", needs(Chat, get(client_ws::upgrade)))
         .route(
             "/api/v1/system/status",

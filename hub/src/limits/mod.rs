@@ -82,8 +82,8 @@ impl RouteClass {
     pub fn of(route: &str) -> RouteClass {
         match route {
             "/v1/chat/completions" => RouteClass::Llm,
-            // Research runs (class execute) and `/test` routes are declared here when they
-            // land, e.g. `"/api/v1/research/{id}/execute" => RouteClass::Execute`.
+            "/api/research/sessions/{id}/execute" | "/api/v2/query" => RouteClass::Execute,
+            "/api/agents/profiles/{id}/test" => RouteClass::Test,
             _ => RouteClass::Standard,
         }
     }

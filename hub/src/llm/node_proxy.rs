@@ -318,6 +318,22 @@ impl NodeProxy {
         if let Some(t) = opt(&options, "topP", "top_p") {
             req.extra.insert("top_p".to_owned(), t.clone());
         }
+        // Structured output and tools reach the upstream as the OpenAI body fields.
+        if let Some(f) = opt(&options, "responseFormat", "response_format") {
+            if !f.is_object() {
+                return Err(bad("`options.responseFormat` must be an object".into()));
+            }
+            req.extra.insert("response_format".to_owned(), f.clone());
+        }
+        if let Some(t) = opt(&options, "tools", "tools") {
+            if !t.is_array() {
+                return Err(bad("`options.tools` must be an array".into()));
+            }
+            req.tools = Some(t.clone());
+        }
+        if let Some(c) = opt(&options, "toolChoice", "tool_choice") {
+            req.tool_choice = Some(c.clone());
+        }
         Ok(Call {
             request_id: r.request_id,
             node_id: node_id.to_owned(),
@@ -555,6 +571,62 @@ impl NodeProxy {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn request(options: Value) -> LlmRequest {
+        LlmRequest {
+            request_id: "r1".into(),
+            node_id: String::new(),
+            model: Some("m".into()),
+            messages: vec![apex_protocol::ChatMessage {
+                role: "user".into(),
+                content: Value::String("hi".into()),
+                name: None,
+            }],
+            options: Some(options),
+        }
+    }
+
+    #[test]
+    fn response_format_and_tools_pass_through_to_the_upstream_body() {
+        let proxy = NodeProxy::new(
+            NodeLlmQuotas::default(),
+            Arc::new(GatewayHandle::new(crate::llm::Gateway::empty())),
+        );
+        let format = serde_json::json!({"type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}});
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let call = proxy
+            .parse(
+                "n1",
+                request(serde_json::json!({"responseFormat": format, "tools": tools,
+                    "toolChoice": "auto"})),
+            )
+            .map_err(|_| "refused")
+            .unwrap();
+        assert_eq!(call.req.extra["response_format"], format);
+        assert_eq!(call.req.tools.as_ref(), Some(&tools));
+        assert_eq!(call.req.tool_choice, Some(Value::String("auto".into())));
+        let snake = proxy
+            .parse(
+                "n1",
+                request(
+                    serde_json::json!({"response_format": {"type": "json_object"},
+                    "tool_choice": "none"}),
+                ),
+            )
+            .map_err(|_| "refused")
+            .unwrap();
+        assert_eq!(snake.req.extra["response_format"]["type"], "json_object");
+        assert_eq!(snake.req.tool_choice, Some(Value::String("none".into())));
+        for bad in [
+            serde_json::json!({"responseFormat": "json"}),
+            serde_json::json!({"tools": {"a": 1}}),
+        ] {
+            let refused = proxy.parse("n1", request(bad.clone())).err().unwrap();
+            let e = refused.error.unwrap();
+            assert_eq!(e.code, "llm_request_failed", "{bad}");
+        }
+    }
 
     #[test]
     fn bucket_allows_a_burst_then_refills_evenly() {

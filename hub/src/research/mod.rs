@@ -21,6 +21,7 @@ pub mod config;
 pub mod graph;
 pub mod log;
 pub mod query;
+mod roster;
 mod run;
 
 pub use run::{LEASE_MS, plan_schema, resume_loop};
@@ -115,24 +116,6 @@ pub trait Roster: Send + Sync + 'static {
 
     /// The agent types the coordinator may assign tasks to, most generally useful first.
     fn assignable(&self) -> Vec<String>;
-}
-
-/// A roster with no agents (until the agent profiles are wired in): every run fails with
-/// an `error` event naming the missing coordinator.
-pub struct NoAgents;
-
-impl Roster for NoAgents {
-    fn agent<'a>(
-        &'a self,
-        _owner: &'a str,
-        _agent_type: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Agent>, store::Error>> {
-        Box::pin(async { Ok(None) })
-    }
-
-    fn assignable(&self) -> Vec<String> {
-        Vec::new()
-    }
 }
 
 /// [`SessionRecord::mode`] of a research session.

@@ -41,6 +41,7 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "shell",
     "llm.summarize",
     "llm.chat",
+    "agent.run",
 ];
 
 /// Largest manifest read, in bytes (1 MiB).

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::config::Config;
 
+pub mod agent;
 pub mod basic;
 pub mod files;
 pub mod http;
