@@ -211,9 +211,7 @@ impl Driver {
                    "duration_ms": (now_ms() - self.started_ms).max(0)}),
             now_ms(),
         );
-        self.append(vec![e]).await?;
-        self.report().await;
-        Ok(())
+        self.end(e).await
     }
 
     async fn stage_started(&mut self, g: usize, extra: Value) -> Result<(), Stop> {

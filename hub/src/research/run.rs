@@ -348,23 +348,31 @@ impl Driver {
             }),
             now_ms(),
         );
-        self.append(vec![e]).await?;
-        self.report().await;
-        Ok(())
+        self.end(e).await
     }
 
     /// Records the run's failure (an `error` event ends it).
     pub(super) async fn fail(&mut self, message: String) -> Result<(), Stop> {
         let e = RunEvent::new(Kind::Error, json!({"error": message}), now_ms());
-        self.append(vec![e]).await?;
-        self.report().await;
-        Ok(())
+        self.end(e).await
+    }
+
+    /// Appends the terminal event `e`, the session record updated first: a client that has
+    /// seen the stream end reads the session ended too.
+    pub(super) async fn end(&mut self, e: RunEvent) -> Result<(), Stop> {
+        let mut after = self.state.clone();
+        after.apply(self.state.seq + 1, &e);
+        self.report_state(&after).await;
+        self.append(vec![e]).await
     }
 
     /// Copies status, stage, progress and tokens into the session record (best effort: the
     /// log is the truth, the record what listings show).
     pub(super) async fn report(&self) {
-        let s = &self.state;
+        self.report_state(&self.state).await;
+    }
+
+    async fn report_state(&self, s: &RunState) {
         let status = match s.ended {
             Some(Kind::SessionCompleted) => "completed",
             Some(_) => "failed",
