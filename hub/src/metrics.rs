@@ -105,6 +105,14 @@ pub struct Metrics {
     pub rate_limit_store_errors: IntCounter,
     /// `apex_ws_clients`: open client WebSocket connections (`GET /ws`) at this hub.
     pub ws_clients: IntGauge,
+    /// `apex_research_step_overhead_seconds`: the research engine's own time per agent step
+    /// (a DAG node), model and tool time excluded: from the step being ready (its group
+    /// started) to its task being submitted, plus from its task ending to its end being
+    /// recorded in the run's log.
+    pub research_step_overhead: Histogram,
+    /// `apex_research_runs_total{outcome}`: research and query runs that ended, by `completed`
+    /// or `failed`.
+    pub research_runs: IntCounterVec,
     /// `apex_ws_clients_shed_total`: client WebSocket connections closed because their
     /// outbound queue (`ws_queue_len` frames) was full: the client stopped reading.
     pub ws_clients_shed: IntCounter,
@@ -297,6 +305,20 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ws_clients: reg!(IntGauge::new(
             "apex_ws_clients",
             "Open client WebSocket connections (GET /ws) at this hub."
+        )?),
+        research_step_overhead: reg!(Histogram::with_opts(hist(
+            "apex_research_step_overhead_seconds",
+            "The research engine's own time per agent step (ready to submitted, plus ended to recorded), model and tool time excluded.",
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
+            ]
+        ))?),
+        research_runs: reg!(IntCounterVec::new(
+            Opts::new(
+                "apex_research_runs_total",
+                "Research and query runs that ended, by outcome."
+            ),
+            &["outcome"]
         )?),
         ws_clients_shed: reg!(IntCounter::new(
             "apex_ws_clients_shed_total",

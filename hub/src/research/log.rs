@@ -186,6 +186,10 @@ pub struct RunState {
     pub started_at_ms: Option<i64>,
     /// The plan, once `decomposition_complete` is recorded.
     pub plan: Option<Vec<PlanTask>>,
+    /// Each planned task's position in `plan`, by id.
+    pub plan_index: std::collections::HashMap<String, usize>,
+    /// How many planned tasks have ended (completed or failed).
+    pub ended_count: usize,
     /// Each planned task's state, by id.
     pub state: BTreeMap<String, TaskState>,
     /// The latest `updated` time of each task, Unix ms.
@@ -239,9 +243,10 @@ impl RunState {
                 let plan: Vec<PlanTask> =
                     serde_json::from_value(e.data.get("tasks").cloned().unwrap_or(Value::Null))
                         .unwrap_or_default();
-                for t in &plan {
+                for (i, t) in plan.iter().enumerate() {
                     self.state.insert(t.id.clone(), TaskState::Pending);
                     self.updated_ms.insert(t.id.clone(), e.at_ms);
+                    self.plan_index.insert(t.id.clone(), i);
                 }
                 // The coordinator's execution: started before the event, recorded with it.
                 let started =
@@ -281,12 +286,14 @@ impl RunState {
                 self.updated_ms.insert(task_id, e.at_ms);
             }
             Kind::TaskCompleted => {
+                self.count_end(&task_id);
                 self.state.insert(task_id.clone(), TaskState::Completed);
                 self.updated_ms.insert(task_id.clone(), e.at_ms);
                 let result = str_of(&e.data, "result");
                 self.end_execution(&task_id, e, Some(result), None);
             }
             Kind::TaskFailed => {
+                self.count_end(&task_id);
                 self.state.insert(task_id.clone(), TaskState::Failed);
                 self.updated_ms.insert(task_id.clone(), e.at_ms);
                 let error = str_of(&e.data, "error");
@@ -388,12 +395,25 @@ impl RunState {
         x.error = error;
     }
 
+    /// Counts a planned task's first end.
+    fn count_end(&mut self, id: &str) {
+        if matches!(
+            self.state.get(id),
+            Some(TaskState::Pending | TaskState::Running)
+        ) {
+            self.ended_count += 1;
+        }
+    }
+
     /// How many planned tasks have ended (completed or failed).
     pub fn ended_tasks(&self) -> usize {
-        self.state
-            .values()
-            .filter(|s| matches!(s, TaskState::Completed | TaskState::Failed))
-            .count()
+        self.ended_count
+    }
+
+    /// The planned task `id`.
+    pub fn planned(&self, id: &str) -> Option<&PlanTask> {
+        let i = *self.plan_index.get(id)?;
+        self.plan.as_ref()?.get(i)
     }
 
     /// Percent of the planned tasks that have ended (0 before the plan; 100 once ended).
@@ -515,7 +535,8 @@ pub fn digest(group: usize, s: &RunState) -> String {
     let Some(plan) = &s.plan else {
         return d;
     };
-    for t in plan.iter().filter(|t| t.execution_group == group) {
+    let members: Vec<&PlanTask> = plan.iter().filter(|t| t.execution_group == group).collect();
+    for t in members.iter().take(DIGEST_TASKS) {
         d.push_str(&format!("## {} ({})\n\n", t.description, t.assigned_agent));
         match s.executions.get(&t.id) {
             Some(x) if x.status == "completed" => {
@@ -538,8 +559,17 @@ pub fn digest(group: usize, s: &RunState) -> String {
             None => d.push_str("Not run.\n\n"),
         }
     }
+    if members.len() > DIGEST_TASKS {
+        d.push_str(&format!(
+            "… and {} more tasks.\n",
+            members.len() - DIGEST_TASKS
+        ));
+    }
     d
 }
+
+/// Most tasks a group digest describes.
+pub const DIGEST_TASKS: usize = 200;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -42,6 +42,8 @@ pub const AGENT_TOOL: &str = "agent.run";
 /// Groups wider than this report no `task_progress` (one event stream per task would cost
 /// more than it tells); their tasks still report start and end.
 pub const MAX_PROGRESS_STREAMS: usize = 256;
+/// Most steps submitted in one write.
+pub const SUBMIT_BATCH: usize = 500;
 
 /// A run's lease, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -360,6 +362,15 @@ impl Driver {
     /// Appends the terminal event `e`, the session record updated first: a client that has
     /// seen the stream end reads the session ended too.
     pub(super) async fn end(&mut self, e: RunEvent) -> Result<(), Stop> {
+        let outcome = if e.kind == Kind::SessionCompleted {
+            "completed"
+        } else {
+            "failed"
+        };
+        crate::metrics::get()
+            .research_runs
+            .with_label_values(&[outcome])
+            .inc();
         let mut after = self.state.clone();
         after.apply(self.state.seq + 1, &e);
         self.report_state(&after).await;
@@ -420,20 +431,8 @@ impl Driver {
             .map_err(|e| Stop::Store(e.to_string()))
     }
 
-    /// Submits one agent step (again after a restart: the key finds the same task) and
-    /// returns its task, retrying while the store is away.
-    async fn submit(
-        &self,
-        key: &str,
-        args: Value,
-        description: String,
-        priority: i32,
-    ) -> Result<Result<Task, String>, Stop> {
-        self.submit_tool(key, AGENT_TOOL, args, description, priority)
-            .await
-    }
-
-    /// [`Driver::submit`] of any tool.
+    /// Submits one step's task of `tool` (again after a restart: the key finds the same
+    /// task) and returns it, retrying while the store is away.
     async fn submit_tool(
         &self,
         key: &str,
@@ -442,8 +441,25 @@ impl Driver {
         description: String,
         priority: i32,
     ) -> Result<Result<Task, String>, Stop> {
+        let spec = self.spec(key, tool, args, description, priority);
+        Ok(self
+            .submit_specs(vec![spec])
+            .await?
+            .and_then(|mut v| v.pop().ok_or_else(|| "no task was made".to_owned())))
+    }
+
+    /// The task of step `key`: idempotency key `research:<session>:<key>`, the
+    /// `[research]` budget.
+    fn spec(
+        &self,
+        key: &str,
+        tool: &str,
+        args: Value,
+        description: String,
+        priority: i32,
+    ) -> TaskSpec {
         let cfg = &self.r.inner.config;
-        let spec = TaskSpec {
+        TaskSpec {
             tool: tool.to_owned(),
             args,
             description: Some(description),
@@ -454,22 +470,16 @@ impl Driver {
             pinned_node: None,
             capability: None,
             owner: None,
-        };
+        }
+    }
+
+    /// Submits steps in one durable write (again after a restart: their keys find the tasks
+    /// that exist), retrying while the store is away. `Ok(Err(reason))`: refused.
+    async fn submit_specs(&self, specs: Vec<TaskSpec>) -> Result<Result<Vec<Task>, String>, Stop> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self
-                .r
-                .inner
-                .tasks
-                .submit(&self.owner, vec![spec.clone()])
-                .await
-            {
-                Ok(mut v) => {
-                    return Ok(v
-                        .pop()
-                        .map(|(t, _)| t)
-                        .ok_or_else(|| "no task was made".to_owned()));
-                }
+            match self.r.inner.tasks.submit(&self.owner, specs.clone()).await {
+                Ok(v) => return Ok(Ok(v.into_iter().map(|(t, _)| t).collect())),
                 Err(crate::tasks::Error::StoreUnavailable(_)) if !self.stopping() => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -717,26 +727,49 @@ impl Driver {
             self.append_ended(evs).await?;
         }
         let with_progress = submits.len() <= MAX_PROGRESS_STREAMS;
-        for (key, args, priority) in submits {
-            let description = format!("research {}: task {key}", self.id);
-            match self.submit(&key, args, description, priority).await? {
-                Ok(task) => {
-                    let after = with_progress
-                        .then(|| self.state.progress_seen.get(&key).copied().unwrap_or(0));
-                    open.insert(key.clone());
-                    in_flight.push(task.id.clone());
-                    tokio::spawn(watch(
-                        self.r.clone(),
-                        self.owner.clone(),
+        // The steps are ready now: their dependencies' groups are done.
+        let ready = std::time::Instant::now();
+        let mut dispatch: std::collections::HashMap<String, Duration> = Default::default();
+        let mut pending = submits.into_iter().peekable();
+        while pending.peek().is_some() {
+            let chunk: Vec<(String, Value, i32)> = pending.by_ref().take(SUBMIT_BATCH).collect();
+            let specs: Vec<TaskSpec> = chunk
+                .iter()
+                .map(|(key, args, priority)| {
+                    self.spec(
                         key,
-                        task.id,
-                        after,
-                        tx.clone(),
-                    ));
+                        AGENT_TOOL,
+                        args.clone(),
+                        format!("research {}: task {key}", self.id),
+                        *priority,
+                    )
+                })
+                .collect();
+            match self.submit_specs(specs).await? {
+                Ok(tasks) => {
+                    let took = ready.elapsed();
+                    for ((key, _, _), task) in chunk.into_iter().zip(tasks) {
+                        let after = with_progress
+                            .then(|| self.state.progress_seen.get(&key).copied().unwrap_or(0));
+                        dispatch.insert(key.clone(), took);
+                        open.insert(key.clone());
+                        in_flight.push(task.id.clone());
+                        tokio::spawn(watch(
+                            self.r.clone(),
+                            self.owner.clone(),
+                            key,
+                            task.id,
+                            after,
+                            tx.clone(),
+                        ));
+                    }
                 }
                 Err(e) => {
-                    let ev = self.failed_event(&key, e, Value::Null);
-                    self.append_ended(vec![ev]).await?;
+                    let evs: Vec<RunEvent> = chunk
+                        .iter()
+                        .map(|(key, _, _)| self.failed_event(key, e.clone(), Value::Null))
+                        .collect();
+                    self.append_ended(evs).await?;
                 }
             }
         }
@@ -759,6 +792,8 @@ impl Driver {
             }
             let mut events = Vec::with_capacity(batch.len());
             let mut ended = 0usize;
+            // When each step's task ended (for the overhead metric).
+            let mut finished: Vec<(String, std::time::SystemTime)> = Vec::new();
             for m in batch {
                 match m {
                     Msg::Progress {
@@ -780,6 +815,9 @@ impl Driver {
                         if open.remove(&key) {
                             ended += 1;
                             events.push(self.ended_event(&key, &task, ended));
+                            if let Some(at) = task.finished_at {
+                                finished.push((key, at));
+                            }
                         }
                     }
                     Msg::Gone { key, error } => {
@@ -791,6 +829,14 @@ impl Driver {
                 }
             }
             self.append(events).await?;
+            let now = std::time::SystemTime::now();
+            let metric = &crate::metrics::get().research_step_overhead;
+            for (key, at) in finished {
+                if let Some(d) = dispatch.get(&key) {
+                    let recorded = now.duration_since(at).unwrap_or_default();
+                    metric.observe((*d + recorded).as_secs_f64());
+                }
+            }
         }
         let e = RunEvent {
             kind: Kind::GroupCompleted,
@@ -853,10 +899,7 @@ impl Driver {
         }
         let agent = self
             .state
-            .plan
-            .iter()
-            .flatten()
-            .find(|p| p.id == key)
+            .planned(key)
             .map(|p| p.assigned_agent.clone())
             .unwrap_or_default();
         RunEvent {
@@ -876,11 +919,10 @@ impl Driver {
     /// `max_input_chars`).
     fn inputs(&self, t: &PlanTask) -> Vec<Value> {
         let max = self.r.inner.config.max_input_chars;
-        let plan = self.state.plan.as_deref().unwrap_or(&[]);
         t.dependencies
             .iter()
             .filter_map(|d| {
-                let dep = plan.iter().find(|p| &p.id == d)?;
+                let dep = self.state.planned(d)?;
                 let out = self.state.output(d)?;
                 Some(json!({
                     "task_id": d,
