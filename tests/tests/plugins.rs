@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The repository's example plugins (word_count, disk_free, slow_report).
+/// The repository's example plugins (word_count, disk_free, slow_report, doc_search).
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/plugins")

@@ -10,10 +10,14 @@
 //!   hub keeps the set of disabled names in memory, reloaded when the kind's record version
 //!   moves (polled every [`records::POLL`]). The task service refuses submissions of a
 //!   disabled plugin's tool (409 `plugin_disabled`).
+//! - A search tool is a plugin tool with the `search` capability ([`SEARCH_CAPABILITY`],
+//!   listed by [`search_tools`]); the knowledge platform's `/api/v2/query` calls each with
+//!   `{query, limit}` and reads `results[]` of `{title, source, snippet}`
+//!   (`examples/plugins/doc_search` is one).
 
 pub mod callback;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,6 +32,9 @@ pub use callback::CallbackSigner;
 
 use crate::records::{self, Kind, RecordStore};
 use crate::store;
+
+/// The plugin capability that makes a tool a search tool ([`search_tools`]).
+pub const SEARCH_CAPABILITY: &str = "search";
 
 /// Record kind of the enable/disable switches: id = plugin name.
 pub const PLUGIN_STATE: Kind = "plugin_state";
@@ -362,6 +369,23 @@ pub fn catalogue(views: &[Value], plugins: &Plugins) -> Vec<PluginEntry> {
         .collect()
 }
 
+/// The search tools of the cluster: names of the tools an online node offers whose plugin
+/// declares [`SEARCH_CAPABILITY`], sorted, each once. A switched-off plugin is still listed
+/// (the task service refuses its tasks).
+pub fn search_tools(views: &[Value]) -> Vec<String> {
+    online_specs(views)
+        .into_iter()
+        .filter(|(_, d)| {
+            d.plugin
+                .as_ref()
+                .is_some_and(|p| p.capabilities.iter().any(|c| c == SEARCH_CAPABILITY))
+        })
+        .map(|(_, d)| d.name)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Whether `spec` declares an asynchronous plugin, and whether its callbacks may go unsigned
 /// (`callback_auth = "token"`).
 pub fn async_plugin(spec: &ToolSpec) -> Option<bool> {
@@ -414,6 +438,46 @@ mod tests {
         assert_eq!(t[1].parameters["properties"]["text"]["type"], "string");
         assert_eq!(t[0].parameters, json!({"type": "object"}));
         assert!(tool_list(&views)[0].nodes.is_none());
+    }
+
+    fn capable(name: &str, capabilities: Value) -> Value {
+        json!({"name": name, "plugin": {"capabilities": capabilities,
+                                        "pluginType": "synchronous"}})
+    }
+
+    #[test]
+    fn search_tools_are_the_online_plugin_tools_with_the_search_capability() {
+        let views = vec![
+            view(
+                "n2",
+                "online",
+                json!([
+                    capable("doc_search", json!(["search"])),
+                    capable("wiki", json!(["text", "search"])),
+                    plugin_spec("wc", "1.0"),
+                ]),
+            ),
+            view(
+                "n1",
+                "draining",
+                json!([capable("doc_search", json!(["search"])), "search"]),
+            ),
+            view(
+                "n3",
+                "offline",
+                json!([capable("gone_search", json!(["search"]))]),
+            ),
+            view(
+                "n4",
+                "online",
+                json!([{"name": "web_search", "description": "not a plugin"},
+                       capable("Searcher", json!(["Search", "searching"]))]),
+            ),
+        ];
+        // Sorted and unique; offline nodes, built-in tools (even one named `search`) and
+        // other capabilities do not count, and the capability is matched exactly.
+        assert_eq!(search_tools(&views), vec!["doc_search", "wiki"]);
+        assert!(search_tools(&[]).is_empty());
     }
 
     #[tokio::test]
