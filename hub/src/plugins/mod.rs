@@ -224,27 +224,6 @@ pub struct ToolEntry {
     pub nodes: Option<Vec<String>>,
 }
 
-/// The capability that makes a plugin tool a search tool (see [`search_tools`]).
-pub const SEARCH_CAPABILITY: &str = "search";
-
-/// The names of the online tools whose plugin declares the [`SEARCH_CAPABILITY`] (sorted,
-/// unique): what the knowledge platform's `/api/v2/query` calls with `{query, limit}`,
-/// reading `results[]` of `{title, source, snippet}`.
-pub fn search_tools(views: &[Value]) -> Vec<String> {
-    let mut out: Vec<String> = online_specs(views)
-        .into_iter()
-        .filter(|(_, d)| {
-            d.plugin
-                .as_ref()
-                .is_some_and(|p| p.capabilities.iter().any(|c| c == SEARCH_CAPABILITY))
-        })
-        .map(|(_, d)| d.name)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// The online nodes' tool declarations from `/v1/nodes`-shaped views: `(node id, spec)`
 /// in node-id order, each described (bare names get no description or schema).
 fn online_specs(views: &[Value]) -> Vec<(String, ToolDescription)> {
