@@ -71,6 +71,14 @@ if ! python3 -c 'import aiohttp, requests' >/dev/null 2>&1; then
     pip3 install --quiet aiohttp requests || pip3 install --quiet --break-system-packages aiohttp requests
 fi
 
+# The plan-executor test (tests/tests/plan_executor.rs) reads /api/v2/query the way the
+# knowledge platform's sample client does, with httpx.
+if ! python3 -c 'import httpx' >/dev/null 2>&1; then
+    need pip3 python3-pip
+    log "installing the httpx Python package"
+    pip3 install --quiet httpx || pip3 install --quiet --break-system-packages httpx
+fi
+
 # The MCP tests (tests/tests/mcp.rs) use the official MCP Python SDK, 2.x, both as the client
 # of the hub's /mcp and for the server a node mounts (tests/fixtures/mcp_server.py).
 if ! python3 -c 'import mcp.server.mcpserver, httpx2' >/dev/null 2>&1; then
