@@ -234,6 +234,8 @@ async fn run(args: Args) -> Result<bool> {
         all_ok &= plugin_tour(&api).await?;
     }
     all_ok &= conversation(&api).await?;
+    all_ok &= research(&api).await?;
+    all_ok &= knowledge_query(&api).await?;
 
     if args.no_wait {
         return Ok(all_ok);
@@ -387,6 +389,145 @@ async fn conversation(api: &Api) -> Result<bool> {
         ok = false;
     }
     Ok(ok)
+}
+
+/// Reads a Server-Sent Events answer to its end, calling `each` with every `data:` line's
+/// JSON.
+async fn read_sse(resp: reqwest::Response, mut each: impl FnMut(&Value)) -> Result<()> {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                each(&serde_json::from_str(data)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A research session on the mock (`POST /api/research/sessions`, then `execute`): every
+/// step an `agent.run` task on the demo's nodes; prints the events as they come, then the
+/// memory layers. `Ok(false)` when the run did not complete.
+async fn research(api: &Api) -> Result<bool> {
+    println!();
+    println!(
+        "a research session (POST /api/research/sessions/{{id}}/execute; agents on the nodes, the mock model)"
+    );
+    let resp = api
+        .request(reqwest::Method::POST, "/api/research/sessions")
+        .json(&json!({"name": "demo research", "task": "How did state space models evolve into Mamba?"}))
+        .send()
+        .await?;
+    let session: Value = resp.json().await?;
+    let Some(id) = session["id"].as_str() else {
+        println!("  session not created: {session}");
+        return Ok(false);
+    };
+    let resp = api
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/research/sessions/{id}/execute"),
+        )
+        .send()
+        .await?;
+    let mut done = false;
+    read_sse(resp, |e| {
+        let d = &e["data"];
+        let what = match e["type"].as_str().unwrap_or("") {
+            "decomposition_complete" => format!(
+                "{} tasks: {}",
+                d["tasks"].as_array().map_or(0, Vec::len),
+                d["message"].as_str().unwrap_or("")
+            ),
+            "group_started" => format!("group {} ({} tasks)", d["group"], d["tasks"]),
+            "task_started" => format!("{} starts", d["agent_type"].as_str().unwrap_or("?")),
+            "task_progress" => {
+                format!("{}% {}", d["progress"], d["message"].as_str().unwrap_or(""))
+            }
+            "task_completed" => format!(
+                "{} done ({}% of the run): {}",
+                d["agent_type"].as_str().unwrap_or("?"),
+                d["progress"],
+                d["result"].as_str().unwrap_or("")
+            ),
+            "task_failed" => format!("failed: {}", d["error"].as_str().unwrap_or("")),
+            "synthesis_complete" => d["synthesis"].as_str().unwrap_or("").to_owned(),
+            "session_completed" => {
+                done = true;
+                format!("{} tokens, {} ms", d["total_tokens"], d["duration_ms"])
+            }
+            "error" => d["error"].as_str().unwrap_or("").to_owned(),
+            _ => String::new(),
+        };
+        println!("  {:<22} {what}", e["type"].as_str().unwrap_or("?"));
+    })
+    .await?;
+    let layers: Value = api
+        .get_json(&format!("/api/research/sessions/{id}/memory"))
+        .await?;
+    for l in layers["layers"].as_array().into_iter().flatten() {
+        let files: Vec<&str> = l["files"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["name"].as_str())
+            .collect();
+        println!(
+            "  memory {}: {}",
+            l["layer"].as_str().unwrap_or("?"),
+            files.join(", ")
+        );
+    }
+    Ok(done)
+}
+
+/// A plan-executor query (`POST /api/v2/query`, the knowledge platform's stream): prints
+/// each event's type and stage. `Ok(false)` when it did not reach `END` cleanly.
+async fn knowledge_query(api: &Api) -> Result<bool> {
+    println!();
+    println!("a knowledge query (POST /api/v2/query, the plan-executor stream)");
+    let resp = api
+        .request(reqwest::Method::POST, "/api/v2/query")
+        .json(&json!({"query": "What is my favourite fruit?"}))
+        .send()
+        .await?;
+    let mut ended = false;
+    let mut failed = false;
+    read_sse(resp, |e| {
+        let kind = e["event_type"].as_str().unwrap_or("?");
+        let m = &e["messages"][0];
+        let what = match kind {
+            "PLAN_CHANGE" => format!(
+                "{} {}",
+                e["context"]["stage_id"].as_str().unwrap_or(""),
+                m["status"].as_str().unwrap_or("")
+            ),
+            "INVOCATION_DECLARED" => m["name"].as_str().unwrap_or("").to_owned(),
+            "INVOCATION_CHANGE" => m["content"].as_str().unwrap_or("").to_owned(),
+            "ARTIFACT_DECLARED" => m["artifact_type"].as_str().unwrap_or("").to_owned(),
+            "STREAM_THING" => {
+                let c = m["content"].as_str().unwrap_or("");
+                failed |= c.starts_with("❌");
+                c.to_owned()
+            }
+            "STREAM_CONTENT" => m["content"].as_str().unwrap_or("").to_owned(),
+            "END" => {
+                ended = true;
+                String::new()
+            }
+            _ => String::new(),
+        };
+        if kind != "ARTIFACT_CHANGE" {
+            println!("  {kind:<20} {what}");
+        }
+    })
+    .await?;
+    Ok(ended && !failed)
 }
 
 /// Prints a line above the progress bar, or to stderr when the bar is hidden (no terminal).
