@@ -2,7 +2,8 @@
 # The apex main job: builds in release mode, starts a hub and three nodes as separate
 # processes, pushes a few thousand real tasks through them, kills one node with SIGKILL
 # mid-run, prints a summary, runs the example plugins, a short conversation on the built-in
-# mock provider and a memory query, and leaves the cluster running until Ctrl-C.
+# mock provider, a memory query, a research session (its agent steps on the nodes) and a
+# plan-executor query, and leaves the cluster running until Ctrl-C.
 # Extra arguments go to apex-demo (see `target/release/apex-demo --help`), e.g.
 #   scripts/demo.sh --tasks 5000 --no-wait
 set -euo pipefail
