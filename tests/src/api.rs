@@ -532,6 +532,31 @@ pub async fn json_of(resp: reqwest::Response) -> Result<(StatusCode, Value)> {
     Ok((status, v))
 }
 
+/// One request of `api` (`body` sent as JSON when given): the status and the body, parsed as
+/// JSON or else kept as a JSON string. For tests: panics if the request cannot be sent.
+///
+/// # Panics
+/// When the hub cannot be reached or the body cannot be read.
+#[allow(clippy::unwrap_used)]
+pub async fn call(
+    api: &Api,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = api.request(method, path);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 /// An incremental Server-Sent Events parser keeping `(event name, data as JSON)`.
 #[derive(Debug, Default)]
 pub struct SseParser {

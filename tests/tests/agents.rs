@@ -6,24 +6,11 @@
 //! built-in `agent.run` tool on a node through the hub's gateway to the fake upstream, with the
 //! fallback model answering when the role model's upstream fails.
 
+use apex_tests::api::call;
 use apex_tests::fake_llm::{FakeLlm, FakeOptions, fake_text};
 use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-async fn call(api: &Api, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut req = api.request(method, path);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 /// A hub whose config file is `toml`.
 async fn hub_with(toml: &str) -> Hub {

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use apex_tests::api::call;
 use apex_tests::fake_llm::{FakeLlm, FakeOptions};
-use apex_tests::{Api, DEFAULT_TIMEOUT, Hub, HubOptions, Node, NodeOptions, wait_until};
+use apex_tests::{Api, DEFAULT_TIMEOUT, Hub, Node, NodeOptions, wait_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -15,31 +16,7 @@ const MOCK: &str = "[[llm.providers]]\nname = \"mock\"\nkind = \"mock\"\nmodels 
 
 /// A hub with `toml` as its config file (and `extra` flags).
 async fn hub_with(toml: &str, extra: &[&str]) -> Hub {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, toml).unwrap();
-    let mut args = vec!["--config".to_owned(), path.display().to_string()];
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    Hub::start(HubOptions {
-        extra_args: args,
-        ..HubOptions::default()
-    })
-    .await
-    .unwrap()
-}
-
-async fn call(api: &Api, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut req = api.request(method, path);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    Hub::start_with_config(toml, extra, None).await.unwrap()
 }
 
 async fn chat(api: &Api, body: Value) -> Value {

@@ -7,42 +7,19 @@
 
 use std::time::Duration;
 
+use apex_tests::api::call;
 use apex_tests::fake_llm::{FakeLlm, FakeOptions};
 use apex_tests::redis::RedisServer;
 use apex_tests::shared::shared_hub;
-use apex_tests::{Api, DEFAULT_TIMEOUT, Hub, HubOptions, wait_until};
+use apex_tests::{Api, DEFAULT_TIMEOUT, Hub, wait_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const MOCK: &str = "[[llm.providers]]\nname = \"mock\"\nkind = \"mock\"\nmodels = [\"mock\"]\n";
 
 /// Options of a hub with `toml` as its config file (and `base`'s keys when given).
-fn options(toml: &str, base: Option<HubOptions>) -> HubOptions {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, toml).unwrap();
-    let mut o = base.unwrap_or_default();
-    o.extra_args
-        .extend(["--config".to_owned(), path.display().to_string()]);
-    o
-}
-
 async fn hub_with(toml: &str) -> Hub {
-    Hub::start(options(toml, None)).await.unwrap()
-}
-
-async fn call(api: &Api, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut req = api.request(method, path);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    Hub::start_with_config(toml, &[], None).await.unwrap()
 }
 
 async fn chat(api: &Api, session: &str, message: &str) {
@@ -350,10 +327,10 @@ async fn messages_are_still_found_after_a_hub_sigkill() {
 #[tokio::test]
 async fn two_shared_hubs_each_find_every_message() {
     let redis = RedisServer::start().unwrap();
-    let a = Hub::start(options(MOCK, Some(shared_hub(&redis, None))))
+    let a = Hub::start_with_config(MOCK, &[], Some(shared_hub(&redis, None)))
         .await
         .unwrap();
-    let b = Hub::start(options(MOCK, Some(shared_hub(&redis, Some(a.options())))))
+    let b = Hub::start_with_config(MOCK, &[], Some(shared_hub(&redis, Some(a.options()))))
         .await
         .unwrap();
     let alice_a = user(&a, "alice@example.com").await;

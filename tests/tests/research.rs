@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use apex_tests::api::SseParser;
+use apex_tests::api::call;
 use apex_tests::fake_llm::{FakeLlm, FakeOptions};
 use apex_tests::shared::shared_hub;
 use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, RedisServer};
@@ -55,20 +56,6 @@ fn config(fake: &FakeLlm, model: &str) -> String {
          models = [\"fake-model\", \"slow-1500-a\"]\n\
          [agents]\nrole_model = \"{model}\"\n",
         fake.base_url()
-    )
-}
-
-async fn call(api: &Api, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut req = api.request(method, path);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
 }
 

@@ -7,25 +7,12 @@
 
 use std::time::{Duration, SystemTime};
 
+use apex_tests::api::call;
 use apex_tests::client_ws::ClientWs;
 use apex_tests::shared::shared_hub;
 use apex_tests::{Api, DEFAULT_TIMEOUT, Hub, Node, NodeOptions, RedisServer, wait_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-async fn call(api: &Api, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut req = api.request(method, path);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 async fn create(api: &Api, body: Value) -> Value {
     let (status, v) = call(api, Method::POST, "/api/v1/schedules", Some(body)).await;

@@ -8,7 +8,7 @@
 
 use apex_tests::client_ws::{ClientWs, Frame};
 use apex_tests::shared::shared_hub;
-use apex_tests::{Api, Hub, HubOptions, Node, NodeOptions, RedisServer, wait_until};
+use apex_tests::{Api, Hub, Node, NodeOptions, RedisServer, wait_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -17,15 +17,7 @@ const MOCK: &str = "[[llm.providers]]\nname = \"mock\"\nkind = \"mock\"\nmodels 
 
 /// A hub with `toml` as its config file.
 async fn hub_with(toml: &str) -> Hub {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, toml).unwrap();
-    Hub::start(HubOptions {
-        extra_args: vec!["--config".to_owned(), path.display().to_string()],
-        ..HubOptions::default()
-    })
-    .await
-    .unwrap()
+    Hub::start_with_config(toml, &[], None).await.unwrap()
 }
 
 /// The frames of a turn: its chunks' text joined, and the `chat.completed` data.
