@@ -204,6 +204,25 @@ pub fn user_id_of(owner: &str) -> String {
 }
 
 impl SessionRecord {
+    /// A new session of `caller` with status `status`, created now.
+    fn new(mode: &str, caller: &Principal, name: String, task: String, status: &str) -> Self {
+        let now = now_ms();
+        SessionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            mode: mode.to_owned(),
+            owner: caller.owner().to_owned(),
+            name,
+            task,
+            status: status.to_owned(),
+            current_stage: "created".to_owned(),
+            progress: 0,
+            total_tokens: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+            completed_at_ms: None,
+        }
+    }
+
     /// Its HTTP view.
     pub fn view(&self) -> SessionView {
         SessionView {
@@ -294,27 +313,8 @@ impl Research {
         task: &str,
     ) -> Result<SessionView, Error> {
         let name = check_name(name)?;
-        if task.trim().is_empty() || task.chars().count() > MAX_TASK_CHARS {
-            return Err(invalid(
-                "task",
-                format!("`task` must be 1 to {MAX_TASK_CHARS} characters"),
-            ));
-        }
-        let now = now_ms();
-        let rec = SessionRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            mode: MODE_RESEARCH.to_owned(),
-            owner: caller.owner().to_owned(),
-            name,
-            task: task.trim().to_owned(),
-            status: "created".to_owned(),
-            current_stage: "created".to_owned(),
-            progress: 0,
-            total_tokens: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            completed_at_ms: None,
-        };
+        let task = check_text("task", task)?;
+        let rec = SessionRecord::new(MODE_RESEARCH, caller, name, task, "created");
         self.inner
             .records
             .create(SESSION, &rec.id, &encode(&rec), None)
@@ -548,27 +548,10 @@ impl Research {
     /// # Errors
     /// [`Error::Invalid`] (`query`), [`Error::Store`].
     pub async fn query(&self, caller: &Principal, question: &str) -> Result<EventStream, Error> {
-        if question.trim().is_empty() || question.chars().count() > MAX_TASK_CHARS {
-            return Err(invalid(
-                "query",
-                format!("`query` must be 1 to {MAX_TASK_CHARS} characters"),
-            ));
-        }
-        let now = now_ms();
-        let rec = SessionRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            mode: MODE_QUERY.to_owned(),
-            owner: caller.owner().to_owned(),
-            name: question.trim().chars().take(MAX_NAME_CHARS).collect(),
-            task: question.trim().to_owned(),
-            status: "running".to_owned(),
-            current_stage: "planning".to_owned(),
-            progress: 0,
-            total_tokens: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            completed_at_ms: None,
-        };
+        let question = check_text("query", question)?;
+        let name = question.chars().take(MAX_NAME_CHARS).collect();
+        let mut rec = SessionRecord::new(MODE_QUERY, caller, name, question, "running");
+        rec.current_stage = "planning".to_owned();
         self.inner
             .records
             .create(SESSION, &rec.id, &encode(&rec), None)
@@ -821,6 +804,18 @@ fn check_name(name: &str) -> Result<String, Error> {
         ));
     }
     Ok(n.to_owned())
+}
+
+/// `text` trimmed, or a 400 naming `param` when empty or over [`MAX_TASK_CHARS`].
+fn check_text(param: &'static str, text: &str) -> Result<String, Error> {
+    let t = text.trim();
+    if t.is_empty() || t.chars().count() > MAX_TASK_CHARS {
+        return Err(invalid(
+            param,
+            format!("`{param}` must be 1 to {MAX_TASK_CHARS} characters"),
+        ));
+    }
+    Ok(t.to_owned())
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
