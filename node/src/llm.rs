@@ -32,10 +32,15 @@ pub enum Reply {
 }
 
 /// The answer of a finished call.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Answer {
     /// The whole text.
     pub content: String,
+    /// The tool calls the model made (OpenAI `tool_calls` entries), when `options.tools`
+    /// offered some.
+    pub tool_calls: Vec<serde_json::Value>,
+    /// Why the model stopped, when the hub said.
+    pub finish_reason: Option<String>,
     /// Token counts, when the hub reported them.
     pub usage: Option<Usage>,
 }
@@ -126,6 +131,8 @@ fn outcome(resp: LlmResponse) -> Result<Answer, CallError> {
     if resp.success {
         Ok(Answer {
             content: resp.content.unwrap_or_default(),
+            tool_calls: resp.tool_calls.unwrap_or_default(),
+            finish_reason: resp.finish_reason,
             usage: resp.usage,
         })
     } else {
@@ -253,6 +260,8 @@ fn failure(request_id: &str, why: &str) -> LlmResponse {
         node_id: String::new(),
         success: false,
         content: None,
+        tool_calls: None,
+        finish_reason: None,
         usage: None,
         error: Some(ErrorInfo::new(CODE_REQUEST_FAILED, why)),
         stream: false,

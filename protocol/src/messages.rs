@@ -683,8 +683,9 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
-/// An OpenAI chat message `{role, content, name?}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An OpenAI chat message `{role, content, name?, tool_calls?, tool_call_id?}` (the OpenAI
+/// field names, snake_case, as the message objects of Chat Completions have them).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
@@ -694,6 +695,13 @@ pub struct ChatMessage {
     /// Optional participant name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant message's tool calls (OpenAI `tool_calls`: `[{id, type: "function",
+    /// function: {name, arguments}}]`), when it made some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// A `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 /// `llm_request.data`.
@@ -760,6 +768,14 @@ pub struct LlmResponse {
     /// The whole answer text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The tool calls the model made (OpenAI `message.tool_calls` entries, `{id, type:
+    /// "function", function: {name, arguments}}`), when the request offered `options.tools`
+    /// and the model called some. Hubs that predate it never send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+    /// Why the model stopped (`stop`, `length`, `tool_calls`, …), when the upstream said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
     /// Token counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,

@@ -89,6 +89,7 @@ fn request(id: &str, model: &str, stream: bool) -> LlmRequest {
             role: "user".into(),
             content: json!("Say something"),
             name: None,
+            ..Default::default()
         }],
         options: Some(json!({"stream": stream, "temperature": 0.5})),
     }
@@ -197,6 +198,44 @@ async fn raw_node_gets_the_exact_frame_sequences() {
     let r = llm_response(&mut node, "r4").await;
     assert!(!r.success);
     assert_eq!(error_code(&r), "llm_unavailable");
+}
+
+#[tokio::test]
+async fn a_model_s_tool_calls_reach_the_node_in_llm_response() {
+    let hub = mock_hub("").await;
+    let mut node = RawNode::connect_native(&hub).await.unwrap();
+    node.register(apex_tests::register_msg(
+        Some("llm-tools"),
+        "llm-tools",
+        &["echo"],
+        2,
+    ))
+    .await
+    .unwrap();
+    let mut req = request("t1", "mock", false);
+    req.options = Some(json!({
+        "stream": false,
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}}],
+        "toolChoice": "required",
+    }));
+    node.send(NodeMessage::from(req)).unwrap();
+    let r = llm_response(&mut node, "t1").await;
+    assert!(r.success, "{r:?}");
+    assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
+    let calls = r.tool_calls.expect("tool calls");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: serde_json::Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    assert!(calls[0]["id"].as_str().is_some_and(|id| !id.is_empty()));
+    // Without tools nothing changes: no tool_calls field.
+    node.send(NodeMessage::from(request("t2", "mock", false)))
+        .unwrap();
+    let r = llm_response(&mut node, "t2").await;
+    assert!(r.tool_calls.is_none() && r.success);
 }
 
 #[tokio::test]

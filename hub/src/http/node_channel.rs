@@ -475,6 +475,8 @@ impl Session {
                     node_id: node_id.unwrap_or(r.node_id),
                     success: false,
                     content: None,
+                    tool_calls: None,
+                    finish_reason: None,
                     usage: None,
                     error: Some(if registered {
                         ErrorInfo::new(

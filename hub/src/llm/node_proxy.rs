@@ -146,6 +146,8 @@ fn failure(request_id: &str, node_id: &str, code: &str, message: String) -> LlmR
         node_id: node_id.to_owned(),
         success: false,
         content: None,
+        tool_calls: None,
+        finish_reason: None,
         usage: None,
         error: Some(ErrorInfo::new(code, message)),
         stream: false,
@@ -480,6 +482,8 @@ impl NodeProxy {
             }
         };
         let mut content = String::new();
+        let mut calls = crate::llm::tool_loop::CallAssembler::default();
+        let mut finish_reason: Option<String> = None;
         let mut usage: Option<Usage> = None;
         let mut error: Option<LlmError> = None;
         let mut interrupted = false;
@@ -492,6 +496,12 @@ impl NodeProxy {
                     }
                     if c.usage.is_some() {
                         usage = c.usage;
+                    }
+                    if let Some(tc) = &c.tool_calls {
+                        calls.push(tc);
+                    }
+                    if c.finish_reason.is_some() {
+                        finish_reason.clone_from(&c.finish_reason);
                     }
                     if c.text.is_empty() {
                         continue;
@@ -551,11 +561,18 @@ impl NodeProxy {
                 return tokens;
             }
         }
+        let tool_calls: Vec<Value> = calls
+            .finish(0)
+            .iter()
+            .map(crate::llm::tool_loop::ToolCall::to_json)
+            .collect();
         let resp = LlmResponse {
             request_id,
             node_id,
             success: true,
             content: Some(content),
+            tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+            finish_reason,
             usage: wire_usage,
             error: None,
             stream,
@@ -581,6 +598,7 @@ mod tests {
                 role: "user".into(),
                 content: Value::String("hi".into()),
                 name: None,
+                ..Default::default()
             }],
             options: Some(options),
         }

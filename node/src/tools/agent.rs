@@ -11,6 +11,10 @@
 //!   `confidence`).
 //! - **Fallback.** The calls are not streamed, so any failure of `model` counts as a failure
 //!   before the first token: the call is retried once with `fallback_model` when one is set.
+//! - **Tools.** With `tools` (OpenAI function tools) the model may call them; the calls come
+//!   back in the result's `tool_calls` for the caller (the hub's agent systems) to act on, and
+//!   `history` / `after` carry the conversation before the task and the exchange after it.
+//!   Without a `response_format` such a call answers in free text (no structured output).
 //! - **Answers that are not JSON** (real models do this) are no failure: `result` is the raw
 //!   text and `structured` null. A JSON answer inside a Markdown code fence is read too.
 
@@ -26,6 +30,15 @@ use crate::llm::{Answer, CallError, LlmClient};
 pub const MAX_TOKENS: u32 = 200_000;
 /// Most `inputs`.
 pub const MAX_INPUTS: usize = 64;
+/// Most `tools`.
+pub const MAX_TOOLS: usize = 128;
+/// Most `history` and `after` messages together.
+pub const MAX_MESSAGES: usize = 512;
+
+/// Whether the call answers in free text with tool calls rather than structured output.
+fn free_text(args: &RunArgs) -> bool {
+    !args.tools.is_empty() && args.response_format.is_none()
+}
 
 /// A dependency's output given to the agent.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
@@ -74,8 +87,25 @@ pub struct RunArgs {
     #[serde(default)]
     pub inputs: Vec<Input>,
     /// A JSON Schema object the answer must follow (default: `result`, `key_findings`,
-    /// `uncertainties`, `suggestions`, `confidence`).
+    /// `uncertainties`, `suggestions`, `confidence`; none when `tools` are given).
     pub response_format: Option<Map<String, Value>>,
+    /// Earlier messages of the conversation (OpenAI messages: `user`, `assistant`, `tool`),
+    /// put between the persona and the task.
+    #[serde(default)]
+    #[schemars(with = "Vec<Value>")]
+    pub history: Vec<ChatMessage>,
+    /// The exchange after the task so far (an assistant message with `tool_calls`, then the
+    /// `tool` messages answering them), for the next round of an agent that calls tools.
+    #[serde(default)]
+    #[schemars(with = "Vec<Value>")]
+    pub after: Vec<ChatMessage>,
+    /// OpenAI function tools the model may call (`[{type: "function", function: {name,
+    /// description, parameters}}]`); its calls come back in the result's `tool_calls`, for
+    /// the caller to run. With tools and no `response_format`, the answer is free text.
+    #[serde(default)]
+    pub tools: Vec<Value>,
+    /// OpenAI `tool_choice` (`auto`, `required`, `none`, or a named function).
+    pub tool_choice: Option<Value>,
 }
 
 /// The schema of an answer when the call gives none.
@@ -99,6 +129,7 @@ fn message(role: &str, text: String) -> ChatMessage {
         role: role.into(),
         content: Value::String(text),
         name: None,
+        ..Default::default()
     }
 }
 
@@ -124,6 +155,16 @@ pub fn check(args: &RunArgs) -> Result<(), Error> {
             "`max_tokens` must be from 1 to {MAX_TOKENS}"
         )));
     }
+    if args.tools.len() > MAX_TOOLS {
+        return Err(Error::InvalidArguments(format!(
+            "`tools` must have at most {MAX_TOOLS} items"
+        )));
+    }
+    if args.history.len() + args.after.len() > MAX_MESSAGES {
+        return Err(Error::InvalidArguments(format!(
+            "`history` and `after` must have at most {MAX_MESSAGES} messages together"
+        )));
+    }
     if args.inputs.len() > MAX_INPUTS {
         return Err(Error::InvalidArguments(format!(
             "`inputs` must have at most {MAX_INPUTS} items"
@@ -139,6 +180,7 @@ pub fn messages(args: &RunArgs) -> Vec<ChatMessage> {
     if !args.persona.trim().is_empty() {
         out.push(message("system", args.persona.clone()));
     }
+    out.extend(args.history.iter().cloned());
     let mut user = format!("## Task\n\n{}\n", args.task.trim());
     for (i, input) in args.inputs.iter().enumerate() {
         let mut heading = format!("## Input {}", i + 1);
@@ -159,7 +201,9 @@ pub fn messages(args: &RunArgs) -> Vec<ChatMessage> {
         }
         user.push('\n');
     }
-    user.push_str(if args.response_format.is_some() {
+    user.push_str(if free_text(args) {
+        ""
+    } else if args.response_format.is_some() {
         "\nAnswer with one JSON object that follows the response schema.\n"
     } else {
         "\nAnswer with one JSON object: `result` (your full answer as text), `key_findings`, \
@@ -167,6 +211,7 @@ pub fn messages(args: &RunArgs) -> Vec<ChatMessage> {
          0 to 1).\n"
     });
     out.push(message("user", user));
+    out.extend(args.after.iter().cloned());
     out
 }
 
@@ -177,10 +222,20 @@ pub fn options(args: &RunArgs) -> Value {
         Some(s) => ("agent_output", Value::Object(s.clone())),
         None => ("agent_result", default_schema()),
     };
-    let mut o = json!({
-        "responseFormat": {"type": "json_schema",
-            "json_schema": {"name": name, "schema": schema, "strict": true}},
-    });
+    let mut o = if free_text(args) {
+        json!({})
+    } else {
+        json!({
+            "responseFormat": {"type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": true}},
+        })
+    };
+    if !args.tools.is_empty() {
+        o["tools"] = Value::Array(args.tools.clone());
+    }
+    if let Some(c) = &args.tool_choice {
+        o["toolChoice"] = c.clone();
+    }
     if let Some(t) = args.temperature {
         o["temperature"] = json!(t);
     }
@@ -223,6 +278,8 @@ pub fn outcome(answer: &Answer, model: &str, duration_ms: u64) -> Value {
         "result": result,
         "structured": structured.map(Value::Object),
         "confidence": confidence,
+        "tool_calls": answer.tool_calls,
+        "finish_reason": answer.finish_reason,
         "tokens_used": answer.usage.as_ref().map_or(0, |u| u.total_tokens),
         "model_used": model,
         "duration_ms": duration_ms,
@@ -339,6 +396,47 @@ mod tests {
     }
 
     #[test]
+    fn with_tools_the_call_offers_them_keeps_the_conversation_and_returns_the_calls() {
+        let a = args(json!({
+            "task": "route this", "persona": "You route.",
+            "history": [{"role": "user", "content": "earlier"},
+                        {"role": "assistant", "content": "ok"}],
+            "after": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c1",
+                        "type": "function", "function": {"name": "transfer_to_bob", "arguments": "{}"}}]},
+                      {"role": "tool", "tool_call_id": "c1", "content": "bob said hi"}],
+            "tools": [{"type": "function", "function": {"name": "transfer_to_bob",
+                        "parameters": {"type": "object"}}}],
+            "tool_choice": "auto",
+        }));
+        let o = options(&a);
+        assert!(o.get("responseFormat").is_none(), "{o}");
+        assert_eq!(o["tools"][0]["function"]["name"], "transfer_to_bob");
+        assert_eq!(o["toolChoice"], "auto");
+        let m = messages(&a);
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "user", "assistant", "tool"]
+        );
+        assert_eq!(m[5].tool_call_id.as_deref(), Some("c1"));
+        assert!(
+            !m[3].content.as_str().unwrap().contains("JSON"),
+            "free text: no JSON line"
+        );
+        let answer = Answer {
+            content: String::new(),
+            tool_calls: vec![json!({"id": "c2", "type": "function",
+                "function": {"name": "transfer_to_bob", "arguments": "{}"}})],
+            finish_reason: Some("tool_calls".to_owned()),
+            usage: None,
+        };
+        let out = outcome(&answer, "mock", 3);
+        assert_eq!(out["tool_calls"][0]["id"], "c2");
+        assert_eq!(out["finish_reason"], "tool_calls");
+        assert!(check(&a).is_ok());
+    }
+
+    #[test]
     fn options_ask_for_the_default_or_the_given_schema() {
         let a = args(json!({"task": "x", "temperature": 0.3, "max_tokens": 100}));
         let o = options(&a);
@@ -393,6 +491,7 @@ mod tests {
                       \"uncertainties\": [], \"suggestions\": [], \"confidence\": 0.8}\n```"
                 .into(),
             usage: usage.clone(),
+            ..Answer::default()
         };
         let o = outcome(&json_answer, "m", 12);
         assert_eq!(o["result"], "done");
@@ -404,6 +503,7 @@ mod tests {
         let text = Answer {
             content: "just words".into(),
             usage: None,
+            ..Answer::default()
         };
         let o = outcome(&text, "m", 1);
         assert_eq!(o["result"], "just words");

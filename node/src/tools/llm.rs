@@ -71,11 +71,13 @@ impl Tool for Summarize {
                          Answer with the summary only."
                     )),
                     name: None,
+                    ..Default::default()
                 },
                 ChatMessage {
                     role: "user".into(),
                     content: Value::String(args.text),
                     name: None,
+                    ..Default::default()
                 },
             ];
             // Roughly 2 tokens per word leaves room for the summary and no more.
