@@ -39,8 +39,6 @@ pub struct Answer {
     /// The tool calls the model made (OpenAI `tool_calls` entries), when `options.tools`
     /// offered some.
     pub tool_calls: Vec<serde_json::Value>,
-    /// Why the model stopped, when the hub said.
-    pub finish_reason: Option<String>,
     /// Token counts, when the hub reported them.
     pub usage: Option<Usage>,
 }
@@ -131,8 +129,7 @@ fn outcome(resp: LlmResponse) -> Result<Answer, CallError> {
     if resp.success {
         Ok(Answer {
             content: resp.content.unwrap_or_default(),
-            tool_calls: resp.tool_calls.unwrap_or_default(),
-            finish_reason: resp.finish_reason,
+            tool_calls: resp.tool_calls.map(Vec::from).unwrap_or_default(),
             usage: resp.usage,
         })
     } else {
@@ -261,7 +258,6 @@ fn failure(request_id: &str, why: &str) -> LlmResponse {
         success: false,
         content: None,
         tool_calls: None,
-        finish_reason: None,
         usage: None,
         error: Some(ErrorInfo::new(CODE_REQUEST_FAILED, why)),
         stream: false,

@@ -771,11 +771,9 @@ pub struct LlmResponse {
     /// The tool calls the model made (OpenAI `message.tool_calls` entries, `{id, type:
     /// "function", function: {name, arguments}}`), when the request offered `options.tools`
     /// and the model called some. Hubs that predate it never send it.
+    /// (Boxed: this frame shares an enum with small ones.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<Value>>,
-    /// Why the model stopped (`stop`, `length`, `tool_calls`, …), when the upstream said.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<String>,
+    pub tool_calls: Option<Box<[Value]>>,
     /// Token counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,

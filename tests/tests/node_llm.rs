@@ -223,7 +223,6 @@ async fn a_model_s_tool_calls_reach_the_node_in_llm_response() {
     node.send(NodeMessage::from(req)).unwrap();
     let r = llm_response(&mut node, "t1").await;
     assert!(r.success, "{r:?}");
-    assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
     let calls = r.tool_calls.expect("tool calls");
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0]["function"]["name"], "get_weather");

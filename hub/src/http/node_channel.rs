@@ -476,7 +476,6 @@ impl Session {
                     success: false,
                     content: None,
                     tool_calls: None,
-                    finish_reason: None,
                     usage: None,
                     error: Some(if registered {
                         ErrorInfo::new(

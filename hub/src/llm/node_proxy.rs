@@ -147,7 +147,6 @@ fn failure(request_id: &str, node_id: &str, code: &str, message: String) -> LlmR
         success: false,
         content: None,
         tool_calls: None,
-        finish_reason: None,
         usage: None,
         error: Some(ErrorInfo::new(code, message)),
         stream: false,
@@ -483,7 +482,6 @@ impl NodeProxy {
         };
         let mut content = String::new();
         let mut calls = crate::llm::tool_loop::CallAssembler::default();
-        let mut finish_reason: Option<String> = None;
         let mut usage: Option<Usage> = None;
         let mut error: Option<LlmError> = None;
         let mut interrupted = false;
@@ -499,9 +497,6 @@ impl NodeProxy {
                     }
                     if let Some(tc) = &c.tool_calls {
                         calls.push(tc);
-                    }
-                    if c.finish_reason.is_some() {
-                        finish_reason.clone_from(&c.finish_reason);
                     }
                     if c.text.is_empty() {
                         continue;
@@ -571,8 +566,7 @@ impl NodeProxy {
             node_id,
             success: true,
             content: Some(content),
-            tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
-            finish_reason,
+            tool_calls: (!tool_calls.is_empty()).then(|| tool_calls.into_boxed_slice()),
             usage: wire_usage,
             error: None,
             stream,

@@ -279,7 +279,6 @@ pub fn outcome(answer: &Answer, model: &str, duration_ms: u64) -> Value {
         "structured": structured.map(Value::Object),
         "confidence": confidence,
         "tool_calls": answer.tool_calls,
-        "finish_reason": answer.finish_reason,
         "tokens_used": answer.usage.as_ref().map_or(0, |u| u.total_tokens),
         "model_used": model,
         "duration_ms": duration_ms,
@@ -427,12 +426,10 @@ mod tests {
             content: String::new(),
             tool_calls: vec![json!({"id": "c2", "type": "function",
                 "function": {"name": "transfer_to_bob", "arguments": "{}"}})],
-            finish_reason: Some("tool_calls".to_owned()),
             usage: None,
         };
         let out = outcome(&answer, "mock", 3);
         assert_eq!(out["tool_calls"][0]["id"], "c2");
-        assert_eq!(out["finish_reason"], "tool_calls");
         assert!(check(&a).is_ok());
     }
 
