@@ -460,6 +460,17 @@ async fn a_run_streams_every_event_in_order_and_the_views_show_what_it_did() {
     let tail = execute_until(&ann, &id, Some(5), |_| false).await;
     assert_eq!(tail.first().unwrap().id, 6);
     assert_eq!(tail.len(), events.len() - 5);
+    // Resuming after the last event: 204, nothing more will come (EventSource stops).
+    let resp = ann
+        .request(
+            Method::POST,
+            &format!("/api/research/sessions/{id}/execute"),
+        )
+        .header("Last-Event-ID", events.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     // Another user sees none of it.
     for path in ["", "/tasks", "/executions", "/memory"] {
         let (status, _) = call(

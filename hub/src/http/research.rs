@@ -245,6 +245,7 @@ pub async fn remove(
     ),
     responses(
         (status = 200, description = "Server-Sent Events: `id` the event's number, `data` `{type, data}`", content_type = "text/event-stream", body = String),
+        (status = 204, description = "`Last-Event-ID` names the run's last event: nothing more will come"),
         (status = 404, description = "No such session", body = ErrorBody),
         (status = 409, description = "The session is archived", body = ErrorBody),
         (status = 429, description = "Too many runs started this minute", body = ErrorBody),
@@ -263,7 +264,9 @@ pub async fn execute(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let rx = state.research.execute(&caller, &id, after).await?;
+    let Some(rx) = state.research.execute(&caller, &id, after).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
     let stream = ReceiverStream::new(rx).map(|(seq, e)| {
         Ok::<_, Infallible>(
             Event::default()

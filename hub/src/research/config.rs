@@ -19,6 +19,10 @@ pub struct ResearchConfig {
     /// Most characters of one task's output passed to the tasks that depend on it and to the
     /// synthesis (the rest is cut). 100 to 1000000. Default 8000.
     pub max_input_chars: usize,
+    /// Most agent steps of one run submitted and not yet ended; the others of a wide group
+    /// wait their turn (a step's `task_timeout_seconds` counts from its submission). 1 to
+    /// 100000. Default 256.
+    pub max_parallel_steps: usize,
 }
 
 impl Default for ResearchConfig {
@@ -28,6 +32,7 @@ impl Default for ResearchConfig {
             task_timeout_seconds: 600.0,
             max_attempts: 3,
             max_input_chars: 8000,
+            max_parallel_steps: 256,
         }
     }
 }
@@ -54,6 +59,12 @@ impl ResearchConfig {
             return Err((
                 "research.max_input_chars",
                 "must be 100 to 1000000".to_owned(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_parallel_steps) {
+            return Err((
+                "research.max_parallel_steps",
+                "must be 1 to 100000".to_owned(),
             ));
         }
         Ok(())

@@ -203,6 +203,8 @@ pub struct RunState {
     pub execution_order: Vec<String>,
     /// Groups started and completed.
     pub groups_started: BTreeSet<usize>,
+    /// A query run's search tools, as its retrieval stage's `group_started` recorded them.
+    pub stage_tools: Vec<String>,
     /// Groups completed, with the digest each recorded.
     pub groups_completed: BTreeMap<usize, (String, i64)>,
     /// Whether `synthesis_started` is recorded.
@@ -269,6 +271,9 @@ impl RunState {
             Kind::GroupStarted => {
                 if let Some(g) = e.data.get("group").and_then(Value::as_u64) {
                     self.groups_started.insert(g as usize);
+                }
+                if let Some(t) = e.data.get("tools") {
+                    self.stage_tools = strings(t);
                 }
             }
             Kind::TaskStarted => {

@@ -266,6 +266,10 @@ struct Inner {
     appended: DashMap<String, Arc<Notify>>,
     /// Runs this hub drives now.
     driving: DashMap<String, ()>,
+    /// Each run lease seen by the resume loop: its bytes and since when (this hub's
+    /// monotonic clock) they have not changed.
+    lease_seen:
+        parking_lot::Mutex<std::collections::HashMap<String, (Vec<u8>, std::time::Instant)>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -297,6 +301,7 @@ impl Research {
                 hub_id: uuid::Uuid::new_v4().to_string(),
                 appended: DashMap::new(),
                 driving: DashMap::new(),
+                lease_seen: Default::default(),
                 shutdown,
             }),
         }
@@ -513,8 +518,21 @@ impl Research {
         caller: &Principal,
         id: &str,
         after: u64,
-    ) -> Result<EventStream, Error> {
+    ) -> Result<Option<EventStream>, Error> {
         let rec = self.session(caller, id).await?;
+        // A client resuming after the run's last event: nothing will come (`None`, a 204 that
+        // stops browsers' EventSource retries).
+        if after > 0
+            && let Some((_, bytes)) = self
+                .inner
+                .records
+                .read_log(EVENTS, id, after - 1, 1)
+                .await?
+                .first()
+            && serde_json::from_slice::<RunEvent>(bytes).is_ok_and(|e| e.kind.is_terminal())
+        {
+            return Ok(None);
+        }
         if rec.status == "archived" {
             return Err(Error::Conflict(
                 "the session is archived; an archived session does not run".to_owned(),
@@ -539,7 +557,7 @@ impl Research {
                 self.spawn_driver(id.to_owned(), lease);
             }
         }
-        Ok(self.follow(id.to_owned(), after))
+        Ok(Some(self.follow(id.to_owned(), after)))
     }
 
     /// `POST /api/v2/query`: starts a plan-executor query of `question` for `caller` and
@@ -695,8 +713,8 @@ impl Research {
                         "suggestions": list("suggestions"),
                     },
                     "tokens_used": x.end.get("tokens_used").cloned().unwrap_or(json!(0)),
-                    "duration_ms": x.end.get("duration_ms").cloned().unwrap_or_else(|| json!(
-                        x.completed_at_ms.map(|c| c - x.started_at_ms))),
+                    "duration_ms": x.end.get("duration_ms").filter(|d| !d.is_null()).cloned()
+                        .unwrap_or_else(|| json!(x.completed_at_ms.map(|c| c - x.started_at_ms))),
                     "model_used": x.end.get("model_used").cloned().unwrap_or(Value::Null),
                     "confidence": x.end.get("confidence").cloned().unwrap_or(Value::Null),
                     "raw_output_path": raw,

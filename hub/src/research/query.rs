@@ -240,14 +240,16 @@ impl Driver {
         let Some(planner) = self.agent("planner").await? else {
             return Ok(Err("no planner agent is available".to_owned()));
         };
-        let started = RunEvent {
-            kind: Kind::TaskStarted,
-            data: json!({"task_id": "planning", "stage": "planning", "agent_type": "planner",
-                         "description": "plan the searches"}),
-            at_ms: now_ms(),
-            x: json!({"agent_name": planner.name, "agent_profile_id": planner.profile_id}),
-        };
-        self.append(vec![started]).await?;
+        if !self.state.executions.contains_key("planning") {
+            let started = RunEvent {
+                kind: Kind::TaskStarted,
+                data: json!({"task_id": "planning", "stage": "planning", "agent_type": "planner",
+                             "description": "plan the searches"}),
+                at_ms: now_ms(),
+                x: json!({"agent_name": planner.name, "agent_profile_id": planner.profile_id}),
+            };
+            self.append(vec![started]).await?;
+        }
         let task = format!(
             "Plan how to answer this question from a knowledge base. Think it through \
              briefly (thinking), then give up to {} search queries (queries).\n\nQuestion: \
@@ -301,16 +303,21 @@ impl Driver {
         if let Some((_, _)) = self.state.groups_completed.get(&1) {
             return Ok(self.recorded_references());
         }
-        self.stage_started(1, Value::Null).await?;
-        let views = self.r.inner.tasks.node_views().await.unwrap_or_default();
-        let tools = crate::plugins::search_tools(&views);
-        let mut n = 0;
-        for q in queries {
-            n += 1;
-            self.invoke(format!("inv_{n}"), q, None).await?;
+        // The search tools are fixed when the stage starts (recorded with it), so a resumed
+        // run calls the same ones whatever nodes came or went.
+        let tools: Vec<String> = match self.state.groups_started.contains(&1) {
+            true => self.state.stage_tools.clone(),
+            false => {
+                let views = self.r.inner.tasks.node_views().await.unwrap_or_default();
+                crate::plugins::search_tools(&views)
+            }
+        };
+        self.stage_started(1, json!({"tools": tools})).await?;
+        for (qi, q) in queries.iter().enumerate() {
+            self.invoke(format!("inv_{qi}_memory"), q, None).await?;
             for tool in &tools {
-                n += 1;
-                self.invoke(format!("inv_{n}"), q, Some(tool)).await?;
+                self.invoke(format!("inv_{qi}_{tool}"), q, Some(tool))
+                    .await?;
             }
         }
         let references = self.recorded_references();
@@ -447,6 +454,9 @@ impl Driver {
 
     async fn summary(&mut self, references: &[Value]) -> Result<Result<(), String>, Stop> {
         let artifact = format!("summary-{}", self.id);
+        if self.state.groups_completed.contains_key(&2) {
+            return Ok(Ok(()));
+        }
         self.stage_started(2, json!({"artifact_id": artifact}))
             .await?;
         let Some(writer) = self.agent("writer").await? else {

@@ -42,6 +42,8 @@ pub const AGENT_TOOL: &str = "agent.run";
 /// Groups wider than this report no `task_progress` (one event stream per task would cost
 /// more than it tells); their tasks still report start and end.
 pub const MAX_PROGRESS_STREAMS: usize = 256;
+/// Most inputs of one step (`agent.run`'s limit).
+pub const MAX_INPUTS: usize = 64;
 /// Most steps submitted in one write.
 pub const SUBMIT_BATCH: usize = 500;
 
@@ -136,14 +138,34 @@ pub async fn resume_loop(r: Research) {
 }
 
 async fn resume_once(r: &Research, exclusive: bool) -> Result<(), Error> {
-    for (id, bytes) in r.inner.records.list(RUN).await? {
+    let runs = r.inner.records.list(RUN).await?;
+    let now = std::time::Instant::now();
+    {
+        // Forget runs that ended.
+        let mut seen = r.inner.lease_seen.lock();
+        seen.retain(|id, _| runs.iter().any(|(r, _)| r == id));
+    }
+    for (id, bytes) in runs {
         if r.inner.driving.contains_key(&id) {
             continue;
         }
         let Ok(rec) = serde_json::from_slice::<LeaseRecord>(&bytes) else {
             continue;
         };
-        let expired = rec.until_ms < now_ms();
+        // Expiry on this hub's own monotonic clock: the lease is dead when its record has not
+        // changed (no renewal) for a whole lease, whatever the hubs' wall clocks say. A lease
+        // given back (`until_ms: 0`) is free at once.
+        let unchanged_for = {
+            let mut seen = r.inner.lease_seen.lock();
+            let e = seen
+                .entry(id.clone())
+                .or_insert_with(|| (bytes.clone(), now));
+            if e.0 != bytes {
+                *e = (bytes.clone(), now);
+            }
+            now.duration_since(e.1)
+        };
+        let expired = rec.until_ms == 0 || unchanged_for >= Duration::from_millis(LEASE_MS as u64);
         if !(expired || exclusive && rec.holder != r.inner.hub_id) {
             continue;
         }
@@ -263,6 +285,13 @@ pub(super) struct Driver {
 impl Driver {
     async fn open(r: Research, id: String, lease: Lease) -> Result<Driver, Stop> {
         let Some((rec, _)) = r.read(&id).await? else {
+            // The session was deleted: its lease record goes too (else every hub would take
+            // it over forever).
+            let _ = r
+                .inner
+                .records
+                .compare_and_set(RUN, &id, Some(&lease.encode()), None, None)
+                .await;
             return Err(Stop::Yield);
         };
         let state = r.state(&id).await?;
@@ -290,6 +319,20 @@ impl Driver {
         if self.stopping() {
             return Err(Stop::Yield);
         }
+        // Fencing: the lease record must still be this driver's (not taken over, not deleted
+        // with its session) right before the write.
+        // (By holder: a renewal may be changing the bytes at this moment.)
+        let holder = |b: &[u8]| {
+            serde_json::from_slice::<LeaseRecord>(b).is_ok_and(|l| l.holder == self.lease.holder)
+        };
+        match self.r.inner.records.get(RUN, &self.id).await {
+            Ok(Some(b)) if holder(&b) => {}
+            Ok(_) => {
+                self.lease.lost.store(true, Ordering::Release);
+                return Err(Stop::Yield);
+            }
+            Err(e) => return Err(Stop::Store(e.to_string())),
+        }
         let bytes: Vec<Vec<u8>> = events.iter().map(super::encode).collect();
         let last = self
             .r
@@ -307,11 +350,11 @@ impl Driver {
     }
 
     async fn run(&mut self) -> Result<(), Stop> {
+        if self.state.ended.is_some() {
+            return self.settle().await;
+        }
         if self.mode == super::MODE_QUERY {
             return self.run_query().await;
-        }
-        if self.state.ended.is_some() {
-            return Ok(());
         }
         if self.state.started_at_ms.is_none() {
             let e = RunEvent::new(
@@ -373,8 +416,28 @@ impl Driver {
             .inc();
         let mut after = self.state.clone();
         after.apply(self.state.seq + 1, &e);
-        self.report_state(&after).await;
-        self.append(vec![e]).await
+        let reported = self.report_state(&after).await;
+        self.append(vec![e]).await?;
+        if reported {
+            return Ok(());
+        }
+        // The record must show the end: otherwise keep the run's lease record, so a driver
+        // started again (here or at another hub) writes it.
+        self.settle().await
+    }
+
+    /// Makes the session record show the ended run (a few tries), or stops with the store's
+    /// error so the run is taken up again.
+    async fn settle(&self) -> Result<(), Stop> {
+        for attempt in 0..3u32 {
+            if self.report_state(&self.state).await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        Err(Stop::Store(
+            "the session record could not be updated".to_owned(),
+        ))
     }
 
     /// Copies status, stage, progress and tokens into the session record (best effort: the
@@ -383,7 +446,9 @@ impl Driver {
         self.report_state(&self.state).await;
     }
 
-    async fn report_state(&self, s: &RunState) {
+    /// Writes what the session record shows (see [`Driver::report`]); false when the store
+    /// refused.
+    async fn report_state(&self, s: &RunState) -> bool {
         let status = match s.ended {
             Some(Kind::SessionCompleted) => "completed",
             Some(_) => "failed",
@@ -405,8 +470,12 @@ impl Driver {
                 Ok(())
             })
             .await;
-        if let Err(e) = result {
-            tracing::debug!(session = %self.id, error = %e, "research session not updated");
+        match result {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(session = %self.id, error = %e, "research session not updated");
+                false
+            }
         }
     }
 
@@ -529,7 +598,10 @@ impl Driver {
         loop {
             let msg = tokio::select! {
                 m = rx.recv() => m,
-                _ = self.stopped() => return Err(Stop::Yield),
+                _ = self.stopped() => {
+                    self.cancel_if_deleted(std::slice::from_ref(&t.id)).await;
+                    return Err(Stop::Yield);
+                }
             };
             match msg {
                 Some(Msg::Done { task, .. }) => return Ok(Ok(*task)),
@@ -608,8 +680,10 @@ impl Driver {
             Ok(g) => g,
             Err(e) => return Ok(Err(format!("the plan cannot run: {e}"))),
         };
+        // Deterministic: two drivers of one run (a lease taken over while its holder still ran)
+        // name the same tasks, so their idempotency keys collapse onto one task each.
         let ids: Vec<String> = (0..graph.len())
-            .map(|_| uuid::Uuid::new_v4().to_string())
+            .map(|i| format!("{}-t{i}", self.id))
             .collect();
         let tasks: Vec<PlanTask> = plan
             .into_iter()
@@ -647,8 +721,10 @@ impl Driver {
         Ok(Ok(()))
     }
 
-    /// Runs group `g`: starts what has not started, waits for every task, then
-    /// `group_completed` with its digest.
+    /// Runs group `g`: starts what has not started, keeps at most
+    /// `research.max_parallel_steps` of its steps submitted and not ended (a step's deadline
+    /// counts from its submission, so a wide group must not queue all at once), waits for
+    /// every one, then `group_completed` with its digest.
     async fn group(&mut self, g: usize, members: &[String]) -> Result<(), Stop> {
         if !self.state.groups_started.contains(&g) {
             let e = RunEvent::new(
@@ -658,13 +734,9 @@ impl Driver {
             );
             self.append(vec![e]).await?;
         }
-        let plan: Vec<PlanTask> = self
-            .state
-            .plan
+        let plan: Vec<PlanTask> = members
             .iter()
-            .flatten()
-            .filter(|t| t.execution_group == g)
-            .cloned()
+            .filter_map(|id| self.state.planned(id).cloned())
             .collect();
         // Agents of the group, resolved once per type.
         let mut agents: std::collections::HashMap<String, Option<Agent>> = Default::default();
@@ -674,13 +746,10 @@ impl Driver {
                 agents.insert(t.assigned_agent.clone(), a);
             }
         }
-        let (tx, mut rx) = mpsc::channel::<Msg>(1024);
-        let mut open: HashSet<String> = HashSet::new();
-        let mut in_flight: Vec<String> = Vec::new();
-        let mut starts = Vec::new();
-        let mut submits = Vec::new();
+        // Steps that run now (started before a restart or not), in plan order.
+        let mut queue: std::collections::VecDeque<(PlanTask, Agent)> = Default::default();
         let mut failed_now = Vec::new();
-        for t in &plan {
+        for t in plan {
             let st = self
                 .state
                 .state
@@ -690,91 +759,100 @@ impl Driver {
             if matches!(st, TaskState::Completed | TaskState::Failed) {
                 continue;
             }
-            let Some(agent) = agents.get(&t.assigned_agent).cloned().flatten() else {
-                failed_now.push((
-                    t.id.clone(),
-                    format!("no agent of type `{}`", t.assigned_agent),
-                ));
-                continue;
-            };
-            let inputs = self.inputs(t);
-            let input_context = json!({
-                "dependencies": t.dependencies,
-                "inputs": inputs.len(),
-            });
-            if st == TaskState::Pending {
-                starts.push(RunEvent {
-                    kind: Kind::TaskStarted,
-                    data: json!({"task_id": t.id, "agent_type": t.assigned_agent, "description": t.description}),
-                    at_ms: now_ms(),
-                    x: json!({
-                        "agent_profile_id": agent.profile_id,
-                        "agent_name": agent.name,
-                        "model": agent.model,
-                        "input_context": input_context,
-                    }),
-                });
+            match agents.get(&t.assigned_agent).cloned().flatten() {
+                Some(agent) => queue.push_back((t, agent)),
+                None => failed_now.push(t),
             }
-            let args = run_args(&agent, &t.description, inputs, None);
-            submits.push((t.id.clone(), args, priority_of(&t.priority)));
         }
-        self.append(starts).await?;
         if !failed_now.is_empty() {
-            let evs: Vec<RunEvent> = failed_now
-                .into_iter()
-                .map(|(id, error)| self.failed_event(&id, error, Value::Null))
-                .collect();
-            self.append_ended(evs).await?;
-        }
-        let with_progress = submits.len() <= MAX_PROGRESS_STREAMS;
-        // The steps are ready now: their dependencies' groups are done.
-        let ready = std::time::Instant::now();
-        let mut dispatch: std::collections::HashMap<String, Duration> = Default::default();
-        let mut pending = submits.into_iter().peekable();
-        while pending.peek().is_some() {
-            let chunk: Vec<(String, Value, i32)> = pending.by_ref().take(SUBMIT_BATCH).collect();
-            let specs: Vec<TaskSpec> = chunk
+            // Started, then failed: every step of the plan has an execution to show.
+            let starts: Vec<RunEvent> = failed_now
                 .iter()
-                .map(|(key, args, priority)| {
-                    self.spec(
-                        key,
-                        AGENT_TOOL,
-                        args.clone(),
-                        format!("research {}: task {key}", self.id),
-                        *priority,
+                .filter(|t| self.state.state.get(&t.id) == Some(&TaskState::Pending))
+                .map(|t| self.started_event(t, None, 0))
+                .collect();
+            self.append(starts).await?;
+            let evs: Vec<RunEvent> = failed_now
+                .iter()
+                .map(|t| {
+                    self.failed_event(
+                        &t.id,
+                        format!("no agent of type `{}`", t.assigned_agent),
+                        Value::Null,
                     )
                 })
                 .collect();
-            match self.submit_specs(specs).await? {
-                Ok(tasks) => {
-                    let took = ready.elapsed();
-                    for ((key, _, _), task) in chunk.into_iter().zip(tasks) {
-                        let after = with_progress
-                            .then(|| self.state.progress_seen.get(&key).copied().unwrap_or(0));
-                        dispatch.insert(key.clone(), took);
-                        open.insert(key.clone());
-                        in_flight.push(task.id.clone());
-                        tokio::spawn(watch(
-                            self.r.clone(),
-                            self.owner.clone(),
-                            key,
-                            task.id,
-                            after,
-                            tx.clone(),
-                        ));
+            self.append_ended(evs).await?;
+        }
+        let window = self.r.inner.config.max_parallel_steps;
+        let with_progress = queue.len().min(window) <= MAX_PROGRESS_STREAMS;
+        let (tx, mut rx) = mpsc::channel::<Msg>(1024);
+        let mut open: HashSet<String> = HashSet::new();
+        let mut in_flight: Vec<String> = Vec::new();
+        // When each open step became ready (for the overhead metric): when its group started
+        // or a slot freed for it.
+        let mut dispatch: std::collections::HashMap<String, Duration> = Default::default();
+        loop {
+            // Fill the window.
+            let room = window.saturating_sub(open.len());
+            if room > 0 && !queue.is_empty() {
+                if self.stopping() {
+                    return Err(Stop::Yield);
+                }
+                let ready = std::time::Instant::now();
+                let chunk: Vec<(PlanTask, Agent)> = (0..room.min(SUBMIT_BATCH))
+                    .filter_map(|_| queue.pop_front())
+                    .collect();
+                let mut starts = Vec::new();
+                let mut specs = Vec::with_capacity(chunk.len());
+                for (t, agent) in &chunk {
+                    let inputs = self.inputs(t);
+                    if self.state.state.get(&t.id) == Some(&TaskState::Pending) {
+                        starts.push(self.started_event(t, Some(agent), inputs.len()));
+                    }
+                    let args = run_args(agent, &t.description, inputs, None);
+                    specs.push(self.spec(
+                        &t.id,
+                        AGENT_TOOL,
+                        args,
+                        format!("research {}: task {}", self.id, t.id),
+                        priority_of(&t.priority),
+                    ));
+                }
+                self.append(starts).await?;
+                match self.submit_specs(specs).await? {
+                    Ok(tasks) => {
+                        let took = ready.elapsed();
+                        for ((t, _), task) in chunk.into_iter().zip(tasks) {
+                            let key = t.id;
+                            let after = with_progress
+                                .then(|| self.state.progress_seen.get(&key).copied().unwrap_or(0));
+                            dispatch.insert(key.clone(), took);
+                            open.insert(key.clone());
+                            in_flight.push(task.id.clone());
+                            tokio::spawn(watch(
+                                self.r.clone(),
+                                self.owner.clone(),
+                                key,
+                                task.id,
+                                after,
+                                tx.clone(),
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        let evs: Vec<RunEvent> = chunk
+                            .iter()
+                            .map(|(t, _)| self.failed_event(&t.id, e.clone(), Value::Null))
+                            .collect();
+                        self.append_ended(evs).await?;
                     }
                 }
-                Err(e) => {
-                    let evs: Vec<RunEvent> = chunk
-                        .iter()
-                        .map(|(key, _, _)| self.failed_event(key, e.clone(), Value::Null))
-                        .collect();
-                    self.append_ended(evs).await?;
-                }
+                continue;
             }
-        }
-        drop(tx);
-        while !open.is_empty() {
+            if open.is_empty() {
+                break;
+            }
             let first = tokio::select! {
                 m = rx.recv() => m,
                 _ = self.stopped() => {
@@ -832,12 +910,13 @@ impl Driver {
             let now = std::time::SystemTime::now();
             let metric = &crate::metrics::get().research_step_overhead;
             for (key, at) in finished {
-                if let Some(d) = dispatch.get(&key) {
+                if let Some(d) = dispatch.remove(&key) {
                     let recorded = now.duration_since(at).unwrap_or_default();
-                    metric.observe((*d + recorded).as_secs_f64());
+                    metric.observe((d + recorded).as_secs_f64());
                 }
             }
         }
+        drop(tx);
         let e = RunEvent {
             kind: Kind::GroupCompleted,
             data: json!({"group": g}),
@@ -845,6 +924,22 @@ impl Driver {
             x: json!({"digest": digest(g, &self.state)}),
         };
         self.append(vec![e]).await
+    }
+
+    /// `task_started` of planned task `t` done by `agent` (`None`: there is none) with
+    /// `inputs` of its dependencies' outputs.
+    fn started_event(&self, t: &PlanTask, agent: Option<&Agent>, inputs: usize) -> RunEvent {
+        RunEvent {
+            kind: Kind::TaskStarted,
+            data: json!({"task_id": t.id, "agent_type": t.assigned_agent, "description": t.description}),
+            at_ms: now_ms(),
+            x: json!({
+                "agent_profile_id": agent.and_then(|a| a.profile_id.clone()),
+                "agent_name": agent.map_or(t.assigned_agent.as_str(), |a| a.name.as_str()),
+                "model": agent.map(|a| a.model.clone()),
+                "input_context": {"dependencies": t.dependencies, "inputs": inputs},
+            }),
+        }
     }
 
     /// When the session was deleted under the run, cancels its steps in flight (no node keeps
@@ -931,6 +1026,8 @@ impl Driver {
                     "output": cut(out, max),
                 }))
             })
+            // `agent.run` takes at most 64 inputs.
+            .take(MAX_INPUTS)
             .collect()
     }
 
@@ -1009,7 +1106,12 @@ async fn watch(
     if let Some(after) = progress_after
         && let Ok(Some(mut events)) = r.inner.tasks.events(&owner, &task_id, after).await
     {
-        while let Some(e) = events.recv().await {
+        loop {
+            let e = tokio::select! {
+                e = events.recv() => e,
+                _ = tx.closed() => return,
+            };
+            let Some(e) = e else { break };
             if e.kind == EventKind::TaskProgress {
                 let m = Msg::Progress {
                     key: key.clone(),
@@ -1028,7 +1130,11 @@ async fn watch(
     }
     let mut shutdown = r.inner.shutdown.clone();
     loop {
-        match r.inner.tasks.get(&owner, &task_id, MAX_WAIT).await {
+        let got = tokio::select! {
+            g = r.inner.tasks.get(&owner, &task_id, MAX_WAIT) => g,
+            _ = tx.closed() => return,
+        };
+        match got {
             Ok(Some(t)) if t.status.is_terminal() => {
                 let _ = tx
                     .send(Msg::Done {
