@@ -62,6 +62,7 @@ fn plan(n: usize) -> Value {
     let roots = roots(n);
     let tasks: Vec<Value> = (0..n)
         .map(|i| {
+            let priority = ["high", "medium", "low"][i % 3];
             let mut deps: Vec<usize> = Vec::new();
             if i >= roots {
                 deps.push(i / 2);
@@ -72,7 +73,7 @@ fn plan(n: usize) -> Value {
             json!({
                 "description": format!("Research step {i}"),
                 "assigned_agent": AGENTS[i % AGENTS.len()],
-                "priority": ["high", "medium", "low"][i % 3],
+                "priority": priority,
                 "dependencies": deps,
             })
         })
@@ -242,6 +243,7 @@ async fn measure(n: usize, args: &ResearchArgs) -> Result<Vec<Row>> {
             Ok(Some(c)) => c.context("reading the stream")?,
         };
         parser.push(&chunk)?;
+        parser.ids.clear();
         for (_, ev) in parser.events.drain(..) {
             let at = t0.elapsed();
             let kind = ev["type"].as_str().unwrap_or("?").to_owned();
