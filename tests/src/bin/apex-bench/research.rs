@@ -216,7 +216,10 @@ async fn measure(n: usize, args: &ResearchArgs) -> Result<Vec<Row>> {
         .await?;
     if resp.status() != StatusCode::OK {
         let s = resp.status();
-        bail!("execute answered {s}: {}", resp.text().await.unwrap_or_default());
+        bail!(
+            "execute answered {s}: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
     let mut body = resp.bytes_stream();
     let mut parser = SseParser::default();
@@ -354,7 +357,11 @@ async fn measure(n: usize, args: &ResearchArgs) -> Result<Vec<Row>> {
         let w = seen.group_start.get(g).map_or(0, |x| x.1);
         rows.push(Row {
             metric: p(&format!("slowest group (group {g}, {w} tasks)")),
-            value: format!("{} ({:.0} tasks/s)", ms(*took), w as f64 / took.as_secs_f64()),
+            value: format!(
+                "{} ({:.0} tasks/s)",
+                ms(*took),
+                w as f64 / took.as_secs_f64()
+            ),
             target: "",
         });
     }
