@@ -7,7 +7,9 @@
 #   timeout, and the processes, zombies and fds left behind; or tool-hop: the hub → node → hub
 #   hop of one server-side tool call of a chat completion, excluding model time; chat: a
 #   session's storage; memory: the memory index's cost on a turn's hot path, and query
-#   p50/p99 over 100,000 stored messages)
+#   p50/p99 over 100,000 stored messages; research: the research engine's own time per DAG
+#   node over a 1,000- then a 10,000-task plan of agent.run steps against a fake upstream,
+#   `--research-tasks N` for one size only, `--research-nodes K` (default 4))
 #   scripts/bench.sh core --tasks 50000 --nodes 3
 set -euo pipefail
 

@@ -24,6 +24,8 @@ mod llm;
 mod memory;
 #[path = "apex-bench/plugins.rs"]
 mod plugins;
+#[path = "apex-bench/research.rs"]
+mod research;
 #[path = "apex-bench/tool_hop.rs"]
 mod tool_hop;
 
@@ -53,6 +55,11 @@ enum Suite {
     /// Memory search: the chat hook's cost on a turn's hot path, turn latency with memory on
     /// and off, and query p50/p99 over `--memory-messages` stored messages.
     Memory,
+    /// Research engine: its own time per DAG node (`apex_research_step_overhead_seconds`,
+    /// model time excluded) over a plan of 1,000 and then 10,000 `agent.run` tasks against a
+    /// fake upstream with no delays (only `--research-tasks` when given); wall time, tasks/s,
+    /// groups, the hub's CPU and RSS.
+    Research,
 }
 
 /// Benchmarks a local apex cluster (hub + K nodes running the no-op tool) and prints a table.
@@ -157,6 +164,16 @@ struct Args {
     /// plugins suite: plugin runs the node runs at once.
     #[arg(long, default_value_t = 32)]
     plugin_concurrency: u32,
+    /// `research`: tasks in the plan (1 to 20000). Given: only that size runs; not given:
+    /// 1000, then 10000.
+    #[arg(long)]
+    research_tasks: Option<usize>,
+    /// `research`: node processes running `agent.run`.
+    #[arg(long, default_value_t = 4)]
+    research_nodes: usize,
+    /// `research`: `--max-concurrent-tasks` of each node.
+    #[arg(long, default_value_t = 128)]
+    research_node_concurrency: u32,
 }
 
 /// One row of the result table.
@@ -231,6 +248,16 @@ async fn run(args: Args) -> Result<Vec<Row>> {
             queries: args.memory_queries.max(1),
             turns: args.memory_turns.max(1),
             hook_calls: args.memory_hook_calls.max(1),
+        })
+        .await;
+    }
+    if args.suite == Suite::Research {
+        return research::run(&research::ResearchArgs {
+            sizes: args
+                .research_tasks
+                .map_or_else(|| vec![1000, 10_000], |n| vec![n]),
+            nodes: args.research_nodes,
+            node_concurrency: args.research_node_concurrency.max(1),
         })
         .await;
     }

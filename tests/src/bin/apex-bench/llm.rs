@@ -396,7 +396,7 @@ async fn open_streams(t: &Target, n: usize, hub_pid: i32) -> Result<(u64, usize)
 }
 
 /// Resident set size of a process, KiB (`VmRSS` of /proc/PID/status).
-fn rss_kib(pid: i32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: i32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
