@@ -322,7 +322,10 @@ impl Node {
         let mut hub_index = 0usize;
         loop {
             let url = if self.config.discover {
-                match self.discover(&mut backoff, &mut events, &mut shutdown).await {
+                match self
+                    .discover(&mut backoff, &mut events, &mut shutdown)
+                    .await
+                {
                     Discovered::Finished => return,
                     Discovered::Retry => continue,
                     Discovered::Hub(url) => url,
@@ -422,7 +425,10 @@ impl Node {
                 delay
             }
         };
-        match self.offline(tokio::time::sleep(delay), events, shutdown).await {
+        match self
+            .offline(tokio::time::sleep(delay), events, shutdown)
+            .await
+        {
             Offline::Finished => Discovered::Finished,
             Offline::Done(()) => Discovered::Retry,
         }

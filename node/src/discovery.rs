@@ -162,7 +162,12 @@ mod tests {
             Some("ws://192.168.1.20:8088/distributed-server")
         );
         assert_eq!(
-            hub_url(&ips(&["::1", "127.0.0.1"]), 9000, Some("/abp-distributed-server")).as_deref(),
+            hub_url(
+                &ips(&["::1", "127.0.0.1"]),
+                9000,
+                Some("/abp-distributed-server")
+            )
+            .as_deref(),
             Some("ws://127.0.0.1:9000/abp-distributed-server")
         );
         assert_eq!(

@@ -34,8 +34,7 @@ fn a_node_started_with_hub_auto_before_its_hub_finds_it_over_mdns_in_a_namespace
     bin_path("apex-hub").unwrap();
     bin_path("apex-node").unwrap();
     let work = tempfile::tempdir().unwrap();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/discovery_netns.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/discovery_netns.sh");
     let out = Command::new("timeout")
         .arg("120")
         .args(["unshare", "-n", "sh"])
@@ -88,6 +87,9 @@ fn a_node_started_with_hub_auto_before_its_hub_finds_it_over_mdns_in_a_namespace
         "instance=apex-test-hub._apex._tcp.local.",
         "registered with hub",
     ] {
-        assert!(node_log.contains(line), "node.log lacks {line:?}:\n{node_log}");
+        assert!(
+            node_log.contains(line),
+            "node.log lacks {line:?}:\n{node_log}"
+        );
     }
 }
