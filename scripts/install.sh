@@ -106,7 +106,10 @@ listen = "0.0.0.0:8088"
 data_dir = "/var/lib/apex-hub"
 store = "embedded"
 # A home hub: stop quickly (no load balancer to wait for).
-shutdown_delay_ms = 0'
+shutdown_delay_ms = 0
+# Advertise the hub on the local network (mDNS, _apex._tcp): companion devices join with
+# `apex-node --hub auto` and the node key.
+discovery = true'
 config_file "$ETC/node.toml" '# apex node on the hub machine (scripts/install.sh); its key is in node.env.
 hub = "ws://127.0.0.1:8088"
 data_dir = "/var/lib/apex-node"'
@@ -118,6 +121,9 @@ systemctl_live enable --now apex-hub.service apex-node.service
 HOST="$(hostname -I 2>/dev/null | awk '{print $1}')"
 echo "apex installed."
 echo "  api key:   $API_KEY"
-echo "  node key:  $NODE_KEY   (a companion device: apex-node --hub ws://${HOST:-HOST}:8088 with APEX_NODE_KEY)"
+echo "  node key:  $NODE_KEY"
+echo "  companion device on this network (the hub advertises itself over mDNS):"
+echo "             APEX_NODE_KEY=$NODE_KEY apex-node --hub auto"
+echo "             (without multicast between the machines: --hub ws://${HOST:-HOST}:8088)"
 echo "  dashboard: http://${HOST:-localhost}:8088/dashboard"
 echo "  logs:      journalctl -u apex-hub -u apex-node -f"

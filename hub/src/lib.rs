@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod chat;
 pub mod config;
+pub mod discovery;
 pub mod durable;
 pub mod engine;
 pub mod events;
@@ -181,6 +182,8 @@ pub async fn run_with(
     let retention = Duration::from_secs(config.task_retention_hours.saturating_mul(3600));
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_listen = config.metrics_listen;
+    let discovery = config.discovery;
+    let discovery_name = config.discovery_name.clone();
     let config = Arc::new(config);
     let ops = Ops::new(config.clone(), options.cli);
     for hook in options.on_config_change {
@@ -322,6 +325,21 @@ pub async fn run_with(
         (restored.awaiting_node > 0).then_some(grace),
         retention,
     ));
+    // Advertised once the listener is bound (it is: `run` takes a bound one); withdrawn when
+    // the graceful shutdown begins, so no node finds a hub that is going away.
+    let bound = listener.local_addr()?;
+    let advertiser = if discovery {
+        let name = discovery_name.unwrap_or_else(discovery::default_name);
+        match discovery::advertise(&name, bound) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot advertise the hub on the local network (mDNS); running without discovery");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let closing = cluster.clone();
     let draining = shared_exit.clone();
@@ -341,6 +359,9 @@ pub async fn run_with(
         .with_graceful_shutdown(async move {
             shutdown.await;
             lifecycle.begin_draining();
+            if let Some(a) = advertiser {
+                a.stop().await;
+            }
             if !delay.is_zero() {
                 tracing::info!(
                     shutdown_delay_ms = delay.as_millis() as u64,

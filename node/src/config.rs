@@ -23,6 +23,12 @@ pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 300_000;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Path the node connects to when a hub URL has none.
 pub const DEFAULT_HUB_PATH: &str = "/distributed-server";
+/// The `hub` value that finds the hub on the local network over mDNS (see
+/// [`crate::discovery`]).
+pub const HUB_AUTO: &str = "auto";
+/// Default of [`RawConfig::discovery_timeout_ms`].
+pub const DEFAULT_DISCOVERY_TIMEOUT_MS: u64 = 5_000;
+const MAX_DISCOVERY_TIMEOUT_MS: u64 = 600_000;
 
 const MAX_CONCURRENT_TASKS_LIMIT: u32 = 100_000;
 const MAX_DRAIN_TIMEOUT_MS: u64 = 24 * 3_600_000;
@@ -59,7 +65,8 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
 pub struct RawConfig {
     /// Hub WebSocket URLs (`ws://` or `wss://`; `http(s)://` is accepted and converted), tried
     /// in turn when a connection fails. A URL without a path gets `/distributed-server`. A
-    /// single string is accepted as a one-element list.
+    /// single string is accepted as a one-element list. `auto` (alone) finds the hub on the
+    /// local network over mDNS (a hub with `discovery = true`) before every connection.
     #[serde(
         deserialize_with = "one_or_many",
         skip_serializing_if = "Vec::is_empty"
@@ -161,13 +168,22 @@ pub struct RawConfig {
     /// `APEX_NODE_MCP_SERVERS` only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mcp_servers: Vec<crate::mcp::ServerConfig>,
+    /// With `hub = "auto"`: how long one mDNS browse waits for a hub to answer, in
+    /// milliseconds, before the node says so and tries again after the reconnect backoff
+    /// (default 5000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery_timeout_ms: Option<u64>,
 }
 
 /// The validated configuration the node runs with.
 #[derive(Clone, PartialEq)]
 pub struct Config {
-    /// Hub WebSocket URLs with their path, tried in turn.
+    /// Hub WebSocket URLs with their path, tried in turn; empty when `discover` is set.
     pub hubs: Vec<String>,
+    /// `hub = "auto"`: find the hub over mDNS before every connection attempt.
+    pub discover: bool,
+    /// How long one mDNS browse waits, in milliseconds.
+    pub discovery_timeout_ms: u64,
     /// Node key (never logged).
     pub key: String,
     /// Display name.
@@ -206,6 +222,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("hubs", &self.hubs)
+            .field("discover", &self.discover)
+            .field("discovery_timeout_ms", &self.discovery_timeout_ms)
             .field("key", &"<redacted>")
             .field("name", &self.name)
             .field("max_concurrent_tasks", &self.max_concurrent_tasks)
@@ -325,6 +343,17 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+impl Config {
+    /// The hubs for log lines: the URLs, or `auto (mDNS _apex._tcp)`.
+    pub fn hub_description(&self) -> String {
+        if self.discover {
+            format!("{HUB_AUTO} (mDNS {})", crate::discovery::SERVICE_TYPE)
+        } else {
+            self.hubs.join(", ")
+        }
+    }
+}
+
 impl RawConfig {
     /// Applies defaults and checks every value.
     ///
@@ -334,14 +363,34 @@ impl RawConfig {
         if self.hub.is_empty() {
             return Err(invalid(
                 "hub",
-                "at least one hub url is required (--hub ws://HOST:PORT)",
+                "at least one hub url is required (--hub ws://HOST:PORT, or --hub auto)",
             ));
         }
-        let hubs = self
-            .hub
-            .iter()
-            .map(|h| normalize_hub_url(h))
-            .collect::<Result<Vec<_>, _>>()?;
+        let is_auto = |h: &String| h.trim().eq_ignore_ascii_case(HUB_AUTO);
+        let discover = self.hub.iter().any(is_auto);
+        if discover && self.hub.len() > 1 {
+            return Err(invalid(
+                "hub",
+                "`auto` finds the hub over mDNS and cannot be combined with hub urls",
+            ));
+        }
+        let hubs = if discover {
+            Vec::new()
+        } else {
+            self.hub
+                .iter()
+                .map(|h| normalize_hub_url(h))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let discovery_timeout_ms = self
+            .discovery_timeout_ms
+            .unwrap_or(DEFAULT_DISCOVERY_TIMEOUT_MS);
+        if !(100..=MAX_DISCOVERY_TIMEOUT_MS).contains(&discovery_timeout_ms) {
+            return Err(invalid(
+                "discovery_timeout_ms",
+                format!("must be between 100 and {MAX_DISCOVERY_TIMEOUT_MS}"),
+            ));
+        }
 
         let key = self.key.unwrap_or_default();
         if key.is_empty() {
@@ -448,6 +497,8 @@ impl RawConfig {
 
         Ok(Config {
             hubs,
+            discover,
+            discovery_timeout_ms,
             key,
             name,
             max_concurrent_tasks,
@@ -875,6 +926,56 @@ mod tests {
             "ws://h:1/abp-distributed-server/VCP_Key=x"
         );
         assert!(normalize_hub_url("ws://user:pw@h:1").is_err());
+    }
+
+    #[test]
+    fn auto_finds_the_hub_over_mdns() {
+        let c = minimal().validate().unwrap();
+        assert!(!c.discover);
+        assert_eq!(c.discovery_timeout_ms, DEFAULT_DISCOVERY_TIMEOUT_MS);
+        for auto in ["auto", " AUTO "] {
+            let c = RawConfig {
+                hub: vec![auto.into()],
+                ..minimal()
+            }
+            .validate()
+            .unwrap();
+            assert!(c.discover, "{auto:?}");
+            assert!(c.hubs.is_empty());
+        }
+        // From the environment and the file, as `--hub` is.
+        let raw = layered(
+            None,
+            env(&[
+                ("APEX_NODE_HUB", "auto"),
+                ("APEX_NODE_KEY", "k"),
+                ("APEX_NODE_DISCOVERY_TIMEOUT_MS", "250"),
+            ]),
+            RawConfig::default(),
+        )
+        .unwrap();
+        let c = raw.validate().unwrap();
+        assert!(c.discover);
+        assert_eq!(c.discovery_timeout_ms, 250);
+        let e = RawConfig {
+            hub: vec!["auto".into(), "ws://h:1".into()],
+            ..minimal()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("hub") && e.contains("auto"), "{e}");
+        for ms in [0, 99, 600_001] {
+            let e = RawConfig {
+                hub: vec!["auto".into()],
+                discovery_timeout_ms: Some(ms),
+                ..minimal()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("discovery_timeout_ms"), "{ms}: {e}");
+        }
     }
 
     #[test]

@@ -191,6 +191,16 @@ enum Offline<T> {
     Finished,
 }
 
+/// Outcome of one `--hub auto` browse.
+enum Discovered {
+    /// Connect to this URL.
+    Hub(String),
+    /// None found; the delay was waited out: browse again.
+    Retry,
+    /// The drain ended while browsing or waiting.
+    Finished,
+}
+
 /// State of one connection.
 struct Session<S> {
     ws: S,
@@ -311,7 +321,19 @@ impl Node {
         let key = self.config.key.clone();
         let mut hub_index = 0usize;
         loop {
-            let url = &hubs[hub_index % hubs.len()];
+            let url = if self.config.discover {
+                match self
+                    .discover(&mut backoff, &mut events, &mut shutdown)
+                    .await
+                {
+                    Discovered::Finished => return,
+                    Discovered::Retry => continue,
+                    Discovered::Hub(url) => url,
+                }
+            } else {
+                hubs[hub_index % hubs.len()].clone()
+            };
+            let url = &url;
             let attempt = connect(url, &key);
             let connected = match self.offline(attempt, &mut events, &mut shutdown).await {
                 Offline::Finished => return,
@@ -354,6 +376,61 @@ impl Node {
             if let Offline::Finished = self.offline(wait, &mut events, &mut shutdown).await {
                 return;
             }
+        }
+    }
+
+    /// `--hub auto`: one mDNS browse for a hub. When none answers (or mDNS cannot run), says
+    /// so and waits out the next reconnect delay, so a node started before its hub joins it
+    /// later.
+    async fn discover(
+        &mut self,
+        backoff: &mut Backoff,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        shutdown: &mut Shutdown,
+    ) -> Discovered {
+        let timeout = Duration::from_millis(self.config.discovery_timeout_ms);
+        let browse = crate::discovery::find_hub(timeout);
+        let outcome = match self.offline(browse, events, shutdown).await {
+            Offline::Finished => return Discovered::Finished,
+            Offline::Done(o) => o,
+        };
+        let delay = match outcome {
+            Ok(Some(found)) => {
+                info!(
+                    hub = %found.url,
+                    instance = %found.instance,
+                    version = found.version.as_deref().unwrap_or("?"),
+                    proto = found.proto.as_deref().unwrap_or("?"),
+                    "found a hub on the local network (mDNS)"
+                );
+                return Discovered::Hub(found.url);
+            }
+            Ok(None) => {
+                let delay = backoff.next_delay(&mut rand::rng());
+                warn!(
+                    service = crate::discovery::SERVICE_TYPE,
+                    browsed_ms = self.config.discovery_timeout_ms,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "no hub found on the local network (mDNS); is the hub running with discovery = true on this network? looking again"
+                );
+                delay
+            }
+            Err(e) => {
+                let delay = backoff.next_delay(&mut rand::rng());
+                warn!(
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "cannot look for a hub on the local network (mDNS); trying again"
+                );
+                delay
+            }
+        };
+        match self
+            .offline(tokio::time::sleep(delay), events, shutdown)
+            .await
+        {
+            Offline::Finished => Discovered::Finished,
+            Offline::Done(()) => Discovered::Retry,
         }
     }
 

@@ -6,6 +6,7 @@
 //! - [`config`]: layered configuration, validated once;
 //! - [`identity`]: the persistent node id;
 //! - [`connection`]: the WebSocket session and the reconnect loop;
+//! - [`discovery`]: finding the hub over mDNS (`--hub auto`);
 //! - [`executor`]: task running, concurrency, timeouts, cancellation, draining;
 //! - [`outbox`]: results held until the hub acknowledges them;
 //! - [`tools`]: the built-in tools and their registry;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 pub mod backoff;
 pub mod config;
 pub mod connection;
+pub mod discovery;
 pub mod executor;
 pub mod identity;
 pub mod llm;
@@ -90,13 +92,13 @@ pub async fn run(
     let registry = Arc::new(registry);
     tracing::info!(
         node_id = %node_id,
-        hub = %config.hubs.join(", "),
+        hub = %config.hub_description(),
         name = %config.name,
         tools = %registry.names().join(","),
         max_concurrent_tasks = config.max_concurrent_tasks,
         "apex-node starting"
     );
-    let config_hubs = config.hubs.join(", ");
+    let config_hubs = config.hub_description();
     let mut node =
         connection::Node::new(config, node_id, registry).with_llm_client(llm_client, llm_requests);
     if let Some(models) = models {

@@ -21,8 +21,11 @@ const EXIT_CONFIG: u8 = 64;
 #[command(name = "apex-node", version, about, long_about)]
 struct Cli {
     /// Hub WebSocket URL (ws:// or wss://). Repeat to list fallback hubs, tried in turn. A URL
-    /// without a path connects to /distributed-server.
-    #[arg(long = "hub", value_name = "URL")]
+    /// without a path connects to /distributed-server. `auto` (alone) finds the hub on the
+    /// local network over mDNS (_apex._tcp; a hub started with --discovery) before every
+    /// connection attempt; while none answers, the node says so and keeps looking with the
+    /// reconnect backoff, so it may start before its hub.
+    #[arg(long = "hub", value_name = "URL|auto")]
     hub: Vec<String>,
 
     /// Node key, sent as "Authorization: Bearer KEY" (prefer APEX_NODE_KEY: flags show up in
@@ -104,6 +107,10 @@ struct Cli {
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dir: Vec<PathBuf>,
 
+    /// With --hub auto: how long one mDNS browse waits for a hub, in ms [default: 5000].
+    #[arg(long, value_name = "MS")]
+    discovery_timeout_ms: Option<u64>,
+
     /// Validate the configuration (file, environment, flags), print `configuration ok` and
     /// exit 0, or print one line and exit 64; connects to nothing.
     #[arg(long)]
@@ -133,6 +140,7 @@ impl Cli {
             llm_model: self.llm_model,
             plugin_dirs: self.plugin_dir,
             mcp_servers: Vec::new(), // config file or environment only
+            discovery_timeout_ms: self.discovery_timeout_ms,
         };
         (self.config, layer)
     }

@@ -197,6 +197,17 @@ fn install_sh_installs_keeps_its_keys_uninstalls_and_purges_in_a_temporary_root(
         .arg(root.join("etc/apex/hub.toml"))
         .output()?;
     assert!(check.status.success(), "{check:?}");
+    // A home hub advertises itself on the local network; companion devices are told to find
+    // it with `--hub auto`.
+    let hub_toml = std::fs::read_to_string(root.join("etc/apex/hub.toml"))?;
+    assert!(
+        hub_toml.lines().any(|l| l.trim() == "discovery = true"),
+        "{hub_toml}"
+    );
+    assert!(
+        out.contains(&format!("APEX_NODE_KEY={node_key} apex-node --hub auto")),
+        "{out}"
+    );
 
     // Again: same keys.
     let again = install(root, &[])?;

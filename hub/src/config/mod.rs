@@ -125,6 +125,14 @@ pub struct Config {
     /// Optional second listener serving only `GET /metrics`, without an API key (for a
     /// Prometheus scraper on an internal network), e.g. `127.0.0.1:9090`. Default none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Advertise the hub on the local network over mDNS/DNS-SD (`_apex._tcp`, TXT `version`,
+    /// `path`, `proto`), so `apex-node --hub auto` finds it; withdrawn on graceful shutdown. A
+    /// failure to start mDNS is logged and the hub runs on. Default false (the home-hub config
+    /// of `scripts/install.sh` turns it on). Not reloadable.
+    pub discovery: bool,
+    /// The instance name advertised with `discovery` (at most 63 bytes). Default: the host
+    /// name.
+    pub discovery_name: Option<String>,
     /// The hub's URL as nodes' plugins reach it (`http://` or `https://`, no path), the
     /// base of asynchronous plugins' callback URLs. Default: `http://<listen address>`
     /// (`127.0.0.1` for an unspecified address): set it when plugins run on other machines
@@ -420,6 +428,8 @@ impl Default for Config {
             log_buffer_entries: 1000,
             stream_buffer_events: 1024,
             metrics_listen: None,
+            discovery: false,
+            discovery_name: None,
             public_url: None,
             max_tool_rounds: crate::llm::tool_loop::DEFAULT_MAX_TOOL_ROUNDS,
             ws_queue_len: 256,
@@ -546,6 +556,15 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Advertise the hub on the local network over mDNS (_apex._tcp) for `apex-node --hub
+    /// auto` [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub discovery: bool,
+    /// Instance name advertised with --discovery [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery_name: Option<String>,
 }
 
 impl Config {
@@ -697,6 +716,14 @@ impl Config {
             .is_some_and(|m| m == self.listen && m.port() != 0)
         {
             return bad("metrics_listen", "must differ from listen");
+        }
+        if let Some(n) = &self.discovery_name
+            && (n.trim().is_empty() || n.len() > 63 || n.chars().any(char::is_control))
+        {
+            return bad(
+                "discovery_name",
+                "must be 1 to 63 bytes without control characters",
+            );
         }
         if let Some(u) = &self.public_url
             && !((u.starts_with("http://") || u.starts_with("https://"))

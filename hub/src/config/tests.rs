@@ -223,3 +223,37 @@ fn keys_are_generated_once_and_reused() {
     assert_eq!(g.node_key, g2.node_key);
     assert_ne!(g.api_key, g.node_key);
 }
+
+#[test]
+fn discovery_is_off_by_default_and_its_name_is_checked() {
+    let c = Config::default();
+    assert!(!c.discovery);
+    assert_eq!(c.discovery_name, None);
+    let named = |n: &str| Config {
+        discovery: true,
+        discovery_name: Some(n.to_owned()),
+        ..Config::default()
+    };
+    named("living room hub").validate().unwrap();
+    for bad in ["", "  ", "a\nb", &"x".repeat(64)] {
+        let e = named(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("discovery_name"), "{bad:?}: {e}");
+    }
+    // The flag turns it on over the file's default; unset, it leaves the file alone.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("hub.toml");
+    std::fs::write(&f, "discovery = true\ndiscovery_name = \"nas\"\n").unwrap();
+    let c = Config::load(&Cli {
+        config: Some(f.clone()),
+        ..Cli::default()
+    })
+    .unwrap();
+    assert!(c.discovery);
+    assert_eq!(c.discovery_name.as_deref(), Some("nas"));
+    let c = Config::load(&Cli {
+        discovery: true,
+        ..Cli::default()
+    })
+    .unwrap();
+    assert!(c.discovery);
+}

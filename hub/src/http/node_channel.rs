@@ -41,6 +41,10 @@ use crate::llm::node_proxy::NodeProxy;
 use crate::model::Dialect;
 use crate::ops::Ops;
 
+/// The native path of the node channel, the one `apex-node` connects to (its default hub
+/// path) with a bearer key; advertised in the `path` TXT record of [`crate::discovery`].
+pub const NATIVE_PATH: &str = "/distributed-server";
+
 /// Upgrade routes of the node channel.
 pub fn routes() -> Router<AppState> {
     // Literal paths, a bare one (bearer key) and one with a key segment per prefix (the OpenAPI
