@@ -19,12 +19,15 @@
 
 pub mod config;
 pub mod graph;
+mod lease;
 pub mod log;
 pub mod query;
 mod roster;
 mod run;
+mod steps;
 
-pub use run::{LEASE_MS, plan_schema, resume_loop};
+pub use lease::{LEASE_MS, resume_loop};
+pub use steps::plan_schema;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -427,7 +430,7 @@ impl Research {
     }
 
     /// Deletes a session, its log and its run (a run in progress stops within a lease
-    /// renewal, [`run::LEASE_MS`]/3, and cancels its agent steps in flight).
+    /// renewal, [`LEASE_MS`]/3, and cancels its agent steps in flight).
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Store`].
@@ -540,7 +543,7 @@ impl Research {
         }
         if rec.status == "created" {
             // The first caller creates the run's lease and drives it; any other attaches.
-            let lease = run::Lease::fresh(&self.inner.hub_id);
+            let lease = lease::Lease::fresh(&self.inner.hub_id);
             if self
                 .inner
                 .records
@@ -574,7 +577,7 @@ impl Research {
             .records
             .create(SESSION, &rec.id, &encode(&rec), None)
             .await?;
-        let lease = run::Lease::fresh(&self.inner.hub_id);
+        let lease = lease::Lease::fresh(&self.inner.hub_id);
         self.inner
             .records
             .create(RUN, &rec.id, &lease.encode(), None)
@@ -794,7 +797,7 @@ impl Research {
     }
 
     /// Starts the driver of `id` on this hub, holding `lease`.
-    fn spawn_driver(&self, id: String, lease: run::Lease) {
+    fn spawn_driver(&self, id: String, lease: lease::Lease) {
         if self.inner.driving.insert(id.clone(), ()).is_some() {
             return;
         }

@@ -270,7 +270,7 @@ impl Driver {
             Ok(t) => {
                 return Ok(Err(format!(
                     "planning failed: {}",
-                    super::run::task_error(&t)
+                    super::steps::task_error(&t)
                 )));
             }
             Err(e) => return Ok(Err(format!("planning failed: {e}"))),
@@ -280,13 +280,13 @@ impl Driver {
         let thinking = structured
             .get("thinking")
             .and_then(Value::as_str)
-            .map_or_else(|| super::run::result_text(&result), str::to_owned);
+            .map_or_else(|| super::steps::result_text(&result), str::to_owned);
         let done = RunEvent {
             kind: Kind::TaskCompleted,
             data: json!({"task_id": "planning", "stage": "planning", "agent_type": "planner",
                          "result": thinking, "progress": 33}),
             at_ms: now_ms(),
-            x: super::run::step_details(&t, &result),
+            x: super::steps::step_details(&t, &result),
         };
         let group = RunEvent::new(
             Kind::GroupCompleted,
@@ -435,7 +435,7 @@ impl Driver {
             Err(e) => return Ok(Err(e)),
         };
         if t.status != crate::model::TaskStatus::Succeeded {
-            return Ok(Err(super::run::task_error(&t)));
+            return Ok(Err(super::steps::task_error(&t)));
         }
         let result = t.result.unwrap_or(Value::Null);
         Ok(Ok(result["results"]
@@ -496,7 +496,7 @@ impl Driver {
             Ok(t) => {
                 return Ok(Err(format!(
                     "the summary failed: {}",
-                    super::run::task_error(&t)
+                    super::steps::task_error(&t)
                 )));
             }
             Err(e) => return Ok(Err(format!("the summary failed: {e}"))),
@@ -505,10 +505,10 @@ impl Driver {
         let done = RunEvent {
             kind: Kind::TaskCompleted,
             data: json!({"task_id": "summary", "stage": "summary", "agent_type": "writer",
-                         "result": super::run::result_text(&result), "artifact_id": artifact,
+                         "result": super::steps::result_text(&result), "artifact_id": artifact,
                          "progress": 100}),
             at_ms: now_ms(),
-            x: super::run::step_details(&t, &result),
+            x: super::steps::step_details(&t, &result),
         };
         let group = RunEvent::new(
             Kind::GroupCompleted,

@@ -1,5 +1,5 @@
 //! The driver of a research run: plan, groups, synthesis, each agent step an `agent.run` task
-//! through the task service; and the lease that makes one hub drive a run at a time.
+//! through the task service (what it sends and reads back: `steps.rs`).
 //!
 //! The driver appends an event before acting on it and folds the log when it starts, so it
 //! can stop anywhere (hub killed, lease lost, shutdown) and be started again by any hub:
@@ -9,34 +9,26 @@
 //!   that exists (finished or in flight) and runs nothing twice;
 //! - `task_progress` events record the apex task's event number they came from, so a resumed
 //!   driver reports only newer progress;
-//! - every event is appended only while the lease is held.
-//!
-//! **Lease.** The record `research_run`/`<session>` is `{holder, until_ms}`. The driver renews
-//! it every [`LEASE_MS`]/3 by compare-and-set; when a renewal finds another holder (or no
-//! record: the session was deleted) the driver stops before its next append. Every hub polls
-//! the runs every [`RESUME_POLL`] and takes over one whose lease has expired; a hub alone on its
-//! store (the data-dir lock) takes over every run at start, since no other hub can hold one.
+//! - every event is appended only while the run's lease (`lease.rs`) is held.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::graph::{Graph, PlannedTask};
+use super::lease::{LEASE_MS, Lease, LeaseRecord};
 use super::log::{Kind, PlanTask, RunEvent, RunState, TaskState, digest};
+use super::steps::{
+    cut, parse_plan, plan_schema, priority_of, result_text, run_args, step_details, task_error,
+    watch,
+};
 use super::{Agent, EVENTS, Error, RUN, Research, now_ms};
-use crate::model::{EventKind, Task, TaskSpec, TaskStatus};
+use crate::model::{Task, TaskSpec, TaskStatus};
 use crate::principal::Principal;
-use crate::tasks::MAX_WAIT;
 
-/// How long a lease lasts without renewal, in ms.
-pub const LEASE_MS: i64 = 6_000;
-/// How often each hub looks for runs to take over.
-pub const RESUME_POLL: Duration = Duration::from_secs(1);
 /// The node tool of every agent step.
 pub const AGENT_TOOL: &str = "agent.run";
 /// Groups wider than this report no `task_progress` (one event stream per task would cost
@@ -46,141 +38,6 @@ pub const MAX_PROGRESS_STREAMS: usize = 256;
 pub const MAX_INPUTS: usize = 64;
 /// Most steps submitted in one write.
 pub const SUBMIT_BATCH: usize = 500;
-
-/// A run's lease, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct LeaseRecord {
-    holder: String,
-    until_ms: i64,
-}
-
-/// The lease a driver holds: renewed in the background; [`Lease::held`] tells whether it may
-/// still append.
-#[derive(Clone)]
-pub struct Lease {
-    holder: String,
-    /// The bytes last written (what the next renewal compares with).
-    last: Arc<parking_lot::Mutex<Vec<u8>>>,
-    /// Until when this hub may act, Unix ms (a margin before the stored `until_ms`).
-    valid_until: Arc<AtomicI64>,
-    lost: Arc<AtomicBool>,
-}
-
-impl Lease {
-    /// A new lease of `holder`, from now.
-    pub fn fresh(holder: &str) -> Lease {
-        let rec = LeaseRecord {
-            holder: holder.to_owned(),
-            until_ms: now_ms() + LEASE_MS,
-        };
-        Lease {
-            holder: holder.to_owned(),
-            last: Arc::new(parking_lot::Mutex::new(super::encode(&rec))),
-            valid_until: Arc::new(AtomicI64::new(rec.until_ms - LEASE_MS / 3)),
-            lost: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// The bytes to store.
-    pub fn encode(&self) -> Vec<u8> {
-        self.last.lock().clone()
-    }
-
-    /// Whether the driver may still append.
-    fn held(&self) -> bool {
-        !self.lost.load(Ordering::Acquire) && now_ms() < self.valid_until.load(Ordering::Acquire)
-    }
-
-    /// Renews once: false when the lease is gone (another holder, or no record).
-    async fn renew(&self, r: &Research, id: &str) -> bool {
-        let old = self.encode();
-        let rec = LeaseRecord {
-            holder: self.holder.clone(),
-            until_ms: now_ms() + LEASE_MS,
-        };
-        let new = super::encode(&rec);
-        match r
-            .inner
-            .records
-            .compare_and_set(RUN, id, Some(&old), Some(&new), None)
-            .await
-        {
-            Ok(true) => {
-                *self.last.lock() = new;
-                self.valid_until
-                    .store(rec.until_ms - LEASE_MS / 3, Ordering::Release);
-                true
-            }
-            Ok(false) => {
-                self.lost.store(true, Ordering::Release);
-                false
-            }
-            // The store is away: keep the lease until it would expire.
-            Err(_) => true,
-        }
-    }
-}
-
-/// Takes over runs whose lease has expired (all runs held by others, on a hub alone on its
-/// store), every [`RESUME_POLL`] until shutdown.
-pub async fn resume_loop(r: Research) {
-    let mut shutdown = r.inner.shutdown.clone();
-    let exclusive = r.inner.tasks.exclusive();
-    loop {
-        if let Err(e) = resume_once(&r, exclusive).await {
-            tracing::debug!(error = %e, "research runs not scanned");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(RESUME_POLL) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-async fn resume_once(r: &Research, exclusive: bool) -> Result<(), Error> {
-    let runs = r.inner.records.list(RUN).await?;
-    let now = std::time::Instant::now();
-    {
-        // Forget runs that ended.
-        let mut seen = r.inner.lease_seen.lock();
-        seen.retain(|id, _| runs.iter().any(|(r, _)| r == id));
-    }
-    for (id, bytes) in runs {
-        if r.inner.driving.contains_key(&id) {
-            continue;
-        }
-        let Ok(rec) = serde_json::from_slice::<LeaseRecord>(&bytes) else {
-            continue;
-        };
-        // Expiry on this hub's own monotonic clock: the lease is dead when its record has not
-        // changed (no renewal) for a whole lease, whatever the hubs' wall clocks say. A lease
-        // given back (`until_ms: 0`) is free at once.
-        let unchanged_for = {
-            let mut seen = r.inner.lease_seen.lock();
-            let e = seen
-                .entry(id.clone())
-                .or_insert_with(|| (bytes.clone(), now));
-            if e.0 != bytes {
-                *e = (bytes.clone(), now);
-            }
-            now.duration_since(e.1)
-        };
-        let expired = rec.until_ms == 0 || unchanged_for >= Duration::from_millis(LEASE_MS as u64);
-        if !(expired || exclusive && rec.holder != r.inner.hub_id) {
-            continue;
-        }
-        let lease = Lease::fresh(&r.inner.hub_id);
-        if r.inner
-            .records
-            .compare_and_set(RUN, &id, Some(&bytes), Some(&lease.encode()), None)
-            .await?
-        {
-            tracing::info!(session = %id, previous = %rec.holder, "research run taken over");
-            r.spawn_driver(id, lease);
-        }
-    }
-    Ok(())
-}
 
 /// Why the driver stopped before the run ended.
 #[derive(Debug)]
@@ -251,7 +108,7 @@ pub async fn drive(r: Research, id: String, lease: Lease) {
 }
 
 /// What a watcher of one agent step tells the driver.
-enum Msg {
+pub(super) enum Msg {
     Progress {
         key: String,
         seq: u32,
@@ -1090,285 +947,5 @@ impl Driver {
         };
         self.append(vec![e]).await?;
         Ok(Ok(()))
-    }
-}
-
-/// Follows one agent step's apex task: progress events after `progress_after` (none when
-/// `None`), then its end.
-async fn watch(
-    r: Research,
-    owner: Principal,
-    key: String,
-    task_id: String,
-    progress_after: Option<u32>,
-    tx: mpsc::Sender<Msg>,
-) {
-    if let Some(after) = progress_after
-        && let Ok(Some(mut events)) = r.inner.tasks.events(&owner, &task_id, after).await
-    {
-        loop {
-            let e = tokio::select! {
-                e = events.recv() => e,
-                _ = tx.closed() => return,
-            };
-            let Some(e) = e else { break };
-            if e.kind == EventKind::TaskProgress {
-                let m = Msg::Progress {
-                    key: key.clone(),
-                    seq: e.seq,
-                    progress: e.progress.unwrap_or(0.0),
-                    message: e.message.clone().unwrap_or_default(),
-                };
-                if tx.send(m).await.is_err() {
-                    return;
-                }
-            }
-            if e.status.is_terminal() {
-                break;
-            }
-        }
-    }
-    let mut shutdown = r.inner.shutdown.clone();
-    loop {
-        let got = tokio::select! {
-            g = r.inner.tasks.get(&owner, &task_id, MAX_WAIT) => g,
-            _ = tx.closed() => return,
-        };
-        match got {
-            Ok(Some(t)) if t.status.is_terminal() => {
-                let _ = tx
-                    .send(Msg::Done {
-                        key,
-                        task: Box::new(t),
-                    })
-                    .await;
-                return;
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let _ = tx
-                    .send(Msg::Gone {
-                        key,
-                        error: format!("the agent task {task_id} is gone"),
-                    })
-                    .await;
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-        if *shutdown.borrow_and_update() || tx.is_closed() {
-            return;
-        }
-    }
-}
-
-/// The `agent.run` arguments of `agent` doing `task` with `inputs`.
-fn run_args(agent: &Agent, task: &str, inputs: Vec<Value>, schema: Option<Value>) -> Value {
-    let mut args = agent.args.clone();
-    args.insert("task".to_owned(), json!(task));
-    if !inputs.is_empty() {
-        args.insert("inputs".to_owned(), Value::Array(inputs));
-    }
-    if let Some(s) = schema {
-        args.insert("response_format".to_owned(), s);
-    }
-    Value::Object(args)
-}
-
-/// The JSON Schema of the coordinator's plan: positions for dependencies (models keep them
-/// straight more easily than invented ids), agent types from the roster.
-pub fn plan_schema(assignable: &[String], max: usize) -> Value {
-    json!({
-        "type": "object",
-        "properties": {
-            "tasks": {
-                "type": "array",
-                "maxItems": max,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "description": {"type": "string"},
-                        "assigned_agent": {"type": "string", "enum": assignable},
-                        "priority": {"type": "string", "enum": ["high", "medium", "low"]},
-                        "dependencies": {"type": "array", "items": {"type": "integer", "minimum": 0}}
-                    },
-                    "required": ["description", "assigned_agent", "priority", "dependencies"],
-                    "additionalProperties": false
-                }
-            }
-        },
-        "required": ["tasks"],
-        "additionalProperties": false
-    })
-}
-
-/// One task as the coordinator planned it: `(description, agent type, priority,
-/// dependencies)`.
-type Planned = (String, String, String, Vec<String>);
-
-/// `(description, agent type, priority, dependencies)` of each planned task, from the
-/// `agent.run` result (`structured`, else `result` parsed as JSON). Unknown agent types become
-/// the first assignable one; a plan longer than `max` is cut.
-fn parse_plan(result: &Value, assignable: &[String], max: usize) -> Option<Vec<Planned>> {
-    let parsed;
-    let plan = match result.get("structured").filter(|s| s.is_object()) {
-        Some(s) => s,
-        None => {
-            let text = result.get("result").and_then(Value::as_str)?;
-            parsed = serde_json::from_str::<Value>(extract_json(text)).ok()?;
-            &parsed
-        }
-    };
-    let tasks = plan.get("tasks")?.as_array()?;
-    let fallback = assignable
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "explorer".to_owned());
-    Some(
-        tasks
-            .iter()
-            .take(max)
-            .map(|t| {
-                let description = t
-                    .get("description")
-                    .and_then(Value::as_str)
-                    .filter(|d| !d.trim().is_empty())
-                    .unwrap_or("(no description)")
-                    .to_owned();
-                let agent = t
-                    .get("assigned_agent")
-                    .and_then(Value::as_str)
-                    .filter(|a| assignable.iter().any(|x| x == a))
-                    .map_or_else(|| fallback.clone(), str::to_owned);
-                let priority = t
-                    .get("priority")
-                    .and_then(Value::as_str)
-                    .filter(|p| ["high", "medium", "low"].contains(p))
-                    .unwrap_or("medium")
-                    .to_owned();
-                let deps = t
-                    .get("dependencies")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|d| match d {
-                                Value::Number(n) => Some(n.to_string()),
-                                Value::String(s) => Some(s.clone()),
-                                _ => None,
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (description, agent, priority, deps)
-            })
-            .collect(),
-    )
-}
-
-/// The JSON inside a Markdown code fence, or the text as is.
-fn extract_json(text: &str) -> &str {
-    let t = text.trim();
-    if let Some(rest) = t.strip_prefix("```") {
-        let body = rest.split_once('\n').map_or(rest, |(_, b)| b);
-        return body.rsplit_once("```").map_or(body, |(b, _)| b).trim();
-    }
-    t
-}
-
-/// What the views need of a finished step.
-pub(super) fn step_details(t: &Task, result: &Value) -> Value {
-    json!({
-        "apex_task_id": t.id,
-        "structured": result.get("structured").cloned().unwrap_or(Value::Null),
-        "tokens_used": result.get("tokens_used").and_then(Value::as_u64).unwrap_or(0),
-        "duration_ms": result.get("duration_ms").cloned().unwrap_or(Value::Null),
-        "model_used": result.get("model_used").cloned().unwrap_or(Value::Null),
-        "confidence": result.get("confidence").cloned().unwrap_or(Value::Null),
-        "retry_count": t.attempt.saturating_sub(1),
-        "node_id": t.node_id,
-    })
-}
-
-/// The text of an `agent.run` result.
-pub(super) fn result_text(result: &Value) -> String {
-    match result.get("result") {
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => v.to_string(),
-        None => String::new(),
-    }
-}
-
-pub(super) fn task_error(t: &Task) -> String {
-    match &t.error {
-        Some(e) => format!("{} ({})", e.message, e.code),
-        None => format!("the agent task ended {}", t.status.as_str()),
-    }
-}
-
-fn priority_of(p: &str) -> i32 {
-    match p {
-        "high" => 2,
-        "low" => 0,
-        _ => 1,
-    }
-}
-
-fn cut(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn types() -> Vec<String> {
-        vec!["explorer".to_owned(), "critic".to_owned()]
-    }
-
-    #[test]
-    fn a_plan_is_read_from_structured_output_or_fenced_json() {
-        let structured = json!({"structured": {"tasks": [
-            {"description": "find", "assigned_agent": "explorer", "priority": "high", "dependencies": []},
-            {"description": "judge", "assigned_agent": "nobody", "priority": "urgent", "dependencies": [0, "x"]},
-        ]}});
-        let p = parse_plan(&structured, &types(), 10).unwrap();
-        assert_eq!(
-            p[0],
-            ("find".into(), "explorer".into(), "high".into(), vec![])
-        );
-        assert_eq!(
-            p[1],
-            (
-                "judge".into(),
-                "explorer".into(),
-                "medium".into(),
-                vec!["0".into(), "x".into()]
-            )
-        );
-        let fenced = json!({"result": "```json\n{\"tasks\": [{\"description\": \"a\"}]}\n```", "structured": null});
-        assert_eq!(parse_plan(&fenced, &types(), 10).unwrap().len(), 1);
-        assert!(parse_plan(&json!({"result": "no plan here"}), &types(), 10).is_none());
-        let long = json!({"structured": {"tasks": vec![json!({"description": "x"}); 30]}});
-        assert_eq!(parse_plan(&long, &types(), 12).unwrap().len(), 12);
-    }
-
-    #[test]
-    fn the_plan_schema_names_the_roster() {
-        let s = plan_schema(&types(), 5);
-        assert_eq!(s["properties"]["tasks"]["maxItems"], 5);
-        assert_eq!(
-            s["properties"]["tasks"]["items"]["properties"]["assigned_agent"]["enum"],
-            json!(["explorer", "critic"])
-        );
-    }
-
-    #[test]
-    fn cut_keeps_whole_characters() {
-        assert_eq!(cut("héllo", 2), "hé…");
-        assert_eq!(cut("hi", 5), "hi");
     }
 }
